@@ -1,0 +1,278 @@
+//! The `dynsparse` command line: convert checkpoints, classify images or tensors, and
+//! run the demo on the embedded model.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use dynsparse::{convert, npy, preprocess, Input, Options, Prediction, Runtime};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "dynsparse",
+    version,
+    about = "Dynamic-sparsity inference for image-classification CNNs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a PyTorch checkpoint (.pth, zip or legacy) or .safetensors file into a model file.
+    Convert {
+        /// Architecture of the checkpoint.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(convert::ARCHITECTURES))]
+        arch: String,
+        /// Checkpoint to read.
+        #[arg(long)]
+        input: PathBuf,
+        /// Model file to write.
+        #[arg(long)]
+        output: PathBuf,
+        /// Class names, one per line (ImageNet's by default for 1000-class models).
+        #[arg(long)]
+        classes: Option<PathBuf>,
+        /// Preprocessing as JSON (resize_shorter, crop, mean, std, channel_order); the
+        /// architecture's default otherwise.
+        #[arg(long)]
+        preprocess: Option<PathBuf>,
+    },
+    /// Classify images, or a preprocessed NCHW float32 tensor (.npy).
+    Infer {
+        /// Model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Classes to report per input.
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// An .npy array of shape N×C×H×W, already preprocessed.
+        #[arg(long, conflicts_with = "images")]
+        tensor: Option<PathBuf>,
+        /// Images (JPEG, PNG), run as one batch.
+        #[arg(required_unless_present = "tensor")]
+        images: Vec<PathBuf>,
+    },
+    /// Run the embedded demo model on its sample digits and its held-out set.
+    Demo,
+    /// Describe a model file: architecture, layers, FLOPs.
+    Info {
+        /// Model file.
+        #[arg(long)]
+        model: PathBuf,
+    },
+}
+
+#[derive(Serialize)]
+struct JsonResult<'a> {
+    input: String,
+    #[serde(flatten)]
+    prediction: &'a Prediction,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Convert {
+            arch,
+            input,
+            output,
+            classes,
+            preprocess,
+        } => cmd_convert(
+            &arch,
+            &input,
+            &output,
+            classes.as_deref(),
+            preprocess.as_deref(),
+        ),
+        Command::Infer {
+            model,
+            top_k,
+            json,
+            tensor,
+            images,
+        } => cmd_infer(&model, top_k, json, tensor.as_deref(), &images),
+        Command::Demo => cmd_demo(),
+        Command::Info { model } => cmd_info(&model),
+    }
+}
+
+fn cmd_convert(
+    arch: &str,
+    input: &Path,
+    output: &Path,
+    classes: Option<&Path>,
+    pre: Option<&Path>,
+) -> Result<()> {
+    let classes = classes.map(convert::read_classes).transpose()?;
+    let mut model = convert::convert(arch, input, classes)?;
+    if let Some(p) = pre {
+        let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+        model.desc.preprocess = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a preprocessing description", p.display()))?;
+        let crop = model.desc.preprocess.crop;
+        let spec = model.desc.input;
+        if crop != [spec.height as u32, spec.width as u32] {
+            bail!(
+                "{}: crop {crop:?} must equal the input size {}×{}",
+                p.display(),
+                spec.height,
+                spec.width
+            );
+        }
+    }
+    model.save(output)?;
+    let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "wrote {} ({}, {} classes, {} nodes, {:.2} GFLOPs per image, {:.1} MB)",
+        output.display(),
+        model.desc.arch,
+        model.desc.classes.len(),
+        model.desc.nodes.len(),
+        model.flops_per_sample() as f64 / 1e9,
+        size as f64 / 1e6
+    );
+    Ok(())
+}
+
+fn cmd_infer(
+    model: &Path,
+    top_k: usize,
+    json: bool,
+    tensor: Option<&Path>,
+    images: &[PathBuf],
+) -> Result<()> {
+    let rt = Runtime::load(model, Options { top_k })?;
+    let (names, preds) = if let Some(t) = tensor {
+        let data = npy::read(t)?;
+        let preds = rt.infer(Input::Tensor(&data))?;
+        let names: Vec<String> = (0..preds.len())
+            .map(|i| format!("{}[{i}]", t.display()))
+            .collect();
+        (names, preds)
+    } else {
+        let imgs = images
+            .iter()
+            .map(|p| preprocess::load_image(p))
+            .collect::<dynsparse::Result<Vec<_>>>()?;
+        let names = images.iter().map(|p| p.display().to_string()).collect();
+        (names, rt.infer(&imgs)?)
+    };
+    if json {
+        let results: Vec<JsonResult> = names
+            .into_iter()
+            .zip(&preds)
+            .map(|(input, prediction)| JsonResult { input, prediction })
+            .collect();
+        println!("{}", serde_json::json!({ "results": results }));
+    } else {
+        for (name, p) in names.iter().zip(&preds) {
+            println!("{name}");
+            for c in &p.top {
+                println!("  {:>6.2}%  {:>4}  {}", 100.0 * c.prob, c.class, c.label);
+            }
+        }
+        if let Some(p) = preds.first() {
+            println!(
+                "{} input(s) in {:.2} ms on {}, {:.3} GFLOPs per input (dense {:.3})",
+                preds.len(),
+                p.stats.latency_ms,
+                p.stats.executor,
+                p.stats.flops_executed as f64 / 1e9,
+                p.stats.flops_dense as f64 / 1e9
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_demo() -> Result<()> {
+    use dynsparse::demo;
+    let rt = Runtime::from_bytes(demo::MODEL, Options { top_k: 1 })?;
+    let d = &rt.model().desc;
+    println!(
+        "demo model: {} trained on MNIST digits (embedded, {:.2} MFLOPs per image)\n",
+        d.arch,
+        rt.model().flops_per_sample() as f64 / 1e6
+    );
+    println!(
+        "{:<16} {:>5} {:>10} {:>7} {:>22} {:>11}",
+        "sample", "label", "predicted", "prob", "MFLOPs executed/dense", "latency ms"
+    );
+    for (name, png) in demo::SAMPLES {
+        let img = preprocess::decode_image(png)?;
+        rt.infer(&img)?; // warm-up: first touches of the weights
+        let p = rt.infer(&img)?.remove(0);
+        let label = demo::sample_label(name).map_or("?".into(), |l| l.to_string());
+        println!(
+            "{:<16} {:>5} {:>10} {:>6.1}% {:>10.2} / {:<10.2} {:>11.3}",
+            name,
+            label,
+            p.top[0].label,
+            100.0 * p.top[0].prob,
+            p.stats.flops_executed as f64 / 1e6,
+            p.stats.flops_dense as f64 / 1e6,
+            p.stats.latency_ms
+        );
+    }
+    let heldout = demo::heldout()?;
+    let (mut correct, mut ms) = (0, 0.0);
+    for chunk in heldout.chunks(100) {
+        let imgs: Vec<_> = chunk.iter().map(|(i, _)| i.clone()).collect();
+        let preds = rt.infer(&imgs)?;
+        ms += preds[0].stats.latency_ms;
+        correct += preds
+            .iter()
+            .zip(chunk)
+            .filter(|(p, (_, l))| p.top[0].class == *l)
+            .count();
+    }
+    println!(
+        "\nheld-out set: {} digits never seen in training, accuracy {:.1}%, {:.3} ms per image in batches of 100",
+        heldout.len(),
+        100.0 * correct as f64 / heldout.len() as f64,
+        ms / heldout.len() as f64
+    );
+    println!(
+        "execution: dense on the CPU ({}); dynamic execution arrives with the gating executors",
+        rt.infer(&heldout[0].0)?[0].stats.executor
+    );
+    Ok(())
+}
+
+fn cmd_info(model: &Path) -> Result<()> {
+    let m = dynsparse::Model::load(model)?;
+    let d = &m.desc;
+    println!(
+        "{}: {} nodes, {} classes, input {}×{}×{}, {:.3} GFLOPs per image",
+        d.arch,
+        d.nodes.len(),
+        d.classes.len(),
+        d.input.channels,
+        d.input.height,
+        d.input.width,
+        m.flops_per_sample() as f64 / 1e9
+    );
+    for (n, l) in d.nodes.iter().zip(&m.layers) {
+        println!(
+            "  {:<32} {:?} -> {:?}  {:>8.2} MFLOPs",
+            n.name,
+            l.input,
+            l.output,
+            l.flops as f64 / 1e6
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! CPU executors.
+
+mod ops;
+mod reference;
+
+pub use reference::ReferenceExecutor;

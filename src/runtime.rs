@@ -1,0 +1,211 @@
+//! The public face: load a model once, then classify images or tensors from any number
+//! of threads.
+
+use std::path::Path;
+use std::time::Instant;
+
+use image::DynamicImage;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::exec::cpu::ReferenceExecutor;
+use crate::exec::Executor;
+use crate::format::{Model, TensorData};
+use crate::preprocess::preprocess;
+
+/// How a [`Runtime`] runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Classes reported per prediction, best first.
+    pub top_k: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { top_k: 5 }
+    }
+}
+
+/// What to classify.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    /// One decoded image; preprocessed per the model file.
+    Image(&'a DynamicImage),
+    /// A batch of decoded images.
+    Images(&'a [DynamicImage]),
+    /// An already preprocessed NCHW f32 batch matching the model's input shape.
+    Tensor(&'a TensorData),
+}
+
+impl<'a> From<&'a DynamicImage> for Input<'a> {
+    fn from(i: &'a DynamicImage) -> Self {
+        Input::Image(i)
+    }
+}
+impl<'a> From<&'a [DynamicImage]> for Input<'a> {
+    fn from(i: &'a [DynamicImage]) -> Self {
+        Input::Images(i)
+    }
+}
+impl<'a> From<&'a Vec<DynamicImage>> for Input<'a> {
+    fn from(i: &'a Vec<DynamicImage>) -> Self {
+        Input::Images(i)
+    }
+}
+impl<'a> From<&'a TensorData> for Input<'a> {
+    fn from(t: &'a TensorData) -> Self {
+        Input::Tensor(t)
+    }
+}
+
+/// One class and its probability.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClassScore {
+    /// Class index.
+    pub class: usize,
+    /// Class name from the model file.
+    pub label: String,
+    /// Softmax probability.
+    pub prob: f32,
+}
+
+/// Cost of computing one prediction.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stats {
+    /// FLOPs of dense execution for this sample (2 per multiply-add).
+    pub flops_dense: u64,
+    /// FLOPs actually executed for this sample.
+    pub flops_executed: u64,
+    /// Wall time of the forward pass that computed this sample (shared by its batch),
+    /// preprocessing excluded.
+    pub latency_ms: f64,
+    /// Samples in that forward pass.
+    pub batch_size: usize,
+    /// The executor that ran it.
+    pub executor: &'static str,
+}
+
+/// The result for one input sample.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    /// The `top_k` most probable classes, best first.
+    pub top: Vec<ClassScore>,
+    /// Raw class scores.
+    pub logits: Vec<f32>,
+    /// Cost.
+    pub stats: Stats,
+}
+
+/// A loaded model ready to classify. `Send + Sync`: share it between threads.
+pub struct Runtime {
+    model: Model,
+    executor: Box<dyn Executor>,
+    options: Options,
+}
+
+impl Runtime {
+    /// Loads a model file written by `dynsparse convert`.
+    pub fn load(path: impl AsRef<Path>, options: Options) -> Result<Self> {
+        Self::new(Model::load(path)?, options)
+    }
+
+    /// Loads a model file held in memory (for example [`crate::demo::MODEL`]).
+    pub fn from_bytes(bytes: &[u8], options: Options) -> Result<Self> {
+        Self::new(Model::from_bytes(bytes)?, options)
+    }
+
+    /// Wraps an already loaded model.
+    pub fn new(model: Model, options: Options) -> Result<Self> {
+        let executor = Box::new(ReferenceExecutor::new(&model)?);
+        Ok(Runtime {
+            model,
+            executor,
+            options,
+        })
+    }
+
+    /// The loaded model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Classifies one image, a batch of images or a preprocessed tensor; returns one
+    /// prediction per sample, in order.
+    pub fn infer<'a>(&self, input: impl Into<Input<'a>>) -> Result<Vec<Prediction>> {
+        let spec = self.model.desc.input;
+        let (data, batch) = match input.into() {
+            Input::Image(img) => (preprocess(img, &self.model.desc.preprocess)?, 1),
+            Input::Images(imgs) => {
+                let mut data = Vec::new();
+                for img in imgs {
+                    data.extend(preprocess(img, &self.model.desc.preprocess)?);
+                }
+                (data, imgs.len())
+            }
+            Input::Tensor(t) => {
+                let want = [spec.channels, spec.height, spec.width];
+                if t.shape.len() != 4 || t.shape[1..] != want || t.shape[0] == 0 {
+                    return Err(Error::Input(format!(
+                        "tensor shape {:?} does not match the model's input N×{}×{}×{}",
+                        t.shape, want[0], want[1], want[2]
+                    )));
+                }
+                if t.data.len() != t.shape.iter().product::<usize>() {
+                    return Err(Error::Input("tensor data does not fill its shape".into()));
+                }
+                if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::Input(format!(
+                        "tensor holds a non-finite value ({}) at index {i}",
+                        t.data[i]
+                    )));
+                }
+                (t.data.clone(), t.shape[0])
+            }
+        };
+        if batch == 0 {
+            return Err(Error::Input("empty batch".into()));
+        }
+        let start = Instant::now();
+        let logits = self.executor.forward(&data, batch)?;
+        let latency_ms = start.elapsed().as_secs_f64() * 1e3;
+        let classes = self.model.desc.classes.len();
+        if logits.len() != batch * classes {
+            return Err(Error::Exec(format!(
+                "executor returned {} logits for {batch} × {classes}",
+                logits.len()
+            )));
+        }
+        let flops = self.model.flops_per_sample();
+        Ok(logits
+            .chunks_exact(classes)
+            .map(|l| Prediction {
+                top: self.top_k(l),
+                logits: l.to_vec(),
+                stats: Stats {
+                    flops_dense: flops,
+                    flops_executed: flops,
+                    latency_ms,
+                    batch_size: batch,
+                    executor: self.executor.name(),
+                },
+            })
+            .collect())
+    }
+
+    fn top_k(&self, logits: &[f32]) -> Vec<ClassScore> {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let exp: Vec<f64> = logits.iter().map(|&v| ((v - max) as f64).exp()).collect();
+        let sum: f64 = exp.iter().sum();
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        order
+            .into_iter()
+            .take(self.options.top_k)
+            .map(|i| ClassScore {
+                class: i,
+                label: self.model.desc.classes[i].clone(),
+                prob: (exp[i] / sum) as f32,
+            })
+            .collect()
+    }
+}
