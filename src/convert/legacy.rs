@@ -157,9 +157,11 @@ pub fn read(bytes: &[u8]) -> Result<Checkpoint> {
     }
     next_pickle(&mut cur, "system info")?;
     let obj = next_pickle(&mut cur, "state dict")?;
-    let keys: Vec<String> = next_pickle(&mut cur, "storage keys")?
-        .try_into()
-        .map_err(|_| bad("the storage key list is not a list of strings"))?;
+    let keys: Vec<String> = match next_pickle(&mut cur, "storage keys")? {
+        Object::List(v) | Object::Tuple(v) => v.into_iter().map(|k| k.unicode().ok()).collect(),
+        _ => None,
+    }
+    .ok_or_else(|| bad("the storage key list is not a list of strings"))?;
 
     let mut refs = Vec::new();
     for (name, value) in state_dict(obj)? {
