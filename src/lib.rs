@@ -5,12 +5,15 @@
 //! only those. This release runs dense inference on the CPU; the model file, converter,
 //! runtime API and executor seam are the foundation the dynamic executors plug into.
 //!
-//! ```no_run
-//! use dynsparse::{Options, Runtime};
-//! let rt = Runtime::load("resnet50.dsm", Options::default())?;
-//! let img = dynsparse::preprocess::load_image("cat.jpg".as_ref())?;
+//! ```
+//! use dynsparse::{demo, preprocess, Options, Runtime};
+//! // `Runtime::load("resnet50.dsm", …)` for a converted model; here the embedded demo.
+//! let rt = Runtime::from_bytes(demo::MODEL, Options::default())?;
+//! let (name, png) = demo::SAMPLES[1];
+//! let img = preprocess::decode_image(png)?; // or preprocess::load_image(path)
 //! let pred = &rt.infer(&img)?[0];
-//! println!("{} ({:.1}%)", pred.top[0].label, 100.0 * pred.top[0].prob);
+//! println!("{name}: {} ({:.1}%)", pred.top[0].label, 100.0 * pred.top[0].prob);
+//! assert_eq!(Some(pred.top[0].class), demo::sample_label(name));
 //! # Ok::<(), dynsparse::Error>(())
 //! ```
 

@@ -117,3 +117,30 @@ pub fn to_bytes(t: &TensorData) -> Vec<u8> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_rejections() {
+        let t = TensorData::new(vec![2, 3], vec![1.0, -2.5, 3.25, 0.0, 1e-8, 7.0]).unwrap();
+        let bytes = to_bytes(&t);
+        assert_eq!(
+            (10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize) % 64,
+            0
+        );
+        assert_eq!(parse(&bytes).unwrap(), t);
+        let mut short = bytes.clone();
+        short.pop();
+        assert!(parse(&short)
+            .unwrap_err()
+            .to_string()
+            .contains("needs 24 bytes"));
+        let mut int = bytes.clone();
+        let at = int.windows(3).position(|w| w == b"<f4").unwrap();
+        int[at + 1] = b'i';
+        assert!(parse(&int).unwrap_err().to_string().contains("not float32"));
+        assert!(parse(b"garbage").is_err());
+    }
+}

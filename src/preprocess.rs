@@ -47,7 +47,9 @@ pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Result<Vec<f32>> {
         ((w as f64 * s).round() as u32).max(cw),
         ((h as f64 * s).round() as u32).max(ch),
     );
-    let resized = img.resize_exact(rw, rh, FilterType::Triangle).to_rgb32f();
+    // Resize in f32 so every pixel format (8/16-bit, gray, RGBA) gives the same values.
+    let rgb = DynamicImage::ImageRgb32F(img.to_rgb32f());
+    let resized = rgb.resize_exact(rw, rh, FilterType::Triangle).to_rgb32f();
     let top = ((rh - ch) as f64 / 2.0).round() as u32;
     let left = ((rw - cw) as f64 / 2.0).round() as u32;
     let plane = (ch * cw) as usize;

@@ -12,7 +12,8 @@ fn check(arch: &str) {
     let m = manifest();
     let entry = &m["archs"][arch];
     let ckpt = entry["checkpoint"].as_str().expect("checkpoint path");
-    let model = convert::convert(arch, ckpt.as_ref(), None).unwrap_or_else(|e| panic!("{arch}: {e}"));
+    let model =
+        convert::convert(arch, ckpt.as_ref(), None).unwrap_or_else(|e| panic!("{arch}: {e}"));
     // Round-trip through the file format, as a user would.
     let bytes = model.to_bytes().expect("serialize");
     let rt = Runtime::from_bytes(&bytes, Options::default()).expect("load");
@@ -22,10 +23,16 @@ fn check(arch: &str) {
         let want = npy::read(&dir.join(format!("logits_{b}.npy"))).expect("logits fixture");
         let preds = rt.infer(Input::Tensor(&input)).expect("infer");
         assert_eq!(preds.len(), input.shape[0]);
-        let got: Vec<f32> = preds.iter().flat_map(|p| p.logits.iter().copied()).collect();
+        let got: Vec<f32> = preds
+            .iter()
+            .flat_map(|p| p.logits.iter().copied())
+            .collect();
         let err = rel_err(&got, &want.data);
         println!("{arch} {b}: relative error {err:.2e}");
-        assert!(err <= TOLERANCE, "{arch} {b}: relative error {err:e} > {TOLERANCE:e}");
+        assert!(
+            err <= TOLERANCE,
+            "{arch} {b}: relative error {err:e} > {TOLERANCE:e}"
+        );
         // Stats are per sample and count the whole network.
         assert_eq!(preds[0].stats.batch_size, input.shape[0]);
         assert_eq!(preds[0].stats.flops_dense, rt.model().flops_per_sample());
@@ -73,11 +80,19 @@ fn efficientnet_lite0() {
 #[test]
 fn flop_counts() {
     let m = manifest();
-    for (arch, gmacs) in [("resnet18", 1.82), ("resnet50", 4.11), ("mobilenet_v2", 0.30), ("vgg16_bn", 15.47)] {
+    for (arch, gmacs) in [
+        ("resnet18", 1.82),
+        ("resnet50", 4.11),
+        ("mobilenet_v2", 0.30),
+        ("vgg16_bn", 15.47),
+    ] {
         let ckpt = m["archs"][arch]["checkpoint"].as_str().unwrap();
         let model = convert::convert(arch, ckpt.as_ref(), None).unwrap();
         let got = model.flops_per_sample() as f64 / 2e9;
-        assert!((got - gmacs).abs() / gmacs < 0.02, "{arch}: {got:.3} GMACs, expected about {gmacs}");
+        assert!(
+            (got - gmacs).abs() / gmacs < 0.02,
+            "{arch}: {got:.3} GMACs, expected about {gmacs}"
+        );
     }
 }
 
@@ -86,15 +101,31 @@ fn flop_counts() {
 fn efficientnet_lite0_real_photos() {
     let m = manifest();
     let ckpt = m["lite0_checkpoint"].as_str().unwrap();
-    let model = convert::convert("efficientnet_lite0", ckpt.as_ref(), None).expect("convert real Lite0");
+    let model =
+        convert::convert("efficientnet_lite0", ckpt.as_ref(), None).expect("convert real Lite0");
     let rt = Runtime::new(model, Options { top_k: 3 }).unwrap();
-    let cat = dynsparse::preprocess::load_image(m["photos"]["cat"].as_str().unwrap().as_ref()).unwrap();
-    let coffee = dynsparse::preprocess::load_image(m["photos"]["espresso"].as_str().unwrap().as_ref()).unwrap();
+    let cat =
+        dynsparse::preprocess::load_image(m["photos"]["cat"].as_str().unwrap().as_ref()).unwrap();
+    let coffee =
+        dynsparse::preprocess::load_image(m["photos"]["espresso"].as_str().unwrap().as_ref())
+            .unwrap();
     let preds = rt.infer(&vec![cat, coffee]).unwrap();
     // ImageNet 281..=285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
-    println!("cat photo: {:?}\nespresso photo: {:?}", preds[0].top, preds[1].top);
+    println!(
+        "cat photo: {:?}\nespresso photo: {:?}",
+        preds[0].top, preds[1].top
+    );
     let top = &preds[0].top[0];
-    assert!((281..=285).contains(&top.class), "cat photo → {} ({})", top.label, top.class);
+    assert!(
+        (281..=285).contains(&top.class),
+        "cat photo → {} ({})",
+        top.label,
+        top.class
+    );
     let top = &preds[1].top[0];
-    assert_eq!(top.label, "espresso", "espresso photo → {} ({})", top.label, top.class);
+    assert_eq!(
+        top.label, "espresso",
+        "espresso photo → {} ({})",
+        top.label, top.class
+    );
 }

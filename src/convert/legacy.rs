@@ -33,8 +33,11 @@ pub fn is_legacy(head: &[u8]) -> bool {
     head.starts_with(&MAGIC_PICKLE)
 }
 
-/// Element type of a storage, from its Python class name.
-fn element(class: &str) -> Option<(usize, fn(&[u8]) -> f32)> {
+/// Decodes one little-endian element into f32.
+type Decode = fn(&[u8]) -> f32;
+
+/// Element size and decoder of a storage, from its Python class name.
+fn element(class: &str) -> Option<(usize, Decode)> {
     Some(match class {
         "FloatStorage" => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         "DoubleStorage" => (8, |b| {

@@ -213,3 +213,37 @@ impl Act {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Padding;
+
+    #[test]
+    fn tf_same_padding_puts_the_extra_pixel_last() {
+        // Worked out from output = ceil(in / stride), total = (out - 1)·s + k - in.
+        assert_eq!(
+            Padding::TfSame.resolve([224, 224], [3, 3], [2, 2]),
+            [0, 1, 0, 1]
+        );
+        assert_eq!(
+            Padding::TfSame.resolve([112, 112], [5, 5], [2, 2]),
+            [1, 2, 1, 2]
+        );
+        assert_eq!(
+            Padding::TfSame.resolve([14, 14], [5, 5], [1, 1]),
+            [2, 2, 2, 2]
+        );
+        assert_eq!(
+            Padding::TfSame.resolve([7, 9], [1, 1], [1, 1]),
+            [0, 0, 0, 0]
+        );
+        assert_eq!(
+            Padding::TfSame.resolve([15, 15], [3, 3], [2, 2]),
+            [1, 1, 1, 1]
+        );
+        assert_eq!(
+            Padding::Symmetric { pad: [3, 1] }.resolve([9, 9], [7, 3], [2, 1]),
+            [3, 3, 1, 1]
+        );
+    }
+}

