@@ -97,6 +97,24 @@ pub struct Prediction {
 }
 
 /// A loaded model ready to classify. `Send + Sync`: share it between threads.
+///
+/// ```
+/// use dynsparse::{demo, preprocess::decode_image, Input, Options, Runtime, TensorData};
+/// let rt = Runtime::from_bytes(demo::MODEL, Options { top_k: 3 })?;
+/// // A batch of images: one prediction per image, in order.
+/// let imgs = demo::SAMPLES.iter().map(|(_, png)| decode_image(png)).collect::<Result<Vec<_>, _>>()?;
+/// let preds = rt.infer(&imgs)?;
+/// assert_eq!(preds.len(), imgs.len());
+/// assert_eq!(preds[0].top.len(), 3);
+/// // An already preprocessed NCHW tensor of the model's input shape.
+/// let t = TensorData::new(vec![2, 3, 32, 32], vec![0.0; 2 * 3 * 32 * 32])?;
+/// let preds = rt.infer(Input::Tensor(&t))?;
+/// assert_eq!(preds[1].logits.len(), rt.model().desc.classes.len());
+/// // A tensor of the wrong shape is an error, not a panic.
+/// let bad = TensorData::new(vec![1, 3, 28, 28], vec![0.0; 3 * 28 * 28])?;
+/// assert!(rt.infer(Input::Tensor(&bad)).is_err());
+/// # Ok::<(), dynsparse::Error>(())
+/// ```
 pub struct Runtime {
     model: Model,
     executor: Box<dyn Executor>,

@@ -129,3 +129,29 @@ fn efficientnet_lite0_real_photos() {
         top.label, top.class
     );
 }
+
+/// A legacy checkpoint cut anywhere gives an error, never a panic or a partial result.
+#[test]
+fn truncated_legacy_checkpoint_is_an_error() {
+    let m = manifest();
+    let ckpt = m["archs"]["resnet20"]["checkpoint"].as_str().unwrap();
+    let bytes = std::fs::read(ckpt).unwrap();
+    assert_eq!(
+        convert::sniff(&bytes),
+        Some(convert::CheckpointKind::TorchLegacy)
+    );
+    let dir = std::env::temp_dir().join(format!("dynsparse-legacy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cut_path = dir.join("cut.pth");
+    for frac in [0.001, 0.01, 0.05, 0.2, 0.5, 0.9, 0.9999] {
+        let cut = (bytes.len() as f64 * frac) as usize;
+        std::fs::write(&cut_path, &bytes[..cut]).unwrap();
+        let err =
+            convert::convert("resnet20", &cut_path, None).expect_err("truncated file converted");
+        assert!(
+            err.to_string().contains("checkpoint"),
+            "cut at {cut}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

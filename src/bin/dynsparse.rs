@@ -23,8 +23,9 @@ struct Cli {
 enum Command {
     /// Convert a PyTorch checkpoint (.pth, zip or legacy) or .safetensors file into a model file.
     Convert {
-        /// Architecture of the checkpoint.
-        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(convert::ARCHITECTURES))]
+        /// Architecture of the checkpoint: resnet18, resnet34, resnet50, resnet101, resnet20,
+        /// resnet56, vgg16_bn, mobilenet_v2, efficientnet_lite0.
+        #[arg(long)]
         arch: String,
         /// Checkpoint to read.
         #[arg(long)]

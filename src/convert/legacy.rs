@@ -219,7 +219,24 @@ pub fn read(bytes: &[u8]) -> Result<Checkpoint> {
                 "tensor '{name}' has mismatched size and stride"
             )));
         }
-        let numel: usize = r.shape.iter().product();
+        // Every element a view can reach must lie inside its storage; checking the last
+        // one up front also bounds the allocation below by the file's size.
+        let reach = r
+            .shape
+            .iter()
+            .zip(&r.stride)
+            .try_fold(r.offset, |acc, (&n, &s)| {
+                acc.checked_add(n.saturating_sub(1).checked_mul(s)?)
+            });
+        let numel = r.shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n));
+        let (Some(reach), Some(numel)) = (reach, numel) else {
+            return Err(bad(format!("tensor '{name}' has an impossible shape")));
+        };
+        if numel > 0 && (reach >= data.len() / size || numel > data.len() / size) {
+            return Err(bad(format!(
+                "tensor '{name}' reaches past the end of its storage"
+            )));
+        }
         let mut values = Vec::with_capacity(numel);
         // Strided gather: works for contiguous and permuted views alike.
         let mut index = vec![0usize; r.shape.len()];

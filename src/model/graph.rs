@@ -101,8 +101,9 @@ impl ModelDesc {
                             )));
                         }
                     }
-                    let k = (cv.in_channels / cv.groups) * cv.kernel[0] * cv.kernel[1];
-                    let flops = 2 * (out[0] * out[1] * out[2] * k) as u64;
+                    let k =
+                        (cv.in_channels / cv.groups) as u64 * (cv.kernel[0] * cv.kernel[1]) as u64;
+                    let flops = out.iter().fold(2 * k, |a, &d| a.saturating_mul(d as u64));
                     let tensors = vec![
                         (
                             format!("{}.weight", node.name),
@@ -143,11 +144,11 @@ impl ModelDesc {
                     ([c, output[0], output[1]], 0, vec![])
                 }
                 Op::Linear(l) => {
-                    if l.in_features != c * h * w {
+                    let features = c.saturating_mul(h).saturating_mul(w);
+                    if l.in_features != features {
                         return Err(at(format!(
-                            "expects {} input features, gets {}",
-                            l.in_features,
-                            c * h * w
+                            "expects {} input features, gets {features}",
+                            l.in_features
                         )));
                     }
                     let tensors = vec![
@@ -159,7 +160,8 @@ impl ModelDesc {
                     ];
                     (
                         [l.out_features, 1, 1],
-                        2 * (l.in_features * l.out_features) as u64,
+                        2u64.saturating_mul(l.in_features as u64)
+                            .saturating_mul(l.out_features as u64),
                         tensors,
                     )
                 }
