@@ -8,7 +8,7 @@ use image::DynamicImage;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::exec::cpu::ReferenceExecutor;
+use crate::exec::cpu::{EngineExecutor, ReferenceExecutor};
 use crate::exec::Executor;
 use crate::format::{Model, TensorData};
 use crate::preprocess::preprocess;
@@ -18,12 +18,27 @@ use crate::preprocess::preprocess;
 pub struct Options {
     /// Classes reported per prediction, best first.
     pub top_k: usize,
+    /// Which executor computes the forward pass.
+    pub engine: Engine,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { top_k: 5 }
+        Options {
+            top_k: 5,
+            engine: Engine::Fast,
+        }
     }
+}
+
+/// Executor choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// dynsparse's CPU engine: packed GEMM with SIMD micro-kernels chosen at run time.
+    #[default]
+    Fast,
+    /// Candle's operations: slower, kept as an independent reference.
+    Reference,
 }
 
 /// What to classify.
@@ -100,7 +115,7 @@ pub struct Prediction {
 ///
 /// ```
 /// use dynsparse::{demo, preprocess::decode_image, Input, Options, Runtime, TensorData};
-/// let rt = Runtime::from_bytes(demo::MODEL, Options { top_k: 3 })?;
+/// let rt = Runtime::from_bytes(demo::MODEL, Options { top_k: 3, ..Options::default() })?;
 /// // A batch of images: one prediction per image, in order.
 /// let imgs = demo::SAMPLES.iter().map(|(_, png)| decode_image(png)).collect::<Result<Vec<_>, _>>()?;
 /// let preds = rt.infer(&imgs)?;
@@ -134,7 +149,10 @@ impl Runtime {
 
     /// Wraps an already loaded model.
     pub fn new(model: Model, options: Options) -> Result<Self> {
-        let executor = Box::new(ReferenceExecutor::new(&model)?);
+        let executor: Box<dyn Executor> = match options.engine {
+            Engine::Fast => Box::new(EngineExecutor::new(&model)?),
+            Engine::Reference => Box::new(ReferenceExecutor::new(&model)?),
+        };
         Ok(Runtime {
             model,
             executor,

@@ -4,9 +4,35 @@
 mod common;
 
 use common::{fixtures, manifest, rel_err};
+use dynsparse::exec::cpu::{gemm::Isa, EngineExecutor, ReferenceExecutor};
+use dynsparse::exec::Executor;
 use dynsparse::{convert, npy, Input, Options, Runtime};
 
 const TOLERANCE: f32 = 1e-4;
+
+/// Every executor the CPU offers: the Candle reference and the engine with each
+/// micro-kernel this machine can run.
+fn executors(model: &dynsparse::Model) -> Vec<(String, Box<dyn Executor>)> {
+    let mut v: Vec<(String, Box<dyn Executor>)> = vec![(
+        "reference".into(),
+        Box::new(ReferenceExecutor::new(model).unwrap()),
+    )];
+    let best = Isa::detect();
+    for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+        let supported = match isa {
+            Isa::Avx512 => best == Isa::Avx512,
+            Isa::Avx2 => best != Isa::Portable,
+            Isa::Portable => true,
+        };
+        if supported {
+            v.push((
+                format!("engine {isa:?}"),
+                Box::new(EngineExecutor::with_isa(model, isa).unwrap()),
+            ));
+        }
+    }
+    v
+}
 
 fn check(arch: &str) {
     let m = manifest();
@@ -28,7 +54,7 @@ fn check(arch: &str) {
             .flat_map(|p| p.logits.iter().copied())
             .collect();
         let err = rel_err(&got, &want.data);
-        println!("{arch} {b}: relative error {err:.2e}");
+        println!("{arch} {b} runtime: relative error {err:.2e}");
         assert!(
             err <= TOLERANCE,
             "{arch} {b}: relative error {err:e} > {TOLERANCE:e}"
@@ -36,6 +62,15 @@ fn check(arch: &str) {
         // Stats are per sample and count the whole network.
         assert_eq!(preds[0].stats.batch_size, input.shape[0]);
         assert_eq!(preds[0].stats.flops_dense, rt.model().flops_per_sample());
+        for (name, ex) in executors(rt.model()) {
+            let got = ex.forward(&input.data, input.shape[0]).expect("forward");
+            let err = rel_err(&got, &want.data);
+            println!("{arch} {b} {name}: relative error {err:.2e}");
+            assert!(
+                err <= TOLERANCE,
+                "{arch} {b} {name}: relative error {err:e} > {TOLERANCE:e}"
+            );
+        }
     }
 }
 
@@ -103,7 +138,14 @@ fn efficientnet_lite0_real_photos() {
     let ckpt = m["lite0_checkpoint"].as_str().unwrap();
     let model =
         convert::convert("efficientnet_lite0", ckpt.as_ref(), None).expect("convert real Lite0");
-    let rt = Runtime::new(model, Options { top_k: 3 }).unwrap();
+    let rt = Runtime::new(
+        model,
+        Options {
+            top_k: 3,
+            ..Options::default()
+        },
+    )
+    .unwrap();
     let cat =
         dynsparse::preprocess::load_image(m["photos"]["cat"].as_str().unwrap().as_ref()).unwrap();
     let coffee =

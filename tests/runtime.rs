@@ -9,7 +9,14 @@ use dynsparse::{demo, preprocess::decode_image, Input, Model, Options, Runtime, 
 use image::{DynamicImage, ImageFormat};
 
 fn demo_runtime() -> Runtime {
-    Runtime::from_bytes(demo::MODEL, Options { top_k: 3 }).expect("embedded model loads")
+    Runtime::from_bytes(
+        demo::MODEL,
+        Options {
+            top_k: 3,
+            ..Options::default()
+        },
+    )
+    .expect("embedded model loads")
 }
 
 fn encode(img: &DynamicImage, fmt: ImageFormat) -> Vec<u8> {

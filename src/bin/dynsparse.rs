@@ -155,7 +155,13 @@ fn cmd_infer(
     tensor: Option<&Path>,
     images: &[PathBuf],
 ) -> Result<()> {
-    let rt = Runtime::load(model, Options { top_k })?;
+    let rt = Runtime::load(
+        model,
+        Options {
+            top_k,
+            ..Options::default()
+        },
+    )?;
     let (names, preds) = if let Some(t) = tensor {
         let data = npy::read(t)?;
         let preds = rt.infer(Input::Tensor(&data))?;
@@ -201,7 +207,13 @@ fn cmd_infer(
 
 fn cmd_demo() -> Result<()> {
     use dynsparse::demo;
-    let rt = Runtime::from_bytes(demo::MODEL, Options { top_k: 1 })?;
+    let rt = Runtime::from_bytes(
+        demo::MODEL,
+        Options {
+            top_k: 1,
+            ..Options::default()
+        },
+    )?;
     let d = &rt.model().desc;
     println!(
         "demo model: {} trained on MNIST digits (embedded, {:.2} MFLOPs per image)\n",

@@ -1,0 +1,355 @@
+//! The fast CPU executor: convolutions as packed GEMM on the shared micro-kernels of
+//! [`super::gemm`] (bias, residual and activation fused in the epilogue), a direct
+//! depthwise kernel, and vectorized dot products for the classifier. Layout is NCHW.
+//!
+//! Work is split into tasks of one B panel (up to [`NR`] output positions of one sample)
+//! times a chunk of output channels; each task packs its panel, then runs every row block
+//! of its chunk on it while the panel is hot in cache. Tasks run on rayon's pool.
+
+use rayon::prelude::*;
+
+use super::depthwise;
+use super::gemm::{self, ConvGeom, Epilogue, Isa, Tile, NR};
+use super::ops::{self, Window};
+use crate::error::{Error, Result};
+use crate::exec::Executor;
+use crate::format::Model;
+use crate::model::{Act, Op};
+
+enum Layer {
+    /// Convolution through the GEMM, one GEMM per group.
+    Gemm {
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        groups: usize,
+        geom: ConvGeom,
+        residual: Option<usize>,
+        act: Act,
+    },
+    Depthwise {
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        win: Window,
+        residual: Option<usize>,
+        act: Act,
+    },
+    Linear {
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        act: Act,
+    },
+    MaxPool(Window),
+    GlobalAvgPool,
+    AdaptiveAvgPool {
+        in_hw: [usize; 2],
+        output: [usize; 2],
+    },
+}
+
+/// Dense execution with the dynsparse CPU engine.
+pub struct EngineExecutor {
+    layers: Vec<(usize, Layer)>,
+    /// Per value: elements per sample.
+    sizes: Vec<usize>,
+    last_use: Vec<usize>,
+    classes: usize,
+    isa: Isa,
+    /// 0, 1, …, max output channels: row indices for dense tiles.
+    all_rows: Vec<usize>,
+    /// 0, 1, …, max output positions: column indices for dense tiles.
+    all_cols: Vec<usize>,
+}
+
+/// Output pointer shared by tasks that write disjoint cells.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// A method (not field access) so closures capture the `Send` wrapper, not the pointer.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl EngineExecutor {
+    /// Prepares the model for the engine with the best kernels for this CPU.
+    pub fn new(model: &Model) -> Result<Self> {
+        Self::with_isa(model, Isa::detect())
+    }
+
+    /// Prepares the model with a specific micro-kernel (for tests and benchmarks).
+    pub fn with_isa(model: &Model, isa: Isa) -> Result<Self> {
+        let nodes = &model.desc.nodes;
+        let mut layers = Vec::with_capacity(nodes.len());
+        let mut last_use = vec![usize::MAX; nodes.len() + 1];
+        let mut sizes = vec![model.layers[0].input.iter().product()];
+        let (mut max_rows, mut max_cols) = (0, 0);
+        for (i, (node, info)) in nodes.iter().zip(&model.layers).enumerate() {
+            last_use[node.input] = i;
+            sizes.push(info.output.iter().product());
+            let w = || Ok::<_, Error>(model.weight(&format!("{}.weight", node.name))?.data.clone());
+            let b = || Ok::<_, Error>(model.weight(&format!("{}.bias", node.name))?.data.clone());
+            let [_, ih, iw] = info.input;
+            let [_, oh, ow] = info.output;
+            let layer = match &node.op {
+                Op::Conv(cv) => {
+                    if let Some(r) = cv.residual {
+                        last_use[r] = i;
+                    }
+                    let [t, _, l, _] = cv.padding.resolve([ih, iw], cv.kernel, cv.stride);
+                    if cv.groups > 1 && cv.groups == cv.in_channels && cv.groups == cv.out_channels
+                    {
+                        Layer::Depthwise {
+                            weight: w()?,
+                            bias: b()?,
+                            win: Window {
+                                in_hw: [ih, iw],
+                                out_hw: [oh, ow],
+                                kernel: cv.kernel,
+                                stride: cv.stride,
+                                pad_tl: [t, l],
+                            },
+                            residual: cv.residual,
+                            act: cv.act,
+                        }
+                    } else {
+                        max_rows = max_rows.max(cv.out_channels);
+                        max_cols = max_cols.max(oh * ow);
+                        Layer::Gemm {
+                            weight: w()?,
+                            bias: b()?,
+                            groups: cv.groups,
+                            geom: ConvGeom {
+                                in_c: cv.in_channels / cv.groups,
+                                in_hw: [ih, iw],
+                                out_hw: [oh, ow],
+                                kernel: cv.kernel,
+                                stride: cv.stride,
+                                pad_tl: [t, l],
+                            },
+                            residual: cv.residual,
+                            act: cv.act,
+                        }
+                    }
+                }
+                Op::Linear(l) => Layer::Linear {
+                    weight: w()?,
+                    bias: b()?,
+                    act: l.act,
+                },
+                Op::MaxPool(p) => Layer::MaxPool(Window {
+                    in_hw: [ih, iw],
+                    out_hw: [oh, ow],
+                    kernel: p.kernel,
+                    stride: p.stride,
+                    pad_tl: p.padding,
+                }),
+                Op::GlobalAvgPool => Layer::GlobalAvgPool,
+                Op::AdaptiveAvgPool { output } => Layer::AdaptiveAvgPool {
+                    in_hw: [ih, iw],
+                    output: *output,
+                },
+            };
+            layers.push((node.input, layer));
+        }
+        Ok(EngineExecutor {
+            layers,
+            sizes,
+            last_use,
+            classes: model.desc.classes.len(),
+            isa,
+            all_rows: (0..max_rows).collect(),
+            all_cols: (0..max_cols).collect(),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv_gemm(
+        &self,
+        x: &[f32],
+        batch: usize,
+        weight: &[f32],
+        bias: &[f32],
+        groups: usize,
+        g: &ConvGeom,
+        residual: Option<&[f32]>,
+        act: Act,
+    ) -> Vec<f32> {
+        let rows_total = bias.len();
+        let rows_per_group = rows_total / groups;
+        let k = g.k();
+        let n = g.out_hw[0] * g.out_hw[1];
+        let in_plane = g.in_hw[0] * g.in_hw[1];
+        let panels = n.div_ceil(NR);
+        let mr = self.isa.mr();
+        let row_blocks = rows_per_group.div_ceil(mr);
+        // Enough tasks to keep every thread busy, in whole row blocks.
+        let wanted = 4 * rayon::current_num_threads();
+        let chunks = (wanted.div_ceil(batch * groups * panels)).clamp(1, row_blocks);
+        let blocks_per_chunk = row_blocks.div_ceil(chunks);
+        // Phase 1: pack every panel of every (sample, group) once, in parallel.
+        let panel_len = k * NR;
+        let mut packed = vec![0f32; batch * groups * panels * panel_len];
+        packed
+            .par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(t, panel)| {
+                let (p, sg) = (t % panels, t / panels);
+                let cols = &self.all_cols[p * NR..(p * NR + NR).min(n)];
+                gemm::pack_panel(
+                    &x[sg * g.in_c * in_plane..][..g.in_c * in_plane],
+                    g,
+                    cols,
+                    panel,
+                );
+            });
+        // Phase 2: every panel times every row block, grouped so a task's tiles share one
+        // panel while it is hot in cache.
+        let mut out = vec![0f32; batch * rows_total * n];
+        let ptr = OutPtr(out.as_mut_ptr());
+        let tasks = batch * groups * panels * chunks;
+        (0..tasks).into_par_iter().for_each(|t| {
+            let (chunk, sgp) = (t % chunks, t / chunks);
+            let (p, sg) = (sgp % panels, sgp / panels);
+            let grp = sg % groups;
+            let cols = &self.all_cols[p * NR..(p * NR + NR).min(n)];
+            let panel = &packed[sgp * panel_len..(sgp + 1) * panel_len];
+            // (sample, group) blocks of the output are contiguous: sg · rows_per_group · n.
+            let out_off = sg * rows_per_group * n;
+            let a = &weight[grp * rows_per_group * k..(grp + 1) * rows_per_group * k];
+            let ep = Epilogue {
+                bias: &bias[grp * rows_per_group..(grp + 1) * rows_per_group],
+                residual: residual.map(|r| &r[out_off..out_off + rows_per_group * n]),
+                act,
+            };
+            let first = chunk * blocks_per_chunk * mr;
+            let last = ((chunk + 1) * blocks_per_chunk * mr).min(rows_per_group);
+            for r0 in (first..last).step_by(mr) {
+                let tile = Tile {
+                    a,
+                    k,
+                    rows: &self.all_rows[r0..(r0 + mr).min(last)],
+                    panel,
+                    ldc: n,
+                    cols,
+                };
+                // SAFETY: rows < rows_per_group and cols < n index inside this (sample,
+                // group) block of `out`; tasks cover disjoint (rows, cols) cells.
+                unsafe { gemm::run_tile(self.isa, &tile, &ep, ptr.get().add(out_off)) };
+            }
+        });
+        out
+    }
+}
+
+/// Dot product with 16 independent lanes, so it vectorizes without reassociation.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for j in 0..16 {
+            lanes[j] += x[j] * y[j];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+impl Executor for EngineExecutor {
+    fn name(&self) -> &'static str {
+        match self.isa {
+            Isa::Avx512 => "cpu-engine-avx512",
+            Isa::Avx2 => "cpu-engine-avx2",
+            Isa::Portable => "cpu-engine-portable",
+        }
+    }
+
+    fn forward(&self, input: &[f32], batch: usize) -> Result<Vec<f32>> {
+        if input.len() != batch * self.sizes[0] {
+            return Err(Error::Input(format!(
+                "{} values do not fill a batch of {batch} inputs of {} values",
+                input.len(),
+                self.sizes[0]
+            )));
+        }
+        let mut values: Vec<Option<Vec<f32>>> = vec![None; self.layers.len() + 1];
+        values[0] = Some(input.to_vec());
+        for (i, (src, layer)) in self.layers.iter().enumerate() {
+            let get = |v: usize| {
+                values[v]
+                    .as_deref()
+                    .ok_or_else(|| Error::Exec(format!("value {v} was freed before its last use")))
+            };
+            let x = get(*src)?;
+            let out = match layer {
+                Layer::Gemm {
+                    weight,
+                    bias,
+                    groups,
+                    geom,
+                    residual,
+                    act,
+                } => {
+                    let r = residual.map(get).transpose()?;
+                    self.conv_gemm(x, batch, weight, bias, *groups, geom, r, *act)
+                }
+                Layer::Depthwise {
+                    weight,
+                    bias,
+                    win,
+                    residual,
+                    act,
+                } => {
+                    let r = residual.map(get).transpose()?;
+                    depthwise::depthwise(x, weight, bias, r, *act, bias.len(), *win)
+                }
+                Layer::Linear { weight, bias, act } => {
+                    let fin = self.sizes[*src];
+                    let fout = bias.len();
+                    let mut out = vec![0f32; batch * fout];
+                    out.par_chunks_mut(fout).enumerate().for_each(|(s, o)| {
+                        let xs = &x[s * fin..(s + 1) * fin];
+                        o.par_iter_mut().enumerate().for_each(|(m, v)| {
+                            *v = act.apply(dot(&weight[m * fin..(m + 1) * fin], xs) + bias[m]);
+                        });
+                    });
+                    out
+                }
+                Layer::MaxPool(win) => ops::max_pool(x, *win),
+                Layer::GlobalAvgPool => {
+                    let plane = self.sizes[*src] / self.sizes[i + 1];
+                    x.chunks_exact(plane)
+                        .map(|p| p.iter().sum::<f32>() / plane as f32)
+                        .collect()
+                }
+                Layer::AdaptiveAvgPool { in_hw, output } => {
+                    ops::adaptive_avg_pool(x, *in_hw, *output)
+                }
+            };
+            values[i + 1] = Some(out);
+            for (v, slot) in values.iter_mut().enumerate().take(i + 1) {
+                if self.last_use[v] == i {
+                    *slot = None;
+                }
+            }
+        }
+        let logits = values
+            .pop()
+            .flatten()
+            .ok_or_else(|| Error::Exec("the model produced no output".into()))?;
+        if logits.len() != batch * self.classes {
+            return Err(Error::Exec(format!(
+                "{} logits for {batch} samples",
+                logits.len()
+            )));
+        }
+        Ok(logits)
+    }
+}

@@ -1,0 +1,416 @@
+//! The GEMM every CPU convolution shares, dense or sparse:
+//!
+//! `C[rows × cols] = A[rows × K] · B[K × cols]`, then per row `+ bias`, optionally
+//! `+ residual`, then the activation — all in the micro-kernel's epilogue.
+//!
+//! * **A** (weights) is read in place, row-major `[out_channels × K]`: the micro-kernel
+//!   takes one pointer per row, so it runs on any subset of output channels (a sparse
+//!   plan's kept channels) without repacking the weight tensor per input.
+//! * **B** is packed per call into panels of [`NR`] columns, `[panels][K][NR]`, zero-padded
+//!   on the last panel. The packer is the convolution's im2col ([`pack_im2col`]): it
+//!   reads only the output positions it is given, so a spatially sparse plan packs only
+//!   its kept positions, and the kernel never sees the difference.
+//! * **C** rows are written at `c + row_index · ldc + col`; the output column of panel
+//!   column `j` is given by the caller's column map, so results scatter straight to
+//!   their place in an NCHW output.
+//!
+//! Kernels are chosen at run time: AVX-512F (12 × 32 tile), AVX2+FMA (6 × 16, twice per
+//! panel), or portable Rust.
+
+use crate::model::Act;
+
+/// Width of a packed B panel (output positions per micro-tile).
+pub const NR: usize = 32;
+
+/// What the epilogue adds and applies.
+#[derive(Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// One bias per row of A.
+    pub bias: &'a [f32],
+    /// Added before the activation, read at the same index as C.
+    pub residual: Option<&'a [f32]>,
+    pub act: Act,
+}
+
+/// The micro-kernel implementation picked for this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    /// The best kernel this CPU runs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// Rows of A per micro-tile.
+    pub fn mr(self) -> usize {
+        match self {
+            Isa::Avx512 => 12,
+            Isa::Avx2 => 6,
+            Isa::Portable => 4,
+        }
+    }
+}
+
+/// One micro-tile: `rows.len() ≤ mr` rows of A (by row index) times one packed B panel
+/// of `k` rows, columns `0..ncols` (≤ NR) stored at `c[row * ldc + cols[j]]`.
+///
+/// # Safety contract (checked by the callers in this module)
+/// Every `rows[i] * k + k ≤ a.len()`, `panel.len() ≥ k * NR`, and every
+/// `row * ldc + cols[j]` is inside `c` (and `residual`, when given).
+pub struct Tile<'a> {
+    pub a: &'a [f32],
+    pub k: usize,
+    pub rows: &'a [usize],
+    pub panel: &'a [f32],
+    pub ldc: usize,
+    pub cols: &'a [usize],
+}
+
+/// Computes one micro-tile with the given kernel. `c` is written through a raw pointer
+/// because tiles of one GEMM write disjoint cells of the same output from several threads.
+///
+/// # Safety
+/// The tile's indices are in bounds (see [`Tile`]) and no other thread writes the same
+/// cells of `c` concurrently.
+pub unsafe fn run_tile(isa: Isa, t: &Tile, ep: &Epilogue, c: *mut f32) {
+    let mut acc = [[0f32; NR]; 12];
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::kernel(t, &mut acc),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            avx2::kernel(t, 0, &mut acc);
+            avx2::kernel(t, 16, &mut acc);
+        }
+        _ => portable_kernel(t, &mut acc),
+    }
+    for (i, &row) in t.rows.iter().enumerate() {
+        let b = ep.bias[row];
+        for (j, &col) in t.cols.iter().enumerate() {
+            let idx = row * t.ldc + col;
+            let mut v = acc[i][j] + b;
+            if let Some(r) = ep.residual {
+                v += *r.get_unchecked(idx);
+            }
+            *c.add(idx) = ep.act.apply(v);
+        }
+    }
+}
+
+fn portable_kernel(t: &Tile, acc: &mut [[f32; NR]; 12]) {
+    for (i, &row) in t.rows.iter().enumerate() {
+        let a = &t.a[row * t.k..(row + 1) * t.k];
+        let out = &mut acc[i];
+        for (kk, &av) in a.iter().enumerate() {
+            let b = &t.panel[kk * NR..(kk + 1) * NR];
+            for j in 0..NR {
+                out[j] += av * b[j];
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Tile, NR};
+    use std::arch::x86_64::*;
+
+    const MR: usize = 12;
+
+    /// 12 rows × 32 columns: 24 zmm accumulators; per k, two panel loads and one
+    /// broadcast per row.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel(t: &Tile, out: &mut [[f32; NR]; 12]) {
+        let mut rows = [t.a.as_ptr(); MR];
+        for (i, &r) in t.rows.iter().enumerate() {
+            rows[i] = t.a.as_ptr().add(r * t.k);
+        }
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut b = t.panel.as_ptr();
+        for kk in 0..t.k {
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            for i in 0..MR {
+                let a = _mm512_set1_ps(*rows[i].add(kk));
+                acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+            }
+            b = b.add(NR);
+        }
+        for i in 0..t.rows.len() {
+            _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i][0]);
+            _mm512_storeu_ps(out[i].as_mut_ptr().add(16), acc[i][1]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Tile, NR};
+    use std::arch::x86_64::*;
+
+    const MR: usize = 6;
+
+    /// 6 rows × 16 columns (`half` = 0 or 16 of the panel): 12 ymm accumulators.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel(t: &Tile, half: usize, out: &mut [[f32; NR]; 12]) {
+        let mut rows = [t.a.as_ptr(); MR];
+        for (i, &r) in t.rows.iter().enumerate() {
+            rows[i] = t.a.as_ptr().add(r * t.k);
+        }
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        let mut b = t.panel.as_ptr().add(half);
+        for kk in 0..t.k {
+            let b0 = _mm256_loadu_ps(b);
+            let b1 = _mm256_loadu_ps(b.add(8));
+            for i in 0..MR {
+                let a = _mm256_set1_ps(*rows[i].add(kk));
+                acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+            }
+            b = b.add(NR);
+        }
+        for i in 0..t.rows.len() {
+            _mm256_storeu_ps(out[i].as_mut_ptr().add(half), acc[i][0]);
+            _mm256_storeu_ps(out[i].as_mut_ptr().add(half + 8), acc[i][1]);
+        }
+    }
+}
+
+/// Geometry of a convolution on one sample, for packing.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvGeom {
+    pub in_c: usize,
+    pub in_hw: [usize; 2],
+    pub out_hw: [usize; 2],
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    /// Top and left padding.
+    pub pad_tl: [usize; 2],
+}
+
+impl ConvGeom {
+    /// Rows of B: input channels × kernel taps, in the weight tensor's (ci, ky, kx) order.
+    pub fn k(&self) -> usize {
+        self.in_c * self.kernel[0] * self.kernel[1]
+    }
+}
+
+/// Packs B for one sample: column `j` is output position `positions[j]` (y·OW + x);
+/// row `(ci, ky, kx)` holds the input pixel that tap reads (0 in the padding).
+/// Writes `ceil(positions.len() / NR)` panels of `k × NR` into `out`.
+pub fn pack_im2col(x: &[f32], g: &ConvGeom, positions: &[usize], out: &mut [f32]) {
+    let k = g.k();
+    for (p, cols) in positions.chunks(NR).enumerate() {
+        pack_panel(x, g, cols, &mut out[p * k * NR..(p + 1) * k * NR]);
+    }
+}
+
+/// Packs one panel of up to [`NR`] output positions.
+pub fn pack_panel(x: &[f32], g: &ConvGeom, cols: &[usize], panel: &mut [f32]) {
+    let [h, w] = g.in_hw;
+    let ow = g.out_hw[1];
+    let plane = h * w;
+    let [kh, kw] = g.kernel;
+    // Top-left input pixel (before padding) each column's window starts at.
+    let mut oy = [0usize; NR];
+    let mut ox = [0usize; NR];
+    for (j, &pos) in cols.iter().enumerate() {
+        oy[j] = (pos / ow) * g.stride[0];
+        ox[j] = (pos % ow) * g.stride[1];
+    }
+    let n = cols.len();
+    let (ymin, ymax) = (
+        oy[..n].iter().min().copied().unwrap_or(0),
+        oy[..n].iter().max().copied().unwrap_or(0),
+    );
+    let (xmin, xmax) = (
+        ox[..n].iter().min().copied().unwrap_or(0),
+        ox[..n].iter().max().copied().unwrap_or(0),
+    );
+    // When no window of this panel touches the padding, taps need no bounds checks.
+    let interior = ymin >= g.pad_tl[0]
+        && ymax + kh <= h + g.pad_tl[0]
+        && xmin >= g.pad_tl[1]
+        && xmax + kw <= w + g.pad_tl[1];
+    let mut base = [0usize; NR];
+    if interior {
+        for j in 0..n {
+            base[j] = (oy[j] - g.pad_tl[0]) * w + (ox[j] - g.pad_tl[1]);
+        }
+    }
+    let mut row = 0;
+    for ci in 0..g.in_c {
+        let src = &x[ci * plane..(ci + 1) * plane];
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let dst = &mut panel[row * NR..(row + 1) * NR];
+                if interior {
+                    let off = &src[ky * w + kx..];
+                    for j in 0..n {
+                        dst[j] = off[base[j]];
+                    }
+                } else {
+                    for j in 0..n {
+                        let iy = (oy[j] + ky).wrapping_sub(g.pad_tl[0]);
+                        let ix = (ox[j] + kx).wrapping_sub(g.pad_tl[1]);
+                        dst[j] = if iy < h && ix < w {
+                            src[iy * w + ix]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+                dst[n..].fill(0.0);
+                row += 1;
+            }
+        }
+    }
+}
+
+/// Number of f32 a packed B for `n` columns and `k` rows needs.
+pub fn packed_len(n: usize, k: usize) -> usize {
+    n.div_ceil(NR) * k * NR
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::seq::index::sample;
+    use rand::{Rng, SeedableRng};
+
+    fn isas() -> Vec<Isa> {
+        match Isa::detect() {
+            Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Portable],
+            Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
+            Isa::Portable => vec![Isa::Portable],
+        }
+    }
+
+    /// Direct convolution of one output cell, the reference.
+    fn naive(x: &[f32], w: &[f32], g: &ConvGeom, co: usize, pos: usize) -> f32 {
+        let [h, wd] = g.in_hw;
+        let (oy, ox) = (pos / g.out_hw[1], pos % g.out_hw[1]);
+        let mut acc = 0.0;
+        for ci in 0..g.in_c {
+            for ky in 0..g.kernel[0] {
+                for kx in 0..g.kernel[1] {
+                    let iy = (oy * g.stride[0] + ky) as isize - g.pad_tl[0] as isize;
+                    let ix = (ox * g.stride[1] + kx) as isize - g.pad_tl[1] as isize;
+                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
+                        let wi = ((co * g.in_c + ci) * g.kernel[0] + ky) * g.kernel[1] + kx;
+                        acc += w[wi] * x[(ci * h + iy as usize) * wd + ix as usize];
+                    }
+                }
+            }
+        }
+        acc
+    }
+
+    /// Random convolutions, random subsets of output channels and positions (as a sparse
+    /// plan would give), every kernel this CPU runs: kept cells equal the direct
+    /// convolution with the epilogue applied, and no other cell is written.
+    #[test]
+    fn tiles_match_direct_convolution_on_random_subsets() {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        eprintln!("seed {seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for _ in 0..60 {
+            let kernel = [[1, 1], [3, 3], [5, 5], [7, 7], [1, 3]][rng.random_range(0..5)];
+            let stride = [rng.random_range(1..=2); 2];
+            let pad_tl = [
+                rng.random_range(0..=kernel[0] / 2),
+                rng.random_range(0..=kernel[1] / 2),
+            ];
+            let in_hw = [
+                rng.random_range(kernel[0]..kernel[0] + 12),
+                rng.random_range(kernel[1]..kernel[1] + 12),
+            ];
+            let out_hw = [
+                (in_hw[0] + 2 * pad_tl[0] - kernel[0]) / stride[0] + 1,
+                (in_hw[1] + 2 * pad_tl[1] - kernel[1]) / stride[1] + 1,
+            ];
+            let g = ConvGeom {
+                in_c: rng.random_range(1..20),
+                in_hw,
+                out_hw,
+                kernel,
+                stride,
+                pad_tl,
+            };
+            let m = rng.random_range(1..40);
+            let n = out_hw[0] * out_hw[1];
+            let k = g.k();
+            let x: Vec<f32> = (0..g.in_c * in_hw[0] * in_hw[1])
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let w: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let bias: Vec<f32> = (0..m).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let res: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let kept = rng.random_range(1..=m);
+            let mut rows = sample(&mut rng, m, kept).into_vec();
+            rows.sort_unstable();
+            let kept = rng.random_range(1..=n);
+            let mut cols = sample(&mut rng, n, kept).into_vec();
+            cols.sort_unstable();
+            let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
+            let residual = rng.random_bool(0.5).then_some(res.as_slice());
+            let mut packed = vec![f32::NAN; packed_len(cols.len(), k)];
+            pack_im2col(&x, &g, &cols, &mut packed);
+            for isa in isas() {
+                let mut c = vec![0f32; m * n];
+                let ep = Epilogue {
+                    bias: &bias,
+                    residual,
+                    act,
+                };
+                for (p, pc) in cols.chunks(NR).enumerate() {
+                    for rb in rows.chunks(isa.mr()) {
+                        let tile = Tile {
+                            a: &w,
+                            k,
+                            rows: rb,
+                            panel: &packed[p * k * NR..(p + 1) * k * NR],
+                            ldc: n,
+                            cols: pc,
+                        };
+                        unsafe { run_tile(isa, &tile, &ep, c.as_mut_ptr()) };
+                    }
+                }
+                for co in 0..m {
+                    for pos in 0..n {
+                        let got = c[co * n + pos];
+                        if rows.binary_search(&co).is_ok() && cols.binary_search(&pos).is_ok() {
+                            let r = residual.map_or(0.0, |r| r[co * n + pos]);
+                            let want = act.apply(naive(&x, &w, &g, co, pos) + bias[co] + r);
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "{isa:?} {g:?}: {got} vs {want}"
+                            );
+                        } else {
+                            assert_eq!(got, 0.0, "{isa:?}: wrote a cell outside the plan");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
