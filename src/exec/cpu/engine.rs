@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use super::depthwise;
-use super::gemm::{self, ConvGeom, Epilogue, Isa, Tile, NR};
+use super::gemm::{self, ConvGeom, Epilogue, Isa, Tile, KC, NR};
 use super::ops::{self, Window};
 use crate::error::{Error, Result};
 use crate::exec::Executor;
@@ -177,6 +177,23 @@ impl EngineExecutor {
         residual: Option<&[f32]>,
         act: Act,
     ) -> Vec<f32> {
+        // Zero-pad the input once so every tap of every window is in bounds: packing then
+        // needs no per-pixel checks and copies contiguous runs.
+        let ph = (g.out_hw[0] - 1) * g.stride[0] + g.kernel[0];
+        let pw = (g.out_hw[1] - 1) * g.stride[1] + g.kernel[1];
+        let padded;
+        let (x, g) = if g.pad_tl == [0, 0] && ph <= g.in_hw[0] && pw <= g.in_hw[1] {
+            (x, *g)
+        } else {
+            padded = pad_planes(x, g.in_hw, g.pad_tl, [ph, pw]);
+            let gp = ConvGeom {
+                in_hw: [ph, pw],
+                pad_tl: [0, 0],
+                ..*g
+            };
+            (padded.as_slice(), gp)
+        };
+        let g = &g;
         let rows_total = bias.len();
         let rows_per_group = rows_total / groups;
         let k = g.k();
@@ -189,59 +206,115 @@ impl EngineExecutor {
         let wanted = 4 * rayon::current_num_threads();
         let chunks = (wanted.div_ceil(batch * groups * panels)).clamp(1, row_blocks);
         let blocks_per_chunk = row_blocks.div_ceil(chunks);
-        // Phase 1: pack every panel of every (sample, group) once, in parallel.
+        // A 1×1, stride-1, unpadded convolution reads full panels straight from its input
+        // (row k of B is input channel k); only a partial last panel is packed.
+        let direct = g.kernel == [1, 1] && g.stride == [1, 1] && g.pad_tl == [0, 0];
         let panel_len = k * NR;
-        let mut packed = vec![0f32; batch * groups * panels * panel_len];
+        // With enough panels to share out, each task packs its own panel into a buffer of
+        // its thread and computes all rows on it while it is hot (`chunks` is 1). With few
+        // panels, tasks split the rows too, so panels are packed once up front instead.
+        let fused = chunks == 1;
+        let mut packed = vec![
+            0f32;
+            if fused {
+                0
+            } else {
+                batch * groups * panels * panel_len
+            }
+        ];
         packed
             .par_chunks_mut(panel_len)
             .enumerate()
             .for_each(|(t, panel)| {
                 let (p, sg) = (t % panels, t / panels);
-                let cols = &self.all_cols[p * NR..(p * NR + NR).min(n)];
-                gemm::pack_panel(
-                    &x[sg * g.in_c * in_plane..][..g.in_c * in_plane],
-                    g,
-                    cols,
-                    panel,
-                );
+                if !(direct && (p + 1) * NR <= n) {
+                    let cols = &self.all_cols[p * NR..(p * NR + NR).min(n)];
+                    gemm::pack_panel(
+                        &x[sg * g.in_c * in_plane..][..g.in_c * in_plane],
+                        g,
+                        cols,
+                        panel,
+                    );
+                }
             });
-        // Phase 2: every panel times every row block, grouped so a task's tiles share one
-        // panel while it is hot in cache.
         let mut out = vec![0f32; batch * rows_total * n];
         let ptr = OutPtr(out.as_mut_ptr());
         let tasks = batch * groups * panels * chunks;
-        (0..tasks).into_par_iter().for_each(|t| {
-            let (chunk, sgp) = (t % chunks, t / chunks);
-            let (p, sg) = (sgp % panels, sgp / panels);
-            let grp = sg % groups;
-            let cols = &self.all_cols[p * NR..(p * NR + NR).min(n)];
-            let panel = &packed[sgp * panel_len..(sgp + 1) * panel_len];
-            // (sample, group) blocks of the output are contiguous: sg · rows_per_group · n.
-            let out_off = sg * rows_per_group * n;
-            let a = &weight[grp * rows_per_group * k..(grp + 1) * rows_per_group * k];
-            let ep = Epilogue {
-                bias: &bias[grp * rows_per_group..(grp + 1) * rows_per_group],
-                residual: residual.map(|r| &r[out_off..out_off + rows_per_group * n]),
-                act,
-            };
-            let first = chunk * blocks_per_chunk * mr;
-            let last = ((chunk + 1) * blocks_per_chunk * mr).min(rows_per_group);
-            for r0 in (first..last).step_by(mr) {
-                let tile = Tile {
-                    a,
-                    k,
-                    rows: &self.all_rows[r0..(r0 + mr).min(last)],
-                    panel,
-                    ldc: n,
-                    cols,
+        (0..tasks)
+            .into_par_iter()
+            .for_each_init(Vec::new, |own, t| {
+                let (chunk, sgp) = (t % chunks, t / chunks);
+                let (p, sg) = (sgp % panels, sgp / panels);
+                let grp = sg % groups;
+                let cols = &self.all_cols[p * NR..(p * NR + NR).min(n)];
+                let xs = &x[sg * g.in_c * in_plane..(sg + 1) * g.in_c * in_plane];
+                let (panel, ldb) = if direct && (p + 1) * NR <= n {
+                    (&xs[p * NR..], in_plane)
+                } else if fused {
+                    own.resize(panel_len, 0.0);
+                    gemm::pack_panel(xs, g, cols, own);
+                    (own.as_slice(), NR)
+                } else {
+                    (&packed[sgp * panel_len..(sgp + 1) * panel_len], NR)
                 };
-                // SAFETY: rows < rows_per_group and cols < n index inside this (sample,
-                // group) block of `out`; tasks cover disjoint (rows, cols) cells.
-                unsafe { gemm::run_tile(self.isa, &tile, &ep, ptr.get().add(out_off)) };
-            }
-        });
+                // (sample, group) blocks of the output are contiguous: sg · rows_per_group · n.
+                let out_off = sg * rows_per_group * n;
+                let a = &weight[grp * rows_per_group * k..(grp + 1) * rows_per_group * k];
+                let ep = Epilogue {
+                    bias: &bias[grp * rows_per_group..(grp + 1) * rows_per_group],
+                    residual: residual.map(|r| &r[out_off..out_off + rows_per_group * n]),
+                    act,
+                };
+                let first = chunk * blocks_per_chunk * mr;
+                let last = ((chunk + 1) * blocks_per_chunk * mr).min(rows_per_group);
+                let tiles: Vec<Tile> = (first..last)
+                    .step_by(mr)
+                    .map(|r0| Tile {
+                        a,
+                        k,
+                        rows: &self.all_rows[r0..(r0 + mr).min(last)],
+                        panel,
+                        ldb,
+                        ldc: n,
+                        cols,
+                    })
+                    .collect();
+                let mut accs = vec![[[0f32; NR]; 12]; tiles.len()];
+                // K blocks outermost: one KC × NR block of the panel serves every row block
+                // of this task from L1.
+                for k0 in (0..k).step_by(KC) {
+                    let k1 = (k0 + KC).min(k);
+                    for (tile, acc) in tiles.iter().zip(accs.iter_mut()) {
+                        // SAFETY: rows < rows_per_group index `a`; the panel holds k × NR.
+                        unsafe { gemm::accumulate(self.isa, tile, k0, k1, acc) };
+                    }
+                }
+                for (tile, acc) in tiles.iter().zip(&accs) {
+                    // SAFETY: rows < rows_per_group and cols < n index inside this (sample,
+                    // group) block of `out`; tasks cover disjoint (rows, cols) cells.
+                    unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
+                }
+            });
         out
     }
+}
+
+/// Copies every `in_hw` plane of `x` into a zeroed `out_hw` plane at offset `pad_tl`,
+/// cropping what falls outside.
+fn pad_planes(x: &[f32], in_hw: [usize; 2], pad_tl: [usize; 2], out_hw: [usize; 2]) -> Vec<f32> {
+    let (in_plane, out_plane) = (in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]);
+    let mut out = vec![0f32; x.len() / in_plane * out_plane];
+    let rows = in_hw[0].min(out_hw[0].saturating_sub(pad_tl[0]));
+    let cols = in_hw[1].min(out_hw[1].saturating_sub(pad_tl[1]));
+    out.par_chunks_mut(out_plane)
+        .zip(x.par_chunks(in_plane))
+        .for_each(|(o, i)| {
+            for y in 0..rows {
+                let dst = (y + pad_tl[0]) * out_hw[1] + pad_tl[1];
+                o[dst..dst + cols].copy_from_slice(&i[y * in_hw[1]..y * in_hw[1] + cols]);
+            }
+        });
+    out
 }
 
 /// Dot product with 16 independent lanes, so it vectorizes without reassociation.

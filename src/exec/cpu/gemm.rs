@@ -67,58 +67,113 @@ impl Isa {
     }
 }
 
-/// One micro-tile: `rows.len() ≤ mr` rows of A (by row index) times one packed B panel
-/// of `k` rows, columns `0..ncols` (≤ NR) stored at `c[row * ldc + cols[j]]`.
+/// One micro-tile: `rows.len() ≤ mr` rows of A (by row index) times one B panel of `k`
+/// rows of [`NR`] values, `ldb` apart (`NR` when packed; a 1×1 convolution reads its
+/// input in place with `ldb` = plane size), columns `0..cols.len()` stored at
+/// `c[row * ldc + cols[j]]`.
 ///
 /// # Safety contract (checked by the callers in this module)
-/// Every `rows[i] * k + k ≤ a.len()`, `panel.len() ≥ k * NR`, and every
+/// Every `rows[i] * k + k ≤ a.len()`, `panel.len() ≥ (k - 1) * ldb + NR`, and every
 /// `row * ldc + cols[j]` is inside `c` (and `residual`, when given).
 pub struct Tile<'a> {
     pub a: &'a [f32],
     pub k: usize,
     pub rows: &'a [usize],
     pub panel: &'a [f32],
+    pub ldb: usize,
     pub ldc: usize,
     pub cols: &'a [usize],
 }
 
-/// Computes one micro-tile with the given kernel. `c` is written through a raw pointer
-/// because tiles of one GEMM write disjoint cells of the same output from several threads.
+/// Accumulators of one micro-tile, kept between K blocks.
+pub type Acc = [[f32; NR]; 12];
+
+/// Rows of the packed panel (and of A) per K block: a block of the panel, `KC × NR`
+/// floats (24 KiB), stays in L1 while every row block of a task streams over it.
+pub const KC: usize = 192;
+
+/// Multiplies rows `k0..k1` of the panel into `acc` (zeroed first when `k0 == 0`).
 ///
 /// # Safety
-/// The tile's indices are in bounds (see [`Tile`]) and no other thread writes the same
-/// cells of `c` concurrently.
-pub unsafe fn run_tile(isa: Isa, t: &Tile, ep: &Epilogue, c: *mut f32) {
-    let mut acc = [[0f32; NR]; 12];
+/// The tile's indices are in bounds (see [`Tile`]) and `k0 ≤ k1 ≤ t.k`.
+pub unsafe fn accumulate(isa: Isa, t: &Tile, k0: usize, k1: usize, acc: &mut Acc) {
+    if k0 == 0 {
+        for r in acc.iter_mut().take(t.rows.len()) {
+            r.fill(0.0);
+        }
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::kernel(t, &mut acc),
+        Isa::Avx512 => avx512::kernel(t, k0, k1, acc),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
-            avx2::kernel(t, 0, &mut acc);
-            avx2::kernel(t, 16, &mut acc);
+            avx2::kernel(t, k0, k1, 0, acc);
+            avx2::kernel(t, k0, k1, 16, acc);
         }
-        _ => portable_kernel(t, &mut acc),
+        _ => portable_kernel(t, k0, k1, acc),
     }
+}
+
+/// Applies the epilogue to finished accumulators and stores them at
+/// `c[row * ldc + cols[j]]`.
+///
+/// # Safety
+/// Every `row * ldc + cols[j]` is inside the output `c` points to (and inside
+/// `ep.residual`), and no other thread writes those cells concurrently.
+pub unsafe fn store(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
+    let n = t.cols.len();
+    // Dense plans give consecutive columns: store whole row segments.
+    let contiguous = n > 0 && t.cols[n - 1] - t.cols[0] == n - 1;
     for (i, &row) in t.rows.iter().enumerate() {
         let b = ep.bias[row];
-        for (j, &col) in t.cols.iter().enumerate() {
-            let idx = row * t.ldc + col;
-            let mut v = acc[i][j] + b;
-            if let Some(r) = ep.residual {
-                v += *r.get_unchecked(idx);
+        let a = &acc[i][..n];
+        if contiguous {
+            let at = row * t.ldc + t.cols[0];
+            let dst = std::slice::from_raw_parts_mut(c.add(at), n);
+            match ep.residual {
+                Some(r) => {
+                    let r = &r[at..at + n];
+                    for j in 0..n {
+                        dst[j] = a[j] + b + r[j];
+                    }
+                }
+                None => {
+                    for j in 0..n {
+                        dst[j] = a[j] + b;
+                    }
+                }
             }
-            *c.add(idx) = ep.act.apply(v);
+            match ep.act {
+                Act::None => {}
+                Act::Relu => dst.iter_mut().for_each(|v| *v = v.max(0.0)),
+                Act::Relu6 => dst.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
+            }
+        } else {
+            for (j, &col) in t.cols.iter().enumerate() {
+                let idx = row * t.ldc + col;
+                let r = ep.residual.map_or(0.0, |r| r[idx]);
+                *c.add(idx) = ep.act.apply(a[j] + b + r);
+            }
         }
     }
 }
 
-fn portable_kernel(t: &Tile, acc: &mut [[f32; NR]; 12]) {
+/// Computes one whole micro-tile: all of K, then the epilogue.
+///
+/// # Safety
+/// As for [`accumulate`] and [`store`].
+pub unsafe fn run_tile(isa: Isa, t: &Tile, ep: &Epilogue, c: *mut f32) {
+    let mut acc = [[0f32; NR]; 12];
+    accumulate(isa, t, 0, t.k, &mut acc);
+    store(t, ep, &acc, c);
+}
+
+fn portable_kernel(t: &Tile, k0: usize, k1: usize, acc: &mut Acc) {
     for (i, &row) in t.rows.iter().enumerate() {
-        let a = &t.a[row * t.k..(row + 1) * t.k];
+        let a = &t.a[row * t.k + k0..row * t.k + k1];
         let out = &mut acc[i];
-        for (kk, &av) in a.iter().enumerate() {
-            let b = &t.panel[kk * NR..(kk + 1) * NR];
+        for (kk, &av) in (k0..k1).zip(a) {
+            let b = &t.panel[kk * t.ldb..kk * t.ldb + NR];
             for j in 0..NR {
                 out[j] += av * b[j];
             }
@@ -128,7 +183,7 @@ fn portable_kernel(t: &Tile, acc: &mut [[f32; NR]; 12]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Tile, NR};
+    use super::{Acc, Tile};
     use std::arch::x86_64::*;
 
     const MR: usize = 12;
@@ -136,14 +191,18 @@ mod avx512 {
     /// 12 rows × 32 columns: 24 zmm accumulators; per k, two panel loads and one
     /// broadcast per row.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel(t: &Tile, out: &mut [[f32; NR]; 12]) {
+    pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, out: &mut Acc) {
         let mut rows = [t.a.as_ptr(); MR];
         for (i, &r) in t.rows.iter().enumerate() {
             rows[i] = t.a.as_ptr().add(r * t.k);
         }
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        let mut b = t.panel.as_ptr();
-        for kk in 0..t.k {
+        for i in 0..t.rows.len() {
+            acc[i][0] = _mm512_loadu_ps(out[i].as_ptr());
+            acc[i][1] = _mm512_loadu_ps(out[i].as_ptr().add(16));
+        }
+        let mut b = t.panel.as_ptr().add(k0 * t.ldb);
+        for kk in k0..k1 {
             let b0 = _mm512_loadu_ps(b);
             let b1 = _mm512_loadu_ps(b.add(16));
             for i in 0..MR {
@@ -151,7 +210,7 @@ mod avx512 {
                 acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
                 acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
             }
-            b = b.add(NR);
+            b = b.add(t.ldb);
         }
         for i in 0..t.rows.len() {
             _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i][0]);
@@ -162,21 +221,25 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Tile, NR};
+    use super::{Acc, Tile};
     use std::arch::x86_64::*;
 
     const MR: usize = 6;
 
     /// 6 rows × 16 columns (`half` = 0 or 16 of the panel): 12 ymm accumulators.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn kernel(t: &Tile, half: usize, out: &mut [[f32; NR]; 12]) {
+    pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, half: usize, out: &mut Acc) {
         let mut rows = [t.a.as_ptr(); MR];
         for (i, &r) in t.rows.iter().enumerate() {
             rows[i] = t.a.as_ptr().add(r * t.k);
         }
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-        let mut b = t.panel.as_ptr().add(half);
-        for kk in 0..t.k {
+        for i in 0..t.rows.len() {
+            acc[i][0] = _mm256_loadu_ps(out[i].as_ptr().add(half));
+            acc[i][1] = _mm256_loadu_ps(out[i].as_ptr().add(half + 8));
+        }
+        let mut b = t.panel.as_ptr().add(k0 * t.ldb + half);
+        for kk in k0..k1 {
             let b0 = _mm256_loadu_ps(b);
             let b1 = _mm256_loadu_ps(b.add(8));
             for i in 0..MR {
@@ -184,7 +247,7 @@ mod avx2 {
                 acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
                 acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
             }
-            b = b.add(NR);
+            b = b.add(t.ldb);
         }
         for i in 0..t.rows.len() {
             _mm256_storeu_ps(out[i].as_mut_ptr().add(half), acc[i][0]);
@@ -255,6 +318,18 @@ pub fn pack_panel(x: &[f32], g: &ConvGeom, cols: &[usize], panel: &mut [f32]) {
             base[j] = (oy[j] - g.pad_tl[0]) * w + (ox[j] - g.pad_tl[1]);
         }
     }
+    // With unit horizontal stride, columns whose source pixels are consecutive form
+    // runs that are copied as slices.
+    let runs = (interior && g.stride[1] == 1).then(|| {
+        let mut runs: Vec<(usize, usize)> = Vec::with_capacity(4);
+        for j in 0..n {
+            match runs.last_mut() {
+                Some((_, end)) if *end == j && base[j] == base[j - 1] + 1 => *end = j + 1,
+                _ => runs.push((j, j + 1)),
+            }
+        }
+        runs
+    });
     let mut row = 0;
     for ci in 0..g.in_c {
         let src = &x[ci * plane..(ci + 1) * plane];
@@ -263,8 +338,14 @@ pub fn pack_panel(x: &[f32], g: &ConvGeom, cols: &[usize], panel: &mut [f32]) {
                 let dst = &mut panel[row * NR..(row + 1) * NR];
                 if interior {
                     let off = &src[ky * w + kx..];
-                    for j in 0..n {
-                        dst[j] = off[base[j]];
+                    if let Some(runs) = &runs {
+                        for &(j0, j1) in runs {
+                            dst[j0..j1].copy_from_slice(&off[base[j0]..base[j0] + (j1 - j0)]);
+                        }
+                    } else {
+                        for j in 0..n {
+                            dst[j] = off[base[j]];
+                        }
                     }
                 } else {
                     for j in 0..n {
@@ -389,6 +470,7 @@ mod tests {
                             k,
                             rows: rb,
                             panel: &packed[p * k * NR..(p + 1) * k * NR],
+                            ldb: NR,
                             ldc: n,
                             cols: pc,
                         };
