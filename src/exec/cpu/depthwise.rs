@@ -97,10 +97,23 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
         };
         let src = &job.x[iy * wd..(iy + 1) * wd];
         let dst = &mut scratch[py * row_len..(py + 1) * row_len];
-        for (ix, &v) in src.iter().enumerate() {
-            let px = ix + w.pad_tl[1];
-            if px < pw {
-                dst[(px % sx) * phase_w + px / sx] = v;
+        if sx == 1 {
+            let n = wd.min(pw.saturating_sub(w.pad_tl[1]));
+            dst[w.pad_tl[1]..w.pad_tl[1] + n].copy_from_slice(&src[..n]);
+        } else {
+            // Phase q holds padded columns q, q + sx, …; padded column px is input px - pad.
+            for q in 0..sx {
+                let phase = &mut dst[q * phase_w..(q + 1) * phase_w];
+                for (t, d) in phase.iter_mut().enumerate() {
+                    let px = q + t * sx;
+                    if let Some(&v) = px
+                        .checked_sub(w.pad_tl[1])
+                        .filter(|_| px < pw)
+                        .and_then(|ix| src.get(ix))
+                    {
+                        *d = v;
+                    }
+                }
             }
         }
     }
