@@ -10,6 +10,7 @@ use crate::model::Act;
 
 /// Depthwise convolution with bias, optional residual and activation; same contract as
 /// [`super::ops::depthwise`], which is its reference.
+#[cfg(test)]
 pub fn depthwise(
     input: &[f32],
     weight: &[f32],
@@ -19,10 +20,27 @@ pub fn depthwise(
     channels: usize,
     win: Window,
 ) -> Vec<f32> {
+    let out_len = input.len() / (win.in_hw[0] * win.in_hw[1]) * win.out_hw[0] * win.out_hw[1];
+    let mut out = vec![0f32; out_len];
+    depthwise_into(&mut out, input, weight, bias, residual, act, channels, win);
+    out
+}
+
+/// [`depthwise`] into a caller's buffer of N×C×OH×OW values.
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise_into(
+    out: &mut [f32],
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    act: Act,
+    channels: usize,
+    win: Window,
+) {
     let in_plane = win.in_hw[0] * win.in_hw[1];
     let out_plane = win.out_hw[0] * win.out_hw[1];
     let taps = win.kernel[0] * win.kernel[1];
-    let mut out = vec![0f32; input.len() / in_plane * out_plane];
     #[cfg(target_arch = "x86_64")]
     let fma =
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
@@ -49,7 +67,6 @@ pub fn depthwise(
             let _ = fma;
             plane_generic::<false>(&job, scratch, o);
         });
-    out
 }
 
 struct Plane<'a> {

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use super::depthwise;
 use super::gemm::{self, ConvGeom, Epilogue, Isa, Tile, KC, NR};
 use super::ops::{self, Window};
+use super::pool::BufferPool;
 use crate::error::{Error, Result};
 use crate::exec::Executor;
 use crate::format::Model;
@@ -58,6 +59,7 @@ pub struct EngineExecutor {
     all_rows: Vec<usize>,
     /// 0, 1, …, max output positions: column indices for dense tiles.
     all_cols: Vec<usize>,
+    pool: BufferPool,
 }
 
 /// Output pointer shared by tasks that write disjoint cells.
@@ -162,6 +164,7 @@ impl EngineExecutor {
             isa,
             all_rows: (0..max_rows).collect(),
             all_cols: (0..max_cols).collect(),
+            pool: BufferPool::default(),
         })
     }
 
@@ -181,17 +184,18 @@ impl EngineExecutor {
         // needs no per-pixel checks and copies contiguous runs.
         let ph = (g.out_hw[0] - 1) * g.stride[0] + g.kernel[0];
         let pw = (g.out_hw[1] - 1) * g.stride[1] + g.kernel[1];
-        let padded;
-        let (x, g) = if g.pad_tl == [0, 0] && ph <= g.in_hw[0] && pw <= g.in_hw[1] {
-            (x, *g)
-        } else {
-            padded = pad_planes(x, g.in_hw, g.pad_tl, [ph, pw]);
-            let gp = ConvGeom {
-                in_hw: [ph, pw],
-                pad_tl: [0, 0],
-                ..*g
-            };
-            (padded.as_slice(), gp)
+        let needs_pad = g.pad_tl != [0, 0] || ph > g.in_hw[0] || pw > g.in_hw[1];
+        let padded = needs_pad.then(|| pad_planes(&self.pool, x, g.in_hw, g.pad_tl, [ph, pw]));
+        let (x, g) = match &padded {
+            None => (x, *g),
+            Some(p) => {
+                let gp = ConvGeom {
+                    in_hw: [ph, pw],
+                    pad_tl: [0, 0],
+                    ..*g
+                };
+                (p.as_slice(), gp)
+            }
         };
         let g = &g;
         let rows_total = bias.len();
@@ -214,14 +218,11 @@ impl EngineExecutor {
         // its thread and computes all rows on it while it is hot (`chunks` is 1). With few
         // panels, tasks split the rows too, so panels are packed once up front instead.
         let fused = chunks == 1;
-        let mut packed = vec![
-            0f32;
-            if fused {
-                0
-            } else {
-                batch * groups * panels * panel_len
-            }
-        ];
+        let mut packed = self.pool.take(if fused {
+            0
+        } else {
+            batch * groups * panels * panel_len
+        });
         packed
             .par_chunks_mut(panel_len)
             .enumerate()
@@ -237,7 +238,7 @@ impl EngineExecutor {
                     );
                 }
             });
-        let mut out = vec![0f32; batch * rows_total * n];
+        let mut out = self.pool.take(batch * rows_total * n);
         let ptr = OutPtr(out.as_mut_ptr());
         let tasks = batch * groups * panels * chunks;
         (0..tasks)
@@ -295,15 +296,25 @@ impl EngineExecutor {
                     unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
                 }
             });
+        self.pool.give(packed);
+        if let Some(p) = padded {
+            self.pool.give(p);
+        }
         out
     }
 }
 
 /// Copies every `in_hw` plane of `x` into a zeroed `out_hw` plane at offset `pad_tl`,
 /// cropping what falls outside.
-fn pad_planes(x: &[f32], in_hw: [usize; 2], pad_tl: [usize; 2], out_hw: [usize; 2]) -> Vec<f32> {
+fn pad_planes(
+    pool: &BufferPool,
+    x: &[f32],
+    in_hw: [usize; 2],
+    pad_tl: [usize; 2],
+    out_hw: [usize; 2],
+) -> Vec<f32> {
     let (in_plane, out_plane) = (in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]);
-    let mut out = vec![0f32; x.len() / in_plane * out_plane];
+    let mut out = pool.take(x.len() / in_plane * out_plane);
     let rows = in_hw[0].min(out_hw[0].saturating_sub(pad_tl[0]));
     let cols = in_hw[1].min(out_hw[1].saturating_sub(pad_tl[1]));
     out.par_chunks_mut(out_plane)
@@ -353,7 +364,9 @@ impl Executor for EngineExecutor {
             )));
         }
         let mut values: Vec<Option<Vec<f32>>> = vec![None; self.layers.len() + 1];
-        values[0] = Some(input.to_vec());
+        let mut first = self.pool.take(input.len());
+        first.copy_from_slice(input);
+        values[0] = Some(first);
         for (i, (src, layer)) in self.layers.iter().enumerate() {
             let get = |v: usize| {
                 values[v]
@@ -381,7 +394,9 @@ impl Executor for EngineExecutor {
                     act,
                 } => {
                     let r = residual.map(get).transpose()?;
-                    depthwise::depthwise(x, weight, bias, r, *act, bias.len(), *win)
+                    let mut out = self.pool.take(batch * self.sizes[i + 1]);
+                    depthwise::depthwise_into(&mut out, x, weight, bias, r, *act, bias.len(), *win);
+                    out
                 }
                 Layer::Linear { weight, bias, act } => {
                     let fin = self.sizes[*src];
@@ -409,7 +424,9 @@ impl Executor for EngineExecutor {
             values[i + 1] = Some(out);
             for (v, slot) in values.iter_mut().enumerate().take(i + 1) {
                 if self.last_use[v] == i {
-                    *slot = None;
+                    if let Some(buf) = slot.take() {
+                        self.pool.give(buf);
+                    }
                 }
             }
         }

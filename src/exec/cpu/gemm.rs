@@ -108,7 +108,10 @@ pub unsafe fn accumulate(isa: Isa, t: &Tile, k0: usize, k1: usize, acc: &mut Acc
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             avx2::kernel(t, k0, k1, 0, acc);
-            avx2::kernel(t, k0, k1, 16, acc);
+            // A panel's last columns may not fill its second half: skip it then.
+            if t.cols.len() > 16 {
+                avx2::kernel(t, k0, k1, 16, acc);
+            }
         }
         _ => portable_kernel(t, k0, k1, acc),
     }

@@ -5,6 +5,7 @@ mod depthwise;
 mod engine;
 pub mod gemm;
 mod ops;
+mod pool;
 mod reference;
 
 pub use engine::EngineExecutor;
