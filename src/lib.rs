@@ -2,8 +2,9 @@
 //!
 //! An inference runtime for image-classification CNNs that decides per input which
 //! channels and spatial regions of each convolution are worth computing and computes
-//! only those. This release runs dense inference on the CPU; the model file, converter,
-//! runtime API and executor seam are the foundation the dynamic executors plug into.
+//! only those. This release runs dense inference on the CPU with its own engine; the
+//! model file, converter, runtime API and executor seam are the foundation the dynamic
+//! executors plug into.
 //!
 //! ```
 //! use dynsparse::{demo, preprocess, Options, Runtime};

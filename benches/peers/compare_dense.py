@@ -1,0 +1,62 @@
+"""Dense latency, dynsparse against ONNX Runtime on the same weights, as a Markdown table.
+
+Runs `examples/dense_latency` (ours) and `ort_dense.py` (ONNX Runtime) alternately for
+several rounds, so that drift on a shared machine hits both, and reports the median of
+the per-round medians and the ratio ours/ORT.
+
+usage: python3 benches/peers/compare_dense.py [--rounds 3] [--runs 15] [--threads 2]
+Needs: target/fixtures (tests/make_reference.py), onnxruntime and onnx installed, and
+`cargo build --release --example dense_latency`.
+"""
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+ARCHS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_lite0"]
+
+
+def run_json_lines(cmd, env=None):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", default="1,8")
+    a = ap.parse_args()
+    env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
+    models = []
+    for arch in ARCHS:
+        out = os.path.join(ROOT, "target", f"{arch}.dsm")
+        if not os.path.exists(out):
+            ckpt = glob.glob(os.path.join(ROOT, "target", "fixtures", arch, "checkpoint.*"))[0]
+            subprocess.run([os.path.join(ROOT, "target", "release", "dynsparse"), "convert", "--arch", arch,
+                            "--input", ckpt, "--output", out], check=True, capture_output=True)
+        models.append(out)
+    ours, ort = {}, {}
+    for r in range(a.rounds):
+        print(f"round {r + 1}/{a.rounds}", file=sys.stderr, flush=True)
+        for row in run_json_lines([os.path.join(ROOT, "target", "release", "examples", "dense_latency"),
+                                   "--runs", str(a.runs), "--batch", a.batch, *models], env):
+            ours.setdefault((row["model"], row["batch"]), []).append(row["median_ms"])
+        for row in run_json_lines([sys.executable, os.path.join(ROOT, "benches", "peers", "ort_dense.py"),
+                                   "--runs", str(a.runs), "--threads", str(a.threads), "--batch", a.batch, *ARCHS]):
+            ort.setdefault((row["model"], row["batch"]), []).append(row["median_ms"])
+    print(f"| model | batch | dynsparse ms | ONNX Runtime ms | ours/ORT |")
+    print(f"|---|---|---|---|---|")
+    for key in sorted(ours, key=lambda k: (ARCHS.index(k[0]), k[1])):
+        o, p = statistics.median(ours[key]), statistics.median(ort[key])
+        print(f"| {key[0]} | {key[1]} | {o:.1f} | {p:.1f} | {o / p:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
