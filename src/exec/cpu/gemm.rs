@@ -97,7 +97,8 @@ pub const KC: usize = 192;
 /// # Safety
 /// The tile's indices are in bounds (see [`Tile`]) and `k0 ≤ k1 ≤ t.k`.
 pub unsafe fn accumulate(isa: Isa, t: &Tile, k0: usize, k1: usize, acc: &mut Acc) {
-    if k0 == 0 {
+    // The SIMD kernels start from zero registers on the first block instead of loading.
+    if k0 == 0 && isa == Isa::Portable {
         for r in acc.iter_mut().take(t.rows.len()) {
             r.fill(0.0);
         }
@@ -124,6 +125,22 @@ pub unsafe fn accumulate(isa: Isa, t: &Tile, k0: usize, k1: usize, acc: &mut Acc
 /// Every `row * ldc + cols[j]` is inside the output `c` points to (and inside
 /// `ep.residual`), and no other thread writes those cells concurrently.
 pub unsafe fn store(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        return store_avx2(t, ep, acc, c);
+    }
+    store_body(t, ep, acc, c)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn store_avx2(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
+    store_body(t, ep, acc, c)
+}
+
+/// The epilogue's body, inlined into a copy compiled for each instruction set.
+#[inline(always)]
+unsafe fn store_body(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
     let n = t.cols.len();
     // Dense plans give consecutive columns: store whole row segments.
     let contiguous = n > 0 && t.cols[n - 1] - t.cols[0] == n - 1;
@@ -200,9 +217,11 @@ mod avx512 {
             rows[i] = t.a.as_ptr().add(r * t.k);
         }
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        for i in 0..t.rows.len() {
-            acc[i][0] = _mm512_loadu_ps(out[i].as_ptr());
-            acc[i][1] = _mm512_loadu_ps(out[i].as_ptr().add(16));
+        if k0 > 0 {
+            for i in 0..t.rows.len() {
+                acc[i][0] = _mm512_loadu_ps(out[i].as_ptr());
+                acc[i][1] = _mm512_loadu_ps(out[i].as_ptr().add(16));
+            }
         }
         let mut b = t.panel.as_ptr().add(k0 * t.ldb);
         for kk in k0..k1 {
@@ -237,9 +256,11 @@ mod avx2 {
             rows[i] = t.a.as_ptr().add(r * t.k);
         }
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-        for i in 0..t.rows.len() {
-            acc[i][0] = _mm256_loadu_ps(out[i].as_ptr().add(half));
-            acc[i][1] = _mm256_loadu_ps(out[i].as_ptr().add(half + 8));
+        if k0 > 0 {
+            for i in 0..t.rows.len() {
+                acc[i][0] = _mm256_loadu_ps(out[i].as_ptr().add(half));
+                acc[i][1] = _mm256_loadu_ps(out[i].as_ptr().add(half + 8));
+            }
         }
         let mut b = t.panel.as_ptr().add(k0 * t.ldb + half);
         for kk in k0..k1 {
