@@ -398,7 +398,7 @@ pub fn packed_len(n: usize, k: usize) -> usize {
 mod tests {
     use super::*;
     use rand::seq::index::sample;
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
 
     fn isas() -> Vec<Isa> {
         match Isa::detect() {
@@ -433,11 +433,7 @@ mod tests {
     /// convolution with the epilogue applied, and no other cell is written.
     #[test]
     fn tiles_match_direct_convolution_on_random_subsets() {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        eprintln!("seed {seed}");
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut rng = super::super::fresh_rng();
         for _ in 0..60 {
             let kernel = [[1, 1], [3, 3], [5, 5], [7, 7], [1, 3]][rng.random_range(0..5)];
             let stride = [rng.random_range(1..=2); 2];

@@ -10,3 +10,14 @@ mod reference;
 
 pub use engine::EngineExecutor;
 pub use reference::ReferenceExecutor;
+
+/// A random generator with a fresh seed per run, printed so a failure can be replayed.
+#[cfg(test)]
+pub(crate) fn fresh_rng() -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    eprintln!("seed {seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}

@@ -124,7 +124,7 @@ pub fn adaptive_avg_pool(input: &[f32], in_hw: [usize; 2], out_hw: [usize; 2]) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
 
     /// Naive reference: pads explicitly, then sums over the full window.
     fn naive_window(
@@ -192,17 +192,9 @@ mod tests {
         (win, pad_br)
     }
 
-    fn seed() -> u64 {
-        let s = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        eprintln!("seed {s}");
-        s
-    }
-
     #[test]
     fn depthwise_matches_naive() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+        let mut rng = super::super::fresh_rng();
         for _ in 0..50 {
             let (win, pad_br) = random_window(&mut rng);
             let (n, c) = (rng.random_range(1..=3), rng.random_range(1..=9));
@@ -241,7 +233,7 @@ mod tests {
 
     #[test]
     fn max_pool_matches_naive() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+        let mut rng = super::super::fresh_rng();
         for _ in 0..50 {
             let (mut win, _) = random_window(&mut rng);
             // PyTorch's rule: padding at most half the window, same on both sides.
