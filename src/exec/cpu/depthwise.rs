@@ -119,34 +119,63 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
             dst[w.pad_tl[1]..w.pad_tl[1] + n].copy_from_slice(&src[..n]);
         } else {
             // Phase q holds padded columns q, q + sx, …; padded column px is input px - pad.
+            // Input column ix lands in phase (ix + pad) % sx at index (ix + pad) / sx.
+            let last = wd.min(pw.saturating_sub(w.pad_tl[1]));
             for q in 0..sx {
+                // First input column of this phase.
+                let first = (q + sx - w.pad_tl[1] % sx) % sx;
                 let phase = &mut dst[q * phase_w..(q + 1) * phase_w];
-                for (t, d) in phase.iter_mut().enumerate() {
-                    let px = q + t * sx;
-                    if let Some(&v) = px
-                        .checked_sub(w.pad_tl[1])
-                        .filter(|_| px < pw)
-                        .and_then(|ix| src.get(ix))
-                    {
-                        *d = v;
-                    }
+                for ix in (first..last).step_by(sx) {
+                    phase[(ix + w.pad_tl[1]) / sx] = src[ix];
                 }
             }
         }
     }
+    // Start of each tap's source run within a padded row: output x reads padded column
+    // x·sx + kx, which is index x + kx / sx of phase kx % sx.
+    let starts: Vec<usize> = (0..kw).map(|kx| (kx % sx) * phase_w + kx / sx).collect();
     for oy in 0..oh {
         let o = &mut out[oy * ow..(oy + 1) * ow];
-        o.fill(job.bias);
-        for ky in 0..kh {
-            let row = &scratch[(oy * sy + ky) * row_len..(oy * sy + ky + 1) * row_len];
-            for kx in 0..kw {
-                let kv = job.k[ky * kw + kx];
-                // Output x reads padded column x·sx + kx = phase (kx % sx), index x + kx / sx.
-                let start = (kx % sx) * phase_w + kx / sx;
-                let src = &row[start..start + ow];
-                for (a, &b) in o.iter_mut().zip(src) {
-                    *a = madd::<FMA>(kv, b, *a);
+        let rows = &scratch[oy * sy * row_len..];
+        if ow >= LANES && kh == 3 && kw == 3 {
+            square_row::<FMA, 3>(job.k, job.bias, rows, row_len, &starts, o);
+        } else if ow >= LANES && kh == 5 && kw == 5 {
+            square_row::<FMA, 5>(job.k, job.bias, rows, row_len, &starts, o);
+        } else if ow >= LANES {
+            // Blocks of LANES outputs accumulate every tap in registers and are stored once;
+            // the last block overlaps the previous one instead of leaving a scalar tail.
+            let mut x0 = 0;
+            loop {
+                let x = x0.min(ow - LANES);
+                let mut acc = [job.bias; LANES];
+                for ky in 0..kh {
+                    let row = &rows[ky * row_len..(ky + 1) * row_len];
+                    for (kx, &st) in starts.iter().enumerate() {
+                        let kv = job.k[ky * kw + kx];
+                        let src: &[f32; LANES] = row[st + x..st + x + LANES]
+                            .try_into()
+                            .unwrap_or(&[0.0; LANES]);
+                        for l in 0..LANES {
+                            acc[l] = madd::<FMA>(kv, src[l], acc[l]);
+                        }
+                    }
                 }
+                o[x..x + LANES].copy_from_slice(&acc);
+                if x + LANES >= ow {
+                    break;
+                }
+                x0 += LANES;
+            }
+        } else {
+            for (x, a) in o.iter_mut().enumerate() {
+                let mut v = job.bias;
+                for ky in 0..kh {
+                    let row = &rows[ky * row_len..(ky + 1) * row_len];
+                    for (kx, &st) in starts.iter().enumerate() {
+                        v = madd::<FMA>(job.k[ky * kw + kx], row[st + x], v);
+                    }
+                }
+                *a = v;
             }
         }
         match job.residual {
@@ -164,6 +193,45 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
     }
 }
 
+/// Outputs computed together in registers (one AVX2 vector).
+const LANES: usize = 8;
+
+/// One output row of a K×K depthwise kernel, K known at compile time so the taps unroll
+/// and the weights stay in registers. `rows` starts at the row's first padded input row.
+#[inline(always)]
+fn square_row<const FMA: bool, const K: usize>(
+    k: &[f32],
+    bias: f32,
+    rows: &[f32],
+    row_len: usize,
+    starts: &[usize],
+    o: &mut [f32],
+) {
+    let ow = o.len();
+    let w: [[f32; K]; K] = std::array::from_fn(|ky| std::array::from_fn(|kx| k[ky * K + kx]));
+    let st: [usize; K] = std::array::from_fn(|kx| starts[kx]);
+    let span = st.iter().max().copied().unwrap_or(0) + ow;
+    let src: [&[f32]; K] = std::array::from_fn(|ky| &rows[ky * row_len..ky * row_len + span]);
+    let mut x0 = 0;
+    loop {
+        let x = x0.min(ow - LANES);
+        let mut acc = [bias; LANES];
+        for ky in 0..K {
+            for kx in 0..K {
+                let v = &src[ky][st[kx] + x..st[kx] + x + LANES];
+                for l in 0..LANES {
+                    acc[l] = madd::<FMA>(w[ky][kx], v[l], acc[l]);
+                }
+            }
+        }
+        o[x..x + LANES].copy_from_slice(&acc);
+        if x + LANES >= ow {
+            break;
+        }
+        x0 += LANES;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,9 +241,14 @@ mod tests {
     fn matches_reference_on_random_shapes() {
         let mut rng = super::super::fresh_rng();
         for _ in 0..200 {
-            let kernel = [rng.random_range(1..=7), rng.random_range(1..=7)];
+            // Half the cases use the specialised 3×3 and 5×5 paths.
+            let kernel = match rng.random_range(0..4) {
+                0 => [3, 3],
+                1 => [5, 5],
+                _ => [rng.random_range(1..=7), rng.random_range(1..=7)],
+            };
             let stride = [rng.random_range(1..=3), rng.random_range(1..=3)];
-            let in_hw = [rng.random_range(1..20), rng.random_range(1..20)];
+            let in_hw = [rng.random_range(1..40), rng.random_range(1..40)];
             let pad_tl = [
                 rng.random_range(0..kernel[0]),
                 rng.random_range(0..kernel[1]),
