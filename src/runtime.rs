@@ -20,6 +20,10 @@ pub struct Options {
     pub top_k: usize,
     /// Which executor computes the forward pass.
     pub engine: Engine,
+    /// Worker threads for the forward pass; `None` uses rayon's global pool (one thread
+    /// per core). With `Some(n)` the runtime owns a pool of `n` threads, so several
+    /// runtimes can share a machine without oversubscribing it.
+    pub threads: Option<usize>,
 }
 
 impl Default for Options {
@@ -27,6 +31,7 @@ impl Default for Options {
         Options {
             top_k: 5,
             engine: Engine::Fast,
+            threads: None,
         }
     }
 }
@@ -134,6 +139,7 @@ pub struct Runtime {
     model: Model,
     executor: Box<dyn Executor>,
     options: Options,
+    pool: Option<rayon::ThreadPool>,
 }
 
 impl Runtime {
@@ -153,10 +159,21 @@ impl Runtime {
             Engine::Fast => Box::new(EngineExecutor::new(&model)?),
             Engine::Reference => Box::new(ReferenceExecutor::new(&model)?),
         };
+        let pool = match options.threads {
+            None => None,
+            Some(0) => return Err(Error::Input("threads must be at least 1".into())),
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .map_err(|e| Error::Exec(format!("cannot start {n} threads: {e}")))?,
+            ),
+        };
         Ok(Runtime {
             model,
             executor,
             options,
+            pool,
         })
     }
 
@@ -202,7 +219,10 @@ impl Runtime {
             return Err(Error::Input("empty batch".into()));
         }
         let start = Instant::now();
-        let logits = self.executor.forward(&data, batch)?;
+        let logits = match &self.pool {
+            Some(pool) => pool.install(|| self.executor.forward(&data, batch))?,
+            None => self.executor.forward(&data, batch)?,
+        };
         let latency_ms = start.elapsed().as_secs_f64() * 1e3;
         let classes = self.model.desc.classes.len();
         if logits.len() != batch * classes {

@@ -209,3 +209,35 @@ fn cli_infer_json_and_demo() {
         demo::SAMPLES.len()
     );
 }
+
+#[test]
+fn own_thread_pool_gives_the_same_results() {
+    let imgs: Vec<DynamicImage> = demo::heldout()
+        .unwrap()
+        .into_iter()
+        .take(8)
+        .map(|(i, _)| i)
+        .collect();
+    let shared = demo_runtime().infer(&imgs).unwrap();
+    for threads in [1, 3] {
+        let opts = Options {
+            threads: Some(threads),
+            ..Options::default()
+        };
+        let own = Runtime::from_bytes(demo::MODEL, opts)
+            .unwrap()
+            .infer(&imgs)
+            .unwrap();
+        for (a, b) in own.iter().zip(&shared) {
+            assert!(
+                common::rel_err(&a.logits, &b.logits) < 1e-6,
+                "{threads} threads"
+            );
+        }
+    }
+    let zero = Options {
+        threads: Some(0),
+        ..Options::default()
+    };
+    assert!(Runtime::from_bytes(demo::MODEL, zero).is_err());
+}

@@ -52,6 +52,9 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
         /// An .npy array of shape N×C×H×W, already preprocessed.
         #[arg(long, conflicts_with = "images")]
         tensor: Option<PathBuf>,
@@ -102,9 +105,10 @@ fn run(cli: Cli) -> Result<()> {
             model,
             top_k,
             json,
+            threads,
             tensor,
             images,
-        } => cmd_infer(&model, top_k, json, tensor.as_deref(), &images),
+        } => cmd_infer(&model, top_k, json, threads, tensor.as_deref(), &images),
         Command::Demo => cmd_demo(),
         Command::Info { model } => cmd_info(&model),
     }
@@ -152,6 +156,7 @@ fn cmd_infer(
     model: &Path,
     top_k: usize,
     json: bool,
+    threads: Option<usize>,
     tensor: Option<&Path>,
     images: &[PathBuf],
 ) -> Result<()> {
@@ -159,6 +164,7 @@ fn cmd_infer(
         model,
         Options {
             top_k,
+            threads,
             ..Options::default()
         },
     )?;
