@@ -3,8 +3,10 @@
 //! depthwise kernel, and vectorized dot products for the classifier. Layout is NCHW.
 //!
 //! Work is split into tasks of one B panel (up to [`NR`] output positions of one sample)
-//! times a chunk of output channels; each task packs its panel, then runs every row block
-//! of its chunk on it while the panel is hot in cache. Tasks run on rayon's pool.
+//! times a chunk of output channels. With many panels a task packs its own panel and runs
+//! every row block on it while it is hot in cache; with few panels (late layers, batch 1)
+//! panels are packed once and tasks split the output channels. Layer buffers come from a
+//! pool and go back to it. Tasks run on the current rayon pool.
 
 use rayon::prelude::*;
 
