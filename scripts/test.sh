@@ -16,6 +16,17 @@ if [ ! -f "$fixtures/manifest.json" ] || [ tests/make_reference.py -nt "$fixture
 fi
 export DYNSPARSE_FIXTURES=$fixtures
 
+# NVRTC alone (no GPU, no CUDA toolkit) so the kernel compile test runs; pinned to the
+# CUDA version of the GPU machines' driver (13.0), in its own folder so it cannot clash
+# with the NVRTC that PyTorch's wheels bring.
+nvrtc=target/nvrtc
+if [ ! -f "$nvrtc/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+  echo "== installing NVRTC 13.0 into $nvrtc"
+  python3 -m pip install -q --disable-pip-version-check --no-deps --target "$nvrtc" nvidia-cuda-nvrtc==13.0.88
+fi
+export LD_LIBRARY_PATH="$PWD/$nvrtc/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export DYNSPARSE_REQUIRE_NVRTC=1
+
 echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy"

@@ -43,6 +43,9 @@ pub enum Error {
     /// A tensor operation failed inside an executor.
     #[error("execution failed: {0}")]
     Exec(String),
+    /// CUDA is unavailable (no driver, no GPU, no NVRTC) or a CUDA call failed.
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 /// Result with the library's [`Error`].

@@ -30,4 +30,4 @@ mod runtime;
 
 pub use error::{Error, Result};
 pub use format::{Model, TensorData};
-pub use runtime::{ClassScore, Engine, Input, Options, Prediction, Runtime, Stats};
+pub use runtime::{ClassScore, DeviceChoice, Engine, Input, Options, Prediction, Runtime, Stats};

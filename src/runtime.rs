@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::exec::cpu::{EngineExecutor, ReferenceExecutor};
+use crate::exec::cuda;
 use crate::exec::Executor;
 use crate::format::{Model, TensorData};
 use crate::preprocess::preprocess;
@@ -24,6 +25,8 @@ pub struct Options {
     /// per core). With `Some(n)` the runtime owns a pool of `n` threads, so several
     /// runtimes can share a machine without oversubscribing it.
     pub threads: Option<usize>,
+    /// Where the forward pass runs.
+    pub device: DeviceChoice,
 }
 
 impl Default for Options {
@@ -32,8 +35,22 @@ impl Default for Options {
             top_k: 5,
             engine: Engine::Fast,
             threads: None,
+            device: DeviceChoice::Auto,
         }
     }
+}
+
+/// Where a [`Runtime`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// The first CUDA GPU when there is one (driver, device and NVRTC present), else the
+    /// CPU; [`Runtime::device_note`] says why the CPU was chosen.
+    #[default]
+    Auto,
+    /// The CPU, with [`Options::engine`].
+    Cpu,
+    /// The first CUDA GPU; an error when there is none.
+    Cuda,
 }
 
 /// Executor choice.
@@ -140,6 +157,7 @@ pub struct Runtime {
     executor: Box<dyn Executor>,
     options: Options,
     pool: Option<rayon::ThreadPool>,
+    device_note: Option<String>,
 }
 
 impl Runtime {
@@ -155,9 +173,33 @@ impl Runtime {
 
     /// Wraps an already loaded model.
     pub fn new(model: Model, options: Options) -> Result<Self> {
-        let executor: Box<dyn Executor> = match options.engine {
-            Engine::Fast => Box::new(EngineExecutor::new(&model)?),
-            Engine::Reference => Box::new(ReferenceExecutor::new(&model)?),
+        let cpu = |model: &Model| -> Result<Box<dyn Executor>> {
+            Ok(match options.engine {
+                Engine::Fast => Box::new(EngineExecutor::new(model)?),
+                Engine::Reference => Box::new(ReferenceExecutor::new(model)?),
+            })
+        };
+        let cuda = |model: &Model| -> Result<Box<dyn Executor>> {
+            let dev = cuda::Device::open(0)?;
+            Ok(Box::new(cuda::CudaExecutor::new(model, dev)?))
+        };
+        let (executor, device_note) = match options.device {
+            DeviceChoice::Cpu => (cpu(&model)?, None),
+            DeviceChoice::Cuda => (cuda(&model)?, None),
+            DeviceChoice::Auto if options.engine == Engine::Reference => (cpu(&model)?, None),
+            DeviceChoice::Auto => {
+                if cuda::device_count() == 0 {
+                    (
+                        cpu(&model)?,
+                        Some("no CUDA GPU found; running on the CPU".to_string()),
+                    )
+                } else {
+                    match cuda(&model) {
+                        Ok(e) => (e, None),
+                        Err(e) => (cpu(&model)?, Some(format!("{e}; running on the CPU"))),
+                    }
+                }
+            }
         };
         let pool = match options.threads {
             None => None,
@@ -174,7 +216,13 @@ impl Runtime {
             executor,
             options,
             pool,
+            device_note,
         })
+    }
+
+    /// Why [`DeviceChoice::Auto`] fell back to the CPU, if it did.
+    pub fn device_note(&self) -> Option<&str> {
+        self.device_note.as_deref()
     }
 
     /// The loaded model.

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use dynsparse::{convert, npy, preprocess, Input, Options, Prediction, Runtime};
+use dynsparse::{convert, npy, preprocess, DeviceChoice, Input, Options, Prediction, Runtime};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -55,6 +55,9 @@ enum Command {
         /// Worker threads (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
+        /// Where to run: auto (a CUDA GPU when present, else the CPU), cpu or cuda.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+        device: DeviceArg,
         /// An .npy array of shape N×C×H×W, already preprocessed.
         #[arg(long, conflicts_with = "images")]
         tensor: Option<PathBuf>,
@@ -64,12 +67,55 @@ enum Command {
     },
     /// Run the embedded demo model on its sample digits and its held-out set.
     Demo,
+    /// Validate and time the CUDA kernels on this machine's GPU: every kernel against a
+    /// CPU reference on random shapes and plans, each model's logits against the CPU
+    /// engine, and the captured pass's latency at several kept fractions.
+    CudaCheck {
+        /// Random cases per kernel.
+        #[arg(long, default_value_t = 40)]
+        cases: usize,
+        /// Seed for shapes, plans and data (default: from the clock, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Model files to check end to end and time.
+        #[arg(long = "model")]
+        models: Vec<PathBuf>,
+        /// Batch sizes to time.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+        batch: Vec<usize>,
+        /// Fractions of output tiles kept (synthetic spatial plans) to time.
+        #[arg(long, value_delimiter = ',', default_value = "1,0.75,0.5,0.25")]
+        keep: Vec<f64>,
+        /// Timed replays per point.
+        #[arg(long, default_value_t = 50)]
+        reps: usize,
+        /// Write every number as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Describe a model file: architecture, layers, FLOPs.
     Info {
         /// Model file.
         #[arg(long)]
         model: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl From<DeviceArg> for DeviceChoice {
+    fn from(d: DeviceArg) -> Self {
+        match d {
+            DeviceArg::Auto => DeviceChoice::Auto,
+            DeviceArg::Cpu => DeviceChoice::Cpu,
+            DeviceArg::Cuda => DeviceChoice::Cuda,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -106,10 +152,28 @@ fn run(cli: Cli) -> Result<()> {
             top_k,
             json,
             threads,
+            device,
             tensor,
             images,
-        } => cmd_infer(&model, top_k, json, threads, tensor.as_deref(), &images),
+        } => cmd_infer(
+            &model,
+            top_k,
+            json,
+            threads,
+            device.into(),
+            tensor.as_deref(),
+            &images,
+        ),
         Command::Demo => cmd_demo(),
+        Command::CudaCheck {
+            cases,
+            seed,
+            models,
+            batch,
+            keep,
+            reps,
+            json,
+        } => cmd_cuda_check(cases, seed, &models, &batch, &keep, reps, json.as_deref()),
         Command::Info { model } => cmd_info(&model),
     }
 }
@@ -157,6 +221,7 @@ fn cmd_infer(
     top_k: usize,
     json: bool,
     threads: Option<usize>,
+    device: DeviceChoice,
     tensor: Option<&Path>,
     images: &[PathBuf],
 ) -> Result<()> {
@@ -165,9 +230,13 @@ fn cmd_infer(
         Options {
             top_k,
             threads,
+            device,
             ..Options::default()
         },
     )?;
+    if let Some(note) = rt.device_note() {
+        eprintln!("note: {note}");
+    }
     let (names, preds) = if let Some(t) = tensor {
         let data = npy::read(t)?;
         let preds = rt.infer(Input::Tensor(&data))?;
@@ -293,5 +362,104 @@ fn cmd_info(model: &Path) -> Result<()> {
             l.flops as f64 / 1e6
         );
     }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_cuda_check(
+    cases: usize,
+    seed: Option<u64>,
+    models: &[PathBuf],
+    batches: &[usize],
+    keeps: &[f64],
+    reps: usize,
+    json: Option<&Path>,
+) -> Result<()> {
+    use dynsparse::exec::cuda::{check, nvrtc, Device};
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    let dev = Device::open(0)?;
+    let (major, minor) = nvrtc::version()?;
+    println!(
+        "device: {} ({}, {} SMs); NVRTC {major}.{minor}; seed {seed}",
+        dev.name(),
+        dev.arch(),
+        dev.sm_count()
+    );
+    let compiled = nvrtc::compile(&dev.arch())?;
+    let resources = nvrtc::resources(&compiled.log);
+    println!("\n| kernel | registers | spill bytes | stack bytes |\n|---|---|---|---|");
+    for r in &resources {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.name, r.registers, r.spill_bytes, r.stack_bytes
+        );
+    }
+
+    let kernel_results = check::check_kernels(&dev, seed, cases)?;
+    let failed = kernel_results.iter().filter(|r| !r.pass).count();
+    let worst = |dw: bool| {
+        kernel_results
+            .iter()
+            .filter(|r| r.case.starts_with("dw") == dw)
+            .map(|r| r.rel_max)
+            .fold(0.0f64, f64::max)
+    };
+    println!(
+        "\nkernel checks: {} cases, {failed} failed; worst rel max error: conv (TF32) {:.2e}, depthwise (f32) {:.2e}",
+        kernel_results.len(),
+        worst(false),
+        worst(true)
+    );
+    for r in kernel_results.iter().filter(|r| !r.pass) {
+        println!("  FAILED {} rel max {:.3e}", r.case, r.rel_max);
+    }
+
+    let mut model_results = Vec::new();
+    let mut timings = Vec::new();
+    for path in models {
+        let model = dynsparse::Model::load(path)?;
+        for b in [1usize, 3] {
+            for r in check::check_model(&model, &dev, b, seed ^ b as u64)? {
+                println!(
+                    "{}: rel max {:.2e}, rel l2 {:.2e} -> {}",
+                    r.case,
+                    r.rel_max,
+                    r.rel_l2,
+                    if r.pass { "ok" } else { "FAILED" }
+                );
+                model_results.push(r);
+            }
+        }
+        if !batches.is_empty() && reps > 0 {
+            let rows = check::time_model(&model, &dev, batches, keeps, reps, seed)?;
+            timings.extend(rows);
+        }
+    }
+    if !timings.is_empty() {
+        println!("\n{}", check::timing_table(&timings));
+    }
+    if let Some(path) = json {
+        let report = serde_json::json!({
+            "device": dev.name(),
+            "arch": dev.arch(),
+            "sms": dev.sm_count(),
+            "nvrtc": format!("{major}.{minor}"),
+            "seed": seed,
+            "resources": resources.iter().map(|r| serde_json::json!({
+                "kernel": r.name, "registers": r.registers,
+                "spill_bytes": r.spill_bytes, "stack_bytes": r.stack_bytes})).collect::<Vec<_>>(),
+            "kernel_checks": kernel_results,
+            "model_checks": model_results,
+            "timings": timings,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    check::require_all_pass(&kernel_results)?;
+    check::require_all_pass(&model_results)?;
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! a CUDA executor replaces the reference one without touching the model code.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 

@@ -1,0 +1,353 @@
+// dynsparse CUDA kernels. Compiled at run time by NVRTC (see src/exec/cuda/nvrtc.rs);
+// no CUDA headers are included so that the compile needs nothing but libnvrtc.
+//
+// Layout: activations are NHWC float32. Every per-sample plan lives in device memory as
+// flat index lists plus counts, sized for the worst case (everything kept):
+//   oc_idx[n * cout + j], oc_cnt[n]   kept output channels of sample n (sorted)
+//   ic_idx[n * cin + k],  ic_cnt[n]   kept input channels
+//   tile_idx[n * tiles + t], tile_cnt[n]  kept output tiles (g x g pixels, row-major tiles)
+// Kernels read the counts on the device and launch fixed grids whose blocks exit early
+// past the count, so one captured CUDA graph serves every plan without host round trips.
+
+#define ACT_NONE 0
+#define ACT_RELU 1
+#define ACT_RELU6 2
+
+struct ConvParams {
+    int h, w, cin;        // input
+    int oh, ow, cout;     // output
+    int kh, kw, sh, sw;   // window and stride
+    int pt, pl;           // padding top / left (bottom/right follow from the output size)
+    int g, tiles_w, tiles;// spatial tile edge, tiles per row, tiles per sample
+    int act;
+    int has_res;
+};
+
+__device__ __forceinline__ float apply_act(float v, int act) {
+    if (act == ACT_RELU) return fmaxf(v, 0.0f);
+    if (act == ACT_RELU6) return fminf(fmaxf(v, 0.0f), 6.0f);
+    return v;
+}
+
+__device__ __forceinline__ unsigned to_tf32(float f) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(f));
+    return r;
+}
+
+// Output position j (in tile order) of a sample -> (oy, ox); false for the pixels of an
+// edge tile that fall outside the image.
+__device__ __forceinline__ bool tile_pos(const int* tiles, int j, int g, int tiles_w, int oh, int ow,
+                                         int* oy, int* ox) {
+    int gg = g * g;
+    int t = tiles[j / gg];
+    int r = j - (j / gg) * gg;
+    *oy = (t / tiles_w) * g + r / g;
+    *ox = (t % tiles_w) * g + r % g;
+    return *oy < oh && *ox < ow;
+}
+
+// ---------------------------------------------------------------------------------------
+// Sparse convolution as an implicit GEMM on TF32 tensor cores (mma.sync m16n8k8).
+//   M = kept output positions of one sample (tile order), N = kept output channels,
+//   K = kernel taps x kept input channels.
+// A block computes 64 positions x 64 channels with 4 warps (32 x 32 each); K advances
+// 16 at a time through double-buffered shared memory, the next slice's global loads
+// issued before the current slice's MMAs. Gathering (channel lists, tile lists, padding)
+// happens in the loads; bias, residual and activation in the epilogue, which writes
+// only kept outputs. Weights are [cout][kh][kw][cin].
+// ---------------------------------------------------------------------------------------
+#define CBM 64
+#define CBN 64
+#define CBK 16
+#define CPAD 8
+
+extern "C" __global__ void __launch_bounds__(128)
+conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restrict__ wt,
+                const float* __restrict__ bias, const float* __restrict__ res,
+                float* __restrict__ y, const int* __restrict__ oc_idx,
+                const int* __restrict__ oc_cnt, const int* __restrict__ ic_idx,
+                const int* __restrict__ ic_cnt, const int* __restrict__ tile_idx,
+                const int* __restrict__ tile_cnt) {
+    const int n = blockIdx.z;
+    const int gg = p.g * p.g;
+    const int npos = tile_cnt[n] * gg;
+    const int m0 = blockIdx.x * CBM;
+    const int nco = oc_cnt[n];
+    const int n0 = blockIdx.y * CBN;
+    if (m0 >= npos || n0 >= nco) return;
+    const int nci = ic_cnt[n];
+    const int* oci = oc_idx + (size_t)n * p.cout;
+    const int* ici = ic_idx + (size_t)n * p.cin;
+    const int* ti = tile_idx + (size_t)n * p.tiles;
+
+    __shared__ unsigned As[2][CBK][CBM + CPAD];
+    __shared__ unsigned Bs[2][CBK][CBN + CPAD];
+
+    const int tid = threadIdx.x;
+    const int lk = tid & 15;   // k column this thread loads
+    const int lr = tid >> 4;   // first of its 8 rows (stride 8)
+
+    // Positions this thread loads for A: input origin of each, or INT_MIN when invalid.
+    int iy0[8], ix0[8];
+    const float* xn = x + (size_t)n * p.h * p.w * p.cin;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int j = m0 + lr + 8 * i;
+        int oy, ox;
+        if (j < npos && tile_pos(ti, j, p.g, p.tiles_w, p.oh, p.ow, &oy, &ox)) {
+            iy0[i] = oy * p.sh - p.pt;
+            ix0[i] = ox * p.sw - p.pl;
+        } else {
+            iy0[i] = -(1 << 28);
+            ix0[i] = 0;
+        }
+    }
+    // Output channels this thread loads for B (weight row offsets, or -1).
+    const int ktot = p.kh * p.kw * p.cin;
+    int wrow[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int jc = n0 + lr + 8 * i;
+        wrow[i] = jc < nco ? oci[jc] * ktot : -1;
+    }
+
+    const int kslices = (nci + CBK - 1) / CBK;
+    const int iters = p.kh * p.kw * kslices;
+    float ra[8], rb[8];
+
+    auto load = [&](int it) {
+        int tap = it / kslices;
+        int kc = (it - tap * kslices) * CBK + lk;
+        int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
+        bool kval = kc < nci;
+        int ci = kval ? ici[kc] : 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int iy = iy0[i] + ky, ix = ix0[i] + kx;
+            bool ok = kval && iy >= 0 && iy < p.h && ix >= 0 && ix < p.w;
+            ra[i] = ok ? __ldg(xn + ((size_t)iy * p.w + ix) * p.cin + ci) : 0.0f;
+            rb[i] = (kval && wrow[i] >= 0) ? __ldg(wt + wrow[i] + tap * p.cin + ci) : 0.0f;
+        }
+    };
+    auto store = [&](int buf) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            As[buf][lk][lr + 8 * i] = to_tf32(ra[i]);
+            Bs[buf][lk][lr + 8 * i] = to_tf32(rb[i]);
+        }
+    };
+
+    const int warp = tid >> 5, lane = tid & 31;
+    const int wm = (warp & 1) * 32, wn = (warp >> 1) * 32;
+    const int gid = lane >> 2, tig = lane & 3;
+    float acc[2][4][4];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < 4; b++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
+
+    if (iters > 0) {
+        load(0);
+        store(0);
+    }
+    __syncthreads();
+    for (int it = 0; it < iters; it++) {
+        const int buf = it & 1;
+        if (it + 1 < iters) load(it + 1);
+#pragma unroll
+        for (int ks = 0; ks < CBK; ks += 8) {
+            unsigned af[2][4], bf[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                int r = wm + mi * 16 + gid;
+                af[mi][0] = As[buf][ks + tig][r];
+                af[mi][1] = As[buf][ks + tig][r + 8];
+                af[mi][2] = As[buf][ks + tig + 4][r];
+                af[mi][3] = As[buf][ks + tig + 4][r + 8];
+            }
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++) {
+                int c = wn + ni * 8 + gid;
+                bf[ni][0] = Bs[buf][ks + tig][c];
+                bf[ni][1] = Bs[buf][ks + tig + 4][c];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++) {
+                    float* d = acc[mi][ni];
+                    asm volatile(
+                        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                        : "r"(af[mi][0]), "r"(af[mi][1]), "r"(af[mi][2]), "r"(af[mi][3]),
+                          "r"(bf[ni][0]), "r"(bf[ni][1]));
+                }
+        }
+        if (it + 1 < iters) store(buf ^ 1);
+        __syncthreads();
+    }
+
+    // Epilogue: bias, residual, activation; only kept outputs are written.
+    float* yn = y + (size_t)n * p.oh * p.ow * p.cout;
+    const float* rn = p.has_res ? res + (size_t)n * p.oh * p.ow * p.cout : nullptr;
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int j = m0 + wm + mi * 16 + gid + half * 8;
+            int oy, ox;
+            if (j >= npos || !tile_pos(ti, j, p.g, p.tiles_w, p.oh, p.ow, &oy, &ox)) continue;
+            size_t base = ((size_t)oy * p.ow + ox) * p.cout;
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    int jc = n0 + wn + ni * 8 + tig * 2 + e;
+                    if (jc >= nco) continue;
+                    int co = oci[jc];
+                    float v = acc[mi][ni][half * 2 + e] + bias[co];
+                    if (rn) v += rn[base + co];
+                    yn[base + co] = apply_act(v, p.act);
+                }
+        }
+}
+
+// ---------------------------------------------------------------------------------------
+// Depthwise convolution (groups == channels), NHWC, weights [kh][kw][c]. One thread per
+// kept channel x kept output position; channels are the fastest index so loads coalesce.
+// The kept channels are the input's (oc_idx == ic_idx for depthwise).
+// ---------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(256)
+depthwise_conv(ConvParams p, const float* __restrict__ x, const float* __restrict__ wt,
+               const float* __restrict__ bias, const float* __restrict__ res,
+               float* __restrict__ y, const int* __restrict__ oc_idx,
+               const int* __restrict__ oc_cnt, const int* __restrict__ tile_idx,
+               const int* __restrict__ tile_cnt) {
+    const int n = blockIdx.z;
+    const int nc = oc_cnt[n];
+    const int jc = blockIdx.y * blockDim.x + threadIdx.x;
+    const int npos = tile_cnt[n] * p.g * p.g;
+    if (jc >= nc) return;
+    const int c = oc_idx[(size_t)n * p.cout + jc];
+    const int* ti = tile_idx + (size_t)n * p.tiles;
+    const float* xn = x + (size_t)n * p.h * p.w * p.cin;
+    for (int j = blockIdx.x * blockDim.y + threadIdx.y; j < npos; j += gridDim.x * blockDim.y) {
+        int oy, ox;
+        if (!tile_pos(ti, j, p.g, p.tiles_w, p.oh, p.ow, &oy, &ox)) continue;
+        float acc = 0.0f;
+        int iy0 = oy * p.sh - p.pt, ix0 = ox * p.sw - p.pl;
+        for (int ky = 0; ky < p.kh; ky++) {
+            int iy = iy0 + ky;
+            if (iy < 0 || iy >= p.h) continue;
+            for (int kx = 0; kx < p.kw; kx++) {
+                int ix = ix0 + kx;
+                if (ix < 0 || ix >= p.w) continue;
+                acc = fmaf(__ldg(xn + ((size_t)iy * p.w + ix) * p.cin + c),
+                           __ldg(wt + (ky * p.kw + kx) * p.cout + c), acc);
+            }
+        }
+        size_t o = (((size_t)n * p.oh + oy) * p.ow + ox) * p.cout + c;
+        float v = acc + bias[c];
+        if (p.has_res) v += res[o];
+        y[o] = apply_act(v, p.act);
+    }
+}
+
+// Before a sparse convolution: every output of a sample whose plan skips something
+// starts as the residual (skipped tiles and channels of a residual block pass the
+// identity through) or as zero. Samples with a dense plan return at once.
+extern "C" __global__ void init_skipped(float* __restrict__ y, const float* __restrict__ res,
+                                        int has_res, long long per_sample,
+                                        const int* __restrict__ oc_cnt,
+                                        const int* __restrict__ tile_cnt, int cout, int tiles) {
+    const int n = blockIdx.y;
+    if (oc_cnt[n] == cout && tile_cnt[n] == tiles) return;
+    float* yn = y + n * per_sample;
+    const float* rn = res + n * per_sample;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < per_sample;
+         i += (long long)gridDim.x * blockDim.x)
+        yn[i] = has_res ? rn[i] : 0.0f;
+}
+
+// NCHW float input -> NHWC.
+extern "C" __global__ void nchw_to_nhwc(const float* __restrict__ x, float* __restrict__ y,
+                                        int n, int c, int hw) {
+    long long total = (long long)n * c * hw;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long ci = i % c;
+        long long p = (i / c) % hw;
+        long long b = i / ((long long)c * hw);
+        y[i] = x[(b * c + ci) * hw + p];
+    }
+}
+
+// Max pooling, NHWC; padded cells never win.
+extern "C" __global__ void maxpool_nhwc(const float* __restrict__ x, float* __restrict__ y, int n,
+                                        int h, int w, int c, int oh, int ow, int kh, int kw,
+                                        int sh, int sw, int ph, int pw) {
+    long long total = (long long)n * oh * ow * c;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        int ci = (int)(i % c);
+        long long r = i / c;
+        int ox = (int)(r % ow);
+        r /= ow;
+        int oy = (int)(r % oh);
+        int b = (int)(r / oh);
+        float m = -3.402823466e38f;
+        for (int ky = 0; ky < kh; ky++) {
+            int iy = oy * sh - ph + ky;
+            if (iy < 0 || iy >= h) continue;
+            for (int kx = 0; kx < kw; kx++) {
+                int ix = ox * sw - pw + kx;
+                if (ix < 0 || ix >= w) continue;
+                m = fmaxf(m, x[(((long long)b * h + iy) * w + ix) * c + ci]);
+            }
+        }
+        y[i] = m;
+    }
+}
+
+// PyTorch's adaptive average pooling (global pooling is the 1x1 case), NHWC.
+extern "C" __global__ void adaptive_avgpool_nhwc(const float* __restrict__ x, float* __restrict__ y,
+                                                 int n, int h, int w, int c, int oh, int ow) {
+    long long total = (long long)n * oh * ow * c;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        int ci = (int)(i % c);
+        long long r = i / c;
+        int ox = (int)(r % ow);
+        r /= ow;
+        int oy = (int)(r % oh);
+        int b = (int)(r / oh);
+        int y0 = oy * h / oh, y1 = ((oy + 1) * h + oh - 1) / oh;
+        int x0 = ox * w / ow, x1 = ((ox + 1) * w + ow - 1) / ow;
+        float s = 0.0f;
+        for (int iy = y0; iy < y1; iy++)
+            for (int ix = x0; ix < x1; ix++) s += x[(((long long)b * h + iy) * w + ix) * c + ci];
+        y[i] = s / (float)((y1 - y0) * (x1 - x0));
+    }
+}
+
+// Fully connected layer: one warp per (sample, output feature); weights [out][in] with
+// the input features already in NHWC order.
+extern "C" __global__ void linear(const float* __restrict__ x, const float* __restrict__ wt,
+                                  const float* __restrict__ bias, float* __restrict__ y, int n,
+                                  int in_f, int out_f, int act) {
+    int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (gw >= n * out_f) return;
+    int b = gw / out_f, o = gw % out_f;
+    const float* xr = x + (size_t)b * in_f;
+    const float* wr = wt + (size_t)o * in_f;
+    float s = 0.0f;
+    for (int k = lane; k < in_f; k += 32) s = fmaf(xr[k], wr[k], s);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) y[(size_t)b * out_f + o] = apply_act(s + bias[o], act);
+}

@@ -1,0 +1,526 @@
+//! Validation and timing of the CUDA kernels on a real device, run by
+//! `dynsparse cuda-check`: every kernel against a naive CPU reference on random shapes
+//! and random per-sample plans (fresh seed, printed), then whole models against the CPU
+//! engine, then latency of the captured pass at several executed-FLOP fractions.
+
+use std::fmt::Write as _;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::executor::{act_code, cuda_err, launch_conv, ConvParams, Kernels, PlanBuffers};
+use super::plan::{random_subset, SamplePlan, Tiling};
+use super::{CudaExecutor, Device};
+use crate::error::{Error, Result};
+use crate::format::Model;
+use crate::model::{Act, Op};
+
+/// Outcome of one kernel case.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaseResult {
+    /// What was run.
+    pub case: String,
+    /// max |gpu − ref| / max |ref|.
+    pub rel_max: f64,
+    /// ‖gpu − ref‖₂ / ‖ref‖₂.
+    pub rel_l2: f64,
+    /// Tolerance on `rel_max`.
+    pub tol: f64,
+    /// Whether it passed (and no output was left unwritten).
+    pub pass: bool,
+}
+
+fn compare(case: String, got: &[f32], want: &[f64], tol: f64) -> CaseResult {
+    let (mut dmax, mut rmax, mut d2, mut r2) = (0f64, 0f64, 0f64, 0f64);
+    let mut finite = got.len() == want.len();
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            finite = false;
+        }
+        let d = (g as f64 - w).abs();
+        dmax = dmax.max(d);
+        rmax = rmax.max(w.abs());
+        d2 += d * d;
+        r2 += w * w;
+    }
+    let rel_max = dmax / rmax.max(1e-30);
+    let rel_l2 = (d2 / r2.max(1e-60)).sqrt();
+    CaseResult {
+        case,
+        rel_max,
+        rel_l2,
+        tol,
+        pass: finite && rel_max <= tol,
+    }
+}
+
+fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            // Irwin–Hall approximation of a standard normal: cheap and never all zeros.
+            (0..4).map(|_| rng.random::<f32>()).sum::<f32>() - 2.0
+        })
+        .collect()
+}
+
+/// Naive masked convolution in f64, NHWC, weights `[co][kh][kw][ci]` (or `[kh][kw][c]`
+/// for depthwise): what the plan keeps is computed, the rest is the residual or zero.
+#[allow(clippy::too_many_arguments)]
+fn reference_conv(
+    p: &ConvParams,
+    depthwise: bool,
+    batch: usize,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    res: Option<&[f32]>,
+    plans: &[SamplePlan],
+    act: Act,
+) -> Vec<f64> {
+    let (h, wd, cin) = (p.h as usize, p.w as usize, p.cin as usize);
+    let (oh, ow, cout) = (p.oh as usize, p.ow as usize, p.cout as usize);
+    let (kh, kw) = (p.kh as usize, p.kw as usize);
+    let tiling = Tiling::with_edge(oh, ow, p.g as usize);
+    let mut y = vec![0f64; batch * oh * ow * cout];
+    for (n, pl) in plans.iter().enumerate().take(batch) {
+        let mut tile_kept = vec![false; tiling.tiles];
+        for &t in &pl.tiles {
+            tile_kept[t as usize] = true;
+        }
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let t = (oy / tiling.g) * tiling.tiles_w + ox / tiling.g;
+                let base = ((n * oh + oy) * ow + ox) * cout;
+                for co in 0..cout {
+                    y[base + co] = res.map_or(0.0, |r| r[base + co] as f64);
+                }
+                if !tile_kept[t] {
+                    continue;
+                }
+                for &co in &pl.oc {
+                    let co = co as usize;
+                    let mut acc = b[co] as f64;
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let iy = (oy * p.sh as usize + ky) as isize - p.pt as isize;
+                            let ix = (ox * p.sw as usize + kx) as isize - p.pl as isize;
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                continue;
+                            }
+                            let xi = ((n * h + iy as usize) * wd + ix as usize) * cin;
+                            if depthwise {
+                                acc += x[xi + co] as f64 * w[(ky * kw + kx) * cout + co] as f64;
+                            } else {
+                                for &ci in &pl.ic {
+                                    let ci = ci as usize;
+                                    acc += x[xi + ci] as f64
+                                        * w[((co * kh + ky) * kw + kx) * cin + ci] as f64;
+                                }
+                            }
+                        }
+                    }
+                    if let Some(r) = res {
+                        acc += r[base + co] as f64;
+                    }
+                    y[base + co] = act.apply(acc as f32) as f64;
+                }
+            }
+        }
+    }
+    y
+}
+
+fn random_conv_case(rng: &mut StdRng, depthwise: bool) -> (ConvParams, usize, Act, bool) {
+    let k = [1usize, 3, 3, 5, 7][rng.random_range(0..5)];
+    let s = rng.random_range(1..=2usize);
+    let h = rng.random_range(k.max(2)..=20usize);
+    let w = rng.random_range(k.max(2)..=20usize);
+    let pad = rng.random_range(0..=k / 2);
+    // Up to three 64-wide tiles in either GEMM dimension, with ragged edges.
+    let cin = if depthwise {
+        rng.random_range(1..=200usize)
+    } else {
+        rng.random_range(1..=96usize)
+    };
+    let cout = if depthwise {
+        cin
+    } else {
+        rng.random_range(1..=150usize)
+    };
+    let oh = (h + 2 * pad - k) / s + 1;
+    let ow = (w + 2 * pad - k) / s + 1;
+    let g = [1usize, 2, 3, 4, 7, 8][rng.random_range(0..6)];
+    let tiling = Tiling::with_edge(oh, ow, g);
+    let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
+    let residual = rng.random_bool(0.4);
+    let p = ConvParams {
+        h: h as i32,
+        w: w as i32,
+        cin: cin as i32,
+        oh: oh as i32,
+        ow: ow as i32,
+        cout: cout as i32,
+        kh: k as i32,
+        kw: k as i32,
+        sh: s as i32,
+        sw: s as i32,
+        pt: pad as i32,
+        pl: pad as i32,
+        g: tiling.g as i32,
+        tiles_w: tiling.tiles_w as i32,
+        tiles: tiling.tiles as i32,
+        act: act_code(act),
+        has_res: residual as i32,
+    };
+    (p, rng.random_range(1..=3usize), act, residual)
+}
+
+fn random_plans(
+    rng: &mut StdRng,
+    p: &ConvParams,
+    batch: usize,
+    depthwise: bool,
+) -> Vec<SamplePlan> {
+    let (cout, cin, tiles) = (p.cout as usize, p.cin as usize, p.tiles as usize);
+    (0..batch)
+        .map(|_| {
+            if rng.random_bool(0.25) {
+                return SamplePlan::dense(cout, cin, tiles);
+            }
+            let frac = |rng: &mut StdRng, n: usize| {
+                ((n as f64 * rng.random_range(0.05..1.0)).ceil() as usize).max(1)
+            };
+            let k = frac(rng, cout);
+            let oc = random_subset(rng, cout, k);
+            let ic = if depthwise {
+                oc.clone()
+            } else {
+                let k = frac(rng, cin);
+                random_subset(rng, cin, k)
+            };
+            let k = frac(rng, tiles);
+            let t = random_subset(rng, tiles, k);
+            SamplePlan { oc, ic, tiles: t }
+        })
+        .collect()
+}
+
+fn conv_case(dev: &Device, k: &Kernels, rng: &mut StdRng, depthwise: bool) -> Result<CaseResult> {
+    let (p, batch, act, residual) = random_conv_case(rng, depthwise);
+    let s = &dev.stream;
+    let e = cuda_err("kernel check");
+    let (h, w, cin) = (p.h as usize, p.w as usize, p.cin as usize);
+    let (oh, ow, cout) = (p.oh as usize, p.ow as usize, p.cout as usize);
+    let (kh, kw) = (p.kh as usize, p.kw as usize);
+    let x = normal(rng, batch * h * w * cin);
+    let wt = normal(
+        rng,
+        if depthwise {
+            kh * kw * cout
+        } else {
+            cout * kh * kw * cin
+        },
+    );
+    let b = normal(rng, cout);
+    let res = residual.then(|| normal(rng, batch * oh * ow * cout));
+    let plans = random_plans(rng, &p, batch, depthwise);
+    let want = reference_conv(
+        &p,
+        depthwise,
+        batch,
+        &x,
+        &wt,
+        &b,
+        res.as_deref(),
+        &plans,
+        act,
+    );
+
+    let dx = s.clone_htod(&x).map_err(&e)?;
+    let dw = s.clone_htod(&wt).map_err(&e)?;
+    let db = s.clone_htod(&b).map_err(&e)?;
+    let dres = match &res {
+        Some(r) => Some(s.clone_htod(r).map_err(&e)?),
+        None => None,
+    };
+    // Poison: anything the kernels leave unwritten shows up as NaN.
+    let mut dy = s
+        .clone_htod(&vec![f32::NAN; batch * oh * ow * cout])
+        .map_err(&e)?;
+    let mut pb = PlanBuffers::new(s, &p, batch)?;
+    pb.upload(s, &p, &plans)?;
+    let sparse = plans
+        .iter()
+        .any(|pl| !pl.is_dense(cout, cin, p.tiles as usize));
+    launch_conv(
+        s,
+        k,
+        &p,
+        depthwise,
+        batch,
+        &dx,
+        &dw,
+        &db,
+        dres.as_ref(),
+        &mut dy,
+        &pb,
+        sparse,
+    )?;
+    let got = s.clone_dtoh(&dy).map_err(&e)?;
+    s.synchronize().map_err(&e)?;
+    let kept: Vec<String> = plans
+        .iter()
+        .map(|pl| format!("{}/{}/{}", pl.oc.len(), pl.ic.len(), pl.tiles.len()))
+        .collect();
+    let case = format!(
+        "{} {}x{} s{} pad{} {}x{}x{}->{} g{} n{} act{} res{} kept(oc/ic/tiles) {}",
+        if depthwise { "dw" } else { "conv" },
+        kh,
+        kw,
+        p.sh,
+        p.pt,
+        h,
+        w,
+        cin,
+        cout,
+        p.g,
+        batch,
+        p.act,
+        residual as u8,
+        kept.join(",")
+    );
+    // TF32 rounds operands to 10 mantissa bits; depthwise runs in plain f32.
+    let tol = if depthwise { 1e-5 } else { 5e-3 };
+    Ok(compare(case, &got, &want, tol))
+}
+
+/// Runs `cases` random cases of each convolution kernel. Returns every case's result.
+pub fn check_kernels(dev: &Device, seed: u64, cases: usize) -> Result<Vec<CaseResult>> {
+    let k = Kernels::load(dev)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for i in 0..2 * cases {
+        out.push(conv_case(dev, &k, &mut rng, i % 2 == 1)?);
+    }
+    Ok(out)
+}
+
+/// Logits of the CUDA executor, and of the CPU engine, against the CPU reference
+/// executor (Candle) for one model on random inputs.
+pub fn check_model(
+    model: &Model,
+    dev: &Device,
+    batch: usize,
+    seed: u64,
+) -> Result<[CaseResult; 2]> {
+    use crate::exec::Executor;
+    let reference = crate::exec::cpu::ReferenceExecutor::new(model)?;
+    let engine = crate::exec::cpu::EngineExecutor::new(model)?;
+    let gpu = CudaExecutor::new(model, dev.clone())?;
+    let i = model.desc.input;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x = normal(&mut rng, batch * i.channels * i.height * i.width);
+    let want: Vec<f64> = reference
+        .forward(&x, batch)?
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let got = gpu.forward(&x, batch)?;
+    let cpu = engine.forward(&x, batch)?;
+    Ok([
+        compare(
+            format!(
+                "{} batch {batch} cuda (TF32) vs CPU reference",
+                model.desc.arch
+            ),
+            &got,
+            &want,
+            1e-2,
+        ),
+        compare(
+            format!(
+                "{} batch {batch} {} vs CPU reference",
+                model.desc.arch,
+                engine.name()
+            ),
+            &cpu,
+            &want,
+            1e-4,
+        ),
+    ])
+}
+
+/// Synthetic plans that keep a fraction of every convolution's output tiles (spatial
+/// sparsity, all channels) — a stand-in for gates until the planner drives them.
+/// Returns the plans and the executed FLOPs per sample.
+pub fn tile_plans(
+    model: &Model,
+    exec: &CudaExecutor,
+    batch: usize,
+    fraction: f64,
+    rng: &mut StdRng,
+) -> (Vec<Option<Vec<SamplePlan>>>, u64) {
+    let shapes = exec.conv_shapes();
+    let mut flops = 0u64;
+    let mut plans = Vec::new();
+    for ((shape, info), node) in shapes.iter().zip(&model.layers).zip(&model.desc.nodes) {
+        match shape {
+            Some((cout, cin, tiling, _)) => {
+                let keep =
+                    ((tiling.tiles as f64 * fraction).round() as usize).clamp(1, tiling.tiles);
+                let mut per = Vec::new();
+                for _ in 0..batch {
+                    let tiles = if keep == tiling.tiles {
+                        (0..tiling.tiles as i32).collect()
+                    } else {
+                        random_subset(rng, tiling.tiles, keep)
+                    };
+                    let [_, oh, ow] = info.output;
+                    let pixels: usize = tiles
+                        .iter()
+                        .map(|&t| tiling.pixels_in(t as usize, oh, ow))
+                        .sum();
+                    flops += info.flops * pixels as u64 / (oh * ow) as u64;
+                    per.push(SamplePlan {
+                        oc: (0..*cout as i32).collect(),
+                        ic: (0..*cin as i32).collect(),
+                        tiles,
+                    });
+                }
+                plans.push(Some(per));
+            }
+            None => {
+                if matches!(node.op, Op::Linear(_)) {
+                    flops += info.flops * batch as u64;
+                }
+                plans.push(None);
+            }
+        }
+    }
+    (plans, flops / batch.max(1) as u64)
+}
+
+/// One timing row.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TimingRow {
+    /// Model architecture.
+    pub model: String,
+    /// Batch size.
+    pub batch: usize,
+    /// Fraction of output tiles kept.
+    pub keep: f64,
+    /// Executed FLOPs per sample over dense FLOPs.
+    pub flop_fraction: f64,
+    /// Median milliseconds per pass (graph replay, device events).
+    pub median_ms: f64,
+    /// 10th percentile.
+    pub p10_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// Median over the dense median measured in the same run.
+    pub vs_dense: f64,
+    /// Images per second.
+    pub images_per_s: f64,
+    /// Executed TFLOP/s.
+    pub tflops: f64,
+}
+
+fn percentile(sorted: &[f32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize] as f64
+}
+
+/// Times the captured pass at each batch and kept fraction; dense first in each batch
+/// so every row carries its ratio to dense from the same run.
+pub fn time_model(
+    model: &Model,
+    dev: &Device,
+    batches: &[usize],
+    keeps: &[f64],
+    reps: usize,
+    seed: u64,
+) -> Result<Vec<TimingRow>> {
+    let exec = CudaExecutor::new(model, dev.clone())?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dense_flops = model.flops_per_sample() as f64;
+    let mut rows = Vec::new();
+    for &batch in batches {
+        let i = model.desc.input;
+        let x = normal(&mut rng, batch * i.channels * i.height * i.width);
+        exec.run(&x, batch)?;
+        let mut dense_ms = f64::NAN;
+        let mut order: Vec<f64> = keeps.to_vec();
+        order.sort_by(|a, b| b.total_cmp(a));
+        for keep in order {
+            let (plans, flops) = tile_plans(model, &exec, batch, keep, &mut rng);
+            exec.set_plans(batch, &plans)?;
+            let mut t = exec.time_replays(batch, 10, reps)?;
+            t.sort_by(|a, b| a.total_cmp(b));
+            let med = percentile(&t, 0.5);
+            if keep >= 1.0 {
+                dense_ms = med;
+            }
+            rows.push(TimingRow {
+                model: model.desc.arch.clone(),
+                batch,
+                keep,
+                flop_fraction: flops as f64 / dense_flops,
+                median_ms: med,
+                p10_ms: percentile(&t, 0.1),
+                p90_ms: percentile(&t, 0.9),
+                vs_dense: med / dense_ms,
+                images_per_s: batch as f64 / (med / 1e3),
+                tflops: flops as f64 * batch as f64 / (med / 1e3) / 1e12,
+            });
+        }
+    }
+    exec.context()
+        .synchronize()
+        .map_err(cuda_err("finishing the timing"))?;
+    Ok(rows)
+}
+
+/// Markdown table of timing rows.
+pub fn timing_table(rows: &[TimingRow]) -> String {
+    let mut s = String::from(
+        "| model | batch | tiles kept | FLOP fraction | median ms | p10 | p90 | vs dense | img/s | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1} |",
+            r.model,
+            r.batch,
+            r.keep,
+            r.flop_fraction,
+            r.median_ms,
+            r.p10_ms,
+            r.p90_ms,
+            r.vs_dense,
+            r.images_per_s,
+            r.tflops
+        );
+    }
+    s
+}
+
+/// Errors when any case failed, listing them.
+pub fn require_all_pass(results: &[CaseResult]) -> Result<()> {
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|r| !r.pass)
+        .map(|r| format!("{} (rel max {:.2e} > {:.0e})", r.case, r.rel_max, r.tol))
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Cuda(format!(
+            "{} of {} checks failed:\n{}",
+            failed.len(),
+            results.len(),
+            failed.join("\n")
+        )))
+    }
+}

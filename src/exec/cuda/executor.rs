@@ -1,0 +1,741 @@
+//! The CUDA executor: weights uploaded once in the kernels' layouts, activations and plan
+//! buffers planned once per batch size, and each forward pass captured once as a CUDA
+//! graph and replayed. Plans live in device memory; changing what is kept is a copy into
+//! the plan buffers, never a new capture and never a device-to-host copy mid-pass.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DeviceRepr,
+    LaunchConfig, PushKernelArg,
+};
+
+use super::plan::{SamplePlan, Tiling};
+use super::{nvrtc, Device};
+use crate::error::{Error, Result};
+use crate::exec::Executor;
+use crate::format::Model;
+use crate::model::{Act, Op, ValueShape};
+
+/// Parameters of one convolution launch; mirrors `struct ConvParams` in cuda/dynsparse.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConvParams {
+    pub h: i32,
+    pub w: i32,
+    pub cin: i32,
+    pub oh: i32,
+    pub ow: i32,
+    pub cout: i32,
+    pub kh: i32,
+    pub kw: i32,
+    pub sh: i32,
+    pub sw: i32,
+    pub pt: i32,
+    pub pl: i32,
+    pub g: i32,
+    pub tiles_w: i32,
+    pub tiles: i32,
+    pub act: i32,
+    pub has_res: i32,
+}
+
+// SAFETY: plain-old-data with the same C layout as the kernel's struct.
+unsafe impl DeviceRepr for ConvParams {}
+
+pub(crate) fn act_code(a: Act) -> i32 {
+    match a {
+        Act::None => 0,
+        Act::Relu => 1,
+        Act::Relu6 => 2,
+    }
+}
+
+pub(crate) fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e:?}"))
+}
+
+/// The loaded kernels.
+pub(crate) struct Kernels {
+    pub conv: CudaFunction,
+    pub depthwise: CudaFunction,
+    pub init_skipped: CudaFunction,
+    pub nchw_to_nhwc: CudaFunction,
+    pub maxpool: CudaFunction,
+    pub avgpool: CudaFunction,
+    pub linear: CudaFunction,
+    _module: Arc<CudaModule>,
+}
+
+impl Kernels {
+    pub fn load(dev: &Device) -> Result<Self> {
+        let cubin = nvrtc::cubin_cached(&dev.arch())?;
+        let module = dev
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(cuda_err("loading the compiled kernels"))?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| Error::Cuda(format!("kernel {name}: {e:?}")))
+        };
+        Ok(Kernels {
+            conv: f("conv_igemm_tf32")?,
+            depthwise: f("depthwise_conv")?,
+            init_skipped: f("init_skipped")?,
+            nchw_to_nhwc: f("nchw_to_nhwc")?,
+            maxpool: f("maxpool_nhwc")?,
+            avgpool: f("adaptive_avgpool_nhwc")?,
+            linear: f("linear")?,
+            _module: module,
+        })
+    }
+}
+
+/// Grid-stride launch for `total` elements.
+pub(crate) fn elementwise(total: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((total.div_ceil(256)).clamp(1, 8192) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launch shape of the implicit-GEMM convolution for a worst-case plan.
+pub(crate) fn conv_grid(p: &ConvParams, batch: usize) -> LaunchConfig {
+    let positions = (p.tiles * p.g * p.g) as u32;
+    LaunchConfig {
+        grid_dim: (
+            positions.div_ceil(64),
+            (p.cout as u32).div_ceil(64),
+            batch as u32,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launch shape of the depthwise kernel.
+pub(crate) fn depthwise_grid(p: &ConvParams, batch: usize) -> LaunchConfig {
+    let positions = (p.tiles * p.g * p.g) as u32;
+    LaunchConfig {
+        grid_dim: (
+            positions.div_ceil(8).clamp(1, 4096),
+            (p.cout as u32).div_ceil(32),
+            batch as u32,
+        ),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Device buffers of one convolution's plan for `batch` samples.
+pub(crate) struct PlanBuffers {
+    pub oc_idx: CudaSlice<i32>,
+    pub oc_cnt: CudaSlice<i32>,
+    pub ic_idx: CudaSlice<i32>,
+    pub ic_cnt: CudaSlice<i32>,
+    pub tile_idx: CudaSlice<i32>,
+    pub tile_cnt: CudaSlice<i32>,
+}
+
+impl PlanBuffers {
+    pub fn new(stream: &Arc<CudaStream>, p: &ConvParams, batch: usize) -> Result<Self> {
+        let z = |n: usize| {
+            stream
+                .alloc_zeros::<i32>(n.max(1))
+                .map_err(cuda_err("allocating plan buffers"))
+        };
+        Ok(PlanBuffers {
+            oc_idx: z(batch * p.cout as usize)?,
+            oc_cnt: z(batch)?,
+            ic_idx: z(batch * p.cin as usize)?,
+            ic_cnt: z(batch)?,
+            tile_idx: z(batch * p.tiles as usize)?,
+            tile_cnt: z(batch)?,
+        })
+    }
+
+    /// Copies per-sample plans into the buffers (host to device, before a pass).
+    pub fn upload(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        p: &ConvParams,
+        plans: &[SamplePlan],
+    ) -> Result<()> {
+        let (cout, cin, tiles) = (p.cout as usize, p.cin as usize, p.tiles as usize);
+        let mut oc = vec![0i32; plans.len() * cout];
+        let mut ic = vec![0i32; plans.len() * cin];
+        let mut ti = vec![0i32; plans.len() * tiles];
+        let (mut occ, mut icc, mut tic) = (vec![], vec![], vec![]);
+        for (n, s) in plans.iter().enumerate() {
+            let check = |v: &[i32], max: usize, what: &str| -> Result<()> {
+                if v.len() > max || v.iter().any(|&i| i < 0 || i as usize >= max) {
+                    return Err(Error::Input(format!(
+                        "plan for sample {n}: {what} indices out of range 0..{max}"
+                    )));
+                }
+                Ok(())
+            };
+            check(&s.oc, cout, "output-channel")?;
+            check(&s.ic, cin, "input-channel")?;
+            check(&s.tiles, tiles, "tile")?;
+            oc[n * cout..n * cout + s.oc.len()].copy_from_slice(&s.oc);
+            ic[n * cin..n * cin + s.ic.len()].copy_from_slice(&s.ic);
+            ti[n * tiles..n * tiles + s.tiles.len()].copy_from_slice(&s.tiles);
+            occ.push(s.oc.len() as i32);
+            icc.push(s.ic.len() as i32);
+            tic.push(s.tiles.len() as i32);
+        }
+        let e = cuda_err("uploading a plan");
+        stream.memcpy_htod(&oc, &mut self.oc_idx).map_err(&e)?;
+        stream.memcpy_htod(&ic, &mut self.ic_idx).map_err(&e)?;
+        stream.memcpy_htod(&ti, &mut self.tile_idx).map_err(&e)?;
+        stream.memcpy_htod(&occ, &mut self.oc_cnt).map_err(&e)?;
+        stream.memcpy_htod(&icc, &mut self.ic_cnt).map_err(&e)?;
+        stream.memcpy_htod(&tic, &mut self.tile_cnt).map_err(&e)?;
+        Ok(())
+    }
+}
+
+/// Launches `init_skipped` then the convolution (implicit GEMM or depthwise) of one layer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_conv(
+    stream: &Arc<CudaStream>,
+    k: &Kernels,
+    p: &ConvParams,
+    depthwise: bool,
+    batch: usize,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    b: &CudaSlice<f32>,
+    res: Option<&CudaSlice<f32>>,
+    y: &mut CudaSlice<f32>,
+    plan: &PlanBuffers,
+    sparse: bool,
+) -> Result<()> {
+    let e = cuda_err("launching a convolution");
+    // A null residual is passed as the output pointer itself; has_res says not to read it.
+    let per_sample = (p.oh * p.ow * p.cout) as i64;
+    if sparse {
+        let mut cfg = elementwise(per_sample as usize);
+        cfg.grid_dim.0 = cfg.grid_dim.0.min(1024);
+        cfg.grid_dim.1 = batch as u32;
+        let mut lb = stream.launch_builder(&k.init_skipped);
+        lb.arg(&mut *y);
+        match res {
+            Some(r) => lb.arg(r),
+            None => lb.arg(&plan.oc_cnt),
+        };
+        lb.arg(&p.has_res)
+            .arg(&per_sample)
+            .arg(&plan.oc_cnt)
+            .arg(&plan.tile_cnt)
+            .arg(&p.cout)
+            .arg(&p.tiles);
+        // SAFETY: argument list matches init_skipped's signature; buffers are sized for batch.
+        unsafe { lb.launch(cfg) }.map_err(&e)?;
+    }
+    let (func, cfg) = if depthwise {
+        (&k.depthwise, depthwise_grid(p, batch))
+    } else {
+        (&k.conv, conv_grid(p, batch))
+    };
+    let mut lb = stream.launch_builder(func);
+    lb.arg(p).arg(x).arg(w).arg(b);
+    match res {
+        Some(r) => lb.arg(r),
+        None => lb.arg(x),
+    };
+    lb.arg(&mut *y).arg(&plan.oc_idx).arg(&plan.oc_cnt);
+    if !depthwise {
+        lb.arg(&plan.ic_idx).arg(&plan.ic_cnt);
+    }
+    lb.arg(&plan.tile_idx).arg(&plan.tile_cnt);
+    // SAFETY: argument lists match the kernels' signatures; every buffer holds the
+    // worst-case plan's extent for `batch` samples.
+    unsafe { lb.launch(cfg) }.map_err(&e)?;
+    Ok(())
+}
+
+enum Layer {
+    Conv {
+        p: ConvParams,
+        depthwise: bool,
+        residual: Option<usize>,
+        w: CudaSlice<f32>,
+        b: CudaSlice<f32>,
+    },
+    MaxPool {
+        k: [i32; 2],
+        s: [i32; 2],
+        pad: [i32; 2],
+    },
+    AvgPool,
+    Linear {
+        in_f: i32,
+        out_f: i32,
+        act: i32,
+        w: CudaSlice<f32>,
+        b: CudaSlice<f32>,
+    },
+}
+
+struct Node {
+    input: usize,
+    input_shape: ValueShape,
+    output_shape: ValueShape,
+    layer: Layer,
+}
+
+/// A captured graph. cudarc leaves graphs `!Send` because the driver does not
+/// synchronize access to them; every access here goes through the executor's mutex.
+struct Graph(CudaGraph);
+
+// SAFETY: a `Graph` is only touched while holding `CudaExecutor::states`' lock.
+unsafe impl Send for Graph {}
+
+/// Per batch size: activations, plans and the captured graphs (dense and sparse).
+struct BatchState {
+    input: CudaSlice<f32>,
+    values: Vec<CudaSlice<f32>>,
+    plans: Vec<Option<PlanBuffers>>,
+    sparse: bool,
+    graphs: [Option<Graph>; 2],
+}
+
+/// Runs a model on one CUDA device.
+pub struct CudaExecutor {
+    dev: Device,
+    kernels: Kernels,
+    nodes: Vec<Node>,
+    input_shape: ValueShape,
+    classes: usize,
+    states: Mutex<HashMap<usize, BatchState>>,
+}
+
+impl CudaExecutor {
+    /// Compiles (or loads from the cache) the kernels and uploads the model's weights in
+    /// the kernels' layouts.
+    pub fn new(model: &Model, dev: Device) -> Result<Self> {
+        let kernels = Kernels::load(&dev)?;
+        let stream = &dev.stream;
+        let up = |v: &[f32]| stream.clone_htod(v).map_err(cuda_err("uploading weights"));
+        let mut nodes = Vec::new();
+        for (node, info) in model.desc.nodes.iter().zip(&model.layers) {
+            let [c, h, w] = info.input;
+            let [oc, oh, ow] = info.output;
+            let layer = match &node.op {
+                Op::Conv(cv) => {
+                    let weight = model.weight(&format!("{}.weight", node.name))?;
+                    let bias = model.weight(&format!("{}.bias", node.name))?;
+                    let [kh, kw] = cv.kernel;
+                    let depthwise = cv.groups > 1;
+                    if depthwise && !(cv.groups == c && oc == c) {
+                        return Err(Error::Cuda(format!(
+                            "node '{}': grouped convolution with {} groups is not supported on CUDA (only depthwise)",
+                            node.name, cv.groups
+                        )));
+                    }
+                    let packed: Vec<f32> = if depthwise {
+                        // [c][1][kh][kw] -> [kh][kw][c]
+                        let mut v = vec![0.0; kh * kw * c];
+                        for ch in 0..c {
+                            for t in 0..kh * kw {
+                                v[t * c + ch] = weight.data[ch * kh * kw + t];
+                            }
+                        }
+                        v
+                    } else {
+                        // [co][ci][kh][kw] -> [co][kh][kw][ci]
+                        let mut v = vec![0.0; oc * kh * kw * c];
+                        for o in 0..oc {
+                            for ci in 0..c {
+                                for t in 0..kh * kw {
+                                    v[(o * kh * kw + t) * c + ci] =
+                                        weight.data[(o * c + ci) * kh * kw + t];
+                                }
+                            }
+                        }
+                        v
+                    };
+                    let [pt, _, pl, _] = cv.padding.resolve([h, w], cv.kernel, cv.stride);
+                    let tiling = Tiling::for_output(oh, ow);
+                    Layer::Conv {
+                        p: ConvParams {
+                            h: h as i32,
+                            w: w as i32,
+                            cin: c as i32,
+                            oh: oh as i32,
+                            ow: ow as i32,
+                            cout: oc as i32,
+                            kh: kh as i32,
+                            kw: kw as i32,
+                            sh: cv.stride[0] as i32,
+                            sw: cv.stride[1] as i32,
+                            pt: pt as i32,
+                            pl: pl as i32,
+                            g: tiling.g as i32,
+                            tiles_w: tiling.tiles_w as i32,
+                            tiles: tiling.tiles as i32,
+                            act: act_code(cv.act),
+                            has_res: cv.residual.is_some() as i32,
+                        },
+                        depthwise,
+                        residual: cv.residual,
+                        w: up(&packed)?,
+                        b: up(&bias.data)?,
+                    }
+                }
+                Op::MaxPool(mp) => Layer::MaxPool {
+                    k: [mp.kernel[0] as i32, mp.kernel[1] as i32],
+                    s: [mp.stride[0] as i32, mp.stride[1] as i32],
+                    pad: [mp.padding[0] as i32, mp.padding[1] as i32],
+                },
+                Op::GlobalAvgPool | Op::AdaptiveAvgPool { .. } => Layer::AvgPool,
+                Op::Linear(l) => {
+                    let weight = model.weight(&format!("{}.weight", node.name))?;
+                    let bias = model.weight(&format!("{}.bias", node.name))?;
+                    // Input features arrive in NHWC order: permute the NCHW-ordered columns.
+                    let (fi, fo) = (l.in_features, l.out_features);
+                    let hw = h * w;
+                    let mut v = vec![0.0; fi * fo];
+                    for o in 0..fo {
+                        for ch in 0..c {
+                            for p in 0..hw {
+                                v[o * fi + p * c + ch] = weight.data[o * fi + ch * hw + p];
+                            }
+                        }
+                    }
+                    Layer::Linear {
+                        in_f: fi as i32,
+                        out_f: fo as i32,
+                        act: act_code(l.act),
+                        w: up(&v)?,
+                        b: up(&bias.data)?,
+                    }
+                }
+            };
+            nodes.push(Node {
+                input: node.input,
+                input_shape: info.input,
+                output_shape: info.output,
+                layer,
+            });
+        }
+        let i = model.desc.input;
+        Ok(CudaExecutor {
+            dev,
+            kernels,
+            nodes,
+            input_shape: [i.channels, i.height, i.width],
+            classes: model.desc.classes.len(),
+            states: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The device this executor runs on.
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// Per node: the convolution's worst-case plan shape `(cout, cin, tiling, depthwise)`,
+    /// or `None` for nodes without a plan.
+    pub fn conv_shapes(&self) -> Vec<Option<(usize, usize, Tiling, bool)>> {
+        self.nodes
+            .iter()
+            .map(|n| match &n.layer {
+                Layer::Conv { p, depthwise, .. } => Some((
+                    p.cout as usize,
+                    p.cin as usize,
+                    Tiling {
+                        g: p.g as usize,
+                        tiles_w: p.tiles_w as usize,
+                        tiles: p.tiles as usize,
+                    },
+                    *depthwise,
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn new_state(&self, batch: usize) -> Result<BatchState> {
+        let s = &self.dev.stream;
+        let alloc = |n: usize| {
+            s.alloc_zeros::<f32>(n.max(1))
+                .map_err(cuda_err("allocating activations"))
+        };
+        let [c, h, w] = self.input_shape;
+        let mut values = vec![alloc(batch * c * h * w)?];
+        let mut plans = Vec::new();
+        for n in &self.nodes {
+            let [oc, oh, ow] = n.output_shape;
+            values.push(alloc(batch * oc * oh * ow)?);
+            plans.push(match &n.layer {
+                Layer::Conv { p, .. } => {
+                    let mut pb = PlanBuffers::new(s, p, batch)?;
+                    let dense =
+                        vec![
+                            SamplePlan::dense(p.cout as usize, p.cin as usize, p.tiles as usize);
+                            batch
+                        ];
+                    pb.upload(s, p, &dense)?;
+                    Some(pb)
+                }
+                _ => None,
+            });
+        }
+        Ok(BatchState {
+            input: alloc(batch * c * h * w)?,
+            values,
+            plans,
+            sparse: false,
+            graphs: [None, None],
+        })
+    }
+
+    /// Enqueues one forward pass (NCHW input buffer to logits value) on the stream.
+    fn enqueue(&self, st: &mut BatchState, batch: usize) -> Result<()> {
+        let s = &self.dev.stream;
+        let k = &self.kernels;
+        let e = cuda_err("launching a kernel");
+        let [c, h, w] = self.input_shape;
+        {
+            let total = batch * c * h * w;
+            let (nb, cb, hwb) = (batch as i32, c as i32, (h * w) as i32);
+            let mut lb = s.launch_builder(&k.nchw_to_nhwc);
+            lb.arg(&st.input)
+                .arg(&mut st.values[0])
+                .arg(&nb)
+                .arg(&cb)
+                .arg(&hwb);
+            // SAFETY: matches nchw_to_nhwc(x, y, n, c, hw); both buffers hold `total`.
+            unsafe { lb.launch(elementwise(total)) }.map_err(&e)?;
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            // Node i reads earlier values and writes value i + 1.
+            let (before, after) = st.values.split_at_mut(i + 1);
+            let y = &mut after[0];
+            let x = &before[node.input];
+            let [ic, ih, iw] = node.input_shape;
+            let [oc, oh, ow] = node.output_shape;
+            match &node.layer {
+                Layer::Conv {
+                    p,
+                    depthwise,
+                    residual,
+                    w,
+                    b,
+                } => {
+                    let plan = st.plans[i].as_ref().expect("conv nodes have plans");
+                    let res = residual.map(|r| &before[r]);
+                    launch_conv(s, k, p, *depthwise, batch, x, w, b, res, y, plan, st.sparse)?;
+                }
+                Layer::MaxPool { k: kk, s: ss, pad } => {
+                    let args = [
+                        batch as i32,
+                        ih as i32,
+                        iw as i32,
+                        ic as i32,
+                        oh as i32,
+                        ow as i32,
+                        kk[0],
+                        kk[1],
+                        ss[0],
+                        ss[1],
+                        pad[0],
+                        pad[1],
+                    ];
+                    let mut lb = s.launch_builder(&k.maxpool);
+                    lb.arg(x).arg(&mut *y);
+                    for a in &args {
+                        lb.arg(a);
+                    }
+                    // SAFETY: matches maxpool_nhwc's signature.
+                    unsafe { lb.launch(elementwise(batch * oc * oh * ow)) }.map_err(&e)?;
+                }
+                Layer::AvgPool => {
+                    let args = [
+                        batch as i32,
+                        ih as i32,
+                        iw as i32,
+                        ic as i32,
+                        oh as i32,
+                        ow as i32,
+                    ];
+                    let mut lb = s.launch_builder(&k.avgpool);
+                    lb.arg(x).arg(&mut *y);
+                    for a in &args {
+                        lb.arg(a);
+                    }
+                    // SAFETY: matches adaptive_avgpool_nhwc's signature.
+                    unsafe { lb.launch(elementwise(batch * oc * oh * ow)) }.map_err(&e)?;
+                }
+                Layer::Linear {
+                    in_f,
+                    out_f,
+                    act,
+                    w,
+                    b,
+                } => {
+                    let nb = batch as i32;
+                    let warps = batch * *out_f as usize;
+                    let cfg = LaunchConfig {
+                        grid_dim: ((warps * 32).div_ceil(256) as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let mut lb = s.launch_builder(&k.linear);
+                    lb.arg(x)
+                        .arg(w)
+                        .arg(b)
+                        .arg(&mut *y)
+                        .arg(&nb)
+                        .arg(in_f)
+                        .arg(out_f)
+                        .arg(act);
+                    // SAFETY: matches linear's signature.
+                    unsafe { lb.launch(cfg) }.map_err(&e)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn with_state<T>(
+        &self,
+        batch: usize,
+        f: impl FnOnce(&mut BatchState) -> Result<T>,
+    ) -> Result<T> {
+        let mut states = self
+            .states
+            .lock()
+            .map_err(|_| Error::Cuda("executor state poisoned by an earlier panic".into()))?;
+        let st = match states.entry(batch) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(self.new_state(batch)?),
+        };
+        f(st)
+    }
+
+    /// Sets what every sample computes in every convolution: `plans[node][sample]`
+    /// (`None` entries for nodes without a plan). Copies into the device buffers only.
+    pub fn set_plans(&self, batch: usize, plans: &[Option<Vec<SamplePlan>>]) -> Result<()> {
+        if plans.len() != self.nodes.len() {
+            return Err(Error::Input(format!(
+                "{} layer plans for {} nodes",
+                plans.len(),
+                self.nodes.len()
+            )));
+        }
+        self.with_state(batch, |st| {
+            let mut sparse = false;
+            for (i, (node, plan)) in self.nodes.iter().zip(plans).enumerate() {
+                if let (Layer::Conv { p, depthwise, .. }, Some(pl)) = (&node.layer, plan) {
+                    if pl.len() != batch {
+                        return Err(Error::Input(format!(
+                            "node {i}: {} sample plans for batch {batch}",
+                            pl.len()
+                        )));
+                    }
+                    if *depthwise && pl.iter().any(|s| s.oc != s.ic) {
+                        return Err(Error::Input(format!(
+                            "node {i}: a depthwise plan keeps the same input and output channels"
+                        )));
+                    }
+                    sparse |= pl
+                        .iter()
+                        .any(|s| !s.is_dense(p.cout as usize, p.cin as usize, p.tiles as usize));
+                    let buf = st.plans[i].as_mut().expect("conv nodes have plans");
+                    buf.upload(&self.dev.stream, p, pl)?;
+                }
+            }
+            st.sparse = sparse;
+            Ok(())
+        })
+    }
+
+    /// Copies `input` (NCHW) in, replays the captured pass (capturing it on first use for
+    /// this batch size and plan kind), and copies the logits out.
+    pub fn run(&self, input: &[f32], batch: usize) -> Result<Vec<f32>> {
+        let [c, h, w] = self.input_shape;
+        if input.len() != batch * c * h * w {
+            return Err(Error::Input(format!(
+                "{} input values for batch {batch} of {c}×{h}×{w}",
+                input.len()
+            )));
+        }
+        let s = self.dev.stream.clone();
+        self.with_state(batch, |st| {
+            s.memcpy_htod(input, &mut st.input)
+                .map_err(cuda_err("copying the input"))?;
+            self.replay(st, batch)?;
+            let logits = st.values.last().expect("at least one node");
+            let mut out = vec![0.0f32; batch * self.classes];
+            s.memcpy_dtoh(logits, &mut out)
+                .map_err(cuda_err("copying the logits"))?;
+            s.synchronize().map_err(cuda_err("running the pass"))?;
+            Ok(out)
+        })
+    }
+
+    fn replay(&self, st: &mut BatchState, batch: usize) -> Result<()> {
+        let slot = st.sparse as usize;
+        if st.graphs[slot].is_none() {
+            let s = &self.dev.stream;
+            s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(cuda_err("starting graph capture"))?;
+            let enq = self.enqueue(st, batch);
+            let graph = s
+                .end_capture(sys::CUgraphInstantiate_flags(0))
+                .map_err(cuda_err("ending graph capture"))?;
+            enq?;
+            st.graphs[slot] = graph.map(Graph);
+        }
+        match &st.graphs[slot] {
+            Some(g) => g.0.launch().map_err(cuda_err("replaying the graph")),
+            None => self.enqueue(st, batch),
+        }
+    }
+
+    /// Times `reps` replays of the captured pass for `batch` (plans as last set) with
+    /// device events; returns each replay's milliseconds. Input and logits stay on the device.
+    pub fn time_replays(&self, batch: usize, warmup: usize, reps: usize) -> Result<Vec<f32>> {
+        let s = self.dev.stream.clone();
+        self.with_state(batch, |st| {
+            for _ in 0..warmup {
+                self.replay(st, batch)?;
+            }
+            let e = cuda_err("timing");
+            let mut times = Vec::with_capacity(reps);
+            for _ in 0..reps {
+                let a = s
+                    .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(&e)?;
+                self.replay(st, batch)?;
+                let b = s
+                    .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(&e)?;
+                b.synchronize().map_err(&e)?;
+                times.push(a.elapsed_ms(&b).map_err(&e)?);
+            }
+            Ok(times)
+        })
+    }
+
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.dev.ctx
+    }
+}
+
+impl Executor for CudaExecutor {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn forward(&self, input: &[f32], batch: usize) -> Result<Vec<f32>> {
+        self.run(input, batch)
+    }
+}

@@ -1,0 +1,110 @@
+//! CUDA execution: kernels in `cuda/dynsparse.cu`, compiled at first use by NVRTC for the
+//! device's compute capability (see [`nvrtc`]), launched through cudarc with the driver
+//! library loaded at run time — so the crate builds and runs on machines without CUDA,
+//! and asking for a GPU there is a clear [`Error::Cuda`](crate::Error::Cuda).
+
+pub mod check;
+mod executor;
+pub mod nvrtc;
+pub mod plan;
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaStream};
+
+pub use executor::CudaExecutor;
+
+use crate::error::{Error, Result};
+
+/// Whether the CUDA driver library (`libcuda.so`) can be loaded.
+pub fn driver_available() -> bool {
+    // SAFETY: only tries to dlopen the library by its candidate names.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Number of CUDA devices; 0 without a driver or a GPU.
+pub fn device_count() -> usize {
+    if !driver_available() {
+        return 0;
+    }
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// One CUDA device with the context and stream dynsparse runs on.
+#[derive(Clone)]
+pub struct Device {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    name: String,
+    cc: (i32, i32),
+    sms: i32,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (sm_{}{}, {} SMs)",
+            self.name, self.cc.0, self.cc.1, self.sms
+        )
+    }
+}
+
+impl Device {
+    /// Opens device `ordinal`. Fails with a clear error when there is no driver, no GPU
+    /// or no NVRTC to compile the kernels with.
+    pub fn open(ordinal: usize) -> Result<Device> {
+        if !driver_available() {
+            return Err(Error::Cuda(
+                "no CUDA driver (libcuda.so) on this machine; use --device cpu".into(),
+            ));
+        }
+        let count = device_count();
+        if ordinal >= count {
+            return Err(Error::Cuda(format!(
+                "CUDA device {ordinal} requested, {count} present"
+            )));
+        }
+        if !nvrtc::available() {
+            nvrtc::version()?; // carries the explanation
+        }
+        let e = |what: &'static str| move |err| Error::Cuda(format!("{what}: {err:?}"));
+        let ctx = CudaContext::new(ordinal).map_err(e("creating a context"))?;
+        // One stream, ordered: cudarc's cross-stream event tracking is not needed and
+        // would add events to captured graphs.
+        // SAFETY: called before any allocation on this context.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(e("creating a stream"))?;
+        let name = ctx.name().map_err(e("reading the device name"))?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(e("reading the compute capability"))?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(e("reading the SM count"))?;
+        Ok(Device {
+            ctx,
+            stream,
+            name,
+            cc,
+            sms,
+        })
+    }
+
+    /// NVRTC target for this device, e.g. `sm_90`.
+    pub fn arch(&self) -> String {
+        format!("sm_{}{}", self.cc.0, self.cc.1)
+    }
+
+    /// The device's name as the driver reports it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Streaming multiprocessors.
+    pub fn sm_count(&self) -> i32 {
+        self.sms
+    }
+}
