@@ -21,7 +21,23 @@ struct ConvParams {
     int g, tiles_w, tiles;// spatial tile edge, tiles per row, tiles per sample
     int act;
     int has_res;
+    int split_max;        // most K splits a block grid holds (1: no split-K)
+    int target_blocks;    // blocks that fill the device once (SMs x resident blocks)
+    int batch;
 };
+
+// K splits for sample n's plan: enough blocks to fill the device, at most split_max and
+// at least two K slices per split. The convolution and its finishing pass agree on it
+// because both compute it from the same counts.
+__device__ __forceinline__ int conv_splits(const ConvParams& p, int npos, int nco, int nci) {
+    if (p.split_max <= 1) return 1;
+    int blocks = ((npos + 63) / 64) * ((nco + 63) / 64) * p.batch;
+    int iters = p.kh * p.kw * ((nci + 15) / 16);
+    int s = p.target_blocks / (blocks > 0 ? blocks : 1);
+    s = min(s, p.split_max);
+    s = min(s, iters / 2);
+    return max(s, 1);
+}
 
 __device__ __forceinline__ float apply_act(float v, int act) {
     if (act == ACT_RELU) return fmaxf(v, 0.0f);
@@ -68,15 +84,21 @@ conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restri
                 float* __restrict__ y, const int* __restrict__ oc_idx,
                 const int* __restrict__ oc_cnt, const int* __restrict__ ic_idx,
                 const int* __restrict__ ic_cnt, const int* __restrict__ tile_idx,
-                const int* __restrict__ tile_cnt) {
+                const int* __restrict__ tile_cnt, float* __restrict__ ws) {
     const int n = blockIdx.z;
     const int gg = p.g * p.g;
     const int npos = tile_cnt[n] * gg;
-    const int m0 = blockIdx.x * CBM;
     const int nco = oc_cnt[n];
-    const int n0 = blockIdx.y * CBN;
-    if (m0 >= npos || n0 >= nco) return;
     const int nci = ic_cnt[n];
+    // Blocks are numbered over this sample's active (position block, channel block,
+    // split) triples; the fixed grid's surplus exits here.
+    const int pb = (npos + CBM - 1) / CBM, cb = (nco + CBN - 1) / CBN;
+    const int splits = conv_splits(p, npos, nco, nci);
+    const int id = blockIdx.x;
+    if (id >= pb * cb * splits) return;
+    const int split = id / (pb * cb);
+    const int m0 = (id % pb) * CBM;
+    const int n0 = ((id / pb) % cb) * CBN;
     const int* oci = oc_idx + (size_t)n * p.cout;
     const int* ici = ic_idx + (size_t)n * p.cin;
     const int* ti = tile_idx + (size_t)n * p.tiles;
@@ -113,10 +135,13 @@ conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restri
     }
 
     const int kslices = (nci + CBK - 1) / CBK;
-    const int iters = p.kh * p.kw * kslices;
+    const int iters_all = p.kh * p.kw * kslices;
+    const int it_begin = (int)((long long)iters_all * split / splits);
+    const int iters = (int)((long long)iters_all * (split + 1) / splits) - it_begin;
     float ra[8], rb[8];
 
     auto load = [&](int it) {
+        it += it_begin;
         int tap = it / kslices;
         int kc = (it - tap * kslices) * CBK + lk;
         int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
@@ -191,6 +216,26 @@ conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restri
         __syncthreads();
     }
 
+    if (splits > 1) {
+        // Partial sums, compact (position, kept channel) order, one slice per split;
+        // conv_splitk_finish adds them up and applies the epilogue.
+        float* part = ws + ((size_t)split * p.batch + n) * ((size_t)p.tiles * gg * p.cout);
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                int j = m0 + wm + mi * 16 + gid + half * 8;
+                if (j >= npos) continue;
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        int jc = n0 + wn + ni * 8 + tig * 2 + e;
+                        if (jc < nco) part[(size_t)j * p.cout + jc] = acc[mi][ni][half * 2 + e];
+                    }
+            }
+        return;
+    }
     // Epilogue: bias, residual, activation; only kept outputs are written.
     float* yn = y + (size_t)n * p.oh * p.ow * p.cout;
     const float* rn = p.has_res ? res + (size_t)n * p.oh * p.ow * p.cout : nullptr;
@@ -214,6 +259,40 @@ conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restri
                     yn[base + co] = apply_act(v, p.act);
                 }
         }
+}
+
+// Second pass of a split-K convolution: sums the splits' partial products and applies
+// bias, residual and activation, writing the kept outputs. Samples that ran unsplit
+// (their plan filled the device) return at once.
+extern "C" __global__ void __launch_bounds__(256)
+conv_splitk_finish(ConvParams p, const float* __restrict__ ws, const float* __restrict__ bias,
+                   const float* __restrict__ res, float* __restrict__ y,
+                   const int* __restrict__ oc_idx, const int* __restrict__ oc_cnt,
+                   const int* __restrict__ ic_cnt, const int* __restrict__ tile_idx,
+                   const int* __restrict__ tile_cnt) {
+    const int n = blockIdx.z;
+    const int gg = p.g * p.g;
+    const int npos = tile_cnt[n] * gg;
+    const int nco = oc_cnt[n];
+    const int splits = conv_splits(p, npos, nco, ic_cnt[n]);
+    if (splits <= 1) return;
+    const size_t slice = (size_t)p.tiles * gg * p.cout;
+    const int* oci = oc_idx + (size_t)n * p.cout;
+    const int* ti = tile_idx + (size_t)n * p.tiles;
+    for (int j = blockIdx.x * blockDim.y + threadIdx.y; j < npos; j += gridDim.x * blockDim.y) {
+        int oy, ox;
+        if (!tile_pos(ti, j, p.g, p.tiles_w, p.oh, p.ow, &oy, &ox)) continue;
+        size_t base = (((size_t)n * p.oh + oy) * p.ow + ox) * p.cout;
+        for (int jc = threadIdx.x; jc < nco; jc += blockDim.x) {
+            float v = 0.0f;
+            for (int s = 0; s < splits; s++)
+                v += ws[((size_t)s * p.batch + n) * slice + (size_t)j * p.cout + jc];
+            int co = oci[jc];
+            v += bias[co];
+            if (p.has_res) v += res[base + co];
+            y[base + co] = apply_act(v, p.act);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 # from the test fixtures (run ./scripts/test.sh once first) and the commit id.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+ex="$(git rev-parse --git-dir)/info/exclude"; mkdir -p "$(dirname "$ex")"
+grep -qx '/.gpu/' "$ex" 2>/dev/null || echo '/.gpu/' >> "$ex"
 cargo build --release
 rm -rf .gpu && mkdir -p .gpu
 cp target/release/dynsparse .gpu/

@@ -389,14 +389,10 @@ fn cmd_cuda_check(
         dev.arch(),
         dev.sm_count()
     );
-    let compiled = nvrtc::compile(&dev.arch())?;
-    let resources = nvrtc::resources(&compiled.log);
-    println!("\n| kernel | registers | spill bytes | stack bytes |\n|---|---|---|---|");
-    for r in &resources {
-        println!(
-            "| {} | {} | {} | {} |",
-            r.name, r.registers, r.spill_bytes, r.stack_bytes
-        );
+    let resources = check::kernel_resources(&dev)?;
+    println!("\n| kernel | registers | local bytes (spills, stack) | static shared bytes |\n|---|---|---|---|");
+    for (name, regs, local, shared) in &resources {
+        println!("| {name} | {regs} | {local} | {shared} |");
     }
 
     let kernel_results = check::check_kernels(&dev, seed, cases)?;
@@ -422,7 +418,7 @@ fn cmd_cuda_check(
     let mut timings = Vec::new();
     for path in models {
         let model = dynsparse::Model::load(path)?;
-        for b in [1usize, 3] {
+        for b in [1usize, 3, 32] {
             for r in check::check_model(&model, &dev, b, seed ^ b as u64)? {
                 println!(
                     "{}: rel max {:.2e}, rel l2 {:.2e} -> {}",
@@ -435,7 +431,15 @@ fn cmd_cuda_check(
             }
         }
         if !batches.is_empty() && reps > 0 {
-            let rows = check::time_model(&model, &dev, batches, keeps, reps, seed)?;
+            let rows = check::time_model(
+                &model,
+                &dev,
+                batches,
+                keeps,
+                &[check::PlanMode::Tiles, check::PlanMode::Channels],
+                reps,
+                seed,
+            )?;
             timings.extend(rows);
         }
     }
@@ -449,9 +453,9 @@ fn cmd_cuda_check(
             "sms": dev.sm_count(),
             "nvrtc": format!("{major}.{minor}"),
             "seed": seed,
-            "resources": resources.iter().map(|r| serde_json::json!({
-                "kernel": r.name, "registers": r.registers,
-                "spill_bytes": r.spill_bytes, "stack_bytes": r.stack_bytes})).collect::<Vec<_>>(),
+            "resources": resources.iter().map(|(name, regs, local, shared)| serde_json::json!({
+                "kernel": name, "registers": regs, "local_bytes": local, "shared_bytes": shared,
+            })).collect::<Vec<_>>(),
             "kernel_checks": kernel_results,
             "model_checks": model_results,
             "timings": timings,

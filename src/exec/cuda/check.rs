@@ -171,6 +171,7 @@ fn random_conv_case(rng: &mut StdRng, depthwise: bool) -> (ConvParams, usize, Ac
         tiles: tiling.tiles as i32,
         act: act_code(act),
         has_res: residual as i32,
+        ..ConvParams::default()
     };
     (p, rng.random_range(1..=3usize), act, residual)
 }
@@ -252,6 +253,16 @@ fn conv_case(dev: &Device, k: &Kernels, rng: &mut StdRng, depthwise: bool) -> Re
     let sparse = plans
         .iter()
         .any(|pl| !pl.is_dense(cout, cin, p.tiles as usize));
+    // Sometimes pretend the device is tiny, so the unsplit path runs on small cases too.
+    let mut k = k.clone();
+    if rng.random_bool(0.3) {
+        k.conv_blocks = 1;
+    }
+    let k = &k;
+    let ws_len = p
+        .for_launch(batch, k.conv_blocks, depthwise)
+        .workspace_len();
+    let mut ws = s.alloc_zeros::<f32>(ws_len.max(1)).map_err(&e)?;
     launch_conv(
         s,
         k,
@@ -265,6 +276,7 @@ fn conv_case(dev: &Device, k: &Kernels, rng: &mut StdRng, depthwise: bool) -> Re
         &mut dy,
         &pb,
         sparse,
+        &mut ws,
     )?;
     let got = s.clone_dtoh(&dy).map_err(&e)?;
     s.synchronize().map_err(&e)?;
@@ -272,8 +284,9 @@ fn conv_case(dev: &Device, k: &Kernels, rng: &mut StdRng, depthwise: bool) -> Re
         .iter()
         .map(|pl| format!("{}/{}/{}", pl.oc.len(), pl.ic.len(), pl.tiles.len()))
         .collect();
+    let split = p.for_launch(batch, k.conv_blocks, depthwise).split_max;
     let case = format!(
-        "{} {}x{} s{} pad{} {}x{}x{}->{} g{} n{} act{} res{} kept(oc/ic/tiles) {}",
+        "{} {}x{} s{} pad{} {}x{}x{}->{} g{} n{} act{} res{} split<={split} kept(oc/ic/tiles) {}",
         if depthwise { "dw" } else { "conv" },
         kh,
         kw,
@@ -292,6 +305,11 @@ fn conv_case(dev: &Device, k: &Kernels, rng: &mut StdRng, depthwise: bool) -> Re
     // TF32 rounds operands to 10 mantissa bits; depthwise runs in plain f32.
     let tol = if depthwise { 1e-5 } else { 5e-3 };
     Ok(compare(case, &got, &want, tol))
+}
+
+/// Registers, local bytes and shared bytes of every kernel, from the driver.
+pub fn kernel_resources(dev: &Device) -> Result<Vec<(&'static str, i32, i32, i32)>> {
+    Ok(Kernels::load(dev)?.resources())
 }
 
 /// Runs `cases` random cases of each convolution kernel. Returns every case's result.
@@ -400,6 +418,93 @@ pub fn tile_plans(
     (plans, flops / batch.max(1) as u64)
 }
 
+/// Synthetic plans that keep a fraction of every convolution's output channels (random,
+/// rounded to 8) at every position; the next convolution skips the dropped channels as
+/// inputs, a residual block passes the identity through them. Returns the plans and the
+/// executed FLOPs per sample.
+pub fn channel_plans(
+    model: &Model,
+    exec: &CudaExecutor,
+    batch: usize,
+    fraction: f64,
+    rng: &mut StdRng,
+) -> (Vec<Option<Vec<SamplePlan>>>, u64) {
+    let shapes = exec.conv_shapes();
+    let nodes = &model.desc.nodes;
+    let mut flops = 0u64;
+    let mut plans: Vec<Option<Vec<SamplePlan>>> = Vec::new();
+    // Per value, per sample: the channels that hold computed data (None = all).
+    let mut kept: Vec<Vec<Option<Vec<i32>>>> = vec![vec![None; batch]];
+    for (i, (shape, info)) in shapes.iter().zip(&model.layers).enumerate() {
+        let input = nodes[i].input;
+        match (shape, &nodes[i].op) {
+            (Some((cout, cin, tiling, depthwise)), Op::Conv(cv)) => {
+                let [_, oh, ow] = info.output;
+                let k = (cv.kernel[0] * cv.kernel[1]) as u64;
+                let mut per = Vec::new();
+                let mut out_kept = Vec::new();
+                for n in 0..batch {
+                    let ic: Vec<i32> = kept[input][n]
+                        .clone()
+                        .unwrap_or_else(|| (0..*cin as i32).collect());
+                    let oc = if *depthwise {
+                        ic.clone()
+                    } else if fraction >= 1.0 {
+                        (0..*cout as i32).collect()
+                    } else {
+                        let want = ((*cout as f64 * fraction / 8.0).round() as usize * 8)
+                            .clamp(1.min(*cout), *cout);
+                        random_subset(rng, *cout, want)
+                    };
+                    let macs = if *depthwise {
+                        oc.len() as u64 * k
+                    } else {
+                        oc.len() as u64 * ic.len() as u64 * k
+                    };
+                    flops += 2 * macs * (oh * ow) as u64;
+                    out_kept.push(if cv.residual.is_some() || oc.len() == *cout {
+                        None
+                    } else {
+                        Some(oc.clone())
+                    });
+                    per.push(SamplePlan {
+                        oc,
+                        ic,
+                        tiles: (0..tiling.tiles as i32).collect(),
+                    });
+                }
+                plans.push(Some(per));
+                kept.push(out_kept);
+            }
+            _ => {
+                flops += info.flops * batch as u64;
+                plans.push(None);
+                // Pooling keeps the channel set; a classifier reads everything.
+                let pass = matches!(
+                    nodes[i].op,
+                    Op::MaxPool(_) | Op::GlobalAvgPool | Op::AdaptiveAvgPool { .. }
+                );
+                kept.push(if pass {
+                    kept[input].clone()
+                } else {
+                    vec![None; batch]
+                });
+            }
+        }
+    }
+    (plans, flops / batch.max(1) as u64)
+}
+
+/// How synthetic plans drop work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlanMode {
+    /// A fraction of output tiles, all channels ([`tile_plans`]).
+    Tiles,
+    /// A fraction of output channels, all tiles ([`channel_plans`]).
+    Channels,
+}
+
 /// One timing row.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TimingRow {
@@ -407,7 +512,9 @@ pub struct TimingRow {
     pub model: String,
     /// Batch size.
     pub batch: usize,
-    /// Fraction of output tiles kept.
+    /// What the plans drop.
+    pub mode: PlanMode,
+    /// Fraction of output tiles or channels kept.
     pub keep: f64,
     /// Executed FLOPs per sample over dense FLOPs.
     pub flop_fraction: f64,
@@ -439,6 +546,7 @@ pub fn time_model(
     dev: &Device,
     batches: &[usize],
     keeps: &[f64],
+    modes: &[PlanMode],
     reps: usize,
     seed: u64,
 ) -> Result<Vec<TimingRow>> {
@@ -451,10 +559,15 @@ pub fn time_model(
         let x = normal(&mut rng, batch * i.channels * i.height * i.width);
         exec.run(&x, batch)?;
         let mut dense_ms = f64::NAN;
-        let mut order: Vec<f64> = keeps.to_vec();
-        order.sort_by(|a, b| b.total_cmp(a));
-        for keep in order {
-            let (plans, flops) = tile_plans(model, &exec, batch, keep, &mut rng);
+        let mut order: Vec<(PlanMode, f64)> = vec![(PlanMode::Tiles, 1.0)];
+        for &m in modes {
+            order.extend(keeps.iter().filter(|&&k| k < 1.0).map(|&k| (m, k)));
+        }
+        for (mode, keep) in order {
+            let (plans, flops) = match mode {
+                PlanMode::Tiles => tile_plans(model, &exec, batch, keep, &mut rng),
+                PlanMode::Channels => channel_plans(model, &exec, batch, keep, &mut rng),
+            };
             exec.set_plans(batch, &plans)?;
             let mut t = exec.time_replays(batch, 10, reps)?;
             t.sort_by(|a, b| a.total_cmp(b));
@@ -465,6 +578,7 @@ pub fn time_model(
             rows.push(TimingRow {
                 model: model.desc.arch.clone(),
                 batch,
+                mode,
                 keep,
                 flop_fraction: flops as f64 / dense_flops,
                 median_ms: med,
@@ -485,14 +599,21 @@ pub fn time_model(
 /// Markdown table of timing rows.
 pub fn timing_table(rows: &[TimingRow]) -> String {
     let mut s = String::from(
-        "| model | batch | tiles kept | FLOP fraction | median ms | p10 | p90 | vs dense | img/s | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| model | batch | plan | kept | FLOP fraction | median ms | p10 | p90 | vs dense | img/s | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1} |",
+            "| {} | {} | {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1} |",
             r.model,
             r.batch,
+            if r.keep >= 1.0 {
+                "dense"
+            } else if r.mode == PlanMode::Tiles {
+                "tiles"
+            } else {
+                "channels"
+            },
             r.keep,
             r.flop_fraction,
             r.median_ms,

@@ -39,6 +39,42 @@ pub struct ConvParams {
     pub tiles: i32,
     pub act: i32,
     pub has_res: i32,
+    pub split_max: i32,
+    pub target_blocks: i32,
+    pub batch: i32,
+}
+
+impl ConvParams {
+    /// K-loop iterations of one block for the dense plan.
+    /// These parameters for a launch over `batch` samples on a device that holds
+    /// `target_blocks` blocks at once: convolutions whose dense grid cannot fill the
+    /// device four times over may split K (up to 16 ways) so that small problems and
+    /// sparse plans still occupy it.
+    pub fn for_launch(&self, batch: usize, target_blocks: i32, depthwise: bool) -> ConvParams {
+        let mut p = *self;
+        p.batch = batch as i32;
+        p.target_blocks = target_blocks;
+        let blocks = ((p.tiles * p.g * p.g + 63) / 64) * ((p.cout + 63) / 64) * p.batch;
+        let iters = p.kh * p.kw * ((p.cin + 15) / 16);
+        p.split_max = if depthwise || blocks >= 4 * target_blocks {
+            1
+        } else {
+            (iters / 2).clamp(1, 16)
+        };
+        p
+    }
+
+    /// Floats of split-K workspace a launch needs (0 when it cannot split).
+    pub fn workspace_len(&self) -> usize {
+        if self.split_max <= 1 {
+            0
+        } else {
+            self.split_max as usize
+                * self.batch as usize
+                * (self.tiles * self.g * self.g) as usize
+                * self.cout as usize
+        }
+    }
 }
 
 // SAFETY: plain-old-data with the same C layout as the kernel's struct.
@@ -57,6 +93,7 @@ pub(crate) fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Er
 }
 
 /// The loaded kernels.
+#[derive(Clone)]
 pub(crate) struct Kernels {
     pub conv: CudaFunction,
     pub depthwise: CudaFunction,
@@ -65,6 +102,9 @@ pub(crate) struct Kernels {
     pub maxpool: CudaFunction,
     pub avgpool: CudaFunction,
     pub linear: CudaFunction,
+    pub splitk_finish: CudaFunction,
+    /// Convolution blocks resident on the whole device at once.
+    pub conv_blocks: i32,
     _module: Arc<CudaModule>,
 }
 
@@ -80,8 +120,14 @@ impl Kernels {
                 .load_function(name)
                 .map_err(|e| Error::Cuda(format!("kernel {name}: {e:?}")))
         };
+        let conv = f("conv_igemm_tf32")?;
+        let per_sm = conv
+            .occupancy_max_active_blocks_per_multiprocessor(128, 0, None)
+            .map_err(cuda_err("reading the convolution's occupancy"))?;
         Ok(Kernels {
-            conv: f("conv_igemm_tf32")?,
+            conv_blocks: (per_sm.max(1) as i32) * dev.sm_count(),
+            splitk_finish: f("conv_splitk_finish")?,
+            conv,
             depthwise: f("depthwise_conv")?,
             init_skipped: f("init_skipped")?,
             nchw_to_nhwc: f("nchw_to_nhwc")?,
@@ -90,6 +136,33 @@ impl Kernels {
             linear: f("linear")?,
             _module: module,
         })
+    }
+}
+
+impl Kernels {
+    /// Per kernel, as the driver reports it: registers per thread, local memory bytes per
+    /// thread (spills and stack), static shared memory bytes.
+    pub fn resources(&self) -> Vec<(&'static str, i32, i32, i32)> {
+        [
+            ("conv_igemm_tf32", &self.conv),
+            ("conv_splitk_finish", &self.splitk_finish),
+            ("depthwise_conv", &self.depthwise),
+            ("init_skipped", &self.init_skipped),
+            ("nchw_to_nhwc", &self.nchw_to_nhwc),
+            ("maxpool_nhwc", &self.maxpool),
+            ("adaptive_avgpool_nhwc", &self.avgpool),
+            ("linear", &self.linear),
+        ]
+        .into_iter()
+        .map(|(n, f)| {
+            (
+                n,
+                f.num_regs().unwrap_or(-1),
+                f.local_size_bytes().unwrap_or(-1),
+                f.shared_size_bytes().unwrap_or(-1),
+            )
+        })
+        .collect()
     }
 }
 
@@ -107,8 +180,8 @@ pub(crate) fn conv_grid(p: &ConvParams, batch: usize) -> LaunchConfig {
     let positions = (p.tiles * p.g * p.g) as u32;
     LaunchConfig {
         grid_dim: (
-            positions.div_ceil(64),
-            (p.cout as u32).div_ceil(64),
+            positions.div_ceil(64) * (p.cout as u32).div_ceil(64) * p.split_max.max(1) as u32,
+            1,
             batch as u32,
         ),
         block_dim: (128, 1, 1),
@@ -214,8 +287,17 @@ pub(crate) fn launch_conv(
     y: &mut CudaSlice<f32>,
     plan: &PlanBuffers,
     sparse: bool,
+    ws: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let e = cuda_err("launching a convolution");
+    let p = &p.for_launch(batch, k.conv_blocks, depthwise);
+    if ws.len() < p.workspace_len() {
+        return Err(Error::Cuda(format!(
+            "split-K workspace holds {} floats, the launch needs {}",
+            ws.len(),
+            p.workspace_len()
+        )));
+    }
     // A null residual is passed as the output pointer itself; has_res says not to read it.
     let per_sample = (p.oh * p.ow * p.cout) as i64;
     if sparse {
@@ -253,9 +335,34 @@ pub(crate) fn launch_conv(
         lb.arg(&plan.ic_idx).arg(&plan.ic_cnt);
     }
     lb.arg(&plan.tile_idx).arg(&plan.tile_cnt);
+    if !depthwise {
+        lb.arg(&mut *ws);
+    }
     // SAFETY: argument lists match the kernels' signatures; every buffer holds the
-    // worst-case plan's extent for `batch` samples.
+    // worst-case plan's extent for `batch` samples, the workspace its split slices.
     unsafe { lb.launch(cfg) }.map_err(&e)?;
+    if p.split_max > 1 {
+        let positions = (p.tiles * p.g * p.g) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (positions.div_ceil(4).clamp(1, 64), 1, batch as u32),
+            block_dim: (64, 4, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut lb = stream.launch_builder(&k.splitk_finish);
+        lb.arg(p).arg(&*ws).arg(b);
+        match res {
+            Some(r) => lb.arg(r),
+            None => lb.arg(x),
+        };
+        lb.arg(&mut *y)
+            .arg(&plan.oc_idx)
+            .arg(&plan.oc_cnt)
+            .arg(&plan.ic_cnt)
+            .arg(&plan.tile_idx)
+            .arg(&plan.tile_cnt);
+        // SAFETY: matches conv_splitk_finish's signature.
+        unsafe { lb.launch(cfg) }.map_err(&e)?;
+    }
     Ok(())
 }
 
@@ -301,6 +408,7 @@ struct BatchState {
     input: CudaSlice<f32>,
     values: Vec<CudaSlice<f32>>,
     plans: Vec<Option<PlanBuffers>>,
+    workspace: CudaSlice<f32>,
     sparse: bool,
     graphs: [Option<Graph>; 2],
 }
@@ -381,6 +489,7 @@ impl CudaExecutor {
                             tiles: tiling.tiles as i32,
                             act: act_code(cv.act),
                             has_res: cv.residual.is_some() as i32,
+                            ..ConvParams::default()
                         },
                         depthwise,
                         residual: cv.residual,
@@ -487,7 +596,19 @@ impl CudaExecutor {
                 _ => None,
             });
         }
+        let ws_len = self
+            .nodes
+            .iter()
+            .map(|n| match &n.layer {
+                Layer::Conv { p, depthwise, .. } => p
+                    .for_launch(batch, self.kernels.conv_blocks, *depthwise)
+                    .workspace_len(),
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0);
         Ok(BatchState {
+            workspace: alloc(ws_len)?,
             input: alloc(batch * c * h * w)?,
             values,
             plans,
@@ -531,7 +652,21 @@ impl CudaExecutor {
                 } => {
                     let plan = st.plans[i].as_ref().expect("conv nodes have plans");
                     let res = residual.map(|r| &before[r]);
-                    launch_conv(s, k, p, *depthwise, batch, x, w, b, res, y, plan, st.sparse)?;
+                    launch_conv(
+                        s,
+                        k,
+                        p,
+                        *depthwise,
+                        batch,
+                        x,
+                        w,
+                        b,
+                        res,
+                        y,
+                        plan,
+                        st.sparse,
+                        &mut st.workspace,
+                    )?;
                 }
                 Layer::MaxPool { k: kk, s: ss, pad } => {
                     let args = [

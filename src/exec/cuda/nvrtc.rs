@@ -17,6 +17,7 @@ pub const SOURCE: &str = include_str!("../../../cuda/dynsparse.cu");
 /// Every `extern "C"` kernel in [`SOURCE`]; the compile check loads each by name.
 pub const KERNELS: &[&str] = &[
     "conv_igemm_tf32",
+    "conv_splitk_finish",
     "depthwise_conv",
     "init_skipped",
     "nchw_to_nhwc",
