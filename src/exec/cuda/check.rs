@@ -443,10 +443,8 @@ pub fn channel_plans(
                 let k = (cv.kernel[0] * cv.kernel[1]) as u64;
                 let mut per = Vec::new();
                 let mut out_kept = Vec::new();
-                for n in 0..batch {
-                    let ic: Vec<i32> = kept[input][n]
-                        .clone()
-                        .unwrap_or_else(|| (0..*cin as i32).collect());
+                for sample_kept in kept[input].clone() {
+                    let ic: Vec<i32> = sample_kept.unwrap_or_else(|| (0..*cin as i32).collect());
                     let oc = if *depthwise {
                         ic.clone()
                     } else if fraction >= 1.0 {
