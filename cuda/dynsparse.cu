@@ -67,24 +67,55 @@ __device__ __forceinline__ bool tile_pos(const int* tiles, int j, int g, int til
 // Sparse convolution as an implicit GEMM on TF32 tensor cores (mma.sync m16n8k8).
 //   M = kept output positions of one sample (tile order), N = kept output channels,
 //   K = kernel taps x kept input channels.
-// A block computes 64 positions x 64 channels with 4 warps (32 x 32 each); K advances
-// 16 at a time through double-buffered shared memory, the next slice's global loads
-// issued before the current slice's MMAs. Gathering (channel lists, tile lists, padding)
-// happens in the loads; bias, residual and activation in the epilogue, which writes
-// only kept outputs. Weights are [cout][kh][kw][cin].
+// A block computes 64 positions x 64 channels with 4 warps (32 x 32 each). K advances 16
+// at a time through a 3-stage shared-memory ring filled by cp.async: the gathers (channel
+// lists, tile lists, zero padding as zero-fill) are asynchronous 4-byte copies, so two
+// slices are in flight while the tensor cores work on the third. Bias, residual and
+// activation are fused in the epilogue, which writes only kept outputs.
+// Weights are [cout][kh][kw][cin].
+// PRECISE = false: operands truncated to TF32 (10-bit mantissa), one MMA per product.
+// PRECISE = true: each operand split into a TF32 head and tail ("3xTF32"), three MMAs per
+// product, accuracy close to FP32 at a third of the speed.
 // ---------------------------------------------------------------------------------------
 #define CBM 64
 #define CBN 64
 #define CBK 16
 #define CPAD 8
+#define CSTAGES 3
 
-extern "C" __global__ void __launch_bounds__(128)
-conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restrict__ wt,
-                const float* __restrict__ bias, const float* __restrict__ res,
-                float* __restrict__ y, const int* __restrict__ oc_idx,
-                const int* __restrict__ oc_cnt, const int* __restrict__ ic_idx,
-                const int* __restrict__ ic_cnt, const int* __restrict__ tile_idx,
-                const int* __restrict__ tile_cnt, float* __restrict__ ws) {
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned)a;
+}
+
+// 4-byte asynchronous copy global -> shared; writes zero when !valid (reads nothing).
+__device__ __forceinline__ void cp_async4(unsigned* dst, const float* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_one() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(CSTAGES - 2));
+}
+
+__device__ __forceinline__ void mma_tf32(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <bool PRECISE>
+__device__ __forceinline__ void conv_igemm(
+    const ConvParams& p, const float* __restrict__ x, const float* __restrict__ wt,
+    const float* __restrict__ bias, const float* __restrict__ res, float* __restrict__ y,
+    const int* __restrict__ oc_idx, const int* __restrict__ oc_cnt,
+    const int* __restrict__ ic_idx, const int* __restrict__ ic_cnt,
+    const int* __restrict__ tile_idx, const int* __restrict__ tile_cnt,
+    float* __restrict__ ws) {
     const int n = blockIdx.z;
     const int gg = p.g * p.g;
     const int npos = tile_cnt[n] * gg;
@@ -103,14 +134,14 @@ conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restri
     const int* ici = ic_idx + (size_t)n * p.cin;
     const int* ti = tile_idx + (size_t)n * p.tiles;
 
-    __shared__ unsigned As[2][CBK][CBM + CPAD];
-    __shared__ unsigned Bs[2][CBK][CBN + CPAD];
+    __shared__ unsigned As[CSTAGES][CBK][CBM + CPAD];
+    __shared__ unsigned Bs[CSTAGES][CBK][CBN + CPAD];
 
     const int tid = threadIdx.x;
     const int lk = tid & 15;   // k column this thread loads
     const int lr = tid >> 4;   // first of its 8 rows (stride 8)
 
-    // Positions this thread loads for A: input origin of each, or INT_MIN when invalid.
+    // Positions this thread loads for A: input origin of each, far outside when invalid.
     int iy0[8], ix0[8];
     const float* xn = x + (size_t)n * p.h * p.w * p.cin;
 #pragma unroll
@@ -138,9 +169,8 @@ conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restri
     const int iters_all = p.kh * p.kw * kslices;
     const int it_begin = (int)((long long)iters_all * split / splits);
     const int iters = (int)((long long)iters_all * (split + 1) / splits) - it_begin;
-    float ra[8], rb[8];
 
-    auto load = [&](int it) {
+    auto issue = [&](int it, int stage) {
         it += it_begin;
         int tap = it / kslices;
         int kc = (it - tap * kslices) * CBK + lk;
@@ -151,15 +181,11 @@ conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restri
         for (int i = 0; i < 8; i++) {
             int iy = iy0[i] + ky, ix = ix0[i] + kx;
             bool ok = kval && iy >= 0 && iy < p.h && ix >= 0 && ix < p.w;
-            ra[i] = ok ? __ldg(xn + ((size_t)iy * p.w + ix) * p.cin + ci) : 0.0f;
-            rb[i] = (kval && wrow[i] >= 0) ? __ldg(wt + wrow[i] + tap * p.cin + ci) : 0.0f;
-        }
-    };
-    auto store = [&](int buf) {
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            As[buf][lk][lr + 8 * i] = to_tf32(ra[i]);
-            Bs[buf][lk][lr + 8 * i] = to_tf32(rb[i]);
+            cp_async4(&As[stage][lk][lr + 8 * i],
+                      ok ? xn + ((size_t)iy * p.w + ix) * p.cin + ci : x, ok);
+            bool okb = kval && wrow[i] >= 0;
+            cp_async4(&Bs[stage][lk][lr + 8 * i], okb ? wt + wrow[i] + tap * p.cin + ci : wt,
+                      okb);
         }
     };
 
@@ -174,14 +200,18 @@ conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restri
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[a][b][c] = 0.0f;
 
-    if (iters > 0) {
-        load(0);
-        store(0);
+#pragma unroll
+    for (int st = 0; st < CSTAGES - 1; st++) {
+        if (st < iters) issue(st, st);
+        cp_async_commit();
     }
-    __syncthreads();
     for (int it = 0; it < iters; it++) {
-        const int buf = it & 1;
-        if (it + 1 < iters) load(it + 1);
+        cp_async_wait_one();  // this thread's copies of slice `it` have landed
+        __syncthreads();      // everyone's have, and slice it-1's stage is free again
+        const int nxt = it + CSTAGES - 1;
+        if (nxt < iters) issue(nxt, nxt % CSTAGES);
+        cp_async_commit();
+        const int buf = it % CSTAGES;
 #pragma unroll
         for (int ks = 0; ks < CBK; ks += 8) {
             unsigned af[2][4], bf[4][2];
@@ -199,22 +229,39 @@ conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restri
                 bf[ni][0] = Bs[buf][ks + tig][c];
                 bf[ni][1] = Bs[buf][ks + tig + 4][c];
             }
+            if (PRECISE) {
+                unsigned at[2][4], bt[4][2];
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        float v = __uint_as_float(af[mi][q]);
+                        af[mi][q] = to_tf32(v);
+                        at[mi][q] = to_tf32(v - __uint_as_float(af[mi][q]));
+                    }
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+                    for (int q = 0; q < 2; q++) {
+                        float v = __uint_as_float(bf[ni][q]);
+                        bf[ni][q] = to_tf32(v);
+                        bt[ni][q] = to_tf32(v - __uint_as_float(bf[ni][q]));
+                    }
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                    for (int ni = 0; ni < 4; ni++) {
+                        mma_tf32(acc[mi][ni], at[mi], bf[ni]);
+                        mma_tf32(acc[mi][ni], af[mi], bt[ni]);
+                    }
+            }
 #pragma unroll
             for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-                for (int ni = 0; ni < 4; ni++) {
-                    float* d = acc[mi][ni];
-                    asm volatile(
-                        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-                        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                        : "r"(af[mi][0]), "r"(af[mi][1]), "r"(af[mi][2]), "r"(af[mi][3]),
-                          "r"(bf[ni][0]), "r"(bf[ni][1]));
-                }
+                for (int ni = 0; ni < 4; ni++) mma_tf32(acc[mi][ni], af[mi], bf[ni]);
         }
-        if (it + 1 < iters) store(buf ^ 1);
-        __syncthreads();
     }
+    cp_async_wait_all();
 
     if (splits > 1) {
         // Partial sums, compact (position, kept channel) order, one slice per split;
@@ -259,6 +306,28 @@ conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restri
                     yn[base + co] = apply_act(v, p.act);
                 }
         }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restrict__ wt,
+                const float* __restrict__ bias, const float* __restrict__ res,
+                float* __restrict__ y, const int* __restrict__ oc_idx,
+                const int* __restrict__ oc_cnt, const int* __restrict__ ic_idx,
+                const int* __restrict__ ic_cnt, const int* __restrict__ tile_idx,
+                const int* __restrict__ tile_cnt, float* __restrict__ ws) {
+    conv_igemm<false>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt, tile_idx,
+                      tile_cnt, ws);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+conv_igemm_3xtf32(ConvParams p, const float* __restrict__ x, const float* __restrict__ wt,
+                  const float* __restrict__ bias, const float* __restrict__ res,
+                  float* __restrict__ y, const int* __restrict__ oc_idx,
+                  const int* __restrict__ oc_cnt, const int* __restrict__ ic_idx,
+                  const int* __restrict__ ic_cnt, const int* __restrict__ tile_idx,
+                  const int* __restrict__ tile_cnt, float* __restrict__ ws) {
+    conv_igemm<true>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt, tile_idx,
+                     tile_cnt, ws);
 }
 
 // Second pass of a split-K convolution: sums the splits' partial products and applies
@@ -429,4 +498,140 @@ extern "C" __global__ void linear(const float* __restrict__ x, const float* __re
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     if (lane == 0) y[(size_t)b * out_f + o] = apply_act(s + bias[o], act);
+}
+
+// ---------------------------------------------------------------------------------------
+// Channel gates, computed on the device so that no decision crosses to the host.
+// For a gated convolution with input x (NHWC) and gate weights G [cout][cin], bias gb:
+//   pooled[ci] = mean over positions of x[ci]                       (gate_pool)
+//   score[co]  = sum over kept ci of G[co][ci] * pooled[ci] + gb[co] (gate_fc)
+//   keep the keep_cnt[n] highest scores (a policy value in device memory, so changing it
+//   needs no new graph), ties to the lower index, as a sorted index list and
+//   a count in the layer's plan, copied to the plans that follow it  (gate_select)
+// Without trained gate weights the runtime uses G = the BN-folded weights summed over the
+// window and gb = the bias: the score is then the mean pre-activation output of the
+// channel (exact away from the padded border), a training-free saliency.
+// ---------------------------------------------------------------------------------------
+
+// Global average pool, NHWC -> [n][c]: blockDim (32, 8) with channels across x.
+extern "C" __global__ void gate_pool(const float* __restrict__ x, float* __restrict__ pooled,
+                                     int hw, int c) {
+    __shared__ float part[8][33];
+    const int n = blockIdx.y;
+    const int ch = blockIdx.x * 32 + threadIdx.x;
+    float s = 0.0f;
+    if (ch < c) {
+        const float* xn = x + (size_t)n * hw * c + ch;
+        for (int p = threadIdx.y; p < hw; p += 8) s += xn[(size_t)p * c];
+    }
+    part[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && ch < c) {
+        float t = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) t += part[i][threadIdx.x];
+        pooled[(size_t)n * c + ch] = t / (float)hw;
+    }
+}
+
+// Gate scores: one warp per (sample, output channel).
+// Only the layer's kept input channels count: the others hold data no plan computed.
+extern "C" __global__ void gate_fc(const float* __restrict__ pooled, const float* __restrict__ g,
+                                   const float* __restrict__ gb, const int* __restrict__ ic_idx,
+                                   const int* __restrict__ ic_cnt, float* __restrict__ score,
+                                   int batch, int cin, int cout) {
+    int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (gw >= batch * cout) return;
+    int n = gw / cout, co = gw % cout;
+    const float* pr = pooled + (size_t)n * cin;
+    const float* gr = g + (size_t)co * cin;
+    const int* ici = ic_idx + (size_t)n * cin;
+    const int nci = ic_cnt[n];
+    float s = 0.0f;
+    for (int k = lane; k < nci; k += 32) {
+        int ci = ici[k];
+        s = fmaf(gr[ci], pr[ci], s);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) score[(size_t)n * cout + co] = s + gb[co];
+}
+
+#define GATE_MAX 4096
+#define GATE_THREADS 1024
+
+// Keeps the `keep` best channels of each sample (one block per sample): ranks by counting
+// (exact, deterministic, ties to the lower index), then compacts the kept flags in index
+// order with a block-wide scan. Writes idx[n * cout ..] and cnt[n].
+extern "C" __global__ void __launch_bounds__(GATE_THREADS)
+gate_select(const float* __restrict__ score, int cout, const int* __restrict__ keep_cnt,
+            int* __restrict__ idx, int* __restrict__ cnt) {
+    __shared__ float s[GATE_MAX];
+    __shared__ int flag[GATE_MAX];
+    __shared__ int warp_sums[GATE_THREADS / 32];
+    const int n = blockIdx.x;
+    const int keep = keep_cnt[n];
+    const float* sn = score + (size_t)n * cout;
+    for (int i = threadIdx.x; i < cout; i += blockDim.x) s[i] = sn[i];
+    __syncthreads();
+    for (int i = threadIdx.x; i < cout; i += blockDim.x) {
+        float v = s[i];
+        int rank = 0;
+        for (int j = 0; j < cout; j++) {
+            float u = s[j];
+            rank += (u > v) || (u == v && j < i);
+        }
+        flag[i] = rank < keep;
+    }
+    __syncthreads();
+    // Exclusive scan of flags in chunks of blockDim.x.
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int base = 0;
+    for (int c0 = 0; c0 < cout; c0 += blockDim.x) {
+        int i = c0 + threadIdx.x;
+        int f = i < cout ? flag[i] : 0;
+        int incl = f;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            int t = __shfl_up_sync(0xffffffffu, incl, off);
+            if (lane >= off) incl += t;
+        }
+        if (lane == 31) warp_sums[warp] = incl;
+        __syncthreads();
+        if (warp == 0) {
+            int w = lane < (int)(blockDim.x / 32) ? warp_sums[lane] : 0;
+            int wi = w;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                int t = __shfl_up_sync(0xffffffffu, wi, off);
+                if (lane >= off) wi += t;
+            }
+            if (lane < (int)(blockDim.x / 32)) warp_sums[lane] = wi - w;  // exclusive
+        }
+        __syncthreads();
+        int pos = base + warp_sums[warp] + incl - f;
+        if (f) idx[(size_t)n * cout + pos] = i;
+        __syncthreads();
+        // Chunk total: last warp's exclusive prefix + its inclusive total.
+        if (threadIdx.x == blockDim.x - 1) warp_sums[0] = warp_sums[warp] + incl;
+        __syncthreads();
+        base += warp_sums[0];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) cnt[n] = base;
+}
+
+// Copies a plan list (indices and counts of `batch` samples, `stride` apart) into the plan
+// buffers of the layers that follow a gate (their input channels, or a depthwise
+// layer's channels).
+extern "C" __global__ void copy_plan_list(const int* __restrict__ src_idx,
+                                          const int* __restrict__ src_cnt, int stride,
+                                          int batch, int* __restrict__ dst_idx,
+                                          int* __restrict__ dst_cnt) {
+    int n = blockIdx.y;
+    int c = src_cnt[n];
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < c; i += gridDim.x * blockDim.x)
+        dst_idx[(size_t)n * stride + i] = src_idx[(size_t)n * stride + i];
+    if (blockIdx.x == 0 && threadIdx.x == 0) dst_cnt[n] = c;
 }

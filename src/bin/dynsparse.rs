@@ -413,6 +413,18 @@ fn cmd_cuda_check(
     for r in kernel_results.iter().filter(|r| !r.pass) {
         println!("  FAILED {} rel max {:.3e}", r.case, r.rel_max);
     }
+    let gate_results = check::check_gates(&dev, seed, cases)?;
+    println!(
+        "gate checks: {} cases, {} failed",
+        gate_results.len(),
+        gate_results.iter().filter(|r| !r.pass).count()
+    );
+    for r in gate_results
+        .iter()
+        .filter(|r| !r.pass || r.case.contains("near tie"))
+    {
+        println!("  {} {}", if r.pass { "ok" } else { "FAILED" }, r.case);
+    }
 
     let mut model_results = Vec::new();
     let mut timings = Vec::new();
@@ -430,13 +442,25 @@ fn cmd_cuda_check(
                 model_results.push(r);
             }
         }
+        let r = check::check_gated_model(&model, &dev, 3, seed)?;
+        println!(
+            "{}: rel max {:.2e} -> {}",
+            r.case,
+            r.rel_max,
+            if r.pass { "ok" } else { "FAILED" }
+        );
+        model_results.push(r);
         if !batches.is_empty() && reps > 0 {
             let rows = check::time_model(
                 &model,
                 &dev,
                 batches,
                 keeps,
-                &[check::PlanMode::Tiles, check::PlanMode::Channels],
+                &[
+                    check::PlanMode::Tiles,
+                    check::PlanMode::Channels,
+                    check::PlanMode::Gates,
+                ],
                 reps,
                 seed,
             )?;
@@ -457,6 +481,7 @@ fn cmd_cuda_check(
                 "kernel": name, "registers": regs, "local_bytes": local, "shared_bytes": shared,
             })).collect::<Vec<_>>(),
             "kernel_checks": kernel_results,
+            "gate_checks": gate_results,
             "model_checks": model_results,
             "timings": timings,
         });
@@ -464,6 +489,7 @@ fn cmd_cuda_check(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     check::require_all_pass(&kernel_results)?;
+    check::require_all_pass(&gate_results)?;
     check::require_all_pass(&model_results)?;
     Ok(())
 }

@@ -8,6 +8,8 @@ use std::fmt::Write as _;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
 use super::executor::{act_code, cuda_err, launch_conv, ConvParams, Kernels, PlanBuffers};
 use super::plan::{random_subset, SamplePlan, Tiling};
 use super::{CudaExecutor, Device};
@@ -258,6 +260,7 @@ fn conv_case(dev: &Device, k: &Kernels, rng: &mut StdRng, depthwise: bool) -> Re
     if rng.random_bool(0.3) {
         k.conv_blocks = 1;
     }
+    k.precise = !depthwise && rng.random_bool(0.3);
     let k = &k;
     let ws_len = p
         .for_launch(batch, k.conv_blocks, depthwise)
@@ -287,7 +290,13 @@ fn conv_case(dev: &Device, k: &Kernels, rng: &mut StdRng, depthwise: bool) -> Re
     let split = p.for_launch(batch, k.conv_blocks, depthwise).split_max;
     let case = format!(
         "{} {}x{} s{} pad{} {}x{}x{}->{} g{} n{} act{} res{} split<={split} kept(oc/ic/tiles) {}",
-        if depthwise { "dw" } else { "conv" },
+        if depthwise {
+            "dw"
+        } else if k.precise {
+            "conv-3xtf32"
+        } else {
+            "conv"
+        },
         kh,
         kw,
         p.sh,
@@ -303,8 +312,227 @@ fn conv_case(dev: &Device, k: &Kernels, rng: &mut StdRng, depthwise: bool) -> Re
         kept.join(",")
     );
     // TF32 rounds operands to 10 mantissa bits; depthwise runs in plain f32.
-    let tol = if depthwise { 1e-5 } else { 5e-3 };
+    let tol = if depthwise || k.precise { 1e-5 } else { 5e-3 };
     Ok(compare(case, &got, &want, tol))
+}
+
+/// The channel-gate kernels (pool, score over kept inputs, select, copy) against a CPU
+/// computation of the same definition, with ties forced in half the cases.
+fn gate_case(dev: &Device, k: &Kernels, rng: &mut StdRng) -> Result<CaseResult> {
+    let s = &dev.stream;
+    let e = cuda_err("gate check");
+    let batch = rng.random_range(1..=4usize);
+    let cin = rng.random_range(1..=300usize);
+    let cout = rng.random_range(1..=2500usize);
+    let hw = rng.random_range(1..=200usize);
+    let ties = rng.random_bool(0.5);
+    let x = normal(rng, batch * hw * cin);
+    let mut g = normal(rng, cout * cin);
+    if ties {
+        // Identical rows give identical scores: the order must fall back to the index.
+        for o in (1..cout).step_by(3) {
+            let (a, b) = g.split_at_mut(o * cin);
+            b[..cin].copy_from_slice(&a[(o - 1) * cin..o * cin]);
+        }
+    }
+    let mut gb = normal(rng, cout);
+    if ties {
+        for o in (1..cout).step_by(3) {
+            gb[o] = gb[o - 1];
+        }
+    }
+    let ic: Vec<Vec<i32>> = (0..batch)
+        .map(|_| {
+            let m = rng.random_range(1..=cin);
+            random_subset(rng, cin, m)
+        })
+        .collect();
+    let keep: Vec<i32> = (0..batch)
+        .map(|_| rng.random_range(1..=cout) as i32)
+        .collect();
+    // CPU: the same definition in f64.
+    let mut want_idx: Vec<Vec<i32>> = Vec::new();
+    let mut max_gap = 0f64;
+    for n in 0..batch {
+        let pooled: Vec<f64> = (0..cin)
+            .map(|c| {
+                (0..hw)
+                    .map(|p| x[(n * hw + p) * cin + c] as f64)
+                    .sum::<f64>()
+                    / hw as f64
+            })
+            .collect();
+        let score: Vec<f64> = (0..cout)
+            .map(|o| {
+                gb[o] as f64
+                    + ic[n]
+                        .iter()
+                        .map(|&c| g[o * cin + c as usize] as f64 * pooled[c as usize])
+                        .sum::<f64>()
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..cout).collect();
+        order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+        let kk = keep[n] as usize;
+        // Distinct scores closer than f32 rounding may legitimately swap at the cut.
+        if kk < cout && score[order[kk - 1]] != score[order[kk]] {
+            max_gap = max_gap.max(1.0 / (score[order[kk - 1]] - score[order[kk]]).abs());
+        }
+        let mut kept: Vec<i32> = order[..kk].iter().map(|&i| i as i32).collect();
+        kept.sort_unstable();
+        want_idx.push(kept);
+    }
+    let dx = s.clone_htod(&x).map_err(&e)?;
+    let dg = s.clone_htod(&g).map_err(&e)?;
+    let dgb = s.clone_htod(&gb).map_err(&e)?;
+    let mut ic_flat = vec![0i32; batch * cin];
+    for (n, l) in ic.iter().enumerate() {
+        ic_flat[n * cin..n * cin + l.len()].copy_from_slice(l);
+    }
+    let dic = s.clone_htod(&ic_flat).map_err(&e)?;
+    let dicc = s
+        .clone_htod(&ic.iter().map(|l| l.len() as i32).collect::<Vec<_>>())
+        .map_err(&e)?;
+    let dkeep = s.clone_htod(&keep).map_err(&e)?;
+    let mut pooled = s.alloc_zeros::<f32>(batch * cin).map_err(&e)?;
+    let mut score = s.alloc_zeros::<f32>(batch * cout).map_err(&e)?;
+    let mut idx = s.clone_htod(&vec![-1i32; batch * cout]).map_err(&e)?;
+    let mut cnt = s.clone_htod(&vec![-1i32; batch]).map_err(&e)?;
+    let mut idx2 = s.clone_htod(&vec![-1i32; batch * cout]).map_err(&e)?;
+    let mut cnt2 = s.clone_htod(&vec![-1i32; batch]).map_err(&e)?;
+    let (hwi, cini, couti, nb) = (hw as i32, cin as i32, cout as i32, batch as i32);
+    // SAFETY (all four launches): arguments match the kernels' signatures and every
+    // buffer holds batch × its row length.
+    unsafe {
+        let mut lb = s.launch_builder(&k.gate_pool);
+        lb.arg(&dx).arg(&mut pooled).arg(&hwi).arg(&cini);
+        lb.launch(LaunchConfig {
+            grid_dim: ((cin as u32).div_ceil(32), batch as u32, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        })
+        .map_err(&e)?;
+        let mut lb = s.launch_builder(&k.gate_fc);
+        lb.arg(&pooled)
+            .arg(&dg)
+            .arg(&dgb)
+            .arg(&dic)
+            .arg(&dicc)
+            .arg(&mut score)
+            .arg(&nb)
+            .arg(&cini)
+            .arg(&couti);
+        lb.launch(LaunchConfig {
+            grid_dim: ((batch * cout * 32).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+        .map_err(&e)?;
+        let mut lb = s.launch_builder(&k.gate_select);
+        lb.arg(&score)
+            .arg(&couti)
+            .arg(&dkeep)
+            .arg(&mut idx)
+            .arg(&mut cnt);
+        lb.launch(LaunchConfig {
+            grid_dim: (batch as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        })
+        .map_err(&e)?;
+        let mut lb = s.launch_builder(&k.copy_plan_list);
+        lb.arg(&idx)
+            .arg(&cnt)
+            .arg(&couti)
+            .arg(&nb)
+            .arg(&mut idx2)
+            .arg(&mut cnt2);
+        lb.launch(LaunchConfig {
+            grid_dim: ((cout as u32).div_ceil(256), batch as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+        .map_err(&e)?;
+    }
+    let got_idx = s.clone_dtoh(&idx2).map_err(&e)?;
+    let got_cnt = s.clone_dtoh(&cnt2).map_err(&e)?;
+    s.synchronize().map_err(&e)?;
+    let mut mismatched = 0usize;
+    for n in 0..batch {
+        let c = got_cnt[n].max(0) as usize;
+        let got = &got_idx[n * cout..n * cout + c.min(cout)];
+        let want = &want_idx[n];
+        mismatched += got
+            .iter()
+            .filter(|i| want.binary_search(i).is_err())
+            .count()
+            + want.len().abs_diff(got.len());
+    }
+    // f32 scores may swap two channels whose f64 scores differ by less than rounding.
+    let near_tie = max_gap > 1e4;
+    Ok(CaseResult {
+        case: format!(
+            "gates n{batch} cin{cin} cout{cout} hw{hw} ties{} keep {keep:?}: {mismatched} channels differ{}",
+            ties as u8,
+            if near_tie { " (near tie at the cut)" } else { "" }
+        ),
+        rel_max: mismatched as f64,
+        rel_l2: 0.0,
+        tol: if near_tie { 2.0 } else { 0.0 },
+        pass: mismatched == 0 || (near_tie && mismatched <= 2),
+    })
+}
+
+/// Runs `cases` random cases of the gate kernels.
+pub fn check_gates(dev: &Device, seed: u64, cases: usize) -> Result<Vec<CaseResult>> {
+    let k = Kernels::load(dev)?;
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x9a7e);
+    (0..cases).map(|_| gate_case(dev, &k, &mut rng)).collect()
+}
+
+/// A model with device-side gates: the pass with gates on must equal the pass that
+/// replays the plans the gates wrote, uploaded from the host (so gated execution is the
+/// plan-driven execution the kernel checks validate), and every gated layer must keep
+/// exactly the policy's channel count.
+pub fn check_gated_model(
+    model: &Model,
+    dev: &Device,
+    batch: usize,
+    seed: u64,
+) -> Result<CaseResult> {
+    let exec = CudaExecutor::new(model, dev.clone())?;
+    let i = model.desc.input;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x = normal(&mut rng, batch * i.channels * i.height * i.width);
+    let gated = exec.set_channel_gates(batch, Some(0.5), 8)?;
+    let a = exec.run(&x, batch)?;
+    let plans = exec.read_plans(batch)?;
+    let mut wrong_counts = 0;
+    for ((shape, gs), pl) in exec
+        .conv_shapes()
+        .iter()
+        .zip(exec.gate_shapes())
+        .zip(&plans)
+    {
+        if let (Some((cout, ..)), Some(_), Some(per)) = (shape, gs, pl) {
+            let want = (*cout as f64 * 0.5 / 8.0).ceil() as usize * 8;
+            wrong_counts += per.iter().filter(|s| s.oc.len() != want.min(*cout)).count();
+        }
+    }
+    exec.set_plans(batch, &plans)?;
+    let b = exec.run(&x, batch)?;
+    let want: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+    let mut r = compare(
+        format!(
+            "{} batch {batch}: {gated} gated layers at keep 0.5, gated pass vs replayed plans ({wrong_counts} wrong counts)",
+            model.desc.arch
+        ),
+        &a,
+        &want,
+        1e-6,
+    );
+    r.pass &= wrong_counts == 0 && gated > 0;
+    Ok(r)
 }
 
 /// Registers, local bytes and shared bytes of every kernel, from the driver.
@@ -330,7 +558,7 @@ pub fn check_model(
     dev: &Device,
     batch: usize,
     seed: u64,
-) -> Result<[CaseResult; 2]> {
+) -> Result<[CaseResult; 3]> {
     use crate::exec::Executor;
     let reference = crate::exec::cpu::ReferenceExecutor::new(model)?;
     let engine = crate::exec::cpu::EngineExecutor::new(model)?;
@@ -345,6 +573,8 @@ pub fn check_model(
         .collect();
     let got = gpu.forward(&x, batch)?;
     let cpu = engine.forward(&x, batch)?;
+    let precise = CudaExecutor::with_precision(model, dev.clone(), super::Precision::Tf32x3)?
+        .forward(&x, batch)?;
     Ok([
         compare(
             format!(
@@ -354,6 +584,15 @@ pub fn check_model(
             &got,
             &want,
             1e-2,
+        ),
+        compare(
+            format!(
+                "{} batch {batch} cuda (3xTF32) vs CPU reference",
+                model.desc.arch
+            ),
+            &precise,
+            &want,
+            1e-4,
         ),
         compare(
             format!(
@@ -493,6 +732,44 @@ pub fn channel_plans(
     (plans, flops / batch.max(1) as u64)
 }
 
+/// Executed FLOPs per sample (averaged over the batch) of `plans`, plus the gates' own
+/// cost when `gates` is given (pooling the input, scoring over the kept inputs).
+pub fn plan_flops(
+    model: &Model,
+    exec: &CudaExecutor,
+    plans: &[Option<Vec<SamplePlan>>],
+    gates: bool,
+) -> u64 {
+    let shapes = exec.conv_shapes();
+    let gate_shapes = exec.gate_shapes();
+    let mut total = 0u64;
+    let mut batch = 1;
+    for (i, info) in model.layers.iter().enumerate() {
+        match (&shapes[i], &plans[i], &model.desc.nodes[i].op) {
+            (Some((_, _, tiling, depthwise)), Some(per), Op::Conv(cv)) => {
+                batch = per.len().max(1);
+                let [_, oh, ow] = info.output;
+                let k = (cv.kernel[0] * cv.kernel[1]) as u64;
+                for sp in per {
+                    let pixels: u64 = sp
+                        .tiles
+                        .iter()
+                        .map(|&t| tiling.pixels_in(t as usize, oh, ow) as u64)
+                        .sum();
+                    let inner = if *depthwise { 1 } else { sp.ic.len() as u64 };
+                    total += 2 * pixels * sp.oc.len() as u64 * inner * k;
+                    if let (true, Some((cin, hw))) = (gates, gate_shapes[i]) {
+                        total +=
+                            (cin * hw) as u64 + 2 * sp.ic.len() as u64 * sp.oc.len().max(1) as u64;
+                    }
+                }
+            }
+            _ => total += info.flops * batch as u64,
+        }
+    }
+    total / batch as u64
+}
+
 /// How synthetic plans drop work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -501,6 +778,9 @@ pub enum PlanMode {
     Tiles,
     /// A fraction of output channels, all tiles ([`channel_plans`]).
     Channels,
+    /// Training-free channel gates on the device keep a fraction of each gated layer's
+    /// channels, chosen per input.
+    Gates,
 }
 
 /// One timing row.
@@ -562,11 +842,22 @@ pub fn time_model(
             order.extend(keeps.iter().filter(|&&k| k < 1.0).map(|&k| (m, k)));
         }
         for (mode, keep) in order {
-            let (plans, flops) = match mode {
-                PlanMode::Tiles => tile_plans(model, &exec, batch, keep, &mut rng),
-                PlanMode::Channels => channel_plans(model, &exec, batch, keep, &mut rng),
+            let flops = match mode {
+                PlanMode::Tiles | PlanMode::Channels => {
+                    let (plans, flops) = if mode == PlanMode::Tiles {
+                        tile_plans(model, &exec, batch, keep, &mut rng)
+                    } else {
+                        channel_plans(model, &exec, batch, keep, &mut rng)
+                    };
+                    exec.set_plans(batch, &plans)?;
+                    flops
+                }
+                PlanMode::Gates => {
+                    exec.set_channel_gates(batch, Some(keep), 8)?;
+                    exec.run(&x, batch)?;
+                    plan_flops(model, &exec, &exec.read_plans(batch)?, true)
+                }
             };
-            exec.set_plans(batch, &plans)?;
             let mut t = exec.time_replays(batch, 10, reps)?;
             t.sort_by(|a, b| a.total_cmp(b));
             let med = percentile(&t, 0.5);
@@ -607,10 +898,12 @@ pub fn timing_table(rows: &[TimingRow]) -> String {
             r.batch,
             if r.keep >= 1.0 {
                 "dense"
-            } else if r.mode == PlanMode::Tiles {
-                "tiles"
             } else {
-                "channels"
+                match r.mode {
+                    PlanMode::Tiles => "tiles",
+                    PlanMode::Channels => "channels",
+                    PlanMode::Gates => "gates",
+                }
             },
             r.keep,
             r.flop_fraction,

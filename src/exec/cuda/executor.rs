@@ -96,6 +96,9 @@ pub(crate) fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Er
 #[derive(Clone)]
 pub(crate) struct Kernels {
     pub conv: CudaFunction,
+    pub conv_precise: CudaFunction,
+    /// Run convolutions with 3xTF32 (near-FP32 accuracy) instead of TF32.
+    pub precise: bool,
     pub depthwise: CudaFunction,
     pub init_skipped: CudaFunction,
     pub nchw_to_nhwc: CudaFunction,
@@ -103,6 +106,10 @@ pub(crate) struct Kernels {
     pub avgpool: CudaFunction,
     pub linear: CudaFunction,
     pub splitk_finish: CudaFunction,
+    pub gate_pool: CudaFunction,
+    pub gate_fc: CudaFunction,
+    pub gate_select: CudaFunction,
+    pub copy_plan_list: CudaFunction,
     /// Convolution blocks resident on the whole device at once.
     pub conv_blocks: i32,
     _module: Arc<CudaModule>,
@@ -127,6 +134,12 @@ impl Kernels {
         Ok(Kernels {
             conv_blocks: (per_sm.max(1) as i32) * dev.sm_count(),
             splitk_finish: f("conv_splitk_finish")?,
+            gate_pool: f("gate_pool")?,
+            gate_fc: f("gate_fc")?,
+            gate_select: f("gate_select")?,
+            copy_plan_list: f("copy_plan_list")?,
+            conv_precise: f("conv_igemm_3xtf32")?,
+            precise: false,
             conv,
             depthwise: f("depthwise_conv")?,
             init_skipped: f("init_skipped")?,
@@ -145,6 +158,7 @@ impl Kernels {
     pub fn resources(&self) -> Vec<(&'static str, i32, i32, i32)> {
         [
             ("conv_igemm_tf32", &self.conv),
+            ("conv_igemm_3xtf32", &self.conv_precise),
             ("conv_splitk_finish", &self.splitk_finish),
             ("depthwise_conv", &self.depthwise),
             ("init_skipped", &self.init_skipped),
@@ -152,6 +166,10 @@ impl Kernels {
             ("maxpool_nhwc", &self.maxpool),
             ("adaptive_avgpool_nhwc", &self.avgpool),
             ("linear", &self.linear),
+            ("gate_pool", &self.gate_pool),
+            ("gate_fc", &self.gate_fc),
+            ("gate_select", &self.gate_select),
+            ("copy_plan_list", &self.copy_plan_list),
         ]
         .into_iter()
         .map(|(n, f)| {
@@ -321,6 +339,8 @@ pub(crate) fn launch_conv(
     }
     let (func, cfg) = if depthwise {
         (&k.depthwise, depthwise_grid(p, batch))
+    } else if k.precise {
+        (&k.conv_precise, conv_grid(p, batch))
     } else {
         (&k.conv, conv_grid(p, batch))
     };
@@ -366,6 +386,16 @@ pub(crate) fn launch_conv(
     Ok(())
 }
 
+/// A channel gate on one convolution and the plans that follow its decision.
+struct Gate {
+    /// Gate weights `[cout][cin]` and bias `[cout]`.
+    g: CudaSlice<f32>,
+    gb: CudaSlice<f32>,
+    /// Nodes whose plans copy this gate's kept list: `(node, depthwise)` — a convolution
+    /// takes it as its input channels, a depthwise layer as its channels.
+    followers: Vec<(usize, bool)>,
+}
+
 enum Layer {
     Conv {
         p: ConvParams,
@@ -373,6 +403,7 @@ enum Layer {
         residual: Option<usize>,
         w: CudaSlice<f32>,
         b: CudaSlice<f32>,
+        gate: Option<Box<Gate>>,
     },
     MaxPool {
         k: [i32; 2],
@@ -403,6 +434,71 @@ struct Graph(CudaGraph);
 // SAFETY: a `Graph` is only touched while holding `CudaExecutor::states`' lock.
 unsafe impl Send for Graph {}
 
+/// Most output channels a gate can rank (`GATE_MAX` in cuda/dynsparse.cu).
+const GATE_MAX: usize = 4096;
+
+/// Convolutions whose output channels can be gated, with the nodes that follow each
+/// decision. A convolution qualifies when it is not depthwise, adds no residual, and
+/// every reader of its output is a convolution reading it as input (not as a residual):
+/// either a regular one (which then skips the dropped channels as inputs) or a depthwise
+/// one (which computes only the kept channels) whose own readers are regular
+/// convolutions. Dropped channels are then never read, so they need not be written.
+fn gateable(model: &Model) -> Vec<(usize, Vec<(usize, bool)>)> {
+    let nodes = &model.desc.nodes;
+    let conv = |i: usize| match &nodes[i].op {
+        Op::Conv(c) => Some(c),
+        _ => None,
+    };
+    // Readers of value v: (node, reads it as residual).
+    let readers = |v: usize| -> Vec<(usize, bool)> {
+        nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(j, n)| {
+                let mut r = Vec::new();
+                if n.input == v {
+                    r.push((j, false));
+                }
+                if conv(j).and_then(|c| c.residual) == Some(v) {
+                    r.push((j, true));
+                }
+                r
+            })
+            .collect()
+    };
+    let regular_input =
+        |j: usize, residual: bool| !residual && conv(j).is_some_and(|c| c.groups == 1);
+    let mut out = Vec::new();
+    for i in 0..nodes.len() {
+        let Some(c) = conv(i) else { continue };
+        if c.groups != 1 || c.residual.is_some() {
+            continue;
+        }
+        let mut followers = Vec::new();
+        let mut ok = true;
+        for (j, residual) in readers(i + 1) {
+            if regular_input(j, residual) {
+                followers.push((j, false));
+            } else if !residual && conv(j).is_some_and(|d| d.groups > 1) {
+                let after = readers(j + 1);
+                if after.is_empty() || !after.iter().all(|&(k, r)| regular_input(k, r)) {
+                    ok = false;
+                    break;
+                }
+                followers.push((j, true));
+                followers.extend(after.iter().map(|&(k, _)| (k, false)));
+            } else {
+                ok = false;
+                break;
+            }
+        }
+        if ok && !followers.is_empty() {
+            out.push((i, followers));
+        }
+    }
+    out
+}
+
 /// Per batch size: activations, plans and the captured graphs (dense and sparse).
 struct BatchState {
     input: CudaSlice<f32>,
@@ -410,7 +506,27 @@ struct BatchState {
     plans: Vec<Option<PlanBuffers>>,
     workspace: CudaSlice<f32>,
     sparse: bool,
-    graphs: [Option<Graph>; 2],
+    /// Channel gates run on the device (plans of gated layers and their followers are
+    /// written by the gates, not by the host).
+    gated: bool,
+    pooled: CudaSlice<f32>,
+    scores: CudaSlice<f32>,
+    /// Per gated node, per sample: how many channels to keep.
+    keep: Vec<Option<CudaSlice<i32>>>,
+    /// Graphs for dense plans, host plans and device gates.
+    graphs: [Option<Graph>; 3],
+}
+
+/// Arithmetic of the convolutions' tensor-core products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// TF32 operands (10-bit mantissa), FP32 accumulation: the fast default.
+    #[default]
+    Tf32,
+    /// Each operand split into two TF32 parts, three products: close to FP32, ~3× the
+    /// tensor-core work.
+    Tf32x3,
 }
 
 /// Runs a model on one CUDA device.
@@ -427,7 +543,13 @@ impl CudaExecutor {
     /// Compiles (or loads from the cache) the kernels and uploads the model's weights in
     /// the kernels' layouts.
     pub fn new(model: &Model, dev: Device) -> Result<Self> {
-        let kernels = Kernels::load(&dev)?;
+        Self::with_precision(model, dev, Precision::Tf32)
+    }
+
+    /// [`CudaExecutor::new`] with a chosen convolution precision.
+    pub fn with_precision(model: &Model, dev: Device, precision: Precision) -> Result<Self> {
+        let mut kernels = Kernels::load(&dev)?;
+        kernels.precise = precision == Precision::Tf32x3;
         let stream = &dev.stream;
         let up = |v: &[f32]| stream.clone_htod(v).map_err(cuda_err("uploading weights"));
         let mut nodes = Vec::new();
@@ -495,6 +617,7 @@ impl CudaExecutor {
                         residual: cv.residual,
                         w: up(&packed)?,
                         b: up(&bias.data)?,
+                        gate: None,
                     }
                 }
                 Op::MaxPool(mp) => Layer::MaxPool {
@@ -532,6 +655,37 @@ impl CudaExecutor {
                 output_shape: info.output,
                 layer,
             });
+        }
+        for (i, followers) in gateable(model) {
+            let node = &model.desc.nodes[i];
+            let weight = model.weight(&format!("{}.weight", node.name))?;
+            let bias = model.weight(&format!("{}.bias", node.name))?;
+            let [cout, cin, kh, kw] = [
+                weight.shape[0],
+                weight.shape[1],
+                weight.shape[2],
+                weight.shape[3],
+            ];
+            if cout > GATE_MAX {
+                continue;
+            }
+            // Training-free gate: the window-summed folded weights give each channel's
+            // mean pre-activation output from the pooled input.
+            let mut g = vec![0.0f32; cout * cin];
+            for (o, row) in g.chunks_exact_mut(cin).enumerate() {
+                for (ci, v) in row.iter_mut().enumerate() {
+                    let at = (o * cin + ci) * kh * kw;
+                    *v = weight.data[at..at + kh * kw].iter().sum();
+                }
+            }
+            let gate = Gate {
+                g: up(&g)?,
+                gb: up(&bias.data)?,
+                followers,
+            };
+            if let Layer::Conv { gate: slot, .. } = &mut nodes[i].layer {
+                *slot = Some(Box::new(gate));
+            }
         }
         let i = model.desc.input;
         Ok(CudaExecutor {
@@ -607,13 +761,35 @@ impl CudaExecutor {
             })
             .max()
             .unwrap_or(0);
+        let widest = self
+            .nodes
+            .iter()
+            .map(|n| n.input_shape[0].max(n.output_shape[0]))
+            .max()
+            .unwrap_or(1);
+        let mut keep = Vec::new();
+        for n in &self.nodes {
+            keep.push(match &n.layer {
+                Layer::Conv {
+                    p, gate: Some(_), ..
+                } => Some(
+                    s.clone_htod(&vec![p.cout; batch])
+                        .map_err(cuda_err("allocating gate policies"))?,
+                ),
+                _ => None,
+            });
+        }
         Ok(BatchState {
+            gated: false,
+            pooled: alloc(batch * widest)?,
+            scores: alloc(batch * widest)?,
+            keep,
             workspace: alloc(ws_len)?,
             input: alloc(batch * c * h * w)?,
             values,
             plans,
             sparse: false,
-            graphs: [None, None],
+            graphs: [None, None, None],
         })
     }
 
@@ -649,7 +825,22 @@ impl CudaExecutor {
                     residual,
                     w,
                     b,
+                    gate,
                 } => {
+                    if let (true, Some(g)) = (st.gated, gate) {
+                        let keep = st.keep[i].as_ref().expect("gated nodes have policies");
+                        self.enqueue_gate(
+                            &mut st.plans,
+                            &mut st.pooled,
+                            &mut st.scores,
+                            keep,
+                            i,
+                            p,
+                            g,
+                            x,
+                            batch,
+                        )?;
+                    }
                     let plan = st.plans[i].as_ref().expect("conv nodes have plans");
                     let res = residual.map(|r| &before[r]);
                     launch_conv(
@@ -664,7 +855,7 @@ impl CudaExecutor {
                         res,
                         y,
                         plan,
-                        st.sparse,
+                        st.sparse && !st.gated,
                         &mut st.workspace,
                     )?;
                 }
@@ -739,6 +930,201 @@ impl CudaExecutor {
         Ok(())
     }
 
+    /// Enqueues node `i`'s channel gate: pool its input, score its output channels over
+    /// the kept inputs, select, and copy the decision to the plans that follow.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_gate(
+        &self,
+        plans: &mut [Option<PlanBuffers>],
+        pooled: &mut CudaSlice<f32>,
+        scores: &mut CudaSlice<f32>,
+        keep: &CudaSlice<i32>,
+        i: usize,
+        p: &ConvParams,
+        g: &Gate,
+        x: &CudaSlice<f32>,
+        batch: usize,
+    ) -> Result<()> {
+        let s = &self.dev.stream;
+        let k = &self.kernels;
+        let e = cuda_err("launching a gate");
+        let (hw, cin, cout, nb) = (p.h * p.w, p.cin, p.cout, batch as i32);
+        let cfg = LaunchConfig {
+            grid_dim: ((cin as u32).div_ceil(32), batch as u32, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut lb = s.launch_builder(&k.gate_pool);
+        lb.arg(x).arg(&mut *pooled).arg(&hw).arg(&cin);
+        // SAFETY: matches gate_pool(x, pooled, hw, c); pooled holds batch × widest.
+        unsafe { lb.launch(cfg) }.map_err(&e)?;
+
+        let (head, tail) = plans.split_at_mut(i + 1);
+        let own = head[i].as_mut().expect("conv nodes have plans");
+        let cfg = LaunchConfig {
+            grid_dim: ((batch * cout as usize * 32).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut lb = s.launch_builder(&k.gate_fc);
+        lb.arg(&*pooled)
+            .arg(&g.g)
+            .arg(&g.gb)
+            .arg(&own.ic_idx)
+            .arg(&own.ic_cnt)
+            .arg(&mut *scores)
+            .arg(&nb)
+            .arg(&cin)
+            .arg(&cout);
+        // SAFETY: matches gate_fc's signature.
+        unsafe { lb.launch(cfg) }.map_err(&e)?;
+
+        let cfg = LaunchConfig {
+            grid_dim: (batch as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut lb = s.launch_builder(&k.gate_select);
+        lb.arg(&*scores)
+            .arg(&cout)
+            .arg(keep)
+            .arg(&mut own.oc_idx)
+            .arg(&mut own.oc_cnt);
+        // SAFETY: matches gate_select's signature; cout ≤ GATE_MAX was checked at load.
+        unsafe { lb.launch(cfg) }.map_err(&e)?;
+
+        for &(f, depthwise) in &g.followers {
+            let dst = tail[f - i - 1]
+                .as_mut()
+                .expect("followers are convolutions");
+            let targets: Vec<(&mut CudaSlice<i32>, &mut CudaSlice<i32>)> = if depthwise {
+                vec![
+                    (&mut dst.ic_idx, &mut dst.ic_cnt),
+                    (&mut dst.oc_idx, &mut dst.oc_cnt),
+                ]
+            } else {
+                vec![(&mut dst.ic_idx, &mut dst.ic_cnt)]
+            };
+            for (di, dc) in targets {
+                let cfg = LaunchConfig {
+                    grid_dim: ((cout as u32).div_ceil(256), batch as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut lb = s.launch_builder(&k.copy_plan_list);
+                lb.arg(&own.oc_idx)
+                    .arg(&own.oc_cnt)
+                    .arg(&cout)
+                    .arg(&nb)
+                    .arg(di)
+                    .arg(dc);
+                // SAFETY: matches copy_plan_list's signature; the follower's list has
+                // the same stride (its channels are this layer's outputs).
+                unsafe { lb.launch(cfg) }.map_err(&e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns device-side channel gates on (`Some(keep)`: each gated layer keeps
+    /// `keep × channels`, rounded up to `round` and at least `round`) or off (`None`:
+    /// plans come from [`CudaExecutor::set_plans`] or are dense). Returns the number of
+    /// gated layers.
+    pub fn set_channel_gates(
+        &self,
+        batch: usize,
+        keep: Option<f64>,
+        round: usize,
+    ) -> Result<usize> {
+        self.with_state(batch, |st| {
+            let dense: Vec<Option<Vec<SamplePlan>>> = self.dense_plans(batch);
+            self.upload_plans(st, batch, &dense)?;
+            st.gated = keep.is_some();
+            let mut gated = 0;
+            for (node, kbuf) in self.nodes.iter().zip(st.keep.iter_mut()) {
+                if let (Layer::Conv { p, .. }, Some(kbuf)) = (&node.layer, kbuf) {
+                    gated += 1;
+                    let cout = p.cout as usize;
+                    let r = round.max(1);
+                    let k = keep.map_or(cout, |f| {
+                        ((cout as f64 * f / r as f64).ceil() as usize * r).clamp(r.min(cout), cout)
+                    });
+                    self.dev
+                        .stream
+                        .memcpy_htod(&vec![k as i32; batch], kbuf)
+                        .map_err(cuda_err("setting gate policies"))?;
+                }
+            }
+            Ok(gated)
+        })
+    }
+
+    /// Per node: `(input channels, input positions)` of each gated convolution, `None`
+    /// elsewhere — what a gate's own FLOPs depend on.
+    pub fn gate_shapes(&self) -> Vec<Option<(usize, usize)>> {
+        self.nodes
+            .iter()
+            .map(|n| match &n.layer {
+                Layer::Conv {
+                    p, gate: Some(_), ..
+                } => Some((p.cin as usize, (p.h * p.w) as usize)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn dense_plans(&self, batch: usize) -> Vec<Option<Vec<SamplePlan>>> {
+        self.nodes
+            .iter()
+            .map(|n| match &n.layer {
+                Layer::Conv { p, .. } => Some(vec![
+                    SamplePlan::dense(
+                        p.cout as usize,
+                        p.cin as usize,
+                        p.tiles as usize
+                    );
+                    batch
+                ]),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Reads the plans as they stand on the device (for checks and reports; a copy to the
+    /// host, never part of a forward pass).
+    pub fn read_plans(&self, batch: usize) -> Result<Vec<Option<Vec<SamplePlan>>>> {
+        let s = self.dev.stream.clone();
+        self.with_state(batch, |st| {
+            let e = cuda_err("reading plans");
+            let mut out = Vec::new();
+            for (node, pb) in self.nodes.iter().zip(&st.plans) {
+                let (Layer::Conv { p, .. }, Some(pb)) = (&node.layer, pb) else {
+                    out.push(None);
+                    continue;
+                };
+                let (cout, cin, tiles) = (p.cout as usize, p.cin as usize, p.tiles as usize);
+                let oc = s.clone_dtoh(&pb.oc_idx).map_err(&e)?;
+                let ic = s.clone_dtoh(&pb.ic_idx).map_err(&e)?;
+                let ti = s.clone_dtoh(&pb.tile_idx).map_err(&e)?;
+                let occ = s.clone_dtoh(&pb.oc_cnt).map_err(&e)?;
+                let icc = s.clone_dtoh(&pb.ic_cnt).map_err(&e)?;
+                let tic = s.clone_dtoh(&pb.tile_cnt).map_err(&e)?;
+                s.synchronize().map_err(&e)?;
+                let clamp = |c: i32, max: usize| (c.max(0) as usize).min(max);
+                out.push(Some(
+                    (0..batch)
+                        .map(|n| SamplePlan {
+                            oc: oc[n * cout..n * cout + clamp(occ[n], cout)].to_vec(),
+                            ic: ic[n * cin..n * cin + clamp(icc[n], cin)].to_vec(),
+                            tiles: ti[n * tiles..n * tiles + clamp(tic[n], tiles)].to_vec(),
+                        })
+                        .collect(),
+                ));
+            }
+            Ok(out)
+        })
+    }
+
     fn with_state<T>(
         &self,
         batch: usize,
@@ -756,8 +1142,21 @@ impl CudaExecutor {
     }
 
     /// Sets what every sample computes in every convolution: `plans[node][sample]`
-    /// (`None` entries for nodes without a plan). Copies into the device buffers only.
+    /// (`None` entries for nodes without a plan). Copies into the device buffers only, and
+    /// turns device-side gates off.
     pub fn set_plans(&self, batch: usize, plans: &[Option<Vec<SamplePlan>>]) -> Result<()> {
+        self.with_state(batch, |st| {
+            st.gated = false;
+            self.upload_plans(st, batch, plans)
+        })
+    }
+
+    fn upload_plans(
+        &self,
+        st: &mut BatchState,
+        batch: usize,
+        plans: &[Option<Vec<SamplePlan>>],
+    ) -> Result<()> {
         if plans.len() != self.nodes.len() {
             return Err(Error::Input(format!(
                 "{} layer plans for {} nodes",
@@ -765,31 +1164,29 @@ impl CudaExecutor {
                 self.nodes.len()
             )));
         }
-        self.with_state(batch, |st| {
-            let mut sparse = false;
-            for (i, (node, plan)) in self.nodes.iter().zip(plans).enumerate() {
-                if let (Layer::Conv { p, depthwise, .. }, Some(pl)) = (&node.layer, plan) {
-                    if pl.len() != batch {
-                        return Err(Error::Input(format!(
-                            "node {i}: {} sample plans for batch {batch}",
-                            pl.len()
-                        )));
-                    }
-                    if *depthwise && pl.iter().any(|s| s.oc != s.ic) {
-                        return Err(Error::Input(format!(
-                            "node {i}: a depthwise plan keeps the same input and output channels"
-                        )));
-                    }
-                    sparse |= pl
-                        .iter()
-                        .any(|s| !s.is_dense(p.cout as usize, p.cin as usize, p.tiles as usize));
-                    let buf = st.plans[i].as_mut().expect("conv nodes have plans");
-                    buf.upload(&self.dev.stream, p, pl)?;
+        let mut sparse = false;
+        for (i, (node, plan)) in self.nodes.iter().zip(plans).enumerate() {
+            if let (Layer::Conv { p, depthwise, .. }, Some(pl)) = (&node.layer, plan) {
+                if pl.len() != batch {
+                    return Err(Error::Input(format!(
+                        "node {i}: {} sample plans for batch {batch}",
+                        pl.len()
+                    )));
                 }
+                if *depthwise && pl.iter().any(|s| s.oc != s.ic) {
+                    return Err(Error::Input(format!(
+                        "node {i}: a depthwise plan keeps the same input and output channels"
+                    )));
+                }
+                sparse |= pl
+                    .iter()
+                    .any(|s| !s.is_dense(p.cout as usize, p.cin as usize, p.tiles as usize));
+                let buf = st.plans[i].as_mut().expect("conv nodes have plans");
+                buf.upload(&self.dev.stream, p, pl)?;
             }
-            st.sparse = sparse;
-            Ok(())
-        })
+        }
+        st.sparse = sparse;
+        Ok(())
     }
 
     /// Copies `input` (NCHW) in, replays the captured pass (capturing it on first use for
@@ -817,7 +1214,7 @@ impl CudaExecutor {
     }
 
     fn replay(&self, st: &mut BatchState, batch: usize) -> Result<()> {
-        let slot = st.sparse as usize;
+        let slot = if st.gated { 2 } else { st.sparse as usize };
         if st.graphs[slot].is_none() {
             let s = &self.dev.stream;
             s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream};
 
-pub use executor::CudaExecutor;
+pub use executor::{CudaExecutor, Precision};
 
 use crate::error::{Error, Result};
 

@@ -17,6 +17,7 @@ pub const SOURCE: &str = include_str!("../../../cuda/dynsparse.cu");
 /// Every `extern "C"` kernel in [`SOURCE`]; the compile check loads each by name.
 pub const KERNELS: &[&str] = &[
     "conv_igemm_tf32",
+    "conv_igemm_3xtf32",
     "conv_splitk_finish",
     "depthwise_conv",
     "init_skipped",
@@ -24,6 +25,10 @@ pub const KERNELS: &[&str] = &[
     "maxpool_nhwc",
     "adaptive_avgpool_nhwc",
     "linear",
+    "gate_pool",
+    "gate_fc",
+    "gate_select",
+    "copy_plan_list",
 ];
 
 /// A compiled module: the CUBIN and what ptxas said about each kernel.
