@@ -229,7 +229,18 @@ __device__ __forceinline__ void conv_igemm(
                 bf[ni][0] = Bs[buf][ks + tig][c];
                 bf[ni][1] = Bs[buf][ks + tig + 4][c];
             }
-            if (PRECISE) {
+            if (!PRECISE) {
+                // Round to nearest TF32: handing the tensor cores raw FP32 bits truncates,
+                // which measured 10-40x larger logit errors on whole networks.
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                    for (int q = 0; q < 4; q++) af[mi][q] = to_tf32(__uint_as_float(af[mi][q]));
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+                    for (int q = 0; q < 2; q++) bf[ni][q] = to_tf32(__uint_as_float(bf[ni][q]));
+            } else {
                 unsigned at[2][4], bt[4][2];
 #pragma unroll
                 for (int mi = 0; mi < 2; mi++)
@@ -503,26 +514,31 @@ extern "C" __global__ void linear(const float* __restrict__ x, const float* __re
 // ---------------------------------------------------------------------------------------
 // Channel gates, computed on the device so that no decision crosses to the host.
 // For a gated convolution with input x (NHWC) and gate weights G [cout][cin], bias gb:
-//   pooled[ci] = mean over positions of x[ci]                       (gate_pool)
-//   score[co]  = sum over kept ci of G[co][ci] * pooled[ci] + gb[co] (gate_fc)
+//   pooled[ci] = mean over positions of x[ci]                         (gate_pool)
+//   score[co]  = sum over kept ci of G[co][ci] * pooled[ci] + gb[co]   (gate_fc)
 //   keep the keep_cnt[n] highest scores (a policy value in device memory, so changing it
-//   needs no new graph), ties to the lower index, as a sorted index list and
-//   a count in the layer's plan, copied to the plans that follow it  (gate_select)
+//   needs no new graph), ties to the lower index                      (gate_rank)
+//   as a sorted index list and a count, written to the layer's plan and to the plans
+//   that follow it                                                    (gate_compact)
 // Without trained gate weights the runtime uses G = the BN-folded weights summed over the
 // window and gb = the bias: the score is then the mean pre-activation output of the
 // channel (exact away from the padded border), a training-free saliency.
 // ---------------------------------------------------------------------------------------
 
-// Global average pool, NHWC -> [n][c]: blockDim (32, 8) with channels across x.
+// Global average pool, NHWC -> [n][c], accumulated with atomics into a zeroed buffer:
+// blockDim (32, 8) with channels across x, grid (channel blocks, position chunks, batch)
+// so that large feature maps are pooled by many blocks at once.
 extern "C" __global__ void gate_pool(const float* __restrict__ x, float* __restrict__ pooled,
                                      int hw, int c) {
     __shared__ float part[8][33];
-    const int n = blockIdx.y;
+    const int n = blockIdx.z;
     const int ch = blockIdx.x * 32 + threadIdx.x;
+    const int per = (hw + gridDim.y - 1) / gridDim.y;
+    const int p0 = blockIdx.y * per, p1 = min(hw, p0 + per);
     float s = 0.0f;
     if (ch < c) {
         const float* xn = x + (size_t)n * hw * c + ch;
-        for (int p = threadIdx.y; p < hw; p += 8) s += xn[(size_t)p * c];
+        for (int p = p0 + threadIdx.y; p < p1; p += 8) s += xn[(size_t)p * c];
     }
     part[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
@@ -530,12 +546,12 @@ extern "C" __global__ void gate_pool(const float* __restrict__ x, float* __restr
         float t = 0.0f;
 #pragma unroll
         for (int i = 0; i < 8; i++) t += part[i][threadIdx.x];
-        pooled[(size_t)n * c + ch] = t / (float)hw;
+        atomicAdd(pooled + (size_t)n * c + ch, t / (float)hw);
     }
 }
 
-// Gate scores: one warp per (sample, output channel).
-// Only the layer's kept input channels count: the others hold data no plan computed.
+// Gate scores: one warp per (sample, output channel). Only the layer's kept input
+// channels count: the others hold data no plan computed.
 extern "C" __global__ void gate_fc(const float* __restrict__ pooled, const float* __restrict__ g,
                                    const float* __restrict__ gb, const int* __restrict__ ic_idx,
                                    const int* __restrict__ ic_cnt, float* __restrict__ score,
@@ -559,38 +575,50 @@ extern "C" __global__ void gate_fc(const float* __restrict__ pooled, const float
 }
 
 #define GATE_MAX 4096
-#define GATE_THREADS 1024
 
-// Keeps the `keep` best channels of each sample (one block per sample): ranks by counting
-// (exact, deterministic, ties to the lower index), then compacts the kept flags in index
-// order with a block-wide scan. Writes idx[n * cout ..] and cnt[n].
-extern "C" __global__ void __launch_bounds__(GATE_THREADS)
-gate_select(const float* __restrict__ score, int cout, const int* __restrict__ keep_cnt,
-            int* __restrict__ idx, int* __restrict__ cnt) {
+// Rank of each channel's score within its sample (ties to the lower index); flags the
+// keep_cnt[n] best. Grid (channel blocks of 256, batch); every block sees all scores.
+extern "C" __global__ void __launch_bounds__(256)
+gate_rank(const float* __restrict__ score, int cout, const int* __restrict__ keep_cnt,
+          int* __restrict__ flags) {
     __shared__ float s[GATE_MAX];
-    __shared__ int flag[GATE_MAX];
-    __shared__ int warp_sums[GATE_THREADS / 32];
-    const int n = blockIdx.x;
-    const int keep = keep_cnt[n];
+    const int n = blockIdx.y;
     const float* sn = score + (size_t)n * cout;
     for (int i = threadIdx.x; i < cout; i += blockDim.x) s[i] = sn[i];
     __syncthreads();
-    for (int i = threadIdx.x; i < cout; i += blockDim.x) {
-        float v = s[i];
-        int rank = 0;
-        for (int j = 0; j < cout; j++) {
-            float u = s[j];
-            rank += (u > v) || (u == v && j < i);
-        }
-        flag[i] = rank < keep;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= cout) return;
+    const float v = s[i];
+    int rank = 0;
+    for (int j = 0; j < cout; j++) {
+        float u = s[j];
+        rank += (u > v) || (u == v && j < i);
     }
-    __syncthreads();
-    // Exclusive scan of flags in chunks of blockDim.x.
+    flags[(size_t)n * cout + i] = rank < keep_cnt[n];
+}
+
+// Where a gate's decision goes: the gated layer's output-channel list and the lists of
+// the layers that follow it (their input channels, or a depthwise layer's channels).
+#define GATE_DESTS 4
+struct PlanDests {
+    int* idx[GATE_DESTS];
+    int* cnt[GATE_DESTS];
+    int count;
+};
+
+// Compacts the flags of each sample (one block of 1024 per sample) into a sorted index
+// list, written with its count to every destination.
+extern "C" __global__ void __launch_bounds__(1024)
+gate_compact(const int* __restrict__ flags, int cout, PlanDests d) {
+    __shared__ int warp_sums[32];
+    const int n = blockIdx.x;
+    const int* fn = flags + (size_t)n * cout;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
     int base = 0;
     for (int c0 = 0; c0 < cout; c0 += blockDim.x) {
-        int i = c0 + threadIdx.x;
-        int f = i < cout ? flag[i] : 0;
+        const int i = c0 + threadIdx.x;
+        const int f = i < cout ? fn[i] : 0;
         int incl = f;
 #pragma unroll
         for (int off = 1; off < 32; off <<= 1) {
@@ -600,38 +628,31 @@ gate_select(const float* __restrict__ score, int cout, const int* __restrict__ k
         if (lane == 31) warp_sums[warp] = incl;
         __syncthreads();
         if (warp == 0) {
-            int w = lane < (int)(blockDim.x / 32) ? warp_sums[lane] : 0;
+            int w = lane < nwarps ? warp_sums[lane] : 0;
             int wi = w;
 #pragma unroll
             for (int off = 1; off < 32; off <<= 1) {
                 int t = __shfl_up_sync(0xffffffffu, wi, off);
                 if (lane >= off) wi += t;
             }
-            if (lane < (int)(blockDim.x / 32)) warp_sums[lane] = wi - w;  // exclusive
+            if (lane < nwarps) warp_sums[lane] = wi - w;  // exclusive prefix per warp
         }
         __syncthreads();
-        int pos = base + warp_sums[warp] + incl - f;
-        if (f) idx[(size_t)n * cout + pos] = i;
+        if (f) {
+            const int pos = base + warp_sums[warp] + incl - 1;
+#pragma unroll
+            for (int k = 0; k < GATE_DESTS; k++)
+                if (k < d.count) d.idx[k][(size_t)n * cout + pos] = i;
+        }
         __syncthreads();
-        // Chunk total: last warp's exclusive prefix + its inclusive total.
         if (threadIdx.x == blockDim.x - 1) warp_sums[0] = warp_sums[warp] + incl;
         __syncthreads();
         base += warp_sums[0];
         __syncthreads();
     }
-    if (threadIdx.x == 0) cnt[n] = base;
-}
-
-// Copies a plan list (indices and counts of `batch` samples, `stride` apart) into the plan
-// buffers of the layers that follow a gate (their input channels, or a depthwise
-// layer's channels).
-extern "C" __global__ void copy_plan_list(const int* __restrict__ src_idx,
-                                          const int* __restrict__ src_cnt, int stride,
-                                          int batch, int* __restrict__ dst_idx,
-                                          int* __restrict__ dst_cnt) {
-    int n = blockIdx.y;
-    int c = src_cnt[n];
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < c; i += gridDim.x * blockDim.x)
-        dst_idx[(size_t)n * stride + i] = src_idx[(size_t)n * stride + i];
-    if (blockIdx.x == 0 && threadIdx.x == 0) dst_cnt[n] = c;
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int k = 0; k < GATE_DESTS; k++)
+            if (k < d.count) d.cnt[k][n] = base;
+    }
 }

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
 use super::plan::{SamplePlan, Tiling};
@@ -80,6 +80,39 @@ impl ConvParams {
 // SAFETY: plain-old-data with the same C layout as the kernel's struct.
 unsafe impl DeviceRepr for ConvParams {}
 
+/// Destinations of a gate's decision; mirrors `struct PlanDests` in cuda/dynsparse.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PlanDests {
+    pub idx: [u64; 4],
+    pub cnt: [u64; 4],
+    pub count: i32,
+}
+
+// SAFETY: plain-old-data with the kernel struct's layout (8 pointers, an int, padding).
+unsafe impl DeviceRepr for PlanDests {}
+
+impl PlanDests {
+    /// Adds one (index list, count) destination; at most four.
+    pub fn push(
+        &mut self,
+        stream: &CudaStream,
+        idx: &mut CudaSlice<i32>,
+        cnt: &mut CudaSlice<i32>,
+    ) -> Result<()> {
+        let k = self.count as usize;
+        if k >= 4 {
+            return Err(Error::Cuda(
+                "a gate decision has more than four destinations".into(),
+            ));
+        }
+        self.idx[k] = idx.device_ptr_mut(stream).0;
+        self.cnt[k] = cnt.device_ptr_mut(stream).0;
+        self.count += 1;
+        Ok(())
+    }
+}
+
 pub(crate) fn act_code(a: Act) -> i32 {
     match a {
         Act::None => 0,
@@ -108,8 +141,8 @@ pub(crate) struct Kernels {
     pub splitk_finish: CudaFunction,
     pub gate_pool: CudaFunction,
     pub gate_fc: CudaFunction,
-    pub gate_select: CudaFunction,
-    pub copy_plan_list: CudaFunction,
+    pub gate_rank: CudaFunction,
+    pub gate_compact: CudaFunction,
     /// Convolution blocks resident on the whole device at once.
     pub conv_blocks: i32,
     _module: Arc<CudaModule>,
@@ -136,8 +169,8 @@ impl Kernels {
             splitk_finish: f("conv_splitk_finish")?,
             gate_pool: f("gate_pool")?,
             gate_fc: f("gate_fc")?,
-            gate_select: f("gate_select")?,
-            copy_plan_list: f("copy_plan_list")?,
+            gate_rank: f("gate_rank")?,
+            gate_compact: f("gate_compact")?,
             conv_precise: f("conv_igemm_3xtf32")?,
             precise: false,
             conv,
@@ -168,8 +201,8 @@ impl Kernels {
             ("linear", &self.linear),
             ("gate_pool", &self.gate_pool),
             ("gate_fc", &self.gate_fc),
-            ("gate_select", &self.gate_select),
-            ("copy_plan_list", &self.copy_plan_list),
+            ("gate_rank", &self.gate_rank),
+            ("gate_compact", &self.gate_compact),
         ]
         .into_iter()
         .map(|(n, f)| {
@@ -511,6 +544,7 @@ struct BatchState {
     gated: bool,
     pooled: CudaSlice<f32>,
     scores: CudaSlice<f32>,
+    flags: CudaSlice<i32>,
     /// Per gated node, per sample: how many channels to keep.
     keep: Vec<Option<CudaSlice<i32>>>,
     /// Graphs for dense plans, host plans and device gates.
@@ -783,6 +817,9 @@ impl CudaExecutor {
             gated: false,
             pooled: alloc(batch * widest)?,
             scores: alloc(batch * widest)?,
+            flags: s
+                .alloc_zeros::<i32>(batch * widest)
+                .map_err(cuda_err("allocating gate buffers"))?,
             keep,
             workspace: alloc(ws_len)?,
             input: alloc(batch * c * h * w)?,
@@ -833,6 +870,7 @@ impl CudaExecutor {
                             &mut st.plans,
                             &mut st.pooled,
                             &mut st.scores,
+                            &mut st.flags,
                             keep,
                             i,
                             p,
@@ -931,13 +969,14 @@ impl CudaExecutor {
     }
 
     /// Enqueues node `i`'s channel gate: pool its input, score its output channels over
-    /// the kept inputs, select, and copy the decision to the plans that follow.
+    /// the kept inputs, rank, and write the decision to its plan and its followers'.
     #[allow(clippy::too_many_arguments)]
     fn enqueue_gate(
         &self,
         plans: &mut [Option<PlanBuffers>],
         pooled: &mut CudaSlice<f32>,
         scores: &mut CudaSlice<f32>,
+        flags: &mut CudaSlice<i32>,
         keep: &CudaSlice<i32>,
         i: usize,
         p: &ConvParams,
@@ -949,8 +988,13 @@ impl CudaExecutor {
         let k = &self.kernels;
         let e = cuda_err("launching a gate");
         let (hw, cin, cout, nb) = (p.h * p.w, p.cin, p.cout, batch as i32);
+        s.memset_zeros(pooled).map_err(&e)?;
         let cfg = LaunchConfig {
-            grid_dim: ((cin as u32).div_ceil(32), batch as u32, 1),
+            grid_dim: (
+                (cin as u32).div_ceil(32),
+                (hw as u32).div_ceil(256).clamp(1, 64),
+                batch as u32,
+            ),
             block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         };
@@ -980,49 +1024,36 @@ impl CudaExecutor {
         unsafe { lb.launch(cfg) }.map_err(&e)?;
 
         let cfg = LaunchConfig {
-            grid_dim: (batch as u32, 1, 1),
-            block_dim: (1024, 1, 1),
+            grid_dim: ((cout as u32).div_ceil(256), batch as u32, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut lb = s.launch_builder(&k.gate_select);
-        lb.arg(&*scores)
-            .arg(&cout)
-            .arg(keep)
-            .arg(&mut own.oc_idx)
-            .arg(&mut own.oc_cnt);
-        // SAFETY: matches gate_select's signature; cout ≤ GATE_MAX was checked at load.
+        let mut lb = s.launch_builder(&k.gate_rank);
+        lb.arg(&*scores).arg(&cout).arg(keep).arg(&mut *flags);
+        // SAFETY: matches gate_rank's signature; cout ≤ GATE_MAX was checked at load.
         unsafe { lb.launch(cfg) }.map_err(&e)?;
 
+        let mut dests = PlanDests::default();
+        dests.push(s, &mut own.oc_idx, &mut own.oc_cnt)?;
         for &(f, depthwise) in &g.followers {
             let dst = tail[f - i - 1]
                 .as_mut()
                 .expect("followers are convolutions");
-            let targets: Vec<(&mut CudaSlice<i32>, &mut CudaSlice<i32>)> = if depthwise {
-                vec![
-                    (&mut dst.ic_idx, &mut dst.ic_cnt),
-                    (&mut dst.oc_idx, &mut dst.oc_cnt),
-                ]
-            } else {
-                vec![(&mut dst.ic_idx, &mut dst.ic_cnt)]
-            };
-            for (di, dc) in targets {
-                let cfg = LaunchConfig {
-                    grid_dim: ((cout as u32).div_ceil(256), batch as u32, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let mut lb = s.launch_builder(&k.copy_plan_list);
-                lb.arg(&own.oc_idx)
-                    .arg(&own.oc_cnt)
-                    .arg(&cout)
-                    .arg(&nb)
-                    .arg(di)
-                    .arg(dc);
-                // SAFETY: matches copy_plan_list's signature; the follower's list has
-                // the same stride (its channels are this layer's outputs).
-                unsafe { lb.launch(cfg) }.map_err(&e)?;
+            dests.push(s, &mut dst.ic_idx, &mut dst.ic_cnt)?;
+            if depthwise {
+                dests.push(s, &mut dst.oc_idx, &mut dst.oc_cnt)?;
             }
         }
+        let cfg = LaunchConfig {
+            grid_dim: (batch as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut lb = s.launch_builder(&k.gate_compact);
+        lb.arg(&*flags).arg(&cout).arg(&dests);
+        // SAFETY: matches gate_compact's signature; every destination list has this
+        // layer's output channels as its stride (they are the same channels).
+        unsafe { lb.launch(cfg) }.map_err(&e)?;
         Ok(())
     }
 

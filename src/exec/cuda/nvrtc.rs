@@ -27,8 +27,8 @@ pub const KERNELS: &[&str] = &[
     "linear",
     "gate_pool",
     "gate_fc",
-    "gate_select",
-    "copy_plan_list",
+    "gate_rank",
+    "gate_compact",
 ];
 
 /// A compiled module: the CUBIN and what ptxas said about each kernel.
