@@ -69,7 +69,8 @@ __device__ __forceinline__ bool tile_pos(const int* tiles, int j, int g, int til
 //   K = kernel taps x kept input channels.
 // A block computes 64 positions x 64 channels with 4 warps (32 x 32 each). K advances 16
 // at a time through a 3-stage shared-memory ring filled by cp.async: the gathers (channel
-// lists, tile lists, zero padding as zero-fill) are asynchronous 4-byte copies, so two
+// lists, tile lists, zero padding as zero-fill) are asynchronous copies — 16 bytes when
+// a sample keeps every input channel, 4 bytes when its channels are gathered — so two
 // slices are in flight while the tensor cores work on the third. Bias, residual and
 // activation are fused in the epilogue, which writes only kept outputs.
 // Weights are [cout][kh][kw][cin].
@@ -80,7 +81,7 @@ __device__ __forceinline__ bool tile_pos(const int* tiles, int j, int g, int til
 #define CBM 64
 #define CBN 64
 #define CBK 16
-#define CPAD 8
+#define CKPAD 4
 #define CSTAGES 3
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
@@ -93,6 +94,10 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async4(unsigned* dst, const float* src, bool valid) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)),
                  "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async16(unsigned* dst, const float* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
@@ -108,14 +113,15 @@ __device__ __forceinline__ void mma_tf32(float* d, const unsigned* a, const unsi
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-template <bool PRECISE>
+template <bool PRECISE, bool VEC>
 __device__ __forceinline__ void conv_igemm(
     const ConvParams& p, const float* __restrict__ x, const float* __restrict__ wt,
     const float* __restrict__ bias, const float* __restrict__ res, float* __restrict__ y,
     const int* __restrict__ oc_idx, const int* __restrict__ oc_cnt,
     const int* __restrict__ ic_idx, const int* __restrict__ ic_cnt,
     const int* __restrict__ tile_idx, const int* __restrict__ tile_cnt,
-    float* __restrict__ ws) {
+    float* __restrict__ ws, unsigned (&As)[CSTAGES][CBM][CBK + CKPAD],
+    unsigned (&Bs)[CSTAGES][CBN][CBK + CKPAD]) {
     const int n = blockIdx.z;
     const int gg = p.g * p.g;
     const int npos = tile_cnt[n] * gg;
@@ -134,19 +140,21 @@ __device__ __forceinline__ void conv_igemm(
     const int* ici = ic_idx + (size_t)n * p.cin;
     const int* ti = tile_idx + (size_t)n * p.tiles;
 
-    __shared__ unsigned As[CSTAGES][CBK][CBM + CPAD];
-    __shared__ unsigned Bs[CSTAGES][CBK][CBN + CPAD];
-
+    // VEC (every input channel kept, cin % 4 == 0): a thread copies 4 consecutive
+    // channels of 2 rows with one 16-byte cp.async each. Otherwise 1 gathered channel of
+    // 8 rows with 4-byte copies.
+    constexpr int ROWS = VEC ? 2 : 8;
+    constexpr int RSTRIDE = VEC ? 32 : 8;
     const int tid = threadIdx.x;
-    const int lk = tid & 15;   // k column this thread loads
-    const int lr = tid >> 4;   // first of its 8 rows (stride 8)
+    const int lk = VEC ? (tid & 3) * 4 : (tid & 15);  // first k column this thread loads
+    const int lr = VEC ? (tid >> 2) : (tid >> 4);      // first of its rows
 
     // Positions this thread loads for A: input origin of each, far outside when invalid.
-    int iy0[8], ix0[8];
+    int iy0[ROWS], ix0[ROWS];
     const float* xn = x + (size_t)n * p.h * p.w * p.cin;
 #pragma unroll
-    for (int i = 0; i < 8; i++) {
-        int j = m0 + lr + 8 * i;
+    for (int i = 0; i < ROWS; i++) {
+        int j = m0 + lr + RSTRIDE * i;
         int oy, ox;
         if (j < npos && tile_pos(ti, j, p.g, p.tiles_w, p.oh, p.ow, &oy, &ox)) {
             iy0[i] = oy * p.sh - p.pt;
@@ -158,10 +166,10 @@ __device__ __forceinline__ void conv_igemm(
     }
     // Output channels this thread loads for B (weight row offsets, or -1).
     const int ktot = p.kh * p.kw * p.cin;
-    int wrow[8];
+    int wrow[ROWS];
 #pragma unroll
-    for (int i = 0; i < 8; i++) {
-        int jc = n0 + lr + 8 * i;
+    for (int i = 0; i < ROWS; i++) {
+        int jc = n0 + lr + RSTRIDE * i;
         wrow[i] = jc < nco ? oci[jc] * ktot : -1;
     }
 
@@ -176,16 +184,21 @@ __device__ __forceinline__ void conv_igemm(
         int kc = (it - tap * kslices) * CBK + lk;
         int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
         bool kval = kc < nci;
-        int ci = kval ? ici[kc] : 0;
+        int ci = VEC ? kc : (kval ? ici[kc] : 0);
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
+        for (int i = 0; i < ROWS; i++) {
             int iy = iy0[i] + ky, ix = ix0[i] + kx;
             bool ok = kval && iy >= 0 && iy < p.h && ix >= 0 && ix < p.w;
-            cp_async4(&As[stage][lk][lr + 8 * i],
-                      ok ? xn + ((size_t)iy * p.w + ix) * p.cin + ci : x, ok);
+            const float* xa = ok ? xn + ((size_t)iy * p.w + ix) * p.cin + ci : x;
             bool okb = kval && wrow[i] >= 0;
-            cp_async4(&Bs[stage][lk][lr + 8 * i], okb ? wt + wrow[i] + tap * p.cin + ci : wt,
-                      okb);
+            const float* wb = okb ? wt + wrow[i] + tap * p.cin + ci : wt;
+            if (VEC) {
+                cp_async16(&As[stage][lr + RSTRIDE * i][lk], xa, ok);
+                cp_async16(&Bs[stage][lr + RSTRIDE * i][lk], wb, okb);
+            } else {
+                cp_async4(&As[stage][lr + RSTRIDE * i][lk], xa, ok);
+                cp_async4(&Bs[stage][lr + RSTRIDE * i][lk], wb, okb);
+            }
         }
     };
 
@@ -218,16 +231,16 @@ __device__ __forceinline__ void conv_igemm(
 #pragma unroll
             for (int mi = 0; mi < 2; mi++) {
                 int r = wm + mi * 16 + gid;
-                af[mi][0] = As[buf][ks + tig][r];
-                af[mi][1] = As[buf][ks + tig][r + 8];
-                af[mi][2] = As[buf][ks + tig + 4][r];
-                af[mi][3] = As[buf][ks + tig + 4][r + 8];
+                af[mi][0] = As[buf][r][ks + tig];
+                af[mi][1] = As[buf][r + 8][ks + tig];
+                af[mi][2] = As[buf][r][ks + tig + 4];
+                af[mi][3] = As[buf][r + 8][ks + tig + 4];
             }
 #pragma unroll
             for (int ni = 0; ni < 4; ni++) {
                 int c = wn + ni * 8 + gid;
-                bf[ni][0] = Bs[buf][ks + tig][c];
-                bf[ni][1] = Bs[buf][ks + tig + 4][c];
+                bf[ni][0] = Bs[buf][c][ks + tig];
+                bf[ni][1] = Bs[buf][c][ks + tig + 4];
             }
             if (!PRECISE) {
                 // Round to nearest TF32: handing the tensor cores raw FP32 bits truncates,
@@ -319,26 +332,43 @@ __device__ __forceinline__ void conv_igemm(
         }
 }
 
-extern "C" __global__ void __launch_bounds__(128)
+// Rows (positions of A, channels of B) with K contiguous: 16-byte copies land whole, and
+// the fragment reads (row = lane / 4, k = lane % 4) hit 32 distinct banks. Declared once
+// per kernel so that both load paths share it.
+#define CONV_SMEM                                                   \
+    __shared__ __align__(16) unsigned As[CSTAGES][CBM][CBK + CKPAD]; \
+    __shared__ __align__(16) unsigned Bs[CSTAGES][CBN][CBK + CKPAD];
+
+extern "C" __global__ void __launch_bounds__(128, 4)
 conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restrict__ wt,
                 const float* __restrict__ bias, const float* __restrict__ res,
                 float* __restrict__ y, const int* __restrict__ oc_idx,
                 const int* __restrict__ oc_cnt, const int* __restrict__ ic_idx,
                 const int* __restrict__ ic_cnt, const int* __restrict__ tile_idx,
                 const int* __restrict__ tile_cnt, float* __restrict__ ws) {
-    conv_igemm<false>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt, tile_idx,
-                      tile_cnt, ws);
+    CONV_SMEM
+    if (ic_cnt[blockIdx.z] == p.cin && (p.cin & 3) == 0)
+        conv_igemm<false, true>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
+                                tile_idx, tile_cnt, ws, As, Bs);
+    else
+        conv_igemm<false, false>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
+                                 tile_idx, tile_cnt, ws, As, Bs);
 }
 
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(128, 4)
 conv_igemm_3xtf32(ConvParams p, const float* __restrict__ x, const float* __restrict__ wt,
                   const float* __restrict__ bias, const float* __restrict__ res,
                   float* __restrict__ y, const int* __restrict__ oc_idx,
                   const int* __restrict__ oc_cnt, const int* __restrict__ ic_idx,
                   const int* __restrict__ ic_cnt, const int* __restrict__ tile_idx,
                   const int* __restrict__ tile_cnt, float* __restrict__ ws) {
-    conv_igemm<true>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt, tile_idx,
-                     tile_cnt, ws);
+    CONV_SMEM
+    if (ic_cnt[blockIdx.z] == p.cin && (p.cin & 3) == 0)
+        conv_igemm<true, true>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
+                               tile_idx, tile_cnt, ws, As, Bs);
+    else
+        conv_igemm<true, false>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
+                                tile_idx, tile_cnt, ws, As, Bs);
 }
 
 // Second pass of a split-K convolution: sums the splits' partial products and applies

@@ -144,7 +144,13 @@ fn random_conv_case(rng: &mut StdRng, depthwise: bool) -> (ConvParams, usize, Ac
     let cin = if depthwise {
         rng.random_range(1..=200usize)
     } else {
-        rng.random_range(1..=96usize)
+        // Multiples of 4 half the time, for the 16-byte load path.
+        let c = rng.random_range(1..=96usize);
+        if rng.random_bool(0.5) {
+            c.div_ceil(4) * 4
+        } else {
+            c
+        }
     };
     let cout = if depthwise {
         cin
@@ -197,8 +203,11 @@ fn random_plans(
             };
             let k = frac(rng, cout);
             let oc = random_subset(rng, cout, k);
+            // Every input channel kept takes the 16-byte load path when cin % 4 == 0.
             let ic = if depthwise {
                 oc.clone()
+            } else if rng.random_bool(0.35) {
+                (0..cin as i32).collect()
             } else {
                 let k = frac(rng, cin);
                 random_subset(rng, cin, k)
@@ -602,7 +611,8 @@ pub fn check_model(
             ),
             &precise,
             &want,
-            1e-4,
+            // Measured 1e-6 … 1.6e-4: larger where K is accumulated unsplit (batch 32).
+            5e-4,
         ),
         compare(
             format!(
