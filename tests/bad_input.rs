@@ -261,3 +261,51 @@ fn mismatch_report_is_complete() {
     );
     assert!(err.contains("1 unexpected: extra.weight"), "{err}");
 }
+
+#[test]
+fn cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back() {
+    use dynsparse::exec::cuda;
+    use dynsparse::{demo, DeviceChoice, Options, Runtime};
+    if cuda::device_count() > 0 {
+        eprintln!("skipped: this machine has a CUDA GPU");
+        return;
+    }
+    let cuda_only = Options {
+        device: DeviceChoice::Cuda,
+        ..Options::default()
+    };
+    match Runtime::from_bytes(demo::MODEL, cuda_only) {
+        Err(dynsparse::Error::Cuda(msg)) => assert!(msg.contains("--device cpu"), "{msg}"),
+        Err(e) => panic!("expected a CUDA error, got {e}"),
+        Ok(_) => panic!("--device cuda succeeded without a GPU"),
+    }
+    let auto = Runtime::from_bytes(demo::MODEL, Options::default()).unwrap();
+    assert!(auto.device_note().unwrap().contains("CPU"));
+    let cpu = Runtime::from_bytes(
+        demo::MODEL,
+        Options {
+            device: DeviceChoice::Cpu,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(cpu.device_note(), None);
+    fails(
+        &[
+            "infer",
+            "--device",
+            "cuda",
+            "--model",
+            s(&demo_model()),
+            s(&sample_png()),
+        ],
+        "no CUDA driver",
+    );
+    // Auto runs on the CPU and says so.
+    let out = Command::new(bin())
+        .args(["infer", "--model", s(&demo_model()), s(&sample_png())])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("running on the CPU"));
+}

@@ -234,9 +234,7 @@ fn cmd_infer(
             ..Options::default()
         },
     )?;
-    if let Some(note) = rt.device_note() {
-        eprintln!("note: {note}");
-    }
+
     let (names, preds) = if let Some(t) = tensor {
         let data = npy::read(t)?;
         let preds = rt.infer(Input::Tensor(&data))?;
@@ -276,6 +274,9 @@ fn cmd_infer(
                 p.stats.flops_dense as f64 / 1e9
             );
         }
+    }
+    if let Some(note) = rt.device_note() {
+        eprintln!("note: {note}");
     }
     Ok(())
 }
@@ -334,7 +335,7 @@ fn cmd_demo() -> Result<()> {
         ms / heldout.len() as f64
     );
     println!(
-        "execution: dense on the CPU ({}); dynamic execution arrives with the gating executors",
+        "execution: dense on {}; dynamic execution on the CPU arrives with the gating executors",
         rt.infer(&heldout[0].0)?[0].stats.executor
     );
     Ok(())

@@ -83,3 +83,71 @@ pub fn random_subset(rng: &mut impl Rng, n: usize, k: usize) -> Vec<i32> {
     v.sort_unstable();
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::cpu::fresh_rng;
+
+    /// The kernels map position `j` of a plan to (tile, pixel) exactly like this: the
+    /// emulation must visit every kept in-image pixel once and nothing else.
+    fn kernel_positions(t: &Tiling, tiles: &[i32], oh: usize, ow: usize) -> Vec<(usize, usize)> {
+        let gg = t.g * t.g;
+        (0..tiles.len() * gg)
+            .filter_map(|j| {
+                let tile = tiles[j / gg] as usize;
+                let r = j % gg;
+                let oy = (tile / t.tiles_w) * t.g + r / t.g;
+                let ox = (tile % t.tiles_w) * t.g + r % t.g;
+                (oy < oh && ox < ow).then_some((oy, ox))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tile_plans_cover_each_kept_pixel_once() {
+        let mut rng = fresh_rng();
+        for _ in 0..300 {
+            let (oh, ow) = (rng.random_range(1..40usize), rng.random_range(1..40usize));
+            let t = if rng.random_bool(0.5) {
+                Tiling::for_output(oh, ow)
+            } else {
+                Tiling::with_edge(oh, ow, rng.random_range(1..10))
+            };
+            let k = rng.random_range(0..=t.tiles);
+            let kept = random_subset(&mut rng, t.tiles, k);
+            let mut seen = kernel_positions(&t, &kept, oh, ow);
+            let expected: usize = kept.iter().map(|&x| t.pixels_in(x as usize, oh, ow)).sum();
+            assert_eq!(seen.len(), expected);
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen.len(), expected, "a pixel was visited twice");
+            for (oy, ox) in seen {
+                let tile = (oy / t.g) * t.tiles_w + ox / t.g;
+                assert!(kept.binary_search(&(tile as i32)).is_ok());
+            }
+        }
+        // Every tile kept covers the image exactly.
+        let t = Tiling::for_output(7, 7);
+        assert_eq!((t.g, t.tiles), (7, 1));
+        let t = Tiling::for_output(56, 56);
+        assert_eq!((t.g, t.tiles_w, t.tiles), (8, 7, 49));
+        let t = Tiling::for_output(28, 28);
+        assert_eq!(t.g, 7);
+        let all: Vec<i32> = (0..t.tiles as i32).collect();
+        assert_eq!(kernel_positions(&t, &all, 28, 28).len(), 28 * 28);
+    }
+
+    #[test]
+    fn random_subsets_are_sorted_distinct_and_in_range() {
+        let mut rng = fresh_rng();
+        for _ in 0..200 {
+            let n = rng.random_range(0..100usize);
+            let k = rng.random_range(0..=n + 3);
+            let v = random_subset(&mut rng, n, k);
+            assert_eq!(v.len(), k.clamp(usize::from(n > 0), n));
+            assert!(v.windows(2).all(|w| w[0] < w[1]));
+            assert!(v.iter().all(|&i| (i as usize) < n));
+        }
+    }
+}
