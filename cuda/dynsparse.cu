@@ -74,9 +74,11 @@ __device__ __forceinline__ bool tile_pos(const int* tiles, int j, int g, int til
 // slices are in flight while the tensor cores work on the third. Bias, residual and
 // activation are fused in the epilogue, which writes only kept outputs.
 // Weights are [cout][kh][kw][cin].
-// PRECISE = false: operands truncated to TF32 (10-bit mantissa), one MMA per product.
-// PRECISE = true: each operand split into a TF32 head and tail ("3xTF32"), three MMAs per
-// product, accuracy close to FP32 at a third of the speed.
+// MODE_TF32: operands rounded to TF32 (10-bit mantissa), one m16n8k8 MMA per product.
+// MODE_3XTF32: each operand split into a TF32 head and tail, three MMAs per product,
+// accuracy close to FP32 at a third of the speed.
+// MODE_FP16: operands rounded to FP16 as they leave shared memory (activations and weights
+// stay FP32 in memory), one m16n8k16 MMA per 16-deep slice, FP32 accumulation.
 // ---------------------------------------------------------------------------------------
 #define CBM 64
 #define CBN 64
@@ -105,6 +107,21 @@ __device__ __forceinline__ void cp_async_wait_one() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(CSTAGES - 2));
 }
 
+// Two FP32 values (as raw bits) -> one f16x2 word, `lo` in the low half.
+__device__ __forceinline__ unsigned pack_f16x2(unsigned lo, unsigned hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(__uint_as_float(hi)), "f"(__uint_as_float(lo)));
+    return r;
+}
+
+__device__ __forceinline__ void mma_f16(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 __device__ __forceinline__ void mma_tf32(float* d, const unsigned* a, const unsigned* b) {
     asm volatile(
         "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
@@ -113,7 +130,11 @@ __device__ __forceinline__ void mma_tf32(float* d, const unsigned* a, const unsi
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-template <bool PRECISE, bool VEC>
+#define MODE_TF32 0
+#define MODE_3XTF32 1
+#define MODE_FP16 2
+
+template <int MODE, bool VEC>
 __device__ __forceinline__ void conv_igemm(
     const ConvParams& p, const float* __restrict__ x, const float* __restrict__ wt,
     const float* __restrict__ bias, const float* __restrict__ res, float* __restrict__ y,
@@ -225,6 +246,30 @@ __device__ __forceinline__ void conv_igemm(
         if (nxt < iters) issue(nxt, nxt % CSTAGES);
         cp_async_commit();
         const int buf = it % CSTAGES;
+        if (MODE == MODE_FP16) {
+            // m16n8k16 fragments: pairs of consecutive k packed as f16x2, low half first.
+            unsigned af[2][4], bf[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                int r = wm + mi * 16 + gid;
+                af[mi][0] = pack_f16x2(As[buf][r][2 * tig], As[buf][r][2 * tig + 1]);
+                af[mi][1] = pack_f16x2(As[buf][r + 8][2 * tig], As[buf][r + 8][2 * tig + 1]);
+                af[mi][2] = pack_f16x2(As[buf][r][2 * tig + 8], As[buf][r][2 * tig + 9]);
+                af[mi][3] =
+                    pack_f16x2(As[buf][r + 8][2 * tig + 8], As[buf][r + 8][2 * tig + 9]);
+            }
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++) {
+                int c = wn + ni * 8 + gid;
+                bf[ni][0] = pack_f16x2(Bs[buf][c][2 * tig], Bs[buf][c][2 * tig + 1]);
+                bf[ni][1] = pack_f16x2(Bs[buf][c][2 * tig + 8], Bs[buf][c][2 * tig + 9]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++) mma_f16(acc[mi][ni], af[mi], bf[ni]);
+            continue;
+        }
 #pragma unroll
         for (int ks = 0; ks < CBK; ks += 8) {
             unsigned af[2][4], bf[4][2];
@@ -242,7 +287,7 @@ __device__ __forceinline__ void conv_igemm(
                 bf[ni][0] = Bs[buf][c][ks + tig];
                 bf[ni][1] = Bs[buf][c][ks + tig + 4];
             }
-            if (!PRECISE) {
+            if (MODE == MODE_TF32) {
                 // Round to nearest TF32: handing the tensor cores raw FP32 bits truncates,
                 // which measured 10-40x larger logit errors on whole networks.
 #pragma unroll
@@ -348,10 +393,10 @@ conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restri
                 const int* __restrict__ tile_cnt, float* __restrict__ ws) {
     CONV_SMEM
     if (ic_cnt[blockIdx.z] == p.cin && (p.cin & 3) == 0)
-        conv_igemm<false, true>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
+        conv_igemm<MODE_TF32, true>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
                                 tile_idx, tile_cnt, ws, As, Bs);
     else
-        conv_igemm<false, false>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
+        conv_igemm<MODE_TF32, false>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
                                  tile_idx, tile_cnt, ws, As, Bs);
 }
 
@@ -364,10 +409,26 @@ conv_igemm_3xtf32(ConvParams p, const float* __restrict__ x, const float* __rest
                   const int* __restrict__ tile_cnt, float* __restrict__ ws) {
     CONV_SMEM
     if (ic_cnt[blockIdx.z] == p.cin && (p.cin & 3) == 0)
-        conv_igemm<true, true>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
+        conv_igemm<MODE_3XTF32, true>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
                                tile_idx, tile_cnt, ws, As, Bs);
     else
-        conv_igemm<true, false>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
+        conv_igemm<MODE_3XTF32, false>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
+                                tile_idx, tile_cnt, ws, As, Bs);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+conv_igemm_f16(ConvParams p, const float* __restrict__ x, const float* __restrict__ wt,
+                  const float* __restrict__ bias, const float* __restrict__ res,
+                  float* __restrict__ y, const int* __restrict__ oc_idx,
+                  const int* __restrict__ oc_cnt, const int* __restrict__ ic_idx,
+                  const int* __restrict__ ic_cnt, const int* __restrict__ tile_idx,
+                  const int* __restrict__ tile_cnt, float* __restrict__ ws) {
+    CONV_SMEM
+    if (ic_cnt[blockIdx.z] == p.cin && (p.cin & 3) == 0)
+        conv_igemm<MODE_FP16, true>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
+                               tile_idx, tile_cnt, ws, As, Bs);
+    else
+        conv_igemm<MODE_FP16, false>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
                                 tile_idx, tile_cnt, ws, As, Bs);
 }
 

@@ -461,6 +461,7 @@ fn cmd_cuda_check(
                     check::PlanMode::Tiles,
                     check::PlanMode::Channels,
                     check::PlanMode::Gates,
+                    check::PlanMode::DenseFp16,
                 ],
                 reps,
                 seed,

@@ -14,7 +14,7 @@ use super::executor::{
     act_code, cuda_err, launch_conv, ConvParams, Kernels, PlanBuffers, PlanDests,
 };
 use super::plan::{random_subset, SamplePlan, Tiling};
-use super::{CudaExecutor, Device};
+use super::{CudaExecutor, Device, Precision};
 use crate::error::{Error, Result};
 use crate::format::Model;
 use crate::model::{Act, Op};
@@ -271,7 +271,12 @@ fn conv_case(dev: &Device, k: &Kernels, rng: &mut StdRng, depthwise: bool) -> Re
     if rng.random_bool(0.3) {
         k.conv_blocks = 1;
     }
-    k.precise = !depthwise && rng.random_bool(0.3);
+    k.precision = match rng.random_range(0..10) {
+        _ if depthwise => Precision::Tf32,
+        0..=2 => Precision::Tf32x3,
+        3..=4 => Precision::Fp16,
+        _ => Precision::Tf32,
+    };
     let k = &k;
     let ws_len = p
         .for_launch(batch, k.conv_blocks, depthwise)
@@ -301,12 +306,11 @@ fn conv_case(dev: &Device, k: &Kernels, rng: &mut StdRng, depthwise: bool) -> Re
     let split = p.for_launch(batch, k.conv_blocks, depthwise).split_max;
     let case = format!(
         "{} {}x{} s{} pad{} {}x{}x{}->{} g{} n{} act{} res{} split<={split} kept(oc/ic/tiles) {}",
-        if depthwise {
-            "dw"
-        } else if k.precise {
-            "conv-3xtf32"
-        } else {
-            "conv"
+        match (depthwise, k.precision) {
+            (true, _) => "dw",
+            (false, Precision::Tf32) => "conv",
+            (false, Precision::Tf32x3) => "conv-3xtf32",
+            (false, Precision::Fp16) => "conv-fp16",
         },
         kh,
         kw,
@@ -325,12 +329,13 @@ fn conv_case(dev: &Device, k: &Kernels, rng: &mut StdRng, depthwise: bool) -> Re
     // TF32 rounds operands to 10 mantissa bits. 3xTF32 restores them but the tensor
     // cores' FP32 accumulation still drifts over long unsplit K (measured 1.4e-4 at
     // K = 4606); depthwise runs in plain FP32.
-    let tol = if depthwise {
-        1e-5
-    } else if k.precise {
-        3e-4
-    } else {
-        5e-3
+    let tol = match (depthwise, k.precision) {
+        (true, _) => 1e-5,
+        (false, Precision::Tf32x3) => 3e-4,
+        // FP16 operands keep 10 mantissa bits like TF32 but overflow past 65504 and lose
+        // precision below 6e-5; the random data here stays within range.
+        (false, Precision::Fp16) => 5e-3,
+        (false, Precision::Tf32) => 5e-3,
     };
     Ok(compare(case, &got, &want, tol))
 }
@@ -579,7 +584,7 @@ pub fn check_model(
     dev: &Device,
     batch: usize,
     seed: u64,
-) -> Result<[CaseResult; 3]> {
+) -> Result<[CaseResult; 4]> {
     use crate::exec::Executor;
     let reference = crate::exec::cpu::ReferenceExecutor::new(model)?;
     let engine = crate::exec::cpu::EngineExecutor::new(model)?;
@@ -594,8 +599,10 @@ pub fn check_model(
         .collect();
     let got = gpu.forward(&x, batch)?;
     let cpu = engine.forward(&x, batch)?;
-    let precise = CudaExecutor::with_precision(model, dev.clone(), super::Precision::Tf32x3)?
-        .forward(&x, batch)?;
+    let precise =
+        CudaExecutor::with_precision(model, dev.clone(), Precision::Tf32x3)?.forward(&x, batch)?;
+    let half =
+        CudaExecutor::with_precision(model, dev.clone(), Precision::Fp16)?.forward(&x, batch)?;
     Ok([
         compare(
             format!(
@@ -615,6 +622,16 @@ pub fn check_model(
             &want,
             // Measured 1e-6 … 1.6e-4: larger where K is accumulated unsplit (batch 32).
             5e-4,
+        ),
+        compare(
+            format!(
+                "{} batch {batch} cuda (FP16) vs CPU reference",
+                model.desc.arch
+            ),
+            &half,
+            &want,
+            // Reported, like TF32's: FP16 operands carry TF32's mantissa with less range.
+            5e-2,
         ),
         compare(
             format!(
@@ -803,6 +820,8 @@ pub enum PlanMode {
     /// Training-free channel gates on the device keep a fraction of each gated layer's
     /// channels, chosen per input.
     Gates,
+    /// Dense, with FP16 tensor-core operands instead of TF32.
+    DenseFp16,
 }
 
 /// One timing row.
@@ -851,6 +870,7 @@ pub fn time_model(
     seed: u64,
 ) -> Result<Vec<TimingRow>> {
     let exec = CudaExecutor::new(model, dev.clone())?;
+    let exec16 = CudaExecutor::with_precision(model, dev.clone(), Precision::Fp16)?;
     let mut rng = StdRng::seed_from_u64(seed);
     let dense_flops = model.flops_per_sample() as f64;
     let mut rows = Vec::new();
@@ -861,10 +881,23 @@ pub fn time_model(
         let mut dense_ms = f64::NAN;
         let mut order: Vec<(PlanMode, f64)> = vec![(PlanMode::Tiles, 1.0)];
         for &m in modes {
-            order.extend(keeps.iter().filter(|&&k| k < 1.0).map(|&k| (m, k)));
+            if m == PlanMode::DenseFp16 {
+                order.push((m, 1.0));
+            } else {
+                order.extend(keeps.iter().filter(|&&k| k < 1.0).map(|&k| (m, k)));
+            }
         }
         for (mode, keep) in order {
+            let exec = if mode == PlanMode::DenseFp16 {
+                &exec16
+            } else {
+                &exec
+            };
             let flops = match mode {
+                PlanMode::DenseFp16 => {
+                    exec.run(&x, batch)?;
+                    model.flops_per_sample()
+                }
                 PlanMode::Tiles | PlanMode::Channels => {
                     let (plans, flops) = if mode == PlanMode::Tiles {
                         tile_plans(model, &exec, batch, keep, &mut rng)
@@ -883,7 +916,7 @@ pub fn time_model(
             let mut t = exec.time_replays(batch, 10, reps)?;
             t.sort_by(|a, b| a.total_cmp(b));
             let med = percentile(&t, 0.5);
-            if keep >= 1.0 {
+            if keep >= 1.0 && mode != PlanMode::DenseFp16 {
                 dense_ms = med;
             }
             rows.push(TimingRow {
@@ -918,13 +951,14 @@ pub fn timing_table(rows: &[TimingRow]) -> String {
             "| {} | {} | {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1} |",
             r.model,
             r.batch,
-            if r.keep >= 1.0 {
+            if r.keep >= 1.0 && r.mode != PlanMode::DenseFp16 {
                 "dense"
             } else {
                 match r.mode {
                     PlanMode::Tiles => "tiles",
                     PlanMode::Channels => "channels",
                     PlanMode::Gates => "gates",
+                    PlanMode::DenseFp16 => "dense fp16",
                 }
             },
             r.keep,

@@ -130,8 +130,9 @@ pub(crate) fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Er
 pub(crate) struct Kernels {
     pub conv: CudaFunction,
     pub conv_precise: CudaFunction,
-    /// Run convolutions with 3xTF32 (near-FP32 accuracy) instead of TF32.
-    pub precise: bool,
+    pub conv_f16: CudaFunction,
+    /// Arithmetic of the convolutions' products.
+    pub precision: Precision,
     pub depthwise: CudaFunction,
     pub init_skipped: CudaFunction,
     pub nchw_to_nhwc: CudaFunction,
@@ -172,7 +173,8 @@ impl Kernels {
             gate_rank: f("gate_rank")?,
             gate_compact: f("gate_compact")?,
             conv_precise: f("conv_igemm_3xtf32")?,
-            precise: false,
+            conv_f16: f("conv_igemm_f16")?,
+            precision: Precision::Tf32,
             conv,
             depthwise: f("depthwise_conv")?,
             init_skipped: f("init_skipped")?,
@@ -192,6 +194,7 @@ impl Kernels {
         [
             ("conv_igemm_tf32", &self.conv),
             ("conv_igemm_3xtf32", &self.conv_precise),
+            ("conv_igemm_f16", &self.conv_f16),
             ("conv_splitk_finish", &self.splitk_finish),
             ("depthwise_conv", &self.depthwise),
             ("init_skipped", &self.init_skipped),
@@ -372,10 +375,13 @@ pub(crate) fn launch_conv(
     }
     let (func, cfg) = if depthwise {
         (&k.depthwise, depthwise_grid(p, batch))
-    } else if k.precise {
-        (&k.conv_precise, conv_grid(p, batch))
     } else {
-        (&k.conv, conv_grid(p, batch))
+        let f = match k.precision {
+            Precision::Tf32 => &k.conv,
+            Precision::Tf32x3 => &k.conv_precise,
+            Precision::Fp16 => &k.conv_f16,
+        };
+        (f, conv_grid(p, batch))
     };
     let mut lb = stream.launch_builder(func);
     lb.arg(p).arg(x).arg(w).arg(b);
@@ -561,6 +567,9 @@ pub enum Precision {
     /// Each operand split into two TF32 parts, three products: close to FP32, ~3× the
     /// tensor-core work.
     Tf32x3,
+    /// Operands rounded to FP16 on their way from shared memory to the tensor cores
+    /// (memory stays FP32), FP32 accumulation.
+    Fp16,
 }
 
 /// Runs a model on one CUDA device.
@@ -583,7 +592,7 @@ impl CudaExecutor {
     /// [`CudaExecutor::new`] with a chosen convolution precision.
     pub fn with_precision(model: &Model, dev: Device, precision: Precision) -> Result<Self> {
         let mut kernels = Kernels::load(&dev)?;
-        kernels.precise = precision == Precision::Tf32x3;
+        kernels.precision = precision;
         let stream = &dev.stream;
         let up = |v: &[f32]| stream.clone_htod(v).map_err(cuda_err("uploading weights"));
         let mut nodes = Vec::new();

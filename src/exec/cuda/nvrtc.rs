@@ -18,6 +18,7 @@ pub const SOURCE: &str = include_str!("../../../cuda/dynsparse.cu");
 pub const KERNELS: &[&str] = &[
     "conv_igemm_tf32",
     "conv_igemm_3xtf32",
+    "conv_igemm_f16",
     "conv_splitk_finish",
     "depthwise_conv",
     "init_skipped",
