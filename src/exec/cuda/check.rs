@@ -900,9 +900,9 @@ pub fn time_model(
                 }
                 PlanMode::Tiles | PlanMode::Channels => {
                     let (plans, flops) = if mode == PlanMode::Tiles {
-                        tile_plans(model, &exec, batch, keep, &mut rng)
+                        tile_plans(model, exec, batch, keep, &mut rng)
                     } else {
-                        channel_plans(model, &exec, batch, keep, &mut rng)
+                        channel_plans(model, exec, batch, keep, &mut rng)
                     };
                     exec.set_plans(batch, &plans)?;
                     flops
@@ -910,7 +910,7 @@ pub fn time_model(
                 PlanMode::Gates => {
                     exec.set_channel_gates(batch, Some(keep), 8)?;
                     exec.run(&x, batch)?;
-                    plan_flops(model, &exec, &exec.read_plans(batch)?, true)
+                    plan_flops(model, exec, &exec.read_plans(batch)?, true)
                 }
             };
             let mut t = exec.time_replays(batch, 10, reps)?;
