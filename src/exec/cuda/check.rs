@@ -611,7 +611,9 @@ pub fn check_model(
             ),
             &got,
             &want,
-            1e-2,
+            // TF32's own error: 4e-4 … 7e-4 on the ResNets and Lite0, 8e-3 … 1.06e-2 on
+            // mobilenet_v2 with randomized BatchNorm (3xTF32 brings it to 3e-5).
+            2e-2,
         ),
         compare(
             format!(
