@@ -83,7 +83,6 @@ __device__ __forceinline__ bool tile_pos(const int* tiles, int j, int g, int til
 #define CBM 64
 #define CBN 64
 #define CBK 16
-#define CKPAD 4
 #define CSTAGES 3
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
@@ -107,10 +106,10 @@ __device__ __forceinline__ void cp_async_wait_one() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(CSTAGES - 2));
 }
 
-// Two FP32 values (as raw bits) -> one f16x2 word, `lo` in the low half.
-__device__ __forceinline__ unsigned pack_f16x2(unsigned lo, unsigned hi) {
+// Two FP32 values -> one f16x2 word, `lo` in the low half.
+__device__ __forceinline__ unsigned pack_f16x2(float lo, float hi) {
     unsigned r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(__uint_as_float(hi)), "f"(__uint_as_float(lo)));
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
 
@@ -141,8 +140,8 @@ __device__ __forceinline__ void conv_igemm(
     const int* __restrict__ oc_idx, const int* __restrict__ oc_cnt,
     const int* __restrict__ ic_idx, const int* __restrict__ ic_cnt,
     const int* __restrict__ tile_idx, const int* __restrict__ tile_cnt,
-    float* __restrict__ ws, unsigned (&As)[CSTAGES][CBM][CBK + CKPAD],
-    unsigned (&Bs)[CSTAGES][CBN][CBK + CKPAD]) {
+    float* __restrict__ ws, unsigned (&As)[CSTAGES][CBM][CBK],
+    unsigned (&Bs)[CSTAGES][CBN][CBK]) {
     const int n = blockIdx.z;
     const int gg = p.g * p.g;
     const int npos = tile_cnt[n] * gg;
@@ -246,23 +245,40 @@ __device__ __forceinline__ void conv_igemm(
         if (nxt < iters) issue(nxt, nxt % CSTAGES);
         cp_async_commit();
         const int buf = it % CSTAGES;
+        // The 16 k of a slice are permuted between the MMA's view and shared memory so
+        // that each thread's fragments for the whole slice sit in 4 consecutive words of
+        // a row: one 16-byte shared load per row instead of four 4-byte ones. Thread
+        // `tig` owns physical k = 4*tig .. 4*tig+3. For m16n8k8 (TF32) step s and
+        // fragment half e (k = tig or tig+4) map to physical 4*tig + 2*s + e; for
+        // m16n8k16 (FP16) the pairs (2t, 2t+1) and (2t+8, 2t+9) map to 4t..4t+1 and
+        // 4t+2..4t+3. A and B use the same map, so the sum over k is unchanged. With
+        // rows 16 words apart, a quarter-warp's 16-byte loads hit 8 distinct bank groups.
+        float4 ra[2][2], rb[4];
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++) {
+            int r = wm + mi * 16 + gid;
+            ra[mi][0] = *reinterpret_cast<const float4*>(&As[buf][r][4 * tig]);
+            ra[mi][1] = *reinterpret_cast<const float4*>(&As[buf][r + 8][4 * tig]);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++) {
+            int c = wn + ni * 8 + gid;
+            rb[ni] = *reinterpret_cast<const float4*>(&Bs[buf][c][4 * tig]);
+        }
         if (MODE == MODE_FP16) {
-            // m16n8k16 fragments: pairs of consecutive k packed as f16x2, low half first.
+            // m16n8k16 fragments: pairs of k packed as f16x2, low half first.
             unsigned af[2][4], bf[4][2];
 #pragma unroll
             for (int mi = 0; mi < 2; mi++) {
-                int r = wm + mi * 16 + gid;
-                af[mi][0] = pack_f16x2(As[buf][r][2 * tig], As[buf][r][2 * tig + 1]);
-                af[mi][1] = pack_f16x2(As[buf][r + 8][2 * tig], As[buf][r + 8][2 * tig + 1]);
-                af[mi][2] = pack_f16x2(As[buf][r][2 * tig + 8], As[buf][r][2 * tig + 9]);
-                af[mi][3] =
-                    pack_f16x2(As[buf][r + 8][2 * tig + 8], As[buf][r + 8][2 * tig + 9]);
+                af[mi][0] = pack_f16x2(ra[mi][0].x, ra[mi][0].y);
+                af[mi][1] = pack_f16x2(ra[mi][1].x, ra[mi][1].y);
+                af[mi][2] = pack_f16x2(ra[mi][0].z, ra[mi][0].w);
+                af[mi][3] = pack_f16x2(ra[mi][1].z, ra[mi][1].w);
             }
 #pragma unroll
             for (int ni = 0; ni < 4; ni++) {
-                int c = wn + ni * 8 + gid;
-                bf[ni][0] = pack_f16x2(Bs[buf][c][2 * tig], Bs[buf][c][2 * tig + 1]);
-                bf[ni][1] = pack_f16x2(Bs[buf][c][2 * tig + 8], Bs[buf][c][2 * tig + 9]);
+                bf[ni][0] = pack_f16x2(rb[ni].x, rb[ni].y);
+                bf[ni][1] = pack_f16x2(rb[ni].z, rb[ni].w);
             }
 #pragma unroll
             for (int mi = 0; mi < 2; mi++)
@@ -271,21 +287,19 @@ __device__ __forceinline__ void conv_igemm(
             continue;
         }
 #pragma unroll
-        for (int ks = 0; ks < CBK; ks += 8) {
+        for (int ks = 0; ks < 2; ks++) {
             unsigned af[2][4], bf[4][2];
 #pragma unroll
             for (int mi = 0; mi < 2; mi++) {
-                int r = wm + mi * 16 + gid;
-                af[mi][0] = As[buf][r][ks + tig];
-                af[mi][1] = As[buf][r + 8][ks + tig];
-                af[mi][2] = As[buf][r][ks + tig + 4];
-                af[mi][3] = As[buf][r + 8][ks + tig + 4];
+                af[mi][0] = __float_as_uint(ks ? ra[mi][0].z : ra[mi][0].x);
+                af[mi][1] = __float_as_uint(ks ? ra[mi][1].z : ra[mi][1].x);
+                af[mi][2] = __float_as_uint(ks ? ra[mi][0].w : ra[mi][0].y);
+                af[mi][3] = __float_as_uint(ks ? ra[mi][1].w : ra[mi][1].y);
             }
 #pragma unroll
             for (int ni = 0; ni < 4; ni++) {
-                int c = wn + ni * 8 + gid;
-                bf[ni][0] = Bs[buf][c][ks + tig];
-                bf[ni][1] = Bs[buf][c][ks + tig + 4];
+                bf[ni][0] = __float_as_uint(ks ? rb[ni].z : rb[ni].x);
+                bf[ni][1] = __float_as_uint(ks ? rb[ni].w : rb[ni].y);
             }
             if (MODE == MODE_TF32) {
                 // Round to nearest TF32: handing the tensor cores raw FP32 bits truncates,
@@ -377,12 +391,12 @@ __device__ __forceinline__ void conv_igemm(
         }
 }
 
-// Rows (positions of A, channels of B) with K contiguous: 16-byte copies land whole, and
-// the fragment reads (row = lane / 4, k = lane % 4) hit 32 distinct banks. Declared once
-// per kernel so that both load paths share it.
+// Rows (positions of A, channels of B) with K contiguous and 16 words apart: 16-byte copies
+// land whole and the 16-byte fragment loads of conv_igemm are free of bank conflicts.
+// Declared once per kernel so that both load paths share it.
 #define CONV_SMEM                                                   \
-    __shared__ __align__(16) unsigned As[CSTAGES][CBM][CBK + CKPAD]; \
-    __shared__ __align__(16) unsigned Bs[CSTAGES][CBN][CBK + CKPAD];
+    __shared__ __align__(16) unsigned As[CSTAGES][CBM][CBK]; \
+    __shared__ __align__(16) unsigned Bs[CSTAGES][CBN][CBK];
 
 extern "C" __global__ void __launch_bounds__(128, 4)
 conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restrict__ wt,
