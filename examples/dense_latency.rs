@@ -1,18 +1,21 @@
-//! Dense latency of converted models at several batch sizes: median, p10, p90 over
-//! repeated forward passes of random inputs (preprocessing excluded), as JSON lines.
+//! Latency of converted models at several batch sizes: median, p10, p90 over repeated
+//! forward passes of random inputs (preprocessing excluded), as JSON lines — dense, and
+//! with `--keep 0.5,0.25` also with channel gates keeping those fractions, the policies
+//! interleaved run by run so that drift hits all of them alike.
 //!
-//! usage: cargo run --release --example dense_latency -- [--batch 1,8] [--runs N] MODEL...
+//! usage: cargo run --release --example dense_latency -- [--batch 1,8] [--runs N] [--keep R,...] MODEL...
 //!
 //! A stop-gap until the benchmark harness (`dynsparse bench`) lands; `benches/peers/`
 //! runs ONNX Runtime on the same weights for the ratios.
 
 use std::time::Instant;
 
-use dynsparse::{Input, Options, Runtime, TensorData};
+use dynsparse::{Input, Options, Policy, Runtime, TensorData};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut batches = vec![1usize, 8];
     let mut runs = 20usize;
+    let mut keeps: Vec<f64> = Vec::new();
     let mut models = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -26,12 +29,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .collect::<Result<_, _>>()?
             }
             "--runs" => runs = args.next().ok_or("--runs needs a value")?.parse()?,
+            "--keep" => {
+                keeps = args
+                    .next()
+                    .ok_or("--keep needs a value")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
             _ => models.push(a),
         }
     }
     for path in models {
-        let rt = Runtime::load(&path, Options::default())?;
-        let spec = rt.model().desc.input;
+        let model = dynsparse::Model::load(&path)?;
+        let mut policies = vec![Policy::Dense];
+        policies.extend(keeps.iter().map(|&k| Policy::Keep(k)));
+        let runtimes = policies
+            .iter()
+            .map(|&policy| {
+                let opts = Options {
+                    policy,
+                    ..Options::default()
+                };
+                Runtime::new(model.clone(), opts)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let spec = model.desc.input;
         for &b in &batches {
             let n = b * spec.channels * spec.height * spec.width;
             // Deterministic pseudo-random input in [-1, 1).
@@ -41,26 +64,43 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })
                 .collect();
             let t = TensorData::new(vec![b, spec.channels, spec.height, spec.width], data)?;
-            for _ in 0..3 {
-                rt.infer(Input::Tensor(&t))?;
+            let mut flops = vec![0u64; runtimes.len()];
+            for (rt, f) in runtimes.iter().zip(flops.iter_mut()) {
+                for _ in 0..3 {
+                    *f = rt.infer(Input::Tensor(&t))?[0].stats.flops_executed;
+                }
             }
-            let mut ms: Vec<f64> = (0..runs)
-                .map(|_| {
+            let mut ms = vec![Vec::with_capacity(runs); runtimes.len()];
+            for _ in 0..runs {
+                for (rt, m) in runtimes.iter().zip(ms.iter_mut()) {
                     let s = Instant::now();
-                    rt.infer(Input::Tensor(&t))
-                        .map(|_| s.elapsed().as_secs_f64() * 1e3)
-                })
-                .collect::<Result<_, _>>()?;
-            ms.sort_by(f64::total_cmp);
-            let q = |p: f64| ms[((ms.len() - 1) as f64 * p).round() as usize];
-            println!(
-                "{{\"model\":\"{}\",\"batch\":{b},\"median_ms\":{:.3},\"p10_ms\":{:.3},\"p90_ms\":{:.3},\"gflop\":{:.4}}}",
-                rt.model().desc.arch,
-                q(0.5),
-                q(0.1),
-                q(0.9),
-                (rt.model().flops_per_sample() * b as u64) as f64 / 1e9
-            );
+                    rt.infer(Input::Tensor(&t))?;
+                    m.push(s.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            let mut dense_ms = f64::NAN;
+            for ((policy, m), f) in policies.iter().zip(ms.iter_mut()).zip(&flops) {
+                m.sort_by(f64::total_cmp);
+                let q = |p: f64| m[((m.len() - 1) as f64 * p).round() as usize];
+                let keep = match policy {
+                    Policy::Dense => {
+                        dense_ms = q(0.5);
+                        1.0
+                    }
+                    Policy::Keep(k) => *k,
+                };
+                println!(
+                    "{{\"model\":\"{}\",\"batch\":{b},\"keep\":{keep},\"policy\":\"{}\",\"median_ms\":{:.3},\"p10_ms\":{:.3},\"p90_ms\":{:.3},\"vs_dense\":{:.3},\"flop_fraction\":{:.3},\"gflop\":{:.4}}}",
+                    model.desc.arch,
+                    if *policy == Policy::Dense { "dense" } else { "gates" },
+                    q(0.5),
+                    q(0.1),
+                    q(0.9),
+                    q(0.5) / dense_ms,
+                    *f as f64 / model.flops_per_sample() as f64,
+                    (*f * b as u64) as f64 / 1e9
+                );
+            }
         }
     }
     Ok(())

@@ -29,5 +29,6 @@ pub mod preprocess;
 mod runtime;
 
 pub use error::{Error, Result};
+pub use exec::Policy;
 pub use format::{Model, TensorData};
 pub use runtime::{ClassScore, DeviceChoice, Engine, Input, Options, Prediction, Runtime, Stats};

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::exec::cpu::{EngineExecutor, ReferenceExecutor};
 use crate::exec::cuda;
-use crate::exec::Executor;
+use crate::exec::{Executor, Policy};
 use crate::format::{Model, TensorData};
 use crate::preprocess::preprocess;
 
@@ -27,6 +27,8 @@ pub struct Options {
     pub threads: Option<usize>,
     /// Where the forward pass runs.
     pub device: DeviceChoice,
+    /// What each forward pass computes: dense, or what channel gates keep.
+    pub policy: Policy,
 }
 
 impl Default for Options {
@@ -36,6 +38,7 @@ impl Default for Options {
             engine: Engine::Fast,
             threads: None,
             device: DeviceChoice::Auto,
+            policy: Policy::Dense,
         }
     }
 }
@@ -183,10 +186,24 @@ impl Runtime {
             let dev = cuda::Device::open(0)?;
             Ok(Box::new(cuda::CudaExecutor::new(model, dev)?))
         };
+        let dynamic = options.policy != Policy::Dense;
         let (executor, device_note) = match options.device {
             DeviceChoice::Cpu => (cpu(&model)?, None),
+            DeviceChoice::Cuda if dynamic => {
+                return Err(Error::Input(
+                    "gated execution through Runtime runs on the CPU in this release \
+                     (the CUDA gates are reached through exec::cuda::CudaExecutor)"
+                        .into(),
+                ))
+            }
             DeviceChoice::Cuda => (cuda(&model)?, None),
             DeviceChoice::Auto if options.engine == Engine::Reference => (cpu(&model)?, None),
+            DeviceChoice::Auto if dynamic => (
+                cpu(&model)?,
+                (cuda::device_count() > 0).then(|| {
+                    "gated execution through Runtime runs on the CPU in this release".to_string()
+                }),
+            ),
             DeviceChoice::Auto => {
                 if cuda::device_count() == 0 {
                     (
@@ -267,10 +284,12 @@ impl Runtime {
             return Err(Error::Input("empty batch".into()));
         }
         let start = Instant::now();
-        let logits = match &self.pool {
-            Some(pool) => pool.install(|| self.executor.forward(&data, batch))?,
-            None => self.executor.forward(&data, batch)?,
+        let policy = self.options.policy;
+        let fwd = match &self.pool {
+            Some(pool) => pool.install(|| self.executor.forward_with(&data, batch, policy))?,
+            None => self.executor.forward_with(&data, batch, policy)?,
         };
+        let logits = fwd.logits;
         let latency_ms = start.elapsed().as_secs_f64() * 1e3;
         let classes = self.model.desc.classes.len();
         if logits.len() != batch * classes {
@@ -282,12 +301,13 @@ impl Runtime {
         let flops = self.model.flops_per_sample();
         Ok(logits
             .chunks_exact(classes)
-            .map(|l| Prediction {
+            .enumerate()
+            .map(|(i, l)| Prediction {
                 top: self.top_k(l),
                 logits: l.to_vec(),
                 stats: Stats {
                     flops_dense: flops,
-                    flops_executed: flops,
+                    flops_executed: fwd.flops.as_ref().map_or(flops, |f| f[i]),
                     latency_ms,
                     batch_size: batch,
                     executor: self.executor.name(),

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use dynsparse::{convert, npy, preprocess, DeviceChoice, Input, Options, Prediction, Runtime};
+use dynsparse::{
+    convert, npy, preprocess, DeviceChoice, Input, Options, Policy, Prediction, Runtime,
+};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -55,6 +57,13 @@ enum Command {
         /// Worker threads (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
+        /// Dynamic execution: channel gates keep this fraction (0..=1] of every gated
+        /// convolution's output channels, chosen per input (CPU).
+        #[arg(long, conflicts_with = "dense")]
+        keep: Option<f64>,
+        /// Dense execution (the default).
+        #[arg(long)]
+        dense: bool,
         /// Where to run: auto (a CUDA GPU when present, else the CPU), cpu or cuda.
         #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
@@ -152,6 +161,8 @@ fn run(cli: Cli) -> Result<()> {
             top_k,
             json,
             threads,
+            keep,
+            dense: _,
             device,
             tensor,
             images,
@@ -160,6 +171,7 @@ fn run(cli: Cli) -> Result<()> {
             top_k,
             json,
             threads,
+            keep.map_or(Policy::Dense, Policy::Keep),
             device.into(),
             tensor.as_deref(),
             &images,
@@ -216,11 +228,13 @@ fn cmd_convert(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn cmd_infer(
     model: &Path,
     top_k: usize,
     json: bool,
     threads: Option<usize>,
+    policy: Policy,
     device: DeviceChoice,
     tensor: Option<&Path>,
     images: &[PathBuf],
@@ -231,6 +245,7 @@ fn cmd_infer(
             top_k,
             threads,
             device,
+            policy,
             ..Options::default()
         },
     )?;

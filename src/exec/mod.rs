@@ -7,8 +7,32 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod gating;
+pub mod plan;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+/// What a forward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Policy {
+    /// Every channel of every layer.
+    #[default]
+    Dense,
+    /// Channel gates keep this fraction (0..=1] of each gated convolution's output
+    /// channels, chosen per input; the executor rounds the count up to its kernel's tile.
+    Keep(f64),
+}
+
+/// The result of [`Executor::forward_with`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forward {
+    /// `batch × classes` logits.
+    pub logits: Vec<f32>,
+    /// FLOPs executed per sample, gates included; `None` when the pass was dense.
+    pub flops: Option<Vec<u64>>,
+    /// Per node, per sample: the output channels computed (`None`: all of them).
+    pub kept: Vec<Option<Vec<Vec<usize>>>>,
+}
 
 /// Runs forward passes of one model. Implementations are immutable after construction,
 /// so one executor serves concurrent callers.
@@ -20,4 +44,20 @@ pub trait Executor: Send + Sync {
     /// (`batch × C × H × W` values of the model's input shape).
     /// Returns `batch × classes` logits, row-major.
     fn forward(&self, input: &[f32], batch: usize) -> Result<Vec<f32>>;
+
+    /// A forward pass under `policy`. Executors without dynamic execution run
+    /// [`Policy::Dense`] only.
+    fn forward_with(&self, input: &[f32], batch: usize, policy: Policy) -> Result<Forward> {
+        match policy {
+            Policy::Dense => Ok(Forward {
+                logits: self.forward(input, batch)?,
+                flops: None,
+                kept: Vec::new(),
+            }),
+            Policy::Keep(_) => Err(Error::Input(format!(
+                "the {} executor runs dense only",
+                self.name()
+            ))),
+        }
+    }
 }

@@ -15,7 +15,7 @@ use super::gemm::{self, ConvGeom, Epilogue, Isa, Tile, KC, NR};
 use super::ops::{self, Window};
 use super::pool::BufferPool;
 use crate::error::{Error, Result};
-use crate::exec::Executor;
+use crate::exec::{Executor, Forward, Policy};
 use crate::format::Model;
 use crate::model::{Act, Op};
 
@@ -62,7 +62,15 @@ pub struct EngineExecutor {
     /// 0, 1, …, max output positions: column indices for dense tiles.
     all_cols: Vec<usize>,
     pool: BufferPool,
+    /// Per node: training-free gate weights `[cout][cin]` of a gateable convolution.
+    gates: Vec<Option<Vec<f32>>>,
+    /// Per node: dense FLOPs for one sample.
+    flops: Vec<u64>,
 }
+
+/// Per value, per sample: the channels that hold computed data (`None`: all). Channels
+/// outside it hold zeros, so a reader that ignores the sets is still correct.
+type Kept = Option<Vec<Vec<usize>>>;
 
 /// Output pointer shared by tasks that write disjoint cells.
 #[derive(Clone, Copy)]
@@ -158,7 +166,14 @@ impl EngineExecutor {
             };
             layers.push((node.input, layer));
         }
+        let mut gates = vec![None; nodes.len()];
+        for (i, _) in crate::exec::gating::gateable(model) {
+            let w = model.weight(&format!("{}.weight", nodes[i].name))?;
+            gates[i] = Some(crate::exec::gating::training_free_weights(w));
+        }
         Ok(EngineExecutor {
+            gates,
+            flops: model.layers.iter().map(|l| l.flops).collect(),
             layers,
             sizes,
             last_use,
@@ -304,6 +319,300 @@ impl EngineExecutor {
         }
         out
     }
+
+    /// The forward pass; with `keep`, channel gates keep that fraction of every gated
+    /// convolution's output channels per sample and readers skip the dropped ones.
+    fn run(&self, input: &[f32], batch: usize, keep: Option<f64>) -> Result<Forward> {
+        if input.len() != batch * self.sizes[0] {
+            return Err(Error::Input(format!(
+                "{} values do not fill a batch of {batch} inputs of {} values",
+                input.len(),
+                self.sizes[0]
+            )));
+        }
+        let mut values: Vec<Option<Vec<f32>>> = vec![None; self.layers.len() + 1];
+        let dynamic = keep.is_some();
+        let mut kept: Vec<Kept> = vec![None; self.layers.len() + 1];
+        let mut node_kept: Vec<Kept> = vec![None; self.layers.len()];
+        let mut flops = vec![0u64; batch];
+        let mut first = self.pool.take(input.len());
+        first.copy_from_slice(input);
+        values[0] = Some(first);
+        for (i, (src, layer)) in self.layers.iter().enumerate() {
+            let get = |v: usize| {
+                values[v]
+                    .as_deref()
+                    .ok_or_else(|| Error::Exec(format!("value {v} was freed before its last use")))
+            };
+            let x = get(*src)?;
+            let out = match layer {
+                Layer::Gemm {
+                    weight,
+                    bias,
+                    groups,
+                    geom,
+                    residual,
+                    act,
+                } => {
+                    let r = residual.map(get).transpose()?;
+                    let ic_sets = kept[*src].as_ref().filter(|_| *groups == 1);
+                    let gate = match (keep, &self.gates[i]) {
+                        (Some(k), Some(g)) => Some((g.as_slice(), k)),
+                        _ => None,
+                    };
+                    if ic_sets.is_none() && gate.is_none() {
+                        flops.iter_mut().for_each(|f| *f += self.flops[i]);
+                        self.conv_gemm(x, batch, weight, bias, *groups, geom, r, *act)
+                    } else {
+                        let (out, oc, f) =
+                            self.conv_compact(x, batch, weight, bias, geom, r, *act, ic_sets, gate);
+                        flops.iter_mut().zip(f).for_each(|(a, b)| *a += b);
+                        if gate.is_some() {
+                            kept[i + 1] = Some(oc.clone());
+                            node_kept[i] = Some(oc);
+                        }
+                        out
+                    }
+                }
+                Layer::Depthwise {
+                    weight,
+                    bias,
+                    win,
+                    residual,
+                    act,
+                } => {
+                    let r = residual.map(get).transpose()?;
+                    match kept[*src].clone() {
+                        Some(sets) => {
+                            let (out, f) = self
+                                .depthwise_compact(x, batch, weight, bias, *win, r, *act, &sets);
+                            flops.iter_mut().zip(f).for_each(|(a, b)| *a += b);
+                            node_kept[i] = Some(sets.clone());
+                            kept[i + 1] = Some(sets);
+                            out
+                        }
+                        None => {
+                            flops.iter_mut().for_each(|f| *f += self.flops[i]);
+                            let mut out = self.pool.take(batch * self.sizes[i + 1]);
+                            depthwise::depthwise_into(
+                                &mut out,
+                                x,
+                                weight,
+                                bias,
+                                r,
+                                *act,
+                                bias.len(),
+                                *win,
+                            );
+                            out
+                        }
+                    }
+                }
+                Layer::Linear { weight, bias, act } => {
+                    flops.iter_mut().for_each(|f| *f += self.flops[i]);
+                    let fin = self.sizes[*src];
+                    let fout = bias.len();
+                    let mut out = vec![0f32; batch * fout];
+                    out.par_chunks_mut(fout).enumerate().for_each(|(s, o)| {
+                        let xs = &x[s * fin..(s + 1) * fin];
+                        o.par_iter_mut().enumerate().for_each(|(m, v)| {
+                            *v = act.apply(dot(&weight[m * fin..(m + 1) * fin], xs) + bias[m]);
+                        });
+                    });
+                    out
+                }
+                Layer::MaxPool(win) => ops::max_pool(x, *win),
+                Layer::GlobalAvgPool => {
+                    let plane = self.sizes[*src] / self.sizes[i + 1];
+                    x.chunks_exact(plane)
+                        .map(|p| p.iter().sum::<f32>() / plane as f32)
+                        .collect()
+                }
+                Layer::AdaptiveAvgPool { in_hw, output } => {
+                    ops::adaptive_avg_pool(x, *in_hw, *output)
+                }
+            };
+            values[i + 1] = Some(out);
+            for (v, slot) in values.iter_mut().enumerate().take(i + 1) {
+                if self.last_use[v] == i {
+                    if let Some(buf) = slot.take() {
+                        self.pool.give(buf);
+                    }
+                }
+            }
+        }
+        let logits = values
+            .pop()
+            .flatten()
+            .ok_or_else(|| Error::Exec("the model produced no output".into()))?;
+        if logits.len() != batch * self.classes {
+            return Err(Error::Exec(format!(
+                "{} logits for {batch} samples",
+                logits.len()
+            )));
+        }
+        Ok(Forward {
+            logits,
+            flops: dynamic.then_some(flops),
+            kept: if dynamic { node_kept } else { Vec::new() },
+        })
+    }
+
+    /// One convolution on a compact problem per sample: the sample's kept input channels
+    /// (`ic`, from the value's kept sets) and, with a gate, the output channels its gate
+    /// keeps. Gathers the kept input planes and weight rows, runs the shared GEMM on them
+    /// and scatters the kept rows into a zeroed output (the residual passes through
+    /// skipped rows). Returns the output and, per sample, the kept output channels and
+    /// FLOPs executed.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_compact(
+        &self,
+        x: &[f32],
+        batch: usize,
+        weight: &[f32],
+        bias: &[f32],
+        geom: &ConvGeom,
+        residual: Option<&[f32]>,
+        act: Act,
+        ic_sets: Option<&Vec<Vec<usize>>>,
+        gate: Option<(&[f32], f64)>,
+    ) -> (Vec<f32>, Vec<Vec<usize>>, Vec<u64>) {
+        let (cin, cout) = (geom.in_c, bias.len());
+        let plane = geom.in_hw[0] * geom.in_hw[1];
+        let n = geom.out_hw[0] * geom.out_hw[1];
+        let taps = geom.kernel[0] * geom.kernel[1];
+        let mut out = self.pool.take(batch * cout * n);
+        let (mut kept, mut flops) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
+        for s in 0..batch {
+            let xs = &x[s * cin * plane..(s + 1) * cin * plane];
+            let ic: Vec<usize> = ic_sets.map_or_else(|| (0..cin).collect(), |v| v[s].clone());
+            let mut f = 0u64;
+            let oc: Vec<usize> = match gate {
+                Some((g, keep)) => {
+                    let pooled: Vec<f32> = ic
+                        .iter()
+                        .map(|&c| xs[c * plane..(c + 1) * plane].iter().sum::<f32>() / plane as f32)
+                        .collect();
+                    let scores: Vec<f32> = (0..cout)
+                        .map(|o| {
+                            bias[o]
+                                + ic.iter()
+                                    .zip(&pooled)
+                                    .map(|(&c, &p)| g[o * cin + c] * p)
+                                    .sum::<f32>()
+                        })
+                        .collect();
+                    f += (ic.len() * plane + 2 * ic.len() * cout) as u64;
+                    let k = crate::exec::gating::kept_count(cout, keep, self.isa.mr());
+                    crate::exec::gating::select(&scores, k)
+                }
+                None => (0..cout).collect(),
+            };
+            let mut xc = self.pool.take(ic.len() * plane);
+            for (j, &c) in ic.iter().enumerate() {
+                xc[j * plane..(j + 1) * plane].copy_from_slice(&xs[c * plane..(c + 1) * plane]);
+            }
+            let all_out = oc.len() == cout;
+            let all_in = ic.len() == cin;
+            // Weights: rows of the kept output channels, columns of the kept inputs; in
+            // place when both are complete.
+            let wc: Option<Vec<f32>> = (!(all_out && all_in)).then(|| {
+                let mut wc = Vec::with_capacity(oc.len() * ic.len() * taps);
+                for &o in &oc {
+                    if all_in {
+                        wc.extend_from_slice(&weight[o * cin * taps..(o + 1) * cin * taps]);
+                    } else {
+                        for &c in &ic {
+                            wc.extend_from_slice(
+                                &weight[(o * cin + c) * taps..(o * cin + c + 1) * taps],
+                            );
+                        }
+                    }
+                }
+                wc
+            });
+            let bc: Vec<f32> = oc.iter().map(|&o| bias[o]).collect();
+            let rs = residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]);
+            // The residual of the kept rows: all of it, in place, when every row is kept.
+            let rc: Option<Vec<f32>> = rs.filter(|_| !all_out).map(|r| {
+                oc.iter()
+                    .flat_map(|&o| r[o * n..(o + 1) * n].iter().copied())
+                    .collect()
+            });
+            let gc = ConvGeom {
+                in_c: ic.len(),
+                ..*geom
+            };
+            let yc = self.conv_gemm(
+                &xc,
+                1,
+                wc.as_deref().unwrap_or(weight),
+                &bc,
+                1,
+                &gc,
+                if all_out { rs } else { rc.as_deref() },
+                act,
+            );
+            let os = &mut out[s * cout * n..(s + 1) * cout * n];
+            if all_out {
+                os.copy_from_slice(&yc[..cout * n]);
+            } else {
+                match rs {
+                    Some(r) => os.copy_from_slice(r),
+                    None => os.fill(0.0),
+                }
+                for (j, &o) in oc.iter().enumerate() {
+                    os[o * n..(o + 1) * n].copy_from_slice(&yc[j * n..(j + 1) * n]);
+                }
+            }
+            f += 2 * (n * oc.len() * ic.len() * taps) as u64;
+            self.pool.give(xc);
+            self.pool.give(yc);
+            kept.push(oc);
+            flops.push(f);
+        }
+        (out, kept, flops)
+    }
+
+    /// Depthwise convolution of each sample's kept channels only; the others are zero.
+    #[allow(clippy::too_many_arguments)]
+    fn depthwise_compact(
+        &self,
+        x: &[f32],
+        batch: usize,
+        weight: &[f32],
+        bias: &[f32],
+        win: Window,
+        residual: Option<&[f32]>,
+        act: Act,
+        sets: &[Vec<usize>],
+    ) -> (Vec<f32>, Vec<u64>) {
+        let c = bias.len();
+        let (ip, op) = (win.in_hw[0] * win.in_hw[1], win.out_hw[0] * win.out_hw[1]);
+        let taps = win.kernel[0] * win.kernel[1];
+        let mut out = self.pool.take(batch * c * op);
+        let mut flops = Vec::with_capacity(batch);
+        for (s, set) in sets.iter().enumerate().take(batch) {
+            let gather = |src: &[f32], len: usize| -> Vec<f32> {
+                set.iter()
+                    .flat_map(|&ch| src[ch * len..(ch + 1) * len].iter().copied())
+                    .collect()
+            };
+            let xc = gather(&x[s * c * ip..(s + 1) * c * ip], ip);
+            let wc = gather(weight, taps);
+            let bc: Vec<f32> = set.iter().map(|&ch| bias[ch]).collect();
+            let rc = residual.map(|r| gather(&r[s * c * op..(s + 1) * c * op], op));
+            let mut yc = vec![0f32; set.len() * op];
+            depthwise::depthwise_into(&mut yc, &xc, &wc, &bc, rc.as_deref(), act, set.len(), win);
+            let os = &mut out[s * c * op..(s + 1) * c * op];
+            os.fill(0.0);
+            for (j, &ch) in set.iter().enumerate() {
+                os[ch * op..(ch + 1) * op].copy_from_slice(&yc[j * op..(j + 1) * op]);
+            }
+            flops.push(2 * (op * set.len() * taps) as u64);
+        }
+        (out, flops)
+    }
 }
 
 /// Copies every `in_hw` plane of `x` into a zeroed `out_hw` plane at offset `pad_tl`,
@@ -358,90 +667,16 @@ impl Executor for EngineExecutor {
     }
 
     fn forward(&self, input: &[f32], batch: usize) -> Result<Vec<f32>> {
-        if input.len() != batch * self.sizes[0] {
-            return Err(Error::Input(format!(
-                "{} values do not fill a batch of {batch} inputs of {} values",
-                input.len(),
-                self.sizes[0]
-            )));
-        }
-        let mut values: Vec<Option<Vec<f32>>> = vec![None; self.layers.len() + 1];
-        let mut first = self.pool.take(input.len());
-        first.copy_from_slice(input);
-        values[0] = Some(first);
-        for (i, (src, layer)) in self.layers.iter().enumerate() {
-            let get = |v: usize| {
-                values[v]
-                    .as_deref()
-                    .ok_or_else(|| Error::Exec(format!("value {v} was freed before its last use")))
-            };
-            let x = get(*src)?;
-            let out = match layer {
-                Layer::Gemm {
-                    weight,
-                    bias,
-                    groups,
-                    geom,
-                    residual,
-                    act,
-                } => {
-                    let r = residual.map(get).transpose()?;
-                    self.conv_gemm(x, batch, weight, bias, *groups, geom, r, *act)
-                }
-                Layer::Depthwise {
-                    weight,
-                    bias,
-                    win,
-                    residual,
-                    act,
-                } => {
-                    let r = residual.map(get).transpose()?;
-                    let mut out = self.pool.take(batch * self.sizes[i + 1]);
-                    depthwise::depthwise_into(&mut out, x, weight, bias, r, *act, bias.len(), *win);
-                    out
-                }
-                Layer::Linear { weight, bias, act } => {
-                    let fin = self.sizes[*src];
-                    let fout = bias.len();
-                    let mut out = vec![0f32; batch * fout];
-                    out.par_chunks_mut(fout).enumerate().for_each(|(s, o)| {
-                        let xs = &x[s * fin..(s + 1) * fin];
-                        o.par_iter_mut().enumerate().for_each(|(m, v)| {
-                            *v = act.apply(dot(&weight[m * fin..(m + 1) * fin], xs) + bias[m]);
-                        });
-                    });
-                    out
-                }
-                Layer::MaxPool(win) => ops::max_pool(x, *win),
-                Layer::GlobalAvgPool => {
-                    let plane = self.sizes[*src] / self.sizes[i + 1];
-                    x.chunks_exact(plane)
-                        .map(|p| p.iter().sum::<f32>() / plane as f32)
-                        .collect()
-                }
-                Layer::AdaptiveAvgPool { in_hw, output } => {
-                    ops::adaptive_avg_pool(x, *in_hw, *output)
-                }
-            };
-            values[i + 1] = Some(out);
-            for (v, slot) in values.iter_mut().enumerate().take(i + 1) {
-                if self.last_use[v] == i {
-                    if let Some(buf) = slot.take() {
-                        self.pool.give(buf);
-                    }
-                }
+        Ok(self.run(input, batch, None)?.logits)
+    }
+
+    fn forward_with(&self, input: &[f32], batch: usize, policy: Policy) -> Result<Forward> {
+        match policy {
+            Policy::Dense => self.run(input, batch, None),
+            Policy::Keep(r) if r.is_finite() && r > 0.0 && r <= 1.0 => {
+                self.run(input, batch, Some(r))
             }
+            Policy::Keep(r) => Err(Error::Input(format!("keep ratio {r} is outside (0, 1]"))),
         }
-        let logits = values
-            .pop()
-            .flatten()
-            .ok_or_else(|| Error::Exec("the model produced no output".into()))?;
-        if logits.len() != batch * self.classes {
-            return Err(Error::Exec(format!(
-                "{} logits for {batch} samples",
-                logits.len()
-            )));
-        }
-        Ok(logits)
     }
 }

@@ -13,9 +13,9 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use super::executor::{
     act_code, cuda_err, launch_conv, ConvParams, Kernels, PlanBuffers, PlanDests,
 };
-use super::plan::{random_subset, SamplePlan, Tiling};
 use super::{CudaExecutor, Device, Precision};
 use crate::error::{Error, Result};
+use crate::exec::plan::{random_subset, SamplePlan, Tiling};
 use crate::format::Model;
 use crate::model::{Act, Op};
 

@@ -11,10 +11,10 @@ use cudarc::driver::{
     DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
-use super::plan::{SamplePlan, Tiling};
 use super::{nvrtc, Device};
 use crate::error::{Error, Result};
-use crate::exec::Executor;
+use crate::exec::plan::{SamplePlan, Tiling};
+use crate::exec::{gating, Executor};
 use crate::format::Model;
 use crate::model::{Act, Op, ValueShape};
 
@@ -476,68 +476,6 @@ unsafe impl Send for Graph {}
 /// Most output channels a gate can rank (`GATE_MAX` in cuda/dynsparse.cu).
 const GATE_MAX: usize = 4096;
 
-/// Convolutions whose output channels can be gated, with the nodes that follow each
-/// decision. A convolution qualifies when it is not depthwise, adds no residual, and
-/// every reader of its output is a convolution reading it as input (not as a residual):
-/// either a regular one (which then skips the dropped channels as inputs) or a depthwise
-/// one (which computes only the kept channels) whose own readers are regular
-/// convolutions. Dropped channels are then never read, so they need not be written.
-fn gateable(model: &Model) -> Vec<(usize, Vec<(usize, bool)>)> {
-    let nodes = &model.desc.nodes;
-    let conv = |i: usize| match &nodes[i].op {
-        Op::Conv(c) => Some(c),
-        _ => None,
-    };
-    // Readers of value v: (node, reads it as residual).
-    let readers = |v: usize| -> Vec<(usize, bool)> {
-        nodes
-            .iter()
-            .enumerate()
-            .flat_map(|(j, n)| {
-                let mut r = Vec::new();
-                if n.input == v {
-                    r.push((j, false));
-                }
-                if conv(j).and_then(|c| c.residual) == Some(v) {
-                    r.push((j, true));
-                }
-                r
-            })
-            .collect()
-    };
-    let regular_input =
-        |j: usize, residual: bool| !residual && conv(j).is_some_and(|c| c.groups == 1);
-    let mut out = Vec::new();
-    for i in 0..nodes.len() {
-        let Some(c) = conv(i) else { continue };
-        if c.groups != 1 || c.residual.is_some() {
-            continue;
-        }
-        let mut followers = Vec::new();
-        let mut ok = true;
-        for (j, residual) in readers(i + 1) {
-            if regular_input(j, residual) {
-                followers.push((j, false));
-            } else if !residual && conv(j).is_some_and(|d| d.groups > 1) {
-                let after = readers(j + 1);
-                if after.is_empty() || !after.iter().all(|&(k, r)| regular_input(k, r)) {
-                    ok = false;
-                    break;
-                }
-                followers.push((j, true));
-                followers.extend(after.iter().map(|&(k, _)| (k, false)));
-            } else {
-                ok = false;
-                break;
-            }
-        }
-        if ok && !followers.is_empty() {
-            out.push((i, followers));
-        }
-    }
-    out
-}
-
 /// Per batch size: activations, plans and the captured graphs (dense and sparse).
 struct BatchState {
     input: CudaSlice<f32>,
@@ -699,28 +637,15 @@ impl CudaExecutor {
                 layer,
             });
         }
-        for (i, followers) in gateable(model) {
+        for (i, followers) in gating::gateable(model) {
             let node = &model.desc.nodes[i];
             let weight = model.weight(&format!("{}.weight", node.name))?;
             let bias = model.weight(&format!("{}.bias", node.name))?;
-            let [cout, cin, kh, kw] = [
-                weight.shape[0],
-                weight.shape[1],
-                weight.shape[2],
-                weight.shape[3],
-            ];
+            let cout = weight.shape[0];
             if cout > GATE_MAX {
                 continue;
             }
-            // Training-free gate: the window-summed folded weights give each channel's
-            // mean pre-activation output from the pooled input.
-            let mut g = vec![0.0f32; cout * cin];
-            for (o, row) in g.chunks_exact_mut(cin).enumerate() {
-                for (ci, v) in row.iter_mut().enumerate() {
-                    let at = (o * cin + ci) * kh * kw;
-                    *v = weight.data[at..at + kh * kw].iter().sum();
-                }
-            }
+            let g = gating::training_free_weights(weight);
             let gate = Gate {
                 g: up(&g)?,
                 gb: up(&bias.data)?,
@@ -1085,10 +1010,7 @@ impl CudaExecutor {
                 if let (Layer::Conv { p, .. }, Some(kbuf)) = (&node.layer, kbuf) {
                     gated += 1;
                     let cout = p.cout as usize;
-                    let r = round.max(1);
-                    let k = keep.map_or(cout, |f| {
-                        ((cout as f64 * f / r as f64).ceil() as usize * r).clamp(r.min(cout), cout)
-                    });
+                    let k = keep.map_or(cout, |f| gating::kept_count(cout, f, round));
                     self.dev
                         .stream
                         .memcpy_htod(&vec![k as i32; batch], kbuf)

@@ -6,7 +6,8 @@
 pub mod check;
 mod executor;
 pub mod nvrtc;
-pub mod plan;
+
+pub use crate::exec::plan;
 
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
-//! Host side of the plan contract for the CUDA kernels: per convolution and sample, the
-//! kept output channels, kept input channels and kept output tiles, as sorted index
-//! lists. The executor copies them into device buffers sized for the worst case; the
-//! kernels read counts and indices there.
+//! The plan contract between gates and kernels: per convolution and sample, the kept
+//! output channels, kept input channels and kept output tiles, as sorted index lists. The
+//! CUDA executor copies them into device buffers sized for the worst case, where its
+//! kernels read counts and indices.
 
 use rand::seq::index::sample;
 use rand::Rng;
