@@ -37,17 +37,23 @@ fn check(model: &Model, input: &[f32], batch: usize, name: &str) {
     let dense = engine.forward(input, batch).unwrap();
     let dense_flops = model.flops_per_sample();
 
-    // Every channel kept: the dense result, plus the gates' own cost.
+    // Every channel kept: the dense result at the dense cost. Gates that keep all but a
+    // sliver keep everything after rounding, run the compact path and must still agree.
     let all = engine
         .forward_with(input, batch, Policy::Keep(1.0))
         .unwrap();
-    let err = rel_err(&all.logits, &dense);
-    println!("{name}: keep 1.0 vs dense {err:.2e}");
+    assert_eq!(all.logits, dense, "{name}: keep 1.0 differs from dense");
+    assert_eq!(all.flops.as_ref().unwrap(), &vec![dense_flops; batch]);
+    let nearly = engine
+        .forward_with(input, batch, Policy::Keep(0.999))
+        .unwrap();
+    let err = rel_err(&nearly.logits, &dense);
+    println!("{name}: keep 0.999 (every channel after rounding) vs dense {err:.2e}");
     assert!(
         err <= 1e-5,
-        "{name}: keep 1.0 differs from dense by {err:e}"
+        "{name}: keep 0.999 differs from dense by {err:e}"
     );
-    for &f in all.flops.as_ref().unwrap() {
+    for &f in nearly.flops.as_ref().unwrap() {
         assert!(
             f > dense_flops && f < dense_flops + dense_flops / 50,
             "{name}: {f} vs {dense_flops}"

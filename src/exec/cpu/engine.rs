@@ -673,6 +673,12 @@ impl Executor for EngineExecutor {
     fn forward_with(&self, input: &[f32], batch: usize, policy: Policy) -> Result<Forward> {
         match policy {
             Policy::Dense => self.run(input, batch, None),
+            // Gates that keep every channel drop nothing: the dense pass, reported as such.
+            Policy::Keep(r) if r == 1.0 => {
+                let mut f = self.run(input, batch, None)?;
+                f.flops = Some(vec![self.flops.iter().sum(); batch]);
+                Ok(f)
+            }
             Policy::Keep(r) if r.is_finite() && r > 0.0 && r <= 1.0 => {
                 self.run(input, batch, Some(r))
             }
