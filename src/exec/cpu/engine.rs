@@ -508,12 +508,16 @@ impl EngineExecutor {
                 }
                 None => (0..cout).collect(),
             };
-            let mut xc = self.pool.take(ic.len() * plane);
-            for (j, &c) in ic.iter().enumerate() {
-                xc[j * plane..(j + 1) * plane].copy_from_slice(&xs[c * plane..(c + 1) * plane]);
-            }
             let all_out = oc.len() == cout;
             let all_in = ic.len() == cin;
+            // The kept input planes, read in place when every channel is kept.
+            let xc: Option<Vec<f32>> = (!all_in).then(|| {
+                let mut xc = self.pool.take(ic.len() * plane);
+                for (j, &c) in ic.iter().enumerate() {
+                    xc[j * plane..(j + 1) * plane].copy_from_slice(&xs[c * plane..(c + 1) * plane]);
+                }
+                xc
+            });
             // Weights: rows of the kept output channels, columns of the kept inputs; in
             // place when both are complete.
             let wc: Option<Vec<f32>> = (!(all_out && all_in)).then(|| {
@@ -521,6 +525,9 @@ impl EngineExecutor {
                 for &o in &oc {
                     if all_in {
                         wc.extend_from_slice(&weight[o * cin * taps..(o + 1) * cin * taps]);
+                    } else if taps == 1 {
+                        let row = &weight[o * cin..(o + 1) * cin];
+                        wc.extend(ic.iter().map(|&c| row[c]));
                     } else {
                         for &c in &ic {
                             wc.extend_from_slice(
@@ -544,7 +551,7 @@ impl EngineExecutor {
                 ..*geom
             };
             let yc = self.conv_gemm(
-                &xc,
+                xc.as_deref().unwrap_or(xs),
                 1,
                 wc.as_deref().unwrap_or(weight),
                 &bc,
@@ -566,7 +573,9 @@ impl EngineExecutor {
                 }
             }
             f += 2 * (n * oc.len() * ic.len() * taps) as u64;
-            self.pool.give(xc);
+            if let Some(xc) = xc {
+                self.pool.give(xc);
+            }
             self.pool.give(yc);
             kept.push(oc);
             flops.push(f);
