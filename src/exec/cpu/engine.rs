@@ -683,7 +683,7 @@ impl Executor for EngineExecutor {
         match policy {
             Policy::Dense => self.run(input, batch, None),
             // Gates that keep every channel drop nothing: the dense pass, reported as such.
-            Policy::Keep(r) if r == 1.0 => {
+            Policy::Keep(1.0) => {
                 let mut f = self.run(input, batch, None)?;
                 f.flops = Some(vec![self.flops.iter().sum(); batch]);
                 Ok(f)
