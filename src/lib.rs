@@ -2,9 +2,9 @@
 //!
 //! An inference runtime for image-classification CNNs that decides per input which
 //! channels and spatial regions of each convolution are worth computing and computes
-//! only those. This release runs dense inference on the CPU with its own engine; the
-//! model file, converter, runtime API and executor seam are the foundation the dynamic
-//! executors plug into.
+//! only those. This release runs dense inference on the CPU with its own engine and on
+//! NVIDIA GPUs with its own CUDA kernels, and a first slice of dynamic execution: channel
+//! gates chosen per input ([`Policy::Keep`]).
 //!
 //! ```
 //! use dynsparse::{demo, preprocess, Options, Runtime};

@@ -13,6 +13,16 @@ pub mod plan;
 use crate::error::{Error, Result};
 
 /// What a forward pass computes.
+///
+/// ```
+/// use dynsparse::{demo, Input, Options, Policy, Runtime, TensorData};
+/// let opts = Options { policy: Policy::Keep(0.5), ..Options::default() };
+/// let rt = Runtime::from_bytes(demo::MODEL, opts)?;
+/// let x = TensorData::new(vec![1, 3, 32, 32], (0..3072).map(|i| (i % 7) as f32 / 7.0).collect())?;
+/// let p = &rt.infer(Input::Tensor(&x))?[0];
+/// assert!(p.stats.flops_executed < p.stats.flops_dense); // gates kept about half
+/// # Ok::<(), dynsparse::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Policy {
     /// Every channel of every layer.
