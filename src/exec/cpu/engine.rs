@@ -196,6 +196,7 @@ impl EngineExecutor {
         g: &ConvGeom,
         residual: Option<&[f32]>,
         act: Act,
+        only_rows: Option<&[usize]>,
     ) -> Vec<f32> {
         // Zero-pad the input once so every tap of every window is in bounds: packing then
         // needs no per-pixel checks and copies contiguous runs.
@@ -217,12 +218,18 @@ impl EngineExecutor {
         let g = &g;
         let rows_total = bias.len();
         let rows_per_group = rows_total / groups;
+        // The output rows computed: all of a group's, or (one group) a sparse plan's kept
+        // channels, whose tiles read A's rows in place and store at their own rows.
+        let row_list: &[usize] = match only_rows {
+            Some(r) => r,
+            None => &self.all_rows[..rows_per_group],
+        };
         let k = g.k();
         let n = g.out_hw[0] * g.out_hw[1];
         let in_plane = g.in_hw[0] * g.in_hw[1];
         let panels = n.div_ceil(NR);
         let mr = self.isa.mr();
-        let row_blocks = rows_per_group.div_ceil(mr);
+        let row_blocks = row_list.len().div_ceil(mr);
         // Enough tasks to keep every thread busy, in whole row blocks.
         let wanted = 4 * rayon::current_num_threads();
         let chunks = (wanted.div_ceil(batch * groups * panels)).clamp(1, row_blocks);
@@ -256,6 +263,13 @@ impl EngineExecutor {
                 }
             });
         let mut out = self.pool.take(batch * rows_total * n);
+        if only_rows.is_some() {
+            // Rows outside the list: the residual passes through, or zero.
+            match residual {
+                Some(r) => out.copy_from_slice(&r[..batch * rows_total * n]),
+                None => out.fill(0.0),
+            }
+        }
         let ptr = OutPtr(out.as_mut_ptr());
         let tasks = batch * groups * panels * chunks;
         (0..tasks)
@@ -284,13 +298,13 @@ impl EngineExecutor {
                     act,
                 };
                 let first = chunk * blocks_per_chunk * mr;
-                let last = ((chunk + 1) * blocks_per_chunk * mr).min(rows_per_group);
+                let last = ((chunk + 1) * blocks_per_chunk * mr).min(row_list.len());
                 let tiles: Vec<Tile> = (first..last)
                     .step_by(mr)
                     .map(|r0| Tile {
                         a,
                         k,
-                        rows: &self.all_rows[r0..(r0 + mr).min(last)],
+                        rows: &row_list[r0..(r0 + mr).min(last)],
                         panel,
                         ldb,
                         ldc: n,
@@ -362,7 +376,7 @@ impl EngineExecutor {
                     };
                     if ic_sets.is_none() && gate.is_none() {
                         flops.iter_mut().for_each(|f| *f += self.flops[i]);
-                        self.conv_gemm(x, batch, weight, bias, *groups, geom, r, *act)
+                        self.conv_gemm(x, batch, weight, bias, *groups, geom, r, *act, None)
                     } else {
                         let (out, oc, f) =
                             self.conv_compact(x, batch, weight, bias, geom, r, *act, ic_sets, gate);
@@ -518,6 +532,19 @@ impl EngineExecutor {
                 }
                 xc
             });
+            if all_in && !all_out {
+                let rs = residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]);
+                let os = &mut out[s * cout * n..(s + 1) * cout * n];
+                // Every input kept: the kept rows of A are read in place and stored at
+                // their own rows; no gather, no scatter.
+                let yf = self.conv_gemm(xs, 1, weight, bias, 1, geom, rs, act, Some(&oc));
+                os.copy_from_slice(&yf[..cout * n]);
+                self.pool.give(yf);
+                f += 2 * (n * oc.len() * ic.len() * taps) as u64;
+                kept.push(oc);
+                flops.push(f);
+                continue;
+            }
             // Weights: rows of the kept output channels, columns of the kept inputs; in
             // place when both are complete.
             let wc: Option<Vec<f32>> = (!(all_out && all_in)).then(|| {
@@ -559,6 +586,7 @@ impl EngineExecutor {
                 &gc,
                 if all_out { rs } else { rc.as_deref() },
                 act,
+                None,
             );
             let os = &mut out[s * cout * n..(s + 1) * cout * n];
             if all_out {
