@@ -545,14 +545,12 @@ impl EngineExecutor {
                 flops.push(f);
                 continue;
             }
-            // Weights: rows of the kept output channels, columns of the kept inputs; in
-            // place when both are complete.
-            let wc: Option<Vec<f32>> = (!(all_out && all_in)).then(|| {
+            // Weights: the kept output channels' rows, restricted to the kept inputs (here
+            // some input is dropped, or every channel is kept and A is read in place).
+            let wc: Option<Vec<f32>> = (!all_in).then(|| {
                 let mut wc = Vec::with_capacity(oc.len() * ic.len() * taps);
                 for &o in &oc {
-                    if all_in {
-                        wc.extend_from_slice(&weight[o * cin * taps..(o + 1) * cin * taps]);
-                    } else if taps == 1 {
+                    if taps == 1 {
                         let row = &weight[o * cin..(o + 1) * cin];
                         wc.extend(ic.iter().map(|&c| row[c]));
                     } else {
