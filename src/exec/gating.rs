@@ -92,6 +92,13 @@ pub fn kept_count(channels: usize, keep: f64, round: usize) -> usize {
         .clamp(r.min(channels), channels)
 }
 
+/// FLOPs one gate costs for one sample, counted from the plan the same way for every
+/// executor: pooling each kept input channel over its `plane`, then scoring all
+/// `channels` outputs from the kept inputs.
+pub fn gate_flops(kept_inputs: usize, plane: usize, channels: usize) -> u64 {
+    (kept_inputs * plane + 2 * kept_inputs * channels) as u64
+}
+
 /// The `keep` best of `scores`, ties to the lower index, as sorted indices.
 pub fn select(scores: &[f32], keep: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).collect();

@@ -516,7 +516,7 @@ impl EngineExecutor {
                                     .sum::<f32>()
                         })
                         .collect();
-                    f += (ic.len() * plane + 2 * ic.len() * cout) as u64;
+                    f += crate::exec::gating::gate_flops(ic.len(), plane, cout);
                     let k = crate::exec::gating::kept_count(cout, keep, self.isa.mr());
                     crate::exec::gating::select(&scores, k)
                 }

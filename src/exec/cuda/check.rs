@@ -787,7 +787,7 @@ pub fn plan_flops(
     let mut batch = 1;
     for (i, info) in model.layers.iter().enumerate() {
         match (&shapes[i], &plans[i], &model.desc.nodes[i].op) {
-            (Some((_, _, tiling, depthwise)), Some(per), Op::Conv(cv)) => {
+            (Some((cout, _, tiling, depthwise)), Some(per), Op::Conv(cv)) => {
                 batch = per.len().max(1);
                 let [_, oh, ow] = info.output;
                 let k = (cv.kernel[0] * cv.kernel[1]) as u64;
@@ -799,9 +799,8 @@ pub fn plan_flops(
                         .sum();
                     let inner = if *depthwise { 1 } else { sp.ic.len() as u64 };
                     total += 2 * pixels * sp.oc.len() as u64 * inner * k;
-                    if let (true, Some((cin, hw))) = (gates, gate_shapes[i]) {
-                        total +=
-                            (cin * hw) as u64 + 2 * sp.ic.len() as u64 * sp.oc.len().max(1) as u64;
+                    if let (true, Some((_, hw))) = (gates, gate_shapes[i]) {
+                        total += crate::exec::gating::gate_flops(sp.ic.len(), hw, *cout);
                     }
                 }
             }
