@@ -398,53 +398,27 @@ __device__ __forceinline__ void conv_igemm(
     __shared__ __align__(16) unsigned As[CSTAGES][CBM][CBK]; \
     __shared__ __align__(16) unsigned Bs[CSTAGES][CBN][CBK];
 
-extern "C" __global__ void __launch_bounds__(128, 4)
-conv_igemm_tf32(ConvParams p, const float* __restrict__ x, const float* __restrict__ wt,
-                const float* __restrict__ bias, const float* __restrict__ res,
-                float* __restrict__ y, const int* __restrict__ oc_idx,
-                const int* __restrict__ oc_cnt, const int* __restrict__ ic_idx,
-                const int* __restrict__ ic_cnt, const int* __restrict__ tile_idx,
-                const int* __restrict__ tile_cnt, float* __restrict__ ws) {
-    CONV_SMEM
-    if (ic_cnt[blockIdx.z] == p.cin && (p.cin & 3) == 0)
-        conv_igemm<MODE_TF32, true>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
-                                tile_idx, tile_cnt, ws, As, Bs);
-    else
-        conv_igemm<MODE_TF32, false>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
-                                 tile_idx, tile_cnt, ws, As, Bs);
-}
+// One entry point per arithmetic mode; each picks the 16-byte load path per sample.
+#define CONV_ENTRY(NAME, MODE)                                                              \
+    extern "C" __global__ void __launch_bounds__(128, 4)                                    \
+    NAME(ConvParams p, const float* __restrict__ x, const float* __restrict__ wt,           \
+         const float* __restrict__ bias, const float* __restrict__ res,                     \
+         float* __restrict__ y, const int* __restrict__ oc_idx,                             \
+         const int* __restrict__ oc_cnt, const int* __restrict__ ic_idx,                    \
+         const int* __restrict__ ic_cnt, const int* __restrict__ tile_idx,                  \
+         const int* __restrict__ tile_cnt, float* __restrict__ ws) {                        \
+        CONV_SMEM                                                                           \
+        if (ic_cnt[blockIdx.z] == p.cin && (p.cin & 3) == 0)                                \
+            conv_igemm<MODE, true>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,  \
+                                   tile_idx, tile_cnt, ws, As, Bs);                         \
+        else                                                                                \
+            conv_igemm<MODE, false>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt, \
+                                    tile_idx, tile_cnt, ws, As, Bs);                        \
+    }
 
-extern "C" __global__ void __launch_bounds__(128, 4)
-conv_igemm_3xtf32(ConvParams p, const float* __restrict__ x, const float* __restrict__ wt,
-                  const float* __restrict__ bias, const float* __restrict__ res,
-                  float* __restrict__ y, const int* __restrict__ oc_idx,
-                  const int* __restrict__ oc_cnt, const int* __restrict__ ic_idx,
-                  const int* __restrict__ ic_cnt, const int* __restrict__ tile_idx,
-                  const int* __restrict__ tile_cnt, float* __restrict__ ws) {
-    CONV_SMEM
-    if (ic_cnt[blockIdx.z] == p.cin && (p.cin & 3) == 0)
-        conv_igemm<MODE_3XTF32, true>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
-                               tile_idx, tile_cnt, ws, As, Bs);
-    else
-        conv_igemm<MODE_3XTF32, false>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
-                                tile_idx, tile_cnt, ws, As, Bs);
-}
-
-extern "C" __global__ void __launch_bounds__(128, 4)
-conv_igemm_f16(ConvParams p, const float* __restrict__ x, const float* __restrict__ wt,
-                  const float* __restrict__ bias, const float* __restrict__ res,
-                  float* __restrict__ y, const int* __restrict__ oc_idx,
-                  const int* __restrict__ oc_cnt, const int* __restrict__ ic_idx,
-                  const int* __restrict__ ic_cnt, const int* __restrict__ tile_idx,
-                  const int* __restrict__ tile_cnt, float* __restrict__ ws) {
-    CONV_SMEM
-    if (ic_cnt[blockIdx.z] == p.cin && (p.cin & 3) == 0)
-        conv_igemm<MODE_FP16, true>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
-                               tile_idx, tile_cnt, ws, As, Bs);
-    else
-        conv_igemm<MODE_FP16, false>(p, x, wt, bias, res, y, oc_idx, oc_cnt, ic_idx, ic_cnt,
-                                tile_idx, tile_cnt, ws, As, Bs);
-}
+CONV_ENTRY(conv_igemm_tf32, MODE_TF32)
+CONV_ENTRY(conv_igemm_3xtf32, MODE_3XTF32)
+CONV_ENTRY(conv_igemm_f16, MODE_FP16)
 
 // Second pass of a split-K convolution: sums the splits' partial products and applies
 // bias, residual and activation, writing the kept outputs. Samples that ran unsplit

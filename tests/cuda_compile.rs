@@ -21,6 +21,14 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
         // A CUBIN is an ELF image.
         assert_eq!(&compiled.cubin[..4], b"\x7fELF", "{arch}: not a CUBIN");
         let res = nvrtc::resources(&compiled.log);
+        let mut compiled_names: Vec<&str> = res.iter().map(|r| r.name.as_str()).collect();
+        compiled_names.sort_unstable();
+        let mut listed = nvrtc::KERNELS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(
+            compiled_names, listed,
+            "{arch}: compiled entry points differ from KERNELS"
+        );
         for k in nvrtc::KERNELS {
             let r = res
                 .iter()
