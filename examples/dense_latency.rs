@@ -1,21 +1,22 @@
 //! Latency of converted models at several batch sizes: median, p10, p90 over repeated
 //! forward passes of random inputs (preprocessing excluded), as JSON lines — dense, and
-//! with `--keep 0.5,0.25` also with channel gates keeping those fractions, the policies
-//! interleaved run by run so that drift hits all of them alike.
+//! with gates: `--keep R,...` (channel gates), `--tiles R,...` (spatial gates),
+//! `--both R,...` (both at R), `--budget F,...` and `--budget-spatial F,...` (FLOP
+//! budgets). The policies are interleaved run by run so that drift hits all alike.
 //!
-//! usage: cargo run --release --example dense_latency -- [--batch 1,8] [--runs N] [--keep R,...] MODEL...
+//! usage: cargo run --release --example dense_latency -- [--batch 1,8] [--runs N] [--keep R,...] [--tiles R,...] [--both R,...] [--budget F,...] [--budget-spatial F,...] MODEL...
 //!
 //! A stop-gap until the benchmark harness (`dynsparse bench`) lands; `benches/peers/`
 //! runs ONNX Runtime on the same weights for the ratios.
 
 use std::time::Instant;
 
-use dynsparse::{Input, Options, Policy, Runtime, TensorData};
+use dynsparse::{Budget, Cut, Gates, Input, Options, Policy, Runtime, TensorData};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut batches = vec![1usize, 8];
     let mut runs = 20usize;
-    let mut keeps: Vec<f64> = Vec::new();
+    let mut policies = vec![("dense".to_string(), Policy::Dense)];
     let mut models = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -29,24 +30,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .collect::<Result<_, _>>()?
             }
             "--runs" => runs = args.next().ok_or("--runs needs a value")?.parse()?,
-            "--keep" => {
-                keeps = args
+            "--keep" | "--tiles" | "--both" | "--budget" | "--budget-spatial" => {
+                let values: Vec<f64> = args
                     .next()
-                    .ok_or("--keep needs a value")?
+                    .ok_or(format!("{a} needs a value"))?
                     .split(',')
                     .map(str::parse)
-                    .collect::<Result<_, _>>()?
+                    .collect::<Result<_, _>>()?;
+                for r in values {
+                    let gates = |channels, tiles| Policy::Gates(Gates { channels, tiles });
+                    let policy = match a.as_str() {
+                        "--keep" => Policy::Keep(r),
+                        "--tiles" => gates(Cut::All, Cut::Ratio(r)),
+                        "--both" => gates(Cut::Ratio(r), Cut::Ratio(r)),
+                        "--budget" => Policy::Budget(Budget::Flops(r)),
+                        _ => Policy::Budget(Budget::FlopsWithTiles(r)),
+                    };
+                    policies.push((format!("{}={r}", &a[2..]), policy));
+                }
             }
             _ => models.push(a),
         }
     }
     for path in models {
         let model = dynsparse::Model::load(&path)?;
-        let mut policies = vec![Policy::Dense];
-        policies.extend(keeps.iter().map(|&k| Policy::Keep(k)));
         let runtimes = policies
             .iter()
-            .map(|&policy| {
+            .map(|&(_, policy)| {
                 let opts = Options {
                     policy,
                     ..Options::default()
@@ -79,20 +89,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
             let mut dense_ms = f64::NAN;
-            for ((policy, m), f) in policies.iter().zip(ms.iter_mut()).zip(&flops) {
+            for (((label, policy), m), f) in policies.iter().zip(ms.iter_mut()).zip(&flops) {
                 m.sort_by(f64::total_cmp);
                 let q = |p: f64| m[((m.len() - 1) as f64 * p).round() as usize];
-                let keep = match policy {
-                    Policy::Dense => {
-                        dense_ms = q(0.5);
-                        1.0
-                    }
-                    Policy::Keep(k) => *k,
-                };
+                if *policy == Policy::Dense {
+                    dense_ms = q(0.5);
+                }
                 println!(
-                    "{{\"model\":\"{}\",\"batch\":{b},\"keep\":{keep},\"policy\":\"{}\",\"median_ms\":{:.3},\"p10_ms\":{:.3},\"p90_ms\":{:.3},\"vs_dense\":{:.3},\"flop_fraction\":{:.3},\"gflop\":{:.4}}}",
+                    "{{\"model\":\"{}\",\"batch\":{b},\"policy\":\"{label}\",\"median_ms\":{:.3},\"p10_ms\":{:.3},\"p90_ms\":{:.3},\"vs_dense\":{:.3},\"flop_fraction\":{:.3},\"gflop\":{:.4}}}",
                     model.desc.arch,
-                    if *policy == Policy::Dense { "dense" } else { "gates" },
                     q(0.5),
                     q(0.1),
                     q(0.9),

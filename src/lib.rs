@@ -29,6 +29,8 @@ pub mod preprocess;
 mod runtime;
 
 pub use error::{Error, Result};
-pub use exec::Policy;
+pub use exec::{Budget, Cut, Gates, Policy};
 pub use format::{Model, TensorData};
-pub use runtime::{ClassScore, DeviceChoice, Engine, Input, Options, Prediction, Runtime, Stats};
+pub use runtime::{
+    ClassScore, DeviceChoice, Engine, Input, LayerStats, Options, Prediction, Runtime, Stats,
+};

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::exec::cpu::{EngineExecutor, ReferenceExecutor};
 use crate::exec::cuda;
-use crate::exec::{Executor, Policy};
+use crate::exec::{gating, Executor, Forward, Policy};
 use crate::format::{Model, TensorData};
 use crate::preprocess::preprocess;
 
@@ -27,8 +27,10 @@ pub struct Options {
     pub threads: Option<usize>,
     /// Where the forward pass runs.
     pub device: DeviceChoice,
-    /// What each forward pass computes: dense, or what channel gates keep.
+    /// What each forward pass computes: dense, or what the gates keep.
     pub policy: Policy,
+    /// Report per-layer cost in [`Stats::layers`].
+    pub layer_stats: bool,
 }
 
 impl Default for Options {
@@ -39,6 +41,7 @@ impl Default for Options {
             threads: None,
             device: DeviceChoice::Auto,
             policy: Policy::Dense,
+            layer_stats: false,
         }
     }
 }
@@ -114,8 +117,10 @@ pub struct ClassScore {
 pub struct Stats {
     /// FLOPs of dense execution for this sample (2 per multiply-add).
     pub flops_dense: u64,
-    /// FLOPs actually executed for this sample.
+    /// FLOPs actually executed for this sample, the gates' included.
     pub flops_executed: u64,
+    /// Of those, FLOPs the gates spent deciding what to compute.
+    pub flops_gates: u64,
     /// Wall time of the forward pass that computed this sample (shared by its batch),
     /// preprocessing excluded.
     pub latency_ms: f64,
@@ -123,6 +128,31 @@ pub struct Stats {
     pub batch_size: usize,
     /// The executor that ran it.
     pub executor: &'static str,
+    /// Per layer, in graph order, with [`Options::layer_stats`] (and an executor that
+    /// traces layers); empty otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerStats>,
+}
+
+/// Cost of one layer for one sample.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LayerStats {
+    /// Node name in the model file.
+    pub name: String,
+    /// Output channels computed, of `channels`.
+    pub kept_channels: usize,
+    /// Output channels of the layer.
+    pub channels: usize,
+    /// Output tiles computed, of `tiles`; both 0 for layers without a spatial gate.
+    pub kept_tiles: usize,
+    /// Output tiles of a layer with a spatial gate.
+    pub tiles: usize,
+    /// FLOPs executed, the layer's gates included.
+    pub flops: u64,
+    /// Dense FLOPs of the layer.
+    pub flops_dense: u64,
+    /// Wall time of the layer for the whole batch.
+    pub ms: f64,
 }
 
 /// The result for one input sample.
@@ -186,6 +216,7 @@ impl Runtime {
             let dev = cuda::Device::open(0)?;
             Ok(Box::new(cuda::CudaExecutor::new(model, dev)?))
         };
+        options.policy.validate()?;
         let dynamic = options.policy != Policy::Dense;
         let (executor, device_note) = match options.device {
             DeviceChoice::Cpu => (cpu(&model)?, None),
@@ -285,11 +316,11 @@ impl Runtime {
         }
         let start = Instant::now();
         let policy = self.options.policy;
-        let fwd = match &self.pool {
+        let mut fwd = match &self.pool {
             Some(pool) => pool.install(|| self.executor.forward_with(&data, batch, policy))?,
             None => self.executor.forward_with(&data, batch, policy)?,
         };
-        let logits = fwd.logits;
+        let logits = std::mem::take(&mut fwd.logits);
         let latency_ms = start.elapsed().as_secs_f64() * 1e3;
         let classes = self.model.desc.classes.len();
         if logits.len() != batch * classes {
@@ -308,12 +339,44 @@ impl Runtime {
                 stats: Stats {
                     flops_dense: flops,
                     flops_executed: fwd.flops.as_ref().map_or(flops, |f| f[i]),
+                    flops_gates: fwd.gate_flops.as_ref().map_or(0, |f| f[i]),
                     latency_ms,
                     batch_size: batch,
                     executor: self.executor.name(),
+                    layers: if self.options.layer_stats {
+                        self.layer_stats(&fwd, i)
+                    } else {
+                        Vec::new()
+                    },
                 },
             })
             .collect())
+    }
+
+    fn layer_stats(&self, fwd: &Forward, sample: usize) -> Vec<LayerStats> {
+        let nodes = &self.model.desc.nodes;
+        fwd.layers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let info = &self.model.layers[i];
+                let channels = info.output[0];
+                let at = |v: &[Option<Vec<Vec<usize>>>]| {
+                    v.get(i).and_then(|k| k.as_ref()).map(|k| k[sample].len())
+                };
+                let tiling = at(&fwd.tiles).and(gating::cpu_tiling(info.output[1], info.output[2]));
+                LayerStats {
+                    name: nodes[i].name.clone(),
+                    kept_channels: at(&fwd.kept).unwrap_or(channels),
+                    channels,
+                    kept_tiles: at(&fwd.tiles).unwrap_or(0),
+                    tiles: tiling.map_or(0, |t| t.tiles),
+                    flops: t.flops.get(sample).copied().unwrap_or(info.flops),
+                    flops_dense: info.flops,
+                    ms: t.ms,
+                }
+            })
+            .collect()
     }
 
     fn top_k(&self, logits: &[f32]) -> Vec<ClassScore> {

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use dynsparse::{
-    convert, npy, preprocess, DeviceChoice, Input, Options, Policy, Prediction, Runtime,
+    convert, npy, preprocess, Budget, Cut, DeviceChoice, Gates, Input, Options, Policy, Prediction,
+    Runtime,
 };
 use serde::Serialize;
 
@@ -57,13 +58,12 @@ enum Command {
         /// Worker threads (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
-        /// Dynamic execution: channel gates keep this fraction (0..=1] of every gated
-        /// convolution's output channels, chosen per input (CPU).
-        #[arg(long, conflicts_with = "dense")]
-        keep: Option<f64>,
-        /// Dense execution (the default).
+        #[command(flatten)]
+        gates: GateArgs,
+        /// Per-layer cost (kept channels and tiles, FLOPs, time) of the first input; in
+        /// the JSON, of every input.
         #[arg(long)]
-        dense: bool,
+        verbose: bool,
         /// Where to run: auto (a CUDA GPU when present, else the CPU), cpu or cuda.
         #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
@@ -108,6 +108,63 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
     },
+}
+
+/// What the gates compute (CPU); dense when none is given.
+#[derive(clap::Args)]
+struct GateArgs {
+    /// Channel gates keep this fraction (0, 1] of every gated convolution's output
+    /// channels, the best per input.
+    #[arg(long, conflicts_with_all = ["dense", "threshold", "budget"])]
+    keep: Option<f64>,
+    /// Channel gates keep the channels whose gate probability is at least this, in (0, 1)
+    /// (0.5: mean pre-activation above zero).
+    #[arg(long, conflicts_with_all = ["dense", "budget"])]
+    threshold: Option<f64>,
+    /// Spatial gates keep this fraction (0, 1] of every gated convolution's output tiles,
+    /// the most active per input.
+    #[arg(long, conflicts_with_all = ["dense", "tile_threshold", "budget"])]
+    tiles: Option<f64>,
+    /// Spatial gates keep the tiles whose gate probability e/(e+mean) is at least this,
+    /// in (0, 1) (0.5: busier than the layer's average).
+    #[arg(long, conflicts_with_all = ["dense", "budget"])]
+    tile_threshold: Option<f64>,
+    /// At most this fraction (0, 1] of the dense FLOPs per input, the gates' own cost
+    /// aside; the planner sets the channel cuts (and the tile cuts with --spatial).
+    #[arg(long, conflicts_with = "dense")]
+    budget: Option<f64>,
+    /// With --budget: plan spatial gates as well as channel gates.
+    #[arg(long, requires = "budget")]
+    spatial: bool,
+    /// Dense execution (the default).
+    #[arg(long)]
+    dense: bool,
+}
+
+impl GateArgs {
+    fn policy(&self) -> Policy {
+        if let Some(f) = self.budget {
+            return Policy::Budget(if self.spatial {
+                Budget::FlopsWithTiles(f)
+            } else {
+                Budget::Flops(f)
+            });
+        }
+        let cut = |ratio: Option<f64>, threshold: Option<f64>| match (ratio, threshold) {
+            (Some(r), _) => Cut::Ratio(r),
+            (None, Some(t)) => Cut::Threshold(t),
+            (None, None) => Cut::All,
+        };
+        let gates = Gates {
+            channels: cut(self.keep, self.threshold),
+            tiles: cut(self.tiles, self.tile_threshold),
+        };
+        if gates.channels == Cut::All && gates.tiles == Cut::All {
+            Policy::Dense
+        } else {
+            Policy::Gates(gates)
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -161,8 +218,8 @@ fn run(cli: Cli) -> Result<()> {
             top_k,
             json,
             threads,
-            keep,
-            dense: _,
+            gates,
+            verbose,
             device,
             tensor,
             images,
@@ -171,7 +228,8 @@ fn run(cli: Cli) -> Result<()> {
             top_k,
             json,
             threads,
-            keep.map_or(Policy::Dense, Policy::Keep),
+            gates.policy(),
+            verbose,
             device.into(),
             tensor.as_deref(),
             &images,
@@ -235,6 +293,7 @@ fn cmd_infer(
     json: bool,
     threads: Option<usize>,
     policy: Policy,
+    verbose: bool,
     device: DeviceChoice,
     tensor: Option<&Path>,
     images: &[PathBuf],
@@ -246,6 +305,7 @@ fn cmd_infer(
             threads,
             device,
             policy,
+            layer_stats: verbose,
             ..Options::default()
         },
     )?;
@@ -280,13 +340,17 @@ fn cmd_infer(
             }
         }
         if let Some(p) = preds.first() {
+            if verbose {
+                print_layers(&names[0], &p.stats);
+            }
             println!(
-                "{} input(s) in {:.2} ms on {}, {:.3} GFLOPs per input (dense {:.3})",
+                "{} input(s) in {:.2} ms on {}, {:.3} GFLOPs per input (dense {:.3}; gates {:.4})",
                 preds.len(),
                 p.stats.latency_ms,
                 p.stats.executor,
                 p.stats.flops_executed as f64 / 1e9,
-                p.stats.flops_dense as f64 / 1e9
+                p.stats.flops_dense as f64 / 1e9,
+                p.stats.flops_gates as f64 / 1e9
             );
         }
     }
@@ -294,6 +358,31 @@ fn cmd_infer(
         eprintln!("note: {note}");
     }
     Ok(())
+}
+
+/// The per-layer table of one input.
+fn print_layers(name: &str, stats: &dynsparse::Stats) {
+    println!("per layer, {name} (time is the whole batch's):");
+    println!(
+        "  {:<28} {:>11} {:>9} {:>9} {:>9} {:>8}",
+        "layer", "channels", "tiles", "MFLOPs", "dense", "ms"
+    );
+    for l in &stats.layers {
+        let tiles = if l.tiles > 0 {
+            format!("{}/{}", l.kept_tiles, l.tiles)
+        } else {
+            "-".into()
+        };
+        println!(
+            "  {:<28} {:>11} {:>9} {:>9.2} {:>9.2} {:>8.3}",
+            l.name,
+            format!("{}/{}", l.kept_channels, l.channels),
+            tiles,
+            l.flops as f64 / 1e6,
+            l.flops_dense as f64 / 1e6,
+            l.ms
+        );
+    }
 }
 
 fn cmd_demo() -> Result<()> {

@@ -1,5 +1,5 @@
-//! Channel gates, defined once for every executor: which convolutions can be gated, the
-//! training-free gate weights, and how a gate chooses what to keep.
+//! Gates, defined once for every executor: which convolutions can be gated, the
+//! training-free gate weights, spatial tile scores, and how a gate chooses what to keep.
 //!
 //! For a gated convolution with input `x`, the score of output channel `co` is
 //! `sum over kept ci of G[co][ci] * mean(x[ci]) + b[co]`; the `keep` highest scores are
@@ -8,6 +8,9 @@
 //! then the channel's mean pre-activation output (exact away from the padded border) — a
 //! saliency predicted from the layer's input before the layer runs.
 
+use crate::exec::cpu::gemm::ConvGeom;
+use crate::exec::plan::Tiling;
+use crate::exec::Cut;
 use crate::format::{Model, TensorData};
 use crate::model::Op;
 
@@ -99,6 +102,120 @@ pub fn gate_flops(kept_inputs: usize, plane: usize, channels: usize) -> u64 {
     (kept_inputs * plane + 2 * kept_inputs * channels) as u64
 }
 
+/// The units a gate keeps under `cut`: the `n` best of `scores` (see [`select`]), where
+/// for a ratio `n` is [`kept_count`], and for a threshold it is the number of scores at or
+/// above `at(threshold)` (the threshold in score units), rounded up to `round`.
+pub fn choose(scores: &[f32], cut: Cut, at: impl Fn(f64) -> f32, round: usize) -> Vec<usize> {
+    let n = scores.len();
+    let r = round.max(1);
+    let keep = match cut {
+        Cut::All => n,
+        Cut::Ratio(f) => kept_count(n, f, r),
+        Cut::Threshold(t) => {
+            let bar = at(t);
+            let above = scores.iter().filter(|&&s| s >= bar).count();
+            (above.div_ceil(r) * r).clamp(r.min(n), n)
+        }
+    };
+    select(scores, keep)
+}
+
+/// A channel threshold in score units: a probability `t` is `sigmoid(score)`.
+pub fn channel_bar(t: f64) -> f32 {
+    (t / (1.0 - t)).ln() as f32
+}
+
+/// A tile threshold in energy units for a layer of mean energy `mean`: a tile's
+/// probability is `e / (e + mean)`.
+pub fn tile_bar(t: f64, mean: f32) -> f32 {
+    (f64::from(mean) * t / (1.0 - t)) as f32
+}
+
+/// The CPU engine's spatial tiling of an `oh × ow` output: square tiles of the largest edge
+/// in {4, 2} that divides both sides and leaves at least 16 tiles, so every tile is whole
+/// and a tile count maps to an exact pixel count. `None` (no spatial gate) otherwise.
+pub fn cpu_tiling(oh: usize, ow: usize) -> Option<Tiling> {
+    [4, 2]
+        .into_iter()
+        .find(|&g| oh.is_multiple_of(g) && ow.is_multiple_of(g) && (oh / g) * (ow / g) >= 16)
+        .map(|g| Tiling::with_edge(oh, ow, g))
+}
+
+/// Tiles per B panel of the CPU GEMM: kept tile counts are rounded up to this so kept
+/// pixels fill whole panels of `panel` columns.
+pub fn tiles_per_panel(t: &Tiling, panel: usize) -> usize {
+    (panel / (t.g * t.g)).max(1)
+}
+
+/// Spatial gate scores of one sample: per output tile of `t`, the mean absolute activation
+/// over the input rectangle the tile's windows span (clipped to the image), summed over
+/// `channels`; and the same mean over the whole input (the layer's mean energy). `x` holds
+/// the sample's `g.in_c` planes.
+pub fn tile_energy(x: &[f32], channels: &[usize], g: &ConvGeom, t: &Tiling) -> (Vec<f32>, f32) {
+    let [h, w] = g.in_hw;
+    let plane = h * w;
+    let mut energy = vec![0f32; plane];
+    for &c in channels {
+        for (e, v) in energy.iter_mut().zip(&x[c * plane..(c + 1) * plane]) {
+            *e += v.abs();
+        }
+    }
+    // Summed-area table, in f64 so window sums do not lose small tiles to cancellation.
+    let mut sat = vec![0f64; (h + 1) * (w + 1)];
+    for y in 0..h {
+        let mut row = 0f64;
+        for xx in 0..w {
+            row += f64::from(energy[y * w + xx]);
+            sat[(y + 1) * (w + 1) + xx + 1] = sat[y * (w + 1) + xx + 1] + row;
+        }
+    }
+    let span = |first_out: usize, edge: usize, axis: usize, len: usize| {
+        let last_out = (first_out + edge).min(g.out_hw[axis]).max(first_out + 1) - 1;
+        let lo = (first_out * g.stride[axis]) as isize - g.pad_tl[axis] as isize;
+        let hi = (last_out * g.stride[axis] + g.kernel[axis]) as isize - g.pad_tl[axis] as isize;
+        (
+            lo.clamp(0, len as isize) as usize,
+            hi.clamp(0, len as isize) as usize,
+        )
+    };
+    let scores = (0..t.tiles)
+        .map(|i| {
+            let (ty, tx) = (i / t.tiles_w, i % t.tiles_w);
+            let (y0, y1) = span(ty * t.g, t.g, 0, h);
+            let (x0, x1) = span(tx * t.g, t.g, 1, w);
+            let area = (y1 - y0) * (x1 - x0);
+            if area == 0 {
+                return 0.0;
+            }
+            let sum = sat[y1 * (w + 1) + x1] - sat[y0 * (w + 1) + x1] - sat[y1 * (w + 1) + x0]
+                + sat[y0 * (w + 1) + x0];
+            (sum / area as f64) as f32
+        })
+        .collect();
+    (scores, (sat[h * (w + 1) + w] / plane.max(1) as f64) as f32)
+}
+
+/// FLOPs one spatial gate costs for one sample: the energy map over the kept input
+/// channels, its summed-area table, and four lookups per tile.
+pub fn tile_gate_flops(kept_inputs: usize, plane: usize, tiles: usize) -> u64 {
+    (2 * kept_inputs * plane + 2 * plane + 4 * tiles) as u64
+}
+
+/// The output pixels (`y · ow + x`, ascending) of the kept `tiles` of `t` over an
+/// `out_hw` output (edge tiles clipped to it).
+pub fn tile_pixels(t: &Tiling, tiles: &[usize], out_hw: [usize; 2]) -> Vec<usize> {
+    let [oh, ow] = out_hw;
+    let mut px = Vec::with_capacity(tiles.len() * t.g * t.g);
+    for &i in tiles {
+        let (y0, x0) = ((i / t.tiles_w) * t.g, (i % t.tiles_w) * t.g);
+        for y in y0..(y0 + t.g).min(oh) {
+            px.extend((x0..(x0 + t.g).min(ow)).map(|x| y * ow + x));
+        }
+    }
+    px.sort_unstable();
+    px
+}
+
 /// The `keep` best of `scores`, ties to the lower index, as sorted indices.
 pub fn select(scores: &[f32], keep: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
@@ -127,5 +244,122 @@ mod tests {
         assert_eq!(kept_count(6, 0.01, 8), 6);
         assert_eq!(kept_count(100, 1.0, 12), 100);
         assert_eq!(kept_count(100, 0.5, 12), 60);
+    }
+
+    #[test]
+    fn thresholds_keep_what_clears_the_bar_rounded_up() {
+        let s = [3.0, -1.0, 0.5, 0.0, -2.0, 1.0];
+        // sigmoid ≥ 0.5 ⇔ score ≥ 0: four clear it, rounded up to 2s is 4.
+        assert_eq!(
+            choose(&s, Cut::Threshold(0.5), channel_bar, 2),
+            vec![0, 2, 3, 5]
+        );
+        assert_eq!(
+            choose(&s, Cut::Threshold(0.5), channel_bar, 3),
+            (0..6).collect::<Vec<_>>()
+        );
+        // Nothing clears it: one round's worth is still kept.
+        assert_eq!(
+            choose(&s, Cut::Threshold(0.999), channel_bar, 2),
+            vec![0, 5]
+        );
+        assert_eq!(choose(&s, Cut::Ratio(0.5), channel_bar, 1), vec![0, 2, 5]);
+        assert_eq!(choose(&s, Cut::All, channel_bar, 4).len(), 6);
+        assert!((tile_bar(0.5, 2.0) - 2.0).abs() < 1e-6);
+        assert!((channel_bar(0.5)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn tile_energy_is_the_window_mean_over_kept_channels() {
+        use crate::exec::cpu::fresh_rng;
+        use rand::Rng;
+        let mut rng = fresh_rng();
+        for _ in 0..50 {
+            let g = ConvGeom {
+                in_c: rng.random_range(1..5),
+                in_hw: [rng.random_range(4..20), rng.random_range(4..20)],
+                out_hw: [0, 0],
+                kernel: [rng.random_range(1..4), rng.random_range(1..4)],
+                stride: [rng.random_range(1..3), rng.random_range(1..3)],
+                pad_tl: [rng.random_range(0..2), rng.random_range(0..2)],
+            };
+            let g = ConvGeom {
+                out_hw: [
+                    (g.in_hw[0] + 2 * g.pad_tl[0]).saturating_sub(g.kernel[0]) / g.stride[0] + 1,
+                    (g.in_hw[1] + 2 * g.pad_tl[1]).saturating_sub(g.kernel[1]) / g.stride[1] + 1,
+                ],
+                ..g
+            };
+            let t = Tiling::with_edge(g.out_hw[0], g.out_hw[1], rng.random_range(1..4));
+            let plane = g.in_hw[0] * g.in_hw[1];
+            let x: Vec<f32> = (0..g.in_c * plane)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let chans: Vec<usize> = (0..g.in_c).filter(|_| rng.random_bool(0.7)).collect();
+            let (scores, mean) = tile_energy(&x, &chans, &g, &t);
+            let e = |y: usize, xx: usize| -> f64 {
+                chans
+                    .iter()
+                    .map(|&c| f64::from(x[c * plane + y * g.in_hw[1] + xx].abs()))
+                    .sum()
+            };
+            for (i, &s) in scores.iter().enumerate() {
+                // Naive: every in-image pixel of the rectangle from the first window's
+                // top-left tap to the last window's bottom-right tap, summed directly.
+                let mut seen = Vec::new();
+                let (ty, tx) = (i / t.tiles_w, i % t.tiles_w);
+                let last_y = ((ty + 1) * t.g).min(g.out_hw[0]) - 1;
+                let last_x = ((tx + 1) * t.g).min(g.out_hw[1]) - 1;
+                let top = (ty * t.g * g.stride[0]) as isize - g.pad_tl[0] as isize;
+                let left = (tx * t.g * g.stride[1]) as isize - g.pad_tl[1] as isize;
+                let bottom = (last_y * g.stride[0] + g.kernel[0]) as isize - g.pad_tl[0] as isize;
+                let right = (last_x * g.stride[1] + g.kernel[1]) as isize - g.pad_tl[1] as isize;
+                for y in top..bottom {
+                    for xx in left..right {
+                        let inside = y >= 0
+                            && xx >= 0
+                            && (y as usize) < g.in_hw[0]
+                            && (xx as usize) < g.in_hw[1];
+                        if inside {
+                            seen.push((y as usize, xx as usize));
+                        }
+                    }
+                }
+                let want = if seen.is_empty() {
+                    0.0
+                } else {
+                    seen.iter().map(|&(y, xx)| e(y, xx)).sum::<f64>() / seen.len() as f64
+                };
+                assert!(
+                    (f64::from(s) - want).abs() <= 1e-4 * (1.0 + want),
+                    "tile {i} of {t:?}, {g:?}: {s} vs {want}"
+                );
+            }
+            let all: f64 = (0..g.in_hw[0])
+                .flat_map(|y| (0..g.in_hw[1]).map(move |xx| (y, xx)))
+                .map(|(y, xx)| e(y, xx))
+                .sum();
+            assert!((f64::from(mean) - all / plane as f64).abs() <= 1e-4 * (1.0 + all));
+        }
+    }
+
+    #[test]
+    fn cpu_tiles_are_whole_and_pixels_cover_them() {
+        let t = cpu_tiling(56, 56).unwrap();
+        assert_eq!((t.g, t.tiles), (4, 196));
+        assert_eq!(cpu_tiling(14, 14).unwrap().g, 2);
+        assert_eq!(cpu_tiling(8, 8).unwrap().g, 2);
+        assert!(cpu_tiling(7, 7).is_none());
+        assert!(cpu_tiling(4, 4).is_none());
+        let t = cpu_tiling(8, 12).unwrap();
+        let px = tile_pixels(&t, &[0, 5], [8, 12]);
+        assert_eq!(px, vec![0, 1, 10, 11, 12, 13, 22, 23]);
+        assert_eq!(tiles_per_panel(&t, 32), 8);
+        let all: Vec<usize> = (0..t.tiles).collect();
+        assert_eq!(tile_pixels(&t, &all, [8, 12]), (0..96).collect::<Vec<_>>());
+        // Edge tiles of a tiling that does not divide the output are clipped.
+        let t = Tiling::with_edge(5, 7, 3);
+        let all: Vec<usize> = (0..t.tiles).collect();
+        assert_eq!(tile_pixels(&t, &all, [5, 7]), (0..35).collect::<Vec<_>>());
     }
 }

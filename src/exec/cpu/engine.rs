@@ -15,7 +15,9 @@ use super::gemm::{self, ConvGeom, Epilogue, Isa, Tile, KC, NR};
 use super::ops::{self, Window};
 use super::pool::BufferPool;
 use crate::error::{Error, Result};
-use crate::exec::{Executor, Forward, Policy};
+use crate::exec::gating;
+use crate::exec::plan::Tiling;
+use crate::exec::{Budget, Cut, Executor, Forward, Gates, LayerTrace, Policy};
 use crate::format::Model;
 use crate::model::{Act, Op};
 
@@ -64,6 +66,8 @@ pub struct EngineExecutor {
     pool: BufferPool,
     /// Per node: training-free gate weights `[cout][cin]` of a gateable convolution.
     gates: Vec<Option<Vec<f32>>>,
+    /// Per node: the tiling of a convolution with a spatial gate.
+    tiling: Vec<Option<Tiling>>,
     /// Per node: dense FLOPs for one sample.
     flops: Vec<u64>,
 }
@@ -71,6 +75,44 @@ pub struct EngineExecutor {
 /// Per value, per sample: the channels that hold computed data (`None`: all). Channels
 /// outside it hold zeros, so a reader that ignores the sets is still correct.
 type Kept = Option<Vec<Vec<usize>>>;
+
+/// The cuts one node's gates apply in a pass (`Cut::All`: that gate does not run).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct NodeCut {
+    channels: Cut,
+    tiles: Cut,
+}
+
+/// A gated convolution's gates for one pass.
+#[derive(Clone, Copy)]
+struct ConvGates<'a> {
+    /// Training-free channel gate weights and their cut.
+    channels: Option<(&'a [f32], Cut)>,
+    /// Spatial tiling and its cut.
+    tiles: Option<(Tiling, Cut)>,
+}
+
+/// What one sample computes in one convolution: sorted kept input and output channels,
+/// and the kept output pixels (`None`: all).
+#[derive(Clone, Copy)]
+struct SamplePlan<'a> {
+    ic: &'a [usize],
+    oc: &'a [usize],
+    cols: Option<&'a [usize]>,
+}
+
+/// What a compact convolution computed, per sample.
+struct Compact {
+    out: Vec<f32>,
+    /// Kept output channels.
+    oc: Vec<Vec<usize>>,
+    /// Kept output tiles (empty without a spatial gate).
+    tiles: Vec<Vec<usize>>,
+    /// FLOPs, gates included.
+    flops: Vec<u64>,
+    /// Of which the gates'.
+    gate_flops: Vec<u64>,
+}
 
 /// Output pointer shared by tasks that write disjoint cells.
 #[derive(Clone, Copy)]
@@ -167,12 +209,25 @@ impl EngineExecutor {
             layers.push((node.input, layer));
         }
         let mut gates = vec![None; nodes.len()];
-        for (i, _) in crate::exec::gating::gateable(model) {
+        for (i, _) in gating::gateable(model) {
             let w = model.weight(&format!("{}.weight", nodes[i].name))?;
-            gates[i] = Some(crate::exec::gating::training_free_weights(w));
+            gates[i] = Some(gating::training_free_weights(w));
         }
+        // Spatial gates on every regular convolution but those reading the image itself,
+        // whose output divides into whole tiles.
+        let tiling = nodes
+            .iter()
+            .zip(&model.layers)
+            .map(|(node, info)| match &node.op {
+                Op::Conv(cv) if cv.groups == 1 && node.input != 0 => {
+                    gating::cpu_tiling(info.output[1], info.output[2])
+                }
+                _ => None,
+            })
+            .collect();
         Ok(EngineExecutor {
             gates,
+            tiling,
             flops: model.layers.iter().map(|l| l.flops).collect(),
             layers,
             sizes,
@@ -197,6 +252,7 @@ impl EngineExecutor {
         residual: Option<&[f32]>,
         act: Act,
         only_rows: Option<&[usize]>,
+        only_cols: Option<&[usize]>,
     ) -> Vec<f32> {
         // Zero-pad the input once so every tap of every window is in bounds: packing then
         // needs no per-pixel checks and copies contiguous runs.
@@ -226,8 +282,13 @@ impl EngineExecutor {
         };
         let k = g.k();
         let n = g.out_hw[0] * g.out_hw[1];
+        // The output positions computed: all, or a spatial plan's kept pixels (strictly
+        // ascending, as the store's contiguous-run test requires).
+        let col_list: &[usize] = only_cols.unwrap_or(&self.all_cols[..n]);
+        debug_assert!(col_list.windows(2).all(|w| w[0] < w[1]) && col_list.last() < Some(&n));
+        let ncols = col_list.len();
         let in_plane = g.in_hw[0] * g.in_hw[1];
-        let panels = n.div_ceil(NR);
+        let panels = ncols.div_ceil(NR);
         let mr = self.isa.mr();
         let row_blocks = row_list.len().div_ceil(mr);
         // Enough tasks to keep every thread busy, in whole row blocks.
@@ -236,7 +297,8 @@ impl EngineExecutor {
         let blocks_per_chunk = row_blocks.div_ceil(chunks);
         // A 1×1, stride-1, unpadded convolution reads full panels straight from its input
         // (row k of B is input channel k); only a partial last panel is packed.
-        let direct = g.kernel == [1, 1] && g.stride == [1, 1] && g.pad_tl == [0, 0];
+        let direct =
+            only_cols.is_none() && g.kernel == [1, 1] && g.stride == [1, 1] && g.pad_tl == [0, 0];
         let panel_len = k * NR;
         // With enough panels to share out, each task packs its own panel into a buffer of
         // its thread and computes all rows on it while it is hot (`chunks` is 1). With few
@@ -253,7 +315,7 @@ impl EngineExecutor {
             .for_each(|(t, panel)| {
                 let (p, sg) = (t % panels, t / panels);
                 if !(direct && (p + 1) * NR <= n) {
-                    let cols = &self.all_cols[p * NR..(p * NR + NR).min(n)];
+                    let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
                     gemm::pack_panel(
                         &x[sg * g.in_c * in_plane..][..g.in_c * in_plane],
                         g,
@@ -263,8 +325,8 @@ impl EngineExecutor {
                 }
             });
         let mut out = self.pool.take(batch * rows_total * n);
-        if only_rows.is_some() {
-            // Rows outside the list: the residual passes through, or zero.
+        if only_rows.is_some() || only_cols.is_some() {
+            // Cells outside the lists: the residual passes through, or zero.
             match residual {
                 Some(r) => out.copy_from_slice(&r[..batch * rows_total * n]),
                 None => out.fill(0.0),
@@ -278,7 +340,7 @@ impl EngineExecutor {
                 let (chunk, sgp) = (t % chunks, t / chunks);
                 let (p, sg) = (sgp % panels, sgp / panels);
                 let grp = sg % groups;
-                let cols = &self.all_cols[p * NR..(p * NR + NR).min(n)];
+                let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
                 let xs = &x[sg * g.in_c * in_plane..(sg + 1) * g.in_c * in_plane];
                 let (panel, ldb) = if direct && (p + 1) * NR <= n {
                     (&xs[p * NR..], in_plane)
@@ -334,9 +396,9 @@ impl EngineExecutor {
         out
     }
 
-    /// The forward pass; with `keep`, channel gates keep that fraction of every gated
-    /// convolution's output channels per sample and readers skip the dropped ones.
-    fn run(&self, input: &[f32], batch: usize, keep: Option<f64>) -> Result<Forward> {
+    /// The forward pass; with `cuts`, each node's gates cut per sample what it computes
+    /// and readers skip the dropped channels.
+    fn run(&self, input: &[f32], batch: usize, cuts: Option<&[NodeCut]>) -> Result<Forward> {
         if input.len() != batch * self.sizes[0] {
             return Err(Error::Input(format!(
                 "{} values do not fill a batch of {batch} inputs of {} values",
@@ -345,21 +407,25 @@ impl EngineExecutor {
             )));
         }
         let mut values: Vec<Option<Vec<f32>>> = vec![None; self.layers.len() + 1];
-        let dynamic = keep.is_some();
+        let dynamic = cuts.is_some();
         let mut kept: Vec<Kept> = vec![None; self.layers.len() + 1];
         let mut node_kept: Vec<Kept> = vec![None; self.layers.len()];
-        let mut flops = vec![0u64; batch];
+        let mut node_tiles: Vec<Kept> = vec![None; self.layers.len()];
+        let mut traces = Vec::with_capacity(self.layers.len());
+        let mut gate_flops = vec![0u64; batch];
         let mut first = self.pool.take(input.len());
         first.copy_from_slice(input);
         values[0] = Some(first);
         for (i, (src, layer)) in self.layers.iter().enumerate() {
+            let start = std::time::Instant::now();
             let get = |v: usize| {
                 values[v]
                     .as_deref()
                     .ok_or_else(|| Error::Exec(format!("value {v} was freed before its last use")))
             };
             let x = get(*src)?;
-            let out = match layer {
+            let dense = vec![self.flops[i]; batch];
+            let (out, flops) = match layer {
                 Layer::Gemm {
                     weight,
                     bias,
@@ -370,22 +436,36 @@ impl EngineExecutor {
                 } => {
                     let r = residual.map(get).transpose()?;
                     let ic_sets = kept[*src].as_ref().filter(|_| *groups == 1);
-                    let gate = match (keep, &self.gates[i]) {
-                        (Some(k), Some(g)) => Some((g.as_slice(), k)),
-                        _ => None,
+                    let cut = cuts.map(|c| c[i]);
+                    let gates = ConvGates {
+                        channels: match (cut.map(|c| c.channels), &self.gates[i]) {
+                            (Some(c), Some(g)) if c != Cut::All => Some((g.as_slice(), c)),
+                            _ => None,
+                        },
+                        tiles: match (cut.map(|c| c.tiles), self.tiling[i]) {
+                            (Some(c), Some(t)) if c != Cut::All => Some((t, c)),
+                            _ => None,
+                        },
                     };
-                    if ic_sets.is_none() && gate.is_none() {
-                        flops.iter_mut().for_each(|f| *f += self.flops[i]);
-                        self.conv_gemm(x, batch, weight, bias, *groups, geom, r, *act, None)
+                    if ic_sets.is_none() && gates.channels.is_none() && gates.tiles.is_none() {
+                        let out = self
+                            .conv_gemm(x, batch, weight, bias, *groups, geom, r, *act, None, None);
+                        (out, dense)
                     } else {
-                        let (out, oc, f) =
-                            self.conv_compact(x, batch, weight, bias, geom, r, *act, ic_sets, gate);
-                        flops.iter_mut().zip(f).for_each(|(a, b)| *a += b);
-                        if gate.is_some() {
-                            kept[i + 1] = Some(oc.clone());
-                            node_kept[i] = Some(oc);
+                        let c = self
+                            .conv_compact(x, batch, weight, bias, geom, r, *act, ic_sets, gates);
+                        if gates.channels.is_some() {
+                            kept[i + 1] = Some(c.oc.clone());
+                            node_kept[i] = Some(c.oc);
                         }
-                        out
+                        if gates.tiles.is_some() {
+                            node_tiles[i] = Some(c.tiles);
+                        }
+                        gate_flops
+                            .iter_mut()
+                            .zip(&c.gate_flops)
+                            .for_each(|(a, b)| *a += b);
+                        (c.out, c.flops)
                     }
                 }
                 Layer::Depthwise {
@@ -400,13 +480,11 @@ impl EngineExecutor {
                         Some(sets) => {
                             let (out, f) = self
                                 .depthwise_compact(x, batch, weight, bias, *win, r, *act, &sets);
-                            flops.iter_mut().zip(f).for_each(|(a, b)| *a += b);
                             node_kept[i] = Some(sets.clone());
                             kept[i + 1] = Some(sets);
-                            out
+                            (out, f)
                         }
                         None => {
-                            flops.iter_mut().for_each(|f| *f += self.flops[i]);
                             let mut out = self.pool.take(batch * self.sizes[i + 1]);
                             depthwise::depthwise_into(
                                 &mut out,
@@ -418,12 +496,11 @@ impl EngineExecutor {
                                 bias.len(),
                                 *win,
                             );
-                            out
+                            (out, dense)
                         }
                     }
                 }
                 Layer::Linear { weight, bias, act } => {
-                    flops.iter_mut().for_each(|f| *f += self.flops[i]);
                     let fin = self.sizes[*src];
                     let fout = bias.len();
                     let mut out = vec![0f32; batch * fout];
@@ -433,17 +510,19 @@ impl EngineExecutor {
                             *v = act.apply(dot(&weight[m * fin..(m + 1) * fin], xs) + bias[m]);
                         });
                     });
-                    out
+                    (out, dense)
                 }
-                Layer::MaxPool(win) => ops::max_pool(x, *win),
+                Layer::MaxPool(win) => (ops::max_pool(x, *win), dense),
                 Layer::GlobalAvgPool => {
                     let plane = self.sizes[*src] / self.sizes[i + 1];
-                    x.chunks_exact(plane)
+                    let out = x
+                        .chunks_exact(plane)
                         .map(|p| p.iter().sum::<f32>() / plane as f32)
-                        .collect()
+                        .collect();
+                    (out, dense)
                 }
                 Layer::AdaptiveAvgPool { in_hw, output } => {
-                    ops::adaptive_avg_pool(x, *in_hw, *output)
+                    (ops::adaptive_avg_pool(x, *in_hw, *output), dense)
                 }
             };
             values[i + 1] = Some(out);
@@ -454,6 +533,10 @@ impl EngineExecutor {
                     }
                 }
             }
+            traces.push(LayerTrace {
+                ms: start.elapsed().as_secs_f64() * 1e3,
+                flops,
+            });
         }
         let logits = values
             .pop()
@@ -465,19 +548,25 @@ impl EngineExecutor {
                 logits.len()
             )));
         }
+        let flops = (0..batch)
+            .map(|s| traces.iter().map(|t| t.flops[s]).sum())
+            .collect();
         Ok(Forward {
             logits,
             flops: dynamic.then_some(flops),
+            gate_flops: dynamic.then_some(gate_flops),
             kept: if dynamic { node_kept } else { Vec::new() },
+            tiles: if dynamic { node_tiles } else { Vec::new() },
+            layers: traces,
         })
     }
 
     /// One convolution on a compact problem per sample: the sample's kept input channels
-    /// (`ic`, from the value's kept sets) and, with a gate, the output channels its gate
-    /// keeps. Gathers the kept input planes and weight rows, runs the shared GEMM on them
-    /// and scatters the kept rows into a zeroed output (the residual passes through
-    /// skipped rows). Returns the output and, per sample, the kept output channels and
-    /// FLOPs executed.
+    /// (`ic`, from the value's kept sets), the output channels its channel gate keeps and
+    /// the output pixels of the tiles its spatial gate keeps. Every input kept, the GEMM
+    /// reads the kept rows of A in place; otherwise the kept input planes and weight rows
+    /// are gathered first. Cells not computed are zero, or the residual where there is
+    /// one (skipped tiles of a residual block pass the identity through).
     #[allow(clippy::too_many_arguments)]
     fn conv_compact(
         &self,
@@ -489,20 +578,25 @@ impl EngineExecutor {
         residual: Option<&[f32]>,
         act: Act,
         ic_sets: Option<&Vec<Vec<usize>>>,
-        gate: Option<(&[f32], f64)>,
-    ) -> (Vec<f32>, Vec<Vec<usize>>, Vec<u64>) {
+        gates: ConvGates,
+    ) -> Compact {
         let (cin, cout) = (geom.in_c, bias.len());
         let plane = geom.in_hw[0] * geom.in_hw[1];
         let n = geom.out_hw[0] * geom.out_hw[1];
         let taps = geom.kernel[0] * geom.kernel[1];
-        let mut out = self.pool.take(batch * cout * n);
-        let (mut kept, mut flops) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
+        let mut c = Compact {
+            out: self.pool.take(batch * cout * n),
+            oc: Vec::with_capacity(batch),
+            tiles: Vec::with_capacity(batch),
+            flops: Vec::with_capacity(batch),
+            gate_flops: Vec::with_capacity(batch),
+        };
         for s in 0..batch {
             let xs = &x[s * cin * plane..(s + 1) * cin * plane];
             let ic: Vec<usize> = ic_sets.map_or_else(|| (0..cin).collect(), |v| v[s].clone());
-            let mut f = 0u64;
-            let oc: Vec<usize> = match gate {
-                Some((g, keep)) => {
+            let mut gf = 0u64;
+            let oc: Vec<usize> = match gates.channels {
+                Some((g, cut)) => {
                     let pooled: Vec<f32> = ic
                         .iter()
                         .map(|&c| xs[c * plane..(c + 1) * plane].iter().sum::<f32>() / plane as f32)
@@ -516,97 +610,216 @@ impl EngineExecutor {
                                     .sum::<f32>()
                         })
                         .collect();
-                    f += crate::exec::gating::gate_flops(ic.len(), plane, cout);
-                    let k = crate::exec::gating::kept_count(cout, keep, self.isa.mr());
-                    crate::exec::gating::select(&scores, k)
+                    gf += gating::gate_flops(ic.len(), plane, cout);
+                    gating::choose(&scores, cut, gating::channel_bar, self.isa.mr())
                 }
                 None => (0..cout).collect(),
             };
-            let all_out = oc.len() == cout;
-            let all_in = ic.len() == cin;
-            // The kept input planes, read in place when every channel is kept.
-            let xc: Option<Vec<f32>> = (!all_in).then(|| {
-                let mut xc = self.pool.take(ic.len() * plane);
-                for (j, &c) in ic.iter().enumerate() {
-                    xc[j * plane..(j + 1) * plane].copy_from_slice(&xs[c * plane..(c + 1) * plane]);
+            let (tiles, cols): (Vec<usize>, Option<Vec<usize>>) = match gates.tiles {
+                Some((t, cut)) => {
+                    let (scores, mean) = gating::tile_energy(xs, &ic, geom, &t);
+                    gf += gating::tile_gate_flops(ic.len(), plane, t.tiles);
+                    let round = gating::tiles_per_panel(&t, NR);
+                    let kept = gating::choose(&scores, cut, |p| gating::tile_bar(p, mean), round);
+                    let cols =
+                        (kept.len() < t.tiles).then(|| gating::tile_pixels(&t, &kept, geom.out_hw));
+                    (kept, cols)
                 }
-                xc
-            });
-            if all_in && !all_out {
-                let rs = residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]);
-                let os = &mut out[s * cout * n..(s + 1) * cout * n];
-                // Every input kept: the kept rows of A are read in place and stored at
-                // their own rows; no gather, no scatter.
-                let yf = self.conv_gemm(xs, 1, weight, bias, 1, geom, rs, act, Some(&oc));
-                os.copy_from_slice(&yf[..cout * n]);
-                self.pool.give(yf);
-                f += 2 * (n * oc.len() * ic.len() * taps) as u64;
-                kept.push(oc);
-                flops.push(f);
-                continue;
+                None => (Vec::new(), None),
+            };
+            let positions = cols.as_ref().map_or(n, Vec::len);
+            let rs = residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]);
+            let os = &mut c.out[s * cout * n..(s + 1) * cout * n];
+            let plan = SamplePlan {
+                ic: &ic,
+                oc: &oc,
+                cols: cols.as_deref(),
+            };
+            self.conv_sample(xs, weight, bias, geom, rs, act, plan, os);
+            c.flops
+                .push(gf + 2 * (positions * oc.len() * ic.len() * taps) as u64);
+            c.gate_flops.push(gf);
+            c.oc.push(oc);
+            c.tiles.push(tiles);
+        }
+        c
+    }
+
+    /// One sample's convolution under a plan, into its output `os` (`cout × n`): kept
+    /// output channels at kept pixels are computed from the kept input channels; other
+    /// cells get the residual `rs`, or zero. Every input kept, the GEMM reads the kept
+    /// rows of A in place; otherwise the kept input planes and weight rows are gathered.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_sample(
+        &self,
+        xs: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        geom: &ConvGeom,
+        rs: Option<&[f32]>,
+        act: Act,
+        plan: SamplePlan,
+        os: &mut [f32],
+    ) {
+        let SamplePlan { ic, oc, cols } = plan;
+        let (cin, cout) = (geom.in_c, bias.len());
+        let plane = geom.in_hw[0] * geom.in_hw[1];
+        let n = geom.out_hw[0] * geom.out_hw[1];
+        let taps = geom.kernel[0] * geom.kernel[1];
+        let all_out = oc.len() == cout;
+        if ic.len() == cin {
+            // Every input kept: the kept rows of A are read in place and stored at their
+            // own rows, at the kept pixels; no gather, no scatter.
+            let rows = (!all_out).then_some(oc);
+            let y = self.conv_gemm(xs, 1, weight, bias, 1, geom, rs, act, rows, cols);
+            os.copy_from_slice(&y[..cout * n]);
+            self.pool.give(y);
+            return;
+        }
+        let mut xc = self.pool.take(ic.len() * plane);
+        for (j, &ch) in ic.iter().enumerate() {
+            xc[j * plane..(j + 1) * plane].copy_from_slice(&xs[ch * plane..(ch + 1) * plane]);
+        }
+        // The kept output channels' weight rows, restricted to the kept inputs.
+        let mut wc = Vec::with_capacity(oc.len() * ic.len() * taps);
+        for &o in oc {
+            if taps == 1 {
+                let row = &weight[o * cin..(o + 1) * cin];
+                wc.extend(ic.iter().map(|&ch| row[ch]));
+            } else {
+                for &ch in ic {
+                    wc.extend_from_slice(&weight[(o * cin + ch) * taps..(o * cin + ch + 1) * taps]);
+                }
             }
-            // Weights: the kept output channels' rows, restricted to the kept inputs (here
-            // some input is dropped, or every channel is kept and A is read in place).
-            let wc: Option<Vec<f32>> = (!all_in).then(|| {
-                let mut wc = Vec::with_capacity(oc.len() * ic.len() * taps);
-                for &o in &oc {
-                    if taps == 1 {
-                        let row = &weight[o * cin..(o + 1) * cin];
-                        wc.extend(ic.iter().map(|&c| row[c]));
-                    } else {
-                        for &c in &ic {
-                            wc.extend_from_slice(
-                                &weight[(o * cin + c) * taps..(o * cin + c + 1) * taps],
-                            );
+        }
+        let bc: Vec<f32> = oc.iter().map(|&o| bias[o]).collect();
+        // The residual of the kept rows: all of it, in place, when every row is kept.
+        let rc: Option<Vec<f32>> = rs.filter(|_| !all_out).map(|r| {
+            oc.iter()
+                .flat_map(|&o| r[o * n..(o + 1) * n].iter().copied())
+                .collect()
+        });
+        let gc = ConvGeom {
+            in_c: ic.len(),
+            ..*geom
+        };
+        let rsc = if all_out { rs } else { rc.as_deref() };
+        let yc = self.conv_gemm(&xc, 1, &wc, &bc, 1, &gc, rsc, act, None, cols);
+        if all_out {
+            os.copy_from_slice(&yc[..cout * n]);
+        } else {
+            match rs {
+                Some(r) => os.copy_from_slice(r),
+                None => os.fill(0.0),
+            }
+            for (j, &o) in oc.iter().enumerate() {
+                os[o * n..(o + 1) * n].copy_from_slice(&yc[j * n..(j + 1) * n]);
+            }
+        }
+        self.pool.give(xc);
+        self.pool.give(yc);
+    }
+
+    /// FLOPs per sample, gates aside, of a pass with these ratio cuts. Counts only depend
+    /// on the ratios, so this is exactly what the pass executes; the budget planner
+    /// searches it.
+    fn planned_flops(&self, cuts: &[NodeCut]) -> u64 {
+        let mut kept: Vec<Option<usize>> = vec![None; self.layers.len() + 1];
+        let ratio = |c: Cut| match c {
+            Cut::Ratio(r) => Some(r),
+            _ => None,
+        };
+        let mut total = 0;
+        for (i, (src, layer)) in self.layers.iter().enumerate() {
+            total += match layer {
+                Layer::Gemm {
+                    bias,
+                    groups: 1,
+                    geom,
+                    ..
+                } => {
+                    let cout = bias.len();
+                    let ic = kept[*src].unwrap_or(geom.in_c);
+                    let oc = match (ratio(cuts[i].channels), &self.gates[i]) {
+                        (Some(r), Some(_)) => {
+                            let k = gating::kept_count(cout, r, self.isa.mr());
+                            kept[i + 1] = Some(k);
+                            k
                         }
+                        _ => cout,
+                    };
+                    let px = match (ratio(cuts[i].tiles), self.tiling[i]) {
+                        (Some(r), Some(t)) => {
+                            let round = gating::tiles_per_panel(&t, NR);
+                            gating::kept_count(t.tiles, r, round) * t.g * t.g
+                        }
+                        _ => geom.out_hw[0] * geom.out_hw[1],
+                    };
+                    2 * (oc * ic * geom.kernel[0] * geom.kernel[1] * px) as u64
+                }
+                Layer::Depthwise { win, .. } if kept[*src].is_some() => {
+                    kept[i + 1] = kept[*src];
+                    let taps = win.kernel[0] * win.kernel[1];
+                    2 * (win.out_hw[0] * win.out_hw[1] * kept[*src].unwrap_or(0) * taps) as u64
+                }
+                _ => self.flops[i],
+            };
+        }
+        total
+    }
+
+    /// Per-node cuts for a policy, or `None` for a dense pass.
+    fn cuts(&self, policy: Policy) -> Result<Option<Vec<NodeCut>>> {
+        policy.validate()?;
+        let uniform =
+            |channels: Cut, tiles: Cut| vec![NodeCut { channels, tiles }; self.layers.len()];
+        let gates = match policy {
+            Policy::Dense => return Ok(None),
+            Policy::Keep(r) => Gates {
+                channels: Cut::Ratio(r),
+                tiles: Cut::All,
+            },
+            Policy::Gates(g) => g,
+            Policy::Budget(b) => {
+                let (budget, with_tiles) = match b {
+                    Budget::Flops(f) => (f, false),
+                    Budget::FlopsWithTiles(f) => (f, true),
+                };
+                let at = |r: f64| {
+                    let tiles = if with_tiles { Cut::Ratio(r) } else { Cut::All };
+                    uniform(Cut::Ratio(r), tiles)
+                };
+                let dense: u64 = self.flops.iter().sum();
+                let limit = (budget * dense as f64).floor() as u64;
+                if self.planned_flops(&at(1.0)) <= limit {
+                    return Ok(None);
+                }
+                let least = self.planned_flops(&at(f64::MIN_POSITIVE));
+                if least > limit {
+                    return Err(Error::Input(format!(
+                        "a budget of {budget} of the dense FLOPs is below the least these \
+                         gates can execute on this model ({:.3})",
+                        least as f64 / dense as f64
+                    )));
+                }
+                // FLOPs grow with the ratio: bisect for the largest ratio within budget.
+                let (mut lo, mut hi) = (f64::MIN_POSITIVE, 1.0);
+                for _ in 0..50 {
+                    let mid = 0.5 * (lo + hi);
+                    if self.planned_flops(&at(mid)) <= limit {
+                        lo = mid;
+                    } else {
+                        hi = mid;
                     }
                 }
-                wc
-            });
-            let bc: Vec<f32> = oc.iter().map(|&o| bias[o]).collect();
-            let rs = residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]);
-            // The residual of the kept rows: all of it, in place, when every row is kept.
-            let rc: Option<Vec<f32>> = rs.filter(|_| !all_out).map(|r| {
-                oc.iter()
-                    .flat_map(|&o| r[o * n..(o + 1) * n].iter().copied())
-                    .collect()
-            });
-            let gc = ConvGeom {
-                in_c: ic.len(),
-                ..*geom
-            };
-            let yc = self.conv_gemm(
-                xc.as_deref().unwrap_or(xs),
-                1,
-                wc.as_deref().unwrap_or(weight),
-                &bc,
-                1,
-                &gc,
-                if all_out { rs } else { rc.as_deref() },
-                act,
-                None,
-            );
-            let os = &mut out[s * cout * n..(s + 1) * cout * n];
-            if all_out {
-                os.copy_from_slice(&yc[..cout * n]);
-            } else {
-                match rs {
-                    Some(r) => os.copy_from_slice(r),
-                    None => os.fill(0.0),
-                }
-                for (j, &o) in oc.iter().enumerate() {
-                    os[o * n..(o + 1) * n].copy_from_slice(&yc[j * n..(j + 1) * n]);
-                }
+                return Ok(Some(at(lo)));
             }
-            f += 2 * (n * oc.len() * ic.len() * taps) as u64;
-            if let Some(xc) = xc {
-                self.pool.give(xc);
-            }
-            self.pool.give(yc);
-            kept.push(oc);
-            flops.push(f);
+        };
+        let keeps_all = |c: Cut| c == Cut::All || c == Cut::Ratio(1.0);
+        if keeps_all(gates.channels) && keeps_all(gates.tiles) {
+            return Ok(None);
         }
-        (out, kept, flops)
+        Ok(Some(uniform(gates.channels, gates.tiles)))
     }
 
     /// Depthwise convolution of each sample's kept channels only; the others are zero.
@@ -628,25 +841,53 @@ impl EngineExecutor {
         let mut out = self.pool.take(batch * c * op);
         let mut flops = Vec::with_capacity(batch);
         for (s, set) in sets.iter().enumerate().take(batch) {
-            let gather = |src: &[f32], len: usize| -> Vec<f32> {
-                set.iter()
-                    .flat_map(|&ch| src[ch * len..(ch + 1) * len].iter().copied())
-                    .collect()
-            };
-            let xc = gather(&x[s * c * ip..(s + 1) * c * ip], ip);
-            let wc = gather(weight, taps);
-            let bc: Vec<f32> = set.iter().map(|&ch| bias[ch]).collect();
-            let rc = residual.map(|r| gather(&r[s * c * op..(s + 1) * c * op], op));
-            let mut yc = vec![0f32; set.len() * op];
-            depthwise::depthwise_into(&mut yc, &xc, &wc, &bc, rc.as_deref(), act, set.len(), win);
+            let rs = residual.map(|r| &r[s * c * op..(s + 1) * c * op]);
             let os = &mut out[s * c * op..(s + 1) * c * op];
-            os.fill(0.0);
-            for (j, &ch) in set.iter().enumerate() {
-                os[ch * op..(ch + 1) * op].copy_from_slice(&yc[j * op..(j + 1) * op]);
-            }
+            depthwise_sample(
+                &x[s * c * ip..(s + 1) * c * ip],
+                weight,
+                bias,
+                win,
+                rs,
+                act,
+                set,
+                os,
+            );
             flops.push(2 * (op * set.len() * taps) as u64);
         }
         (out, flops)
+    }
+}
+
+/// One sample's depthwise convolution of the channels in `set` into `os`; the other
+/// channels are zero.
+#[allow(clippy::too_many_arguments)]
+fn depthwise_sample(
+    xs: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    win: Window,
+    rs: Option<&[f32]>,
+    act: Act,
+    set: &[usize],
+    os: &mut [f32],
+) {
+    let (ip, op) = (win.in_hw[0] * win.in_hw[1], win.out_hw[0] * win.out_hw[1]);
+    let taps = win.kernel[0] * win.kernel[1];
+    let gather = |src: &[f32], len: usize| -> Vec<f32> {
+        set.iter()
+            .flat_map(|&ch| src[ch * len..(ch + 1) * len].iter().copied())
+            .collect()
+    };
+    let xc = gather(xs, ip);
+    let wc = gather(weight, taps);
+    let bc: Vec<f32> = set.iter().map(|&ch| bias[ch]).collect();
+    let rc = rs.map(|r| gather(r, op));
+    let mut yc = vec![0f32; set.len() * op];
+    depthwise::depthwise_into(&mut yc, &xc, &wc, &bc, rc.as_deref(), act, set.len(), win);
+    os.fill(0.0);
+    for (j, &ch) in set.iter().enumerate() {
+        os[ch * op..(ch + 1) * op].copy_from_slice(&yc[j * op..(j + 1) * op]);
     }
 }
 
@@ -706,18 +947,257 @@ impl Executor for EngineExecutor {
     }
 
     fn forward_with(&self, input: &[f32], batch: usize, policy: Policy) -> Result<Forward> {
-        match policy {
-            Policy::Dense => self.run(input, batch, None),
+        match self.cuts(policy)? {
             // Gates that keep every channel drop nothing: the dense pass, reported as such.
-            Policy::Keep(1.0) => {
+            None if policy != Policy::Dense => {
                 let mut f = self.run(input, batch, None)?;
                 f.flops = Some(vec![self.flops.iter().sum(); batch]);
+                f.gate_flops = Some(vec![0; batch]);
                 Ok(f)
             }
-            Policy::Keep(r) if r.is_finite() && r > 0.0 && r <= 1.0 => {
-                self.run(input, batch, Some(r))
+            None => self.run(input, batch, None),
+            Some(cuts) => self.run(input, batch, Some(&cuts)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::cpu::fresh_rng;
+    use rand::seq::index::sample;
+    use rand::Rng;
+
+    /// An engine with no layers, for driving its per-sample kernels directly.
+    fn bare(isa: Isa) -> EngineExecutor {
+        EngineExecutor {
+            layers: Vec::new(),
+            sizes: Vec::new(),
+            last_use: Vec::new(),
+            classes: 0,
+            isa,
+            all_rows: (0..256).collect(),
+            all_cols: (0..4096).collect(),
+            pool: BufferPool::default(),
+            gates: Vec::new(),
+            tiling: Vec::new(),
+            flops: Vec::new(),
+        }
+    }
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                v.push(Isa::Avx2);
             }
-            Policy::Keep(r) => Err(Error::Input(format!("keep ratio {r} is outside (0, 1]"))),
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+
+    /// Sorted distinct indices below `n`: all of them about a third of the time, else a
+    /// random non-empty subset.
+    fn subset(rng: &mut impl Rng, n: usize) -> Vec<usize> {
+        if rng.random_bool(0.3) {
+            return (0..n).collect();
+        }
+        let k = rng.random_range(1..=n);
+        let mut v = sample(rng, n, k).into_vec();
+        v.sort_unstable();
+        v
+    }
+
+    fn act(rng: &mut impl Rng) -> Act {
+        [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)]
+    }
+
+    /// The planned convolution by definition: for kept output channels at kept pixels, the
+    /// window sum over kept input channels (zero outside the image) plus bias and
+    /// residual, activated; every other cell the residual, or zero.
+    #[allow(clippy::too_many_arguments)]
+    fn naive_conv(
+        xs: &[f32],
+        w: &[f32],
+        b: &[f32],
+        g: &ConvGeom,
+        rs: Option<&[f32]>,
+        act: Act,
+        plan: SamplePlan,
+    ) -> Vec<f32> {
+        let (cin, cout) = (g.in_c, b.len());
+        let [h, wd] = g.in_hw;
+        let [oh, ow] = g.out_hw;
+        let [kh, kw] = g.kernel;
+        let n = oh * ow;
+        let mut out: Vec<f32> = rs.map_or_else(|| vec![0.0; cout * n], <[f32]>::to_vec);
+        let cols: Vec<usize> = plan
+            .cols
+            .map_or_else(|| (0..n).collect(), <[usize]>::to_vec);
+        for &o in plan.oc {
+            for &p in &cols {
+                let (oy, ox) = (p / ow, p % ow);
+                let mut acc = f64::from(b[o]);
+                for &c in plan.ic {
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let iy = (oy * g.stride[0] + ky) as isize - g.pad_tl[0] as isize;
+                            let ix = (ox * g.stride[1] + kx) as isize - g.pad_tl[1] as isize;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
+                                let xv = xs[c * h * wd + iy as usize * wd + ix as usize];
+                                let wv = w[((o * cin + c) * kh + ky) * kw + kx];
+                                acc += f64::from(xv) * f64::from(wv);
+                            }
+                        }
+                    }
+                }
+                let r = rs.map_or(0.0, |r| f64::from(r[o * n + p]));
+                out[o * n + p] = act.apply((acc + r) as f32);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn planned_convolutions_match_a_naive_reference() {
+        let mut rng = fresh_rng();
+        let engines: Vec<EngineExecutor> = isas().into_iter().map(bare).collect();
+        for case in 0..300 {
+            let kernel = match rng.random_range(0..5) {
+                0 => [1, 1],
+                1 => [3, 3],
+                2 => [5, 5],
+                3 => [7, 7],
+                _ => [rng.random_range(1..=7), rng.random_range(1..=7)],
+            };
+            let stride = [rng.random_range(1..=2), rng.random_range(1..=2)];
+            let in_hw = [rng.random_range(1..24), rng.random_range(1..24)];
+            let pad_tl = [
+                rng.random_range(0..kernel[0]),
+                rng.random_range(0..kernel[1]),
+            ];
+            let pad_br = [
+                rng.random_range(0..kernel[0]),
+                rng.random_range(0..kernel[1]),
+            ];
+            let (ph, pw) = (
+                in_hw[0] + pad_tl[0] + pad_br[0],
+                in_hw[1] + pad_tl[1] + pad_br[1],
+            );
+            if ph < kernel[0] || pw < kernel[1] {
+                continue;
+            }
+            let g = ConvGeom {
+                in_c: rng.random_range(1..20),
+                in_hw,
+                out_hw: [
+                    (ph - kernel[0]) / stride[0] + 1,
+                    (pw - kernel[1]) / stride[1] + 1,
+                ],
+                kernel,
+                stride,
+                pad_tl,
+            };
+            let cout = rng.random_range(1..40);
+            let n = g.out_hw[0] * g.out_hw[1];
+            let plane = in_hw[0] * in_hw[1];
+            let xs: Vec<f32> = (0..g.in_c * plane)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let w: Vec<f32> = (0..cout * g.k())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let b: Vec<f32> = (0..cout).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let rs: Option<Vec<f32>> = rng
+                .random_bool(0.4)
+                .then(|| (0..cout * n).map(|_| rng.random_range(-1.0..1.0)).collect());
+            let act = act(&mut rng);
+            let ic = subset(&mut rng, g.in_c);
+            let oc = subset(&mut rng, cout);
+            // Pixels: all, a random subset, or whole tiles as the spatial gate keeps them.
+            let cols: Option<Vec<usize>> = match rng.random_range(0..3) {
+                0 => None,
+                1 => Some(subset(&mut rng, n)),
+                _ => {
+                    let t = Tiling::with_edge(g.out_hw[0], g.out_hw[1], rng.random_range(1..5));
+                    let kept = subset(&mut rng, t.tiles);
+                    Some(gating::tile_pixels(&t, &kept, g.out_hw))
+                }
+            };
+            let plan = SamplePlan {
+                ic: &ic,
+                oc: &oc,
+                cols: cols.as_deref(),
+            };
+            let want = naive_conv(&xs, &w, &b, &g, rs.as_deref(), act, plan);
+            for e in &engines {
+                let mut got = vec![f32::NAN; cout * n];
+                e.conv_sample(&xs, &w, &b, &g, rs.as_deref(), act, plan, &mut got);
+                let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    err <= 1e-5 * scale * (g.k() as f32).sqrt().max(1.0),
+                    "case {case} {:?}: {g:?} cout {cout} ic {} oc {} cols {:?}: error {err}",
+                    e.isa,
+                    ic.len(),
+                    oc.len(),
+                    cols.as_ref().map(Vec::len)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn planned_depthwise_matches_a_naive_reference() {
+        let mut rng = fresh_rng();
+        for _ in 0..200 {
+            let kernel = [[3, 3], [5, 5]][rng.random_range(0..2)];
+            let stride = [rng.random_range(1..=2); 2];
+            let in_hw = [rng.random_range(1..20), rng.random_range(1..20)];
+            let pad = kernel[0] / 2;
+            let out_hw = [
+                (in_hw[0] + 2 * pad - kernel[0]) / stride[0] + 1,
+                (in_hw[1] + 2 * pad - kernel[1]) / stride[1] + 1,
+            ];
+            let win = Window {
+                in_hw,
+                out_hw,
+                kernel,
+                stride,
+                pad_tl: [pad, pad],
+            };
+            let c = rng.random_range(1..24);
+            let (ip, op) = (in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]);
+            let xs: Vec<f32> = (0..c * ip).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let w: Vec<f32> = (0..c * 25).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let w = &w[..c * kernel[0] * kernel[1]];
+            let b: Vec<f32> = (0..c).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let rs: Option<Vec<f32>> = (stride == [1, 1] && rng.random_bool(0.5))
+                .then(|| (0..c * op).map(|_| rng.random_range(-1.0..1.0)).collect());
+            let act = act(&mut rng);
+            let set = subset(&mut rng, c);
+            let mut got = vec![f32::NAN; c * op];
+            depthwise_sample(&xs, w, &b, win, rs.as_deref(), act, &set, &mut got);
+            // Reference: the dense naive depthwise, then the dropped channels zeroed.
+            let mut want = ops::depthwise(&xs, w, &b, rs.as_deref(), act, c, win);
+            for ch in (0..c).filter(|ch| set.binary_search(ch).is_err()) {
+                want[ch * op..(ch + 1) * op].fill(0.0);
+            }
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "cell {i}: {a} vs {b}"
+                );
+            }
         }
     }
 }

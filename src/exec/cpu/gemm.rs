@@ -70,7 +70,7 @@ impl Isa {
 /// One micro-tile: `rows.len() ≤ mr` rows of A (by row index) times one B panel of `k`
 /// rows of [`NR`] values, `ldb` apart (`NR` when packed; a 1×1 convolution reads its
 /// input in place with `ldb` = plane size), columns `0..cols.len()` stored at
-/// `c[row * ldc + cols[j]]`.
+/// `c[row * ldc + cols[j]]`; `cols` is strictly ascending.
 ///
 /// # Safety contract (checked by the callers in this module)
 /// Every `rows[i] * k + k ≤ a.len()`, `panel.len() ≥ (k - 1) * ldb + NR`, and every
