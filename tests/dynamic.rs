@@ -1,13 +1,14 @@
-//! Dynamic execution on the CPU: with channel gates, the gated pass must equal a dense pass
-//! of the same network with each sample's dropped channels removed (weights and biases
-//! zeroed), computed by the independent Candle reference executor; with every channel
-//! kept it must equal the dense pass; and fewer channels must mean fewer FLOPs.
+//! Dynamic execution on the CPU: a gated pass must equal, per sample, a pass of the
+//! independent Candle reference executor over the same network with that sample's
+//! dropped channels removed (weights and biases zeroed) and its skipped tiles replaced by
+//! the residual or zero; with every gate open it must equal the dense pass; fewer kept
+//! units must mean fewer FLOPs, and a FLOP budget must hold.
 
 mod common;
 
 use common::{demo_model, fixtures, manifest, rel_err};
 use dynsparse::exec::cpu::{EngineExecutor, ReferenceExecutor};
-use dynsparse::exec::{Executor, Policy};
+use dynsparse::exec::{gating, Budget, Cut, Executor, Forward, Gates, Policy};
 use dynsparse::model::Op;
 use dynsparse::{convert, npy, Model};
 
@@ -60,30 +61,31 @@ fn check(model: &Model, input: &[f32], batch: usize, name: &str) {
         );
     }
 
-    // Half the channels: each sample equals the dense pass of its pruned network.
-    let half = engine
-        .forward_with(input, batch, Policy::Keep(0.5))
+    // Every gate open after rounding, spatial gates included: still the dense result.
+    let open = engine
+        .forward_with(
+            input,
+            batch,
+            Policy::Gates(Gates {
+                channels: Cut::Ratio(0.999),
+                tiles: Cut::Ratio(0.999),
+            }),
+        )
         .unwrap();
+    let err = rel_err(&open.logits, &dense);
+    println!("{name}: channels and tiles at 0.999 vs dense {err:.2e}");
+    assert!(
+        err <= 1e-5,
+        "{name}: open gates differ from dense by {err:e}"
+    );
+
+    // Half the channels: each sample equals the dense pass of its pruned network.
+    let half = against_reference(model, &engine, input, batch, Policy::Keep(0.5), name);
     let gated = half.kept.iter().filter(|k| k.is_some()).count();
-    assert!(gated > 0, "{name}: nothing was gated");
-    let per = input.len() / batch;
-    let classes = dense.len() / batch;
-    for s in 0..batch {
-        let reference = ReferenceExecutor::new(&pruned(model, &half.kept, s)).unwrap();
-        let want = reference
-            .forward(&input[s * per..(s + 1) * per], 1)
-            .unwrap();
-        let got = &half.logits[s * classes..(s + 1) * classes];
-        let err = rel_err(got, &want);
-        let f = half.flops.as_ref().unwrap()[s];
-        println!(
-            "{name}: sample {s}, {gated} gated layers, {:.3} of dense FLOPs, vs pruned reference {err:.2e}",
-            f as f64 / dense_flops as f64
-        );
-        assert!(err <= 1e-4, "{name} sample {s}: {err:e}");
+    for &f in half.flops.as_ref().unwrap() {
         assert!(
             f < dense_flops * 4 / 5,
-            "{name}: {f} FLOPs at keep 0.5 vs {dense_flops} dense"
+            "{name}: {f} FLOPs at keep 0.5 vs {dense_flops} dense ({gated} gated layers)"
         );
     }
     // Samples choose their own channels somewhere in the network.
@@ -96,6 +98,100 @@ fn check(model: &Model, input: &[f32], batch: usize, name: &str) {
         batch < 2 || differs,
         "{name}: every sample kept the same channels"
     );
+
+    // Channel and spatial gates by ratio, and by threshold.
+    let both = Policy::Gates(Gates {
+        channels: Cut::Ratio(0.5),
+        tiles: Cut::Ratio(0.5),
+    });
+    let fwd = against_reference(model, &engine, input, batch, both, name);
+    assert!(
+        fwd.tiles.iter().any(Option::is_some),
+        "{name}: no spatial gate ran"
+    );
+    for (f, h) in fwd.flops.unwrap().iter().zip(half.flops.as_ref().unwrap()) {
+        assert!(f < h, "{name}: tiles saved nothing ({f} vs {h})");
+    }
+    let thresholds = Policy::Gates(Gates {
+        channels: Cut::Threshold(0.5),
+        tiles: Cut::Threshold(0.5),
+    });
+    against_reference(model, &engine, input, batch, thresholds, name);
+
+    // A budget holds, the gates' own cost aside, and is mostly spent.
+    for (budget, policy) in [
+        (0.6, Policy::Budget(Budget::Flops(0.6))),
+        (0.4, Policy::Budget(Budget::FlopsWithTiles(0.4))),
+    ] {
+        let fwd = engine.forward_with(input, batch, policy).unwrap();
+        let limit = (budget * dense_flops as f64) as u64;
+        for (f, g) in fwd.flops.unwrap().iter().zip(fwd.gate_flops.unwrap()) {
+            println!(
+                "{name}: {policy:?}: {:.3} of dense, gates {:.4}",
+                (f - g) as f64 / dense_flops as f64,
+                g as f64 / dense_flops as f64
+            );
+            assert!(
+                f - g <= limit,
+                "{name}: {policy:?} executed {} > {limit}",
+                f - g
+            );
+            assert!(
+                f - g >= limit * 4 / 5,
+                "{name}: {policy:?} left a fifth unspent"
+            );
+        }
+    }
+    // An impossible budget is a clear error.
+    let err = engine
+        .forward_with(input, batch, Policy::Budget(Budget::Flops(0.001)))
+        .unwrap_err();
+    assert!(err.to_string().contains("below the least"), "{err}");
+}
+
+/// Runs `policy` and checks each sample against the reference pass of its pruned network
+/// with its skipped pixels masked.
+fn against_reference(
+    model: &Model,
+    engine: &EngineExecutor,
+    input: &[f32],
+    batch: usize,
+    policy: Policy,
+    name: &str,
+) -> Forward {
+    let fwd = engine.forward_with(input, batch, policy).unwrap();
+    let per = input.len() / batch;
+    let classes = fwd.logits.len() / batch;
+    let dense_flops = model.flops_per_sample();
+    for s in 0..batch {
+        let pixels: Vec<Option<Vec<usize>>> = fwd
+            .tiles
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.as_ref().map(|t| {
+                    let [_, oh, ow] = model.layers[i].output;
+                    let tiling = gating::cpu_tiling(oh, ow).expect("a spatial gate has a tiling");
+                    gating::tile_pixels(&tiling, &t[s], [oh, ow])
+                })
+            })
+            .collect();
+        let reference = ReferenceExecutor::new(&pruned(model, &fwd.kept, s)).unwrap();
+        let want = reference
+            .forward_masked(&input[s * per..(s + 1) * per], &pixels)
+            .unwrap();
+        let got = &fwd.logits[s * classes..(s + 1) * classes];
+        let err = rel_err(got, &want);
+        let f = fwd.flops.as_ref().unwrap()[s];
+        println!(
+            "{name}: {policy:?} sample {s}: {:.3} of dense FLOPs, {} channel- and {} tile-gated layers, vs masked pruned reference {err:.2e}",
+            f as f64 / dense_flops as f64,
+            fwd.kept.iter().filter(|k| k.is_some()).count(),
+            pixels.iter().filter(|p| p.is_some()).count(),
+        );
+        assert!(err <= 1e-4, "{name} {policy:?} sample {s}: {err:e}");
+    }
+    fwd
 }
 
 #[test]
@@ -178,4 +274,69 @@ fn cli_keep_reports_fewer_flops_and_rejects_bad_ratios() {
     let out = run(&["--keep", "0"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("keep ratio 0 is outside (0, 1]"));
+    let out = run(&["--tile-threshold", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tile threshold 1 is outside (0, 1)"));
+    // Gates that conflict are refused by the parser.
+    assert_eq!(
+        run(&["--keep", "0.5", "--budget", "0.5"]).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn cli_budget_and_verbose_layers() {
+    use std::process::Command;
+    let png =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/samples/digit_1_5.png");
+    let run = |args: &[&str]| {
+        let out = Command::new(common::bin())
+            .args(["infer", "--json", "--model", demo_model().to_str().unwrap()])
+            .args(args)
+            .arg(&png)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["results"][0]["stats"].clone()
+    };
+    let s = run(&["--budget", "0.5", "--spatial"]);
+    let (exec, gates, dense) = (
+        s["flops_executed"].as_u64().unwrap(),
+        s["flops_gates"].as_u64().unwrap(),
+        s["flops_dense"].as_u64().unwrap(),
+    );
+    assert!(
+        gates > 0 && exec - gates <= dense / 2,
+        "{exec} - {gates} of {dense}"
+    );
+    assert!(s.get("layers").is_none(), "layers without --verbose");
+    let s = run(&["--keep", "0.5", "--tiles", "0.25", "--verbose"]);
+    let layers = s["layers"].as_array().unwrap();
+    let sum: u64 = layers.iter().map(|l| l["flops"].as_u64().unwrap()).sum();
+    assert_eq!(sum, s["flops_executed"].as_u64().unwrap());
+    let tiled = layers
+        .iter()
+        .filter(|l| l["tiles"].as_u64().unwrap() > 0)
+        .map(|l| {
+            (
+                l["kept_tiles"].as_u64().unwrap(),
+                l["tiles"].as_u64().unwrap(),
+            )
+        })
+        .collect::<Vec<_>>();
+    assert!(!tiled.is_empty());
+    for (kept, all) in tiled {
+        assert!(
+            kept < all && kept * 4 >= all,
+            "{kept} of {all} tiles at 0.25"
+        );
+    }
+    assert!(layers
+        .iter()
+        .any(|l| l["kept_channels"].as_u64() < l["channels"].as_u64()));
 }

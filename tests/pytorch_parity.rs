@@ -1,11 +1,12 @@
 //! Logits agree with PyTorch for every supported architecture, at batch 1 and batch 3,
-//! with randomized BatchNorm statistics, for checkpoints in all three formats.
+//! with randomized BatchNorm statistics, for checkpoints in all three formats; with every
+//! gate open, gated execution agrees with dense.
 
 mod common;
 
 use common::{fixtures, manifest, rel_err};
 use dynsparse::exec::cpu::{gemm::Isa, EngineExecutor, ReferenceExecutor};
-use dynsparse::exec::Executor;
+use dynsparse::exec::{Cut, Executor, Gates, Policy};
 use dynsparse::{convert, npy, Input, Options, Runtime};
 
 const TOLERANCE: f32 = 1e-4;
@@ -62,6 +63,21 @@ fn check(arch: &str) {
         // Stats are per sample and count the whole network.
         assert_eq!(preds[0].stats.batch_size, input.shape[0]);
         assert_eq!(preds[0].stats.flops_dense, rt.model().flops_per_sample());
+        // Every gate running but keeping everything after rounding (up to the 3,136
+        // tiles of VGG's first layers): the dense result.
+        let engine = EngineExecutor::new(rt.model()).unwrap();
+        let open = Policy::Gates(Gates {
+            channels: Cut::Ratio(0.9999),
+            tiles: Cut::Ratio(0.9999),
+        });
+        let gated = engine
+            .forward_with(&input.data, input.shape[0], open)
+            .expect("gated forward");
+        let dense = engine.forward(&input.data, input.shape[0]).unwrap();
+        let err = rel_err(&gated.logits, &dense);
+        println!("{arch} {b} open gates vs dense: {err:.2e}");
+        assert!(err <= 1e-5, "{arch} {b}: open gates differ by {err:e}");
+        assert!(gated.flops.unwrap()[0] > preds[0].stats.flops_dense);
         for (name, ex) in executors(rt.model()) {
             let got = ex.forward(&input.data, input.shape[0]).expect("forward");
             let err = rel_err(&got, &want.data);

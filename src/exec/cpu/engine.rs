@@ -812,7 +812,7 @@ impl EngineExecutor {
                         hi = mid;
                     }
                 }
-                return Ok(Some(at(lo)));
+                return Ok(Some(self.fill_budget(at(lo), limit)));
             }
         };
         let keeps_all = |c: Cut| c == Cut::All || c == Cut::Ratio(1.0);
@@ -820,6 +820,66 @@ impl EngineExecutor {
             return Ok(None);
         }
         Ok(Some(uniform(gates.channels, gates.tiles)))
+    }
+
+    /// Spends what a uniform plan leaves of the budget: kept counts move in steps of the
+    /// kernel's tile, so one ratio for every layer stops short of the limit. Repeatedly
+    /// grows by one step the gate that keeps the smallest fraction, among those whose step
+    /// still fits; a step that does not fit never will (FLOPs only grow), so each gate is
+    /// dropped at its first miss.
+    fn fill_budget(&self, mut cuts: Vec<NodeCut>, limit: u64) -> Vec<NodeCut> {
+        // (node, tiles?, units, step)
+        let mut open: Vec<(usize, bool, usize, usize)> = Vec::new();
+        for (i, c) in cuts.iter().enumerate() {
+            if let (Cut::Ratio(_), Some(_), Layer::Gemm { bias, .. }) =
+                (c.channels, &self.gates[i], &self.layers[i].1)
+            {
+                open.push((i, false, bias.len(), self.isa.mr()));
+            }
+            if let (Cut::Ratio(_), Some(t)) = (c.tiles, self.tiling[i]) {
+                open.push((i, true, t.tiles, gating::tiles_per_panel(&t, NR)));
+            }
+        }
+        let ratio = |c: &NodeCut, tiles: bool| match if tiles { c.tiles } else { c.channels } {
+            Cut::Ratio(r) => r,
+            _ => 1.0,
+        };
+        loop {
+            let kept = |c: &NodeCut, &(_, tiles, units, step): &(usize, bool, usize, usize)| {
+                gating::kept_count(units, ratio(c, tiles), step)
+            };
+            open.retain(|g| kept(&cuts[g.0], g) < g.2);
+            open.sort_by(|a, b| {
+                let fa = kept(&cuts[a.0], a) as f64 / a.2 as f64;
+                let fb = kept(&cuts[b.0], b) as f64 / b.2 as f64;
+                fa.total_cmp(&fb)
+            });
+            let mut grown = false;
+            while let Some(&g) = open.first() {
+                let next = kept(&cuts[g.0], &g) + g.3;
+                // Just under next/units, so the rounding up lands on `next` exactly.
+                let r = if next >= g.2 {
+                    1.0
+                } else {
+                    next as f64 / g.2 as f64 - 1e-9
+                };
+                let mut trial = cuts.clone();
+                if g.1 {
+                    trial[g.0].tiles = Cut::Ratio(r);
+                } else {
+                    trial[g.0].channels = Cut::Ratio(r);
+                }
+                if self.planned_flops(&trial) <= limit {
+                    cuts = trial;
+                    grown = true;
+                    break;
+                }
+                open.remove(0);
+            }
+            if !grown {
+                return cuts;
+            }
+        }
     }
 
     /// Depthwise convolution of each sample's kept channels only; the others are zero.

@@ -89,6 +89,24 @@ impl Executor for ReferenceExecutor {
     }
 
     fn forward(&self, input: &[f32], batch: usize) -> Result<Vec<f32>> {
+        self.run(input, batch, None)
+    }
+}
+
+impl ReferenceExecutor {
+    /// One sample's forward pass where convolution `i` computes only the output pixels
+    /// in `pixels[i]` (`None`: all): every other pixel takes the residual, or zero — the
+    /// definition of a spatially gated pass, for checking the fast engine's.
+    pub fn forward_masked(&self, input: &[f32], pixels: &[Option<Vec<usize>>]) -> Result<Vec<f32>> {
+        self.run(input, 1, Some(pixels))
+    }
+
+    fn run(
+        &self,
+        input: &[f32],
+        batch: usize,
+        pixels: Option<&[Option<Vec<usize>>]>,
+    ) -> Result<Vec<f32>> {
         let spec = self.model.desc.input;
         let shape = (batch, spec.channels, spec.height, spec.width);
         if input.len() != batch * spec.channels * spec.height * spec.width {
@@ -132,7 +150,31 @@ impl Executor for ReferenceExecutor {
                     if let Some(r) = cv.residual {
                         y = (y + get(&values, r)?)?;
                     }
-                    activate(y, cv.act)?
+                    let y = activate(y, cv.act)?;
+                    match pixels.and_then(|p| p.get(i)).and_then(Option::as_ref) {
+                        None => y,
+                        Some(px) => {
+                            let shape = y.dims().to_vec();
+                            let mut v = y.flatten_all()?.to_vec1::<f32>()?;
+                            let r = match cv.residual {
+                                Some(r) => Some(get(&values, r)?.flatten_all()?.to_vec1::<f32>()?),
+                                None => None,
+                            };
+                            let n = info.output[1] * info.output[2];
+                            let mut keep = vec![false; n];
+                            for &p in px {
+                                *keep.get_mut(p).ok_or_else(|| {
+                                    Error::Input(format!("pixel {p} is outside node {i}'s output"))
+                                })? = true;
+                            }
+                            for (j, cell) in v.iter_mut().enumerate() {
+                                if !keep[j % n] {
+                                    *cell = r.as_ref().map_or(0.0, |r| r[j]);
+                                }
+                            }
+                            Tensor::from_vec(v, shape, &Device::Cpu)?
+                        }
+                    }
                 }
                 (Op::Conv(cv), Prepared::Depthwise { weight, bias }) => {
                     let [t, _, l, _] =
