@@ -92,6 +92,15 @@ struct ConvGates<'a> {
     tiles: Option<(Tiling, Cut)>,
 }
 
+/// Part of a convolution to compute (`None`: all): output channels (`rows`), output
+/// positions (`cols`, strictly ascending) and input channels (`chans`), each sorted.
+#[derive(Clone, Copy, Default)]
+struct Subset<'a> {
+    rows: Option<&'a [usize]>,
+    cols: Option<&'a [usize]>,
+    chans: Option<&'a [usize]>,
+}
+
 /// What one sample computes in one convolution: sorted kept input and output channels,
 /// and the kept output pixels (`None`: all).
 #[derive(Clone, Copy)]
@@ -240,6 +249,7 @@ impl EngineExecutor {
         })
     }
 
+    /// [`Self::conv_gemm_into`] a new buffer.
     #[allow(clippy::too_many_arguments)]
     fn conv_gemm(
         &self,
@@ -251,9 +261,48 @@ impl EngineExecutor {
         g: &ConvGeom,
         residual: Option<&[f32]>,
         act: Act,
-        only_rows: Option<&[usize]>,
-        only_cols: Option<&[usize]>,
     ) -> Vec<f32> {
+        let mut out = self
+            .pool
+            .take_dirty(batch * bias.len() * g.out_hw[0] * g.out_hw[1]);
+        let all = Subset::default();
+        self.conv_gemm_into(
+            x, batch, weight, bias, groups, g, residual, act, all, &mut out,
+        );
+        out
+    }
+
+    /// The convolution of `batch` samples into `out` (`batch × rows × positions`): all of
+    /// it, or for one group a [`Subset`], whose other cells then hold the residual, or
+    /// zero.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_gemm_into(
+        &self,
+        x: &[f32],
+        batch: usize,
+        weight: &[f32],
+        bias: &[f32],
+        groups: usize,
+        g: &ConvGeom,
+        residual: Option<&[f32]>,
+        act: Act,
+        sub: Subset,
+        out: &mut [f32],
+    ) {
+        let Subset {
+            rows: only_rows,
+            cols: only_cols,
+            chans,
+        } = sub;
+        // A's rows span every input channel; the packed panels only the kept ones, and
+        // the kernel maps panel rows to A's columns.
+        let lda = g.k();
+        let taps = g.kernel[0] * g.kernel[1];
+        let kmap: Option<Vec<usize>> = chans.map(|c| {
+            c.iter()
+                .flat_map(|&ci| (ci * taps..(ci + 1) * taps).collect::<Vec<_>>())
+                .collect()
+        });
         // Zero-pad the input once so every tap of every window is in bounds: packing then
         // needs no per-pixel checks and copies contiguous runs.
         let ph = (g.out_hw[0] - 1) * g.stride[0] + g.kernel[0];
@@ -280,7 +329,11 @@ impl EngineExecutor {
             Some(r) => r,
             None => &self.all_rows[..rows_per_group],
         };
-        let k = g.k();
+        let gk = ConvGeom {
+            in_c: chans.map_or(g.in_c, <[usize]>::len),
+            ..*g
+        };
+        let k = gk.k();
         let n = g.out_hw[0] * g.out_hw[1];
         // The output positions computed: all, or a spatial plan's kept pixels (strictly
         // ascending, as the store's contiguous-run test requires).
@@ -297,14 +350,17 @@ impl EngineExecutor {
         let blocks_per_chunk = row_blocks.div_ceil(chunks);
         // A 1×1, stride-1, unpadded convolution reads full panels straight from its input
         // (row k of B is input channel k); only a partial last panel is packed.
-        let direct =
-            only_cols.is_none() && g.kernel == [1, 1] && g.stride == [1, 1] && g.pad_tl == [0, 0];
+        let direct = only_cols.is_none()
+            && chans.is_none()
+            && g.kernel == [1, 1]
+            && g.stride == [1, 1]
+            && g.pad_tl == [0, 0];
         let panel_len = k * NR;
         // With enough panels to share out, each task packs its own panel into a buffer of
         // its thread and computes all rows on it while it is hot (`chunks` is 1). With few
         // panels, tasks split the rows too, so panels are packed once up front instead.
         let fused = chunks == 1;
-        let mut packed = self.pool.take(if fused {
+        let mut packed = self.pool.take_dirty(if fused {
             0
         } else {
             batch * groups * panels * panel_len
@@ -318,13 +374,15 @@ impl EngineExecutor {
                     let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
                     gemm::pack_panel(
                         &x[sg * g.in_c * in_plane..][..g.in_c * in_plane],
-                        g,
+                        &gk,
+                        chans,
                         cols,
                         panel,
                     );
                 }
             });
-        let mut out = self.pool.take(batch * rows_total * n);
+        // The stores below write through a raw pointer: the size is checked here.
+        assert_eq!(out.len(), batch * rows_total * n, "output buffer size");
         if only_rows.is_some() || only_cols.is_some() {
             // Cells outside the lists: the residual passes through, or zero.
             match residual {
@@ -346,14 +404,14 @@ impl EngineExecutor {
                     (&xs[p * NR..], in_plane)
                 } else if fused {
                     own.resize(panel_len, 0.0);
-                    gemm::pack_panel(xs, g, cols, own);
+                    gemm::pack_panel(xs, &gk, chans, cols, own);
                     (own.as_slice(), NR)
                 } else {
                     (&packed[sgp * panel_len..(sgp + 1) * panel_len], NR)
                 };
                 // (sample, group) blocks of the output are contiguous: sg · rows_per_group · n.
                 let out_off = sg * rows_per_group * n;
-                let a = &weight[grp * rows_per_group * k..(grp + 1) * rows_per_group * k];
+                let a = &weight[grp * rows_per_group * lda..(grp + 1) * rows_per_group * lda];
                 let ep = Epilogue {
                     bias: &bias[grp * rows_per_group..(grp + 1) * rows_per_group],
                     residual: residual.map(|r| &r[out_off..out_off + rows_per_group * n]),
@@ -365,6 +423,8 @@ impl EngineExecutor {
                     .step_by(mr)
                     .map(|r0| Tile {
                         a,
+                        lda,
+                        kmap: kmap.as_deref(),
                         k,
                         rows: &row_list[r0..(r0 + mr).min(last)],
                         panel,
@@ -393,7 +453,6 @@ impl EngineExecutor {
         if let Some(p) = padded {
             self.pool.give(p);
         }
-        out
     }
 
     /// The forward pass; with `cuts`, each node's gates cut per sample what it computes
@@ -448,8 +507,7 @@ impl EngineExecutor {
                         },
                     };
                     if ic_sets.is_none() && gates.channels.is_none() && gates.tiles.is_none() {
-                        let out = self
-                            .conv_gemm(x, batch, weight, bias, *groups, geom, r, *act, None, None);
+                        let out = self.conv_gemm(x, batch, weight, bias, *groups, geom, r, *act);
                         (out, dense)
                     } else {
                         let c = self
@@ -585,7 +643,8 @@ impl EngineExecutor {
         let n = geom.out_hw[0] * geom.out_hw[1];
         let taps = geom.kernel[0] * geom.kernel[1];
         let mut c = Compact {
-            out: self.pool.take(batch * cout * n),
+            // Every cell is written by `conv_sample`.
+            out: self.pool.take_dirty(batch * cout * n),
             oc: Vec::with_capacity(batch),
             tiles: Vec::with_capacity(batch),
             flops: Vec::with_capacity(batch),
@@ -597,18 +656,16 @@ impl EngineExecutor {
             let mut gf = 0u64;
             let oc: Vec<usize> = match gates.channels {
                 Some((g, cut)) => {
-                    let pooled: Vec<f32> = ic
-                        .iter()
-                        .map(|&c| xs[c * plane..(c + 1) * plane].iter().sum::<f32>() / plane as f32)
-                        .collect();
+                    // Mean of each kept input plane, zero for dropped ones (their planes
+                    // are zero anyway), so each score is one vectorized dot product.
+                    let mut pooled = vec![0f32; cin];
+                    // On one thread: vectorized, this is a few microseconds per layer, less
+                    // than waking the pool would cost.
+                    for &c in &ic {
+                        pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
+                    }
                     let scores: Vec<f32> = (0..cout)
-                        .map(|o| {
-                            bias[o]
-                                + ic.iter()
-                                    .zip(&pooled)
-                                    .map(|(&c, &p)| g[o * cin + c] * p)
-                                    .sum::<f32>()
-                        })
+                        .map(|o| bias[o] + dot(&g[o * cin..(o + 1) * cin], &pooled))
                         .collect();
                     gf += gating::gate_flops(ic.len(), plane, cout);
                     gating::choose(&scores, cut, gating::channel_bar, self.isa.mr())
@@ -647,8 +704,9 @@ impl EngineExecutor {
 
     /// One sample's convolution under a plan, into its output `os` (`cout × n`): kept
     /// output channels at kept pixels are computed from the kept input channels; other
-    /// cells get the residual `rs`, or zero. Every input kept, the GEMM reads the kept
-    /// rows of A in place; otherwise the kept input planes and weight rows are gathered.
+    /// cells get the residual `rs`, or zero. Nothing is gathered: the GEMM reads the kept
+    /// rows of A in place, packs only the kept input channels at the kept pixels, maps
+    /// panel rows to A's columns, and stores straight into `os`.
     #[allow(clippy::too_many_arguments)]
     fn conv_sample(
         &self,
@@ -663,61 +721,12 @@ impl EngineExecutor {
     ) {
         let SamplePlan { ic, oc, cols } = plan;
         let (cin, cout) = (geom.in_c, bias.len());
-        let plane = geom.in_hw[0] * geom.in_hw[1];
-        let n = geom.out_hw[0] * geom.out_hw[1];
-        let taps = geom.kernel[0] * geom.kernel[1];
-        let all_out = oc.len() == cout;
-        if ic.len() == cin {
-            // Every input kept: the kept rows of A are read in place and stored at their
-            // own rows, at the kept pixels; no gather, no scatter.
-            let rows = (!all_out).then_some(oc);
-            let y = self.conv_gemm(xs, 1, weight, bias, 1, geom, rs, act, rows, cols);
-            os.copy_from_slice(&y[..cout * n]);
-            self.pool.give(y);
-            return;
-        }
-        let mut xc = self.pool.take(ic.len() * plane);
-        for (j, &ch) in ic.iter().enumerate() {
-            xc[j * plane..(j + 1) * plane].copy_from_slice(&xs[ch * plane..(ch + 1) * plane]);
-        }
-        // The kept output channels' weight rows, restricted to the kept inputs.
-        let mut wc = Vec::with_capacity(oc.len() * ic.len() * taps);
-        for &o in oc {
-            if taps == 1 {
-                let row = &weight[o * cin..(o + 1) * cin];
-                wc.extend(ic.iter().map(|&ch| row[ch]));
-            } else {
-                for &ch in ic {
-                    wc.extend_from_slice(&weight[(o * cin + ch) * taps..(o * cin + ch + 1) * taps]);
-                }
-            }
-        }
-        let bc: Vec<f32> = oc.iter().map(|&o| bias[o]).collect();
-        // The residual of the kept rows: all of it, in place, when every row is kept.
-        let rc: Option<Vec<f32>> = rs.filter(|_| !all_out).map(|r| {
-            oc.iter()
-                .flat_map(|&o| r[o * n..(o + 1) * n].iter().copied())
-                .collect()
-        });
-        let gc = ConvGeom {
-            in_c: ic.len(),
-            ..*geom
+        let sub = Subset {
+            rows: (oc.len() < cout).then_some(oc),
+            cols,
+            chans: (ic.len() < cin).then_some(ic),
         };
-        let rsc = if all_out { rs } else { rc.as_deref() };
-        let yc = self.conv_gemm(&xc, 1, &wc, &bc, 1, &gc, rsc, act, None, cols);
-        if all_out {
-            os.copy_from_slice(&yc[..cout * n]);
-        } else {
-            match rs {
-                Some(r) => os.copy_from_slice(r),
-                None => os.fill(0.0),
-            }
-            for (j, &o) in oc.iter().enumerate() {
-                os[o * n..(o + 1) * n].copy_from_slice(&yc[j * n..(j + 1) * n]);
-            }
-        }
-        self.pool.give(xc);
-        self.pool.give(yc);
+        self.conv_gemm_into(xs, 1, weight, bias, 1, geom, rs, act, sub, os);
     }
 
     /// FLOPs per sample, gates aside, of a pass with these ratio cuts. Counts only depend
@@ -973,6 +982,19 @@ fn pad_planes(
             }
         });
     out
+}
+
+/// Sum with 16 independent lanes, so it vectorizes without reassociation.
+fn sum(a: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = a.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for x in chunks {
+        for j in 0..16 {
+            lanes[j] += x[j];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Dot product with 16 independent lanes, so it vectorizes without reassociation.

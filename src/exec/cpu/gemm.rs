@@ -67,16 +67,23 @@ impl Isa {
     }
 }
 
-/// One micro-tile: `rows.len() ≤ mr` rows of A (by row index) times one B panel of `k`
-/// rows of [`NR`] values, `ldb` apart (`NR` when packed; a 1×1 convolution reads its
-/// input in place with `ldb` = plane size), columns `0..cols.len()` stored at
-/// `c[row * ldc + cols[j]]`; `cols` is strictly ascending.
+/// One micro-tile: `rows.len() ≤ mr` rows of A (by row index; row `r` starts at
+/// `a[r * lda]`) times one B panel of `k` rows of [`NR`] values, `ldb` apart (`NR` when
+/// packed; a 1×1 convolution reads its input in place with `ldb` = plane size), columns
+/// `0..cols.len()` stored at `c[row * ldc + cols[j]]`; `cols` is strictly ascending.
+/// Panel row `kk` multiplies A's column `kmap[kk]` (`kk` without a map): a plan that
+/// keeps some input channels packs only those, and reads their weights in place.
 ///
 /// # Safety contract (checked by the callers in this module)
-/// Every `rows[i] * k + k ≤ a.len()`, `panel.len() ≥ (k - 1) * ldb + NR`, and every
-/// `row * ldc + cols[j]` is inside `c` (and `residual`, when given).
+/// Every `rows[i] * lda + c < a.len()` for every column `c` read (`kk < k`, or `kmap[kk]`),
+/// `kmap.len() ≥ k`, `panel.len() ≥ (k - 1) * ldb + NR`, and every `row * ldc + cols[j]`
+/// is inside `c` (and `residual`, when given).
 pub struct Tile<'a> {
     pub a: &'a [f32],
+    /// Row stride of A.
+    pub lda: usize,
+    /// Panel rows of A's columns, when not `0..k`.
+    pub kmap: Option<&'a [usize]>,
     pub k: usize,
     pub rows: &'a [usize],
     pub panel: &'a [f32],
@@ -190,9 +197,10 @@ pub unsafe fn run_tile(isa: Isa, t: &Tile, ep: &Epilogue, c: *mut f32) {
 
 fn portable_kernel(t: &Tile, k0: usize, k1: usize, acc: &mut Acc) {
     for (i, &row) in t.rows.iter().enumerate() {
-        let a = &t.a[row * t.k + k0..row * t.k + k1];
+        let a = &t.a[row * t.lda..];
         let out = &mut acc[i];
-        for (kk, &av) in (k0..k1).zip(a) {
+        for kk in k0..k1 {
+            let av = a[t.kmap.map_or(kk, |m| m[kk])];
             let b = &t.panel[kk * t.ldb..kk * t.ldb + NR];
             for j in 0..NR {
                 out[j] += av * b[j];
@@ -212,9 +220,18 @@ mod avx512 {
     /// broadcast per row.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, out: &mut Acc) {
+        match t.kmap {
+            None => body::<false>(t, k0, k1, out),
+            Some(_) => body::<true>(t, k0, k1, out),
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn body<const MAPPED: bool>(t: &Tile, k0: usize, k1: usize, out: &mut Acc) {
+        let map = t.kmap.map_or(std::ptr::null(), <[usize]>::as_ptr);
         let mut rows = [t.a.as_ptr(); MR];
         for (i, &r) in t.rows.iter().enumerate() {
-            rows[i] = t.a.as_ptr().add(r * t.k);
+            rows[i] = t.a.as_ptr().add(r * t.lda);
         }
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         if k0 > 0 {
@@ -225,10 +242,11 @@ mod avx512 {
         }
         let mut b = t.panel.as_ptr().add(k0 * t.ldb);
         for kk in k0..k1 {
+            let ka = if MAPPED { *map.add(kk) } else { kk };
             let b0 = _mm512_loadu_ps(b);
             let b1 = _mm512_loadu_ps(b.add(16));
             for i in 0..MR {
-                let a = _mm512_set1_ps(*rows[i].add(kk));
+                let a = _mm512_set1_ps(*rows[i].add(ka));
                 acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
                 acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
             }
@@ -251,9 +269,18 @@ mod avx2 {
     /// 6 rows × 16 columns (`half` = 0 or 16 of the panel): 12 ymm accumulators.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, half: usize, out: &mut Acc) {
+        match t.kmap {
+            None => body::<false>(t, k0, k1, half, out),
+            Some(_) => body::<true>(t, k0, k1, half, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn body<const MAPPED: bool>(t: &Tile, k0: usize, k1: usize, half: usize, out: &mut Acc) {
+        let map = t.kmap.map_or(std::ptr::null(), <[usize]>::as_ptr);
         let mut rows = [t.a.as_ptr(); MR];
         for (i, &r) in t.rows.iter().enumerate() {
-            rows[i] = t.a.as_ptr().add(r * t.k);
+            rows[i] = t.a.as_ptr().add(r * t.lda);
         }
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         if k0 > 0 {
@@ -264,10 +291,11 @@ mod avx2 {
         }
         let mut b = t.panel.as_ptr().add(k0 * t.ldb + half);
         for kk in k0..k1 {
+            let ka = if MAPPED { *map.add(kk) } else { kk };
             let b0 = _mm256_loadu_ps(b);
             let b1 = _mm256_loadu_ps(b.add(8));
             for i in 0..MR {
-                let a = _mm256_set1_ps(*rows[i].add(kk));
+                let a = _mm256_set1_ps(*rows[i].add(ka));
                 acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
                 acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
             }
@@ -300,17 +328,30 @@ impl ConvGeom {
 }
 
 /// Packs B for one sample: column `j` is output position `positions[j]` (y·OW + x);
-/// row `(ci, ky, kx)` holds the input pixel that tap reads (0 in the padding).
+/// row `(ci, ky, kx)` holds the input pixel that tap reads (0 in the padding), for the
+/// `g.in_c` input channels `chans` lists (`0..g.in_c` without a list).
 /// Writes `ceil(positions.len() / NR)` panels of `k × NR` into `out`.
-pub fn pack_im2col(x: &[f32], g: &ConvGeom, positions: &[usize], out: &mut [f32]) {
+pub fn pack_im2col(
+    x: &[f32],
+    g: &ConvGeom,
+    chans: Option<&[usize]>,
+    positions: &[usize],
+    out: &mut [f32],
+) {
     let k = g.k();
     for (p, cols) in positions.chunks(NR).enumerate() {
-        pack_panel(x, g, cols, &mut out[p * k * NR..(p + 1) * k * NR]);
+        pack_panel(x, g, chans, cols, &mut out[p * k * NR..(p + 1) * k * NR]);
     }
 }
 
-/// Packs one panel of up to [`NR`] output positions.
-pub fn pack_panel(x: &[f32], g: &ConvGeom, cols: &[usize], panel: &mut [f32]) {
+/// Packs one panel of up to [`NR`] output positions (see [`pack_im2col`]).
+pub fn pack_panel(
+    x: &[f32],
+    g: &ConvGeom,
+    chans: Option<&[usize]>,
+    cols: &[usize],
+    panel: &mut [f32],
+) {
     let [h, w] = g.in_hw;
     let ow = g.out_hw[1];
     let plane = h * w;
@@ -356,7 +397,8 @@ pub fn pack_panel(x: &[f32], g: &ConvGeom, cols: &[usize], panel: &mut [f32]) {
     });
     let mut row = 0;
     for ci in 0..g.in_c {
-        let src = &x[ci * plane..(ci + 1) * plane];
+        let c = chans.map_or(ci, |m| m[ci]);
+        let src = &x[c * plane..(c + 1) * plane];
         for ky in 0..kh {
             for kx in 0..kw {
                 let dst = &mut panel[row * NR..(row + 1) * NR];
@@ -408,12 +450,13 @@ mod tests {
         }
     }
 
-    /// Direct convolution of one output cell, the reference.
-    fn naive(x: &[f32], w: &[f32], g: &ConvGeom, co: usize, pos: usize) -> f32 {
+    /// Direct convolution of one output cell over the input channels `chans`, the
+    /// reference.
+    fn naive(x: &[f32], w: &[f32], g: &ConvGeom, chans: &[usize], co: usize, pos: usize) -> f32 {
         let [h, wd] = g.in_hw;
         let (oy, ox) = (pos / g.out_hw[1], pos % g.out_hw[1]);
         let mut acc = 0.0;
-        for ci in 0..g.in_c {
+        for &ci in chans {
             for ky in 0..g.kernel[0] {
                 for kx in 0..g.kernel[1] {
                     let iy = (oy * g.stride[0] + ky) as isize - g.pad_tl[0] as isize;
@@ -428,9 +471,10 @@ mod tests {
         acc
     }
 
-    /// Random convolutions, random subsets of output channels and positions (as a sparse
-    /// plan would give), every kernel this CPU runs: kept cells equal the direct
-    /// convolution with the epilogue applied, and no other cell is written.
+    /// Random convolutions, random subsets of output channels, input channels and
+    /// positions (as a sparse plan would give), every kernel this CPU runs: kept cells
+    /// equal the direct convolution over the kept inputs with the epilogue applied, and no
+    /// other cell is written.
     #[test]
     fn tiles_match_direct_convolution_on_random_subsets() {
         let mut rng = super::super::fresh_rng();
@@ -459,11 +503,31 @@ mod tests {
             };
             let m = rng.random_range(1..40);
             let n = out_hw[0] * out_hw[1];
-            let k = g.k();
+            let lda = g.k();
             let x: Vec<f32> = (0..g.in_c * in_hw[0] * in_hw[1])
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
-            let w: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let w: Vec<f32> = (0..m * lda).map(|_| rng.random_range(-1.0..1.0)).collect();
+            // Input channels: all (A's columns in order), or a subset read through a map.
+            let chans: Vec<usize> = if rng.random_bool(0.5) {
+                (0..g.in_c).collect()
+            } else {
+                let kept = rng.random_range(1..=g.in_c);
+                let mut c = sample(&mut rng, g.in_c, kept).into_vec();
+                c.sort_unstable();
+                c
+            };
+            let mapped = chans.len() < g.in_c;
+            let taps = g.kernel[0] * g.kernel[1];
+            let kmap: Vec<usize> = chans
+                .iter()
+                .flat_map(|&c| (0..taps).map(move |t| c * taps + t))
+                .collect();
+            let gk = ConvGeom {
+                in_c: chans.len(),
+                ..g
+            };
+            let k = gk.k();
             let bias: Vec<f32> = (0..m).map(|_| rng.random_range(-1.0..1.0)).collect();
             let res: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
             let kept = rng.random_range(1..=m);
@@ -475,7 +539,7 @@ mod tests {
             let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
             let residual = rng.random_bool(0.5).then_some(res.as_slice());
             let mut packed = vec![f32::NAN; packed_len(cols.len(), k)];
-            pack_im2col(&x, &g, &cols, &mut packed);
+            pack_im2col(&x, &gk, mapped.then_some(&chans[..]), &cols, &mut packed);
             for isa in isas() {
                 let mut c = vec![0f32; m * n];
                 let ep = Epilogue {
@@ -487,6 +551,8 @@ mod tests {
                     for rb in rows.chunks(isa.mr()) {
                         let tile = Tile {
                             a: &w,
+                            lda,
+                            kmap: mapped.then_some(&kmap[..]),
                             k,
                             rows: rb,
                             panel: &packed[p * k * NR..(p + 1) * k * NR],
@@ -502,7 +568,7 @@ mod tests {
                         let got = c[co * n + pos];
                         if rows.binary_search(&co).is_ok() && cols.binary_search(&pos).is_ok() {
                             let r = residual.map_or(0.0, |r| r[co * n + pos]);
-                            let want = act.apply(naive(&x, &w, &g, co, pos) + bias[co] + r);
+                            let want = act.apply(naive(&x, &w, &g, &chans, co, pos) + bias[co] + r);
                             assert!(
                                 (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
                                 "{isa:?} {g:?}: {got} vs {want}"

@@ -30,6 +30,22 @@ impl BufferPool {
         v
     }
 
+    /// A buffer of `len` values with whatever a previous user left in it, for callers that
+    /// overwrite every value: saves the memset of [`take`](Self::take).
+    pub fn take_dirty(&self, len: usize) -> Vec<f32> {
+        let mut v = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            let fit = (0..free.len())
+                .filter(|&i| free[i].capacity() >= len)
+                .min_by_key(|&i| free[i].capacity());
+            let pick = fit.or_else(|| (0..free.len()).max_by_key(|&i| free[i].capacity()));
+            pick.map(|i| free.swap_remove(i)).unwrap_or_default()
+        };
+        // Only values past the old length are written (zeros); the rest are kept as is.
+        v.resize(len, 0.0);
+        v
+    }
+
     /// Returns a buffer for reuse.
     pub fn give(&self, v: Vec<f32>) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
