@@ -153,6 +153,8 @@ pub struct LayerStats {
     pub flops_dense: u64,
     /// Wall time of the layer for the whole batch.
     pub ms: f64,
+    /// Of which its gates took deciding.
+    pub gate_ms: f64,
 }
 
 /// The result for one input sample.
@@ -374,6 +376,7 @@ impl Runtime {
                     flops: t.flops.get(sample).copied().unwrap_or(info.flops),
                     flops_dense: info.flops,
                     ms: t.ms,
+                    gate_ms: t.gate_ms,
                 }
             })
             .collect()

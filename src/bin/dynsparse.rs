@@ -364,8 +364,8 @@ fn cmd_infer(
 fn print_layers(name: &str, stats: &dynsparse::Stats) {
     println!("per layer, {name} (time is the whole batch's):");
     println!(
-        "  {:<28} {:>11} {:>9} {:>9} {:>9} {:>8}",
-        "layer", "channels", "tiles", "MFLOPs", "dense", "ms"
+        "  {:<28} {:>11} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "layer", "channels", "tiles", "MFLOPs", "dense", "ms", "gate ms"
     );
     for l in &stats.layers {
         let tiles = if l.tiles > 0 {
@@ -374,15 +374,28 @@ fn print_layers(name: &str, stats: &dynsparse::Stats) {
             "-".into()
         };
         println!(
-            "  {:<28} {:>11} {:>9} {:>9.2} {:>9.2} {:>8.3}",
+            "  {:<28} {:>11} {:>9} {:>9.2} {:>9.2} {:>8.3} {:>8.3}",
             l.name,
             format!("{}/{}", l.kept_channels, l.channels),
             tiles,
             l.flops as f64 / 1e6,
             l.flops_dense as f64 / 1e6,
-            l.ms
+            l.ms,
+            l.gate_ms
         );
     }
+    let (ms, gate): (f64, f64) = stats
+        .layers
+        .iter()
+        .map(|l| (l.ms, l.gate_ms))
+        .fold((0.0, 0.0), |(a, b), (c, d)| (a + c, b + d));
+    println!(
+        "  gates: {:.3} ms of {:.3} ms ({:.1}%), {:.2}% of the executed FLOPs",
+        gate,
+        ms,
+        100.0 * gate / ms.max(1e-9),
+        100.0 * stats.flops_gates as f64 / stats.flops_executed.max(1) as f64
+    );
 }
 
 fn cmd_demo() -> Result<()> {
@@ -444,18 +457,36 @@ fn cmd_demo() -> Result<()> {
     );
 
     // The same held-out digits with training-free channel gates (no gate training yet).
-    println!("\ntraining-free channel gates on the held-out set (CPU):");
+    println!("\ntraining-free gates on the held-out set (CPU):");
     println!(
-        "{:>6} {:>10} {:>15} {:>14}",
-        "keep", "accuracy", "FLOPs vs dense", "ms per image"
+        "{:<28} {:>10} {:>15} {:>14}",
+        "policy", "accuracy", "FLOPs vs dense", "ms per image"
     );
-    for keep in [0.75, 0.5, 0.25] {
+    let tiles = |r| {
+        Policy::Gates(Gates {
+            channels: Cut::All,
+            tiles: Cut::Ratio(r),
+        })
+    };
+    let policies = [
+        ("channels 0.75", Policy::Keep(0.75)),
+        ("channels 0.5", Policy::Keep(0.5)),
+        ("channels 0.25", Policy::Keep(0.25)),
+        ("tiles 0.75", tiles(0.75)),
+        ("tiles 0.5", tiles(0.5)),
+        ("budget 0.5", Policy::Budget(Budget::Flops(0.5))),
+        (
+            "budget 0.5, spatial",
+            Policy::Budget(Budget::FlopsWithTiles(0.5)),
+        ),
+    ];
+    for (label, policy) in policies {
         let gated = Runtime::from_bytes(
             demo::MODEL,
             Options {
                 top_k: 1,
                 device: DeviceChoice::Cpu,
-                policy: Policy::Keep(keep),
+                policy,
                 ..Options::default()
             },
         )?;
@@ -473,8 +504,8 @@ fn cmd_demo() -> Result<()> {
         }
         let n = heldout.len() as f64;
         println!(
-            "{:>6.2} {:>9.1}% {:>15.3} {:>14.3}",
-            keep,
+            "{:<28} {:>9.1}% {:>15.3} {:>14.3}",
+            label,
             100.0 * correct as f64 / n,
             flops as f64 / n / gated.model().flops_per_sample() as f64,
             ms / n

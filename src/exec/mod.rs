@@ -134,6 +134,8 @@ pub struct Forward {
 pub struct LayerTrace {
     /// Wall time of the node for the whole batch, in milliseconds.
     pub ms: f64,
+    /// Of which the node's gates took deciding, in milliseconds.
+    pub gate_ms: f64,
     /// FLOPs executed per sample, the node's gates included.
     pub flops: Vec<u64>,
 }

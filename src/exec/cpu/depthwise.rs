@@ -38,6 +38,23 @@ pub fn depthwise_into(
     channels: usize,
     win: Window,
 ) {
+    depthwise_planes_into(out, input, weight, bias, residual, act, channels, win, None)
+}
+
+/// [`depthwise_into`] computing only the (sample, channel) planes `keep` marks
+/// (`keep[sample * channels + channel]`); the other output planes are zero.
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise_planes_into(
+    out: &mut [f32],
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    act: Act,
+    channels: usize,
+    win: Window,
+    keep: Option<&[bool]>,
+) {
     let in_plane = win.in_hw[0] * win.in_hw[1];
     let out_plane = win.out_hw[0] * win.out_hw[1];
     let taps = win.kernel[0] * win.kernel[1];
@@ -49,6 +66,10 @@ pub fn depthwise_into(
     out.par_chunks_mut(out_plane)
         .enumerate()
         .for_each_init(Vec::new, |scratch, (nc, o)| {
+            if keep.is_some_and(|k| !k[nc]) {
+                o.fill(0.0);
+                return;
+            }
             let c = nc % channels;
             let job = Plane {
                 x: &input[nc * in_plane..(nc + 1) * in_plane],

@@ -7,6 +7,11 @@
 //! every row block on it while it is hot in cache; with few panels (late layers, batch 1)
 //! panels are packed once and tasks split the output channels. Layer buffers come from a
 //! pool and go back to it. Tasks run on the current rayon pool.
+//!
+//! Dynamic passes run the same GEMM on a [`Subset`] per sample: kept output channels are
+//! A's rows read in place, kept input channels are packed alone and the micro-kernel maps
+//! them back to A's columns, kept pixels are the panel's columns; nothing is gathered or
+//! scattered.
 
 use rayon::prelude::*;
 
@@ -68,6 +73,8 @@ pub struct EngineExecutor {
     gates: Vec<Option<Vec<f32>>>,
     /// Per node: the tiling of a convolution with a spatial gate.
     tiling: Vec<Option<Tiling>>,
+    /// Kept channel counts are rounded up to a multiple of this.
+    round: usize,
     /// Per node: dense FLOPs for one sample.
     flops: Vec<u64>,
 }
@@ -121,6 +128,8 @@ struct Compact {
     flops: Vec<u64>,
     /// Of which the gates'.
     gate_flops: Vec<u64>,
+    /// Time the gates took, summed over samples (which run in parallel).
+    gate_ms: f64,
 }
 
 /// Output pointer shared by tasks that write disjoint cells.
@@ -237,6 +246,7 @@ impl EngineExecutor {
         Ok(EngineExecutor {
             gates,
             tiling,
+            round: isa.mr(),
             flops: model.layers.iter().map(|l| l.flops).collect(),
             layers,
             sizes,
@@ -247,6 +257,18 @@ impl EngineExecutor {
             all_cols: (0..max_cols).collect(),
             pool: BufferPool::default(),
         })
+    }
+
+    /// Rounds kept channel counts up to multiples of `round` instead of the micro-kernel's
+    /// row count (1: no rounding), to measure what the rounding buys.
+    pub fn with_channel_round(mut self, round: usize) -> Self {
+        self.round = round.max(1);
+        self
+    }
+
+    /// The multiple kept channel counts are rounded up to.
+    pub fn channel_round(&self) -> usize {
+        self.round
     }
 
     /// [`Self::conv_gemm_into`] a new buffer.
@@ -477,6 +499,7 @@ impl EngineExecutor {
         values[0] = Some(first);
         for (i, (src, layer)) in self.layers.iter().enumerate() {
             let start = std::time::Instant::now();
+            let mut gate_ms = 0.0;
             let get = |v: usize| {
                 values[v]
                     .as_deref()
@@ -523,6 +546,7 @@ impl EngineExecutor {
                             .iter_mut()
                             .zip(&c.gate_flops)
                             .for_each(|(a, b)| *a += b);
+                        gate_ms = c.gate_ms;
                         (c.out, c.flops)
                     }
                 }
@@ -593,6 +617,7 @@ impl EngineExecutor {
             }
             traces.push(LayerTrace {
                 ms: start.elapsed().as_secs_f64() * 1e3,
+                gate_ms,
                 flops,
             });
         }
@@ -619,12 +644,11 @@ impl EngineExecutor {
         })
     }
 
-    /// One convolution on a compact problem per sample: the sample's kept input channels
-    /// (`ic`, from the value's kept sets), the output channels its channel gate keeps and
-    /// the output pixels of the tiles its spatial gate keeps. Every input kept, the GEMM
-    /// reads the kept rows of A in place; otherwise the kept input planes and weight rows
-    /// are gathered first. Cells not computed are zero, or the residual where there is
-    /// one (skipped tiles of a residual block pass the identity through).
+    /// One gated convolution, sample by sample: each sample's gates decide (from its
+    /// kept input channels `ic`, the value's kept sets) the output channels and the
+    /// output tiles to compute, and [`Self::conv_sample`] computes just those. Cells not
+    /// computed are zero, or the residual where there is one (skipped tiles of a residual
+    /// block pass the identity through).
     #[allow(clippy::too_many_arguments)]
     fn conv_compact(
         &self,
@@ -642,62 +666,76 @@ impl EngineExecutor {
         let plane = geom.in_hw[0] * geom.in_hw[1];
         let n = geom.out_hw[0] * geom.out_hw[1];
         let taps = geom.kernel[0] * geom.kernel[1];
+        // Every cell is written by `conv_sample`.
+        let mut out = self.pool.take_dirty(batch * cout * n);
+        // Samples in parallel (each sample's GEMM splits further): small layers of a big
+        // batch keep both cores busy without waking the pool once per sample.
+        let per: Vec<(Vec<usize>, Vec<usize>, u64, u64, f64)> = out
+            .par_chunks_mut(cout * n)
+            .enumerate()
+            .map(|(s, os)| {
+                let xs = &x[s * cin * plane..(s + 1) * cin * plane];
+                let ic: Vec<usize> = ic_sets.map_or_else(|| (0..cin).collect(), |v| v[s].clone());
+                let mut gf = 0u64;
+                let decided = std::time::Instant::now();
+                let oc: Vec<usize> = match gates.channels {
+                    Some((g, cut)) => {
+                        // Mean of each kept input plane, zero for dropped ones (their
+                        // planes are zero anyway), so each score is one vectorized dot
+                        // product; on one thread, a few microseconds per layer.
+                        let mut pooled = vec![0f32; cin];
+                        for &c in &ic {
+                            pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
+                        }
+                        let scores: Vec<f32> = (0..cout)
+                            .map(|o| bias[o] + dot(&g[o * cin..(o + 1) * cin], &pooled))
+                            .collect();
+                        gf += gating::gate_flops(ic.len(), plane, cout);
+                        gating::choose(&scores, cut, gating::channel_bar, self.round)
+                    }
+                    None => (0..cout).collect(),
+                };
+                let (tiles, cols): (Vec<usize>, Option<Vec<usize>>) = match gates.tiles {
+                    Some((t, cut)) => {
+                        let (scores, mean) = gating::tile_energy(xs, &ic, geom, &t);
+                        gf += gating::tile_gate_flops(ic.len(), plane, t.tiles);
+                        let round = gating::tiles_per_panel(&t, NR);
+                        let kept =
+                            gating::choose(&scores, cut, |p| gating::tile_bar(p, mean), round);
+                        let cols = (kept.len() < t.tiles)
+                            .then(|| gating::tile_pixels(&t, &kept, geom.out_hw));
+                        (kept, cols)
+                    }
+                    None => (Vec::new(), None),
+                };
+                let gate_ms = decided.elapsed().as_secs_f64() * 1e3;
+                let positions = cols.as_ref().map_or(n, Vec::len);
+                let rs = residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]);
+                let plan = SamplePlan {
+                    ic: &ic,
+                    oc: &oc,
+                    cols: cols.as_deref(),
+                };
+                self.conv_sample(xs, weight, bias, geom, rs, act, plan, os);
+                let f = gf + 2 * (positions * oc.len() * ic.len() * taps) as u64;
+                (oc, tiles, f, gf, gate_ms)
+            })
+            .collect();
         let mut c = Compact {
-            // Every cell is written by `conv_sample`.
-            out: self.pool.take_dirty(batch * cout * n),
+            out: Vec::new(),
             oc: Vec::with_capacity(batch),
             tiles: Vec::with_capacity(batch),
             flops: Vec::with_capacity(batch),
             gate_flops: Vec::with_capacity(batch),
+            gate_ms: 0.0,
         };
-        for s in 0..batch {
-            let xs = &x[s * cin * plane..(s + 1) * cin * plane];
-            let ic: Vec<usize> = ic_sets.map_or_else(|| (0..cin).collect(), |v| v[s].clone());
-            let mut gf = 0u64;
-            let oc: Vec<usize> = match gates.channels {
-                Some((g, cut)) => {
-                    // Mean of each kept input plane, zero for dropped ones (their planes
-                    // are zero anyway), so each score is one vectorized dot product.
-                    let mut pooled = vec![0f32; cin];
-                    // On one thread: vectorized, this is a few microseconds per layer, less
-                    // than waking the pool would cost.
-                    for &c in &ic {
-                        pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
-                    }
-                    let scores: Vec<f32> = (0..cout)
-                        .map(|o| bias[o] + dot(&g[o * cin..(o + 1) * cin], &pooled))
-                        .collect();
-                    gf += gating::gate_flops(ic.len(), plane, cout);
-                    gating::choose(&scores, cut, gating::channel_bar, self.isa.mr())
-                }
-                None => (0..cout).collect(),
-            };
-            let (tiles, cols): (Vec<usize>, Option<Vec<usize>>) = match gates.tiles {
-                Some((t, cut)) => {
-                    let (scores, mean) = gating::tile_energy(xs, &ic, geom, &t);
-                    gf += gating::tile_gate_flops(ic.len(), plane, t.tiles);
-                    let round = gating::tiles_per_panel(&t, NR);
-                    let kept = gating::choose(&scores, cut, |p| gating::tile_bar(p, mean), round);
-                    let cols =
-                        (kept.len() < t.tiles).then(|| gating::tile_pixels(&t, &kept, geom.out_hw));
-                    (kept, cols)
-                }
-                None => (Vec::new(), None),
-            };
-            let positions = cols.as_ref().map_or(n, Vec::len);
-            let rs = residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]);
-            let os = &mut c.out[s * cout * n..(s + 1) * cout * n];
-            let plan = SamplePlan {
-                ic: &ic,
-                oc: &oc,
-                cols: cols.as_deref(),
-            };
-            self.conv_sample(xs, weight, bias, geom, rs, act, plan, os);
-            c.flops
-                .push(gf + 2 * (positions * oc.len() * ic.len() * taps) as u64);
-            c.gate_flops.push(gf);
+        c.out = out;
+        for (oc, tiles, f, gf, ms) in per {
             c.oc.push(oc);
             c.tiles.push(tiles);
+            c.flops.push(f);
+            c.gate_flops.push(gf);
+            c.gate_ms += ms;
         }
         c
     }
@@ -751,7 +789,7 @@ impl EngineExecutor {
                     let ic = kept[*src].unwrap_or(geom.in_c);
                     let oc = match (ratio(cuts[i].channels), &self.gates[i]) {
                         (Some(r), Some(_)) => {
-                            let k = gating::kept_count(cout, r, self.isa.mr());
+                            let k = gating::kept_count(cout, r, self.round);
                             kept[i + 1] = Some(k);
                             k
                         }
@@ -843,7 +881,7 @@ impl EngineExecutor {
             if let (Cut::Ratio(_), Some(_), Layer::Gemm { bias, .. }) =
                 (c.channels, &self.gates[i], &self.layers[i].1)
             {
-                open.push((i, false, bias.len(), self.isa.mr()));
+                open.push((i, false, bias.len(), self.round));
             }
             if let (Cut::Ratio(_), Some(t)) = (c.tiles, self.tiling[i]) {
                 open.push((i, true, t.tiles, gating::tiles_per_panel(&t, NR)));
@@ -905,58 +943,31 @@ impl EngineExecutor {
         sets: &[Vec<usize>],
     ) -> (Vec<f32>, Vec<u64>) {
         let c = bias.len();
-        let (ip, op) = (win.in_hw[0] * win.in_hw[1], win.out_hw[0] * win.out_hw[1]);
+        let op = win.out_hw[0] * win.out_hw[1];
         let taps = win.kernel[0] * win.kernel[1];
-        let mut out = self.pool.take(batch * c * op);
-        let mut flops = Vec::with_capacity(batch);
+        let mut keep = vec![false; batch * c];
         for (s, set) in sets.iter().enumerate().take(batch) {
-            let rs = residual.map(|r| &r[s * c * op..(s + 1) * c * op]);
-            let os = &mut out[s * c * op..(s + 1) * c * op];
-            depthwise_sample(
-                &x[s * c * ip..(s + 1) * c * ip],
-                weight,
-                bias,
-                win,
-                rs,
-                act,
-                set,
-                os,
-            );
-            flops.push(2 * (op * set.len() * taps) as u64);
+            set.iter().for_each(|&ch| keep[s * c + ch] = true);
         }
+        // Every plane is written: computed, or zero.
+        let mut out = self.pool.take_dirty(batch * c * op);
+        depthwise::depthwise_planes_into(
+            &mut out,
+            x,
+            weight,
+            bias,
+            residual,
+            act,
+            c,
+            win,
+            Some(&keep),
+        );
+        let flops = sets
+            .iter()
+            .take(batch)
+            .map(|set| 2 * (op * set.len() * taps) as u64)
+            .collect();
         (out, flops)
-    }
-}
-
-/// One sample's depthwise convolution of the channels in `set` into `os`; the other
-/// channels are zero.
-#[allow(clippy::too_many_arguments)]
-fn depthwise_sample(
-    xs: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    win: Window,
-    rs: Option<&[f32]>,
-    act: Act,
-    set: &[usize],
-    os: &mut [f32],
-) {
-    let (ip, op) = (win.in_hw[0] * win.in_hw[1], win.out_hw[0] * win.out_hw[1]);
-    let taps = win.kernel[0] * win.kernel[1];
-    let gather = |src: &[f32], len: usize| -> Vec<f32> {
-        set.iter()
-            .flat_map(|&ch| src[ch * len..(ch + 1) * len].iter().copied())
-            .collect()
-    };
-    let xc = gather(xs, ip);
-    let wc = gather(weight, taps);
-    let bc: Vec<f32> = set.iter().map(|&ch| bias[ch]).collect();
-    let rc = rs.map(|r| gather(r, op));
-    let mut yc = vec![0f32; set.len() * op];
-    depthwise::depthwise_into(&mut yc, &xc, &wc, &bc, rc.as_deref(), act, set.len(), win);
-    os.fill(0.0);
-    for (j, &ch) in set.iter().enumerate() {
-        os[ch * op..(ch + 1) * op].copy_from_slice(&yc[j * op..(j + 1) * op]);
     }
 }
 
@@ -1063,6 +1074,7 @@ mod tests {
             pool: BufferPool::default(),
             gates: Vec::new(),
             tiling: Vec::new(),
+            round: isa.mr(),
             flops: Vec::new(),
         }
     }
@@ -1258,21 +1270,30 @@ mod tests {
                 pad_tl: [pad, pad],
             };
             let c = rng.random_range(1..24);
+            let batch = rng.random_range(1..4);
             let (ip, op) = (in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]);
-            let xs: Vec<f32> = (0..c * ip).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let xs: Vec<f32> = (0..batch * c * ip)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
             let w: Vec<f32> = (0..c * 25).map(|_| rng.random_range(-1.0..1.0)).collect();
             let w = &w[..c * kernel[0] * kernel[1]];
             let b: Vec<f32> = (0..c).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let rs: Option<Vec<f32>> = (stride == [1, 1] && rng.random_bool(0.5))
-                .then(|| (0..c * op).map(|_| rng.random_range(-1.0..1.0)).collect());
+            let rs: Option<Vec<f32>> = (stride == [1, 1] && rng.random_bool(0.5)).then(|| {
+                (0..batch * c * op)
+                    .map(|_| rng.random_range(-1.0..1.0))
+                    .collect()
+            });
             let act = act(&mut rng);
-            let set = subset(&mut rng, c);
-            let mut got = vec![f32::NAN; c * op];
-            depthwise_sample(&xs, w, &b, win, rs.as_deref(), act, &set, &mut got);
+            // Each sample its own channels.
+            let sets: Vec<Vec<usize>> = (0..batch).map(|_| subset(&mut rng, c)).collect();
+            let e = bare(Isa::detect());
+            let (got, _) = e.depthwise_compact(&xs, batch, w, &b, win, rs.as_deref(), act, &sets);
             // Reference: the dense naive depthwise, then the dropped channels zeroed.
             let mut want = ops::depthwise(&xs, w, &b, rs.as_deref(), act, c, win);
-            for ch in (0..c).filter(|ch| set.binary_search(ch).is_err()) {
-                want[ch * op..(ch + 1) * op].fill(0.0);
+            for (s, set) in sets.iter().enumerate() {
+                for ch in (0..c).filter(|ch| set.binary_search(ch).is_err()) {
+                    want[(s * c + ch) * op..(s * c + ch + 1) * op].fill(0.0);
+                }
             }
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
