@@ -117,6 +117,10 @@ struct SamplePlan<'a> {
     cols: Option<&'a [usize]>,
 }
 
+/// One sample's result of a gated convolution: kept output channels, kept tiles,
+/// FLOPs (gates included), the gates' FLOPs and the gates' time in milliseconds.
+type SampleOut = (Vec<usize>, Vec<usize>, u64, u64, f64);
+
 /// What a compact convolution computed, per sample.
 struct Compact {
     out: Vec<f32>,
@@ -670,7 +674,7 @@ impl EngineExecutor {
         let mut out = self.pool.take_dirty(batch * cout * n);
         // Samples in parallel (each sample's GEMM splits further): small layers of a big
         // batch keep both cores busy without waking the pool once per sample.
-        let per: Vec<(Vec<usize>, Vec<usize>, u64, u64, f64)> = out
+        let per: Vec<SampleOut> = out
             .par_chunks_mut(cout * n)
             .enumerate()
             .map(|(s, os)| {
