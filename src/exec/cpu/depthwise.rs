@@ -42,7 +42,8 @@ pub fn depthwise_into(
 }
 
 /// [`depthwise_into`] computing only the (sample, channel) planes `keep` marks
-/// (`keep[sample * channels + channel]`); the other output planes are zero.
+/// (`keep[sample * channels + channel]`); the other output planes are left unwritten
+/// (their readers skip them).
 #[allow(clippy::too_many_arguments)]
 pub fn depthwise_planes_into(
     out: &mut [f32],
@@ -67,7 +68,6 @@ pub fn depthwise_planes_into(
         .enumerate()
         .for_each_init(Vec::new, |scratch, (nc, o)| {
             if keep.is_some_and(|k| !k[nc]) {
-                o.fill(0.0);
                 return;
             }
             let c = nc % channels;

@@ -80,7 +80,9 @@ pub struct EngineExecutor {
 }
 
 /// Per value, per sample: the channels that hold computed data (`None`: all). Channels
-/// outside it hold zeros, so a reader that ignores the sets is still correct.
+/// outside it are not written (they hold whatever the buffer held): every reader of a
+/// gated value is a convolution that skips them ([`gating::gateable`] guarantees it), so
+/// the memset of channels nobody reads is saved.
 type Kept = Option<Vec<Vec<usize>>>;
 
 /// The cuts one node's gates apply in a pass (`Cut::All`: that gate does not run).
@@ -106,6 +108,8 @@ struct Subset<'a> {
     rows: Option<&'a [usize]>,
     cols: Option<&'a [usize]>,
     chans: Option<&'a [usize]>,
+    /// Rows outside `rows` are never read: leave them unwritten.
+    dropped_unread: bool,
 }
 
 /// What one sample computes in one convolution: sorted kept input and output channels,
@@ -115,6 +119,8 @@ struct SamplePlan<'a> {
     ic: &'a [usize],
     oc: &'a [usize],
     cols: Option<&'a [usize]>,
+    /// The dropped output channels are never read: leave them unwritten.
+    dropped_unread: bool,
 }
 
 /// One sample's result of a gated convolution: kept output channels, kept tiles,
@@ -319,6 +325,7 @@ impl EngineExecutor {
             rows: only_rows,
             cols: only_cols,
             chans,
+            dropped_unread,
         } = sub;
         // A's rows span every input channel; the packed panels only the kept ones, and
         // the kernel maps panel rows to A's columns.
@@ -409,12 +416,28 @@ impl EngineExecutor {
             });
         // The stores below write through a raw pointer: the size is checked here.
         assert_eq!(out.len(), batch * rows_total * n, "output buffer size");
-        if only_rows.is_some() || only_cols.is_some() {
+        match (only_rows, only_cols.is_some()) {
+            (None, false) => {}
+            // Dropped rows nobody reads stay unwritten; kept rows' skipped pixels get the
+            // residual, or zero.
+            (Some(rows), cols) if dropped_unread => {
+                if cols {
+                    for s in 0..batch {
+                        for &r in rows {
+                            let at = (s * rows_total + r) * n;
+                            match residual {
+                                Some(res) => out[at..at + n].copy_from_slice(&res[at..at + n]),
+                                None => out[at..at + n].fill(0.0),
+                            }
+                        }
+                    }
+                }
+            }
             // Cells outside the lists: the residual passes through, or zero.
-            match residual {
+            _ => match residual {
                 Some(r) => out.copy_from_slice(&r[..batch * rows_total * n]),
                 None => out.fill(0.0),
-            }
+            },
         }
         let ptr = OutPtr(out.as_mut_ptr());
         let tasks = batch * groups * panels * chunks;
@@ -719,6 +742,7 @@ impl EngineExecutor {
                     ic: &ic,
                     oc: &oc,
                     cols: cols.as_deref(),
+                    dropped_unread: gates.channels.is_some(),
                 };
                 self.conv_sample(xs, weight, bias, geom, rs, act, plan, os);
                 let f = gf + 2 * (positions * oc.len() * ic.len() * taps) as u64;
@@ -761,12 +785,18 @@ impl EngineExecutor {
         plan: SamplePlan,
         os: &mut [f32],
     ) {
-        let SamplePlan { ic, oc, cols } = plan;
+        let SamplePlan {
+            ic,
+            oc,
+            cols,
+            dropped_unread,
+        } = plan;
         let (cin, cout) = (geom.in_c, bias.len());
         let sub = Subset {
             rows: (oc.len() < cout).then_some(oc),
             cols,
             chans: (ic.len() < cin).then_some(ic),
+            dropped_unread,
         };
         self.conv_gemm_into(xs, 1, weight, bias, 1, geom, rs, act, sub, os);
     }
@@ -933,7 +963,8 @@ impl EngineExecutor {
         }
     }
 
-    /// Depthwise convolution of each sample's kept channels only; the others are zero.
+    /// Depthwise convolution of each sample's kept channels only; the others are left
+    /// unwritten (readers of a gated value skip them).
     #[allow(clippy::too_many_arguments)]
     fn depthwise_compact(
         &self,
@@ -953,7 +984,7 @@ impl EngineExecutor {
         for (s, set) in sets.iter().enumerate().take(batch) {
             set.iter().for_each(|&ch| keep[s * c + ch] = true);
         }
-        // Every plane is written: computed, or zero.
+        // Kept planes are written; the others are never read.
         let mut out = self.pool.take_dirty(batch * c * op);
         depthwise::depthwise_planes_into(
             &mut out,
@@ -1231,11 +1262,27 @@ mod tests {
                 ic: &ic,
                 oc: &oc,
                 cols: cols.as_deref(),
+                dropped_unread: rng.random_bool(0.5),
             };
-            let want = naive_conv(&xs, &w, &b, &g, rs.as_deref(), act, plan);
+            let mut want = naive_conv(&xs, &w, &b, &g, rs.as_deref(), act, plan);
+            if plan.dropped_unread {
+                // Dropped rows are left as they were: NaN here, NaN there.
+                for o in (0..cout).filter(|o| oc.binary_search(o).is_err()) {
+                    want[o * n..(o + 1) * n].fill(f32::NAN);
+                }
+            }
             for e in &engines {
                 let mut got = vec![f32::NAN; cout * n];
                 e.conv_sample(&xs, &w, &b, &g, rs.as_deref(), act, plan, &mut got);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(a.is_nan(), b.is_nan(), "cell {i}: {a} vs {b}");
+                }
+                let (got, want): (Vec<f32>, Vec<f32>) = got
+                    .iter()
+                    .zip(&want)
+                    .filter(|(_, b)| !b.is_nan())
+                    .map(|(a, b)| (*a, *b))
+                    .unzip();
                 let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
                 let err = got
                     .iter()
@@ -1292,13 +1339,21 @@ mod tests {
             let sets: Vec<Vec<usize>> = (0..batch).map(|_| subset(&mut rng, c)).collect();
             let e = bare(Isa::detect());
             let (got, _) = e.depthwise_compact(&xs, batch, w, &b, win, rs.as_deref(), act, &sets);
-            // Reference: the dense naive depthwise, then the dropped channels zeroed.
-            let mut want = ops::depthwise(&xs, w, &b, rs.as_deref(), act, c, win);
-            for (s, set) in sets.iter().enumerate() {
-                for ch in (0..c).filter(|ch| set.binary_search(ch).is_err()) {
-                    want[(s * c + ch) * op..(s * c + ch + 1) * op].fill(0.0);
-                }
-            }
+            // Reference: the dense naive depthwise; dropped channels are left unwritten.
+            let want = ops::depthwise(&xs, w, &b, rs.as_deref(), act, c, win);
+            let got: Vec<f32> = got
+                .chunks(op)
+                .zip(want.chunks(op))
+                .enumerate()
+                .flat_map(|(p, (g, w))| {
+                    let kept = sets[p / c].binary_search(&(p % c)).is_ok();
+                    if kept {
+                        g.to_vec()
+                    } else {
+                        w.to_vec()
+                    }
+                })
+                .collect();
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
