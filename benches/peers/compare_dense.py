@@ -26,6 +26,20 @@ def run_json_lines(cmd, env=None):
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
+def converted_models(archs):
+    """target/ARCH.dsm for each architecture, converted from the test fixtures' checkpoint
+    when missing."""
+    models = []
+    for arch in archs:
+        out = os.path.join(ROOT, "target", f"{arch}.dsm")
+        if not os.path.exists(out):
+            ckpt = glob.glob(os.path.join(ROOT, "target", "fixtures", arch, "checkpoint.*"))[0]
+            subprocess.run([os.path.join(ROOT, "target", "release", "dynsparse"), "convert", "--arch", arch,
+                            "--input", ckpt, "--output", out], check=True, capture_output=True)
+        models.append(out)
+    return models
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -34,14 +48,7 @@ def main() -> None:
     ap.add_argument("--batch", default="1,8")
     a = ap.parse_args()
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
-    models = []
-    for arch in ARCHS:
-        out = os.path.join(ROOT, "target", f"{arch}.dsm")
-        if not os.path.exists(out):
-            ckpt = glob.glob(os.path.join(ROOT, "target", "fixtures", arch, "checkpoint.*"))[0]
-            subprocess.run([os.path.join(ROOT, "target", "release", "dynsparse"), "convert", "--arch", arch,
-                            "--input", ckpt, "--output", out], check=True, capture_output=True)
-        models.append(out)
+    models = converted_models(ARCHS)
     ours, ort = {}, {}
     for r in range(a.rounds):
         print(f"round {r + 1}/{a.rounds}", file=sys.stderr, flush=True)

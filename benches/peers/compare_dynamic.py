@@ -12,19 +12,11 @@ Needs what compare_dense.py needs (fixtures, onnxruntime, the dense_latency exam
 """
 
 import argparse
-import glob
-import json
 import os
 import statistics
-import subprocess
 import sys
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-
-
-def run_json_lines(cmd, env=None):
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+from compare_dense import ROOT, converted_models, run_json_lines
 
 
 def main() -> None:
@@ -38,14 +30,7 @@ def main() -> None:
     a = ap.parse_args()
     archs = a.archs.split(",")
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
-    models = []
-    for arch in archs:
-        out = os.path.join(ROOT, "target", f"{arch}.dsm")
-        if not os.path.exists(out):
-            ckpt = glob.glob(os.path.join(ROOT, "target", "fixtures", arch, "checkpoint.*"))[0]
-            subprocess.run([os.path.join(ROOT, "target", "release", "dynsparse"), "convert", "--arch", arch,
-                            "--input", ckpt, "--output", out], check=True, capture_output=True)
-        models.append(out)
+    models = converted_models(archs)
     ours, flops, ort = {}, {}, {}
     for r in range(a.rounds):
         print(f"round {r + 1}/{a.rounds}", file=sys.stderr, flush=True)
