@@ -110,6 +110,8 @@ struct Subset<'a> {
     chans: Option<&'a [usize]>,
     /// Rows outside `rows` are never read: leave them unwritten.
     dropped_unread: bool,
+    /// Run on the calling thread: the caller already splits work across samples.
+    serial: bool,
 }
 
 /// What one sample computes in one convolution: sorted kept input and output channels,
@@ -121,6 +123,8 @@ struct SamplePlan<'a> {
     cols: Option<&'a [usize]>,
     /// The dropped output channels are never read: leave them unwritten.
     dropped_unread: bool,
+    /// Compute on the calling thread.
+    serial: bool,
 }
 
 /// One sample's result of a gated convolution: kept output channels, kept tiles,
@@ -326,6 +330,7 @@ impl EngineExecutor {
             cols: only_cols,
             chans,
             dropped_unread,
+            serial,
         } = sub;
         // A's rows span every input channel; the packed panels only the kept ones, and
         // the kernel maps panel rows to A's columns.
@@ -377,8 +382,13 @@ impl EngineExecutor {
         let panels = ncols.div_ceil(NR);
         let mr = self.isa.mr();
         let row_blocks = row_list.len().div_ceil(mr);
-        // Enough tasks to keep every thread busy, in whole row blocks.
-        let wanted = 4 * rayon::current_num_threads();
+        // Enough tasks to keep every thread busy, in whole row blocks (one thread: one
+        // task per panel, so each panel is packed once).
+        let wanted = if serial {
+            1
+        } else {
+            4 * rayon::current_num_threads()
+        };
         let chunks = (wanted.div_ceil(batch * groups * panels)).clamp(1, row_blocks);
         let blocks_per_chunk = row_blocks.div_ceil(chunks);
         // A 1×1, stride-1, unpadded convolution reads full panels straight from its input
@@ -398,22 +408,24 @@ impl EngineExecutor {
         } else {
             batch * groups * panels * panel_len
         });
-        packed
-            .par_chunks_mut(panel_len)
-            .enumerate()
-            .for_each(|(t, panel)| {
-                let (p, sg) = (t % panels, t / panels);
-                if !(direct && (p + 1) * NR <= n) {
-                    let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
-                    gemm::pack_panel(
-                        &x[sg * g.in_c * in_plane..][..g.in_c * in_plane],
-                        &gk,
-                        chans,
-                        cols,
-                        panel,
-                    );
-                }
-            });
+        let pack = |(t, panel): (usize, &mut [f32])| {
+            let (p, sg) = (t % panels, t / panels);
+            if !(direct && (p + 1) * NR <= n) {
+                let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
+                gemm::pack_panel(
+                    &x[sg * g.in_c * in_plane..][..g.in_c * in_plane],
+                    &gk,
+                    chans,
+                    cols,
+                    panel,
+                );
+            }
+        };
+        if serial {
+            packed.chunks_mut(panel_len).enumerate().for_each(pack);
+        } else {
+            packed.par_chunks_mut(panel_len).enumerate().for_each(pack);
+        }
         // The stores below write through a raw pointer: the size is checked here.
         assert_eq!(out.len(), batch * rows_total * n, "output buffer size");
         match (only_rows, only_cols.is_some()) {
@@ -441,63 +453,67 @@ impl EngineExecutor {
         }
         let ptr = OutPtr(out.as_mut_ptr());
         let tasks = batch * groups * panels * chunks;
-        (0..tasks)
-            .into_par_iter()
-            .for_each_init(Vec::new, |own, t| {
-                let (chunk, sgp) = (t % chunks, t / chunks);
-                let (p, sg) = (sgp % panels, sgp / panels);
-                let grp = sg % groups;
-                let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
-                let xs = &x[sg * g.in_c * in_plane..(sg + 1) * g.in_c * in_plane];
-                let (panel, ldb) = if direct && (p + 1) * NR <= n {
-                    (&xs[p * NR..], in_plane)
-                } else if fused {
-                    own.resize(panel_len, 0.0);
-                    gemm::pack_panel(xs, &gk, chans, cols, own);
-                    (own.as_slice(), NR)
-                } else {
-                    (&packed[sgp * panel_len..(sgp + 1) * panel_len], NR)
-                };
-                // (sample, group) blocks of the output are contiguous: sg · rows_per_group · n.
-                let out_off = sg * rows_per_group * n;
-                let a = &weight[grp * rows_per_group * lda..(grp + 1) * rows_per_group * lda];
-                let ep = Epilogue {
-                    bias: &bias[grp * rows_per_group..(grp + 1) * rows_per_group],
-                    residual: residual.map(|r| &r[out_off..out_off + rows_per_group * n]),
-                    act,
-                };
-                let first = chunk * blocks_per_chunk * mr;
-                let last = ((chunk + 1) * blocks_per_chunk * mr).min(row_list.len());
-                let tiles: Vec<Tile> = (first..last)
-                    .step_by(mr)
-                    .map(|r0| Tile {
-                        a,
-                        lda,
-                        kmap: kmap.as_deref(),
-                        k,
-                        rows: &row_list[r0..(r0 + mr).min(last)],
-                        panel,
-                        ldb,
-                        ldc: n,
-                        cols,
-                    })
-                    .collect();
-                let mut accs = vec![[[0f32; NR]; 12]; tiles.len()];
-                // K blocks outermost: one KC × NR block of the panel serves every row block
-                // of this task from L1.
-                for k0 in (0..k).step_by(KC) {
-                    let k1 = (k0 + KC).min(k);
-                    for (tile, acc) in tiles.iter().zip(accs.iter_mut()) {
-                        // SAFETY: rows < rows_per_group index `a`; the panel holds k × NR.
-                        unsafe { gemm::accumulate(self.isa, tile, k0, k1, acc) };
-                    }
+        let task = |own: &mut Vec<f32>, t: usize| {
+            let (chunk, sgp) = (t % chunks, t / chunks);
+            let (p, sg) = (sgp % panels, sgp / panels);
+            let grp = sg % groups;
+            let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
+            let xs = &x[sg * g.in_c * in_plane..(sg + 1) * g.in_c * in_plane];
+            let (panel, ldb) = if direct && (p + 1) * NR <= n {
+                (&xs[p * NR..], in_plane)
+            } else if fused {
+                own.resize(panel_len, 0.0);
+                gemm::pack_panel(xs, &gk, chans, cols, own);
+                (own.as_slice(), NR)
+            } else {
+                (&packed[sgp * panel_len..(sgp + 1) * panel_len], NR)
+            };
+            // (sample, group) blocks of the output are contiguous: sg · rows_per_group · n.
+            let out_off = sg * rows_per_group * n;
+            let a = &weight[grp * rows_per_group * lda..(grp + 1) * rows_per_group * lda];
+            let ep = Epilogue {
+                bias: &bias[grp * rows_per_group..(grp + 1) * rows_per_group],
+                residual: residual.map(|r| &r[out_off..out_off + rows_per_group * n]),
+                act,
+            };
+            let first = chunk * blocks_per_chunk * mr;
+            let last = ((chunk + 1) * blocks_per_chunk * mr).min(row_list.len());
+            let tiles: Vec<Tile> = (first..last)
+                .step_by(mr)
+                .map(|r0| Tile {
+                    a,
+                    lda,
+                    kmap: kmap.as_deref(),
+                    k,
+                    rows: &row_list[r0..(r0 + mr).min(last)],
+                    panel,
+                    ldb,
+                    ldc: n,
+                    cols,
+                })
+                .collect();
+            let mut accs = vec![[[0f32; NR]; 12]; tiles.len()];
+            // K blocks outermost: one KC × NR block of the panel serves every row block
+            // of this task from L1.
+            for k0 in (0..k).step_by(KC) {
+                let k1 = (k0 + KC).min(k);
+                for (tile, acc) in tiles.iter().zip(accs.iter_mut()) {
+                    // SAFETY: rows < rows_per_group index `a`; the panel holds k × NR.
+                    unsafe { gemm::accumulate(self.isa, tile, k0, k1, acc) };
                 }
-                for (tile, acc) in tiles.iter().zip(&accs) {
-                    // SAFETY: rows < rows_per_group and cols < n index inside this (sample,
-                    // group) block of `out`; tasks cover disjoint (rows, cols) cells.
-                    unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
-                }
-            });
+            }
+            for (tile, acc) in tiles.iter().zip(&accs) {
+                // SAFETY: rows < rows_per_group and cols < n index inside this (sample,
+                // group) block of `out`; tasks cover disjoint (rows, cols) cells.
+                unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
+            }
+        };
+        if serial {
+            let mut own = Vec::new();
+            (0..tasks).for_each(|t| task(&mut own, t));
+        } else {
+            (0..tasks).into_par_iter().for_each_init(Vec::new, task);
+        }
         self.pool.give(packed);
         if let Some(p) = padded {
             self.pool.give(p);
@@ -743,6 +759,8 @@ impl EngineExecutor {
                     oc: &oc,
                     cols: cols.as_deref(),
                     dropped_unread: gates.channels.is_some(),
+                    // Enough samples to share out: one thread each.
+                    serial: batch >= 2 * rayon::current_num_threads(),
                 };
                 self.conv_sample(xs, weight, bias, geom, rs, act, plan, os);
                 let f = gf + 2 * (positions * oc.len() * ic.len() * taps) as u64;
@@ -790,6 +808,7 @@ impl EngineExecutor {
             oc,
             cols,
             dropped_unread,
+            serial,
         } = plan;
         let (cin, cout) = (geom.in_c, bias.len());
         let sub = Subset {
@@ -797,6 +816,7 @@ impl EngineExecutor {
             cols,
             chans: (ic.len() < cin).then_some(ic),
             dropped_unread,
+            serial,
         };
         self.conv_gemm_into(xs, 1, weight, bias, 1, geom, rs, act, sub, os);
     }
@@ -1263,6 +1283,7 @@ mod tests {
                 oc: &oc,
                 cols: cols.as_deref(),
                 dropped_unread: rng.random_bool(0.5),
+                serial: rng.random_bool(0.5),
             };
             let mut want = naive_conv(&xs, &w, &b, &g, rs.as_deref(), act, plan);
             if plan.dropped_unread {
