@@ -146,6 +146,9 @@ struct Compact {
     gate_ms: f64,
 }
 
+/// Narrowest output row a k×k stride-1 convolution reads in place (see `conv_gemm_into`).
+const IMPLICIT_WIDTH: usize = 28;
+
 /// Output pointer shared by tasks that write disjoint cells.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -379,7 +382,36 @@ impl EngineExecutor {
         debug_assert!(col_list.windows(2).all(|w| w[0] < w[1]) && col_list.last() < Some(&n));
         let ncols = col_list.len();
         let in_plane = g.in_hw[0] * g.in_hw[1];
-        let panels = ncols.div_ceil(NR);
+        // A stride-1 k×k convolution over whole rows at least IMPLICIT_WIDTH wide reads
+        // B in place: a panel is a segment of one output row, and its row (ci, ky, kx)
+        // is the padded input shifted by (ky, kx) — no im2col. Narrower rows would leave
+        // too many of a panel's lanes idle.
+        let [oh, ow] = g.out_hw;
+        let implicit = only_cols.is_none()
+            && padded.is_some()
+            && groups == 1
+            && g.stride == [1, 1]
+            && g.kernel != [1, 1]
+            && ow >= IMPLICIT_WIDTH;
+        let segs = ow.div_ceil(NR);
+        let boff: Option<Vec<usize>> = implicit.then(|| {
+            let pw = g.in_hw[1];
+            let all: Vec<usize> = (0..g.in_c).collect();
+            chans
+                .unwrap_or(&all)
+                .iter()
+                .flat_map(|&c| {
+                    (0..g.kernel[0]).flat_map(move |ky| {
+                        (0..g.kernel[1]).map(move |kx| c * in_plane + ky * pw + kx)
+                    })
+                })
+                .collect()
+        });
+        let panels = if implicit {
+            oh * segs
+        } else {
+            ncols.div_ceil(NR)
+        };
         let mr = self.isa.mr();
         let row_blocks = row_list.len().div_ceil(mr);
         // Enough tasks to keep every thread busy, in whole row blocks (one thread: one
@@ -403,14 +435,15 @@ impl EngineExecutor {
         // its thread and computes all rows on it while it is hot (`chunks` is 1). With few
         // panels, tasks split the rows too, so panels are packed once up front instead.
         let fused = chunks == 1;
-        let mut packed = self.pool.take_dirty(if fused {
+        let mut packed = self.pool.take_dirty(if fused || implicit {
             0
         } else {
             batch * groups * panels * panel_len
         });
         let pack = |(t, panel): (usize, &mut [f32])| {
             let (p, sg) = (t % panels, t / panels);
-            if !(direct && (p + 1) * NR <= n) {
+            let in_place = implicit || (direct && (p + 1) * NR <= n);
+            if !in_place {
                 let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
                 gemm::pack_panel(
                     &x[sg * g.in_c * in_plane..][..g.in_c * in_plane],
@@ -457,9 +490,17 @@ impl EngineExecutor {
             let (chunk, sgp) = (t % chunks, t / chunks);
             let (p, sg) = (sgp % panels, sgp / panels);
             let grp = sg % groups;
-            let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
             let xs = &x[sg * g.in_c * in_plane..(sg + 1) * g.in_c * in_plane];
-            let (panel, ldb) = if direct && (p + 1) * NR <= n {
+            let (y, x0) = (p / segs, (p % segs) * NR);
+            let cols = if implicit {
+                &self.all_cols[y * ow + x0..y * ow + (x0 + NR).min(ow)]
+            } else {
+                &col_list[p * NR..(p * NR + NR).min(ncols)]
+            };
+            let (panel, ldb) = if implicit {
+                // Through the slack at the end of the padded input.
+                (&x[sg * g.in_c * in_plane + y * g.in_hw[1] + x0..], 0)
+            } else if direct && (p + 1) * NR <= n {
                 (&xs[p * NR..], in_plane)
             } else if fused {
                 own.resize(panel_len, 0.0);
@@ -484,6 +525,7 @@ impl EngineExecutor {
                     a,
                     lda,
                     kmap: kmap.as_deref(),
+                    boff: boff.as_deref(),
                     k,
                     rows: &row_list[r0..(r0 + mr).min(last)],
                     panel,
@@ -1027,7 +1069,7 @@ impl EngineExecutor {
 }
 
 /// Copies every `in_hw` plane of `x` into a zeroed `out_hw` plane at offset `pad_tl`,
-/// cropping what falls outside.
+/// cropping what falls outside; followed by [`NR`] zeros of slack.
 fn pad_planes(
     pool: &BufferPool,
     x: &[f32],
@@ -1036,10 +1078,12 @@ fn pad_planes(
     out_hw: [usize; 2],
 ) -> Vec<f32> {
     let (in_plane, out_plane) = (in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]);
-    let mut out = pool.take(x.len() / in_plane * out_plane);
+    // NR values of slack past the last plane: a shifted-window panel of the last row
+    // reads up to NR - 1 values beyond its row (lanes the store ignores).
+    let mut out = pool.take(x.len() / in_plane * out_plane + NR);
     let rows = in_hw[0].min(out_hw[0].saturating_sub(pad_tl[0]));
     let cols = in_hw[1].min(out_hw[1].saturating_sub(pad_tl[1]));
-    out.par_chunks_mut(out_plane)
+    out.par_chunks_exact_mut(out_plane)
         .zip(x.par_chunks(in_plane))
         .for_each(|(o, i)| {
             for y in 0..rows {
@@ -1225,7 +1269,13 @@ mod tests {
                 _ => [rng.random_range(1..=7), rng.random_range(1..=7)],
             };
             let stride = [rng.random_range(1..=2), rng.random_range(1..=2)];
-            let in_hw = [rng.random_range(1..24), rng.random_range(1..24)];
+            // A third of the cases wide enough for the in-place (shifted-window) path.
+            let width = if rng.random_bool(0.35) {
+                rng.random_range(IMPLICIT_WIDTH..IMPLICIT_WIDTH + 40)
+            } else {
+                rng.random_range(1..24)
+            };
+            let in_hw = [rng.random_range(1..24), width];
             let pad_tl = [
                 rng.random_range(0..kernel[0]),
                 rng.random_range(0..kernel[1]),

@@ -72,18 +72,24 @@ impl Isa {
 /// packed; a 1×1 convolution reads its input in place with `ldb` = plane size), columns
 /// `0..cols.len()` stored at `c[row * ldc + cols[j]]`; `cols` is strictly ascending.
 /// Panel row `kk` multiplies A's column `kmap[kk]` (`kk` without a map): a plan that
-/// keeps some input channels packs only those, and reads their weights in place.
+/// keeps some input channels packs only those, and reads their weights in place. With
+/// `boff`, panel row `kk` is read at `panel[boff[kk]..]` instead of `kk * ldb`: a
+/// stride-1 convolution over one output row segment reads its input in place, each tap
+/// a shifted window, with no im2col at all.
 ///
 /// # Safety contract (checked by the callers in this module)
 /// Every `rows[i] * lda + c < a.len()` for every column `c` read (`kk < k`, or `kmap[kk]`),
-/// `kmap.len() ≥ k`, `panel.len() ≥ (k - 1) * ldb + NR`, and every `row * ldc + cols[j]`
-/// is inside `c` (and `residual`, when given).
+/// `kmap.len() ≥ k`, `panel.len() ≥ (k - 1) * ldb + NR` (with `boff`: `boff.len() ≥ k`
+/// and every `boff[kk] + NR ≤ panel.len()`), and every `row * ldc + cols[j]` is inside
+/// `c` (and `residual`, when given).
 pub struct Tile<'a> {
     pub a: &'a [f32],
     /// Row stride of A.
     pub lda: usize,
     /// Panel rows of A's columns, when not `0..k`.
     pub kmap: Option<&'a [usize]>,
+    /// Where each panel row starts in `panel`, when not at `kk * ldb`.
+    pub boff: Option<&'a [usize]>,
     pub k: usize,
     pub rows: &'a [usize],
     pub panel: &'a [f32],
@@ -201,7 +207,8 @@ fn portable_kernel(t: &Tile, k0: usize, k1: usize, acc: &mut Acc) {
         let out = &mut acc[i];
         for kk in k0..k1 {
             let av = a[t.kmap.map_or(kk, |m| m[kk])];
-            let b = &t.panel[kk * t.ldb..kk * t.ldb + NR];
+            let at = t.boff.map_or(kk * t.ldb, |o| o[kk]);
+            let b = &t.panel[at..at + NR];
             for j in 0..NR {
                 out[j] += av * b[j];
             }
@@ -220,15 +227,23 @@ mod avx512 {
     /// broadcast per row.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, out: &mut Acc) {
-        match t.kmap {
-            None => body::<false>(t, k0, k1, out),
-            Some(_) => body::<true>(t, k0, k1, out),
+        match (t.kmap.is_some(), t.boff.is_some()) {
+            (false, false) => body::<false, false>(t, k0, k1, out),
+            (true, false) => body::<true, false>(t, k0, k1, out),
+            (false, true) => body::<false, true>(t, k0, k1, out),
+            (true, true) => body::<true, true>(t, k0, k1, out),
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn body<const MAPPED: bool>(t: &Tile, k0: usize, k1: usize, out: &mut Acc) {
+    unsafe fn body<const MAPPED: bool, const OFFS: bool>(
+        t: &Tile,
+        k0: usize,
+        k1: usize,
+        out: &mut Acc,
+    ) {
         let map = t.kmap.map_or(std::ptr::null(), <[usize]>::as_ptr);
+        let offs = t.boff.map_or(std::ptr::null(), <[usize]>::as_ptr);
         let mut rows = [t.a.as_ptr(); MR];
         for (i, &r) in t.rows.iter().enumerate() {
             rows[i] = t.a.as_ptr().add(r * t.lda);
@@ -243,8 +258,13 @@ mod avx512 {
         let mut b = t.panel.as_ptr().add(k0 * t.ldb);
         for kk in k0..k1 {
             let ka = if MAPPED { *map.add(kk) } else { kk };
-            let b0 = _mm512_loadu_ps(b);
-            let b1 = _mm512_loadu_ps(b.add(16));
+            let bp = if OFFS {
+                t.panel.as_ptr().add(*offs.add(kk))
+            } else {
+                b
+            };
+            let b0 = _mm512_loadu_ps(bp);
+            let b1 = _mm512_loadu_ps(bp.add(16));
             for i in 0..MR {
                 let a = _mm512_set1_ps(*rows[i].add(ka));
                 acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
@@ -269,15 +289,24 @@ mod avx2 {
     /// 6 rows × 16 columns (`half` = 0 or 16 of the panel): 12 ymm accumulators.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, half: usize, out: &mut Acc) {
-        match t.kmap {
-            None => body::<false>(t, k0, k1, half, out),
-            Some(_) => body::<true>(t, k0, k1, half, out),
+        match (t.kmap.is_some(), t.boff.is_some()) {
+            (false, false) => body::<false, false>(t, k0, k1, half, out),
+            (true, false) => body::<true, false>(t, k0, k1, half, out),
+            (false, true) => body::<false, true>(t, k0, k1, half, out),
+            (true, true) => body::<true, true>(t, k0, k1, half, out),
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn body<const MAPPED: bool>(t: &Tile, k0: usize, k1: usize, half: usize, out: &mut Acc) {
+    unsafe fn body<const MAPPED: bool, const OFFS: bool>(
+        t: &Tile,
+        k0: usize,
+        k1: usize,
+        half: usize,
+        out: &mut Acc,
+    ) {
         let map = t.kmap.map_or(std::ptr::null(), <[usize]>::as_ptr);
+        let offs = t.boff.map_or(std::ptr::null(), <[usize]>::as_ptr);
         let mut rows = [t.a.as_ptr(); MR];
         for (i, &r) in t.rows.iter().enumerate() {
             rows[i] = t.a.as_ptr().add(r * t.lda);
@@ -292,8 +321,13 @@ mod avx2 {
         let mut b = t.panel.as_ptr().add(k0 * t.ldb + half);
         for kk in k0..k1 {
             let ka = if MAPPED { *map.add(kk) } else { kk };
-            let b0 = _mm256_loadu_ps(b);
-            let b1 = _mm256_loadu_ps(b.add(8));
+            let bp = if OFFS {
+                t.panel.as_ptr().add(*offs.add(kk) + half)
+            } else {
+                b
+            };
+            let b0 = _mm256_loadu_ps(bp);
+            let b1 = _mm256_loadu_ps(bp.add(8));
             for i in 0..MR {
                 let a = _mm256_set1_ps(*rows[i].add(ka));
                 acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
@@ -553,6 +587,7 @@ mod tests {
                             a: &w,
                             lda,
                             kmap: mapped.then_some(&kmap[..]),
+                            boff: None,
                             k,
                             rows: rb,
                             panel: &packed[p * k * NR..(p + 1) * k * NR],
