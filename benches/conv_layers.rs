@@ -4,18 +4,20 @@
 //! Each layer is benchmarked as a one-convolution model (conv → global pool → 1-class
 //! linear); the pool and the linear layer cost under 1% of the convolution.
 //!
+//! The `sparse` group runs gated pairs (a gated convolution and the convolution reading
+//! it) at several kept fractions of channels and of tiles; its throughput counts the
+//! FLOPs executed, so GFLOP/s compare directly with the dense pair's.
+//!
 //! `cargo bench --bench conv_layers`
 
-use std::collections::HashMap;
+#[path = "synthetic.rs"]
+mod synthetic;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dynsparse::exec::cpu::{EngineExecutor, ReferenceExecutor};
-use dynsparse::exec::Executor;
-use dynsparse::model::{
-    Act, ChannelOrder, Conv, InputSpec, Linear, ModelDesc, Node, Op, Padding, Preprocess,
-    FORMAT_VERSION,
-};
-use dynsparse::{Model, TensorData};
+use dynsparse::exec::{Cut, Executor, Gates, Policy};
+use dynsparse::Model;
+use synthetic::{conv_chain, pseudo_random, ConvSpec};
 
 struct Layer {
     name: &'static str,
@@ -111,77 +113,14 @@ const LAYERS: &[Layer] = &[
     },
 ];
 
-fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            ((i as u32 ^ seed).wrapping_mul(2654435761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        })
-        .collect()
-}
-
 fn one_conv_model(l: &Layer) -> Model {
-    let groups = if l.depthwise { l.cin } else { 1 };
-    let conv = Conv {
-        in_channels: l.cin,
-        out_channels: l.cout,
-        kernel: [l.k; 2],
-        stride: [l.stride; 2],
-        padding: Padding::Symmetric { pad: [l.k / 2; 2] },
-        groups,
-        residual: None,
-        act: Act::Relu,
+    let conv = ConvSpec {
+        cout: l.cout,
+        k: l.k,
+        stride: l.stride,
+        depthwise: l.depthwise,
     };
-    let desc = ModelDesc {
-        format_version: FORMAT_VERSION,
-        arch: "bench".into(),
-        input: InputSpec {
-            channels: l.cin,
-            height: l.hw,
-            width: l.hw,
-        },
-        preprocess: Preprocess {
-            resize_shorter: l.hw as u32,
-            crop: [l.hw as u32; 2],
-            mean: [0.0; 3],
-            std: [1.0; 3],
-            channel_order: ChannelOrder::Rgb,
-        },
-        classes: vec!["x".into()],
-        nodes: vec![
-            Node {
-                name: "conv".into(),
-                input: 0,
-                op: Op::Conv(conv),
-            },
-            Node {
-                name: "pool".into(),
-                input: 1,
-                op: Op::GlobalAvgPool,
-            },
-            Node {
-                name: "fc".into(),
-                input: 2,
-                op: Op::Linear(Linear {
-                    in_features: l.cout,
-                    out_features: 1,
-                    act: Act::None,
-                }),
-            },
-        ],
-    };
-    let w = |shape: Vec<usize>, seed| {
-        TensorData::new(shape.clone(), pseudo_random(shape.iter().product(), seed)).unwrap()
-    };
-    let weights = HashMap::from([
-        (
-            "conv.weight".to_string(),
-            w(vec![l.cout, l.cin / groups, l.k, l.k], 1),
-        ),
-        ("conv.bias".to_string(), w(vec![l.cout], 2)),
-        ("fc.weight".to_string(), w(vec![1, l.cout], 3)),
-        ("fc.bias".to_string(), w(vec![1], 4)),
-    ]);
-    Model::new(desc, weights).expect("valid bench model")
+    conv_chain(l.cin, l.hw, &[conv])
 }
 
 fn bench(c: &mut Criterion) {
@@ -205,5 +144,76 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// Gated pairs: (name, input channels, size, the two convolutions).
+const PAIRS: &[(&str, usize, usize, [ConvSpec; 2])] = &[
+    (
+        "3x3 64->64->64 56x56",
+        64,
+        56,
+        [
+            ConvSpec {
+                cout: 64,
+                k: 3,
+                stride: 1,
+                depthwise: false,
+            },
+            ConvSpec {
+                cout: 64,
+                k: 3,
+                stride: 1,
+                depthwise: false,
+            },
+        ],
+    ),
+    (
+        "1x1 1024->256, 3x3 256->256 14x14",
+        1024,
+        14,
+        [
+            ConvSpec {
+                cout: 256,
+                k: 1,
+                stride: 1,
+                depthwise: false,
+            },
+            ConvSpec {
+                cout: 256,
+                k: 3,
+                stride: 1,
+                depthwise: false,
+            },
+        ],
+    ),
+];
+
+fn bench_sparse(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sparse");
+    group.sample_size(20);
+    for &(name, cin, hw, convs) in PAIRS {
+        let model = conv_chain(cin, hw, &convs);
+        let input = pseudo_random(cin * hw * hw, 7);
+        let engine = EngineExecutor::new(&model).unwrap();
+        let gates = |channels, tiles| Policy::Gates(Gates { channels, tiles });
+        let mut policies = vec![("dense".to_string(), Policy::Dense)];
+        for r in [0.75, 0.5, 0.25] {
+            policies.push((format!("channels {r}"), gates(Cut::Ratio(r), Cut::All)));
+            policies.push((format!("tiles {r}"), gates(Cut::All, Cut::Ratio(r))));
+        }
+        for (label, policy) in policies {
+            let flops = engine
+                .forward_with(&input, 1, policy)
+                .unwrap()
+                .flops
+                .map_or(model.flops_per_sample(), |f| f[0]);
+            group.throughput(Throughput::Elements(flops));
+            let id = BenchmarkId::new(name, &label);
+            group.bench_with_input(id, &input, |b, x| {
+                b.iter(|| engine.forward_with(x, 1, policy).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_sparse);
 criterion_main!(benches);

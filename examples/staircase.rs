@@ -9,97 +9,12 @@
 //!
 //! usage: cargo run --release --example staircase -- [--channels 96] [--cin 64] [--hw 28] [--runs 15]
 
-use std::collections::HashMap;
+#[path = "../benches/synthetic.rs"]
+mod synthetic;
 
 use dynsparse::exec::cpu::EngineExecutor;
 use dynsparse::exec::{Executor, Policy};
-use dynsparse::model::{
-    Act, ChannelOrder, Conv, InputSpec, Linear, ModelDesc, Node, Op, Padding, Preprocess,
-    FORMAT_VERSION,
-};
-use dynsparse::{Model, TensorData};
-
-fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i as u32 ^ seed).wrapping_mul(2654435761) >> 8) as f32 / (1u32 << 24) as f32)
-        .collect()
-}
-
-fn conv(cin: usize, cout: usize) -> Op {
-    Op::Conv(Conv {
-        in_channels: cin,
-        out_channels: cout,
-        kernel: [3, 3],
-        stride: [1, 1],
-        padding: Padding::Symmetric { pad: [1, 1] },
-        groups: 1,
-        residual: None,
-        act: Act::Relu,
-    })
-}
-
-fn model(cin: usize, c: usize, hw: usize) -> Model {
-    let desc = ModelDesc {
-        format_version: FORMAT_VERSION,
-        arch: "staircase".into(),
-        input: InputSpec {
-            channels: cin,
-            height: hw,
-            width: hw,
-        },
-        preprocess: Preprocess {
-            resize_shorter: hw as u32,
-            crop: [hw as u32; 2],
-            mean: [0.0; 3],
-            std: [1.0; 3],
-            channel_order: ChannelOrder::Rgb,
-        },
-        classes: vec!["x".into()],
-        nodes: vec![
-            Node {
-                name: "gated".into(),
-                input: 0,
-                op: conv(cin, c),
-            },
-            Node {
-                name: "reader".into(),
-                input: 1,
-                op: conv(c, cin),
-            },
-            Node {
-                name: "pool".into(),
-                input: 2,
-                op: Op::GlobalAvgPool,
-            },
-            Node {
-                name: "fc".into(),
-                input: 3,
-                op: Op::Linear(Linear {
-                    in_features: cin,
-                    out_features: 1,
-                    act: Act::None,
-                }),
-            },
-        ],
-    };
-    let w = |shape: Vec<usize>, seed| {
-        let n = shape.iter().product();
-        TensorData::new(
-            shape,
-            pseudo_random(n, seed).iter().map(|v| v - 0.5).collect(),
-        )
-        .unwrap()
-    };
-    let weights = HashMap::from([
-        ("gated.weight".to_string(), w(vec![c, cin, 3, 3], 1)),
-        ("gated.bias".to_string(), w(vec![c], 2)),
-        ("reader.weight".to_string(), w(vec![cin, c, 3, 3], 3)),
-        ("reader.bias".to_string(), w(vec![cin], 4)),
-        ("fc.weight".to_string(), w(vec![1, cin], 5)),
-        ("fc.bias".to_string(), w(vec![1], 6)),
-    ]);
-    Model::new(desc, weights).expect("valid model")
-}
+use synthetic::{conv_chain, pseudo_random, ConvSpec};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -119,7 +34,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ => return Err(format!("unknown option {a}").into()),
         }
     }
-    let model = model(cin, c, hw);
+    let conv = |cout| ConvSpec {
+        cout,
+        k: 3,
+        stride: 1,
+        depthwise: false,
+    };
+    let model = conv_chain(cin, hw, &[conv(c), conv(cin)]);
     let engine = EngineExecutor::new(&model)?;
     let tile = engine.channel_round();
     let engine = engine.with_channel_round(1);
