@@ -3,8 +3,9 @@
 //! An inference runtime for image-classification CNNs that decides per input which
 //! channels and spatial regions of each convolution are worth computing and computes
 //! only those. This release runs dense inference on the CPU with its own engine and on
-//! NVIDIA GPUs with its own CUDA kernels, and a first slice of dynamic execution: channel
-//! gates chosen per input ([`Policy::Keep`]).
+//! NVIDIA GPUs with its own CUDA kernels, and dynamic execution on the CPU: channel and
+//! spatial gates chosen per input, cut by ratio, threshold or FLOP budget ([`Policy`]),
+//! timed against dense by [`bench`].
 //!
 //! ```
 //! use dynsparse::{demo, preprocess, Options, Runtime};
@@ -18,6 +19,7 @@
 //! # Ok::<(), dynsparse::Error>(())
 //! ```
 
+pub mod bench;
 pub mod convert;
 pub mod demo;
 mod error;

@@ -340,3 +340,67 @@ fn cli_budget_and_verbose_layers() {
         .iter()
         .any(|l| l["kept_channels"].as_u64() < l["channels"].as_u64()));
 }
+
+#[test]
+fn cli_bench_times_dense_and_gated_policies_in_one_run() {
+    use std::process::Command;
+    let json = std::env::temp_dir().join(format!("dynsparse-bench-{}.json", std::process::id()));
+    let out = Command::new(common::bin())
+        .args(["bench", "--model", demo_model().to_str().unwrap()])
+        .args([
+            "--batch",
+            "1,2",
+            "--keep",
+            "0.5",
+            "--budget",
+            "0.4",
+            "--spatial",
+        ])
+        .args([
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--layers",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("| 2 | budget 0.4 spatial |"), "{text}");
+    assert!(text.contains("layer1.0.conv1"), "{text}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).ok();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 6, "2 batches × (dense + 2 policies)");
+    assert_eq!(results[0]["policy"], "dense");
+    assert_eq!(results[0]["vs_dense"].as_f64(), Some(1.0));
+    assert_eq!(results[0]["flops_fraction"].as_f64(), Some(1.0));
+    let budget = &results[2];
+    let spent = (budget["flops_executed"].as_f64().unwrap()
+        - budget["flops_gates"].as_f64().unwrap())
+        / v["flops_dense"].as_f64().unwrap();
+    assert!(spent <= 0.4 && spent > 0.3, "budget 0.4 spent {spent}");
+    assert!(results[1]["layers"].as_array().unwrap().len() > 10);
+    // Bad arguments are clear errors.
+    let out = Command::new(common::bin())
+        .args([
+            "bench",
+            "--model",
+            demo_model().to_str().unwrap(),
+            "--runs",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runs must be at least 1"));
+}

@@ -102,6 +102,44 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Time a model dense and dynamic on the CPU: policies interleaved run by run,
+    /// median / p10 / p90, executed FLOPs, GFLOP/s and the ratio to dense from the same
+    /// run, as a Markdown table (and JSON with every number).
+    Bench {
+        /// Model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Batch sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batch: Vec<usize>,
+        /// Channel-gate keep ratios to time.
+        #[arg(long, value_delimiter = ',')]
+        keep: Vec<f64>,
+        /// Spatial-gate keep ratios to time.
+        #[arg(long, value_delimiter = ',')]
+        tiles: Vec<f64>,
+        /// FLOP budgets to time (channel gates; with --spatial, also tiles).
+        #[arg(long, value_delimiter = ',')]
+        budget: Vec<f64>,
+        /// With --budget: plan spatial gates too.
+        #[arg(long)]
+        spatial: bool,
+        /// Timed runs per policy and batch.
+        #[arg(long, default_value_t = 15)]
+        runs: usize,
+        /// Untimed runs first.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Also print per-layer median times (first batch size).
+        #[arg(long)]
+        layers: bool,
+        /// Write every number as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Describe a model file: architecture, layers, FLOPs.
     Info {
         /// Model file.
@@ -244,6 +282,46 @@ fn run(cli: Cli) -> Result<()> {
             reps,
             json,
         } => cmd_cuda_check(cases, seed, &models, &batch, &keep, reps, json.as_deref()),
+        Command::Bench {
+            model,
+            batch,
+            keep,
+            tiles,
+            budget,
+            spatial,
+            runs,
+            warmup,
+            threads,
+            layers,
+            json,
+        } => {
+            let gates = |channels, tiles| Policy::Gates(Gates { channels, tiles });
+            let mut policies: Vec<(String, Policy)> = Vec::new();
+            policies.extend(keep.iter().map(|&r| (format!("keep {r}"), Policy::Keep(r))));
+            policies.extend(
+                tiles
+                    .iter()
+                    .map(|&r| (format!("tiles {r}"), gates(Cut::All, Cut::Ratio(r)))),
+            );
+            policies.extend(budget.iter().map(|&f| {
+                if spatial {
+                    (
+                        format!("budget {f} spatial"),
+                        Policy::Budget(Budget::FlopsWithTiles(f)),
+                    )
+                } else {
+                    (format!("budget {f}"), Policy::Budget(Budget::Flops(f)))
+                }
+            }));
+            let config = dynsparse::bench::Config {
+                batches: batch,
+                policies,
+                runs,
+                warmup,
+                threads,
+            };
+            cmd_bench(&model, &config, layers, json.as_deref())
+        }
         Command::Info { model } => cmd_info(&model),
     }
 }
@@ -396,6 +474,48 @@ fn print_layers(name: &str, stats: &dynsparse::Stats) {
         100.0 * gate / ms.max(1e-9),
         100.0 * stats.flops_gates as f64 / stats.flops_executed.max(1) as f64
     );
+}
+
+fn cmd_bench(
+    model: &Path,
+    config: &dynsparse::bench::Config,
+    layers: bool,
+    json: Option<&Path>,
+) -> Result<()> {
+    let m = dynsparse::Model::load(model)?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} passes, {elapsed} ({eta} left)",
+        )
+        .context("progress style")?,
+    );
+    let report = dynsparse::bench::run(&m, config, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "{} on {}, {} threads, {} timed runs per point, policies interleaved; dense {:.3} GFLOPs per sample\n",
+        report.model,
+        report.executor,
+        report.threads,
+        report.runs,
+        report.flops_dense as f64 / 1e9
+    );
+    print!("{}", report.markdown());
+    if layers {
+        if let Some(&b) = config.batches.first() {
+            println!("\nper layer, batch {b} (median ms):\n");
+            print!("{}", report.layers_markdown(b));
+        }
+    }
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("{}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 fn cmd_demo() -> Result<()> {

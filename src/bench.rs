@@ -1,0 +1,295 @@
+//! The benchmark harness behind `dynsparse bench`: one model, several policies, timed
+//! in one process with the policies interleaved run by run, so that drift on a shared
+//! machine hits all of them alike and every ratio to dense comes from the same run.
+//!
+//! ```
+//! use dynsparse::bench::{self, Config};
+//! use dynsparse::{demo, Model, Policy};
+//! let model = Model::from_bytes(demo::MODEL)?;
+//! let config = Config {
+//!     batches: vec![1],
+//!     policies: vec![("keep 0.5".into(), Policy::Keep(0.5))],
+//!     runs: 3,
+//!     warmup: 1,
+//!     threads: Some(1),
+//! };
+//! let report = bench::run(&model, &config, |_, _| {})?;
+//! // Dense comes first, then each policy; ratios are to the dense median.
+//! assert_eq!(report.results[0].policy, "dense");
+//! assert!(report.results[1].flops_fraction < 1.0);
+//! assert!(report.markdown().contains("keep 0.5"));
+//! # Ok::<(), dynsparse::Error>(())
+//! ```
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::exec::Policy;
+use crate::format::{Model, TensorData};
+use crate::runtime::{DeviceChoice, Input, Options, Runtime};
+
+/// What to time.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Batch sizes, each timed separately.
+    pub batches: Vec<usize>,
+    /// Labelled policies to time beside dense (dense is always timed, first).
+    pub policies: Vec<(String, Policy)>,
+    /// Timed runs per policy and batch.
+    pub runs: usize,
+    /// Untimed runs per policy and batch, first.
+    pub warmup: usize,
+    /// Worker threads (`None`: one per core).
+    pub threads: Option<usize>,
+}
+
+/// One policy at one batch size.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyResult {
+    pub policy: String,
+    pub batch: usize,
+    /// Forward-pass wall time of the whole batch: median, 10th and 90th percentile.
+    pub median_ms: f64,
+    pub p10_ms: f64,
+    pub p90_ms: f64,
+    /// Median time over dense's median, measured in the same interleaved runs.
+    pub vs_dense: f64,
+    /// FLOPs executed per sample (gates included), averaged over the batch.
+    pub flops_executed: f64,
+    /// Of those, the gates' own.
+    pub flops_gates: f64,
+    /// `flops_executed` over the dense FLOPs.
+    pub flops_fraction: f64,
+    /// Executed FLOPs of the batch over the median time.
+    pub gflops_per_s: f64,
+    /// Per layer, in graph order: median time and the first sample's costs.
+    pub layers: Vec<LayerResult>,
+}
+
+/// One layer under one policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerResult {
+    pub name: String,
+    /// Median wall time for the batch.
+    pub ms: f64,
+    /// Median time its gates took.
+    pub gate_ms: f64,
+    /// FLOPs executed for the first sample, gates included.
+    pub flops: u64,
+    pub flops_dense: u64,
+    pub kept_channels: usize,
+    pub channels: usize,
+    pub kept_tiles: usize,
+    pub tiles: usize,
+}
+
+/// Everything one `run` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub model: String,
+    pub executor: String,
+    pub threads: usize,
+    pub runs: usize,
+    pub flops_dense: u64,
+    /// Per batch: dense first, then the policies in the order given.
+    pub results: Vec<PolicyResult>,
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    quantile(&s, 0.5)
+}
+
+/// Deterministic pseudo-random input in [-1, 1).
+fn input(model: &Model, batch: usize) -> Result<TensorData> {
+    let s = model.desc.input;
+    let n = batch * s.channels * s.height * s.width;
+    let data = (0..n)
+        .map(|i| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
+        .collect();
+    TensorData::new(vec![batch, s.channels, s.height, s.width], data)
+}
+
+/// Times `config` on `model` on the CPU. `progress(done, total)` is called after every
+/// timed or warm-up pass.
+pub fn run(
+    model: &Model,
+    config: &Config,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Report> {
+    if config.runs == 0 {
+        return Err(Error::Input("runs must be at least 1".into()));
+    }
+    if config.batches.is_empty() || config.batches.contains(&0) {
+        return Err(Error::Input("batch sizes must be at least 1".into()));
+    }
+    let mut policies = vec![("dense".to_string(), Policy::Dense)];
+    policies.extend(config.policies.iter().cloned());
+    let runtimes = policies
+        .iter()
+        .map(|(_, policy)| {
+            let options = Options {
+                top_k: 1,
+                threads: config.threads,
+                device: DeviceChoice::Cpu,
+                policy: *policy,
+                layer_stats: true,
+                ..Options::default()
+            };
+            Runtime::new(model.clone(), options)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let total = config.batches.len() * policies.len() * (config.warmup + config.runs);
+    let mut done = 0;
+    let mut results = Vec::new();
+    let mut executor = String::new();
+    for &batch in &config.batches {
+        let x = input(model, batch)?;
+        for rt in &runtimes {
+            for _ in 0..config.warmup {
+                rt.infer(Input::Tensor(&x))?;
+                done += 1;
+                progress(done, total);
+            }
+        }
+        // Per policy: times, per-layer times, per-layer gate times; and the last stats.
+        let mut times = vec![Vec::with_capacity(config.runs); runtimes.len()];
+        let mut layer_ms = vec![vec![Vec::new(); model.desc.nodes.len()]; runtimes.len()];
+        let mut gate_ms = vec![vec![Vec::new(); model.desc.nodes.len()]; runtimes.len()];
+        let mut last = vec![None; runtimes.len()];
+        for _ in 0..config.runs {
+            for (p, rt) in runtimes.iter().enumerate() {
+                let preds = rt.infer(Input::Tensor(&x))?;
+                let stats = &preds[0].stats;
+                times[p].push(stats.latency_ms);
+                for (i, l) in stats.layers.iter().enumerate() {
+                    layer_ms[p][i].push(l.ms);
+                    gate_ms[p][i].push(l.gate_ms);
+                }
+                executor = stats.executor.to_string();
+                last[p] = Some(preds);
+                done += 1;
+                progress(done, total);
+            }
+        }
+        let dense_median = median(&times[0]);
+        for (p, (label, _)) in policies.iter().enumerate() {
+            let mut sorted = times[p].clone();
+            sorted.sort_by(f64::total_cmp);
+            let preds = last[p].take().unwrap_or_default();
+            let n = preds.len().max(1) as f64;
+            let flops_executed = preds
+                .iter()
+                .map(|q| q.stats.flops_executed as f64)
+                .sum::<f64>()
+                / n;
+            let flops_gates = preds
+                .iter()
+                .map(|q| q.stats.flops_gates as f64)
+                .sum::<f64>()
+                / n;
+            let dense = model.flops_per_sample();
+            let med = quantile(&sorted, 0.5);
+            let layers = preds
+                .first()
+                .map(|q| {
+                    q.stats
+                        .layers
+                        .iter()
+                        .enumerate()
+                        .map(|(i, l)| LayerResult {
+                            name: l.name.clone(),
+                            ms: median(&layer_ms[p][i]),
+                            gate_ms: median(&gate_ms[p][i]),
+                            flops: l.flops,
+                            flops_dense: l.flops_dense,
+                            kept_channels: l.kept_channels,
+                            channels: l.channels,
+                            kept_tiles: l.kept_tiles,
+                            tiles: l.tiles,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            results.push(PolicyResult {
+                policy: label.clone(),
+                batch,
+                median_ms: med,
+                p10_ms: quantile(&sorted, 0.1),
+                p90_ms: quantile(&sorted, 0.9),
+                vs_dense: med / dense_median,
+                flops_executed,
+                flops_gates,
+                flops_fraction: flops_executed / dense as f64,
+                gflops_per_s: flops_executed * batch as f64 / (med * 1e6),
+                layers,
+            });
+        }
+    }
+    Ok(Report {
+        model: model.desc.arch.clone(),
+        executor,
+        threads: config.threads.unwrap_or_else(rayon::current_num_threads),
+        runs: config.runs,
+        flops_dense: model.flops_per_sample(),
+        results,
+    })
+}
+
+impl Report {
+    /// One row per batch and policy.
+    pub fn markdown(&self) -> String {
+        let mut s = String::from(
+            "| batch | policy | FLOPs executed | median ms | p10 ms | p90 ms | GFLOP/s | vs dense |\n\
+             |---|---|---|---|---|---|---|---|\n",
+        );
+        for r in &self.results {
+            s += &format!(
+                "| {} | {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |\n",
+                r.batch,
+                r.policy,
+                r.flops_fraction,
+                r.median_ms,
+                r.p10_ms,
+                r.p90_ms,
+                r.gflops_per_s,
+                r.vs_dense
+            );
+        }
+        s
+    }
+
+    /// Per-layer median times at one batch size, a column per policy, with each layer's
+    /// kept fraction of FLOPs under the last policy.
+    pub fn layers_markdown(&self, batch: usize) -> String {
+        let rows: Vec<&PolicyResult> = self.results.iter().filter(|r| r.batch == batch).collect();
+        let Some(first) = rows.first() else {
+            return String::new();
+        };
+        let mut s = String::from("| layer | MFLOPs dense |");
+        for r in &rows {
+            s += &format!(" {} ms |", r.policy);
+        }
+        s += " FLOPs kept (last) |\n|---|---|";
+        s += &"---|".repeat(rows.len() + 1);
+        s += "\n";
+        for (i, l) in first.layers.iter().enumerate() {
+            s += &format!("| {} | {:.1} |", l.name, l.flops_dense as f64 / 1e6);
+            for r in &rows {
+                s += &format!(" {:.3} |", r.layers.get(i).map_or(f64::NAN, |x| x.ms));
+            }
+            let kept = rows
+                .last()
+                .and_then(|r| r.layers.get(i))
+                .filter(|x| x.flops_dense > 0)
+                .map_or(1.0, |x| x.flops as f64 / x.flops_dense as f64);
+            s += &format!(" {kept:.2} |\n");
+        }
+        s
+    }
+}
