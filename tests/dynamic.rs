@@ -345,6 +345,7 @@ fn cli_budget_and_verbose_layers() {
 fn cli_bench_times_dense_and_gated_policies_in_one_run() {
     use std::process::Command;
     let json = std::env::temp_dir().join(format!("dynsparse-bench-{}.json", std::process::id()));
+    let svg = json.with_extension("svg");
     let out = Command::new(common::bin())
         .args(["bench", "--model", demo_model().to_str().unwrap()])
         .args([
@@ -379,6 +380,9 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
     assert!(text.contains("layer1.0.conv1"), "{text}");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     std::fs::remove_file(&json).ok();
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    std::fs::remove_file(&svg).ok();
+    assert!(plot.starts_with("<svg") && plot.contains("ideal") && plot.contains("batch 2"));
     let results = v["results"].as_array().unwrap();
     assert_eq!(results.len(), 6, "2 batches × (dense + 2 policies)");
     assert_eq!(results[0]["policy"], "dense");
@@ -403,4 +407,16 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("runs must be at least 1"));
+    let out = Command::new(common::bin())
+        .args([
+            "bench",
+            "--model",
+            demo_model().to_str().unwrap(),
+            "--plot",
+            "x.png",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("plots are written as SVG"));
 }

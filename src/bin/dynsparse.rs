@@ -139,6 +139,9 @@ enum Command {
         /// Write every number as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Plot latency against executed FLOPs (with the ideal line) as SVG here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Describe a model file: architecture, layers, FLOPs.
     Info {
@@ -294,6 +297,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             layers,
             json,
+            plot,
         } => {
             let gates = |channels, tiles| Policy::Gates(Gates { channels, tiles });
             let mut policies: Vec<(String, Policy)> = Vec::new();
@@ -320,7 +324,7 @@ fn run(cli: Cli) -> Result<()> {
                 warmup,
                 threads,
             };
-            cmd_bench(&model, &config, layers, json.as_deref())
+            cmd_bench(&model, &config, layers, json.as_deref(), plot.as_deref())
         }
         Command::Info { model } => cmd_info(&model),
     }
@@ -481,7 +485,11 @@ fn cmd_bench(
     config: &dynsparse::bench::Config,
     layers: bool,
     json: Option<&Path>,
+    plot: Option<&Path>,
 ) -> Result<()> {
+    if let Some(p) = plot.filter(|p| p.extension().is_none_or(|e| e != "svg")) {
+        bail!("{}: plots are written as SVG (.svg)", p.display());
+    }
     let m = dynsparse::Model::load(model)?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
@@ -515,6 +523,74 @@ fn cmd_bench(
             .with_context(|| format!("{}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
+    if let Some(path) = plot {
+        plot_latency(&report, path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Latency against executed FLOPs, both as fractions of dense, a series per batch size,
+/// with the ideal (time proportional to FLOPs) as a dashed line.
+fn plot_latency(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let top = report
+        .results
+        .iter()
+        .map(|r| r.vs_dense)
+        .fold(1.2f64, f64::max);
+    let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "{}: latency against executed FLOPs ({})",
+                report.model, report.executor
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1.05, 0f64..top * 1.05)?;
+    chart
+        .configure_mesh()
+        .x_desc("executed FLOPs / dense (gates included)")
+        .y_desc("latency / dense latency")
+        .draw()?;
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(0.0, 0.0), (1.0, 1.0)],
+            6,
+            4,
+            BLACK.stroke_width(1),
+        ))?
+        .label("ideal: time ∝ FLOPs")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK));
+    let mut batches: Vec<usize> = report.results.iter().map(|r| r.batch).collect();
+    batches.dedup();
+    for (i, &b) in batches.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let mut pts: Vec<(f64, f64)> = report
+            .results
+            .iter()
+            .filter(|r| r.batch == b)
+            .map(|r| (r.flops_fraction, r.vs_dense))
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+            .label(format!("batch {b}"))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    root.present()?;
     Ok(())
 }
 
