@@ -368,6 +368,8 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
             "--json",
         ])
         .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
         .output()
         .unwrap();
     assert!(
