@@ -370,6 +370,8 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
         .arg(&json)
         .arg("--plot")
         .arg(&svg)
+        .arg("--layer-plot")
+        .arg(json.with_extension("layers.svg"))
         .output()
         .unwrap();
     assert!(
@@ -385,6 +387,9 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
     let plot = std::fs::read_to_string(&svg).unwrap();
     std::fs::remove_file(&svg).ok();
     assert!(plot.starts_with("<svg") && plot.contains("ideal") && plot.contains("batch 2"));
+    let bars = std::fs::read_to_string(json.with_extension("layers.svg")).unwrap();
+    std::fs::remove_file(json.with_extension("layers.svg")).ok();
+    assert!(bars.contains("per-layer time, batch 1") && bars.contains("budget 0.4 spatial"));
     let results = v["results"].as_array().unwrap();
     assert_eq!(results.len(), 6, "2 batches × (dense + 2 policies)");
     assert_eq!(results[0]["policy"], "dense");

@@ -142,6 +142,9 @@ enum Command {
         /// Plot latency against executed FLOPs (with the ideal line) as SVG here.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Plot per-layer median times (first batch size), a bar per policy, as SVG here.
+        #[arg(long)]
+        layer_plot: Option<PathBuf>,
     },
     /// Describe a model file: architecture, layers, FLOPs.
     Info {
@@ -298,6 +301,7 @@ fn run(cli: Cli) -> Result<()> {
             layers,
             json,
             plot,
+            layer_plot,
         } => {
             let gates = |channels, tiles| Policy::Gates(Gates { channels, tiles });
             let mut policies: Vec<(String, Policy)> = Vec::new();
@@ -324,7 +328,8 @@ fn run(cli: Cli) -> Result<()> {
                 warmup,
                 threads,
             };
-            cmd_bench(&model, &config, layers, json.as_deref(), plot.as_deref())
+            let plots = [plot.as_deref(), layer_plot.as_deref()];
+            cmd_bench(&model, &config, layers, json.as_deref(), plots)
         }
         Command::Info { model } => cmd_info(&model),
     }
@@ -485,10 +490,12 @@ fn cmd_bench(
     config: &dynsparse::bench::Config,
     layers: bool,
     json: Option<&Path>,
-    plot: Option<&Path>,
+    [plot, layer_plot]: [Option<&Path>; 2],
 ) -> Result<()> {
-    if let Some(p) = plot.filter(|p| p.extension().is_none_or(|e| e != "svg")) {
-        bail!("{}: plots are written as SVG (.svg)", p.display());
+    for p in [plot, layer_plot].into_iter().flatten() {
+        if p.extension().is_none_or(|e| e != "svg") {
+            bail!("{}: plots are written as SVG (.svg)", p.display());
+        }
     }
     let m = dynsparse::Model::load(model)?;
     let bar = indicatif::ProgressBar::new(0);
@@ -527,6 +534,68 @@ fn cmd_bench(
         plot_latency(&report, path)?;
         eprintln!("wrote {}", path.display());
     }
+    if let (Some(path), Some(&b)) = (layer_plot, config.batches.first()) {
+        plot_layers(&report, b, path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Per-layer median times at one batch size: for each layer that takes time, a bar per
+/// policy side by side.
+fn plot_layers(report: &dynsparse::bench::Report, batch: usize, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let rows: Vec<_> = report.results.iter().filter(|r| r.batch == batch).collect();
+    let Some(first) = rows.first() else {
+        bail!("no results at batch {batch}");
+    };
+    // Layers that cost something under dense; pooling and the like would be invisible.
+    let total: f64 = first.layers.iter().map(|l| l.ms).sum();
+    let shown: Vec<usize> = (0..first.layers.len())
+        .filter(|&i| first.layers[i].ms >= total * 0.002)
+        .collect();
+    let top = rows
+        .iter()
+        .flat_map(|r| shown.iter().map(|&i| r.layers.get(i).map_or(0.0, |l| l.ms)))
+        .fold(0.0f64, f64::max)
+        * 1.1;
+    let width = (shown.len() as u32 * 14 + 160).max(640);
+    let root = SVGBackend::new(path, (width, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{}: per-layer time, batch {batch}", report.model),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..shown.len() as f64, 0f64..top.max(1e-3))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_desc("layer (graph order; names in the --layers table)")
+        .y_desc("median ms")
+        .draw()?;
+    let n = rows.len() as f64;
+    for (p, r) in rows.iter().enumerate() {
+        let color = Palette99::pick(p).to_rgba();
+        chart
+            .draw_series(shown.iter().enumerate().map(|(j, &i)| {
+                let x0 = j as f64 + 0.1 + 0.8 * p as f64 / n;
+                let ms = r.layers.get(i).map_or(0.0, |l| l.ms);
+                Rectangle::new([(x0, 0.0), (x0 + 0.8 / n, ms)], color.filled())
+            }))?
+            .label(r.policy.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    root.present()?;
     Ok(())
 }
 
