@@ -102,7 +102,8 @@ struct ConvGates<'a> {
 }
 
 /// Part of a convolution to compute (`None`: all): output channels (`rows`), output
-/// positions (`cols`, strictly ascending) and input channels (`chans`), each sorted.
+/// positions (`cols`, strictly ascending) and input channels (`chans`), each sorted —
+/// one sample's plan in a gated pass.
 #[derive(Clone, Copy, Default)]
 struct Subset<'a> {
     rows: Option<&'a [usize]>,
@@ -111,19 +112,6 @@ struct Subset<'a> {
     /// Rows outside `rows` are never read: leave them unwritten.
     dropped_unread: bool,
     /// Run on the calling thread: the caller already splits work across samples.
-    serial: bool,
-}
-
-/// What one sample computes in one convolution: sorted kept input and output channels,
-/// and the kept output pixels (`None`: all).
-#[derive(Clone, Copy)]
-struct SamplePlan<'a> {
-    ic: &'a [usize],
-    oc: &'a [usize],
-    cols: Option<&'a [usize]>,
-    /// The dropped output channels are never read: leave them unwritten.
-    dropped_unread: bool,
-    /// Compute on the calling thread.
     serial: bool,
 }
 
@@ -341,7 +329,7 @@ impl EngineExecutor {
         let taps = g.kernel[0] * g.kernel[1];
         let kmap: Option<Vec<usize>> = chans.map(|c| {
             c.iter()
-                .flat_map(|&ci| (ci * taps..(ci + 1) * taps).collect::<Vec<_>>())
+                .flat_map(|&ci| ci * taps..(ci + 1) * taps)
                 .collect()
         });
         // Zero-pad the input once so every tap of every window is in bounds: packing then
@@ -395,17 +383,14 @@ impl EngineExecutor {
             && ow >= IMPLICIT_WIDTH;
         let segs = ow.div_ceil(NR);
         let boff: Option<Vec<usize>> = implicit.then(|| {
-            let pw = g.in_hw[1];
-            let all: Vec<usize> = (0..g.in_c).collect();
-            chans
-                .unwrap_or(&all)
-                .iter()
-                .flat_map(|&c| {
-                    (0..g.kernel[0]).flat_map(move |ky| {
-                        (0..g.kernel[1]).map(move |kx| c * in_plane + ky * pw + kx)
-                    })
-                })
-                .collect()
+            let (pw, [kh, kw]) = (g.in_hw[1], g.kernel);
+            let taps = move |c: usize| {
+                (0..kh).flat_map(move |ky| (0..kw).map(move |kx| c * in_plane + ky * pw + kx))
+            };
+            match chans {
+                Some(c) => c.iter().flat_map(|&c| taps(c)).collect(),
+                None => (0..g.in_c).flat_map(taps).collect(),
+            }
         });
         let panels = if implicit {
             oh * segs
@@ -540,7 +525,9 @@ impl EngineExecutor {
             for k0 in (0..k).step_by(KC) {
                 let k1 = (k0 + KC).min(k);
                 for (tile, acc) in tiles.iter().zip(accs.iter_mut()) {
-                    // SAFETY: rows < rows_per_group index `a`; the panel holds k × NR.
+                    // SAFETY: rows < rows_per_group index `a`; kmap entries are < lda;
+                    // the panel holds k × NR, or (in place) every boff[kk] + NR is inside
+                    // it, through the padded input's NR values of slack.
                     unsafe { gemm::accumulate(self.isa, tile, k0, k1, acc) };
                 }
             }
@@ -731,7 +718,7 @@ impl EngineExecutor {
 
     /// One gated convolution, sample by sample: each sample's gates decide (from its
     /// kept input channels `ic`, the value's kept sets) the output channels and the
-    /// output tiles to compute, and [`Self::conv_sample`] computes just those. Cells not
+    /// output tiles to compute, and [`Self::conv_gemm_into`] computes just those. Cells not
     /// computed are zero, or the residual where there is one (skipped tiles of a residual
     /// block pass the identity through).
     #[allow(clippy::too_many_arguments)]
@@ -751,7 +738,7 @@ impl EngineExecutor {
         let plane = geom.in_hw[0] * geom.in_hw[1];
         let n = geom.out_hw[0] * geom.out_hw[1];
         let taps = geom.kernel[0] * geom.kernel[1];
-        // Every cell is written by `conv_sample`.
+        // Every cell read later is written below.
         let mut out = self.pool.take_dirty(batch * cout * n);
         // Samples in parallel (each sample's GEMM splits further): small layers of a big
         // batch keep both cores busy without waking the pool once per sample.
@@ -765,8 +752,8 @@ impl EngineExecutor {
                 let decided = std::time::Instant::now();
                 let oc: Vec<usize> = match gates.channels {
                     Some((g, cut)) => {
-                        // Mean of each kept input plane, zero for dropped ones (their
-                        // planes are zero anyway), so each score is one vectorized dot
+                        // Mean of each kept input plane, zero for dropped ones (whose
+                        // planes are never written), so each score is one vectorized dot
                         // product; on one thread, a few microseconds per layer.
                         let mut pooled = vec![0f32; cin];
                         for &c in &ic {
@@ -796,28 +783,27 @@ impl EngineExecutor {
                 let gate_ms = decided.elapsed().as_secs_f64() * 1e3;
                 let positions = cols.as_ref().map_or(n, Vec::len);
                 let rs = residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]);
-                let plan = SamplePlan {
-                    ic: &ic,
-                    oc: &oc,
+                let sub = Subset {
+                    rows: (oc.len() < cout).then_some(&oc[..]),
                     cols: cols.as_deref(),
+                    chans: (ic.len() < cin).then_some(&ic[..]),
                     dropped_unread: gates.channels.is_some(),
                     // Enough samples to share out: one thread each.
                     serial: batch >= 2 * rayon::current_num_threads(),
                 };
-                self.conv_sample(xs, weight, bias, geom, rs, act, plan, os);
+                self.conv_gemm_into(xs, 1, weight, bias, 1, geom, rs, act, sub, os);
                 let f = gf + 2 * (positions * oc.len() * ic.len() * taps) as u64;
                 (oc, tiles, f, gf, gate_ms)
             })
             .collect();
         let mut c = Compact {
-            out: Vec::new(),
+            out,
             oc: Vec::with_capacity(batch),
             tiles: Vec::with_capacity(batch),
             flops: Vec::with_capacity(batch),
             gate_flops: Vec::with_capacity(batch),
             gate_ms: 0.0,
         };
-        c.out = out;
         for (oc, tiles, f, gf, ms) in per {
             c.oc.push(oc);
             c.tiles.push(tiles);
@@ -826,41 +812,6 @@ impl EngineExecutor {
             c.gate_ms += ms;
         }
         c
-    }
-
-    /// One sample's convolution under a plan, into its output `os` (`cout × n`): kept
-    /// output channels at kept pixels are computed from the kept input channels; other
-    /// cells get the residual `rs`, or zero. Nothing is gathered: the GEMM reads the kept
-    /// rows of A in place, packs only the kept input channels at the kept pixels, maps
-    /// panel rows to A's columns, and stores straight into `os`.
-    #[allow(clippy::too_many_arguments)]
-    fn conv_sample(
-        &self,
-        xs: &[f32],
-        weight: &[f32],
-        bias: &[f32],
-        geom: &ConvGeom,
-        rs: Option<&[f32]>,
-        act: Act,
-        plan: SamplePlan,
-        os: &mut [f32],
-    ) {
-        let SamplePlan {
-            ic,
-            oc,
-            cols,
-            dropped_unread,
-            serial,
-        } = plan;
-        let (cin, cout) = (geom.in_c, bias.len());
-        let sub = Subset {
-            rows: (oc.len() < cout).then_some(oc),
-            cols,
-            chans: (ic.len() < cin).then_some(ic),
-            dropped_unread,
-            serial,
-        };
-        self.conv_gemm_into(xs, 1, weight, bias, 1, geom, rs, act, sub, os);
     }
 
     /// FLOPs per sample, gates aside, of a pass with these ratio cuts. Counts only depend
@@ -1221,7 +1172,7 @@ mod tests {
         g: &ConvGeom,
         rs: Option<&[f32]>,
         act: Act,
-        plan: SamplePlan,
+        (ic, oc, cols): (&[usize], &[usize], Option<&[usize]>),
     ) -> Vec<f32> {
         let (cin, cout) = (g.in_c, b.len());
         let [h, wd] = g.in_hw;
@@ -1229,14 +1180,12 @@ mod tests {
         let [kh, kw] = g.kernel;
         let n = oh * ow;
         let mut out: Vec<f32> = rs.map_or_else(|| vec![0.0; cout * n], <[f32]>::to_vec);
-        let cols: Vec<usize> = plan
-            .cols
-            .map_or_else(|| (0..n).collect(), <[usize]>::to_vec);
-        for &o in plan.oc {
+        let cols: Vec<usize> = cols.map_or_else(|| (0..n).collect(), <[usize]>::to_vec);
+        for &o in oc {
             for &p in &cols {
                 let (oy, ox) = (p / ow, p % ow);
                 let mut acc = f64::from(b[o]);
-                for &c in plan.ic {
+                for &c in ic {
                     for ky in 0..kh {
                         for kx in 0..kw {
                             let iy = (oy * g.stride[0] + ky) as isize - g.pad_tl[0] as isize;
@@ -1328,15 +1277,16 @@ mod tests {
                     Some(gating::tile_pixels(&t, &kept, g.out_hw))
                 }
             };
-            let plan = SamplePlan {
-                ic: &ic,
-                oc: &oc,
+            let sub = Subset {
+                rows: (oc.len() < cout).then_some(&oc[..]),
                 cols: cols.as_deref(),
+                chans: (ic.len() < g.in_c).then_some(&ic[..]),
                 dropped_unread: rng.random_bool(0.5),
                 serial: rng.random_bool(0.5),
             };
+            let plan = (&ic[..], &oc[..], cols.as_deref());
             let mut want = naive_conv(&xs, &w, &b, &g, rs.as_deref(), act, plan);
-            if plan.dropped_unread {
+            if sub.dropped_unread {
                 // Dropped rows are left as they were: NaN here, NaN there.
                 for o in (0..cout).filter(|o| oc.binary_search(o).is_err()) {
                     want[o * n..(o + 1) * n].fill(f32::NAN);
@@ -1344,7 +1294,7 @@ mod tests {
             }
             for e in &engines {
                 let mut got = vec![f32::NAN; cout * n];
-                e.conv_sample(&xs, &w, &b, &g, rs.as_deref(), act, plan, &mut got);
+                e.conv_gemm_into(&xs, 1, &w, &b, 1, &g, rs.as_deref(), act, sub, &mut got);
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(a.is_nan(), b.is_nan(), "cell {i}: {a} vs {b}");
                 }
