@@ -62,6 +62,9 @@ pub struct PolicyResult {
     pub flops_fraction: f64,
     /// Executed FLOPs of the batch over the median time.
     pub gflops_per_s: f64,
+    /// Sum over layers of the median time the gates took deciding (summed over the
+    /// samples of the batch).
+    pub gate_ms: f64,
     /// Per layer, in graph order: median time and the first sample's costs.
     pub layers: Vec<LayerResult>,
 }
@@ -195,7 +198,7 @@ pub fn run(
                 / n;
             let dense = model.flops_per_sample();
             let med = quantile(&sorted, 0.5);
-            let layers = preds
+            let layers: Vec<LayerResult> = preds
                 .first()
                 .map(|q| {
                     q.stats
@@ -216,6 +219,7 @@ pub fn run(
                         .collect()
                 })
                 .unwrap_or_default();
+            let gate_ms = layers.iter().map(|l| l.gate_ms).sum();
             results.push(PolicyResult {
                 policy: label.clone(),
                 batch,
@@ -227,6 +231,7 @@ pub fn run(
                 flops_gates,
                 flops_fraction: flops_executed / dense as f64,
                 gflops_per_s: flops_executed * batch as f64 / (med * 1e6),
+                gate_ms,
                 layers,
             });
         }
@@ -245,12 +250,12 @@ impl Report {
     /// One row per batch and policy.
     pub fn markdown(&self) -> String {
         let mut s = String::from(
-            "| batch | policy | FLOPs executed | median ms | p10 ms | p90 ms | GFLOP/s | vs dense |\n\
-             |---|---|---|---|---|---|---|---|\n",
+            "| batch | policy | FLOPs executed | median ms | p10 ms | p90 ms | GFLOP/s | vs dense | gates ms |\n\
+             |---|---|---|---|---|---|---|---|---|\n",
         );
         for r in &self.results {
             s += &format!(
-                "| {} | {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |\n",
+                "| {} | {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |\n",
                 r.batch,
                 r.policy,
                 r.flops_fraction,
@@ -258,7 +263,8 @@ impl Report {
                 r.p10_ms,
                 r.p90_ms,
                 r.gflops_per_s,
-                r.vs_dense
+                r.vs_dense,
+                r.gate_ms
             );
         }
         s
