@@ -52,6 +52,7 @@ pub fn conv_chain(cin: usize, hw: usize, convs: &[ConvSpec]) -> Model {
                 groups,
                 residual: None,
                 act: Act::Relu,
+                gate: None,
             }),
         });
         let seed = 2 * i as u32;

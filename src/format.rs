@@ -78,6 +78,7 @@ impl Model {
     /// tensors it needs with the right shapes.
     pub fn new(desc: ModelDesc, weights: HashMap<String, TensorData>) -> Result<Self> {
         let layers = desc.analyze()?;
+        crate::exec::gating::check_trained(&desc.nodes, &layers)?;
         let mut problems = Vec::new();
         let mut needed = std::collections::HashSet::new();
         for (name, shape) in layers.iter().flat_map(|l| l.tensors.iter()) {
@@ -109,6 +110,30 @@ impl Model {
             layers,
             weights,
         })
+    }
+
+    /// The same network without its trained gates, so executors fall back to
+    /// training-free ones (see [`crate::exec::gating`]): for comparing the two.
+    ///
+    /// ```
+    /// let model = dynsparse::Model::from_bytes(dynsparse::demo::MODEL)?;
+    /// let plain = model.without_trained_gates();
+    /// assert!(dynsparse::exec::gating::has_trained_gates(&model.desc.nodes));
+    /// assert!(!dynsparse::exec::gating::has_trained_gates(&plain.desc.nodes));
+    /// # Ok::<(), dynsparse::Error>(())
+    /// ```
+    pub fn without_trained_gates(&self) -> Model {
+        let mut m = self.clone();
+        for n in &mut m.desc.nodes {
+            if let crate::model::Op::Conv(c) = &mut n.op {
+                c.gate = None;
+            }
+        }
+        m.weights.retain(|k, _| !k.contains(".gate."));
+        for l in &mut m.layers {
+            l.tensors.retain(|(k, _)| !k.contains(".gate."));
+        }
+        m
     }
 
     /// Dense FLOPs for one sample.

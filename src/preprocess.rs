@@ -49,7 +49,12 @@ pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Result<Vec<f32>> {
     );
     // Resize in f32 so every pixel format (8/16-bit, gray, RGBA) gives the same values.
     let rgb = DynamicImage::ImageRgb32F(img.to_rgb32f());
-    let resized = rgb.resize_exact(rw, rh, FilterType::Triangle).to_rgb32f();
+    // An image already at the target size is used as it is (a resize would blur it).
+    let resized = if (rw, rh) == (w, h) {
+        rgb.to_rgb32f()
+    } else {
+        rgb.resize_exact(rw, rh, FilterType::Triangle).to_rgb32f()
+    };
     let top = ((rh - ch) as f64 / 2.0).round() as u32;
     let left = ((rw - cw) as f64 / 2.0).round() as u32;
     let plane = (ch * cw) as usize;

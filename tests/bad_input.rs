@@ -53,7 +53,7 @@ fn s(p: &Path) -> &str {
 }
 
 fn sample_png() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/samples/digit_1_5.png")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/samples/canvas_1_3.png")
 }
 
 #[test]
@@ -154,7 +154,7 @@ fn bad_images_and_tensors() {
             "--model",
             m,
             "--tensor",
-            s(&npy("rank.npy", vec![3, 32, 32], 0.5)),
+            s(&npy("rank.npy", vec![3, 64, 64], 0.5)),
         ],
         "does not match",
     );
@@ -164,7 +164,7 @@ fn bad_images_and_tensors() {
             "--model",
             m,
             "--tensor",
-            s(&npy("nan.npy", vec![2, 3, 32, 32], f32::NAN)),
+            s(&npy("nan.npy", vec![2, 3, 64, 64], f32::NAN)),
         ],
         "non-finite",
     );

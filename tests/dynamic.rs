@@ -243,7 +243,7 @@ fn gated_imagenet_models_equal_their_pruned_dense_networks() {
 fn cli_keep_reports_fewer_flops_and_rejects_bad_ratios() {
     use std::process::Command;
     let png =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/samples/digit_1_5.png");
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/samples/canvas_1_3.png");
     let run = |args: &[&str]| {
         Command::new(common::bin())
             .args(["infer", "--json", "--model", demo_model().to_str().unwrap()])
@@ -288,7 +288,7 @@ fn cli_keep_reports_fewer_flops_and_rejects_bad_ratios() {
 fn cli_budget_and_verbose_layers() {
     use std::process::Command;
     let png =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/samples/digit_1_5.png");
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/samples/canvas_1_3.png");
     let run = |args: &[&str]| {
         let out = Command::new(common::bin())
             .args(["infer", "--json", "--model", demo_model().to_str().unwrap()])

@@ -74,8 +74,13 @@ enum Command {
         #[arg(required_unless_present = "tensor")]
         images: Vec<PathBuf>,
     },
-    /// Run the embedded demo model on its sample digits and its held-out set.
-    Demo,
+    /// Run the embedded demo model on its sample canvases and its held-out set, dense
+    /// and with its trained gates.
+    Demo {
+        /// Also draw held-out accuracy against executed FLOPs per kind of gate (SVG).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
     /// Validate and time the CUDA kernels on this machine's GPU: every kernel against a
     /// CPU reference on random shapes and plans, each model's logits against the CPU
     /// engine, and the captured pass's latency at several kept fractions.
@@ -278,7 +283,7 @@ fn run(cli: Cli) -> Result<()> {
             tensor.as_deref(),
             &images,
         ),
-        Command::Demo => cmd_demo(),
+        Command::Demo { plot } => cmd_demo(plot.as_deref()),
         Command::CudaCheck {
             cases,
             seed,
@@ -346,18 +351,14 @@ fn cmd_convert(
     let mut model = convert::convert(arch, input, classes)?;
     if let Some(p) = pre {
         let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
-        model.desc.preprocess = serde_json::from_str(&text)
+        let pre = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a preprocessing description", p.display()))?;
-        let crop = model.desc.preprocess.crop;
-        let spec = model.desc.input;
-        if crop != [spec.height as u32, spec.width as u32] {
-            bail!(
-                "{}: crop {crop:?} must equal the input size {}×{}",
-                p.display(),
-                spec.height,
-                spec.width
-            );
-        }
+        model = convert::with_preprocess(model, pre).with_context(|| {
+            format!(
+                "{}: {arch} cannot take the input its crop asks for",
+                p.display()
+            )
+        })?;
     }
     model.save(output)?;
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
@@ -663,122 +664,258 @@ fn plot_latency(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn cmd_demo() -> Result<()> {
-    use dynsparse::demo;
-    let rt = Runtime::from_bytes(
-        demo::MODEL,
+/// One held-out evaluation of the demo: accuracy, FLOPs and time under a policy.
+struct DemoRow {
+    policy: String,
+    gates: &'static str,
+    accuracy: f64,
+    flops: f64,
+    ms: f64,
+}
+
+fn demo_eval(
+    model: &dynsparse::Model,
+    policy: Policy,
+    heldout: &[(image::DynamicImage, usize)],
+) -> Result<(f64, f64, f64)> {
+    let rt = Runtime::new(
+        model.clone(),
         Options {
             top_k: 1,
+            device: DeviceChoice::Cpu,
+            policy,
             ..Options::default()
         },
     )?;
-    let d = &rt.model().desc;
-    println!(
-        "demo model: {} trained on MNIST digits (embedded, {:.2} MFLOPs per image)\n",
-        d.arch,
-        rt.model().flops_per_sample() as f64 / 1e6
-    );
-    println!(
-        "{:<16} {:>5} {:>10} {:>7} {:>22} {:>11}",
-        "sample", "label", "predicted", "prob", "MFLOPs executed/dense", "latency ms"
-    );
-    for (name, png) in demo::SAMPLES {
-        let img = preprocess::decode_image(png)?;
-        rt.infer(&img)?; // warm-up: first touches of the weights
-        let p = rt.infer(&img)?.remove(0);
-        let label = demo::sample_label(name).map_or("?".into(), |l| l.to_string());
-        println!(
-            "{:<16} {:>5} {:>10} {:>6.1}% {:>10.2} / {:<10.2} {:>11.3}",
-            name,
-            label,
-            p.top[0].label,
-            100.0 * p.top[0].prob,
-            p.stats.flops_executed as f64 / 1e6,
-            p.stats.flops_dense as f64 / 1e6,
-            p.stats.latency_ms
-        );
-    }
-    let heldout = demo::heldout()?;
-    let (mut correct, mut ms) = (0, 0.0);
+    let (mut correct, mut ms, mut flops) = (0, 0.0, 0u64);
     for chunk in heldout.chunks(100) {
         let imgs: Vec<_> = chunk.iter().map(|(i, _)| i.clone()).collect();
         let preds = rt.infer(&imgs)?;
         ms += preds[0].stats.latency_ms;
+        flops += preds.iter().map(|p| p.stats.flops_executed).sum::<u64>();
         correct += preds
             .iter()
             .zip(chunk)
             .filter(|(p, (_, l))| p.top[0].class == *l)
             .count();
     }
-    println!(
-        "\nheld-out set: {} digits never seen in training, accuracy {:.1}%, {:.3} ms per image in batches of 100",
-        heldout.len(),
-        100.0 * correct as f64 / heldout.len() as f64,
-        ms / heldout.len() as f64
-    );
-    println!(
-        "execution: dense on {}",
-        rt.infer(&heldout[0].0)?[0].stats.executor
-    );
+    let n = heldout.len() as f64;
+    Ok((
+        100.0 * correct as f64 / n,
+        flops as f64 / n / model.flops_per_sample() as f64,
+        ms / n,
+    ))
+}
 
-    // The same held-out digits with training-free channel gates (no gate training yet).
-    println!("\ntraining-free gates on the held-out set (CPU):");
-    println!(
-        "{:<28} {:>10} {:>15} {:>14}",
-        "policy", "accuracy", "FLOPs vs dense", "ms per image"
-    );
-    let tiles = |r| {
-        Policy::Gates(Gates {
-            channels: Cut::All,
-            tiles: Cut::Ratio(r),
-        })
-    };
-    let policies = [
-        ("channels 0.75", Policy::Keep(0.75)),
-        ("channels 0.5", Policy::Keep(0.5)),
-        ("channels 0.25", Policy::Keep(0.25)),
-        ("tiles 0.75", tiles(0.75)),
-        ("tiles 0.5", tiles(0.5)),
-        ("budget 0.5", Policy::Budget(Budget::Flops(0.5))),
-        (
-            "budget 0.5, spatial",
-            Policy::Budget(Budget::FlopsWithTiles(0.5)),
-        ),
-    ];
-    for (label, policy) in policies {
-        let gated = Runtime::from_bytes(
-            demo::MODEL,
+fn cmd_demo(plot: Option<&Path>) -> Result<()> {
+    use dynsparse::demo;
+    let model = dynsparse::Model::from_bytes(demo::MODEL)?;
+    let plain = model.without_trained_gates();
+    let cpu = |policy| {
+        Runtime::new(
+            model.clone(),
             Options {
                 top_k: 1,
                 device: DeviceChoice::Cpu,
                 policy,
                 ..Options::default()
             },
-        )?;
-        let (mut correct, mut ms, mut flops) = (0, 0.0, 0u64);
-        for chunk in heldout.chunks(100) {
-            let imgs: Vec<_> = chunk.iter().map(|(i, _)| i.clone()).collect();
-            let preds = gated.infer(&imgs)?;
-            ms += preds[0].stats.latency_ms;
-            flops += preds.iter().map(|p| p.stats.flops_executed).sum::<u64>();
-            correct += preds
-                .iter()
-                .zip(chunk)
-                .filter(|(p, (_, l))| p.top[0].class == *l)
-                .count();
+        )
+    };
+    let both = |c: Cut, t: Cut| {
+        Policy::Gates(Gates {
+            channels: c,
+            tiles: t,
+        })
+    };
+    let operating = both(Cut::Threshold(0.5), Cut::Threshold(0.5));
+    let dense = cpu(Policy::Dense)?;
+    let gated = cpu(operating)?;
+    println!(
+        "demo model: {} with trained channel and spatial gates, on {}×{} canvases of real MNIST \
+         digits among clutter\n(embedded; {:.1} MFLOPs per image dense; gates cut at sigmoid ≥ 0.5; CPU)\n",
+        model.desc.arch,
+        model.desc.input.height,
+        model.desc.input.width,
+        model.flops_per_sample() as f64 / 1e6
+    );
+    println!(
+        "{:<16} {:>5} {:>9} {:>7} {:>24} {:>9} {:>9}",
+        "sample", "label", "predicted", "prob", "MFLOPs executed / dense", "dense ms", "gated ms"
+    );
+    for (name, png) in demo::SAMPLES {
+        let img = preprocess::decode_image(png)?;
+        // Warm-up, then the median of 5 runs of each, taken in turn.
+        dense.infer(&img)?;
+        gated.infer(&img)?;
+        let (mut td, mut tg) = (Vec::new(), Vec::new());
+        let mut last = None;
+        for _ in 0..5 {
+            td.push(dense.infer(&img)?[0].stats.latency_ms);
+            let p = gated.infer(&img)?.remove(0);
+            tg.push(p.stats.latency_ms);
+            last = Some(p);
         }
-        let n = heldout.len() as f64;
+        let p = last.context("no prediction")?;
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let label = demo::sample_label(name).map_or("?".into(), |l| l.to_string());
         println!(
-            "{:<28} {:>9.1}% {:>15.3} {:>14.3}",
+            "{:<16} {:>5} {:>9} {:>6.1}% {:>11.1} / {:<10.1} {:>9.3} {:>9.3}",
+            name,
             label,
-            100.0 * correct as f64 / n,
-            flops as f64 / n / gated.model().flops_per_sample() as f64,
-            ms / n
+            p.top[0].label,
+            100.0 * p.top[0].prob,
+            p.stats.flops_executed as f64 / 1e6,
+            p.stats.flops_dense as f64 / 1e6,
+            median(&mut td),
+            median(&mut tg)
         );
     }
+
+    let heldout = demo::heldout()?;
     println!(
-        "(gates without training lose accuracy fast; trained gates come with the gate-training work)"
+        "\nheld-out set: {} canvases never seen in training, in batches of 100 (CPU, {} threads)",
+        heldout.len(),
+        rayon::current_num_threads()
     );
+    let mut runs: Vec<(String, &'static str, &dynsparse::Model, Policy)> = vec![
+        ("dense".into(), "none", &model, Policy::Dense),
+        ("threshold 0.5".into(), "trained", &model, operating),
+        (
+            "budget 0.5".into(),
+            "trained",
+            &model,
+            Policy::Budget(Budget::FlopsWithTiles(0.5)),
+        ),
+        (
+            "budget 0.3".into(),
+            "trained",
+            &model,
+            Policy::Budget(Budget::FlopsWithTiles(0.3)),
+        ),
+    ];
+    for r in demo::RATIOS {
+        let p = both(Cut::Ratio(r), Cut::Ratio(r));
+        runs.push((format!("ratio {r}"), "trained", &model, p));
+        runs.push((format!("ratio {r}"), "training-free", &plain, p));
+    }
+    runs.push((
+        "budget 0.5".into(),
+        "training-free",
+        &plain,
+        Policy::Budget(Budget::FlopsWithTiles(0.5)),
+    ));
+    let bar = indicatif::ProgressBar::new(runs.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} policies {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut rows = Vec::new();
+    for (policy, gates, m, p) in runs {
+        bar.set_message(format!("{policy}, {gates}"));
+        let (accuracy, flops, ms) = demo_eval(m, p, &heldout)?;
+        rows.push(DemoRow {
+            policy,
+            gates,
+            accuracy,
+            flops,
+            ms,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let dense_ms = rows[0].ms;
+    println!(
+        "{:<15} {:<14} {:>9} {:>15} {:>13} {:>14}",
+        "policy", "gates", "accuracy", "FLOPs vs dense", "ms per image", "time vs dense"
+    );
+    for r in &rows {
+        println!(
+            "{:<15} {:<14} {:>8.1}% {:>15.3} {:>13.3} {:>14.2}",
+            r.policy,
+            r.gates,
+            r.accuracy,
+            r.flops,
+            r.ms,
+            r.ms / dense_ms
+        );
+    }
+    let evidence = demo::evidence()?;
+    println!(
+        "\nstatic pruning, the same channels and tiles for every input (PyTorch reference of \
+         the same weights,\nmodels/demo/make_demo.py, channel counts rounded up to 6 as the runtime does with AVX2):"
+    );
+    for r in evidence.iter().filter(|r| r.kind == "static") {
+        println!(
+            "{:<15} {:<14} {:>8.1}% {:>15.3}",
+            r.policy, "static", r.accuracy, r.flops
+        );
+    }
+    if let Some(path) = plot {
+        plot_demo(&rows, &evidence, path)?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Held-out accuracy against executed FLOPs: trained gates, training-free gates (both
+/// measured by the runtime) and static pruning (the PyTorch reference's figures).
+fn plot_demo(rows: &[DemoRow], evidence: &[dynsparse::demo::Evidence], path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let mut series: Vec<(&str, Vec<(f64, f64)>)> = Vec::new();
+    for gates in ["trained", "training-free"] {
+        let mut pts: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| r.gates == gates || r.gates == "none")
+            .map(|r| (r.flops, r.accuracy))
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        series.push((gates, pts));
+    }
+    let mut stat: Vec<(f64, f64)> = evidence
+        .iter()
+        .filter(|r| r.kind == "static" || r.kind == "dense")
+        .map(|r| (r.flops, r.accuracy))
+        .collect();
+    stat.sort_by(|a, b| a.0.total_cmp(&b.0));
+    series.push(("static pruning (PyTorch reference)", stat));
+    let low = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|q| q.1))
+        .fold(100f64, f64::min);
+    let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "demo: held-out accuracy against executed FLOPs",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1.1, (low - 2.0).max(0.0)..100.5)?;
+    chart
+        .configure_mesh()
+        .x_desc("executed FLOPs / dense (gates included)")
+        .y_desc("accuracy (%)")
+        .draw()?;
+    for (i, (name, pts)) in series.into_iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
+    root.present()?;
     Ok(())
 }
 
@@ -795,15 +932,33 @@ fn cmd_info(model: &Path) -> Result<()> {
         d.input.width,
         m.flops_per_sample() as f64 / 1e9
     );
+    let trained = dynsparse::exec::gating::has_trained_gates(&d.nodes);
     for (n, l) in d.nodes.iter().zip(&m.layers) {
+        let gates = match &n.op {
+            dynsparse::model::Op::Conv(c) => match c.gate {
+                Some(g) if g.channels && g.tiles => "  gates: channels, tiles",
+                Some(g) if g.channels => "  gates: channels",
+                Some(_) => "  gates: tiles",
+                None => "",
+            },
+            _ => "",
+        };
         println!(
-            "  {:<32} {:?} -> {:?}  {:>8.2} MFLOPs",
+            "  {:<32} {:?} -> {:?}  {:>8.2} MFLOPs{gates}",
             n.name,
             l.input,
             l.output,
             l.flops as f64 / 1e6
         );
     }
+    println!(
+        "{}",
+        if trained {
+            "trained gates: gated runs use them, and only them"
+        } else {
+            "no trained gates: gated runs use training-free ones"
+        }
+    );
     Ok(())
 }
 

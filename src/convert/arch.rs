@@ -147,6 +147,7 @@ impl Builder {
             groups: cfg.groups,
             residual,
             act: cfg.act,
+            gate: None,
         });
         self.push(name, input, op)
     }

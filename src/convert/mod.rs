@@ -75,8 +75,10 @@ pub fn convert_tensors(
         .get(fc)
         .and_then(|t| t.shape.first().copied())
         .unwrap_or(1000);
-    let b = arch::build(arch, num_classes).ok_or_else(|| Error::UnknownArch(arch.to_string()))?;
+    let mut b =
+        arch::build(arch, num_classes).ok_or_else(|| Error::UnknownArch(arch.to_string()))?;
     check_names(arch, ckpt, &b.sources)?;
+    let gates = attach_gates(arch, ckpt, &mut b.nodes)?;
 
     let classes = match classes {
         Some(c) if c.len() != num_classes => {
@@ -95,6 +97,7 @@ pub fn convert_tensors(
         weights.insert(format!("{node}.weight"), w);
         weights.insert(format!("{node}.bias"), bias);
     }
+    weights.extend(gates);
     let desc = ModelDesc {
         format_version: FORMAT_VERSION,
         arch: arch.to_string(),
@@ -104,6 +107,87 @@ pub fn convert_tensors(
         nodes: b.nodes,
     };
     Model::new(desc, weights)
+}
+
+/// Suffixes of the trained-gate tensors a checkpoint may carry beside a convolution
+/// `{conv}` (see [`crate::model::ConvGate`]); they are copied as they are (BatchNorm does
+/// not touch a gate, which reads the convolution's input).
+const GATE_SUFFIXES: [(&str, bool); 4] = [
+    (".gate.channel.weight", false),
+    (".gate.channel.bias", false),
+    (".gate.spatial.weight", true),
+    (".gate.spatial.bias", true),
+];
+
+fn is_gate_tensor(name: &str) -> bool {
+    GATE_SUFFIXES.iter().any(|(s, _)| name.ends_with(s))
+}
+
+/// Marks each convolution whose gate tensors the checkpoint carries and returns those
+/// tensors under the node's name; shapes are checked when the model is built.
+fn attach_gates(
+    arch: &str,
+    ckpt: &Checkpoint,
+    nodes: &mut [crate::model::Node],
+) -> Result<HashMap<String, TensorData>> {
+    let mut out = HashMap::new();
+    let mut stray = Vec::new();
+    let mut names: Vec<&String> = ckpt.keys().filter(|k| is_gate_tensor(k)).collect();
+    names.sort();
+    for name in names {
+        let (suffix, tiles) = GATE_SUFFIXES
+            .iter()
+            .find(|(s, _)| name.ends_with(s))
+            .copied()
+            .unwrap_or(("", false));
+        let conv = &name[..name.len() - suffix.len()];
+        let node = nodes.iter_mut().find(|n| n.name == conv);
+        match node.map(|n| &mut n.op) {
+            Some(crate::model::Op::Conv(c)) => {
+                let g = c.gate.get_or_insert(crate::model::ConvGate {
+                    channels: false,
+                    tiles: false,
+                });
+                if tiles {
+                    g.tiles = true;
+                } else {
+                    g.channels = true;
+                }
+                out.insert(name.clone(), ckpt[name].clone());
+            }
+            _ => stray.push(name.clone()),
+        }
+    }
+    if !stray.is_empty() {
+        return Err(Error::CheckpointMismatch {
+            arch: arch.to_string(),
+            details: format!(
+                "gate tensors for no convolution of {arch}: {}",
+                stray.join(", ")
+            ),
+        });
+    }
+    Ok(out)
+}
+
+/// Gives `model` the preprocessing `pre`. Its crop is the input size: a network that ends
+/// in global pooling takes any, so the input changes with it; one that cannot is an error.
+///
+/// ```
+/// let model = dynsparse::Model::from_bytes(dynsparse::demo::MODEL)?;
+/// let mut pre = model.desc.preprocess.clone();
+/// pre.crop = [96, 96];
+/// pre.resize_shorter = 96;
+/// let bigger = dynsparse::convert::with_preprocess(model, pre)?;
+/// assert_eq!((bigger.desc.input.height, bigger.desc.input.width), (96, 96));
+/// # Ok::<(), dynsparse::Error>(())
+/// ```
+pub fn with_preprocess(model: Model, pre: crate::model::Preprocess) -> Result<Model> {
+    let mut desc = model.desc;
+    desc.input.height = pre.crop[0] as usize;
+    desc.input.width = pre.crop[1] as usize;
+    desc.preprocess = pre;
+    Model::new(desc, model.weights)
 }
 
 /// Reports every missing, mis-shaped and unexpected tensor at once.
@@ -123,7 +207,9 @@ fn check_names(arch: &str, ckpt: &Checkpoint, sources: &[(String, Source)]) -> R
     }
     let mut unexpected: Vec<&String> = ckpt
         .keys()
-        .filter(|k| !expected.contains(*k) && !k.ends_with(".num_batches_tracked"))
+        .filter(|k| {
+            !expected.contains(*k) && !k.ends_with(".num_batches_tracked") && !is_gate_tensor(k)
+        })
         .collect();
     unexpected.sort();
     if missing.is_empty() && misshaped.is_empty() && unexpected.is_empty() {

@@ -1,18 +1,21 @@
-//! Gates, defined once for every executor: which convolutions can be gated, the
-//! training-free gate weights, spatial tile scores, and how a gate chooses what to keep.
+//! Gates, defined once for every executor: which convolutions can be gated, the gate
+//! weights (trained ones from the model file, or training-free ones), spatial tile scores,
+//! and how a gate chooses what to keep.
 //!
 //! For a gated convolution with input `x`, the score of output channel `co` is
 //! `sum over kept ci of G[co][ci] * mean(x[ci]) + b[co]`; the `keep` highest scores are
-//! kept, ties going to the lower index. Without trained gate weights, `G` is the
-//! BN-folded convolution weight summed over its window and `b` its bias: the score is
-//! then the channel's mean pre-activation output (exact away from the padded border) — a
-//! saliency predicted from the layer's input before the layer runs.
+//! kept, ties going to the lower index. A model trained with gates carries `G` and `b`
+//! (see [`crate::model::ConvGate`]). Without them, `G` is the BN-folded convolution weight
+//! summed over its window and `b` its bias: the score is then the channel's mean
+//! pre-activation output (exact away from the padded border) — a saliency predicted from
+//! the layer's input before the layer runs.
 
+use crate::error::{Error, Result};
 use crate::exec::cpu::gemm::ConvGeom;
 use crate::exec::plan::Tiling;
 use crate::exec::Cut;
 use crate::format::{Model, TensorData};
-use crate::model::Op;
+use crate::model::{LayerInfo, Node, Op};
 
 /// Convolutions whose output channels can be gated, with the nodes that follow each
 /// decision. A convolution qualifies when it is not depthwise, adds no residual, and
@@ -21,7 +24,11 @@ use crate::model::Op;
 /// one (which computes only the kept channels) whose own readers are regular
 /// convolutions. Dropped channels are then never read, so they need not be written.
 pub fn gateable(model: &Model) -> Vec<(usize, Vec<(usize, bool)>)> {
-    let nodes = &model.desc.nodes;
+    gateable_nodes(&model.desc.nodes)
+}
+
+/// [`gateable`] over a node list.
+pub fn gateable_nodes(nodes: &[Node]) -> Vec<(usize, Vec<(usize, bool)>)> {
     let conv = |i: usize| match &nodes[i].op {
         Op::Conv(c) => Some(c),
         _ => None,
@@ -74,6 +81,144 @@ pub fn gateable(model: &Model) -> Vec<(usize, Vec<(usize, bool)>)> {
         }
     }
     out
+}
+
+/// Whether the model carries trained gates: then only the convolutions that carry them
+/// are gated.
+pub fn has_trained_gates(nodes: &[Node]) -> bool {
+    nodes
+        .iter()
+        .any(|n| matches!(&n.op, Op::Conv(c) if c.gate.is_some()))
+}
+
+/// Checks that every trained gate sits where the executors can apply it: channel gates on
+/// [`gateable_nodes`], spatial gates on convolutions whose output has a [`cpu_tiling`].
+pub fn check_trained(nodes: &[Node], layers: &[LayerInfo]) -> Result<()> {
+    let gateable: Vec<usize> = gateable_nodes(nodes).into_iter().map(|g| g.0).collect();
+    for (i, (n, info)) in nodes.iter().zip(layers).enumerate() {
+        let Op::Conv(c) = &n.op else { continue };
+        let Some(g) = c.gate else { continue };
+        if g.channels && !gateable.contains(&i) {
+            return Err(Error::ModelFormat(format!(
+                "node {i} '{}' carries a channel gate, but its output channels cannot be \
+                 gated (it adds a residual, is grouped, or a reader needs every channel)",
+                n.name
+            )));
+        }
+        if g.tiles && cpu_tiling(info.output[1], info.output[2]).is_none() {
+            return Err(Error::ModelFormat(format!(
+                "node {i} '{}' carries a spatial gate, but its {}×{} output does not divide \
+                 into at least 16 tiles of 4×4 or 2×2",
+                n.name, info.output[1], info.output[2]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A channel gate: the score of output channel `o` is
+/// `bias[o] + Σ_c weight[o · C + c] · mean(x[c])`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelGate {
+    /// `[out][C]`, row-major.
+    pub weight: Vec<f32>,
+    /// `[out]`.
+    pub bias: Vec<f32>,
+    /// Scores are trained logits (a threshold `t` cuts at `sigmoid(score) ≥ t`); otherwise
+    /// training-free saliencies, cut the same way.
+    pub trained: bool,
+}
+
+/// How a spatial gate scores the tiles of its output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TileScore {
+    /// Training-free: mean absolute activation over the tile's input window, cut at
+    /// `e / (e + layer mean) ≥ t`.
+    Energy,
+    /// Trained: `bias` plus the window mean of `Σ_c weight[c] · x[c]`, cut at
+    /// `sigmoid(score) ≥ t`.
+    Trained {
+        /// `[C]`.
+        weight: Vec<f32>,
+        /// The score's offset.
+        bias: f32,
+    },
+}
+
+/// A spatial gate: the output's tiling and how tiles are scored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpatialGate {
+    /// Whole tiles of the output ([`cpu_tiling`]).
+    pub tiling: Tiling,
+    /// The score.
+    pub score: TileScore,
+}
+
+/// Per node, its channel gate: the trained one it carries, or, in a model without trained
+/// gates, training-free weights on every [`gateable`] convolution.
+pub fn channel_gates(model: &Model) -> Result<Vec<Option<ChannelGate>>> {
+    let nodes = &model.desc.nodes;
+    let mut out = vec![None; nodes.len()];
+    if has_trained_gates(nodes) {
+        for (i, n) in nodes.iter().enumerate() {
+            if matches!(&n.op, Op::Conv(c) if c.gate.is_some_and(|g| g.channels)) {
+                out[i] = Some(ChannelGate {
+                    weight: model
+                        .weight(&format!("{}.gate.channel.weight", n.name))?
+                        .data
+                        .clone(),
+                    bias: model
+                        .weight(&format!("{}.gate.channel.bias", n.name))?
+                        .data
+                        .clone(),
+                    trained: true,
+                });
+            }
+        }
+    } else {
+        for (i, _) in gateable(model) {
+            let n = &nodes[i];
+            out[i] = Some(ChannelGate {
+                weight: training_free_weights(model.weight(&format!("{}.weight", n.name))?),
+                bias: model.weight(&format!("{}.bias", n.name))?.data.clone(),
+                trained: false,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Per node, its spatial gate: the trained one it carries, or, in a model without trained
+/// gates, a training-free one on every regular convolution but those reading the image,
+/// wherever the output divides into whole tiles.
+pub fn spatial_gates(model: &Model) -> Result<Vec<Option<SpatialGate>>> {
+    let trained = has_trained_gates(&model.desc.nodes);
+    let mut out = Vec::with_capacity(model.layers.len());
+    for (n, info) in model.desc.nodes.iter().zip(&model.layers) {
+        let tiling = cpu_tiling(info.output[1], info.output[2]);
+        let gate = match (&n.op, tiling) {
+            (Op::Conv(c), Some(tiling)) if trained && c.gate.is_some_and(|g| g.tiles) => {
+                let bias = model.weight(&format!("{}.gate.spatial.bias", n.name))?.data[0];
+                let weight = model.weight(&format!("{}.gate.spatial.weight", n.name))?;
+                Some(SpatialGate {
+                    tiling,
+                    score: TileScore::Trained {
+                        weight: weight.data.clone(),
+                        bias,
+                    },
+                })
+            }
+            (Op::Conv(c), Some(tiling)) if !trained && c.groups == 1 && n.input != 0 => {
+                Some(SpatialGate {
+                    tiling,
+                    score: TileScore::Energy,
+                })
+            }
+            _ => None,
+        };
+        out.push(gate);
+    }
+    Ok(out)
 }
 
 /// Training-free gate weights `[cout][cin]` from a convolution weight
@@ -147,17 +292,26 @@ pub fn tiles_per_panel(t: &Tiling, panel: usize) -> usize {
     (panel / (t.g * t.g)).max(1)
 }
 
-/// Spatial gate scores of one sample: per output tile of `t`, the mean absolute activation
-/// over the input rectangle the tile's windows span (clipped to the image), summed over
-/// `channels`; and the same mean over the whole input (the layer's mean energy). `x` holds
-/// the sample's `g.in_c` planes.
-pub fn tile_energy(x: &[f32], channels: &[usize], g: &ConvGeom, t: &Tiling) -> (Vec<f32>, f32) {
+/// Spatial gate scores of one sample: per output tile of `t`, the mean over the input
+/// rectangle the tile's windows span (clipped to the image) of a map summed over
+/// `channels` — `|x[c]|` without `weights` (activation energy), `weights[c] · x[c]` with
+/// them (a trained 1×1 score map); and the same mean over the whole input. `x` holds the
+/// sample's `g.in_c` planes.
+pub fn tile_scores(
+    x: &[f32],
+    channels: &[usize],
+    weights: Option<&[f32]>,
+    g: &ConvGeom,
+    t: &Tiling,
+) -> (Vec<f32>, f32) {
     let [h, w] = g.in_hw;
     let plane = h * w;
     let mut energy = vec![0f32; plane];
     for &c in channels {
-        for (e, v) in energy.iter_mut().zip(&x[c * plane..(c + 1) * plane]) {
-            *e += v.abs();
+        let xs = &x[c * plane..(c + 1) * plane];
+        match weights {
+            None => energy.iter_mut().zip(xs).for_each(|(e, v)| *e += v.abs()),
+            Some(wt) => energy.iter_mut().zip(xs).for_each(|(e, v)| *e += wt[c] * v),
         }
     }
     // Summed-area table, in f64 so window sums do not lose small tiles to cancellation.
@@ -270,7 +424,7 @@ mod tests {
     }
 
     #[test]
-    fn tile_energy_is_the_window_mean_over_kept_channels() {
+    fn tile_scores_are_window_means_over_kept_channels() {
         use crate::exec::cpu::fresh_rng;
         use rand::Rng;
         let mut rng = fresh_rng();
@@ -296,11 +450,18 @@ mod tests {
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
             let chans: Vec<usize> = (0..g.in_c).filter(|_| rng.random_bool(0.7)).collect();
-            let (scores, mean) = tile_energy(&x, &chans, &g, &t);
+            // Half the cases weigh the channels (a trained gate), half take |x| (energy).
+            let wt: Option<Vec<f32>> = rng
+                .random_bool(0.5)
+                .then(|| (0..g.in_c).map(|_| rng.random_range(-1.0..1.0)).collect());
+            let (scores, mean) = tile_scores(&x, &chans, wt.as_deref(), &g, &t);
             let e = |y: usize, xx: usize| -> f64 {
                 chans
                     .iter()
-                    .map(|&c| f64::from(x[c * plane + y * g.in_hw[1] + xx].abs()))
+                    .map(|&c| {
+                        let v = f64::from(x[c * plane + y * g.in_hw[1] + xx]);
+                        wt.as_ref().map_or(v.abs(), |w| f64::from(w[c]) * v)
+                    })
                     .sum()
             };
             for (i, &s) in scores.iter().enumerate() {
@@ -331,7 +492,7 @@ mod tests {
                     seen.iter().map(|&(y, xx)| e(y, xx)).sum::<f64>() / seen.len() as f64
                 };
                 assert!(
-                    (f64::from(s) - want).abs() <= 1e-4 * (1.0 + want),
+                    (f64::from(s) - want).abs() <= 1e-4 * (1.0 + want.abs()),
                     "tile {i} of {t:?}, {g:?}: {s} vs {want}"
                 );
             }
@@ -339,7 +500,7 @@ mod tests {
                 .flat_map(|y| (0..g.in_hw[1]).map(move |xx| (y, xx)))
                 .map(|(y, xx)| e(y, xx))
                 .sum();
-            assert!((f64::from(mean) - all / plane as f64).abs() <= 1e-4 * (1.0 + all));
+            assert!((f64::from(mean) - all / plane as f64).abs() <= 1e-4 * (1.0 + all.abs()));
         }
     }
 

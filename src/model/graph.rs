@@ -116,6 +116,30 @@ impl ModelDesc {
                         ),
                         (format!("{}.bias", node.name), vec![cv.out_channels]),
                     ];
+                    let mut tensors = tensors;
+                    if let Some(gate) = cv.gate {
+                        if cv.groups != 1 {
+                            return Err(at(
+                                "gates on a grouped convolution are not supported".into()
+                            ));
+                        }
+                        let name = &node.name;
+                        if gate.channels {
+                            tensors.push((
+                                format!("{name}.gate.channel.weight"),
+                                vec![cv.out_channels, cv.in_channels],
+                            ));
+                            tensors
+                                .push((format!("{name}.gate.channel.bias"), vec![cv.out_channels]));
+                        }
+                        if gate.tiles {
+                            tensors.push((
+                                format!("{name}.gate.spatial.weight"),
+                                vec![cv.in_channels],
+                            ));
+                            tensors.push((format!("{name}.gate.spatial.bias"), vec![1]));
+                        }
+                    }
                     (out, flops, tensors)
                 }
                 Op::MaxPool(p) => {

@@ -133,6 +133,30 @@ pub struct Conv {
     pub residual: Option<usize>,
     /// Activation applied last.
     pub act: Act,
+    /// Trained gates this convolution carries (see [`ConvGate`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<ConvGate>,
+}
+
+/// Trained attention gates of one convolution, both predicted from its input `x`
+/// (`C` channels) before it runs. A model that carries any trained gate is gated only
+/// where it carries them; a model without any gets training-free gates
+/// (see [`crate::exec::gating`]).
+///
+/// - Channel gate, tensors `{name}.gate.channel.weight` `[out, C]` and
+///   `{name}.gate.channel.bias` `[out]`: the score of output channel `o` is
+///   `bias[o] + Σ_c weight[o][c] · mean(x[c])`, kept when `sigmoid(score) ≥ t` under a
+///   threshold or among the best under a ratio.
+/// - Spatial gate, tensors `{name}.gate.spatial.weight` `[C]` and
+///   `{name}.gate.spatial.bias` `[1]`: the score of an output tile is `bias` plus the mean,
+///   over the input pixels its windows read (clipped to the image), of
+///   `Σ_c weight[c] · x[c]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvGate {
+    /// Carries a channel gate.
+    pub channels: bool,
+    /// Carries a spatial gate.
+    pub tiles: bool,
 }
 
 /// Padding rule of a convolution.

@@ -21,7 +21,6 @@ use super::ops::{self, Window};
 use super::pool::BufferPool;
 use crate::error::{Error, Result};
 use crate::exec::gating;
-use crate::exec::plan::Tiling;
 use crate::exec::{Budget, Cut, Executor, Forward, Gates, LayerTrace, Policy};
 use crate::format::Model;
 use crate::model::{Act, Op};
@@ -69,10 +68,10 @@ pub struct EngineExecutor {
     /// 0, 1, …, max output positions: column indices for dense tiles.
     all_cols: Vec<usize>,
     pool: BufferPool,
-    /// Per node: training-free gate weights `[cout][cin]` of a gateable convolution.
-    gates: Vec<Option<Vec<f32>>>,
-    /// Per node: the tiling of a convolution with a spatial gate.
-    tiling: Vec<Option<Tiling>>,
+    /// Per node: the channel gate of a gated convolution.
+    gates: Vec<Option<gating::ChannelGate>>,
+    /// Per node: the spatial gate of a gated convolution.
+    spatial: Vec<Option<gating::SpatialGate>>,
     /// Kept channel counts are rounded up to a multiple of this.
     round: usize,
     /// Per node: dense FLOPs for one sample.
@@ -95,10 +94,10 @@ struct NodeCut {
 /// A gated convolution's gates for one pass.
 #[derive(Clone, Copy)]
 struct ConvGates<'a> {
-    /// Training-free channel gate weights and their cut.
-    channels: Option<(&'a [f32], Cut)>,
-    /// Spatial tiling and its cut.
-    tiles: Option<(Tiling, Cut)>,
+    /// The channel gate and its cut.
+    channels: Option<(&'a gating::ChannelGate, Cut)>,
+    /// The spatial gate and its cut.
+    tiles: Option<(&'a gating::SpatialGate, Cut)>,
 }
 
 /// Part of a convolution to compute (`None`: all): output channels (`rows`), output
@@ -231,26 +230,11 @@ impl EngineExecutor {
             };
             layers.push((node.input, layer));
         }
-        let mut gates = vec![None; nodes.len()];
-        for (i, _) in gating::gateable(model) {
-            let w = model.weight(&format!("{}.weight", nodes[i].name))?;
-            gates[i] = Some(gating::training_free_weights(w));
-        }
-        // Spatial gates on every regular convolution but those reading the image itself,
-        // whose output divides into whole tiles.
-        let tiling = nodes
-            .iter()
-            .zip(&model.layers)
-            .map(|(node, info)| match &node.op {
-                Op::Conv(cv) if cv.groups == 1 && node.input != 0 => {
-                    gating::cpu_tiling(info.output[1], info.output[2])
-                }
-                _ => None,
-            })
-            .collect();
+        let gates = gating::channel_gates(model)?;
+        let spatial = gating::spatial_gates(model)?;
         Ok(EngineExecutor {
             gates,
-            tiling,
+            spatial,
             round: isa.mr(),
             flops: model.layers.iter().map(|l| l.flops).collect(),
             layers,
@@ -593,10 +577,10 @@ impl EngineExecutor {
                     let cut = cuts.map(|c| c[i]);
                     let gates = ConvGates {
                         channels: match (cut.map(|c| c.channels), &self.gates[i]) {
-                            (Some(c), Some(g)) if c != Cut::All => Some((g.as_slice(), c)),
+                            (Some(c), Some(g)) if c != Cut::All => Some((g, c)),
                             _ => None,
                         },
-                        tiles: match (cut.map(|c| c.tiles), self.tiling[i]) {
+                        tiles: match (cut.map(|c| c.tiles), &self.spatial[i]) {
                             (Some(c), Some(t)) if c != Cut::All => Some((t, c)),
                             _ => None,
                         },
@@ -760,7 +744,7 @@ impl EngineExecutor {
                             pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
                         }
                         let scores: Vec<f32> = (0..cout)
-                            .map(|o| bias[o] + dot(&g[o * cin..(o + 1) * cin], &pooled))
+                            .map(|o| g.bias[o] + dot(&g.weight[o * cin..(o + 1) * cin], &pooled))
                             .collect();
                         gf += gating::gate_flops(ic.len(), plane, cout);
                         gating::choose(&scores, cut, gating::channel_bar, self.round)
@@ -768,12 +752,22 @@ impl EngineExecutor {
                     None => (0..cout).collect(),
                 };
                 let (tiles, cols): (Vec<usize>, Option<Vec<usize>>) = match gates.tiles {
-                    Some((t, cut)) => {
-                        let (scores, mean) = gating::tile_energy(xs, &ic, geom, &t);
-                        gf += gating::tile_gate_flops(ic.len(), plane, t.tiles);
+                    Some((sg, cut)) => {
+                        let t = sg.tiling;
                         let round = gating::tiles_per_panel(&t, NR);
-                        let kept =
-                            gating::choose(&scores, cut, |p| gating::tile_bar(p, mean), round);
+                        let kept = match &sg.score {
+                            gating::TileScore::Energy => {
+                                let (scores, mean) = gating::tile_scores(xs, &ic, None, geom, &t);
+                                gating::choose(&scores, cut, |p| gating::tile_bar(p, mean), round)
+                            }
+                            gating::TileScore::Trained { weight, bias } => {
+                                let (mut scores, _) =
+                                    gating::tile_scores(xs, &ic, Some(weight), geom, &t);
+                                scores.iter_mut().for_each(|s| *s += bias);
+                                gating::choose(&scores, cut, gating::channel_bar, round)
+                            }
+                        };
+                        gf += gating::tile_gate_flops(ic.len(), plane, t.tiles);
                         let cols = (kept.len() < t.tiles)
                             .then(|| gating::tile_pixels(&t, &kept, geom.out_hw));
                         (kept, cols)
@@ -842,8 +836,9 @@ impl EngineExecutor {
                         }
                         _ => cout,
                     };
-                    let px = match (ratio(cuts[i].tiles), self.tiling[i]) {
-                        (Some(r), Some(t)) => {
+                    let px = match (ratio(cuts[i].tiles), &self.spatial[i]) {
+                        (Some(r), Some(sg)) => {
+                            let t = sg.tiling;
                             let round = gating::tiles_per_panel(&t, NR);
                             gating::kept_count(t.tiles, r, round) * t.g * t.g
                         }
@@ -930,7 +925,8 @@ impl EngineExecutor {
             {
                 open.push((i, false, bias.len(), self.round));
             }
-            if let (Cut::Ratio(_), Some(t)) = (c.tiles, self.tiling[i]) {
+            if let (Cut::Ratio(_), Some(sg)) = (c.tiles, &self.spatial[i]) {
+                let t = sg.tiling;
                 open.push((i, true, t.tiles, gating::tiles_per_panel(&t, NR)));
             }
         }
@@ -1108,6 +1104,7 @@ impl Executor for EngineExecutor {
 mod tests {
     use super::*;
     use crate::exec::cpu::fresh_rng;
+    use crate::exec::plan::Tiling;
     use rand::seq::index::sample;
     use rand::Rng;
 
@@ -1123,7 +1120,7 @@ mod tests {
             all_cols: (0..4096).collect(),
             pool: BufferPool::default(),
             gates: Vec::new(),
-            tiling: Vec::new(),
+            spatial: Vec::new(),
             round: isa.mr(),
             flops: Vec::new(),
         }

@@ -637,18 +637,17 @@ impl CudaExecutor {
                 layer,
             });
         }
+        let channel_gates = gating::channel_gates(model)?;
         for (i, followers) in gating::gateable(model) {
-            let node = &model.desc.nodes[i];
-            let weight = model.weight(&format!("{}.weight", node.name))?;
-            let bias = model.weight(&format!("{}.bias", node.name))?;
-            let cout = weight.shape[0];
-            if cout > GATE_MAX {
+            let Some(cg) = &channel_gates[i] else {
+                continue;
+            };
+            if cg.bias.len() > GATE_MAX {
                 continue;
             }
-            let g = gating::training_free_weights(weight);
             let gate = Gate {
-                g: up(&g)?,
-                gb: up(&bias.data)?,
+                g: up(&cg.weight)?,
+                gb: up(&cg.bias)?,
                 followers,
             };
             if let Layer::Conv { gate: slot, .. } = &mut nodes[i].layer {
