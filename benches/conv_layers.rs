@@ -10,14 +10,11 @@
 //!
 //! `cargo bench --bench conv_layers`
 
-#[path = "synthetic.rs"]
-mod synthetic;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dynsparse::exec::cpu::{EngineExecutor, ReferenceExecutor};
 use dynsparse::exec::{Cut, Executor, Gates, Policy};
+use dynsparse::synthetic::{conv_chain, pseudo_random, ConvSpec};
 use dynsparse::Model;
-use synthetic::{conv_chain, pseudo_random, ConvSpec};
 
 struct Layer {
     name: &'static str,
@@ -120,7 +117,7 @@ fn one_conv_model(l: &Layer) -> Model {
         stride: l.stride,
         depthwise: l.depthwise,
     };
-    conv_chain(l.cin, l.hw, &[conv])
+    conv_chain(l.cin, l.hw, &[conv]).expect("valid synthetic model")
 }
 
 fn bench(c: &mut Criterion) {
@@ -190,7 +187,7 @@ fn bench_sparse(c: &mut Criterion) {
     let mut group = c.benchmark_group("sparse");
     group.sample_size(20);
     for &(name, cin, hw, convs) in PAIRS {
-        let model = conv_chain(cin, hw, &convs);
+        let model = conv_chain(cin, hw, &convs).expect("valid synthetic model");
         let input = pseudo_random(cin * hw * hw, 7);
         let engine = EngineExecutor::new(&model).unwrap();
         let gates = |channels, tiles| Policy::Gates(Gates { channels, tiles });

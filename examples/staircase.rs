@@ -9,12 +9,9 @@
 //!
 //! usage: cargo run --release --example staircase -- [--channels 96] [--cin 64] [--hw 28] [--runs 15]
 
-#[path = "../benches/synthetic.rs"]
-mod synthetic;
-
 use dynsparse::exec::cpu::EngineExecutor;
 use dynsparse::exec::{Executor, Policy};
-use synthetic::{conv_chain, pseudo_random, ConvSpec};
+use dynsparse::synthetic::{conv_chain, pseudo_random, ConvSpec};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -40,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         stride: 1,
         depthwise: false,
     };
-    let model = conv_chain(cin, hw, &[conv(c), conv(cin)]);
+    let model = conv_chain(cin, hw, &[conv(c), conv(cin)])?;
     let engine = EngineExecutor::new(&model)?;
     let tile = engine.channel_round();
     let engine = engine.with_channel_round(1);

@@ -6,18 +6,25 @@
 //! use dynsparse::bench::{self, Config};
 //! use dynsparse::{demo, Model, Policy};
 //! let model = Model::from_bytes(demo::MODEL)?;
+//! // Real inputs (optional): timed batches are made of them, and each policy's top-1
+//! // agreement with dense over all of them is reported.
+//! let images = demo::heldout()?.into_iter().take(8).map(|(img, _)| img).collect();
 //! let config = Config {
 //!     batches: vec![1],
 //!     policies: vec![("keep 0.5".into(), Policy::Keep(0.5))],
 //!     runs: 3,
 //!     warmup: 1,
 //!     threads: Some(1),
+//!     channel_round: None,
+//!     images,
 //! };
 //! let report = bench::run(&model, &config, |_, _| {})?;
 //! // Dense comes first, then each policy; ratios are to the dense median.
 //! assert_eq!(report.results[0].policy, "dense");
 //! assert!(report.results[1].flops_fraction < 1.0);
 //! assert!(report.markdown().contains("keep 0.5"));
+//! assert_eq!(report.quality[0].agreement, 1.0);
+//! assert!(report.quality_markdown().contains("keep 0.5"));
 //! # Ok::<(), dynsparse::Error>(())
 //! ```
 
@@ -41,6 +48,24 @@ pub struct Config {
     pub warmup: usize,
     /// Worker threads (`None`: one per core).
     pub threads: Option<usize>,
+    /// Kept channel counts round to this (see [`Options::channel_round`]).
+    pub channel_round: Option<usize>,
+    /// Real inputs: when given, the timed batches are made of them (cycled) instead of
+    /// pseudo-random values, and every policy's top-1 agreement with dense over all of
+    /// them is reported ([`Report::quality`]).
+    pub images: Vec<image::DynamicImage>,
+}
+
+/// One policy's quality against cost on [`Config::images`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Quality {
+    pub policy: String,
+    /// Images compared.
+    pub images: usize,
+    /// Fraction whose top-1 class equals dense execution's.
+    pub agreement: f64,
+    /// Executed FLOPs over dense, averaged over the images (gates included).
+    pub flops_fraction: f64,
 }
 
 /// One policy at one batch size.
@@ -96,6 +121,8 @@ pub struct Report {
     pub flops_dense: u64,
     /// Per batch: dense first, then the policies in the order given.
     pub results: Vec<PolicyResult>,
+    /// Per policy (dense first), on the images given; empty without images.
+    pub quality: Vec<Quality>,
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -142,6 +169,7 @@ pub fn run(
                 device: DeviceChoice::Cpu,
                 policy: *policy,
                 layer_stats: true,
+                channel_round: config.channel_round,
                 ..Options::default()
             };
             Runtime::new(model.clone(), options)
@@ -152,7 +180,16 @@ pub fn run(
     let mut results = Vec::new();
     let mut executor = String::new();
     for &batch in &config.batches {
-        let x = input(model, batch)?;
+        let x = if config.images.is_empty() {
+            input(model, batch)?
+        } else {
+            let s = model.desc.input;
+            let mut data = Vec::with_capacity(batch * s.channels * s.height * s.width);
+            for img in config.images.iter().cycle().take(batch) {
+                data.extend(crate::preprocess::preprocess(img, &model.desc.preprocess)?);
+            }
+            TensorData::new(vec![batch, s.channels, s.height, s.width], data)?
+        };
         for rt in &runtimes {
             for _ in 0..config.warmup {
                 rt.infer(Input::Tensor(&x))?;
@@ -236,7 +273,33 @@ pub fn run(
             });
         }
     }
+    let mut quality = Vec::new();
+    let mut dense_top = Vec::new();
+    for ((label, _), rt) in policies.iter().zip(&runtimes) {
+        if config.images.is_empty() {
+            break;
+        }
+        let (mut top, mut flops) = (Vec::new(), 0u64);
+        for chunk in config.images.chunks(32) {
+            for p in rt.infer(chunk)? {
+                top.push(p.top[0].class);
+                flops += p.stats.flops_executed;
+            }
+        }
+        if dense_top.is_empty() {
+            dense_top = top.clone();
+        }
+        let same = top.iter().zip(&dense_top).filter(|(a, b)| a == b).count();
+        let n = top.len() as f64;
+        quality.push(Quality {
+            policy: label.clone(),
+            images: top.len(),
+            agreement: same as f64 / n,
+            flops_fraction: flops as f64 / n / model.flops_per_sample() as f64,
+        });
+    }
     Ok(Report {
+        quality,
         model: model.desc.arch.clone(),
         executor,
         threads: config.threads.unwrap_or_else(rayon::current_num_threads),
@@ -266,6 +329,43 @@ impl Report {
                 r.vs_dense,
                 r.gate_ms
             );
+        }
+        s
+    }
+
+    /// Per policy: top-1 agreement with dense on the given images and FLOPs on them,
+    /// beside the median time against dense at each batch size.
+    pub fn quality_markdown(&self) -> String {
+        let batches: Vec<usize> = {
+            let mut b: Vec<usize> = self.results.iter().map(|r| r.batch).collect();
+            b.dedup();
+            b
+        };
+        let mut s =
+            String::from("| policy | images | top-1 agreement with dense | FLOPs executed |");
+        for b in &batches {
+            s += &format!(" time vs dense, batch {b} |");
+        }
+        s += "\n|---|---|---|---|";
+        s += &"---|".repeat(batches.len());
+        s += "\n";
+        for q in &self.quality {
+            s += &format!(
+                "| {} | {} | {:.1}% | {:.3} |",
+                q.policy,
+                q.images,
+                100.0 * q.agreement,
+                q.flops_fraction
+            );
+            for b in &batches {
+                let t = self
+                    .results
+                    .iter()
+                    .find(|r| r.batch == *b && r.policy == q.policy)
+                    .map_or(f64::NAN, |r| r.vs_dense);
+                s += &format!(" {t:.2} |");
+            }
+            s += "\n";
         }
         s
     }

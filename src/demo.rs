@@ -70,6 +70,19 @@ pub struct Evidence {
     pub accuracy: f64,
 }
 
+/// The rounding of kept channel counts the demo's gates were trained with (and its
+/// evidence measured at): the demo runs with it on every CPU, so its figures do not
+/// depend on the machine's micro-kernel.
+pub fn channel_round() -> Result<usize> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        round: Option<usize>,
+    }
+    serde_json::from_str::<File>(EVIDENCE)
+        .map(|f| f.round.unwrap_or(1).max(1))
+        .map_err(|e| Error::Input(format!("models/demo/evidence.json: {e}")))
+}
+
 /// The reference's evidence rows.
 pub fn evidence() -> Result<Vec<Evidence>> {
     #[derive(serde::Deserialize)]

@@ -28,7 +28,9 @@ pub mod format;
 pub mod model;
 pub mod npy;
 pub mod preprocess;
+pub mod profile;
 mod runtime;
+pub mod synthetic;
 
 pub use error::{Error, Result};
 pub use exec::{Budget, Cut, Gates, Policy};

@@ -31,6 +31,11 @@ pub struct Options {
     pub policy: Policy,
     /// Report per-layer cost in [`Stats::layers`].
     pub layer_stats: bool,
+    /// Kept channel counts of gated runs on the CPU round up to multiples of this instead
+    /// of the micro-kernel's row tile: a hardware profile's granularity
+    /// ([`crate::profile::Profile::channel_round_here`]), or the rounding a model's gates
+    /// were trained with.
+    pub channel_round: Option<usize>,
 }
 
 impl Default for Options {
@@ -42,6 +47,7 @@ impl Default for Options {
             device: DeviceChoice::Auto,
             policy: Policy::Dense,
             layer_stats: false,
+            channel_round: None,
         }
     }
 }
@@ -179,7 +185,7 @@ pub struct Prediction {
 /// assert_eq!(preds.len(), imgs.len());
 /// assert_eq!(preds[0].top.len(), 3);
 /// // An already preprocessed NCHW tensor of the model's input shape.
-/// let t = TensorData::new(vec![2, 3, 32, 32], vec![0.0; 2 * 3 * 32 * 32])?;
+/// let t = TensorData::new(vec![2, 3, 64, 64], vec![0.0; 2 * 3 * 64 * 64])?;
 /// let preds = rt.infer(Input::Tensor(&t))?;
 /// assert_eq!(preds[1].logits.len(), rt.model().desc.classes.len());
 /// // A tensor of the wrong shape is an error, not a panic.
@@ -210,7 +216,16 @@ impl Runtime {
     pub fn new(model: Model, options: Options) -> Result<Self> {
         let cpu = |model: &Model| -> Result<Box<dyn Executor>> {
             Ok(match options.engine {
-                Engine::Fast => Box::new(EngineExecutor::new(model)?),
+                Engine::Fast => {
+                    let engine = EngineExecutor::new(model)?;
+                    Box::new(match options.channel_round {
+                        Some(0) => {
+                            return Err(Error::Input("channel_round must be at least 1".into()))
+                        }
+                        Some(r) => engine.with_channel_round(r),
+                        None => engine,
+                    })
+                }
                 Engine::Reference => Box::new(ReferenceExecutor::new(model)?),
             })
         };

@@ -427,3 +427,158 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("plots are written as SVG"));
 }
+
+#[test]
+fn cli_profile_saves_a_granularity_that_infer_reads() {
+    use std::process::Command;
+    let dir = std::env::temp_dir().join(format!("dynsparse-profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("profile.json");
+    let svg = dir.join("profile.svg");
+    let out = Command::new(common::bin())
+        .args([
+            "profile",
+            "--quick",
+            "--runs",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+        ])
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = dynsparse::profile::Profile::load(&json).unwrap();
+    assert!(p.channel_round >= 1 && p.channel_round <= 16);
+    assert_eq!(p.stairs.len(), 2);
+    let channels = &p.stairs[0];
+    assert_eq!(
+        channels.counts,
+        (1..=channels.shape.cout).collect::<Vec<_>>()
+    );
+    assert!(channels.ms.iter().all(|&m| m > 0.0));
+    // Tile counts run in whole GEMM panels (2 tiles of 4×4), ascending, up to all 16.
+    let tiles = &p.stairs[1];
+    assert!(
+        tiles.counts.iter().all(|k| k % 2 == 0),
+        "{:?}",
+        tiles.counts
+    );
+    assert_eq!(tiles.counts.last(), Some(&16));
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+
+    // Its granularity reaches the planner: a channel budget keeps multiples of it.
+    let sample =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/samples/canvas_1_3.png");
+    let run = |profile: &std::path::Path| {
+        Command::new(common::bin())
+            .args(["infer", "--model", demo_model().to_str().unwrap()])
+            .args(["--keep", "0.3", "--json", "--verbose", "--profile"])
+            .arg(profile)
+            .arg(&sample)
+            .output()
+            .unwrap()
+    };
+    let mut fixed = p.clone();
+    fixed.channel_round = 4;
+    let four = dir.join("four.json");
+    fixed.save(&four).unwrap();
+    let out = run(&four);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layers = v["results"][0]["stats"]["layers"].as_array().unwrap();
+    // The channel-gated layers (conv1 of each block, 16 to 64 channels).
+    let kept: Vec<u64> = layers
+        .iter()
+        .filter(|l| l["name"].as_str().unwrap().ends_with("conv1") && l["name"] != "conv1")
+        .map(|l| l["kept_channels"].as_u64().unwrap())
+        .collect();
+    assert_eq!(kept.len(), 9, "{layers:?}");
+    assert!(!kept.is_empty(), "{layers:?}");
+    assert!(kept.iter().all(|k| k % 4 == 0), "{kept:?}");
+
+    // A profile from another micro-kernel is refused.
+    let mut other = p;
+    other.executor = "cpu-engine-elsewhere".into();
+    let bad = dir.join("other.json");
+    other.save(&bad).unwrap();
+    let out = run(&bad);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("measured with cpu-engine-elsewhere"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cli_bench_reports_agreement_with_dense_on_a_folder_of_images() {
+    use std::process::Command;
+    let samples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/samples");
+    let json = std::env::temp_dir().join(format!("dynsparse-quality-{}.json", std::process::id()));
+    let out = Command::new(common::bin())
+        .args(["bench", "--model", demo_model().to_str().unwrap()])
+        .args(["--batch", "2", "--threshold", "0.5", "--keep", "0.25"])
+        .args([
+            "--channel-round",
+            "6",
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+            "--images",
+        ])
+        .arg(&samples)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("top-1 agreement with dense"), "{text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let q = v["quality"].as_array().unwrap();
+    assert_eq!(q.len(), 3, "{q:?}");
+    assert_eq!(q[0]["policy"], "dense");
+    assert_eq!(q[0]["agreement"], 1.0);
+    assert_eq!(q[0]["images"], 8);
+    // The trained gates at their operating point: most of the FLOPs go, the answers stay
+    // (the sample canvases are classified alike dense and gated).
+    let t = q.iter().find(|p| p["policy"] == "threshold 0.5").unwrap();
+    assert!(t["flops_fraction"].as_f64().unwrap() < 0.6, "{q:?}");
+    assert_eq!(t["agreement"], 1.0, "{q:?}");
+    let k = q.iter().find(|p| p["policy"] == "keep 0.25").unwrap();
+    assert!(k["flops_fraction"].as_f64().unwrap() < 0.9, "{q:?}");
+    let _ = std::fs::remove_file(&json);
+
+    // A folder without images is a clear error.
+    let empty = std::env::temp_dir().join(format!("dynsparse-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = Command::new(common::bin())
+        .args([
+            "bench",
+            "--model",
+            demo_model().to_str().unwrap(),
+            "--images",
+        ])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no images"));
+    let _ = std::fs::remove_dir_all(&empty);
+}

@@ -129,6 +129,10 @@ enum Command {
         /// With --budget: plan spatial gates too.
         #[arg(long)]
         spatial: bool,
+        /// Gate probability thresholds to time, each applied to channel and spatial gates
+        /// alike (a trained model's operating point is usually 0.5).
+        #[arg(long, value_delimiter = ',')]
+        threshold: Vec<f64>,
         /// Timed runs per policy and batch.
         #[arg(long, default_value_t = 15)]
         runs: usize,
@@ -150,6 +154,38 @@ enum Command {
         /// Plot per-layer median times (first batch size), a bar per policy, as SVG here.
         #[arg(long)]
         layer_plot: Option<PathBuf>,
+        /// Hardware profile from `dynsparse profile`: gated runs round kept channel
+        /// counts to its granularity.
+        #[arg(long, conflicts_with = "channel_round")]
+        profile: Option<PathBuf>,
+        /// Round kept channel counts up to multiples of this (e.g. the rounding a model's
+        /// gates were trained with) instead of the micro-kernel's rows.
+        #[arg(long)]
+        channel_round: Option<usize>,
+        /// A folder of images: timed batches are made of them, and each policy's top-1
+        /// agreement with dense over all of them is reported.
+        #[arg(long)]
+        images: Option<PathBuf>,
+    },
+    /// Measure this machine's tail-effect staircase — latency against kept output
+    /// channels and kept tiles for representative layers — and save the channel
+    /// granularity the planner should round kept counts to (use with --profile).
+    Profile {
+        /// Where to write the profile (JSON).
+        #[arg(long, default_value = "dynsparse-profile.json")]
+        out: PathBuf,
+        /// Also plot the staircases (SVG).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Timed rounds; each round runs every count once, interleaved.
+        #[arg(long, default_value_t = 9)]
+        runs: usize,
+        /// Worker threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Small layers only: a quick check of the command, not a profile to plan with.
+        #[arg(long)]
+        quick: bool,
     },
     /// Describe a model file: architecture, layers, FLOPs.
     Info {
@@ -166,16 +202,18 @@ struct GateArgs {
     /// channels, the best per input.
     #[arg(long, conflicts_with_all = ["dense", "threshold", "budget"])]
     keep: Option<f64>,
-    /// Channel gates keep the channels whose gate probability is at least this, in (0, 1)
-    /// (0.5: mean pre-activation above zero).
+    /// Channel gates keep the channels whose gate probability is at least this, in (0, 1):
+    /// the sigmoid of a trained gate's score (for training-free gates, 0.5 keeps the
+    /// channels whose predicted mean pre-activation is above zero).
     #[arg(long, conflicts_with_all = ["dense", "budget"])]
     threshold: Option<f64>,
     /// Spatial gates keep this fraction (0, 1] of every gated convolution's output tiles,
     /// the most active per input.
     #[arg(long, conflicts_with_all = ["dense", "tile_threshold", "budget"])]
     tiles: Option<f64>,
-    /// Spatial gates keep the tiles whose gate probability e/(e+mean) is at least this,
-    /// in (0, 1) (0.5: busier than the layer's average).
+    /// Spatial gates keep the tiles whose gate probability is at least this, in (0, 1):
+    /// the sigmoid of a trained gate's score, or e/(e+mean) for training-free gates
+    /// (0.5: busier than the layer's average).
     #[arg(long, conflicts_with_all = ["dense", "budget"])]
     tile_threshold: Option<f64>,
     /// At most this fraction (0, 1] of the dense FLOPs per input, the gates' own cost
@@ -188,6 +226,10 @@ struct GateArgs {
     /// Dense execution (the default).
     #[arg(long)]
     dense: bool,
+    /// Hardware profile from `dynsparse profile`: kept channel counts round to its
+    /// granularity.
+    #[arg(long)]
+    profile: Option<PathBuf>,
 }
 
 impl GateArgs {
@@ -278,6 +320,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             threads,
             gates.policy(),
+            gates.profile.as_deref(),
             verbose,
             device.into(),
             tensor.as_deref(),
@@ -307,6 +350,10 @@ fn run(cli: Cli) -> Result<()> {
             json,
             plot,
             layer_plot,
+            profile,
+            channel_round,
+            threshold,
+            images,
         } => {
             let gates = |channels, tiles| Policy::Gates(Gates { channels, tiles });
             let mut policies: Vec<(String, Policy)> = Vec::new();
@@ -316,6 +363,12 @@ fn run(cli: Cli) -> Result<()> {
                     .iter()
                     .map(|&r| (format!("tiles {r}"), gates(Cut::All, Cut::Ratio(r)))),
             );
+            policies.extend(threshold.iter().map(|&t| {
+                (
+                    format!("threshold {t}"),
+                    gates(Cut::Threshold(t), Cut::Threshold(t)),
+                )
+            }));
             policies.extend(budget.iter().map(|&f| {
                 if spatial {
                     (
@@ -332,11 +385,26 @@ fn run(cli: Cli) -> Result<()> {
                 runs,
                 warmup,
                 threads,
+                channel_round: match profile {
+                    Some(p) => Some(dynsparse::profile::Profile::load(&p)?.channel_round_here()?),
+                    None => channel_round,
+                },
+                images: match images {
+                    Some(dir) => load_folder(&dir)?,
+                    None => Vec::new(),
+                },
             };
             let plots = [plot.as_deref(), layer_plot.as_deref()];
             cmd_bench(&model, &config, layers, json.as_deref(), plots)
         }
         Command::Info { model } => cmd_info(&model),
+        Command::Profile {
+            out,
+            plot,
+            runs,
+            threads,
+            quick,
+        } => cmd_profile(&out, plot.as_deref(), runs, threads, quick),
     }
 }
 
@@ -381,6 +449,7 @@ fn cmd_infer(
     json: bool,
     threads: Option<usize>,
     policy: Policy,
+    profile: Option<&Path>,
     verbose: bool,
     device: DeviceChoice,
     tensor: Option<&Path>,
@@ -394,6 +463,9 @@ fn cmd_infer(
             device,
             policy,
             layer_stats: verbose,
+            channel_round: profile
+                .map(|p| dynsparse::profile::Profile::load(p)?.channel_round_here())
+                .transpose()?,
             ..Options::default()
         },
     )?;
@@ -520,6 +592,13 @@ fn cmd_bench(
         report.flops_dense as f64 / 1e9
     );
     print!("{}", report.markdown());
+    if !report.quality.is_empty() {
+        println!(
+            "\nquality against cost on {} images (timed batches above are made of them):\n",
+            report.quality[0].images
+        );
+        print!("{}", report.quality_markdown());
+    }
     if layers {
         if let Some(&b) = config.batches.first() {
             println!("\nper layer, batch {b} (median ms):\n");
@@ -684,6 +763,7 @@ fn demo_eval(
             top_k: 1,
             device: DeviceChoice::Cpu,
             policy,
+            channel_round: Some(dynsparse::demo::channel_round()?),
             ..Options::default()
         },
     )?;
@@ -711,6 +791,7 @@ fn cmd_demo(plot: Option<&Path>) -> Result<()> {
     use dynsparse::demo;
     let model = dynsparse::Model::from_bytes(demo::MODEL)?;
     let plain = model.without_trained_gates();
+    let round = demo::channel_round()?;
     let cpu = |policy| {
         Runtime::new(
             model.clone(),
@@ -718,6 +799,7 @@ fn cmd_demo(plot: Option<&Path>) -> Result<()> {
                 top_k: 1,
                 device: DeviceChoice::Cpu,
                 policy,
+                channel_round: Some(round),
                 ..Options::default()
             },
         )
@@ -733,7 +815,8 @@ fn cmd_demo(plot: Option<&Path>) -> Result<()> {
     let gated = cpu(operating)?;
     println!(
         "demo model: {} with trained channel and spatial gates, on {}×{} canvases of real MNIST \
-         digits among clutter\n(embedded; {:.1} MFLOPs per image dense; gates cut at sigmoid ≥ 0.5; CPU)\n",
+         digits among clutter\n(embedded; {:.1} MFLOPs per image dense; gates cut at sigmoid ≥ 0.5; kept channel counts \
+         rounded up to {round}, as in training; CPU)\n",
         model.desc.arch,
         model.desc.input.height,
         model.desc.input.width,
@@ -845,7 +928,7 @@ fn cmd_demo(plot: Option<&Path>) -> Result<()> {
     let evidence = demo::evidence()?;
     println!(
         "\nstatic pruning, the same channels and tiles for every input (PyTorch reference of \
-         the same weights,\nmodels/demo/make_demo.py, channel counts rounded up to 6 as the runtime does with AVX2):"
+         the same weights,\nmodels/demo/make_demo.py, the same rounding):"
     );
     for r in evidence.iter().filter(|r| r.kind == "static") {
         println!(
@@ -915,6 +998,204 @@ fn plot_demo(rows: &[DemoRow], evidence: &[dynsparse::demo::Evidence], path: &Pa
         .border_style(BLACK)
         .position(SeriesLabelPosition::LowerRight)
         .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Every image in `dir` (by extension), in name order.
+fn load_folder(dir: &Path) -> Result<Vec<image::DynamicImage>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                ["png", "jpg", "jpeg", "bmp", "webp"].contains(&e.to_lowercase().as_str())
+            })
+        })
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        bail!("{}: no images (png, jpg, jpeg, bmp, webp)", dir.display());
+    }
+    paths
+        .iter()
+        .map(|p| preprocess::load_image(p).map_err(Into::into))
+        .collect()
+}
+
+fn cmd_profile(
+    out: &Path,
+    plot: Option<&Path>,
+    runs: usize,
+    threads: Option<usize>,
+    quick: bool,
+) -> Result<()> {
+    use dynsparse::profile::{self, PairShape, Unit};
+    if let Some(p) = plot {
+        if p.extension().is_none_or(|e| e != "svg") {
+            bail!("{}: plots are written as SVG (.svg)", p.display());
+        }
+    }
+    let (shapes, tiles): (Vec<PairShape>, PairShape) = if quick {
+        let small = PairShape {
+            cin: 16,
+            cout: 24,
+            k: 3,
+            hw: 16,
+        };
+        (vec![small], small)
+    } else {
+        (profile::CHANNEL_SHAPES.to_vec(), profile::TILE_SHAPE)
+    };
+    let bar = indicatif::ProgressBar::new(runs as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} rounds, {elapsed} ({eta} left)",
+        )
+        .context("progress style")?,
+    );
+    let work = || {
+        profile::measure(&shapes, Some(tiles), runs, |done, _| {
+            bar.set_position(done as u64)
+        })
+    };
+    let p = match threads {
+        Some(0) => bail!("threads must be at least 1"),
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .context("thread pool")?
+            .install(work)?,
+        None => work()?,
+    };
+    bar.finish_and_clear();
+    println!(
+        "{} ({} threads, micro-kernel rows {}), medians of {runs} interleaved rounds",
+        p.executor, p.threads, p.kernel_rows
+    );
+    for st in &p.stairs {
+        let s = st.shape;
+        let what = match st.unit {
+            Unit::Channels => format!(
+                "{k}x{k} {}->[kept of {}]->{} at {hw}x{hw}, both convolutions",
+                s.cin,
+                s.cout,
+                s.cin,
+                k = s.k,
+                hw = s.hw
+            ),
+            Unit::Tiles => format!(
+                "{k}x{k} {}->{} at {hw}x{hw}, kept output tiles",
+                s.cout,
+                s.cin,
+                k = s.k,
+                hw = s.hw
+            ),
+        };
+        // The steps: counts where time rises by more than a quarter of the mean step.
+        let rises: Vec<f64> = st.ms.windows(2).map(|w| w[1] - w[0]).collect();
+        let mean = rises.iter().sum::<f64>() / rises.len().max(1) as f64;
+        let steps: Vec<String> = st
+            .counts
+            .iter()
+            .skip(1)
+            .zip(&rises)
+            .filter(|(_, &r)| r > 2.0 * mean.max(0.0))
+            .map(|(k, _)| k.to_string())
+            .collect();
+        println!(
+            "  {what}: {:.3} ms at {} to {:.3} ms at {}; jumps at {}",
+            st.ms.first().copied().unwrap_or(0.0),
+            st.counts.first().copied().unwrap_or(0),
+            st.ms.last().copied().unwrap_or(0.0),
+            st.counts.last().copied().unwrap_or(0),
+            if steps.is_empty() {
+                "none".to_string()
+            } else {
+                steps.join(", ")
+            }
+        );
+    }
+    println!(
+        "channel granularity: {} (the largest rounding that costs at most {:.0}% more time, \
+         for 9 counts in 10)",
+        p.channel_round,
+        (profile::ROUND_COST - 1.0) * 100.0
+    );
+    p.save(out)?;
+    println!("wrote {} (use it with --profile)", out.display());
+    if let Some(path) = plot {
+        plot_profile(&p, path)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// One panel per staircase: median latency against kept units, with the micro-kernel's
+/// row tile marked on channel staircases.
+fn plot_profile(p: &dynsparse::profile::Profile, path: &Path) -> Result<()> {
+    use dynsparse::profile::Unit;
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (760, 260 * p.stairs.len() as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    for (st, area) in p.stairs.iter().zip(root.split_evenly((p.stairs.len(), 1))) {
+        let s = st.shape;
+        let top = st.ms.iter().copied().fold(0f64, f64::max) * 1.1;
+        let last = st.counts.last().copied().unwrap_or(1);
+        let (unit, caption) = match st.unit {
+            Unit::Channels => (
+                "kept output channels",
+                format!(
+                    "{k}x{k} {}->{}->{} at {hw}x{hw} ({})",
+                    s.cin,
+                    s.cout,
+                    s.cin,
+                    p.executor,
+                    k = s.k,
+                    hw = s.hw
+                ),
+            ),
+            Unit::Tiles => (
+                "kept 4x4 output tiles",
+                format!(
+                    "{k}x{k} {}->{} at {hw}x{hw} ({})",
+                    s.cout,
+                    s.cin,
+                    p.executor,
+                    k = s.k,
+                    hw = s.hw
+                ),
+            ),
+        };
+        let mut chart = ChartBuilder::on(&area)
+            .caption(caption, ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..last as f64 + 1.0, 0f64..top.max(1e-3))?;
+        chart
+            .configure_mesh()
+            .x_desc(unit)
+            .y_desc("median ms")
+            .draw()?;
+        if st.unit == Unit::Channels {
+            let r = p.kernel_rows.max(1);
+            chart.draw_series((r..=last).step_by(r).map(|k| {
+                PathElement::new(
+                    [(k as f64, 0.0), (k as f64, top)],
+                    BLACK.mix(0.15).stroke_width(1),
+                )
+            }))?;
+        }
+        let pts: Vec<(f64, f64)> = st
+            .counts
+            .iter()
+            .zip(&st.ms)
+            .map(|(&k, &m)| (k as f64, m))
+            .collect();
+        let color = Palette99::pick(0).to_rgba();
+        chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?;
+        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 2, color.filled())))?;
+    }
     root.present()?;
     Ok(())
 }

@@ -1074,11 +1074,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 impl Executor for EngineExecutor {
     fn name(&self) -> &'static str {
-        match self.isa {
-            Isa::Avx512 => "cpu-engine-avx512",
-            Isa::Avx2 => "cpu-engine-avx2",
-            Isa::Portable => "cpu-engine-portable",
-        }
+        self.isa.engine_name()
     }
 
     fn forward(&self, input: &[f32], batch: usize) -> Result<Vec<f32>> {

@@ -57,6 +57,15 @@ impl Isa {
         Isa::Portable
     }
 
+    /// The CPU engine's executor name with this micro-kernel.
+    pub fn engine_name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "cpu-engine-avx512",
+            Isa::Avx2 => "cpu-engine-avx2",
+            Isa::Portable => "cpu-engine-portable",
+        }
+    }
+
     /// Rows of A per micro-tile.
     pub fn mr(self) -> usize {
         match self {

@@ -1,21 +1,33 @@
-//! Small synthetic models for benchmarks and examples: a chain of convolutions, then a
-//! global pool and a 1-class linear layer, with deterministic pseudo-random weights.
-//! Included with `#[path]` by `benches/conv_layers.rs` and `examples/staircase.rs`.
+//! Small synthetic models for benchmarks and the hardware profile: a chain of
+//! convolutions, then a global pool and a 1-class linear layer, with deterministic
+//! pseudo-random weights.
+//!
+//! ```
+//! use dynsparse::synthetic::{conv_chain, ConvSpec};
+//! let model = conv_chain(16, 8, &[ConvSpec { cout: 24, k: 3, stride: 1, depthwise: false }])?;
+//! assert_eq!(model.layers[0].output, [24, 8, 8]);
+//! # Ok::<(), dynsparse::Error>(())
+//! ```
 
 use std::collections::HashMap;
 
-use dynsparse::model::{
+use crate::error::Result;
+use crate::model::{
     Act, ChannelOrder, Conv, InputSpec, Linear, ModelDesc, Node, Op, Padding, Preprocess,
     FORMAT_VERSION,
 };
-use dynsparse::{Model, TensorData};
+use crate::{Model, TensorData};
 
-/// One convolution of a chain: output channels, square kernel, stride, depthwise.
-#[derive(Clone, Copy)]
+/// One convolution of a chain.
+#[derive(Debug, Clone, Copy)]
 pub struct ConvSpec {
+    /// Output channels.
     pub cout: usize,
+    /// Square kernel edge.
     pub k: usize,
+    /// Stride, both ways.
     pub stride: usize,
+    /// Depthwise (groups = channels; `cout` must equal the input channels).
     pub depthwise: bool,
 }
 
@@ -28,13 +40,13 @@ pub fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
 
 /// `cin × hw × hw` input → the convolutions (named `conv0`, `conv1`, …, padding k/2,
 /// ReLU) → global average pool → one logit.
-pub fn conv_chain(cin: usize, hw: usize, convs: &[ConvSpec]) -> Model {
+pub fn conv_chain(cin: usize, hw: usize, convs: &[ConvSpec]) -> Result<Model> {
     let mut nodes = Vec::new();
     let mut weights = HashMap::new();
     let w = |shape: Vec<usize>, seed: u32| {
         let n = shape.iter().product();
         let v = pseudo_random(n, seed).iter().map(|x| x - 0.5).collect();
-        TensorData::new(shape, v).expect("shape matches")
+        TensorData::new(shape, v)
     };
     let mut c = cin;
     for (i, s) in convs.iter().enumerate() {
@@ -58,9 +70,9 @@ pub fn conv_chain(cin: usize, hw: usize, convs: &[ConvSpec]) -> Model {
         let seed = 2 * i as u32;
         weights.insert(
             format!("{name}.weight"),
-            w(vec![s.cout, c / groups, s.k, s.k], seed),
+            w(vec![s.cout, c / groups, s.k, s.k], seed)?,
         );
-        weights.insert(format!("{name}.bias"), w(vec![s.cout], seed + 1));
+        weights.insert(format!("{name}.bias"), w(vec![s.cout], seed + 1)?);
         c = s.cout;
     }
     let n = convs.len();
@@ -78,8 +90,8 @@ pub fn conv_chain(cin: usize, hw: usize, convs: &[ConvSpec]) -> Model {
             act: Act::None,
         }),
     });
-    weights.insert("fc.weight".into(), w(vec![1, c], 1000));
-    weights.insert("fc.bias".into(), w(vec![1], 1001));
+    weights.insert("fc.weight".into(), w(vec![1, c], 1000)?);
+    weights.insert("fc.bias".into(), w(vec![1], 1001)?);
     let desc = ModelDesc {
         format_version: FORMAT_VERSION,
         arch: "synthetic".into(),
@@ -98,5 +110,5 @@ pub fn conv_chain(cin: usize, hw: usize, convs: &[ConvSpec]) -> Model {
         classes: vec!["x".into()],
         nodes,
     };
-    Model::new(desc, weights).expect("valid synthetic model")
+    Model::new(desc, weights)
 }

@@ -1,0 +1,382 @@
+//! The hardware profile behind `dynsparse profile`: the CPU engine's latency against the
+//! number of kept output channels and of kept tiles for representative layer shapes — the
+//! tail-effect staircase — and the channel granularity chosen from it, which the planner
+//! then rounds kept channel counts to ([`crate::Options::profile`]).
+//!
+//! A micro-kernel computes whole tiles of rows, so a gated layer's time is flat between
+//! multiples of its row tile and steps at each; keeping a count just past a step costs a
+//! whole tile. [`choose_round`] picks the largest rounding whose extra kept channels cost
+//! at most [`ROUND_COST`] more time for 9 counts in 10: channels inside a step are free,
+//! a rounding that crosses steps is not.
+//!
+//! ```
+//! use dynsparse::profile::{choose_round, Staircase, PairShape, Unit};
+//! // Time steps every 4 channels: rounding up to 4 is free, to 8 is not.
+//! let ms: Vec<f64> = (1..=16).map(|k: usize| 1.0 + k.div_ceil(4) as f64).collect();
+//! let stair = Staircase {
+//!     shape: PairShape { cin: 8, cout: 16, k: 3, hw: 8 },
+//!     unit: Unit::Channels,
+//!     counts: (1..=16).collect(),
+//!     ms,
+//! };
+//! assert_eq!(choose_round(&[stair]), 4);
+//! ```
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::exec::cpu::EngineExecutor;
+use crate::exec::{Cut, Executor, Gates, Policy};
+use crate::synthetic::{conv_chain, pseudo_random, ConvSpec};
+
+/// Version of the profile file this build writes and reads.
+pub const PROFILE_VERSION: u32 = 1;
+
+/// Largest time ratio (rounded count / exact count) a rounding may cost, for 9 counts
+/// in 10.
+pub const ROUND_COST: f64 = 1.05;
+
+/// A layer pair to profile: a gated k×k convolution `cin → cout` (stride 1, same padding)
+/// at `hw × hw`, and the convolution reading it (`cout → cin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairShape {
+    /// Input channels of the gated convolution (and output channels of its reader).
+    pub cin: usize,
+    /// Output channels of the gated convolution: the units a channel staircase cuts.
+    pub cout: usize,
+    /// Square kernel edge of both convolutions.
+    pub k: usize,
+    /// Input and output height and width.
+    pub hw: usize,
+}
+
+/// What a staircase cuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    /// The gated convolution's output channels (the time is both convolutions').
+    Channels,
+    /// The reading convolution's output tiles (the time is that convolution's).
+    Tiles,
+}
+
+/// Median latency against kept units for one layer pair.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Staircase {
+    /// The layers.
+    pub shape: PairShape,
+    /// What was cut.
+    pub unit: Unit,
+    /// Kept units, ascending.
+    pub counts: Vec<usize>,
+    /// Median milliseconds at each count.
+    pub ms: Vec<f64>,
+}
+
+/// A measured hardware profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    /// See [`PROFILE_VERSION`].
+    pub version: u32,
+    /// The engine's micro-kernel (its executor name, e.g. `cpu-engine-avx2`).
+    pub executor: String,
+    /// Worker threads during the measurement.
+    pub threads: usize,
+    /// Rows of the micro-kernel's tile.
+    pub kernel_rows: usize,
+    /// Kept channel counts round up to a multiple of this ([`choose_round`]).
+    pub channel_round: usize,
+    /// The measurements.
+    pub stairs: Vec<Staircase>,
+}
+
+/// Channel staircases `dynsparse profile` measures by default: a 3×3 pair at 28×28, one
+/// at 14×14, and a 1×1 pair.
+pub const CHANNEL_SHAPES: [PairShape; 3] = [
+    PairShape {
+        cin: 64,
+        cout: 96,
+        k: 3,
+        hw: 28,
+    },
+    PairShape {
+        cin: 128,
+        cout: 64,
+        k: 3,
+        hw: 14,
+    },
+    PairShape {
+        cin: 256,
+        cout: 64,
+        k: 1,
+        hw: 14,
+    },
+];
+
+/// The tile staircase's layers: 3×3 64→64 at 28×28 (49 tiles of 4×4).
+pub const TILE_SHAPE: PairShape = PairShape {
+    cin: 64,
+    cout: 64,
+    k: 3,
+    hw: 28,
+};
+
+fn pair(s: PairShape) -> Result<crate::Model> {
+    let conv = |cout| ConvSpec {
+        cout,
+        k: s.k,
+        stride: 1,
+        depthwise: false,
+    };
+    conv_chain(s.cin, s.hw, &[conv(s.cout), conv(s.cin)])
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Measures channel staircases for `shapes` (every count from 1 to `cout`, rounding off)
+/// and a tile staircase for `tiles`, over `runs` interleaved rounds, on the calling
+/// thread's rayon pool; `progress(done, total)` after each round.
+pub fn measure(
+    shapes: &[PairShape],
+    tiles: Option<PairShape>,
+    runs: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Profile> {
+    if runs == 0 {
+        return Err(Error::Input("a profile needs at least one run".into()));
+    }
+    struct Job {
+        engine: EngineExecutor,
+        input: Vec<f32>,
+        shape: PairShape,
+        unit: Unit,
+        times: Vec<Vec<f64>>,
+        counts: Vec<usize>,
+    }
+    let mut jobs = Vec::new();
+    let mut kernel_rows = 1;
+    let mut executor = String::new();
+    for (&shape, unit) in shapes
+        .iter()
+        .map(|s| (s, Unit::Channels))
+        .chain(tiles.iter().map(|s| (s, Unit::Tiles)))
+    {
+        if shape.cin == 0 || shape.cout == 0 || shape.k == 0 || shape.hw == 0 {
+            return Err(Error::Input(format!("{shape:?} has a zero dimension")));
+        }
+        let engine = EngineExecutor::new(&pair(shape)?)?;
+        kernel_rows = engine.channel_round();
+        executor = engine.name().to_string();
+        let units = match unit {
+            Unit::Channels => shape.cout,
+            Unit::Tiles => {
+                crate::exec::gating::cpu_tiling(shape.hw, shape.hw)
+                    .ok_or_else(|| {
+                        Error::Input(format!(
+                            "{}×{} does not split into whole tiles",
+                            shape.hw, shape.hw
+                        ))
+                    })?
+                    .tiles
+            }
+        };
+        jobs.push(Job {
+            engine: engine.with_channel_round(1),
+            input: pseudo_random(shape.cin * shape.hw * shape.hw, 7),
+            shape,
+            unit,
+            times: vec![Vec::new(); units + 1],
+            counts: Vec::new(),
+        });
+    }
+    // A ratio just under k / units keeps exactly k units once rounding is off.
+    let policy = |unit: Unit, k: usize, units: usize| {
+        let r = (k as f64 / units as f64 - 1e-9).min(1.0);
+        match unit {
+            Unit::Channels => Policy::Keep(r),
+            Unit::Tiles => Policy::Gates(Gates {
+                channels: Cut::All,
+                tiles: Cut::Ratio(r),
+            }),
+        }
+    };
+    // One warm-up round, then counts interleaved within each round so drift hits all alike.
+    for round in 0..=runs {
+        for job in &mut jobs {
+            let units = job.times.len() - 1;
+            for k in 1..=units {
+                let f = job
+                    .engine
+                    .forward_with(&job.input, 1, policy(job.unit, k, units))?;
+                if round == 0 {
+                    continue;
+                }
+                let (kept, ms) = match job.unit {
+                    Unit::Channels => (k, f.layers[0].ms + f.layers[1].ms),
+                    // Tile counts round to whole GEMM panels: record what ran.
+                    Unit::Tiles => (
+                        f.tiles[1].as_ref().map_or(units, |t| t[0].len()),
+                        f.layers[1].ms,
+                    ),
+                };
+                job.times[kept].push(ms);
+            }
+        }
+        if round > 0 {
+            progress(round, runs);
+        }
+    }
+    let stairs = jobs
+        .into_iter()
+        .map(|mut job| {
+            for (k, t) in job.times.iter().enumerate() {
+                if !t.is_empty() {
+                    job.counts.push(k);
+                }
+            }
+            let ms = job
+                .counts
+                .iter()
+                .map(|&k| median(&mut job.times[k]))
+                .collect();
+            Staircase {
+                shape: job.shape,
+                unit: job.unit,
+                counts: job.counts,
+                ms,
+            }
+        })
+        .collect::<Vec<_>>();
+    let channel_round = choose_round(&stairs);
+    Ok(Profile {
+        version: PROFILE_VERSION,
+        executor,
+        threads: rayon::current_num_threads(),
+        kernel_rows,
+        channel_round,
+        stairs,
+    })
+}
+
+/// The largest rounding in 1..=16 under which, on every channel staircase, keeping each
+/// count rounded up (within the layer) costs at most [`ROUND_COST`] times the exact
+/// count's time, for 9 counts in 10 (the 90th percentile, so one noisy count does not
+/// decide). 1 when no staircase has every count.
+pub fn choose_round(stairs: &[Staircase]) -> usize {
+    let cost = |s: &Staircase, r: usize| -> Option<f64> {
+        let top = *s.counts.last()?;
+        let at = |k: usize| s.counts.binary_search(&k).ok().map(|i| s.ms[i]);
+        let mut ratios = Vec::new();
+        for k in (1..=top).filter(|k| k % r != 0) {
+            let up = (k.div_ceil(r) * r).min(top);
+            ratios.push(at(up)? / at(k)?);
+        }
+        ratios.sort_by(f64::total_cmp);
+        Some(if ratios.is_empty() {
+            1.0
+        } else {
+            ratios[((ratios.len() - 1) as f64 * 0.9).round() as usize]
+        })
+    };
+    let channel: Vec<&Staircase> = stairs.iter().filter(|s| s.unit == Unit::Channels).collect();
+    (1..=16)
+        .rev()
+        .find(|&r| {
+            !channel.is_empty()
+                && channel
+                    .iter()
+                    .all(|s| cost(s, r).is_some_and(|c| c <= ROUND_COST))
+        })
+        .unwrap_or(1)
+}
+
+impl Profile {
+    /// Reads a profile written by `dynsparse profile`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let p: Profile = serde_json::from_str(&text).map_err(|e| {
+            Error::Input(format!("{}: not a dynsparse profile ({e})", path.display()))
+        })?;
+        if p.version != PROFILE_VERSION {
+            return Err(Error::Input(format!(
+                "{}: profile version {} (this build reads {PROFILE_VERSION})",
+                path.display(),
+                p.version
+            )));
+        }
+        if p.channel_round == 0 {
+            return Err(Error::Input(format!(
+                "{}: channel_round must be at least 1",
+                path.display()
+            )));
+        }
+        Ok(p)
+    }
+
+    /// The channel granularity to plan with on this machine: an error when the profile
+    /// was measured with another micro-kernel than the one this CPU runs.
+    pub fn channel_round_here(&self) -> Result<usize> {
+        let here = crate::exec::cpu::gemm::Isa::detect().engine_name();
+        if self.executor != here {
+            return Err(Error::Input(format!(
+                "the profile was measured with {}, this machine runs {here}; measure one \
+                 here with `dynsparse profile`",
+                self.executor
+            )));
+        }
+        Ok(self.channel_round)
+    }
+
+    /// Writes the profile as JSON.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::Exec(format!("cannot write the profile: {e}")))?;
+        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stair(step: usize, top: usize, noise: f64) -> Staircase {
+        Staircase {
+            shape: PairShape {
+                cin: 8,
+                cout: top,
+                k: 3,
+                hw: 8,
+            },
+            unit: Unit::Channels,
+            counts: (1..=top).collect(),
+            ms: (1..=top)
+                .map(|k| 1.0 + k.div_ceil(step) as f64 + noise * ((k * 7) % 3) as f64)
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn rounding_follows_the_steps() {
+        assert_eq!(choose_round(&[stair(6, 96, 0.0)]), 6);
+        assert_eq!(choose_round(&[stair(4, 64, 0.01)]), 4);
+        // Two layers: only a rounding free on both.
+        assert_eq!(choose_round(&[stair(6, 96, 0.0), stair(4, 64, 0.0)]), 2);
+        // Time proportional to the count: no free rounding.
+        let linear = Staircase {
+            ms: (1..=32).map(|k| k as f64).collect(),
+            ..stair(1, 32, 0.0)
+        };
+        assert_eq!(choose_round(&[linear]), 1);
+        // No channel staircase, or a staircase with holes: no rounding.
+        assert_eq!(choose_round(&[]), 1);
+        let mut holes = stair(6, 96, 0.0);
+        holes.counts.remove(10);
+        holes.ms.remove(10);
+        assert_eq!(choose_round(&[holes]), 1);
+    }
+}
