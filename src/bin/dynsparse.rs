@@ -1091,28 +1091,35 @@ fn cmd_profile(
                 hw = s.hw
             ),
         };
-        // The steps: counts where time rises by more than a quarter of the mean step.
-        let rises: Vec<f64> = st.ms.windows(2).map(|w| w[1] - w[0]).collect();
-        let mean = rises.iter().sum::<f64>() / rises.len().max(1) as f64;
-        let steps: Vec<String> = st
-            .counts
-            .iter()
-            .skip(1)
-            .zip(&rises)
-            .filter(|(_, &r)| r > 2.0 * mean.max(0.0))
-            .map(|(k, _)| k.to_string())
-            .collect();
+        // The staircase in two numbers: the mean rise across a row-tile boundary
+        // (r·m → r·m + 1) and the mean rise between other neighbouring counts.
+        let r = p.kernel_rows.max(1);
+        let (mut edge, mut inner) = (Vec::new(), Vec::new());
+        for w in st.counts.windows(2).zip(st.ms.windows(2)) {
+            let ((k0, k1), (m0, m1)) = ((w.0[0], w.0[1]), (w.1[0], w.1[1]));
+            if k1 == k0 + 1 && k1 < *st.counts.last().unwrap_or(&0) {
+                if k0 % r == 0 {
+                    edge.push(m1 - m0);
+                } else {
+                    inner.push(m1 - m0);
+                }
+            }
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let steps = match st.unit {
+            Unit::Channels => format!(
+                "; +{:.4} ms across a {r}-row tile boundary, +{:.4} ms per channel elsewhere",
+                mean(&edge),
+                mean(&inner)
+            ),
+            Unit::Tiles => String::new(),
+        };
         println!(
-            "  {what}: {:.3} ms at {} to {:.3} ms at {}; jumps at {}",
+            "  {what}: {:.3} ms at {} to {:.3} ms at {}{steps}",
             st.ms.first().copied().unwrap_or(0.0),
             st.counts.first().copied().unwrap_or(0),
             st.ms.last().copied().unwrap_or(0.0),
             st.counts.last().copied().unwrap_or(0),
-            if steps.is_empty() {
-                "none".to_string()
-            } else {
-                steps.join(", ")
-            }
         );
     }
     println!(
