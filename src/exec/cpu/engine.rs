@@ -133,6 +133,10 @@ struct Compact {
     gate_ms: f64,
 }
 
+/// Fewest B panels (over the batch) for which a convolution with kept input channels
+/// gathers their weight columns into a compact A rather than mapping them in the kernel.
+const COMPACT_A_PANELS: usize = 4;
+
 /// Narrowest output row a k×k stride-1 convolution reads in place (see `conv_gemm_into`).
 const IMPLICIT_WIDTH: usize = 28;
 
@@ -374,21 +378,36 @@ impl EngineExecutor {
         } else {
             ncols.div_ceil(NR)
         };
-        // With kept input channels, the packed panels hold only those; their weight
-        // columns are gathered once into a compact A (rows outside `row_list` are never
-        // read and stay unwritten). Mapping panel rows to A's columns inside the
-        // micro-kernel instead cost about 1.6× its time on AVX-512 (measured with the
-        // staircase example), more than this copy of rows × kept columns.
-        let compact_a = chans.map(|c| {
-            debug_assert_eq!(groups, 1);
-            let mut a = self.pool.take_dirty(rows_total * k);
-            for &r in row_list {
-                let (src, dst) = (&weight[r * lda..(r + 1) * lda], &mut a[r * k..(r + 1) * k]);
-                for (j, &ci) in c.iter().enumerate() {
-                    dst[j * taps..(j + 1) * taps].copy_from_slice(&src[ci * taps..(ci + 1) * taps]);
+        // With kept input channels, the packed panels hold only those, and the kernel
+        // must read A's matching columns. Where A's columns serve many panels, they are
+        // gathered once into a compact A (rows outside `row_list` are never read and stay
+        // unwritten): mapping every panel row to its column inside the micro-kernel cost
+        // about 1.6× its time on AVX-512 (staircase example, 16×16). Where they serve
+        // few (a 1×1 layer over 7×7 pixels with 2048 outputs), the copy costs more than
+        // the mapping, and the kernel maps.
+        let compact_a = chans
+            .filter(|_| batch * panels >= COMPACT_A_PANELS)
+            .map(|c| {
+                debug_assert_eq!(groups, 1);
+                let mut a = self.pool.take_dirty(rows_total * k);
+                for &r in row_list {
+                    let src = &weight[r * lda..(r + 1) * lda];
+                    let dst = &mut a[r * k..(r + 1) * k];
+                    if taps == 1 {
+                        dst.iter_mut().zip(c).for_each(|(d, &ci)| *d = src[ci]);
+                    } else {
+                        for (j, &ci) in c.iter().enumerate() {
+                            dst[j * taps..(j + 1) * taps]
+                                .copy_from_slice(&src[ci * taps..(ci + 1) * taps]);
+                        }
+                    }
                 }
-            }
-            a
+                a
+            });
+        let kmap: Option<Vec<usize>> = chans.filter(|_| compact_a.is_none()).map(|c| {
+            c.iter()
+                .flat_map(|&ci| ci * taps..(ci + 1) * taps)
+                .collect()
         });
         let mr = self.isa.mr();
         let row_blocks = row_list.len().div_ceil(mr);
@@ -508,7 +527,7 @@ impl EngineExecutor {
                 .map(|r0| Tile {
                     a,
                     lda,
-                    kmap: None,
+                    kmap: kmap.as_deref(),
                     boff: boff.as_deref(),
                     k,
                     rows: &row_list[r0..(r0 + mr).min(last)],
@@ -524,9 +543,10 @@ impl EngineExecutor {
             for k0 in (0..k).step_by(KC) {
                 let k1 = (k0 + KC).min(k);
                 for (tile, acc) in tiles.iter().zip(accs.iter_mut()) {
-                    // SAFETY: rows < rows_per_group index `a` (lda wide, k ≤ lda); the
-                    // panel holds k × NR, or (in place) every boff[kk] + NR is inside
-                    // it, through the padded input's NR values of slack.
+                    // SAFETY: rows < rows_per_group index `a` (lda wide, k ≤ lda); kmap
+                    // entries are < lda; the panel holds k × NR, or (in place) every
+                    // boff[kk] + NR is inside it, through the padded input's NR values of
+                    // slack.
                     unsafe { gemm::accumulate(self.isa, tile, k0, k1, acc) };
                 }
             }
