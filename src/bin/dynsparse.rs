@@ -166,6 +166,11 @@ enum Command {
         /// agreement with dense over all of them is reported.
         #[arg(long)]
         images: Option<PathBuf>,
+        /// Also time dense peers on the same weights and input, after our runs: ONNX
+        /// Runtime and PyTorch eager, through `python3 benches/peers/dsm_peer.py` (needs
+        /// torch, safetensors, onnx and onnxruntime).
+        #[arg(long, conflicts_with = "images")]
+        peers: bool,
     },
     /// Measure this machine's tail-effect staircase — latency against kept output
     /// channels and kept tiles for representative layers — and save the channel
@@ -354,6 +359,7 @@ fn run(cli: Cli) -> Result<()> {
             channel_round,
             threshold,
             images,
+            peers,
         } => {
             let gates = |channels, tiles| Policy::Gates(Gates { channels, tiles });
             let mut policies: Vec<(String, Policy)> = Vec::new();
@@ -395,7 +401,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
             };
             let plots = [plot.as_deref(), layer_plot.as_deref()];
-            cmd_bench(&model, &config, layers, json.as_deref(), plots)
+            cmd_bench(&model, &config, layers, peers, json.as_deref(), plots)
         }
         Command::Info { model } => cmd_info(&model),
         Command::Profile {
@@ -562,6 +568,7 @@ fn cmd_bench(
     model: &Path,
     config: &dynsparse::bench::Config,
     layers: bool,
+    peers: bool,
     json: Option<&Path>,
     [plot, layer_plot]: [Option<&Path>; 2],
 ) -> Result<()> {
@@ -578,11 +585,14 @@ fn cmd_bench(
         )
         .context("progress style")?,
     );
-    let report = dynsparse::bench::run(&m, config, |done, total| {
+    let mut report = dynsparse::bench::run(&m, config, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
+    if peers {
+        report.peers = run_peers(model, &m, config)?;
+    }
     println!(
         "{} on {}, {} threads, {} timed runs per point, policies interleaved; dense {:.3} GFLOPs per sample\n",
         report.model,
@@ -598,6 +608,13 @@ fn cmd_bench(
             report.quality[0].images
         );
         print!("{}", report.quality_markdown());
+    }
+    if !report.peers.is_empty() {
+        println!(
+            "\ndense peers on the same weights and input, timed after our runs (not \
+             interleaved):\n"
+        );
+        print!("{}", report.peers_markdown());
     }
     if layers {
         if let Some(&b) = config.batches.first() {
@@ -1000,6 +1017,89 @@ fn plot_demo(rows: &[DemoRow], evidence: &[dynsparse::demo::Evidence], path: &Pa
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// Times the dense peers with `benches/peers/dsm_peer.py` and checks their logits
+/// against ours on the same input.
+fn run_peers(
+    path: &Path,
+    model: &dynsparse::Model,
+    config: &dynsparse::bench::Config,
+) -> Result<Vec<dynsparse::bench::PeerResult>> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/dsm_peer.py");
+    if !script.exists() {
+        bail!("{}: the peer script is missing", script.display());
+    }
+    let threads = config.threads.unwrap_or_else(rayon::current_num_threads);
+    let batches: Vec<String> = config.batches.iter().map(|b| b.to_string()).collect();
+    eprintln!(
+        "timing dense peers (ONNX Runtime, PyTorch eager) with {}",
+        script.display()
+    );
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg("--model")
+        .arg(path)
+        .args(["--batch", &batches.join(",")])
+        .args(["--runs", &config.runs.to_string()])
+        .args(["--warmup", &config.warmup.to_string()])
+        .args(["--threads", &threads.to_string(), "--torch"])
+        .output()
+        .context("running python3 for the peers")?;
+    if !out.status.success() {
+        bail!(
+            "the peer script failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let dense = Runtime::new(
+        model.clone(),
+        Options {
+            top_k: 1,
+            threads: config.threads,
+            device: DeviceChoice::Cpu,
+            ..Options::default()
+        },
+    )?;
+    let mut results = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("peer output: {line}"))?;
+        let batch = v["batch"].as_u64().context("peer output: batch")? as usize;
+        let theirs: Vec<f32> = v["logits"]
+            .as_array()
+            .context("peer output: logits")?
+            .iter()
+            .map(|x| x.as_f64().unwrap_or(f64::NAN) as f32)
+            .collect();
+        let x = dynsparse::bench::input(model, batch)?;
+        let ours = dense.infer(Input::Tensor(&x))?.remove(0).logits;
+        let scale = ours
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(f32::MIN_POSITIVE);
+        let diff = ours
+            .iter()
+            .zip(&theirs)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let rel = if theirs.len() == ours.len() {
+            f64::from(diff / scale)
+        } else {
+            f64::INFINITY
+        };
+        results.push(dynsparse::bench::PeerResult {
+            peer: v["peer"].as_str().unwrap_or("?").to_string(),
+            batch,
+            median_ms: v["median_ms"].as_f64().unwrap_or(f64::NAN),
+            p10_ms: v["p10_ms"].as_f64().unwrap_or(f64::NAN),
+            p90_ms: v["p90_ms"].as_f64().unwrap_or(f64::NAN),
+            logits_rel_diff: rel,
+        });
+    }
+    if results.is_empty() {
+        bail!("the peer script timed nothing (is onnxruntime installed?)");
+    }
+    Ok(results)
 }
 
 /// Every image in `dir` (by extension), in name order.
