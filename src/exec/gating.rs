@@ -124,9 +124,6 @@ pub struct ChannelGate {
     pub weight: Vec<f32>,
     /// `[out]`.
     pub bias: Vec<f32>,
-    /// Scores are trained logits (a threshold `t` cuts at `sigmoid(score) ≥ t`); otherwise
-    /// training-free saliencies, cut the same way.
-    pub trained: bool,
 }
 
 /// How a spatial gate scores the tiles of its output.
@@ -171,7 +168,6 @@ pub fn channel_gates(model: &Model) -> Result<Vec<Option<ChannelGate>>> {
                         .weight(&format!("{}.gate.channel.bias", n.name))?
                         .data
                         .clone(),
-                    trained: true,
                 });
             }
         }
@@ -181,7 +177,6 @@ pub fn channel_gates(model: &Model) -> Result<Vec<Option<ChannelGate>>> {
             out[i] = Some(ChannelGate {
                 weight: training_free_weights(model.weight(&format!("{}.weight", n.name))?),
                 bias: model.weight(&format!("{}.bias", n.name))?.data.clone(),
-                trained: false,
             });
         }
     }
