@@ -17,6 +17,7 @@
 //!     threads: Some(1),
 //!     channel_round: None,
 //!     images,
+//!     labels: Vec::new(),
 //! };
 //! let report = bench::run(&model, &config, |_, _| {})?;
 //! // Dense comes first, then each policy; ratios are to the dense median.
@@ -54,6 +55,9 @@ pub struct Config {
     /// pseudo-random values, and every policy's top-1 agreement with dense over all of
     /// them is reported ([`Report::quality`]).
     pub images: Vec<image::DynamicImage>,
+    /// The class of each of `images`, when known (empty otherwise): accuracy is then
+    /// reported beside agreement.
+    pub labels: Vec<usize>,
 }
 
 /// One policy's quality against cost on [`Config::images`].
@@ -64,6 +68,8 @@ pub struct Quality {
     pub images: usize,
     /// Fraction whose top-1 class equals dense execution's.
     pub agreement: f64,
+    /// Fraction whose top-1 class is the label, with [`Config::labels`].
+    pub accuracy: Option<f64>,
     /// Executed FLOPs over dense, averaged over the images (gates included).
     pub flops_fraction: f64,
 }
@@ -171,6 +177,13 @@ pub fn run(
 ) -> Result<Report> {
     if config.runs == 0 {
         return Err(Error::Input("runs must be at least 1".into()));
+    }
+    if !config.labels.is_empty() && config.labels.len() != config.images.len() {
+        return Err(Error::Input(format!(
+            "{} labels for {} images",
+            config.labels.len(),
+            config.images.len()
+        )));
     }
     if config.batches.is_empty() || config.batches.contains(&0) {
         return Err(Error::Input("batch sizes must be at least 1".into()));
@@ -308,10 +321,16 @@ pub fn run(
         }
         let same = top.iter().zip(&dense_top).filter(|(a, b)| a == b).count();
         let n = top.len() as f64;
+        let right = top
+            .iter()
+            .zip(&config.labels)
+            .filter(|(a, b)| a == b)
+            .count();
         quality.push(Quality {
             policy: label.clone(),
             images: top.len(),
             agreement: same as f64 / n,
+            accuracy: (config.labels.len() == top.len()).then_some(right as f64 / n),
             flops_fraction: flops as f64 / n / model.flops_per_sample() as f64,
         });
     }
@@ -359,22 +378,29 @@ impl Report {
             b.dedup();
             b
         };
-        let mut s =
-            String::from("| policy | images | top-1 agreement with dense | FLOPs executed |");
+        let labelled = self.quality.iter().any(|q| q.accuracy.is_some());
+        let mut s = String::from("| policy | images | top-1 agreement with dense |");
+        if labelled {
+            s += " accuracy |";
+        }
+        s += " FLOPs executed |";
         for b in &batches {
             s += &format!(" time vs dense, batch {b} |");
         }
         s += "\n|---|---|---|---|";
-        s += &"---|".repeat(batches.len());
+        s += &"---|".repeat(batches.len() + usize::from(labelled));
         s += "\n";
         for q in &self.quality {
             s += &format!(
-                "| {} | {} | {:.1}% | {:.3} |",
+                "| {} | {} | {:.1}% |",
                 q.policy,
                 q.images,
-                100.0 * q.agreement,
-                q.flops_fraction
+                100.0 * q.agreement
             );
+            if let Some(a) = q.accuracy {
+                s += &format!(" {:.1}% |", 100.0 * a);
+            }
+            s += &format!(" {:.3} |", q.flops_fraction);
             for b in &batches {
                 let t = self
                     .results

@@ -556,6 +556,10 @@ fn cli_bench_reports_agreement_with_dense_on_a_folder_of_images() {
     assert_eq!(q[0]["policy"], "dense");
     assert_eq!(q[0]["agreement"], 1.0);
     assert_eq!(q[0]["images"], 8);
+    // The sample names end in their labels: accuracy too (dense gets all eight right, as
+    // `dynsparse demo` shows).
+    assert_eq!(q[0]["accuracy"], 1.0, "{q:?}");
+    assert!(text.contains("| accuracy |"), "{text}");
     // The trained gates at their operating point: most of the FLOPs go, the answers stay
     // (the sample canvases are classified alike dense and gated).
     let t = q.iter().find(|p| p["policy"] == "threshold 0.5").unwrap();

@@ -163,7 +163,8 @@ enum Command {
         #[arg(long)]
         channel_round: Option<usize>,
         /// A folder of images: timed batches are made of them, and each policy's top-1
-        /// agreement with dense over all of them is reported.
+        /// agreement with dense over all of them is reported; and its accuracy when every
+        /// file name ends in `_CLASS` (a class index, as in `canvas_0_6.png`).
         #[arg(long)]
         images: Option<PathBuf>,
         /// Also time dense peers on the same weights and input, after our runs: ONNX
@@ -385,7 +386,7 @@ fn run(cli: Cli) -> Result<()> {
                     (format!("budget {f}"), Policy::Budget(Budget::Flops(f)))
                 }
             }));
-            let config = dynsparse::bench::Config {
+            let mut config = dynsparse::bench::Config {
                 batches: batch,
                 policies,
                 runs,
@@ -395,11 +396,12 @@ fn run(cli: Cli) -> Result<()> {
                     Some(p) => Some(dynsparse::profile::Profile::load(&p)?.channel_round_here()?),
                     None => channel_round,
                 },
-                images: match images {
-                    Some(dir) => load_folder(&dir)?,
-                    None => Vec::new(),
-                },
+                images: Vec::new(),
+                labels: Vec::new(),
             };
+            if let Some(dir) = images {
+                (config.images, config.labels) = load_folder(&dir)?;
+            }
             let plots = [plot.as_deref(), layer_plot.as_deref()];
             cmd_bench(&model, &config, layers, peers, json.as_deref(), plots)
         }
@@ -1102,8 +1104,9 @@ fn run_peers(
     Ok(results)
 }
 
-/// Every image in `dir` (by extension), in name order.
-fn load_folder(dir: &Path) -> Result<Vec<image::DynamicImage>> {
+/// Every image in `dir` (by extension), in name order, and their classes when every
+/// file name ends in `_CLASS` (empty otherwise).
+fn load_folder(dir: &Path) -> Result<(Vec<image::DynamicImage>, Vec<usize>)> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("{}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -1117,10 +1120,18 @@ fn load_folder(dir: &Path) -> Result<Vec<image::DynamicImage>> {
     if paths.is_empty() {
         bail!("{}: no images (png, jpg, jpeg, bmp, webp)", dir.display());
     }
-    paths
+    let images = paths
         .iter()
         .map(|p| preprocess::load_image(p).map_err(Into::into))
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let labels: Option<Vec<usize>> = paths
+        .iter()
+        .map(|p| {
+            let stem = p.file_stem()?.to_str()?;
+            stem.rsplit_once('_')?.1.parse().ok()
+        })
+        .collect();
+    Ok((images, labels.unwrap_or_default()))
 }
 
 fn cmd_profile(
