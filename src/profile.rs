@@ -18,6 +18,7 @@
 //!     unit: Unit::Channels,
 //!     counts: (1..=16).collect(),
 //!     ms,
+//!     reader_ms: Vec::new(),
 //! };
 //! assert_eq!(choose_round(&[stair]), 4);
 //! ```
@@ -73,6 +74,10 @@ pub struct Staircase {
     pub counts: Vec<usize>,
     /// Median milliseconds at each count.
     pub ms: Vec<f64>,
+    /// Channel staircases: the reading convolution's own median at each count (it grows
+    /// with its kept inputs while the gated one steps at row tiles); empty for tiles.
+    #[serde(default)]
+    pub reader_ms: Vec<f64>,
 }
 
 /// A measured hardware profile.
@@ -156,6 +161,7 @@ pub fn measure(
         shape: PairShape,
         unit: Unit,
         times: Vec<Vec<f64>>,
+        reader: Vec<Vec<f64>>,
         counts: Vec<usize>,
     }
     let mut jobs = Vec::new();
@@ -191,6 +197,7 @@ pub fn measure(
             shape,
             unit,
             times: vec![Vec::new(); units + 1],
+            reader: vec![Vec::new(); units + 1],
             counts: Vec::new(),
         });
     }
@@ -217,7 +224,10 @@ pub fn measure(
                     continue;
                 }
                 let (kept, ms) = match job.unit {
-                    Unit::Channels => (k, f.layers[0].ms + f.layers[1].ms),
+                    Unit::Channels => {
+                        job.reader[k].push(f.layers[1].ms);
+                        (k, f.layers[0].ms + f.layers[1].ms)
+                    }
                     // Tile counts round to whole GEMM panels: record what ran.
                     Unit::Tiles => (
                         f.tiles[1].as_ref().map_or(units, |t| t[0].len()),
@@ -244,11 +254,20 @@ pub fn measure(
                 .iter()
                 .map(|&k| median(&mut job.times[k]))
                 .collect();
+            let reader_ms = match job.unit {
+                Unit::Channels => job
+                    .counts
+                    .iter()
+                    .map(|&k| median(&mut job.reader[k]))
+                    .collect(),
+                Unit::Tiles => Vec::new(),
+            };
             Staircase {
                 shape: job.shape,
                 unit: job.unit,
                 counts: job.counts,
                 ms,
+                reader_ms,
             }
         })
         .collect::<Vec<_>>();
@@ -354,6 +373,7 @@ mod tests {
             },
             unit: Unit::Channels,
             counts: (1..=top).collect(),
+            reader_ms: Vec::new(),
             ms: (1..=top)
                 .map(|k| 1.0 + k.div_ceil(step) as f64 + noise * ((k * 7) % 3) as f64)
                 .collect(),

@@ -464,6 +464,10 @@ fn cli_profile_saves_a_granularity_that_infer_reads() {
         (1..=channels.shape.cout).collect::<Vec<_>>()
     );
     assert!(channels.ms.iter().all(|&m| m > 0.0));
+    // The reader's own median is part of the pair's time at every count.
+    assert_eq!(channels.reader_ms.len(), channels.counts.len());
+    assert!(channels.reader_ms.iter().all(|&m| m > 0.0));
+    assert!(p.stairs[1].reader_ms.is_empty());
     // Tile counts run in whole GEMM panels (2 tiles of 4×4), ascending, up to all 16.
     let tiles = &p.stairs[1];
     assert!(
