@@ -450,11 +450,7 @@ fn cli_profile_saves_a_granularity_that_infer_reads() {
         .arg(&svg)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeded(out);
     let p = dynsparse::profile::Profile::load(&json).unwrap();
     assert!(p.channel_round >= 1 && p.channel_round <= 16);
     assert_eq!(p.stairs.len(), 2);
@@ -494,13 +490,7 @@ fn cli_profile_saves_a_granularity_that_infer_reads() {
     fixed.channel_round = 4;
     let four = dir.join("four.json");
     fixed.save(&four).unwrap();
-    let out = run(&four);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&common::succeeded(run(&four))).unwrap();
     let layers = v["results"][0]["stats"]["layers"].as_array().unwrap();
     // The channel-gated layers (conv1 of each block, 16 to 64 channels).
     let kept: Vec<u64> = layers
@@ -546,15 +536,9 @@ fn cli_bench_reports_agreement_with_dense_on_a_folder_of_images() {
         .arg(&json)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = common::succeeded(out);
     assert!(text.contains("top-1 agreement with dense"), "{text}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v: serde_json::Value = common::read_json(&json);
     let q = v["quality"].as_array().unwrap();
     assert_eq!(q.len(), 3, "{q:?}");
     assert_eq!(q[0]["policy"], "dense");
@@ -605,15 +589,9 @@ fn cli_bench_times_dense_peers_on_the_same_weights() {
         .arg(&json)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = common::succeeded(out);
     assert!(text.contains("ours dense / peer"), "{text}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v: serde_json::Value = common::read_json(&json);
     let peers = v["peers"].as_array().unwrap();
     assert_eq!(peers.len(), 4, "{peers:?}");
     for p in peers {
