@@ -2,16 +2,20 @@
 //! [`super::gemm`] (bias, residual and activation fused in the epilogue), a direct
 //! depthwise kernel, and vectorized dot products for the classifier. Layout is NCHW.
 //!
-//! Work is split into tasks of one B panel (up to [`NR`] output positions of one sample)
-//! times a chunk of output channels. With many panels a task packs its own panel and runs
-//! every row block on it while it is hot in cache; with few panels (late layers, batch 1)
-//! panels are packed once and tasks split the output channels. Layer buffers come from a
-//! pool and go back to it. Tasks run on the current rayon pool.
+//! Weights are packed once, at load, in blocks of [`gemm::PACK`] rows. Work is split into
+//! tasks of one B panel (up to [`NR`] output positions of one sample) times a chunk of
+//! output channels. With many panels a task packs its own panel and runs every row block
+//! on it while it is hot in cache; with few panels (late layers, batch 1) panels are
+//! packed once and tasks split the output channels. Where the weights are too big for L2,
+//! a task takes a group of panels and runs each block of A on all of them while it is in
+//! L1, prefetching the next block: A then streams from memory once. Layer buffers come
+//! from a pool and go back to it. Tasks run on the current rayon pool.
 //!
 //! Dynamic passes run the same GEMM on a [`Subset`] per sample: kept output channels are
 //! A's rows read in place, kept input channels are packed alone and the micro-kernel maps
-//! them back to A's columns, kept pixels are the panel's columns; nothing is gathered or
-//! scattered.
+//! them back to A's columns (or, where A serves enough panels, the kept rows and columns
+//! are gathered into a compact A first), kept pixels are the panel's columns; the output
+//! is written in place.
 
 use rayon::prelude::*;
 
@@ -28,6 +32,8 @@ use crate::model::{Act, Op};
 enum Layer {
     /// Convolution through the GEMM, one GEMM per group.
     Gemm {
+        /// Each group's weights packed for the micro-kernels ([`gemm::pack_a`]), one
+        /// after the other.
         weight: Vec<f32>,
         bias: Vec<f32>,
         groups: usize,
@@ -76,6 +82,8 @@ pub struct EngineExecutor {
     round: usize,
     /// Per node: dense FLOPs for one sample.
     flops: Vec<u64>,
+    /// Size of A (bytes) above which panels run in groups ([`A_RESIDENT_BYTES`]).
+    a_resident: usize,
 }
 
 /// Per value, per sample: the channels that hold computed data (`None`: all). Channels
@@ -134,8 +142,16 @@ struct Compact {
 }
 
 /// Fewest B panels (over the batch) for which a convolution with kept input channels
-/// gathers their weight columns into a compact A rather than mapping them in the kernel.
+/// gathers their weight columns (of its kept rows) into a compact A rather than mapping
+/// them in the kernel.
 const COMPACT_A_PANELS: usize = 4;
+
+/// Size of A (bytes) above which panels run in groups on each block of A (a part of
+/// the 1 MiB L2 of a Zen core, which also holds the panels and output).
+const A_RESIDENT_BYTES: usize = 384 << 10;
+
+/// Panels per group where A is big: their K blocks (24 KiB each) stay in L2.
+const GROUP_PANELS: usize = 8;
 
 /// Narrowest output row a k×k stride-1 convolution reads in place (see `conv_gemm_into`).
 const IMPLICIT_WIDTH: usize = 28;
@@ -197,8 +213,14 @@ impl EngineExecutor {
                     } else {
                         max_rows = max_rows.max(cv.out_channels);
                         max_cols = max_cols.max(oh * ow);
+                        let (rows, k) = (cv.out_channels / cv.groups, cv.in_channels / cv.groups);
+                        let k = k * cv.kernel[0] * cv.kernel[1];
+                        let weight = w()?;
                         Layer::Gemm {
-                            weight: w()?,
+                            weight: weight
+                                .chunks_exact(rows * k)
+                                .flat_map(|g| gemm::pack_a(g, rows, k))
+                                .collect(),
                             bias: b()?,
                             groups: cv.groups,
                             geom: ConvGeom {
@@ -241,6 +263,7 @@ impl EngineExecutor {
             spatial,
             round: isa.mr(),
             flops: model.layers.iter().map(|l| l.flops).collect(),
+            a_resident: A_RESIDENT_BYTES,
             layers,
             sizes,
             last_use,
@@ -378,29 +401,32 @@ impl EngineExecutor {
         } else {
             ncols.div_ceil(NR)
         };
-        // With kept input channels, the packed panels hold only those, and the kernel
-        // must read A's matching columns. Where A's columns serve many panels, they are
-        // gathered once into a compact A (rows outside `row_list` are never read and stay
-        // unwritten): mapping every panel row to its column inside the micro-kernel cost
-        // about 1.6× its time on AVX-512 (staircase example, 16×16). Where they serve
-        // few (a 1×1 layer over 7×7 pixels with 2048 outputs), the copy costs more than
-        // the mapping, and the kernel maps.
+        // A plan's kept rows and input channels read the packed weights in place: each
+        // tile row at its own place, through a map of A's columns. Where A serves many
+        // panels, its kept rows and columns are gathered once into a compact A (one
+        // stream per tile, no map): mapping columns inside the micro-kernel cost about
+        // 1.6× its time on AVX-512 (staircase example, 16×16). Where it serves few (a
+        // 1×1 layer over 7×7 pixels with 2048 outputs), the copy costs more than it saves.
         let compact_a = chans
             .filter(|_| batch * panels >= COMPACT_A_PANELS)
-            .map(|c| {
+            .map(|_| {
                 debug_assert_eq!(groups, 1);
-                let mut a = self.pool.take_dirty(rows_total * k);
-                for &r in row_list {
-                    let src = &weight[r * lda..(r + 1) * lda];
-                    let dst = &mut a[r * k..(r + 1) * k];
-                    if taps == 1 {
-                        dst.iter_mut().zip(c).for_each(|(d, &ci)| *d = src[ci]);
-                    } else {
-                        for (j, &ci) in c.iter().enumerate() {
-                            dst[j * taps..(j + 1) * taps]
-                                .copy_from_slice(&src[ci * taps..(ci + 1) * taps]);
-                        }
-                    }
+                let kmap = chans.map(|c| {
+                    c.iter()
+                        .flat_map(|&ci| ci * taps..(ci + 1) * taps)
+                        .collect::<Vec<_>>()
+                });
+                let mut a = self.pool.take_dirty(gemm::packed_a_len(row_list.len(), k));
+                // Block by block of the result: each is one slice of rows.
+                let fill = |(b, out): (usize, &mut [f32])| {
+                    let rows =
+                        &row_list[b * gemm::PACK..((b + 1) * gemm::PACK).min(row_list.len())];
+                    gemm::pack_a_subset(weight, lda, rows, kmap.as_deref(), out);
+                };
+                if serial {
+                    a.chunks_mut(gemm::PACK * k).enumerate().for_each(fill);
+                } else {
+                    a.par_chunks_mut(gemm::PACK * k).enumerate().for_each(fill);
                 }
                 a
             });
@@ -411,14 +437,25 @@ impl EngineExecutor {
         });
         let mr = self.isa.mr();
         let row_blocks = row_list.len().div_ceil(mr);
+        // Where A is too big to stay in L2 while panels stream past it (late layers: many
+        // weights, few positions), a task runs a group of panels on each K block of each
+        // row tile while that block of A is in L1, so A streams from memory once per
+        // group rather than once per panel.
+        let a_bytes = row_list.len() * k * std::mem::size_of::<f32>();
+        let per_group = if a_bytes > self.a_resident {
+            panels.min(GROUP_PANELS)
+        } else {
+            1
+        };
+        let ngroups = panels.div_ceil(per_group);
         // Enough tasks to keep every thread busy, in whole row blocks (one thread: one
-        // task per panel, so each panel is packed once).
+        // task per panel group, so each panel is packed once).
         let wanted = if serial {
             1
         } else {
             4 * rayon::current_num_threads()
         };
-        let chunks = (wanted.div_ceil(batch * groups * panels)).clamp(1, row_blocks);
+        let chunks = (wanted.div_ceil(batch * groups * ngroups)).clamp(1, row_blocks);
         let blocks_per_chunk = row_blocks.div_ceil(chunks);
         // A 1×1, stride-1, unpadded convolution reads full panels straight from its input
         // (row k of B is input channel k); only a partial last panel is packed.
@@ -430,8 +467,8 @@ impl EngineExecutor {
         let panel_len = k * NR;
         // With enough panels to share out, each task packs its own panel into a buffer of
         // its thread and computes all rows on it while it is hot (`chunks` is 1). With few
-        // panels, tasks split the rows too, so panels are packed once up front instead.
-        let fused = chunks == 1;
+        // panels, or panels in groups, panels are packed once up front instead.
+        let fused = chunks == 1 && per_group == 1;
         let mut packed = self.pool.take_dirty(if fused || implicit {
             0
         } else {
@@ -482,37 +519,21 @@ impl EngineExecutor {
             },
         }
         let ptr = OutPtr(out.as_mut_ptr());
-        let tasks = batch * groups * panels * chunks;
+        let tasks = batch * groups * ngroups * chunks;
         let task = |own: &mut Vec<f32>, t: usize| {
-            let (chunk, sgp) = (t % chunks, t / chunks);
-            let (p, sg) = (sgp % panels, sgp / panels);
+            let (chunk, sgq) = (t % chunks, t / chunks);
+            let (q, sg) = (sgq % ngroups, sgq / ngroups);
             let grp = sg % groups;
             let xs = &x[sg * g.in_c * in_plane..(sg + 1) * g.in_c * in_plane];
-            let (y, x0) = (p / segs, (p % segs) * NR);
-            let cols = if implicit {
-                &self.all_cols[y * ow + x0..y * ow + (x0 + NR).min(ow)]
-            } else {
-                &col_list[p * NR..(p * NR + NR).min(ncols)]
-            };
-            let (panel, ldb) = if implicit {
-                // Through the slack at the end of the padded input.
-                (&x[sg * g.in_c * in_plane + y * g.in_hw[1] + x0..], 0)
-            } else if direct && (p + 1) * NR <= n {
-                (&xs[p * NR..], in_plane)
-            } else if fused {
-                own.resize(panel_len, 0.0);
-                gemm::pack_panel(xs, &gk, chans, cols, own);
-                (own.as_slice(), NR)
-            } else {
-                (&packed[sgp * panel_len..(sgp + 1) * panel_len], NR)
-            };
             // (sample, group) blocks of the output are contiguous: sg · rows_per_group · n.
             let out_off = sg * rows_per_group * n;
-            let (a, lda) = match &compact_a {
-                Some(a) => (a.as_slice(), k),
+            let group_len = gemm::packed_a_len(rows_per_group, lda);
+            let (a, ka, arows) = match &compact_a {
+                Some(a) => (a.as_slice(), k, &self.all_rows[..row_list.len()]),
                 None => (
-                    &weight[grp * rows_per_group * lda..(grp + 1) * rows_per_group * lda],
+                    &weight[grp * group_len..(grp + 1) * group_len],
                     lda,
+                    row_list,
                 ),
             };
             let ep = Epilogue {
@@ -522,32 +543,72 @@ impl EngineExecutor {
             };
             let first = chunk * blocks_per_chunk * mr;
             let last = ((chunk + 1) * blocks_per_chunk * mr).min(row_list.len());
-            let tiles: Vec<Tile> = (first..last)
-                .step_by(mr)
-                .map(|r0| Tile {
-                    a,
-                    lda,
-                    kmap: kmap.as_deref(),
-                    boff: boff.as_deref(),
-                    k,
-                    rows: &row_list[r0..(r0 + mr).min(last)],
-                    panel,
-                    ldb,
-                    ldc: n,
-                    cols,
-                })
-                .collect();
+            let group = q * per_group..((q + 1) * per_group).min(panels);
+            let np = group.len();
+            if fused && !implicit && !(direct && (group.start + 1) * NR <= n) {
+                let p = group.start;
+                own.resize(panel_len, 0.0);
+                let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
+                gemm::pack_panel(xs, &gk, chans, cols, own);
+            }
+            // Tiles row tile by row tile, each with the group's panels.
+            let mut tiles: Vec<Tile> = Vec::with_capacity(np * row_blocks);
+            for r0 in (first..last).step_by(mr) {
+                for p in group.clone() {
+                    let (y, x0) = (p / segs, (p % segs) * NR);
+                    let cols = if implicit {
+                        &self.all_cols[y * ow + x0..y * ow + (x0 + NR).min(ow)]
+                    } else {
+                        &col_list[p * NR..(p * NR + NR).min(ncols)]
+                    };
+                    let (panel, ldb) = if implicit {
+                        // Through the slack at the end of the padded input.
+                        (&x[sg * g.in_c * in_plane + y * g.in_hw[1] + x0..], 0)
+                    } else if direct && (p + 1) * NR <= n {
+                        (&xs[p * NR..], in_plane)
+                    } else if fused {
+                        (own.as_slice(), NR)
+                    } else {
+                        let at = (sg * panels + p) * panel_len;
+                        (&packed[at..at + panel_len], NR)
+                    };
+                    tiles.push(Tile {
+                        a,
+                        ka,
+                        arows: &arows[r0..(r0 + mr).min(last)],
+                        kmap: kmap.as_deref(),
+                        boff: boff.as_deref(),
+                        k,
+                        rows: &row_list[r0..(r0 + mr).min(last)],
+                        panel,
+                        ldb,
+                        ldc: n,
+                        cols,
+                    });
+                }
+            }
             let mut accs = vec![[[0f32; NR]; 12]; tiles.len()];
-            // K blocks outermost: one KC × NR block of the panel serves every row block
-            // of this task from L1.
+            // K blocks outermost: one KC × NR block of each panel serves every row tile of
+            // this task from L1 or L2, and each row tile's block of A serves the group's
+            // panels from L1.
             for k0 in (0..k).step_by(KC) {
                 let k1 = (k0 + KC).min(k);
-                for (tile, acc) in tiles.iter().zip(accs.iter_mut()) {
-                    // SAFETY: rows < rows_per_group index `a` (lda wide, k ≤ lda); kmap
-                    // entries are < lda; the panel holds k × NR, or (in place) every
-                    // boff[kk] + NR is inside it, through the padded input's NR values of
-                    // slack.
-                    unsafe { gemm::accumulate(self.isa, tile, k0, k1, acc) };
+                for (j, (tile, acc)) in tiles.iter().zip(accs.iter_mut()).enumerate() {
+                    // Where A streams from memory (grouped panels), the group's first
+                    // panel prefetches the next row tile's block of A. Elsewhere A is in
+                    // L2, and prefetching measured no gain.
+                    let next = match tiles.get(j + np) {
+                        Some(n) if per_group > 1 && j % np == 0 && kmap.is_none() => {
+                            let at = gemm::a_offset(n.arows[0], n.ka) + k0 * gemm::PACK;
+                            n.a.as_ptr().wrapping_add(at)
+                        }
+                        _ => std::ptr::null(),
+                    };
+                    // SAFETY: arows index `a` (rows_per_group or the compact rows, ka
+                    // columns, k ≤ ka, whole blocks); kmap entries are < lda; the panel
+                    // holds k × NR, or (in place) every boff[kk] + NR is inside it,
+                    // through the padded input's NR values of slack.
+                    unsafe { gemm::accumulate_prefetching(self.isa, tile, k0, k1, acc, next) };
                 }
             }
             for (tile, acc) in tiles.iter().zip(&accs) {
@@ -688,7 +749,11 @@ impl EngineExecutor {
                     });
                     (out, dense)
                 }
-                Layer::MaxPool(win) => (ops::max_pool(x, *win), dense),
+                Layer::MaxPool(win) => {
+                    let mut out = self.pool.take_dirty(batch * self.sizes[i + 1]);
+                    ops::max_pool_into(&mut out, x, *win);
+                    (out, dense)
+                }
                 Layer::GlobalAvgPool => {
                     let plane = self.sizes[*src] / self.sizes[i + 1];
                     let out = x
@@ -1157,6 +1222,7 @@ mod tests {
             spatial: Vec::new(),
             round: isa.mr(),
             flops: Vec::new(),
+            a_resident: A_RESIDENT_BYTES,
         }
     }
 
@@ -1239,7 +1305,17 @@ mod tests {
     #[test]
     fn planned_convolutions_match_a_naive_reference() {
         let mut rng = fresh_rng();
-        let engines: Vec<EngineExecutor> = isas().into_iter().map(bare).collect();
+        // Each kernel, also with every A treated as too big for L2 (panels in groups).
+        let engines: Vec<EngineExecutor> = isas()
+            .into_iter()
+            .flat_map(|isa| {
+                [bare(isa), {
+                    let mut e = bare(isa);
+                    e.a_resident = 0;
+                    e
+                }]
+            })
+            .collect();
         for case in 0..300 {
             let kernel = match rng.random_range(0..5) {
                 0 => [1, 1],
@@ -1323,9 +1399,21 @@ mod tests {
                     want[o * n..(o + 1) * n].fill(f32::NAN);
                 }
             }
+            let packed = gemm::pack_a(&w, cout, g.k());
             for e in &engines {
                 let mut got = vec![f32::NAN; cout * n];
-                e.conv_gemm_into(&xs, 1, &w, &b, 1, &g, rs.as_deref(), act, sub, &mut got);
+                e.conv_gemm_into(
+                    &xs,
+                    1,
+                    &packed,
+                    &b,
+                    1,
+                    &g,
+                    rs.as_deref(),
+                    act,
+                    sub,
+                    &mut got,
+                );
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(a.is_nan(), b.is_nan(), "cell {i}: {a} vs {b}");
                 }

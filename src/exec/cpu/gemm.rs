@@ -3,9 +3,14 @@
 //! `C[rows × cols] = A[rows × K] · B[K × cols]`, then per row `+ bias`, optionally
 //! `+ residual`, then the activation — all in the micro-kernel's epilogue.
 //!
-//! * **A** (weights) is read in place, row-major `[out_channels × K]`: the micro-kernel
-//!   takes one pointer per row, so it runs on any subset of output channels (a sparse
-//!   plan's kept channels) without repacking the weight tensor per input.
+//! * **A** (weights) is packed once, at load, in blocks of [`PACK`] rows: block `b`
+//!   holds rows `PACK·b ..` as `[K][PACK]`, so one step of K reads `PACK` consecutive
+//!   floats ([`pack_a`]). A micro-tile names its A rows by index, so it runs on any
+//!   subset of output channels (a sparse plan's kept channels) without repacking the
+//!   weight tensor per input: a tile of consecutive rows inside one block reads one
+//!   stream; any other subset reads each row at its own place, with the same K stride.
+//!   A sparse plan that reuses A over many panels may still gather its kept rows and
+//!   columns into a compact packed A ([`pack_a_subset`]) to get the single stream.
 //! * **B** is packed per call into panels of [`NR`] columns, `[panels][K][NR]`, zero-padded
 //!   on the last panel. The packer is the convolution's im2col ([`pack_im2col`]): it
 //!   reads only the output positions it is given, so a spatially sparse plan packs only
@@ -22,10 +27,14 @@ use crate::model::Act;
 /// Width of a packed B panel (output positions per micro-tile).
 pub const NR: usize = 32;
 
+/// Rows per packed block of A: the widest micro-tile's rows (AVX-512). Narrower kernels
+/// take half a block (AVX2) or any rows of it.
+pub const PACK: usize = 12;
+
 /// What the epilogue adds and applies.
 #[derive(Clone, Copy)]
 pub struct Epilogue<'a> {
-    /// One bias per row of A.
+    /// One bias per row of C.
     pub bias: &'a [f32],
     /// Added before the activation, read at the same index as C.
     pub residual: Option<&'a [f32]>,
@@ -66,7 +75,7 @@ impl Isa {
         }
     }
 
-    /// Rows of A per micro-tile.
+    /// Rows of A per micro-tile (a divisor of [`PACK`]).
     pub fn mr(self) -> usize {
         match self {
             Isa::Avx512 => 12,
@@ -76,10 +85,60 @@ impl Isa {
     }
 }
 
-/// One micro-tile: `rows.len() ≤ mr` rows of A (by row index; row `r` starts at
-/// `a[r * lda]`) times one B panel of `k` rows of [`NR`] values, `ldb` apart (`NR` when
+/// Floats a packed A of `rows × k` takes: whole blocks of [`PACK`] rows.
+pub fn packed_a_len(rows: usize, k: usize) -> usize {
+    rows.div_ceil(PACK) * PACK * k
+}
+
+/// Where row `r`, column 0 of a packed A with `k` columns lies; column `c` is
+/// `PACK · c` further.
+#[inline]
+pub fn a_offset(r: usize, k: usize) -> usize {
+    (r / PACK) * PACK * k + r % PACK
+}
+
+/// Packs row-major `w` (`rows × k`) into blocks of [`PACK`] rows (see the module
+/// documentation); the rows that pad the last block are zero.
+pub fn pack_a(w: &[f32], rows: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; packed_a_len(rows, k)];
+    for (r, row) in w.chunks_exact(k).take(rows).enumerate() {
+        let at = a_offset(r, k);
+        for (c, &v) in row.iter().enumerate() {
+            out[at + c * PACK] = v;
+        }
+    }
+    out
+}
+
+/// Gathers rows `rows` (in that order) of packed `a` (`k` columns), and of each row the
+/// columns `cols` (all without a list), into a new packed A in `out`: row `i` of the
+/// result is `a`'s row `rows[i]`, and the rows that pad the last block are zero.
+/// `out` holds at least `packed_a_len(rows.len(), cols.len())`.
+pub fn pack_a_subset(a: &[f32], k: usize, rows: &[usize], cols: Option<&[usize]>, out: &mut [f32]) {
+    let kc = cols.map_or(k, <[usize]>::len);
+    // Block by block of the result, column by column: each step writes PACK
+    // consecutive floats, read from the same column of up to PACK source rows.
+    for (b, rb) in rows.chunks(PACK).enumerate() {
+        let dst = &mut out[b * PACK * kc..(b + 1) * PACK * kc];
+        let mut src = [0usize; PACK];
+        for (s, &r) in src.iter_mut().zip(rb) {
+            *s = a_offset(r, k);
+        }
+        let n = rb.len();
+        for (j, d) in dst.chunks_exact_mut(PACK).enumerate() {
+            let c = PACK * cols.map_or(j, |m| m[j]);
+            for i in 0..n {
+                d[i] = a[src[i] + c];
+            }
+            d[n..].fill(0.0);
+        }
+    }
+}
+
+/// One micro-tile: `rows.len() ≤ mr` rows of packed A (`arows`, by row index; `ka`
+/// columns) times one B panel of `k` rows of [`NR`] values, `ldb` apart (`NR` when
 /// packed; a 1×1 convolution reads its input in place with `ldb` = plane size), columns
-/// `0..cols.len()` stored at `c[row * ldc + cols[j]]`; `cols` is strictly ascending.
+/// `0..cols.len()` stored at `c[rows[i] * ldc + cols[j]]`; `cols` is strictly ascending.
 /// Panel row `kk` multiplies A's column `kmap[kk]` (`kk` without a map): a plan that
 /// keeps some input channels packs only those, and reads their weights in place. With
 /// `boff`, panel row `kk` is read at `panel[boff[kk]..]` instead of `kk * ldb`: a
@@ -87,24 +146,39 @@ impl Isa {
 /// a shifted window, with no im2col at all.
 ///
 /// # Safety contract (checked by the callers in this module)
-/// Every `rows[i] * lda + c < a.len()` for every column `c` read (`kk < k`, or `kmap[kk]`),
-/// `kmap.len() ≥ k`, `panel.len() ≥ (k - 1) * ldb + NR` (with `boff`: `boff.len() ≥ k`
-/// and every `boff[kk] + NR ≤ panel.len()`), and every `row * ldc + cols[j]` is inside
-/// `c` (and `residual`, when given).
+/// `a` holds `packed_a_len(max(arows) + 1, ka)` floats, and the block of a tile whose
+/// rows are consecutive inside one block holds `mr` rows from the first; every column
+/// read (`kk < k`, or `kmap[kk]`) is `< ka`; `kmap.len() ≥ k`;
+/// `panel.len() ≥ (k - 1) * ldb + NR` (with `boff`: `boff.len() ≥ k` and every
+/// `boff[kk] + NR ≤ panel.len()`); `arows.len() == rows.len()`, and every
+/// `rows[i] * ldc + cols[j]` is inside `c` (and `residual`, when given).
 pub struct Tile<'a> {
     pub a: &'a [f32],
-    /// Row stride of A.
-    pub lda: usize,
+    /// Columns of packed A.
+    pub ka: usize,
+    /// Rows of A each tile row reads.
+    pub arows: &'a [usize],
     /// Panel rows of A's columns, when not `0..k`.
     pub kmap: Option<&'a [usize]>,
     /// Where each panel row starts in `panel`, when not at `kk * ldb`.
     pub boff: Option<&'a [usize]>,
     pub k: usize,
+    /// Rows of C (and of the bias) each tile row stores.
     pub rows: &'a [usize],
     pub panel: &'a [f32],
     pub ldb: usize,
     pub ldc: usize,
     pub cols: &'a [usize],
+}
+
+impl Tile<'_> {
+    /// Whether the tile's A rows are consecutive inside one packed block, with room in
+    /// the block for a kernel of `mr` rows from the first: one stream, every row at a
+    /// fixed offset from the first.
+    fn one_block(&self, mr: usize) -> bool {
+        let (f, l) = (self.arows[0], self.arows[self.arows.len() - 1]);
+        l - f == self.arows.len() - 1 && f % PACK + mr <= PACK
+    }
 }
 
 /// Accumulators of one micro-tile, kept between K blocks.
@@ -119,6 +193,25 @@ pub const KC: usize = 192;
 /// # Safety
 /// The tile's indices are in bounds (see [`Tile`]) and `k0 ≤ k1 ≤ t.k`.
 pub unsafe fn accumulate(isa: Isa, t: &Tile, k0: usize, k1: usize, acc: &mut Acc) {
+    accumulate_prefetching(isa, t, k0, k1, acc, std::ptr::null());
+}
+
+/// [`accumulate`], and on AVX-512 also prefetches into L1, one packed step of A per
+/// step of K, the `(k1 - k0) · PACK` floats from `next` (null: none): the block of A
+/// the caller runs next, so that weights streaming from memory arrive before the
+/// kernel needs them. A prefetch never faults; `next` may point anywhere.
+///
+/// # Safety
+/// As for [`accumulate`].
+pub unsafe fn accumulate_prefetching(
+    isa: Isa,
+    t: &Tile,
+    k0: usize,
+    k1: usize,
+    acc: &mut Acc,
+    next: *const f32,
+) {
+    debug_assert!(!t.rows.is_empty() && t.rows.len() <= isa.mr());
     // The SIMD kernels start from zero registers on the first block instead of loading.
     if k0 == 0 && isa == Isa::Portable {
         for r in acc.iter_mut().take(t.rows.len()) {
@@ -127,7 +220,7 @@ pub unsafe fn accumulate(isa: Isa, t: &Tile, k0: usize, k1: usize, acc: &mut Acc
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::kernel(t, k0, k1, acc),
+        Isa::Avx512 => avx512::kernel(t, k0, k1, acc, next),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             avx2::kernel(t, k0, k1, 0, acc);
@@ -141,12 +234,16 @@ pub unsafe fn accumulate(isa: Isa, t: &Tile, k0: usize, k1: usize, acc: &mut Acc
 }
 
 /// Applies the epilogue to finished accumulators and stores them at
-/// `c[row * ldc + cols[j]]`.
+/// `c[rows[i] * ldc + cols[j]]`.
 ///
 /// # Safety
 /// Every `row * ldc + cols[j]` is inside the output `c` points to (and inside
 /// `ep.residual`), and no other thread writes those cells concurrently.
 pub unsafe fn store(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return store_avx512(t, ep, acc, c);
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         return store_avx2(t, ep, acc, c);
@@ -158,6 +255,45 @@ pub unsafe fn store(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
 #[target_feature(enable = "avx2")]
 unsafe fn store_avx2(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
     store_body(t, ep, acc, c)
+}
+
+/// The epilogue with 16-lane masked loads and stores: one pass per row, a segment of
+/// consecutive columns at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_avx512(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
+    use std::arch::x86_64::*;
+    let n = t.cols.len();
+    let contiguous = n > 0 && t.cols[n - 1] - t.cols[0] == n - 1;
+    if !contiguous {
+        return store_body(t, ep, acc, c);
+    }
+    let zero = _mm512_setzero_ps();
+    let six = _mm512_set1_ps(6.0);
+    let masks = [
+        (n.min(16) as u32, 0usize),
+        (n.saturating_sub(16) as u32, 16usize),
+    ];
+    for (i, &row) in t.rows.iter().enumerate() {
+        let b = _mm512_set1_ps(ep.bias[row]);
+        let at = row * t.ldc + t.cols[0];
+        for &(len, off) in &masks {
+            if len == 0 {
+                continue;
+            }
+            let m: __mmask16 = if len >= 16 { 0xffff } else { (1u16 << len) - 1 };
+            let mut v = _mm512_add_ps(_mm512_loadu_ps(acc[i].as_ptr().add(off)), b);
+            if let Some(r) = ep.residual {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, r.as_ptr().add(at + off)));
+            }
+            v = match ep.act {
+                Act::None => v,
+                Act::Relu => _mm512_max_ps(v, zero),
+                Act::Relu6 => _mm512_min_ps(_mm512_max_ps(v, zero), six),
+            };
+            _mm512_mask_storeu_ps(c.add(at + off), m, v);
+        }
+    }
 }
 
 /// The epilogue's body, inlined into a copy compiled for each instruction set.
@@ -176,19 +312,14 @@ unsafe fn store_body(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
                 Some(r) => {
                     let r = &r[at..at + n];
                     for j in 0..n {
-                        dst[j] = a[j] + b + r[j];
+                        dst[j] = ep.act.apply(a[j] + b + r[j]);
                     }
                 }
                 None => {
                     for j in 0..n {
-                        dst[j] = a[j] + b;
+                        dst[j] = ep.act.apply(a[j] + b);
                     }
                 }
-            }
-            match ep.act {
-                Act::None => {}
-                Act::Relu => dst.iter_mut().for_each(|v| *v = v.max(0.0)),
-                Act::Relu6 => dst.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
             }
         } else {
             for (j, &col) in t.cols.iter().enumerate() {
@@ -211,11 +342,11 @@ pub unsafe fn run_tile(isa: Isa, t: &Tile, ep: &Epilogue, c: *mut f32) {
 }
 
 fn portable_kernel(t: &Tile, k0: usize, k1: usize, acc: &mut Acc) {
-    for (i, &row) in t.rows.iter().enumerate() {
-        let a = &t.a[row * t.lda..];
+    for (i, &row) in t.arows.iter().enumerate() {
+        let a = &t.a[a_offset(row, t.ka)..];
         let out = &mut acc[i];
         for kk in k0..k1 {
-            let av = a[t.kmap.map_or(kk, |m| m[kk])];
+            let av = a[t.kmap.map_or(kk, |m| m[kk]) * PACK];
             let at = t.boff.map_or(kk * t.ldb, |o| o[kk]);
             let b = &t.panel[at..at + NR];
             for j in 0..NR {
@@ -225,9 +356,21 @@ fn portable_kernel(t: &Tile, k0: usize, k1: usize, acc: &mut Acc) {
     }
 }
 
+/// Start of each tile row's A row (column 0), for the kernels' row-by-row path; unused
+/// rows repeat the first (read, never stored).
+#[inline(always)]
+unsafe fn row_starts<const MR: usize>(t: &Tile) -> [*const f32; MR] {
+    let base = t.a.as_ptr();
+    let mut rows = [base.add(a_offset(t.arows[0], t.ka)); MR];
+    for (i, &r) in t.arows.iter().enumerate() {
+        rows[i] = base.add(a_offset(r, t.ka));
+    }
+    rows
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Acc, Tile};
+    use super::{row_starts, Acc, Tile, PACK};
     use std::arch::x86_64::*;
 
     const MR: usize = 12;
@@ -235,28 +378,33 @@ mod avx512 {
     /// 12 rows × 32 columns: 24 zmm accumulators; per k, two panel loads and one
     /// broadcast per row.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, out: &mut Acc) {
-        match (t.kmap.is_some(), t.boff.is_some()) {
-            (false, false) => body::<false, false>(t, k0, k1, out),
-            (true, false) => body::<true, false>(t, k0, k1, out),
-            (false, true) => body::<false, true>(t, k0, k1, out),
-            (true, true) => body::<true, true>(t, k0, k1, out),
+    pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, out: &mut Acc, next: *const f32) {
+        let pf = !next.is_null();
+        match (t.one_block(MR), t.kmap.is_some(), t.boff.is_some(), pf) {
+            (true, false, false, false) => body::<true, false, false, false>(t, k0, k1, out, next),
+            (true, false, false, true) => body::<true, false, false, true>(t, k0, k1, out, next),
+            (true, true, false, _) => body::<true, true, false, false>(t, k0, k1, out, next),
+            (true, false, true, _) => body::<true, false, true, false>(t, k0, k1, out, next),
+            (true, true, true, _) => body::<true, true, true, false>(t, k0, k1, out, next),
+            (false, false, false, _) => body::<false, false, false, false>(t, k0, k1, out, next),
+            (false, true, false, _) => body::<false, true, false, false>(t, k0, k1, out, next),
+            (false, false, true, _) => body::<false, false, true, false>(t, k0, k1, out, next),
+            (false, true, true, _) => body::<false, true, true, false>(t, k0, k1, out, next),
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn body<const MAPPED: bool, const OFFS: bool>(
+    unsafe fn body<const BLOCK: bool, const MAPPED: bool, const OFFS: bool, const PF: bool>(
         t: &Tile,
         k0: usize,
         k1: usize,
         out: &mut Acc,
+        next: *const f32,
     ) {
         let map = t.kmap.map_or(std::ptr::null(), <[usize]>::as_ptr);
         let offs = t.boff.map_or(std::ptr::null(), <[usize]>::as_ptr);
-        let mut rows = [t.a.as_ptr(); MR];
-        for (i, &r) in t.rows.iter().enumerate() {
-            rows[i] = t.a.as_ptr().add(r * t.lda);
-        }
+        let rows = row_starts::<MR>(t);
+        let a0 = rows[0];
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         if k0 > 0 {
             for i in 0..t.rows.len() {
@@ -266,7 +414,7 @@ mod avx512 {
         }
         let mut b = t.panel.as_ptr().add(k0 * t.ldb);
         for kk in k0..k1 {
-            let ka = if MAPPED { *map.add(kk) } else { kk };
+            let ka = PACK * if MAPPED { *map.add(kk) } else { kk };
             let bp = if OFFS {
                 t.panel.as_ptr().add(*offs.add(kk))
             } else {
@@ -274,8 +422,17 @@ mod avx512 {
             };
             let b0 = _mm512_loadu_ps(bp);
             let b1 = _mm512_loadu_ps(bp.add(16));
+            if PF {
+                let at = next.wrapping_add((kk - k0) * PACK) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(at);
+            }
             for i in 0..MR {
-                let a = _mm512_set1_ps(*rows[i].add(ka));
+                let src = if BLOCK {
+                    a0.add(ka + i)
+                } else {
+                    rows[i].add(ka)
+                };
+                let a = _mm512_set1_ps(*src);
                 acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
                 acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
             }
@@ -290,7 +447,7 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Acc, Tile};
+    use super::{row_starts, Acc, Tile, PACK};
     use std::arch::x86_64::*;
 
     const MR: usize = 6;
@@ -298,16 +455,20 @@ mod avx2 {
     /// 6 rows × 16 columns (`half` = 0 or 16 of the panel): 12 ymm accumulators.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, half: usize, out: &mut Acc) {
-        match (t.kmap.is_some(), t.boff.is_some()) {
-            (false, false) => body::<false, false>(t, k0, k1, half, out),
-            (true, false) => body::<true, false>(t, k0, k1, half, out),
-            (false, true) => body::<false, true>(t, k0, k1, half, out),
-            (true, true) => body::<true, true>(t, k0, k1, half, out),
+        match (t.one_block(MR), t.kmap.is_some(), t.boff.is_some()) {
+            (true, false, false) => body::<true, false, false>(t, k0, k1, half, out),
+            (true, true, false) => body::<true, true, false>(t, k0, k1, half, out),
+            (true, false, true) => body::<true, false, true>(t, k0, k1, half, out),
+            (true, true, true) => body::<true, true, true>(t, k0, k1, half, out),
+            (false, false, false) => body::<false, false, false>(t, k0, k1, half, out),
+            (false, true, false) => body::<false, true, false>(t, k0, k1, half, out),
+            (false, false, true) => body::<false, false, true>(t, k0, k1, half, out),
+            (false, true, true) => body::<false, true, true>(t, k0, k1, half, out),
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn body<const MAPPED: bool, const OFFS: bool>(
+    unsafe fn body<const BLOCK: bool, const MAPPED: bool, const OFFS: bool>(
         t: &Tile,
         k0: usize,
         k1: usize,
@@ -316,10 +477,8 @@ mod avx2 {
     ) {
         let map = t.kmap.map_or(std::ptr::null(), <[usize]>::as_ptr);
         let offs = t.boff.map_or(std::ptr::null(), <[usize]>::as_ptr);
-        let mut rows = [t.a.as_ptr(); MR];
-        for (i, &r) in t.rows.iter().enumerate() {
-            rows[i] = t.a.as_ptr().add(r * t.lda);
-        }
+        let rows = row_starts::<MR>(t);
+        let a0 = rows[0];
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         if k0 > 0 {
             for i in 0..t.rows.len() {
@@ -329,7 +488,7 @@ mod avx2 {
         }
         let mut b = t.panel.as_ptr().add(k0 * t.ldb + half);
         for kk in k0..k1 {
-            let ka = if MAPPED { *map.add(kk) } else { kk };
+            let ka = PACK * if MAPPED { *map.add(kk) } else { kk };
             let bp = if OFFS {
                 t.panel.as_ptr().add(*offs.add(kk) + half)
             } else {
@@ -338,7 +497,12 @@ mod avx2 {
             let b0 = _mm256_loadu_ps(bp);
             let b1 = _mm256_loadu_ps(bp.add(8));
             for i in 0..MR {
-                let a = _mm256_set1_ps(*rows[i].add(ka));
+                let src = if BLOCK {
+                    a0.add(ka + i)
+                } else {
+                    rows[i].add(ka)
+                };
+                let a = _mm256_set1_ps(*src);
                 acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
                 acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
             }
@@ -573,7 +737,12 @@ mod tests {
             let k = gk.k();
             let bias: Vec<f32> = (0..m).map(|_| rng.random_range(-1.0..1.0)).collect();
             let res: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let kept = rng.random_range(1..=m);
+            // All rows (whole packed blocks), or a plan's kept rows.
+            let kept = if rng.random_bool(0.3) {
+                m
+            } else {
+                rng.random_range(1..=m)
+            };
             let mut rows = sample(&mut rng, m, kept).into_vec();
             rows.sort_unstable();
             let kept = rng.random_range(1..=n);
@@ -583,6 +752,18 @@ mod tests {
             let residual = rng.random_bool(0.5).then_some(res.as_slice());
             let mut packed = vec![f32::NAN; packed_len(cols.len(), k)];
             pack_im2col(&x, &gk, mapped.then_some(&chans[..]), &cols, &mut packed);
+            // A packed whole (tiles name their rows and map kept columns), or the kept
+            // rows and columns gathered into a compact A (tiles read it in order).
+            let whole = pack_a(&w, m, lda);
+            let compact = rng.random_bool(0.5);
+            let (a, ka, kmap) = if compact {
+                let mut a = vec![f32::NAN; packed_a_len(rows.len(), k)];
+                pack_a_subset(&whole, lda, &rows, mapped.then_some(&kmap[..]), &mut a);
+                (a, k, None)
+            } else {
+                (whole, lda, mapped.then_some(kmap))
+            };
+            let order: Vec<usize> = (0..rows.len()).collect();
             for isa in isas() {
                 let mut c = vec![0f32; m * n];
                 let ep = Epilogue {
@@ -591,11 +772,12 @@ mod tests {
                     act,
                 };
                 for (p, pc) in cols.chunks(NR).enumerate() {
-                    for rb in rows.chunks(isa.mr()) {
+                    for (rb, ob) in rows.chunks(isa.mr()).zip(order.chunks(isa.mr())) {
                         let tile = Tile {
-                            a: &w,
-                            lda,
-                            kmap: mapped.then_some(&kmap[..]),
+                            a: &a,
+                            ka,
+                            arows: if compact { ob } else { rb },
+                            kmap: kmap.as_deref(),
                             boff: None,
                             k,
                             rows: rb,

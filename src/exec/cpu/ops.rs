@@ -76,15 +76,29 @@ pub fn depthwise(
 
 /// Max pooling; padded cells never win. `input`: N×C×H×W (N·C planes).
 pub fn max_pool(input: &[f32], win: Window) -> Vec<f32> {
+    let planes = input.len() / (win.in_hw[0] * win.in_hw[1]);
+    let mut out = vec![0f32; planes * win.out_hw[0] * win.out_hw[1]];
+    max_pool_into(&mut out, input, win);
+    out
+}
+
+/// [`max_pool`] into `out` (every cell is written).
+pub fn max_pool_into(out: &mut [f32], input: &[f32], win: Window) {
     let [h, w] = win.in_hw;
     let [oh, ow] = win.out_hw;
     let in_plane = h * w;
     let out_plane = oh * ow;
-    let mut out = vec![0f32; input.len() / in_plane * out_plane];
-    // Separable: the max over a window is the max over its rows of each row's max over
-    // the window's columns. Per plane, first every input row's horizontal maxima at the
-    // output columns, then the vertical maxima of those: kw + kh compares per output
-    // instead of kw · kh, and no per-tap bounds test in the inner loops.
+    assert_eq!(
+        out.len(),
+        input.len() / in_plane * out_plane,
+        "pool output size"
+    );
+    // Separable: the max over a window is the max over its columns of each column's max
+    // over the window's rows. Per output row, first the vertical maxima of the rows it
+    // spans (contiguous: vectorized), then the horizontal maxima of those at the output
+    // columns: kh + kw compares per output instead of kh · kw, and no per-tap bounds test
+    // in the inner loops. `if v > m` (not `f32::max`) so the compiler emits `vmaxps`;
+    // starting from −∞, a NaN never wins in either form.
     let span = |o: usize, axis: usize, len: usize| {
         let lo = (o * win.stride[axis]) as isize - win.pad_tl[axis] as isize;
         let hi = lo + win.kernel[axis] as isize;
@@ -92,29 +106,27 @@ pub fn max_pool(input: &[f32], win: Window) -> Vec<f32> {
     };
     let cols: Vec<(usize, usize)> = (0..ow).map(|ox| span(ox, 1, w)).collect();
     let rows: Vec<(usize, usize)> = (0..oh).map(|oy| span(oy, 0, h)).collect();
+    let larger = |m: f32, v: f32| if v > m { v } else { m };
     out.par_chunks_mut(out_plane).enumerate().for_each_init(
         Vec::new,
-        |hmax: &mut Vec<f32>, (p, o)| {
+        |vmax: &mut Vec<f32>, (p, o)| {
             let x = &input[p * in_plane..(p + 1) * in_plane];
-            hmax.clear();
-            hmax.resize(h * ow, f32::NEG_INFINITY);
-            for (src, dst) in x.chunks_exact(w).zip(hmax.chunks_exact_mut(ow)) {
-                for (d, &(x0, x1)) in dst.iter_mut().zip(&cols) {
-                    *d = src[x0..x1]
-                        .iter()
-                        .copied()
-                        .fold(f32::NEG_INFINITY, f32::max);
-                }
-            }
             for (orow, &(y0, y1)) in o.chunks_exact_mut(ow).zip(&rows) {
-                orow.fill(f32::NEG_INFINITY);
-                for r in hmax[y0 * ow..y1 * ow].chunks_exact(ow) {
-                    orow.iter_mut().zip(r).for_each(|(m, &v)| *m = m.max(v));
+                vmax.clear();
+                vmax.resize(w, f32::NEG_INFINITY);
+                for r in x[y0 * w..y1 * w].chunks_exact(w) {
+                    vmax.iter_mut()
+                        .zip(r)
+                        .for_each(|(m, &v)| *m = larger(*m, v));
+                }
+                for (d, &(x0, x1)) in orow.iter_mut().zip(&cols) {
+                    *d = vmax[x0..x1]
+                        .iter()
+                        .fold(f32::NEG_INFINITY, |m, &v| larger(m, v));
                 }
             }
         },
     );
-    out
 }
 
 /// PyTorch's adaptive average pooling: output cell i covers input rows
