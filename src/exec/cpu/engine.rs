@@ -215,12 +215,13 @@ impl EngineExecutor {
                         max_cols = max_cols.max(oh * ow);
                         let (rows, k) = (cv.out_channels / cv.groups, cv.in_channels / cv.groups);
                         let k = k * cv.kernel[0] * cv.kernel[1];
-                        let weight = w()?;
+                        let mut weight =
+                            Vec::with_capacity(cv.groups * gemm::packed_a_len(rows, k));
+                        for g in w()?.chunks_exact(rows * k) {
+                            weight.extend_from_slice(&gemm::pack_a(g, rows, k));
+                        }
                         Layer::Gemm {
-                            weight: weight
-                                .chunks_exact(rows * k)
-                                .flat_map(|g| gemm::pack_a(g, rows, k))
-                                .collect(),
+                            weight,
                             bias: b()?,
                             groups: cv.groups,
                             geom: ConvGeom {
