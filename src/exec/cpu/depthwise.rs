@@ -64,8 +64,10 @@ pub fn depthwise_planes_into(
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]
     let fma = false;
+    // Small planes (late layers: hundreds of 7×7 or 14×14 planes) go several to a task.
     out.par_chunks_mut(out_plane)
         .enumerate()
+        .with_min_len((1024 / out_plane.max(1)).max(1))
         .for_each_init(Vec::new, |scratch, (nc, o)| {
             if keep.is_some_and(|k| !k[nc]) {
                 return;
@@ -129,6 +131,8 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
     let row_len = phase_w * sx;
     scratch.clear();
     scratch.resize(ph * row_len, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    let even_copy = sx == 2 && std::arch::is_x86_feature_detected!("avx512f");
     for py in 0..ph {
         let Some(iy) = (py).checked_sub(w.pad_tl[0]).filter(|&iy| iy < h) else {
             continue;
@@ -142,12 +146,39 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
             // Phase q holds padded columns q, q + sx, …; padded column px is input px - pad.
             // Input column ix lands in phase (ix + pad) % sx at index (ix + pad) / sx.
             let last = wd.min(pw.saturating_sub(w.pad_tl[1]));
+            #[cfg(target_arch = "x86_64")]
+            if sx == 2 && last >= 2 && even_copy {
+                // Even input columns land in phase pad % 2 from index pad / 2, odd ones
+                // in the other phase from ⌈pad / 2⌉.
+                let pad = w.pad_tl[1];
+                let (ne, no) = (last.div_ceil(2), last / 2);
+                let (ph0, ph1) = dst.split_at_mut(phase_w);
+                let (pe, po) = if pad.is_multiple_of(2) {
+                    (ph0, ph1)
+                } else {
+                    (ph1, ph0)
+                };
+                // SAFETY: AVX-512F is present (checked with `even_copy`).
+                unsafe {
+                    super::gemm::copy_even(&src[..2 * ne - 1], &mut pe[pad / 2..pad / 2 + ne]);
+                    let at = pad.div_ceil(2);
+                    super::gemm::copy_even(&src[1..2 * no], &mut po[at..at + no]);
+                }
+                continue;
+            }
             for q in 0..sx {
                 // First input column of this phase.
                 let first = (q + sx - w.pad_tl[1] % sx) % sx;
+                if first >= last {
+                    continue;
+                }
                 let phase = &mut dst[q * phase_w..(q + 1) * phase_w];
-                for ix in (first..last).step_by(sx) {
-                    phase[(ix + w.pad_tl[1]) / sx] = src[ix];
+                let at = (first + w.pad_tl[1]) / sx;
+                for (d, &v) in phase[at..]
+                    .iter_mut()
+                    .zip(src[first..last].iter().step_by(sx))
+                {
+                    *d = v;
                 }
             }
         }
@@ -155,6 +186,43 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
     // Start of each tap's source run within a padded row: output x reads padded column
     // x·sx + kx, which is index x + kx / sx of phase kx % sx.
     let starts: Vec<usize> = (0..kw).map(|kx| (kx % sx) * phase_w + kx / sx).collect();
+    // Planes narrower than a vector (7×7 and smaller): one flat sweep per tap over every
+    // output row at once, with the rows `sy · row_len` apart as in the padded input; the
+    // columns past `ow` are computed and dropped.
+    let pitch = sy * row_len;
+    let flat_len = (oh - 1) * pitch + ow;
+    if ow < LANES && flat_len >= LANES {
+        // The sweep's results go after the padded plane in the scratch buffer.
+        let base = scratch.len();
+        scratch.resize(base + flat_len, 0.0);
+        let (padded, flat) = scratch.split_at_mut(base);
+        let mut x0 = 0;
+        loop {
+            let x = x0.min(flat_len - LANES);
+            let mut acc = [job.bias; LANES];
+            for ky in 0..kh {
+                for (kx, &st) in starts.iter().enumerate() {
+                    let kv = job.k[ky * kw + kx];
+                    let at = ky * row_len + st + x;
+                    let src: &[f32; LANES] =
+                        padded[at..at + LANES].try_into().unwrap_or(&[0.0; LANES]);
+                    for l in 0..LANES {
+                        acc[l] = madd::<FMA>(kv, src[l], acc[l]);
+                    }
+                }
+            }
+            flat[x..x + LANES].copy_from_slice(&acc);
+            if x + LANES >= flat_len {
+                break;
+            }
+            x0 += LANES;
+        }
+        for (oy, o) in out.chunks_exact_mut(ow).enumerate() {
+            o.copy_from_slice(&flat[oy * pitch..oy * pitch + ow]);
+            finish(job, oy, o);
+        }
+        return;
+    }
     for oy in 0..oh {
         let o = &mut out[oy * ow..(oy + 1) * ow];
         let rows = &scratch[oy * sy * row_len..];
@@ -199,16 +267,23 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
                 *a = v;
             }
         }
-        match job.residual {
-            Some(r) => {
-                for (a, &b) in o.iter_mut().zip(&r[oy * ow..(oy + 1) * ow]) {
-                    *a = job.act.apply(*a + b);
-                }
+        finish(job, oy, o);
+    }
+}
+
+/// Adds the residual (if any) to output row `oy` and applies the activation.
+#[inline(always)]
+fn finish(job: &Plane, oy: usize, o: &mut [f32]) {
+    let ow = o.len();
+    match job.residual {
+        Some(r) => {
+            for (a, &b) in o.iter_mut().zip(&r[oy * ow..(oy + 1) * ow]) {
+                *a = job.act.apply(*a + b);
             }
-            None => {
-                for a in o.iter_mut() {
-                    *a = job.act.apply(*a);
-                }
+        }
+        None => {
+            for a in o.iter_mut() {
+                *a = job.act.apply(*a);
             }
         }
     }

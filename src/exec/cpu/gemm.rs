@@ -685,7 +685,7 @@ pub fn pack_panel(
 /// AVX-512F is available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn copy_even(src: &[f32], dst: &mut [f32]) {
+pub(crate) unsafe fn copy_even(src: &[f32], dst: &mut [f32]) {
     use std::arch::x86_64::*;
     debug_assert_eq!(src.len(), 2 * dst.len() - 1);
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
