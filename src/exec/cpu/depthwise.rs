@@ -275,18 +275,12 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
 #[inline(always)]
 fn finish(job: &Plane, oy: usize, o: &mut [f32]) {
     let ow = o.len();
-    match job.residual {
-        Some(r) => {
-            for (a, &b) in o.iter_mut().zip(&r[oy * ow..(oy + 1) * ow]) {
-                *a = job.act.apply(*a + b);
-            }
-        }
-        None => {
-            for a in o.iter_mut() {
-                *a = job.act.apply(*a);
-            }
+    if let Some(r) = job.residual {
+        for (a, &b) in o.iter_mut().zip(&r[oy * ow..(oy + 1) * ow]) {
+            *a += b;
         }
     }
+    job.act.apply_slice(o);
 }
 
 /// Outputs computed together in registers (one AVX2 vector).

@@ -312,15 +312,16 @@ unsafe fn store_body(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
                 Some(r) => {
                     let r = &r[at..at + n];
                     for j in 0..n {
-                        dst[j] = ep.act.apply(a[j] + b + r[j]);
+                        dst[j] = a[j] + b + r[j];
                     }
                 }
                 None => {
                     for j in 0..n {
-                        dst[j] = ep.act.apply(a[j] + b);
+                        dst[j] = a[j] + b;
                     }
                 }
             }
+            ep.act.apply_slice(dst);
         } else {
             for (j, &col) in t.cols.iter().enumerate() {
                 let idx = row * t.ldc + col;
