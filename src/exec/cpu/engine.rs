@@ -12,9 +12,8 @@
 //! from a pool and go back to it. Tasks run on the current rayon pool.
 //!
 //! Dynamic passes run the same GEMM on a [`Subset`] per sample: kept output channels are
-//! A's rows read in place, kept input channels are packed alone and the micro-kernel maps
-//! them back to A's columns (or, where A serves enough panels, the kept rows and columns
-//! are gathered into a compact A first), kept pixels are the panel's columns; the output
+//! A's rows read in place by index, kept input channels are packed alone and their
+//! columns of A copied into a compact A, kept pixels are the panel's columns; the output
 //! is written in place.
 
 use rayon::prelude::*;
@@ -140,11 +139,6 @@ struct Compact {
     /// Time the gates took, summed over samples (which run in parallel).
     gate_ms: f64,
 }
-
-/// Fewest B panels (over the batch) for which a convolution with kept input channels
-/// gathers their weight columns (of its kept rows) into a compact A rather than mapping
-/// them in the kernel.
-const COMPACT_A_PANELS: usize = 4;
 
 /// Size of A (bytes) above which panels run in groups on each block of A (a part of
 /// the 1 MiB L2 of a Zen core, which also holds the panels and output).
@@ -402,39 +396,26 @@ impl EngineExecutor {
         } else {
             ncols.div_ceil(NR)
         };
-        // A plan's kept rows and input channels read the packed weights in place: each
-        // tile row at its own place, through a map of A's columns. Where A serves many
-        // panels, its kept rows and columns are gathered once into a compact A (one
-        // stream per tile, no map): mapping columns inside the micro-kernel cost about
-        // 1.6× its time on AVX-512 (staircase example, 16×16). Where it serves few (a
-        // 1×1 layer over 7×7 pixels with 2048 outputs), the copy costs more than it saves.
-        let compact_a = chans
-            .filter(|_| batch * panels >= COMPACT_A_PANELS)
-            .map(|_| {
-                debug_assert_eq!(groups, 1);
-                let kmap = chans.map(|c| {
-                    c.iter()
-                        .flat_map(|&ci| ci * taps..(ci + 1) * taps)
-                        .collect::<Vec<_>>()
-                });
-                let mut a = self.pool.take_dirty(gemm::packed_a_len(row_list.len(), k));
-                // Block by block of the result: each is one slice of rows.
-                let fill = |(b, out): (usize, &mut [f32])| {
-                    let rows =
-                        &row_list[b * gemm::PACK..((b + 1) * gemm::PACK).min(row_list.len())];
-                    gemm::pack_a_subset(weight, lda, rows, kmap.as_deref(), out);
-                };
-                if serial {
-                    a.chunks_mut(gemm::PACK * k).enumerate().for_each(fill);
-                } else {
-                    a.par_chunks_mut(gemm::PACK * k).enumerate().for_each(fill);
-                }
-                a
-            });
-        let kmap: Option<Vec<usize>> = chans.filter(|_| compact_a.is_none()).map(|c| {
-            c.iter()
-                .flat_map(|&ci| ci * taps..(ci + 1) * taps)
-                .collect()
+        // A plan's kept input channels: their columns of A are copied into a compact A
+        // (contiguous runs, block by block; rows keep their indices), so tiles read A
+        // without a map. Mapping columns inside the micro-kernel instead cost about 1.6×
+        // its time on AVX-512 (staircase example, 16×16); the copy, 3–7% less in total
+        // time than mapping wherever a layer has fewer than 4 panels (ResNet-18/50 at
+        // budget 0.5 and keep 0.85). Kept output rows read A in place by index.
+        let compact_a = chans.map(|c| {
+            debug_assert_eq!(groups, 1);
+            let blocks = rows_per_group.div_ceil(gemm::PACK);
+            let mut a = self.pool.take_dirty(blocks * gemm::PACK * k);
+            let (src, dst) = (gemm::PACK * lda, gemm::PACK * k);
+            if serial {
+                gemm::pack_a_channels(weight, lda, c, taps, &mut a);
+            } else {
+                weight
+                    .par_chunks_exact(src)
+                    .zip(a.par_chunks_exact_mut(dst))
+                    .for_each(|(w, out)| gemm::pack_a_channels(w, lda, c, taps, out));
+            }
+            a
         });
         let mr = self.isa.mr();
         let row_blocks = row_list.len().div_ceil(mr);
@@ -529,13 +510,9 @@ impl EngineExecutor {
             // (sample, group) blocks of the output are contiguous: sg · rows_per_group · n.
             let out_off = sg * rows_per_group * n;
             let group_len = gemm::packed_a_len(rows_per_group, lda);
-            let (a, ka, arows) = match &compact_a {
-                Some(a) => (a.as_slice(), k, &self.all_rows[..row_list.len()]),
-                None => (
-                    &weight[grp * group_len..(grp + 1) * group_len],
-                    lda,
-                    row_list,
-                ),
+            let (a, ka) = match &compact_a {
+                Some(a) => (a.as_slice(), k),
+                None => (&weight[grp * group_len..(grp + 1) * group_len], lda),
             };
             let ep = Epilogue {
                 bias: &bias[grp * rows_per_group..(grp + 1) * rows_per_group],
@@ -576,8 +553,8 @@ impl EngineExecutor {
                     tiles.push(Tile {
                         a,
                         ka,
-                        arows: &arows[r0..(r0 + mr).min(last)],
-                        kmap: kmap.as_deref(),
+                        arows: &row_list[r0..(r0 + mr).min(last)],
+                        kmap: None,
                         boff: boff.as_deref(),
                         k,
                         rows: &row_list[r0..(r0 + mr).min(last)],
@@ -599,14 +576,14 @@ impl EngineExecutor {
                     // panel prefetches the next row tile's block of A. Elsewhere A is in
                     // L2, and prefetching measured no gain.
                     let next = match tiles.get(j + np) {
-                        Some(n) if per_group > 1 && j % np == 0 && kmap.is_none() => {
+                        Some(n) if per_group > 1 && j % np == 0 => {
                             let at = gemm::a_offset(n.arows[0], n.ka) + k0 * gemm::PACK;
                             n.a.as_ptr().wrapping_add(at)
                         }
                         _ => std::ptr::null(),
                     };
-                    // SAFETY: arows index `a` (rows_per_group or the compact rows, ka
-                    // columns, k ≤ ka, whole blocks); kmap entries are < lda; the panel
+                    // SAFETY: arows < rows_per_group index `a` (whole blocks, ka
+                    // columns, k ≤ ka); the panel
                     // holds k × NR, or (in place) every boff[kk] + NR is inside it,
                     // through the padded input's NR values of slack.
                     unsafe { gemm::accumulate_prefetching(self.isa, tile, k0, k1, acc, next) };

@@ -9,8 +9,8 @@
 //!   subset of output channels (a sparse plan's kept channels) without repacking the
 //!   weight tensor per input: a tile of consecutive rows inside one block reads one
 //!   stream; any other subset reads each row at its own place, with the same K stride.
-//!   A sparse plan that reuses A over many panels may still gather its kept rows and
-//!   columns into a compact packed A ([`pack_a_subset`]) to get the single stream.
+//!   A sparse plan that reuses A over many panels copies its kept input channels'
+//!   columns into a compact packed A ([`pack_a_channels`]), block by block.
 //! * **B** is packed per call into panels of [`NR`] columns, `[panels][K][NR]`, zero-padded
 //!   on the last panel. The packer is the convolution's im2col ([`pack_im2col`]): it
 //!   reads only the output positions it is given, so a spatially sparse plan packs only
@@ -110,27 +110,28 @@ pub fn pack_a(w: &[f32], rows: usize, k: usize) -> Vec<f32> {
     out
 }
 
-/// Gathers rows `rows` (in that order) of packed `a` (`k` columns), and of each row the
-/// columns `cols` (all without a list), into a new packed A in `out`: row `i` of the
-/// result is `a`'s row `rows[i]`, and the rows that pad the last block are zero.
-/// `out` holds at least `packed_a_len(rows.len(), cols.len())`.
-pub fn pack_a_subset(a: &[f32], k: usize, rows: &[usize], cols: Option<&[usize]>, out: &mut [f32]) {
-    let kc = cols.map_or(k, <[usize]>::len);
-    // Block by block of the result, column by column: each step writes PACK
-    // consecutive floats, read from the same column of up to PACK source rows.
-    for (b, rb) in rows.chunks(PACK).enumerate() {
-        let dst = &mut out[b * PACK * kc..(b + 1) * PACK * kc];
-        let mut src = [0usize; PACK];
-        for (s, &r) in src.iter_mut().zip(rb) {
-            *s = a_offset(r, k);
-        }
-        let n = rb.len();
-        for (j, d) in dst.chunks_exact_mut(PACK).enumerate() {
-            let c = PACK * cols.map_or(j, |m| m[j]);
-            for i in 0..n {
-                d[i] = a[src[i] + c];
+/// Copies the columns of input channels `chans` (each `taps` consecutive columns) of
+/// packed `a` (`k` columns, whole blocks) into `out`, a packed A of the same rows with
+/// `chans.len() · taps` columns: one contiguous run of `PACK · taps` floats per block and
+/// channel. Rows keep their indices, so a plan's kept rows read it as they read `a`.
+pub fn pack_a_channels(a: &[f32], k: usize, chans: &[usize], taps: usize, out: &mut [f32]) {
+    let kc = chans.len() * taps;
+    let run = PACK * taps;
+    for (src, dst) in a
+        .chunks_exact(PACK * k)
+        .zip(out.chunks_exact_mut(PACK * kc))
+    {
+        if taps == 1 {
+            // Runs of one column: fixed-size copies, not a memmove call each.
+            for (&c, d) in chans.iter().zip(dst.chunks_exact_mut(PACK)) {
+                let from: &[f32; PACK] = src[c * PACK..(c + 1) * PACK].try_into().unwrap();
+                let to: &mut [f32; PACK] = d.try_into().unwrap();
+                *to = *from;
             }
-            d[n..].fill(0.0);
+        } else {
+            for (&c, d) in chans.iter().zip(dst.chunks_exact_mut(run)) {
+                d.copy_from_slice(&src[c * run..(c + 1) * run]);
+            }
         }
     }
 }
@@ -843,18 +844,16 @@ mod tests {
             let residual = rng.random_bool(0.5).then_some(res.as_slice());
             let mut packed = vec![f32::NAN; packed_len(cols.len(), k)];
             pack_im2col(&x, &gk, mapped.then_some(&chans[..]), &cols, &mut packed);
-            // A packed whole (tiles name their rows and map kept columns), or the kept
-            // rows and columns gathered into a compact A (tiles read it in order).
+            // A packed whole (tiles map kept columns), or the kept input channels'
+            // columns copied into a compact A (tiles read it in order).
             let whole = pack_a(&w, m, lda);
-            let compact = rng.random_bool(0.5);
-            let (a, ka, kmap) = if compact {
-                let mut a = vec![f32::NAN; packed_a_len(rows.len(), k)];
-                pack_a_subset(&whole, lda, &rows, mapped.then_some(&kmap[..]), &mut a);
+            let (a, ka, kmap) = if mapped && rng.random_bool(0.5) {
+                let mut a = vec![f32::NAN; packed_a_len(m, k)];
+                pack_a_channels(&whole, lda, &chans, taps, &mut a);
                 (a, k, None)
             } else {
                 (whole, lda, mapped.then_some(kmap))
             };
-            let order: Vec<usize> = (0..rows.len()).collect();
             for isa in isas() {
                 let mut c = vec![0f32; m * n];
                 let ep = Epilogue {
@@ -863,11 +862,11 @@ mod tests {
                     act,
                 };
                 for (p, pc) in cols.chunks(NR).enumerate() {
-                    for (rb, ob) in rows.chunks(isa.mr()).zip(order.chunks(isa.mr())) {
+                    for rb in rows.chunks(isa.mr()) {
                         let tile = Tile {
                             a: &a,
                             ka,
-                            arows: if compact { ob } else { rb },
+                            arows: rb,
                             kmap: kmap.as_deref(),
                             boff: None,
                             k,
