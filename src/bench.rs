@@ -15,6 +15,7 @@
 //!     runs: 3,
 //!     warmup: 1,
 //!     threads: Some(1),
+//!     device: dynsparse::DeviceChoice::Cpu,
 //!     channel_round: None,
 //!     images,
 //!     labels: Vec::new(),
@@ -49,6 +50,11 @@ pub struct Config {
     pub warmup: usize,
     /// Worker threads (`None`: one per core).
     pub threads: Option<usize>,
+    /// Where to run. Dense execution runs on CUDA through [`Runtime`]; gated policies run
+    /// on the CPU only in this release, so with [`DeviceChoice::Cuda`] every policy must
+    /// be dense (anything else is an [`Error::Input`]), and without a GPU the run stops
+    /// at once with the reason.
+    pub device: DeviceChoice,
     /// Kept channel counts round to this (see [`Options::channel_round`]).
     pub channel_round: Option<usize>,
     /// Real inputs: when given, the timed batches are made of them (cycled) instead of
@@ -168,8 +174,8 @@ pub fn input(model: &Model, batch: usize) -> Result<TensorData> {
     TensorData::new(vec![batch, s.channels, s.height, s.width], data)
 }
 
-/// Times `config` on `model` on the CPU. `progress(done, total)` is called after every
-/// timed or warm-up pass.
+/// Times `config` on `model` on [`Config::device`]. `progress(done, total)` is called
+/// after every timed or warm-up pass.
 pub fn run(
     model: &Model,
     config: &Config,
@@ -188,6 +194,14 @@ pub fn run(
     if config.batches.is_empty() || config.batches.contains(&0) {
         return Err(Error::Input("batch sizes must be at least 1".into()));
     }
+    if config.device == DeviceChoice::Cuda {
+        if let Some((label, _)) = config.policies.iter().find(|(_, p)| *p != Policy::Dense) {
+            return Err(Error::Input(format!(
+                "`{label}` is a gated policy, and gated execution runs on the CPU in this \
+                 release: time it with the CPU, or time dense alone on the GPU"
+            )));
+        }
+    }
     let mut policies = vec![("dense".to_string(), Policy::Dense)];
     policies.extend(config.policies.iter().cloned());
     let runtimes = policies
@@ -196,7 +210,7 @@ pub fn run(
             let options = Options {
                 top_k: 1,
                 threads: config.threads,
-                device: DeviceChoice::Cpu,
+                device: config.device,
                 policy: *policy,
                 layer_stats: true,
                 channel_round: config.channel_round,

@@ -426,6 +426,24 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("plots are written as SVG"));
+    // On a GPU, gated policies are refused before anything runs; without one, dense on
+    // CUDA stops with the reason.
+    let model = demo_model();
+    let on_cuda = |extra: &[&str]| {
+        let mut args = vec!["bench", "--model", model.to_str().unwrap()];
+        args.extend(["--device", "cuda", "--runs", "1", "--batch", "1"]);
+        args.extend(extra);
+        Command::new(common::bin()).args(&args).output().unwrap()
+    };
+    let out = on_cuda(&["--keep", "0.5"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`keep 0.5` is a gated policy"));
+    if dynsparse::exec::cuda::device_count() == 0 {
+        let out = on_cuda(&[]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("CUDA") || err.contains("cuda"), "{err}");
+    }
 }
 
 #[test]

@@ -50,6 +50,12 @@ timeout 300 $BIN cuda-check --cases ${CASES:-60} \
   2>&1 | tee "$OUT/cuda_check.md"
 echo "cuda-check rc=${PIPESTATUS[0]}"
 
+log "dense through the benchmark harness (dynsparse bench --device cuda)"
+for a in resnet50 mobilenet_v2; do
+  timeout 120 $BIN bench --device cuda --model $M/$a.dsm --batch 1,8,64 --runs 20 \
+    --json "$OUT/bench_cuda_$a.json" 2>&1 | tee "$OUT/bench_cuda_$a.md"
+done
+
 log "logits against PyTorch"
 for a in resnet18 resnet50; do
   $BIN infer --device cuda --model $M/$a.dsm --tensor $M/input_b3.npy --json > "$OUT/$a.cuda.json" \

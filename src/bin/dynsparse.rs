@@ -107,9 +107,10 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Time a model dense and dynamic on the CPU: policies interleaved run by run,
-    /// median / p10 / p90, executed FLOPs, GFLOP/s and the ratio to dense from the same
-    /// run, as a Markdown table (and JSON with every number).
+    /// Time a model dense and dynamic on the CPU (dense alone on a CUDA GPU with
+    /// --device cuda): policies interleaved run by run, median / p10 / p90, executed
+    /// FLOPs, GFLOP/s and the ratio to dense from the same run, as a Markdown table (and
+    /// JSON with every number).
     Bench {
         /// Model file.
         #[arg(long)]
@@ -172,6 +173,10 @@ enum Command {
         /// torch, safetensors, onnx and onnxruntime).
         #[arg(long, conflicts_with = "images")]
         peers: bool,
+        /// Where to run: the CPU, or a CUDA GPU (dense only in this release; an error
+        /// without a GPU).
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
     },
     /// Measure this machine's tail-effect staircase — latency against kept output
     /// channels and kept tiles for representative layers — and save the channel
@@ -361,6 +366,7 @@ fn run(cli: Cli) -> Result<()> {
             threshold,
             images,
             peers,
+            device,
         } => {
             let gates = |channels, tiles| Policy::Gates(Gates { channels, tiles });
             let mut policies: Vec<(String, Policy)> = Vec::new();
@@ -392,6 +398,7 @@ fn run(cli: Cli) -> Result<()> {
                 runs,
                 warmup,
                 threads,
+                device: device.into(),
                 channel_round: match profile {
                     Some(p) => Some(dynsparse::profile::Profile::load(&p)?.channel_round_here()?),
                     None => channel_round,
@@ -578,6 +585,12 @@ fn cmd_bench(
         if p.extension().is_none_or(|e| e != "svg") {
             bail!("{}: plots are written as SVG (.svg)", p.display());
         }
+    }
+    if peers && config.device != DeviceChoice::Cpu {
+        bail!(
+            "--peers times CPU peers; on a GPU, PyTorch + cuDNN is timed by \
+             scripts/gpu/run_on_device.sh"
+        );
     }
     let m = dynsparse::Model::load(model)?;
     let bar = indicatif::ProgressBar::new(0);
