@@ -74,7 +74,7 @@ pub struct EngineExecutor {
     all_cols: Vec<usize>,
     pool: BufferPool,
     /// Per node: the channel gate of a gated convolution.
-    gates: Vec<Option<gating::ChannelGate>>,
+    gates: Vec<Option<GateWeights>>,
     /// Per node: the spatial gate of a gated convolution.
     spatial: Vec<Option<gating::SpatialGate>>,
     /// Kept channel counts are rounded up to a multiple of this.
@@ -102,9 +102,50 @@ struct NodeCut {
 #[derive(Clone, Copy)]
 struct ConvGates<'a> {
     /// The channel gate and its cut.
-    channels: Option<(&'a gating::ChannelGate, Cut)>,
+    channels: Option<(&'a GateWeights, Cut)>,
     /// The spatial gate and its cut.
     tiles: Option<(&'a gating::SpatialGate, Cut)>,
+}
+
+/// A channel gate's weights as the engine reads them: as f16 when every value is one
+/// exactly (the training-free gates, rounded so in [`gating::channel_gates`]), which
+/// halves the bytes each pass reads; as f32 otherwise (trained gates).
+enum GateWeights {
+    Half {
+        weight: Vec<half::f16>,
+        bias: Vec<f32>,
+    },
+    Full {
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+    },
+}
+
+impl GateWeights {
+    fn new(g: &gating::ChannelGate) -> Self {
+        let half: Vec<half::f16> = g.weight.iter().map(|&v| half::f16::from_f32(v)).collect();
+        if half.iter().zip(&g.weight).all(|(h, &v)| h.to_f32() == v) {
+            GateWeights::Half {
+                weight: half,
+                bias: g.bias.clone(),
+            }
+        } else {
+            GateWeights::Full {
+                weight: g.weight.clone(),
+                bias: g.bias.clone(),
+            }
+        }
+    }
+
+    /// `bias[o] + Σ_i W[o][i] · x[i]`, summed as [`dot`] sums (the same value for either
+    /// storage).
+    fn score(&self, o: usize, x: &[f32]) -> f32 {
+        let n = x.len();
+        match self {
+            GateWeights::Full { weight, bias } => bias[o] + dot(&weight[o * n..(o + 1) * n], x),
+            GateWeights::Half { weight, bias } => bias[o] + dot_f16(&weight[o * n..(o + 1) * n], x),
+        }
+    }
 }
 
 /// Part of a convolution to compute (`None`: all): output channels (`rows`), output
@@ -251,7 +292,10 @@ impl EngineExecutor {
             };
             layers.push((node.input, layer));
         }
-        let gates = gating::channel_gates(model)?;
+        let gates = gating::channel_gates(model)?
+            .iter()
+            .map(|g| g.as_ref().map(GateWeights::new))
+            .collect();
         let spatial = gating::spatial_gates(model)?;
         Ok(EngineExecutor {
             gates,
@@ -824,9 +868,7 @@ impl EngineExecutor {
                         for &c in &ic {
                             pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
                         }
-                        let scores: Vec<f32> = (0..cout)
-                            .map(|o| g.bias[o] + dot(&g.weight[o * cin..(o + 1) * cin], &pooled))
-                            .collect();
+                        let scores: Vec<f32> = (0..cout).map(|o| g.score(o, &pooled)).collect();
                         gf += gating::gate_flops(ic.len(), plane, cout);
                         gating::choose(&scores, cut, gating::channel_bar, self.round)
                     }
@@ -1136,6 +1178,58 @@ fn sum(a: &[f32]) -> f32 {
 }
 
 /// Dot product with 16 independent lanes, so it vectorizes without reassociation.
+/// [`dot`] with `a` in f16: the same products summed in the same order, so a gate
+/// scores the same either way.
+fn dot_f16(a: &[half::f16], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present.
+        return unsafe { dot_f16_avx512(a, b) };
+    }
+    dot_f16_portable(a, b)
+}
+
+fn dot_f16_portable(a: &[half::f16], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x.to_f32() * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for j in 0..16 {
+            lanes[j] += x[j].to_f32() * y[j];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Sixteen f16 weights widened per step (`vcvtph2ps`), multiplied and added lane by lane
+/// (not fused), as [`dot`] does.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_f16_avx512(a: &[half::f16], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let mut acc = _mm512_setzero_ps();
+    let mut i = 0;
+    while i + 16 <= n {
+        let w = _mm512_cvtph_ps(_mm256_loadu_si256(a.as_ptr().add(i).cast()));
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(w, _mm512_loadu_ps(b.as_ptr().add(i))));
+        i += 16;
+    }
+    let tail: f32 = a[i..n]
+        .iter()
+        .zip(&b[i..n])
+        .map(|(x, y)| x.to_f32() * y)
+        .sum();
+    let mut lanes = [0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+    lanes.iter().sum::<f32>() + tail
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 16];
     let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
@@ -1417,6 +1511,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Training-free gates score from f16 weights exactly as from the same values in
+    /// f32 (both paths of the f16 dot, odd lengths); weights f16 cannot hold stay f32.
+    #[test]
+    fn half_precision_gates_score_exactly_as_f32() {
+        let mut rng = fresh_rng();
+        for _ in 0..50 {
+            let (cout, cin) = (rng.random_range(1..8), rng.random_range(1..300));
+            let weight: Vec<f32> = (0..cout * cin)
+                .map(|_| half::f16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
+                .collect();
+            let bias: Vec<f32> = (0..cout).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let x: Vec<f32> = (0..cin).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let g = gating::ChannelGate { weight, bias };
+            let h = GateWeights::new(&g);
+            let GateWeights::Half { weight: hw, .. } = &h else {
+                panic!("f16-representable weights were not stored as f16");
+            };
+            for o in 0..cout {
+                let want = g.bias[o] + dot(&g.weight[o * cin..(o + 1) * cin], &x);
+                assert_eq!(h.score(o, &x).to_bits(), want.to_bits());
+                // The portable path too.
+                let row = &hw[o * cin..(o + 1) * cin];
+                let portable = g.bias[o] + dot_f16_portable(row, &x);
+                assert_eq!(portable.to_bits(), want.to_bits());
+            }
+        }
+        let g = gating::ChannelGate {
+            weight: vec![0.1, 0.2],
+            bias: vec![0.0],
+        };
+        assert!(matches!(GateWeights::new(&g), GateWeights::Full { .. }));
     }
 
     #[test]
