@@ -9,8 +9,8 @@
 //!   subset of output channels (a sparse plan's kept channels) without repacking the
 //!   weight tensor per input: a tile of consecutive rows inside one block reads one
 //!   stream; any other subset reads each row at its own place, with the same K stride.
-//!   A sparse plan that reuses A over many panels copies its kept input channels'
-//!   columns into a compact packed A ([`pack_a_channels`]), block by block.
+//!   A sparse plan with kept input channels copies their columns into a compact packed
+//!   A ([`pack_a_channels`]), block by block, rather than mapping columns in the kernel.
 //! * **B** is packed per call into panels of [`NR`] columns, `[panels][K][NR]`, zero-padded
 //!   on the last panel. The packer is the convolution's im2col ([`pack_im2col`]): it
 //!   reads only the output positions it is given, so a spatially sparse plan packs only
