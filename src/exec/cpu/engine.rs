@@ -181,6 +181,9 @@ struct Compact {
     gate_ms: f64,
 }
 
+/// Compact A copies (floats) from which both threads share the copy.
+const PARALLEL_COPY_FLOATS: usize = 1 << 17;
+
 /// Size of A (bytes) above which panels run in groups on each block of A (a part of
 /// the 1 MiB L2 of a Zen core, which also holds the panels and output).
 const A_RESIDENT_BYTES: usize = 384 << 10;
@@ -425,16 +428,25 @@ impl EngineExecutor {
             && g.kernel != [1, 1]
             && ow >= IMPLICIT_WIDTH;
         let segs = ow.div_ceil(NR);
-        let boff: Option<Vec<usize>> = implicit.then(|| {
+        // A 1×1, stride-1, unpadded convolution reads full panels straight from its input
+        // (row k of B is input channel k, or with kept input channels the k-th kept one,
+        // through `boff`); only a partial last panel is packed.
+        let direct =
+            only_cols.is_none() && g.kernel == [1, 1] && g.stride == [1, 1] && g.pad_tl == [0, 0];
+        let boff: Option<Vec<usize>> = if implicit {
             let (pw, [kh, kw]) = (g.in_hw[1], g.kernel);
             let taps = move |c: usize| {
                 (0..kh).flat_map(move |ky| (0..kw).map(move |kx| c * in_plane + ky * pw + kx))
             };
-            match chans {
+            Some(match chans {
                 Some(c) => c.iter().flat_map(|&c| taps(c)).collect(),
                 None => (0..g.in_c).flat_map(taps).collect(),
-            }
-        });
+            })
+        } else if direct {
+            chans.map(|c| c.iter().map(|&c| c * in_plane).collect())
+        } else {
+            None
+        };
         let panels = if implicit {
             oh * segs
         } else {
@@ -451,7 +463,8 @@ impl EngineExecutor {
             let blocks = rows_per_group.div_ceil(gemm::PACK);
             let mut a = self.pool.take_dirty(blocks * gemm::PACK * k);
             let (src, dst) = (gemm::PACK * lda, gemm::PACK * k);
-            if serial {
+            // Small copies stay on this thread: waking the pool costs more.
+            if serial || a.len() < PARALLEL_COPY_FLOATS {
                 gemm::pack_a_channels(weight, lda, c, taps, &mut a);
             } else {
                 weight
@@ -483,13 +496,6 @@ impl EngineExecutor {
         };
         let chunks = (wanted.div_ceil(batch * groups * ngroups)).clamp(1, row_blocks);
         let blocks_per_chunk = row_blocks.div_ceil(chunks);
-        // A 1×1, stride-1, unpadded convolution reads full panels straight from its input
-        // (row k of B is input channel k); only a partial last panel is packed.
-        let direct = only_cols.is_none()
-            && chans.is_none()
-            && g.kernel == [1, 1]
-            && g.stride == [1, 1]
-            && g.pad_tl == [0, 0];
         let panel_len = k * NR;
         // With enough panels to share out, each task packs its own panel into a buffer of
         // its thread and computes all rows on it while it is hot (`chunks` is 1). With few
@@ -583,10 +589,11 @@ impl EngineExecutor {
                     } else {
                         &col_list[p * NR..(p * NR + NR).min(ncols)]
                     };
+                    let in_place = implicit || (direct && (p + 1) * NR <= n);
                     let (panel, ldb) = if implicit {
                         // Through the slack at the end of the padded input.
                         (&x[sg * g.in_c * in_plane + y * g.in_hw[1] + x0..], 0)
-                    } else if direct && (p + 1) * NR <= n {
+                    } else if in_place {
                         (&xs[p * NR..], in_plane)
                     } else if fused {
                         (own.as_slice(), NR)
@@ -599,7 +606,8 @@ impl EngineExecutor {
                         ka,
                         arows: &row_list[r0..(r0 + mr).min(last)],
                         kmap: None,
-                        boff: boff.as_deref(),
+                        // Packed panels are read row after row.
+                        boff: boff.as_deref().filter(|_| in_place),
                         k,
                         rows: &row_list[r0..(r0 + mr).min(last)],
                         panel,
@@ -622,14 +630,22 @@ impl EngineExecutor {
                     let next = match tiles.get(j + np) {
                         Some(n) if per_group > 1 && j % np == 0 => {
                             let at = gemm::a_offset(n.arows[0], n.ka) + k0 * gemm::PACK;
-                            n.a.as_ptr().wrapping_add(at)
+                            // Kept rows spread over blocks: prefetch the blocks they span.
+                            let span = n.arows[n.arows.len() - 1] / gemm::PACK
+                                - n.arows[0] / gemm::PACK
+                                + 1;
+                            gemm::Prefetch {
+                                at: n.a.as_ptr().wrapping_add(at),
+                                blocks: span.min(gemm::Prefetch::MAX),
+                            }
                         }
-                        _ => std::ptr::null(),
+                        _ => gemm::Prefetch::NONE,
                     };
                     // SAFETY: arows < rows_per_group index `a` (whole blocks, ka
-                    // columns, k ≤ ka); the panel
-                    // holds k × NR, or (in place) every boff[kk] + NR is inside it,
-                    // through the padded input's NR values of slack.
+                    // columns, k ≤ ka); the panel holds k × NR, or (in place) every
+                    // boff[kk] + NR is inside it: shifted windows through the padded
+                    // input's NR values of slack; a 1×1 layer's kept channel c at
+                    // c · plane, with the panel's NR positions inside the plane.
                     unsafe { gemm::accumulate_prefetching(self.isa, tile, k0, k1, acc, next) };
                 }
             }

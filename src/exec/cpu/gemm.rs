@@ -194,13 +194,33 @@ pub const KC: usize = 192;
 /// # Safety
 /// The tile's indices are in bounds (see [`Tile`]) and `k0 ≤ k1 ≤ t.k`.
 pub unsafe fn accumulate(isa: Isa, t: &Tile, k0: usize, k1: usize, acc: &mut Acc) {
-    accumulate_prefetching(isa, t, k0, k1, acc, std::ptr::null());
+    accumulate_prefetching(isa, t, k0, k1, acc, Prefetch::NONE);
+}
+
+/// Where in A the caller runs next: `blocks` packed blocks (at most [`Prefetch::MAX`]),
+/// one after the other, from `at` (the K block's start in the first).
+#[derive(Clone, Copy)]
+pub struct Prefetch {
+    pub at: *const f32,
+    pub blocks: usize,
+}
+
+impl Prefetch {
+    /// Nothing to prefetch.
+    pub const NONE: Prefetch = Prefetch {
+        at: std::ptr::null(),
+        blocks: 0,
+    };
+    /// Most blocks prefetched at once: a tile of kept rows spread over more blocks
+    /// prefetches the first ones.
+    pub const MAX: usize = 3;
 }
 
 /// [`accumulate`], and on AVX-512 also prefetches into L1, one packed step of A per
-/// step of K, the `(k1 - k0) · PACK` floats from `next` (null: none): the block of A
-/// the caller runs next, so that weights streaming from memory arrive before the
-/// kernel needs them. A prefetch never faults; `next` may point anywhere.
+/// step of K in each block, the `(k1 - k0) · PACK` floats from `next.at` (and the same
+/// in the blocks after it): the part of A the caller runs next, so that weights
+/// streaming from memory arrive before the kernel needs them. A prefetch never faults;
+/// `next.at` may point anywhere.
 ///
 /// # Safety
 /// As for [`accumulate`].
@@ -210,7 +230,7 @@ pub unsafe fn accumulate_prefetching(
     k0: usize,
     k1: usize,
     acc: &mut Acc,
-    next: *const f32,
+    next: Prefetch,
 ) {
     debug_assert!(!t.rows.is_empty() && t.rows.len() <= isa.mr());
     // The SIMD kernels start from zero registers on the first block instead of loading.
@@ -372,7 +392,7 @@ unsafe fn row_starts<const MR: usize>(t: &Tile) -> [*const f32; MR] {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{row_starts, Acc, Tile, PACK};
+    use super::{row_starts, Acc, Prefetch, Tile, PACK};
     use std::arch::x86_64::*;
 
     const MR: usize = 12;
@@ -380,15 +400,18 @@ mod avx512 {
     /// 12 rows × 32 columns: 24 zmm accumulators; per k, two panel loads and one
     /// broadcast per row.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, out: &mut Acc, next: *const f32) {
-        let pf = !next.is_null();
+    pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, out: &mut Acc, next: Prefetch) {
+        let pf = !next.at.is_null() && next.blocks > 0;
         match (t.one_block(MR), t.kmap.is_some(), t.boff.is_some(), pf) {
             (true, false, false, false) => body::<true, false, false, false>(t, k0, k1, out, next),
             (true, false, false, true) => body::<true, false, false, true>(t, k0, k1, out, next),
             (true, true, false, _) => body::<true, true, false, false>(t, k0, k1, out, next),
             (true, false, true, _) => body::<true, false, true, false>(t, k0, k1, out, next),
             (true, true, true, _) => body::<true, true, true, false>(t, k0, k1, out, next),
-            (false, false, false, _) => body::<false, false, false, false>(t, k0, k1, out, next),
+            (false, false, false, false) => {
+                body::<false, false, false, false>(t, k0, k1, out, next)
+            }
+            (false, false, false, true) => body::<false, false, false, true>(t, k0, k1, out, next),
             (false, true, false, _) => body::<false, true, false, false>(t, k0, k1, out, next),
             (false, false, true, _) => body::<false, false, true, false>(t, k0, k1, out, next),
             (false, true, true, _) => body::<false, true, true, false>(t, k0, k1, out, next),
@@ -401,7 +424,7 @@ mod avx512 {
         k0: usize,
         k1: usize,
         out: &mut Acc,
-        next: *const f32,
+        next: Prefetch,
     ) {
         let map = t.kmap.map_or(std::ptr::null(), <[usize]>::as_ptr);
         let offs = t.boff.map_or(std::ptr::null(), <[usize]>::as_ptr);
@@ -414,6 +437,7 @@ mod avx512 {
                 acc[i][1] = _mm512_loadu_ps(out[i].as_ptr().add(16));
             }
         }
+        let block = PACK * t.ka;
         let mut b = t.panel.as_ptr().add(k0 * t.ldb);
         for kk in k0..k1 {
             let ka = PACK * if MAPPED { *map.add(kk) } else { kk };
@@ -425,8 +449,10 @@ mod avx512 {
             let b0 = _mm512_loadu_ps(bp);
             let b1 = _mm512_loadu_ps(bp.add(16));
             if PF {
-                let at = next.wrapping_add((kk - k0) * PACK) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(at);
+                let at = next.at.wrapping_add((kk - k0) * PACK);
+                for b in 0..next.blocks.min(Prefetch::MAX) {
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(b * block) as *const i8);
+                }
             }
             for i in 0..MR {
                 let src = if BLOCK {
