@@ -1206,20 +1206,7 @@ fn dot_f16(a: &[half::f16], b: &[f32]) -> f32 {
 }
 
 fn dot_f16_portable(a: &[half::f16], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x.to_f32() * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for j in 0..16 {
-            lanes[j] += x[j].to_f32() * y[j];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
+    dot_by(a, b, |x| x.to_f32())
 }
 
 /// Sixteen f16 weights widened per step (`vcvtph2ps`), multiplied and added lane by lane
@@ -1247,17 +1234,25 @@ unsafe fn dot_f16_avx512(a: &[half::f16], b: &[f32]) -> f32 {
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_by(a, b, |&x| x)
+}
+
+/// `Σ a[i] · b[i]` with `a` widened by `f32_of`: sixteen lanes, a product added to each
+/// per chunk (not fused), then the lanes and the tail summed in order. Every dot product
+/// of the gates sums this way, whatever the storage.
+#[inline(always)]
+fn dot_by<T>(a: &[T], b: &[f32], f32_of: impl Fn(&T) -> f32) -> f32 {
     let mut lanes = [0f32; 16];
     let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ac
         .remainder()
         .iter()
         .zip(bc.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| f32_of(x) * y)
         .sum();
     for (x, y) in ac.zip(bc) {
         for j in 0..16 {
-            lanes[j] += x[j] * y[j];
+            lanes[j] += f32_of(&x[j]) * y[j];
         }
     }
     lanes.iter().sum::<f32>() + tail
