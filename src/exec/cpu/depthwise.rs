@@ -196,27 +196,7 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
         let base = scratch.len();
         scratch.resize(base + flat_len, 0.0);
         let (padded, flat) = scratch.split_at_mut(base);
-        let mut x0 = 0;
-        loop {
-            let x = x0.min(flat_len - LANES);
-            let mut acc = [job.bias; LANES];
-            for ky in 0..kh {
-                for (kx, &st) in starts.iter().enumerate() {
-                    let kv = job.k[ky * kw + kx];
-                    let at = ky * row_len + st + x;
-                    let src: &[f32; LANES] =
-                        padded[at..at + LANES].try_into().unwrap_or(&[0.0; LANES]);
-                    for l in 0..LANES {
-                        acc[l] = madd::<FMA>(kv, src[l], acc[l]);
-                    }
-                }
-            }
-            flat[x..x + LANES].copy_from_slice(&acc);
-            if x + LANES >= flat_len {
-                break;
-            }
-            x0 += LANES;
-        }
+        sweep::<FMA>(job, padded, row_len, &starts, flat);
         for (oy, o) in out.chunks_exact_mut(ow).enumerate() {
             o.copy_from_slice(&flat[oy * pitch..oy * pitch + ow]);
             finish(job, oy, o);
@@ -231,30 +211,7 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
         } else if ow >= LANES && kh == 5 && kw == 5 {
             square_row::<FMA, 5>(job.k, job.bias, rows, row_len, &starts, o);
         } else if ow >= LANES {
-            // Blocks of LANES outputs accumulate every tap in registers and are stored once;
-            // the last block overlaps the previous one instead of leaving a scalar tail.
-            let mut x0 = 0;
-            loop {
-                let x = x0.min(ow - LANES);
-                let mut acc = [job.bias; LANES];
-                for ky in 0..kh {
-                    let row = &rows[ky * row_len..(ky + 1) * row_len];
-                    for (kx, &st) in starts.iter().enumerate() {
-                        let kv = job.k[ky * kw + kx];
-                        let src: &[f32; LANES] = row[st + x..st + x + LANES]
-                            .try_into()
-                            .unwrap_or(&[0.0; LANES]);
-                        for l in 0..LANES {
-                            acc[l] = madd::<FMA>(kv, src[l], acc[l]);
-                        }
-                    }
-                }
-                o[x..x + LANES].copy_from_slice(&acc);
-                if x + LANES >= ow {
-                    break;
-                }
-                x0 += LANES;
-            }
+            sweep::<FMA>(job, rows, row_len, &starts, o);
         } else {
             for (x, a) in o.iter_mut().enumerate() {
                 let mut v = job.bias;
@@ -281,6 +238,42 @@ fn finish(job: &Plane, oy: usize, o: &mut [f32]) {
         }
     }
     job.act.apply_slice(o);
+}
+
+/// `out[x] = bias + Σ k[ky][kx] · rows[ky · row_len + starts[kx] + x]` for every `x`
+/// (`out.len() ≥ LANES`): blocks of LANES outputs accumulate every tap in registers and
+/// are stored once; the last block overlaps the previous one instead of leaving a scalar
+/// tail. One output row reads its input rows; a flat sweep reads every row at once.
+#[inline(always)]
+fn sweep<const FMA: bool>(
+    job: &Plane,
+    rows: &[f32],
+    row_len: usize,
+    starts: &[usize],
+    out: &mut [f32],
+) {
+    let (n, kw) = (out.len(), starts.len());
+    let kh = job.k.len() / kw;
+    let mut x0 = 0;
+    loop {
+        let x = x0.min(n - LANES);
+        let mut acc = [job.bias; LANES];
+        for ky in 0..kh {
+            for (kx, &st) in starts.iter().enumerate() {
+                let kv = job.k[ky * kw + kx];
+                let at = ky * row_len + st + x;
+                let src: &[f32; LANES] = rows[at..at + LANES].try_into().unwrap_or(&[0.0; LANES]);
+                for l in 0..LANES {
+                    acc[l] = madd::<FMA>(kv, src[l], acc[l]);
+                }
+            }
+        }
+        out[x..x + LANES].copy_from_slice(&acc);
+        if x + LANES >= n {
+            break;
+        }
+        x0 += LANES;
+    }
 }
 
 /// Outputs computed together in registers (one AVX2 vector).
