@@ -636,21 +636,6 @@ pub fn pack_panel(
         }
         runs
     });
-    // Strided windows (no runs) gather a panel row with two AVX-512 gathers instead of
-    // 32 scalar copies: about 3× faster on the stride-2 stem.
-    #[cfg(target_arch = "x86_64")]
-    let gather = interior
-        && runs.is_none()
-        && plane <= i32::MAX as usize
-        && std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    let gather = false;
-    let mut idx = [0i32; NR];
-    if gather {
-        for j in 0..n {
-            idx[j] = base[j] as i32;
-        }
-    }
     let mut row = 0;
     for ci in 0..g.in_c {
         let c = chans.map_or(ci, |m| m[ci]);
@@ -674,15 +659,6 @@ pub fn pack_panel(
                                 };
                             }
                         }
-                    } else if gather {
-                        // SAFETY: AVX-512F is present; every base[j] < n is inside `off`
-                        // (interior windows; checked below in debug builds), lanes ≥ n
-                        // are masked off and written as zero.
-                        debug_assert!(base[..n].iter().all(|&b| b < off.len()));
-                        #[cfg(target_arch = "x86_64")]
-                        unsafe {
-                            gather_row(off, &idx, n, dst)
-                        };
                     } else {
                         for j in 0..n {
                             dst[j] = off[base[j]];
@@ -732,27 +708,6 @@ pub(crate) unsafe fn copy_even(src: &[f32], dst: &mut [f32]) {
         let hi = _mm512_maskz_loadu_ps(mask(need.saturating_sub(16)), s.add(16));
         let v = _mm512_permutex2var_ps(lo, even, hi);
         _mm512_mask_storeu_ps(dst.as_mut_ptr().add(c), mask(m), v);
-    }
-}
-
-/// `dst[j] = off[idx[j]]` for `j < n`, zero for `n ≤ j < NR`.
-///
-/// # Safety
-/// AVX-512F is available, `n ≤ NR`, and every `idx[j]` (`j < n`) is in `0..off.len()`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gather_row(off: &[f32], idx: &[i32; NR], n: usize, dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    for half in 0..2 {
-        let lanes = n.saturating_sub(16 * half).min(16);
-        let mask: __mmask16 = if lanes >= 16 {
-            0xffff
-        } else {
-            (1u16 << lanes) - 1
-        };
-        let idx = _mm512_loadu_si512(idx.as_ptr().add(16 * half).cast());
-        let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, off.as_ptr());
-        _mm512_storeu_ps(dst.as_mut_ptr().add(16 * half), v);
     }
 }
 
