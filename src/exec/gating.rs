@@ -124,6 +124,91 @@ pub struct ChannelGate {
     pub weight: Vec<f32>,
     /// `[out]`.
     pub bias: Vec<f32>,
+    /// `weight` as a product of two thin factors, when it is one: an executor may
+    /// score as `U · (V · mean(x))`, reading far fewer values.
+    pub factors: Option<LowRank>,
+}
+
+/// `weight = u · v`: `u` is `[out][rank]`, `v` is `[rank][C]`, both row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LowRank {
+    pub rank: usize,
+    pub u: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// Rank of the training-free gates where factoring them pays (see [`channel_gates`]).
+pub const GATE_RANK: usize = 32;
+
+/// Power iterations of the range finder in [`low_rank`].
+const POWER_ITERATIONS: usize = 3;
+
+/// A rank-`rank` approximation `u · v` of row-major `g` (`m × n`), close to the best one
+/// (the truncated SVD): a randomized range finder with power iterations gives an
+/// orthonormal basis `u` of `g`'s dominant column space, and `v = uᵀ · g`. The random
+/// start is seeded, so every load gives the same factors.
+pub fn low_rank(g: &[f32], m: usize, n: usize, rank: usize) -> LowRank {
+    use crate::exec::cpu::ops::dot;
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6a7e_5eed);
+    // Bases are stored column after column.
+    let mut z: Vec<f32> = (0..n * rank).map(|_| rng.random_range(-1.0..1.0)).collect();
+    // g · z, as `rank` columns of length m.
+    let times = |z: &[f32]| -> Vec<f32> {
+        let mut q = vec![0f32; m * rank];
+        for (o, row) in g.chunks_exact(n).enumerate() {
+            for (j, zj) in z.chunks_exact(n).enumerate() {
+                q[j * m + o] = dot(row, zj);
+            }
+        }
+        q
+    };
+    // gᵀ · q, as `rank` columns of length n.
+    let times_t = |q: &[f32]| -> Vec<f32> {
+        let mut z = vec![0f32; n * rank];
+        for (o, row) in g.chunks_exact(n).enumerate() {
+            for (j, zj) in z.chunks_exact_mut(n).enumerate() {
+                let w = q[j * m + o];
+                zj.iter_mut().zip(row).for_each(|(acc, &a)| *acc += w * a);
+            }
+        }
+        z
+    };
+    let mut q = times(&z);
+    orthonormalize(&mut q, m);
+    for _ in 0..POWER_ITERATIONS {
+        z = times_t(&q);
+        orthonormalize(&mut z, n);
+        q = times(&z);
+        orthonormalize(&mut q, m);
+    }
+    let v = times_t(&q);
+    let mut u = vec![0f32; m * rank];
+    for (j, col) in q.chunks_exact(m).enumerate() {
+        for (o, &x) in col.iter().enumerate() {
+            u[o * rank + j] = x;
+        }
+    }
+    LowRank { rank, u, v }
+}
+
+/// Modified Gram–Schmidt, twice, on columns of length `len`; a column with nothing left
+/// becomes zero.
+fn orthonormalize(cols: &mut [f32], len: usize) {
+    use crate::exec::cpu::ops::dot;
+    for _ in 0..2 {
+        for j in 0..cols.len() / len {
+            let (done, rest) = cols.split_at_mut(j * len);
+            let c = &mut rest[..len];
+            for p in done.chunks_exact(len) {
+                let d = dot(p, c);
+                c.iter_mut().zip(p).for_each(|(x, &y)| *x -= d * y);
+            }
+            let norm = dot(c, c).sqrt();
+            let inv = if norm > 1e-20 { 1.0 / norm } else { 0.0 };
+            c.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
 }
 
 /// How a spatial gate scores the tiles of its output.
@@ -160,6 +245,7 @@ pub fn channel_gates(model: &Model) -> Result<Vec<Option<ChannelGate>>> {
         for (i, n) in nodes.iter().enumerate() {
             if matches!(&n.op, Op::Conv(c) if c.gate.is_some_and(|g| g.channels)) {
                 out[i] = Some(ChannelGate {
+                    factors: None,
                     weight: model
                         .weight(&format!("{}.gate.channel.weight", n.name))?
                         .data
@@ -172,20 +258,48 @@ pub fn channel_gates(model: &Model) -> Result<Vec<Option<ChannelGate>>> {
             }
         }
     } else {
-        for (i, _) in gateable(model) {
-            let n = &nodes[i];
-            // Held at half precision: a 1×1 layer's gate is as large as the layer, and
-            // every gated pass reads all of it (ResNet-50: 5.6 M values per image). Every
-            // executor scores with the same rounded values; the CPU engine stores them
-            // as f16 and reads half the bytes.
-            let weight = training_free_weights(model.weight(&format!("{}.weight", n.name))?)
-                .into_iter()
-                .map(|v| half::f16::from_f32(v).to_f32())
-                .collect();
-            out[i] = Some(ChannelGate {
-                weight,
-                bias: model.weight(&format!("{}.bias", n.name))?.data.clone(),
-            });
+        use rayon::prelude::*;
+        let rank = GATE_RANK;
+        let gates = gateable(model)
+            .into_par_iter()
+            .map(|(i, _)| {
+                let n = &nodes[i];
+                let w = model.weight(&format!("{}.weight", n.name))?;
+                let g = training_free_weights(w);
+                let (m, c) = (w.shape[0], w.shape[1]);
+                // A 1×1 layer's gate is as large as the layer, and every gated pass
+                // reads all of it (ResNet-50: 5.6 M values per image). Where a rank
+                // GATE_RANK product is at most a quarter of it, the gate is that product
+                // instead: the executor that scores through the factors reads
+                // `rank · (out + C)` values. Elsewhere the weights are held at half
+                // precision; every executor scores with the same rounded values, and
+                // the CPU engine stores them as f16 and reads half the bytes.
+                let (weight, factors) = if 4 * rank * (m + c) <= m * c {
+                    let f = low_rank(&g, m, c, rank);
+                    let mut prod = vec![0f32; m * c];
+                    for (row, u) in prod.chunks_exact_mut(c).zip(f.u.chunks_exact(rank)) {
+                        for (&uj, vj) in u.iter().zip(f.v.chunks_exact(c)) {
+                            row.iter_mut().zip(vj).for_each(|(p, &v)| *p += uj * v);
+                        }
+                    }
+                    (prod, Some(f))
+                } else {
+                    let half = g.into_iter().map(|v| half::f16::from_f32(v).to_f32());
+                    (half.collect(), None)
+                };
+                let bias = model.weight(&format!("{}.bias", n.name))?.data.clone();
+                Ok((
+                    i,
+                    ChannelGate {
+                        weight,
+                        bias,
+                        factors,
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (i, g) in gates {
+            out[i] = Some(g);
         }
     }
     Ok(out)
@@ -248,6 +362,18 @@ pub fn kept_count(channels: usize, keep: f64, round: usize) -> usize {
 /// `channels` outputs from the kept inputs.
 pub fn gate_flops(kept_inputs: usize, plane: usize, channels: usize) -> u64 {
     (kept_inputs * plane + 2 * kept_inputs * channels) as u64
+}
+
+/// [`gate_flops`] for a gate scored through rank-`rank` factors over all `inputs`
+/// channels (dropped ones pooled as zero): `V · mean` then `U · (V · mean)`.
+pub fn factored_gate_flops(
+    kept_inputs: usize,
+    plane: usize,
+    inputs: usize,
+    channels: usize,
+    rank: usize,
+) -> u64 {
+    (kept_inputs * plane + 2 * rank * (inputs + channels)) as u64
 }
 
 /// The units a gate keeps under `cut`: the `n` best of `scores` (see [`select`]), where
@@ -375,11 +501,32 @@ pub fn tile_pixels(t: &Tiling, tiles: &[usize], out_hw: [usize; 2]) -> Vec<usize
 
 /// The `keep` best of `scores`, ties to the lower index, as sorted indices.
 pub fn select(scores: &[f32], keep: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    order.truncate(keep.min(scores.len()));
-    order.sort_unstable();
-    order
+    let n = scores.len();
+    let keep = keep.min(n);
+    if keep == n {
+        return (0..n).collect();
+    }
+    // One integer key per unit whose ascending order is the score's descending
+    // `total_cmp` order, ties to the lower index: a strict total order, so the kept set
+    // is exactly the first `keep` of a full sort, and selection finds it in linear time
+    // (a gate runs per input and layer).
+    let mut keys: Vec<u64> = scores
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let b = s.to_bits();
+            let ascending = if b >> 31 == 1 { !b } else { b | 1 << 31 };
+            (u64::from(!ascending) << 32) | i as u64
+        })
+        .collect();
+    if keep > 0 {
+        keys.select_nth_unstable(keep - 1);
+    }
+    let mut kept = vec![false; n];
+    for &k in &keys[..keep] {
+        kept[(k & 0xffff_ffff) as usize] = true;
+    }
+    (0..n).filter(|&i| kept[i]).collect()
 }
 
 #[cfg(test)]
@@ -391,6 +538,73 @@ mod tests {
         assert_eq!(select(&[0.5, 2.0, 2.0, -1.0, 3.0], 3), vec![1, 2, 4]);
         assert_eq!(select(&[1.0, 1.0, 1.0], 2), vec![0, 1]);
         assert_eq!(select(&[1.0], 5), vec![0]);
+    }
+
+    /// The factors of a matrix of rank ≤ `rank` reproduce it, through an orthonormal basis.
+    #[test]
+    fn low_rank_factors_reproduce_a_low_rank_matrix() {
+        use rand::Rng;
+        let mut rng = crate::exec::cpu::fresh_rng();
+        for _ in 0..10 {
+            let (m, n) = (rng.random_range(8..70), rng.random_range(8..70));
+            let true_rank = rng.random_range(1..8);
+            let a: Vec<f32> = (0..m * true_rank)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let b: Vec<f32> = (0..true_rank * n)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let g: Vec<f32> = (0..m * n)
+                .map(|i| {
+                    (0..true_rank)
+                        .map(|j| a[i / n * true_rank + j] * b[j * n + i % n])
+                        .sum()
+                })
+                .collect();
+            let rank = true_rank + rng.random_range(0..3);
+            let f = low_rank(&g, m, n, rank);
+            assert_eq!((f.u.len(), f.v.len()), (m * rank, rank * n));
+            let scale = g.iter().fold(0f32, |s, v| s.max(v.abs()));
+            for (i, &want) in g.iter().enumerate() {
+                let (o, c) = (i / n, i % n);
+                let got: f32 = (0..rank).map(|j| f.u[o * rank + j] * f.v[j * n + c]).sum();
+                assert!(
+                    (got - want).abs() <= 1e-4 * scale,
+                    "{m}×{n} rank {true_rank}"
+                );
+            }
+            for j in 0..true_rank {
+                for k in 0..true_rank {
+                    let d: f32 = (0..m).map(|o| f.u[o * rank + j] * f.u[o * rank + k]).sum();
+                    let want = if j == k { 1.0 } else { 0.0 };
+                    assert!((d - want).abs() < 1e-4, "uᵀu[{j}][{k}] = {d}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn selection_equals_a_full_sort() {
+        use rand::Rng;
+        let mut rng = crate::exec::cpu::fresh_rng();
+        for _ in 0..200 {
+            let n = rng.random_range(1..300);
+            // Few distinct values: many ties.
+            let levels = rng.random_range(1..8);
+            let special = [-0.0, 0.0, f32::INFINITY, f32::NEG_INFINITY, -1e30, 1e-40];
+            let scores: Vec<f32> = (0..n)
+                .map(|_| match rng.random_range(0..10) {
+                    0 => special[rng.random_range(0..special.len())],
+                    _ => rng.random_range(0..levels) as f32 - 2.0,
+                })
+                .collect();
+            let keep = rng.random_range(0..=n + 1);
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            order.truncate(keep);
+            order.sort_unstable();
+            assert_eq!(select(&scores, keep), order, "{scores:?} keep {keep}");
+        }
     }
 
     #[test]

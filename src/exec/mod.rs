@@ -56,9 +56,9 @@ pub enum Cut {
     /// Keep this fraction (0, 1] of the units (channels or tiles) with the highest scores.
     Ratio(f64),
     /// Keep the units whose gate probability is at least this value, in (0, 1). A channel's
-    /// probability is the sigmoid of its score (for training-free gates, of its mean
-    /// pre-activation output, so 0.5 keeps the channels whose mean pre-activation is
-    /// positive); a tile's is `e / (e + m)`, its activation energy `e` against the
+    /// probability is the sigmoid of its score (for training-free gates, of its predicted
+    /// mean pre-activation output, so 0.5 keeps the channels whose mean pre-activation is
+    /// predicted positive); a tile's is `e / (e + m)`, its activation energy `e` against the
     /// layer's mean `m` (0.5 keeps the tiles busier than average). Counts are rounded up
     /// to the kernel's tile, and at least one tile is kept.
     Threshold(f64),

@@ -14,13 +14,17 @@
 //! Dynamic passes run the same GEMM on a [`Subset`] per sample: kept output channels are
 //! A's rows read in place by index, kept input channels are packed alone and their
 //! columns of A copied into a compact A, kept pixels are the panel's columns; the output
-//! is written in place.
+//! is written in place. A channel gate needs its input's channel means: the convolution
+//! that produced the input summed each channel as it stored it (one cell per panel, so
+//! the sum is the same every run), and the gate scores from those sums
+//! ([`super::gate_scores`]) instead of reading the input again.
 
 use rayon::prelude::*;
 
 use super::depthwise;
+use super::gate_scores::GateWeights;
 use super::gemm::{self, ConvGeom, Epilogue, Isa, Tile, KC, NR};
-use super::ops::{self, Window};
+use super::ops::{self, dot, Window};
 use super::pool::BufferPool;
 use crate::error::{Error, Result};
 use crate::exec::gating;
@@ -83,6 +87,8 @@ pub struct EngineExecutor {
     flops: Vec<u64>,
     /// Size of A (bytes) above which panels run in groups ([`A_RESIDENT_BYTES`]).
     a_resident: usize,
+    /// Per node: a channel gate pools its output, so a gated pass sums it as it stores.
+    sums_for: Vec<bool>,
 }
 
 /// Per value, per sample: the channels that hold computed data (`None`: all). Channels
@@ -105,47 +111,6 @@ struct ConvGates<'a> {
     channels: Option<(&'a GateWeights, Cut)>,
     /// The spatial gate and its cut.
     tiles: Option<(&'a gating::SpatialGate, Cut)>,
-}
-
-/// A channel gate's weights as the engine reads them: as f16 when every value is one
-/// exactly (the training-free gates, rounded so in [`gating::channel_gates`]), which
-/// halves the bytes each pass reads; as f32 otherwise (trained gates).
-enum GateWeights {
-    Half {
-        weight: Vec<half::f16>,
-        bias: Vec<f32>,
-    },
-    Full {
-        weight: Vec<f32>,
-        bias: Vec<f32>,
-    },
-}
-
-impl GateWeights {
-    fn new(g: &gating::ChannelGate) -> Self {
-        let half: Vec<half::f16> = g.weight.iter().map(|&v| half::f16::from_f32(v)).collect();
-        if half.iter().zip(&g.weight).all(|(h, &v)| h.to_f32() == v) {
-            GateWeights::Half {
-                weight: half,
-                bias: g.bias.clone(),
-            }
-        } else {
-            GateWeights::Full {
-                weight: g.weight.clone(),
-                bias: g.bias.clone(),
-            }
-        }
-    }
-
-    /// `bias[o] + Σ_i W[o][i] · x[i]`, summed as [`dot`] sums (the same value for either
-    /// storage).
-    fn score(&self, o: usize, x: &[f32]) -> f32 {
-        let n = x.len();
-        match self {
-            GateWeights::Full { weight, bias } => bias[o] + dot(&weight[o * n..(o + 1) * n], x),
-            GateWeights::Half { weight, bias } => bias[o] + dot_f16(&weight[o * n..(o + 1) * n], x),
-        }
-    }
 }
 
 /// Part of a convolution to compute (`None`: all): output channels (`rows`), output
@@ -193,6 +158,12 @@ const GROUP_PANELS: usize = 8;
 
 /// Narrowest output row a k×k stride-1 convolution reads in place (see `conv_gemm_into`).
 const IMPLICIT_WIDTH: usize = 28;
+
+/// Cells per row of a convolution's row sums ([`EngineExecutor::conv_gemm_into`]): one
+/// per B panel, and no layout has more panels than this.
+fn sum_slots([oh, ow]: [usize; 2]) -> usize {
+    oh * ow.div_ceil(NR)
+}
 
 /// Output pointer shared by tasks that write disjoint cells.
 #[derive(Clone, Copy)]
@@ -295,7 +266,16 @@ impl EngineExecutor {
             };
             layers.push((node.input, layer));
         }
-        let gates = gating::channel_gates(model)?
+        let channel_gates = gating::channel_gates(model)?;
+        let sums_for = (0..nodes.len())
+            .map(|i| {
+                nodes
+                    .iter()
+                    .zip(&channel_gates)
+                    .any(|(n, g)| n.input == i + 1 && g.is_some())
+            })
+            .collect();
+        let gates = channel_gates
             .iter()
             .map(|g| g.as_ref().map(GateWeights::new))
             .collect();
@@ -306,6 +286,7 @@ impl EngineExecutor {
             round: isa.mr(),
             flops: model.layers.iter().map(|l| l.flops).collect(),
             a_resident: A_RESIDENT_BYTES,
+            sums_for,
             layers,
             sizes,
             last_use,
@@ -341,20 +322,22 @@ impl EngineExecutor {
         g: &ConvGeom,
         residual: Option<&[f32]>,
         act: Act,
+        sums: Option<&mut [f32]>,
     ) -> Vec<f32> {
         let mut out = self
             .pool
             .take_dirty(batch * bias.len() * g.out_hw[0] * g.out_hw[1]);
         let all = Subset::default();
         self.conv_gemm_into(
-            x, batch, weight, bias, groups, g, residual, act, all, &mut out,
+            x, batch, weight, bias, groups, g, residual, act, all, &mut out, sums,
         );
         out
     }
 
     /// The convolution of `batch` samples into `out` (`batch × rows × positions`): all of
     /// it, or for one group a [`Subset`], whose other cells then hold the residual, or
-    /// zero.
+    /// zero. With `sums` (`batch × rows ×` [`sum_slots`]), each computed row's stored
+    /// values are also summed there, one cell per panel, other cells untouched.
     #[allow(clippy::too_many_arguments)]
     fn conv_gemm_into(
         &self,
@@ -368,6 +351,7 @@ impl EngineExecutor {
         act: Act,
         sub: Subset,
         out: &mut [f32],
+        sums: Option<&mut [f32]>,
     ) {
         let Subset {
             rows: only_rows,
@@ -551,6 +535,12 @@ impl EngineExecutor {
             },
         }
         let ptr = OutPtr(out.as_mut_ptr());
+        let slots = sum_slots(g.out_hw);
+        let sums_ptr = sums.map(|s| {
+            assert_eq!(s.len(), batch * rows_total * slots, "row sums buffer size");
+            debug_assert!(panels <= slots);
+            OutPtr(s.as_mut_ptr())
+        });
         let tasks = batch * groups * ngroups * chunks;
         let task = |own: &mut Vec<f32>, t: usize| {
             let (chunk, sgq) = (t % chunks, t / chunks);
@@ -568,6 +558,7 @@ impl EngineExecutor {
                 bias: &bias[grp * rows_per_group..(grp + 1) * rows_per_group],
                 residual: residual.map(|r| &r[out_off..out_off + rows_per_group * n]),
                 act,
+                sums: None,
             };
             let first = chunk * blocks_per_chunk * mr;
             let last = ((chunk + 1) * blocks_per_chunk * mr).min(row_list.len());
@@ -649,7 +640,17 @@ impl EngineExecutor {
                     unsafe { gemm::accumulate_prefetching(self.isa, tile, k0, k1, acc, next) };
                 }
             }
-            for (tile, acc) in tiles.iter().zip(&accs) {
+            for (j, (tile, acc)) in tiles.iter().zip(&accs).enumerate() {
+                let p = group.start + j % np;
+                let ep = Epilogue {
+                    // SAFETY: inside the buffer checked above; (sample, row, panel)
+                    // cells are disjoint between tiles.
+                    sums: sums_ptr.map(|s| gemm::RowSums {
+                        at: unsafe { s.get().add(sg * rows_per_group * slots + p) },
+                        stride: slots,
+                    }),
+                    ..ep
+                };
                 // SAFETY: rows < rows_per_group and cols < n index inside this (sample,
                 // group) block of `out`; tasks cover disjoint (rows, cols) cells.
                 unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
@@ -681,6 +682,9 @@ impl EngineExecutor {
             )));
         }
         let mut values: Vec<Option<Vec<f32>>> = vec![None; self.layers.len() + 1];
+        // Per value, in a gated pass: per sample and channel, its sum in `sum_slots`
+        // parts, where the producer summed it as it stored.
+        let mut row_sums: Vec<Option<Vec<f32>>> = vec![None; self.layers.len() + 1];
         let dynamic = cuts.is_some();
         let mut kept: Vec<Kept> = vec![None; self.layers.len() + 1];
         let mut node_kept: Vec<Kept> = vec![None; self.layers.len()];
@@ -722,12 +726,46 @@ impl EngineExecutor {
                             _ => None,
                         },
                     };
+                    // Pixels a spatial gate skips are not stored, so not summed.
+                    let mut sums =
+                        (dynamic && self.sums_for[i] && *groups == 1 && gates.tiles.is_none())
+                            .then(|| {
+                                let mut s = self
+                                    .pool
+                                    .take_dirty(batch * bias.len() * sum_slots(geom.out_hw));
+                                s.fill(0.0);
+                                s
+                            });
+                    let in_sums = row_sums[*src].as_deref();
                     if ic_sets.is_none() && gates.channels.is_none() && gates.tiles.is_none() {
-                        let out = self.conv_gemm(x, batch, weight, bias, *groups, geom, r, *act);
+                        let out = self.conv_gemm(
+                            x,
+                            batch,
+                            weight,
+                            bias,
+                            *groups,
+                            geom,
+                            r,
+                            *act,
+                            sums.as_deref_mut(),
+                        );
+                        row_sums[i + 1] = sums;
                         (out, dense)
                     } else {
-                        let c = self
-                            .conv_compact(x, batch, weight, bias, geom, r, *act, ic_sets, gates);
+                        let c = self.conv_compact(
+                            x,
+                            batch,
+                            weight,
+                            bias,
+                            geom,
+                            r,
+                            *act,
+                            ic_sets,
+                            gates,
+                            in_sums,
+                            sums.as_deref_mut(),
+                        );
+                        row_sums[i + 1] = sums;
                         if gates.channels.is_some() {
                             kept[i + 1] = Some(c.oc.clone());
                             node_kept[i] = Some(c.oc);
@@ -810,6 +848,9 @@ impl EngineExecutor {
                     if let Some(buf) = slot.take() {
                         self.pool.give(buf);
                     }
+                    if let Some(buf) = row_sums[v].take() {
+                        self.pool.give(buf);
+                    }
                 }
             }
             traces.push(LayerTrace {
@@ -858,19 +899,27 @@ impl EngineExecutor {
         act: Act,
         ic_sets: Option<&Vec<Vec<usize>>>,
         gates: ConvGates,
+        in_sums: Option<&[f32]>,
+        sums: Option<&mut [f32]>,
     ) -> Compact {
         let (cin, cout) = (geom.in_c, bias.len());
         let plane = geom.in_hw[0] * geom.in_hw[1];
         let n = geom.out_hw[0] * geom.out_hw[1];
         let taps = geom.kernel[0] * geom.kernel[1];
+        let (in_slots, slots) = (sum_slots(geom.in_hw), sum_slots(geom.out_hw));
         // Every cell read later is written below.
         let mut out = self.pool.take_dirty(batch * cout * n);
+        let mut sample_sums: Vec<Option<&mut [f32]>> = match sums {
+            Some(s) => s.chunks_mut(cout * slots).map(Some).collect(),
+            None => (0..batch).map(|_| None).collect(),
+        };
         // Samples in parallel (each sample's GEMM splits further): small layers of a big
         // batch keep both cores busy without waking the pool once per sample.
         let per: Vec<SampleOut> = out
             .par_chunks_mut(cout * n)
+            .zip(sample_sums.par_iter_mut())
             .enumerate()
-            .map(|(s, os)| {
+            .map(|(s, (os, ss))| {
                 let xs = &x[s * cin * plane..(s + 1) * cin * plane];
                 let ic: Vec<usize> = ic_sets.map_or_else(|| (0..cin).collect(), |v| v[s].clone());
                 let mut gf = 0u64;
@@ -881,11 +930,27 @@ impl EngineExecutor {
                         // planes are never written), so each score is one vectorized dot
                         // product; on one thread, a few microseconds per layer.
                         let mut pooled = vec![0f32; cin];
-                        for &c in &ic {
-                            pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
+                        match in_sums {
+                            // The producer summed each channel as it stored it.
+                            Some(t) => {
+                                let t = &t[s * cin * in_slots..(s + 1) * cin * in_slots];
+                                for &c in &ic {
+                                    let parts = &t[c * in_slots..(c + 1) * in_slots];
+                                    pooled[c] = parts.iter().sum::<f32>() / plane as f32;
+                                }
+                            }
+                            None => {
+                                for &c in &ic {
+                                    pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
+                                }
+                            }
                         }
-                        let scores: Vec<f32> = (0..cout).map(|o| g.score(o, &pooled)).collect();
-                        gf += gating::gate_flops(ic.len(), plane, cout);
+                        let scores = g.scores(&pooled);
+                        gf += match g.rank() {
+                            // V reads every input (dropped ones are zero).
+                            Some(r) => gating::factored_gate_flops(ic.len(), plane, cin, cout, r),
+                            None => gating::gate_flops(ic.len(), plane, cout),
+                        };
                         gating::choose(&scores, cut, gating::channel_bar, self.round)
                     }
                     None => (0..cout).collect(),
@@ -924,7 +989,19 @@ impl EngineExecutor {
                     // Enough samples to share out: one thread each.
                     serial: batch >= 2 * rayon::current_num_threads(),
                 };
-                self.conv_gemm_into(xs, 1, weight, bias, 1, geom, rs, act, sub, os);
+                self.conv_gemm_into(
+                    xs,
+                    1,
+                    weight,
+                    bias,
+                    1,
+                    geom,
+                    rs,
+                    act,
+                    sub,
+                    os,
+                    ss.as_deref_mut(),
+                );
                 let f = gf + 2 * (positions * oc.len() * ic.len() * taps) as u64;
                 (oc, tiles, f, gf, gate_ms)
             })
@@ -1193,71 +1270,6 @@ fn sum(a: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// Dot product with 16 independent lanes, so it vectorizes without reassociation.
-/// [`dot`] with `a` in f16: the same products summed in the same order, so a gate
-/// scores the same either way.
-fn dot_f16(a: &[half::f16], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present.
-        return unsafe { dot_f16_avx512(a, b) };
-    }
-    dot_f16_portable(a, b)
-}
-
-fn dot_f16_portable(a: &[half::f16], b: &[f32]) -> f32 {
-    dot_by(a, b, |x| x.to_f32())
-}
-
-/// Sixteen f16 weights widened per step (`vcvtph2ps`), multiplied and added lane by lane
-/// (not fused), as [`dot`] does.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_f16_avx512(a: &[half::f16], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let mut acc = _mm512_setzero_ps();
-    let mut i = 0;
-    while i + 16 <= n {
-        let w = _mm512_cvtph_ps(_mm256_loadu_si256(a.as_ptr().add(i).cast()));
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(w, _mm512_loadu_ps(b.as_ptr().add(i))));
-        i += 16;
-    }
-    let tail: f32 = a[i..n]
-        .iter()
-        .zip(&b[i..n])
-        .map(|(x, y)| x.to_f32() * y)
-        .sum();
-    let mut lanes = [0f32; 16];
-    _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
-    lanes.iter().sum::<f32>() + tail
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dot_by(a, b, |&x| x)
-}
-
-/// `Σ a[i] · b[i]` with `a` widened by `f32_of`: sixteen lanes, a product added to each
-/// per chunk (not fused), then the lanes and the tail summed in order. Every dot product
-/// of the gates sums this way, whatever the storage.
-#[inline(always)]
-fn dot_by<T>(a: &[T], b: &[f32], f32_of: impl Fn(&T) -> f32) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| f32_of(x) * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for j in 0..16 {
-            lanes[j] += f32_of(&x[j]) * y[j];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
 impl Executor for EngineExecutor {
     fn name(&self) -> &'static str {
         self.isa.engine_name()
@@ -1306,6 +1318,7 @@ mod tests {
             round: isa.mr(),
             flops: Vec::new(),
             a_resident: A_RESIDENT_BYTES,
+            sums_for: Vec::new(),
         }
     }
 
@@ -1483,8 +1496,10 @@ mod tests {
                 }
             }
             let packed = gemm::pack_a(&w, cout, g.k());
+            let slots = sum_slots(g.out_hw);
             for e in &engines {
                 let mut got = vec![f32::NAN; cout * n];
+                let mut sums = vec![0f32; cout * slots];
                 e.conv_gemm_into(
                     &xs,
                     1,
@@ -1496,9 +1511,25 @@ mod tests {
                     act,
                     sub,
                     &mut got,
+                    Some(&mut sums),
                 );
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(a.is_nan(), b.is_nan(), "cell {i}: {a} vs {b}");
+                }
+                // Every computed row's stored values, summed by panel as they were stored
+                // (all pixels computed; a spatial plan leaves pixels unsummed).
+                if cols.is_none() {
+                    for &o in &oc {
+                        let row = &got[o * n..(o + 1) * n];
+                        let want: f32 = row.iter().sum();
+                        let parts = &sums[o * slots..(o + 1) * slots];
+                        let got: f32 = parts.iter().sum();
+                        let scale: f32 = row.iter().map(|v| v.abs()).sum();
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + scale),
+                            "row {o}: sums to {got}, stored {want}"
+                        );
+                    }
                 }
                 let (got, want): (Vec<f32>, Vec<f32>) = got
                     .iter()
@@ -1522,39 +1553,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    /// Training-free gates score from f16 weights exactly as from the same values in
-    /// f32 (both paths of the f16 dot, odd lengths); weights f16 cannot hold stay f32.
-    #[test]
-    fn half_precision_gates_score_exactly_as_f32() {
-        let mut rng = fresh_rng();
-        for _ in 0..50 {
-            let (cout, cin) = (rng.random_range(1..8), rng.random_range(1..300));
-            let weight: Vec<f32> = (0..cout * cin)
-                .map(|_| half::f16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
-                .collect();
-            let bias: Vec<f32> = (0..cout).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let x: Vec<f32> = (0..cin).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let g = gating::ChannelGate { weight, bias };
-            let h = GateWeights::new(&g);
-            let GateWeights::Half { weight: hw, .. } = &h else {
-                panic!("f16-representable weights were not stored as f16");
-            };
-            for o in 0..cout {
-                let want = g.bias[o] + dot(&g.weight[o * cin..(o + 1) * cin], &x);
-                assert_eq!(h.score(o, &x).to_bits(), want.to_bits());
-                // The portable path too.
-                let row = &hw[o * cin..(o + 1) * cin];
-                let portable = g.bias[o] + dot_f16_portable(row, &x);
-                assert_eq!(portable.to_bits(), want.to_bits());
-            }
-        }
-        let g = gating::ChannelGate {
-            weight: vec![0.1, 0.2],
-            bias: vec![0.0],
-        };
-        assert!(matches!(GateWeights::new(&g), GateWeights::Full { .. }));
     }
 
     #[test]

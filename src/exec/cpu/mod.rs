@@ -3,8 +3,9 @@
 
 mod depthwise;
 mod engine;
+mod gate_scores;
 pub mod gemm;
-mod ops;
+pub(crate) mod ops;
 mod pool;
 mod reference;
 

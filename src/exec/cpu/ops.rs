@@ -156,6 +156,25 @@ pub fn adaptive_avg_pool(input: &[f32], in_hw: [usize; 2], out_hw: [usize; 2]) -
     out
 }
 
+/// `Σ a[i] · b[i]` in sixteen lanes (a product added to each per chunk, not fused), then
+/// the lanes and the tail summed in order.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for j in 0..16 {
+            lanes[j] += x[j] * y[j];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,304 @@
+//! Channel-gate scoring on the CPU: every output's `bias[o] + Σ_c W[o][c] · x[c]`, from
+//! weights stored transposed (`[C][out]`), so that one pass over the inputs updates
+//! sixteen outputs per vector and an input whose mean is zero (a channel a gate upstream
+//! dropped) is skipped with its whole row of weights.
+//!
+//! Every score sums the same way, whatever the storage (f16 or f32) and the code path
+//! (AVX-512 or portable): starting from the bias, `acc = acc + x[c] · w` (the product
+//! rounded, not fused) over the inputs in order, skipping zero inputs. Storage and path
+//! therefore never change a decision.
+
+use crate::exec::gating;
+
+/// A channel gate's weights as the engine reads them.
+pub(super) enum GateWeights {
+    /// As f16 when every value is one exactly (the training-free gates, rounded so in
+    /// [`gating::channel_gates`]): half the bytes per pass.
+    Half { wt: Vec<half::f16>, bias: Vec<f32> },
+    /// As f32 (trained gates).
+    Full { wt: Vec<f32>, bias: Vec<f32> },
+    /// Through the gate's factors ([`gating::LowRank`]): `t = V · x`, then `U · t`, both
+    /// transposed.
+    Factored {
+        rank: usize,
+        ut: Vec<f32>,
+        vt: Vec<f32>,
+        bias: Vec<f32>,
+    },
+}
+
+/// `[rows][cols]` row-major to `[cols][rows]`.
+fn transpose<T: Copy>(w: &[T], rows: usize, cols: usize) -> Vec<T> {
+    (0..cols * rows)
+        .map(|i| w[(i % rows) * cols + i / rows])
+        .collect()
+}
+
+impl GateWeights {
+    pub(super) fn new(g: &gating::ChannelGate) -> Self {
+        let out = g.bias.len();
+        let cin = g.weight.len() / out.max(1);
+        if let Some(f) = &g.factors {
+            return GateWeights::Factored {
+                rank: f.rank,
+                ut: transpose(&f.u, out, f.rank),
+                vt: transpose(&f.v, f.rank, cin),
+                bias: g.bias.clone(),
+            };
+        }
+        let half: Vec<half::f16> = g.weight.iter().map(|&v| half::f16::from_f32(v)).collect();
+        if half.iter().zip(&g.weight).all(|(h, &v)| h.to_f32() == v) {
+            GateWeights::Half {
+                wt: transpose(&half, out, cin),
+                bias: g.bias.clone(),
+            }
+        } else {
+            GateWeights::Full {
+                wt: transpose(&g.weight, out, cin),
+                bias: g.bias.clone(),
+            }
+        }
+    }
+
+    /// Every output's score for input means `x` (see the module documentation).
+    pub(super) fn scores(&self, x: &[f32]) -> Vec<f32> {
+        match self {
+            GateWeights::Half { wt, bias } => scores_t(wt, bias, x),
+            GateWeights::Full { wt, bias } => scores_t(wt, bias, x),
+            GateWeights::Factored {
+                rank, ut, vt, bias, ..
+            } => {
+                let t = scores_t(vt, &vec![0.0; *rank], x);
+                scores_t(ut, bias, &t)
+            }
+        }
+    }
+
+    /// The factors' rank, for a gate scored through them.
+    pub(super) fn rank(&self) -> Option<usize> {
+        match self {
+            GateWeights::Factored { rank, .. } => Some(*rank),
+            _ => None,
+        }
+    }
+}
+
+/// A weight type the scorer reads.
+pub(super) trait Weight: Copy {
+    fn f32(self) -> f32;
+    /// Sixteen consecutive weights as f32.
+    ///
+    /// # Safety
+    /// Sixteen values are readable from `p`, and AVX-512F is present.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl Weight for f32 {
+    fn f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+}
+
+impl Weight for half::f16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
+}
+
+/// `bias[o] + Σ_c x[c] · wt[c][o]` for every output `o` (see the module documentation).
+pub(super) fn scores_t<T: Weight>(wt: &[T], bias: &[f32], x: &[f32]) -> Vec<f32> {
+    assert_eq!(
+        wt.len(),
+        bias.len() * x.len(),
+        "gate weights do not fit the gate"
+    );
+    let mut out = bias.to_vec();
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present; the sizes are checked above.
+        unsafe { scores_avx512(wt, x, &mut out) };
+        return out;
+    }
+    scores_portable(wt, x, &mut out, 0);
+    out
+}
+
+/// Adds `Σ_c x[c] · wt[c][o]` to `out[o]` for outputs `from..`, one input at a time.
+pub(super) fn scores_portable<T: Weight>(wt: &[T], x: &[f32], out: &mut [f32], from: usize) {
+    let n = out.len();
+    for (c, &xc) in x.iter().enumerate() {
+        if xc == 0.0 {
+            continue;
+        }
+        let row = &wt[c * n..(c + 1) * n];
+        for (o, w) in out[from..].iter_mut().zip(&row[from..]) {
+            *o += xc * w.f32();
+        }
+    }
+}
+
+/// Blocks of eight vectors of outputs stay in registers over all inputs, then single
+/// vectors; the last `n % 16` outputs go the portable way (the same arithmetic).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_avx512<T: Weight>(wt: &[T], x: &[f32], out: &mut [f32]) {
+    let n = out.len();
+    let mut o = 0;
+    while o + 128 <= n {
+        block::<T, 8>(wt, x, out, o);
+        o += 128;
+    }
+    while o + 16 <= n {
+        block::<T, 1>(wt, x, out, o);
+        o += 16;
+    }
+    scores_portable(wt, x, out, o);
+}
+
+/// Outputs `o..o + 16 · V`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block<T: Weight, const V: usize>(wt: &[T], x: &[f32], out: &mut [f32], o: usize) {
+    use std::arch::x86_64::*;
+    let n = out.len();
+    let mut acc = [_mm512_setzero_ps(); V];
+    for (v, a) in acc.iter_mut().enumerate() {
+        *a = _mm512_loadu_ps(out.as_ptr().add(o + 16 * v));
+    }
+    for (c, &xc) in x.iter().enumerate() {
+        if xc == 0.0 {
+            continue;
+        }
+        let xv = _mm512_set1_ps(xc);
+        let row = wt.as_ptr().add(c * n + o);
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_add_ps(*a, _mm512_mul_ps(xv, T::load16(row.add(16 * v))));
+        }
+    }
+    for (v, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.as_mut_ptr().add(o + 16 * v), *a);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::cpu::fresh_rng;
+    use rand::Rng;
+
+    /// The scores summed one input at a time, in order, skipping zero inputs.
+    fn naive(w: &[f32], bias: &[f32], x: &[f32]) -> Vec<f32> {
+        let cin = x.len();
+        bias.iter()
+            .enumerate()
+            .map(|(o, &b)| {
+                let mut acc = b;
+                for (c, &xc) in x.iter().enumerate() {
+                    if xc != 0.0 {
+                        acc += xc * w[o * cin + c];
+                    }
+                }
+                acc
+            })
+            .collect()
+    }
+
+    /// Gates score exactly as the naive sum, from f16 or f32 storage, on either path,
+    /// with dropped (zero) inputs and output counts that leave every kind of tail;
+    /// weights f16 cannot hold stay f32.
+    #[test]
+    fn gates_score_exactly_as_a_naive_sum_whatever_the_storage() {
+        let mut rng = fresh_rng();
+        for _ in 0..60 {
+            let (cout, cin) = (rng.random_range(1..300), rng.random_range(1..200));
+            let weight: Vec<f32> = (0..cout * cin)
+                .map(|_| half::f16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
+                .collect();
+            let bias: Vec<f32> = (0..cout).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let x: Vec<f32> = (0..cin)
+                .map(|_| {
+                    if rng.random_bool(0.3) {
+                        0.0
+                    } else {
+                        rng.random_range(-2.0..2.0)
+                    }
+                })
+                .collect();
+            let want = naive(&weight, &bias, &x);
+            let g = gating::ChannelGate {
+                weight: weight.clone(),
+                bias: bias.clone(),
+                factors: None,
+            };
+            let h = GateWeights::new(&g);
+            let GateWeights::Half { wt, .. } = &h else {
+                panic!("f16-representable weights were not stored as f16");
+            };
+            let bits = |v: &[f32]| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&h.scores(&x)), bits(&want));
+            let mut portable = bias.clone();
+            scores_portable(wt, &x, &mut portable, 0);
+            assert_eq!(bits(&portable), bits(&want));
+            let full = transpose(&weight, cout, cin);
+            assert_eq!(bits(&scores_t(&full, &bias, &x)), bits(&want));
+        }
+        let g = gating::ChannelGate {
+            weight: vec![0.1, 0.2],
+            bias: vec![0.0],
+            factors: None,
+        };
+        assert!(matches!(GateWeights::new(&g), GateWeights::Full { .. }));
+    }
+
+    /// A factored gate scores `U · (V · x)`: its weight (their product) up to rounding.
+    #[test]
+    fn factored_gates_score_as_their_product() {
+        let mut rng = fresh_rng();
+        for _ in 0..20 {
+            let (cout, cin, rank) = (
+                rng.random_range(1..200),
+                rng.random_range(1..80),
+                rng.random_range(1..40),
+            );
+            let u: Vec<f32> = (0..cout * rank)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let v: Vec<f32> = (0..rank * cin)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let weight: Vec<f32> = (0..cout * cin)
+                .map(|i| {
+                    (0..rank)
+                        .map(|j| u[i / cin * rank + j] * v[j * cin + i % cin])
+                        .sum()
+                })
+                .collect();
+            let bias: Vec<f32> = (0..cout).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let x: Vec<f32> = (0..cin).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let want = naive(&weight, &bias, &x);
+            let g = gating::ChannelGate {
+                weight,
+                bias,
+                factors: Some(gating::LowRank { rank, u, v }),
+            };
+            let h = GateWeights::new(&g);
+            assert_eq!(h.rank(), Some(rank));
+            for (got, want) in h.scores(&x).into_iter().zip(want) {
+                let tol = 1e-4 * (1.0 + want.abs()) * (rank as f32).sqrt();
+                assert!((got - want).abs() <= tol, "{got} vs {want}");
+            }
+        }
+    }
+}
