@@ -425,28 +425,56 @@ mod avx512 {
     const MR: usize = 12;
 
     /// 12 rows × 32 columns: 24 zmm accumulators; per k, two panel loads and one
-    /// broadcast per row.
+    /// broadcast per row. A tile of at most 16 columns (the last panel of a small plane:
+    /// 14×14 leaves 4) runs on half of each: the other half would only multiply padding.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, out: &mut Acc, next: Prefetch) {
+        if t.cols.len() <= 16 {
+            dispatch::<1>(t, k0, k1, out, next)
+        } else {
+            dispatch::<2>(t, k0, k1, out, next)
+        }
+    }
+
+    /// The variant for this tile: one stream of A or a row each, a column map, panel rows
+    /// in place, prefetching; `W` vectors of 16 columns.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dispatch<const W: usize>(
+        t: &Tile,
+        k0: usize,
+        k1: usize,
+        out: &mut Acc,
+        next: Prefetch,
+    ) {
         let pf = !next.at.is_null() && next.blocks > 0;
         match (t.one_block(MR), t.kmap.is_some(), t.boff.is_some(), pf) {
-            (true, false, false, false) => body::<true, false, false, false>(t, k0, k1, out, next),
-            (true, false, false, true) => body::<true, false, false, true>(t, k0, k1, out, next),
-            (true, true, false, _) => body::<true, true, false, false>(t, k0, k1, out, next),
-            (true, false, true, _) => body::<true, false, true, false>(t, k0, k1, out, next),
-            (true, true, true, _) => body::<true, true, true, false>(t, k0, k1, out, next),
-            (false, false, false, false) => {
-                body::<false, false, false, false>(t, k0, k1, out, next)
+            (true, false, false, false) => {
+                body::<W, true, false, false, false>(t, k0, k1, out, next)
             }
-            (false, false, false, true) => body::<false, false, false, true>(t, k0, k1, out, next),
-            (false, true, false, _) => body::<false, true, false, false>(t, k0, k1, out, next),
-            (false, false, true, _) => body::<false, false, true, false>(t, k0, k1, out, next),
-            (false, true, true, _) => body::<false, true, true, false>(t, k0, k1, out, next),
+            (true, false, false, true) => body::<W, true, false, false, true>(t, k0, k1, out, next),
+            (true, true, false, _) => body::<W, true, true, false, false>(t, k0, k1, out, next),
+            (true, false, true, _) => body::<W, true, false, true, false>(t, k0, k1, out, next),
+            (true, true, true, _) => body::<W, true, true, true, false>(t, k0, k1, out, next),
+            (false, false, false, false) => {
+                body::<W, false, false, false, false>(t, k0, k1, out, next)
+            }
+            (false, false, false, true) => {
+                body::<W, false, false, false, true>(t, k0, k1, out, next)
+            }
+            (false, true, false, _) => body::<W, false, true, false, false>(t, k0, k1, out, next),
+            (false, false, true, _) => body::<W, false, false, true, false>(t, k0, k1, out, next),
+            (false, true, true, _) => body::<W, false, true, true, false>(t, k0, k1, out, next),
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn body<const BLOCK: bool, const MAPPED: bool, const OFFS: bool, const PF: bool>(
+    unsafe fn body<
+        const W: usize,
+        const BLOCK: bool,
+        const MAPPED: bool,
+        const OFFS: bool,
+        const PF: bool,
+    >(
         t: &Tile,
         k0: usize,
         k1: usize,
@@ -457,11 +485,12 @@ mod avx512 {
         let offs = t.boff.map_or(std::ptr::null(), <[usize]>::as_ptr);
         let rows = row_starts::<MR>(t);
         let a0 = rows[0];
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm512_setzero_ps(); W]; MR];
         if k0 > 0 {
             for i in 0..t.rows.len() {
-                acc[i][0] = _mm512_loadu_ps(out[i].as_ptr());
-                acc[i][1] = _mm512_loadu_ps(out[i].as_ptr().add(16));
+                for (w, v) in acc[i].iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(out[i].as_ptr().add(16 * w));
+                }
             }
         }
         let block = PACK * t.ka;
@@ -473,8 +502,10 @@ mod avx512 {
             } else {
                 b
             };
-            let b0 = _mm512_loadu_ps(bp);
-            let b1 = _mm512_loadu_ps(bp.add(16));
+            let mut bv = [_mm512_setzero_ps(); W];
+            for (w, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(bp.add(16 * w));
+            }
             if PF {
                 let at = next.at.wrapping_add((kk - k0) * PACK);
                 for b in 0..next.blocks.min(Prefetch::MAX) {
@@ -488,14 +519,16 @@ mod avx512 {
                     rows[i].add(ka)
                 };
                 let a = _mm512_set1_ps(*src);
-                acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
-                acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+                for w in 0..W {
+                    acc[i][w] = _mm512_fmadd_ps(a, bv[w], acc[i][w]);
+                }
             }
             b = b.add(t.ldb);
         }
         for i in 0..t.rows.len() {
-            _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i][0]);
-            _mm512_storeu_ps(out[i].as_mut_ptr().add(16), acc[i][1]);
+            for (w, v) in acc[i].iter().enumerate() {
+                _mm512_storeu_ps(out[i].as_mut_ptr().add(16 * w), *v);
+            }
         }
     }
 }
