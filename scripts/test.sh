@@ -31,5 +31,7 @@ echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
+echo "== cargo doc (broken links fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 echo "== cargo test --release"
 cargo test --release

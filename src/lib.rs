@@ -5,7 +5,7 @@
 //! only those. This release runs dense inference on the CPU with its own engine and on
 //! NVIDIA GPUs with its own CUDA kernels, and dynamic execution on the CPU: channel and
 //! spatial gates chosen per input, cut by ratio, threshold or FLOP budget ([`Policy`]),
-//! timed against dense by [`bench`].
+//! timed against dense by [`mod@bench`].
 //!
 //! ```
 //! use dynsparse::{demo, preprocess, Options, Runtime};

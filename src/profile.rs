@@ -1,7 +1,7 @@
 //! The hardware profile behind `dynsparse profile`: the CPU engine's latency against the
 //! number of kept output channels and of kept tiles for representative layer shapes — the
 //! tail-effect staircase — and the channel granularity chosen from it, which the planner
-//! then rounds kept channel counts to ([`crate::Options::profile`]).
+//! then rounds kept channel counts to ([`crate::Options::channel_round`]).
 //!
 //! A micro-kernel computes whole tiles of rows, so a gated layer's time is flat between
 //! multiples of its row tile and steps at each; keeping a count just past a step costs a

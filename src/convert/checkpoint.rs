@@ -1,5 +1,5 @@
 //! Reading checkpoints into named f32 tensors: PyTorch `.pth` in the zip format
-//! (torch ≥ 1.6, through Candle's pickle reader), the legacy format (see [`super::legacy`])
+//! (torch ≥ 1.6, through Candle's pickle reader), the legacy format (see `convert::legacy`)
 //! and `.safetensors`. The format is recognised from the file's first bytes.
 
 use std::collections::HashMap;

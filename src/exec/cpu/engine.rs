@@ -367,7 +367,8 @@ impl EngineExecutor {
         let ph = (g.out_hw[0] - 1) * g.stride[0] + g.kernel[0];
         let pw = (g.out_hw[1] - 1) * g.stride[1] + g.kernel[1];
         let needs_pad = g.pad_tl != [0, 0] || ph > g.in_hw[0] || pw > g.in_hw[1];
-        let padded = needs_pad.then(|| pad_planes(&self.pool, x, g.in_hw, g.pad_tl, [ph, pw]));
+        let padded =
+            needs_pad.then(|| pad_planes(&self.pool, x, g.in_hw, g.pad_tl, [ph, pw], chans));
         let (x, g) = match &padded {
             None => (x, *g),
             Some(p) => {
@@ -1231,29 +1232,54 @@ impl EngineExecutor {
     }
 }
 
-/// Copies every `in_hw` plane of `x` into a zeroed `out_hw` plane at offset `pad_tl`,
-/// cropping what falls outside; followed by [`NR`] zeros of slack.
+/// The planes of `x` (`in_hw` each) in planes of `out_hw`, placed at `pad_tl` with zeros
+/// around, followed by [`NR`] zeros of slack: a shifted-window panel of the last row
+/// reads up to `NR - 1` values beyond its row (lanes the store ignores). With `chans`,
+/// only those planes (the ones a sparse plan reads) are written; the others hold
+/// whatever the buffer held.
 fn pad_planes(
     pool: &BufferPool,
     x: &[f32],
     in_hw: [usize; 2],
     pad_tl: [usize; 2],
     out_hw: [usize; 2],
+    chans: Option<&[usize]>,
 ) -> Vec<f32> {
     let (in_plane, out_plane) = (in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]);
-    // NR values of slack past the last plane: a shifted-window panel of the last row
-    // reads up to NR - 1 values beyond its row (lanes the store ignores).
-    let mut out = pool.take(x.len() / in_plane * out_plane + NR);
+    let planes = x.len() / in_plane;
+    let mut out = pool.take_dirty(planes * out_plane + NR);
+    out[planes * out_plane..].fill(0.0);
     let rows = in_hw[0].min(out_hw[0].saturating_sub(pad_tl[0]));
     let cols = in_hw[1].min(out_hw[1].saturating_sub(pad_tl[1]));
-    out.par_chunks_exact_mut(out_plane)
-        .zip(x.par_chunks(in_plane))
-        .for_each(|(o, i)| {
-            for y in 0..rows {
-                let dst = (y + pad_tl[0]) * out_hw[1] + pad_tl[1];
-                o[dst..dst + cols].copy_from_slice(&i[y * in_hw[1]..y * in_hw[1] + cols]);
-            }
-        });
+    let [top, left] = pad_tl;
+    let ow = out_hw[1];
+    let pad = |o: &mut [f32], i: &[f32]| {
+        o[..top * ow].fill(0.0);
+        o[(top + rows) * ow..].fill(0.0);
+        for (y, orow) in o[top * ow..(top + rows) * ow]
+            .chunks_exact_mut(ow)
+            .enumerate()
+        {
+            orow[..left].fill(0.0);
+            orow[left..left + cols].copy_from_slice(&i[y * in_hw[1]..y * in_hw[1] + cols]);
+            orow[left + cols..].fill(0.0);
+        }
+    };
+    let planes_out = out[..planes * out_plane].par_chunks_exact_mut(out_plane);
+    match chans {
+        None => planes_out
+            .zip(x.par_chunks_exact(in_plane))
+            .for_each(|(o, i)| pad(o, i)),
+        Some(c) => {
+            let mut keep = vec![false; planes];
+            c.iter().for_each(|&c| keep[c] = true);
+            planes_out
+                .zip(x.par_chunks_exact(in_plane))
+                .zip(keep.par_iter())
+                .filter(|(_, &k)| k)
+                .for_each(|((o, i), _)| pad(o, i));
+        }
+    }
     out
 }
 

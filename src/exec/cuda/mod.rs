@@ -1,7 +1,7 @@
 //! CUDA execution: kernels in `cuda/dynsparse.cu`, compiled at first use by NVRTC for the
 //! device's compute capability (see [`nvrtc`]), launched through cudarc with the driver
 //! library loaded at run time — so the crate builds and runs on machines without CUDA,
-//! and asking for a GPU there is a clear [`Error::Cuda`](crate::Error::Cuda).
+//! and asking for a GPU there is a clear [`crate::Error::Cuda`].
 
 pub mod check;
 mod executor;
