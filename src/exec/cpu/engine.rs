@@ -14,10 +14,7 @@
 //! Dynamic passes run the same GEMM on a [`Subset`] per sample: kept output channels are
 //! A's rows read in place by index, kept input channels are packed alone and their
 //! columns of A copied into a compact A, kept pixels are the panel's columns; the output
-//! is written in place. A channel gate needs its input's channel means: the convolution
-//! that produced the input summed each channel as it stored it (one cell per panel, so
-//! the sum is the same every run), and the gate scores from those sums
-//! ([`super::gate_scores`]) instead of reading the input again.
+//! is written in place. Channel gates score in [`super::gate_scores`].
 
 use rayon::prelude::*;
 
@@ -87,8 +84,6 @@ pub struct EngineExecutor {
     flops: Vec<u64>,
     /// Size of A (bytes) above which panels run in groups ([`A_RESIDENT_BYTES`]).
     a_resident: usize,
-    /// Per node: a channel gate pools its output, so a gated pass sums it as it stores.
-    sums_for: Vec<bool>,
 }
 
 /// Per value, per sample: the channels that hold computed data (`None`: all). Channels
@@ -146,6 +141,9 @@ struct Compact {
     gate_ms: f64,
 }
 
+/// Gate inputs (floats) from which a lone sample's channel means are pooled in parallel.
+const PARALLEL_POOL_FLOATS: usize = 1 << 15;
+
 /// Compact A copies (floats) from which both threads share the copy.
 const PARALLEL_COPY_FLOATS: usize = 1 << 17;
 
@@ -158,12 +156,6 @@ const GROUP_PANELS: usize = 8;
 
 /// Narrowest output row a k×k stride-1 convolution reads in place (see `conv_gemm_into`).
 const IMPLICIT_WIDTH: usize = 28;
-
-/// Cells per row of a convolution's row sums ([`EngineExecutor::conv_gemm_into`]): one
-/// per B panel, and no layout has more panels than this.
-fn sum_slots([oh, ow]: [usize; 2]) -> usize {
-    oh * ow.div_ceil(NR)
-}
 
 /// Output pointer shared by tasks that write disjoint cells.
 #[derive(Clone, Copy)]
@@ -267,14 +259,6 @@ impl EngineExecutor {
             layers.push((node.input, layer));
         }
         let channel_gates = gating::channel_gates(model)?;
-        let sums_for = (0..nodes.len())
-            .map(|i| {
-                nodes
-                    .iter()
-                    .zip(&channel_gates)
-                    .any(|(n, g)| n.input == i + 1 && g.is_some())
-            })
-            .collect();
         let gates = channel_gates
             .iter()
             .map(|g| g.as_ref().map(GateWeights::new))
@@ -286,7 +270,6 @@ impl EngineExecutor {
             round: isa.mr(),
             flops: model.layers.iter().map(|l| l.flops).collect(),
             a_resident: A_RESIDENT_BYTES,
-            sums_for,
             layers,
             sizes,
             last_use,
@@ -322,22 +305,20 @@ impl EngineExecutor {
         g: &ConvGeom,
         residual: Option<&[f32]>,
         act: Act,
-        sums: Option<&mut [f32]>,
     ) -> Vec<f32> {
         let mut out = self
             .pool
             .take_dirty(batch * bias.len() * g.out_hw[0] * g.out_hw[1]);
         let all = Subset::default();
         self.conv_gemm_into(
-            x, batch, weight, bias, groups, g, residual, act, all, &mut out, sums,
+            x, batch, weight, bias, groups, g, residual, act, all, &mut out,
         );
         out
     }
 
     /// The convolution of `batch` samples into `out` (`batch × rows × positions`): all of
     /// it, or for one group a [`Subset`], whose other cells then hold the residual, or
-    /// zero. With `sums` (`batch × rows ×` [`sum_slots`]), each computed row's stored
-    /// values are also summed there, one cell per panel, other cells untouched.
+    /// zero.
     #[allow(clippy::too_many_arguments)]
     fn conv_gemm_into(
         &self,
@@ -351,7 +332,6 @@ impl EngineExecutor {
         act: Act,
         sub: Subset,
         out: &mut [f32],
-        sums: Option<&mut [f32]>,
     ) {
         let Subset {
             rows: only_rows,
@@ -536,12 +516,6 @@ impl EngineExecutor {
             },
         }
         let ptr = OutPtr(out.as_mut_ptr());
-        let slots = sum_slots(g.out_hw);
-        let sums_ptr = sums.map(|s| {
-            assert_eq!(s.len(), batch * rows_total * slots, "row sums buffer size");
-            debug_assert!(panels <= slots);
-            OutPtr(s.as_mut_ptr())
-        });
         let tasks = batch * groups * ngroups * chunks;
         let task = |own: &mut Vec<f32>, t: usize| {
             let (chunk, sgq) = (t % chunks, t / chunks);
@@ -559,7 +533,6 @@ impl EngineExecutor {
                 bias: &bias[grp * rows_per_group..(grp + 1) * rows_per_group],
                 residual: residual.map(|r| &r[out_off..out_off + rows_per_group * n]),
                 act,
-                sums: None,
             };
             let first = chunk * blocks_per_chunk * mr;
             let last = ((chunk + 1) * blocks_per_chunk * mr).min(row_list.len());
@@ -641,17 +614,7 @@ impl EngineExecutor {
                     unsafe { gemm::accumulate_prefetching(self.isa, tile, k0, k1, acc, next) };
                 }
             }
-            for (j, (tile, acc)) in tiles.iter().zip(&accs).enumerate() {
-                let p = group.start + j % np;
-                let ep = Epilogue {
-                    // SAFETY: inside the buffer checked above; (sample, row, panel)
-                    // cells are disjoint between tiles.
-                    sums: sums_ptr.map(|s| gemm::RowSums {
-                        at: unsafe { s.get().add(sg * rows_per_group * slots + p) },
-                        stride: slots,
-                    }),
-                    ..ep
-                };
+            for (tile, acc) in tiles.iter().zip(&accs) {
                 // SAFETY: rows < rows_per_group and cols < n index inside this (sample,
                 // group) block of `out`; tasks cover disjoint (rows, cols) cells.
                 unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
@@ -683,9 +646,6 @@ impl EngineExecutor {
             )));
         }
         let mut values: Vec<Option<Vec<f32>>> = vec![None; self.layers.len() + 1];
-        // Per value, in a gated pass: per sample and channel, its sum in `sum_slots`
-        // parts, where the producer summed it as it stored.
-        let mut row_sums: Vec<Option<Vec<f32>>> = vec![None; self.layers.len() + 1];
         let dynamic = cuts.is_some();
         let mut kept: Vec<Kept> = vec![None; self.layers.len() + 1];
         let mut node_kept: Vec<Kept> = vec![None; self.layers.len()];
@@ -727,46 +687,12 @@ impl EngineExecutor {
                             _ => None,
                         },
                     };
-                    // Pixels a spatial gate skips are not stored, so not summed.
-                    let mut sums =
-                        (dynamic && self.sums_for[i] && *groups == 1 && gates.tiles.is_none())
-                            .then(|| {
-                                let mut s = self
-                                    .pool
-                                    .take_dirty(batch * bias.len() * sum_slots(geom.out_hw));
-                                s.fill(0.0);
-                                s
-                            });
-                    let in_sums = row_sums[*src].as_deref();
                     if ic_sets.is_none() && gates.channels.is_none() && gates.tiles.is_none() {
-                        let out = self.conv_gemm(
-                            x,
-                            batch,
-                            weight,
-                            bias,
-                            *groups,
-                            geom,
-                            r,
-                            *act,
-                            sums.as_deref_mut(),
-                        );
-                        row_sums[i + 1] = sums;
+                        let out = self.conv_gemm(x, batch, weight, bias, *groups, geom, r, *act);
                         (out, dense)
                     } else {
-                        let c = self.conv_compact(
-                            x,
-                            batch,
-                            weight,
-                            bias,
-                            geom,
-                            r,
-                            *act,
-                            ic_sets,
-                            gates,
-                            in_sums,
-                            sums.as_deref_mut(),
-                        );
-                        row_sums[i + 1] = sums;
+                        let c = self
+                            .conv_compact(x, batch, weight, bias, geom, r, *act, ic_sets, gates);
                         if gates.channels.is_some() {
                             kept[i + 1] = Some(c.oc.clone());
                             node_kept[i] = Some(c.oc);
@@ -849,9 +775,6 @@ impl EngineExecutor {
                     if let Some(buf) = slot.take() {
                         self.pool.give(buf);
                     }
-                    if let Some(buf) = row_sums[v].take() {
-                        self.pool.give(buf);
-                    }
                 }
             }
             traces.push(LayerTrace {
@@ -900,27 +823,21 @@ impl EngineExecutor {
         act: Act,
         ic_sets: Option<&Vec<Vec<usize>>>,
         gates: ConvGates,
-        in_sums: Option<&[f32]>,
-        sums: Option<&mut [f32]>,
     ) -> Compact {
         let (cin, cout) = (geom.in_c, bias.len());
         let plane = geom.in_hw[0] * geom.in_hw[1];
         let n = geom.out_hw[0] * geom.out_hw[1];
         let taps = geom.kernel[0] * geom.kernel[1];
-        let (in_slots, slots) = (sum_slots(geom.in_hw), sum_slots(geom.out_hw));
+        // Enough samples to share out: one thread each.
+        let serial = batch >= 2 * rayon::current_num_threads();
         // Every cell read later is written below.
         let mut out = self.pool.take_dirty(batch * cout * n);
-        let mut sample_sums: Vec<Option<&mut [f32]>> = match sums {
-            Some(s) => s.chunks_mut(cout * slots).map(Some).collect(),
-            None => (0..batch).map(|_| None).collect(),
-        };
         // Samples in parallel (each sample's GEMM splits further): small layers of a big
         // batch keep both cores busy without waking the pool once per sample.
         let per: Vec<SampleOut> = out
             .par_chunks_mut(cout * n)
-            .zip(sample_sums.par_iter_mut())
             .enumerate()
-            .map(|(s, (os, ss))| {
+            .map(|(s, os)| {
                 let xs = &x[s * cin * plane..(s + 1) * cin * plane];
                 let ic: Vec<usize> = ic_sets.map_or_else(|| (0..cin).collect(), |v| v[s].clone());
                 let mut gf = 0u64;
@@ -928,23 +845,19 @@ impl EngineExecutor {
                 let oc: Vec<usize> = match gates.channels {
                     Some((g, cut)) => {
                         // Mean of each kept input plane, zero for dropped ones (whose
-                        // planes are never written), so each score is one vectorized dot
-                        // product; on one thread, a few microseconds per layer.
+                        // planes are never written). Large inputs of a lone sample are
+                        // pooled on every thread: it reads the whole input once.
                         let mut pooled = vec![0f32; cin];
-                        match in_sums {
-                            // The producer summed each channel as it stored it.
-                            Some(t) => {
-                                let t = &t[s * cin * in_slots..(s + 1) * cin * in_slots];
-                                for &c in &ic {
-                                    let parts = &t[c * in_slots..(c + 1) * in_slots];
-                                    pooled[c] = parts.iter().sum::<f32>() / plane as f32;
-                                }
-                            }
-                            None => {
-                                for &c in &ic {
-                                    pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
-                                }
-                            }
+                        let mean = |c: usize| sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
+                        if serial || ic.len() * plane < PARALLEL_POOL_FLOATS {
+                            ic.iter().for_each(|&c| pooled[c] = mean(c));
+                        } else {
+                            let means: Vec<f32> = ic
+                                .par_iter()
+                                .with_min_len(PARALLEL_POOL_FLOATS / plane)
+                                .map(|&c| mean(c))
+                                .collect();
+                            ic.iter().zip(means).for_each(|(&c, m)| pooled[c] = m);
                         }
                         let scores = g.scores(&pooled);
                         gf += match g.rank() {
@@ -987,22 +900,9 @@ impl EngineExecutor {
                     cols: cols.as_deref(),
                     chans: (ic.len() < cin).then_some(&ic[..]),
                     dropped_unread: gates.channels.is_some(),
-                    // Enough samples to share out: one thread each.
-                    serial: batch >= 2 * rayon::current_num_threads(),
+                    serial,
                 };
-                self.conv_gemm_into(
-                    xs,
-                    1,
-                    weight,
-                    bias,
-                    1,
-                    geom,
-                    rs,
-                    act,
-                    sub,
-                    os,
-                    ss.as_deref_mut(),
-                );
+                self.conv_gemm_into(xs, 1, weight, bias, 1, geom, rs, act, sub, os);
                 let f = gf + 2 * (positions * oc.len() * ic.len() * taps) as u64;
                 (oc, tiles, f, gf, gate_ms)
             })
@@ -1344,7 +1244,6 @@ mod tests {
             round: isa.mr(),
             flops: Vec::new(),
             a_resident: A_RESIDENT_BYTES,
-            sums_for: Vec::new(),
         }
     }
 
@@ -1522,10 +1421,8 @@ mod tests {
                 }
             }
             let packed = gemm::pack_a(&w, cout, g.k());
-            let slots = sum_slots(g.out_hw);
             for e in &engines {
                 let mut got = vec![f32::NAN; cout * n];
-                let mut sums = vec![0f32; cout * slots];
                 e.conv_gemm_into(
                     &xs,
                     1,
@@ -1537,25 +1434,9 @@ mod tests {
                     act,
                     sub,
                     &mut got,
-                    Some(&mut sums),
                 );
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(a.is_nan(), b.is_nan(), "cell {i}: {a} vs {b}");
-                }
-                // Every computed row's stored values, summed by panel as they were stored
-                // (all pixels computed; a spatial plan leaves pixels unsummed).
-                if cols.is_none() {
-                    for &o in &oc {
-                        let row = &got[o * n..(o + 1) * n];
-                        let want: f32 = row.iter().sum();
-                        let parts = &sums[o * slots..(o + 1) * slots];
-                        let got: f32 = parts.iter().sum();
-                        let scale: f32 = row.iter().map(|v| v.abs()).sum();
-                        assert!(
-                            (got - want).abs() <= 1e-5 * (1.0 + scale),
-                            "row {o}: sums to {got}, stored {want}"
-                        );
-                    }
                 }
                 let (got, want): (Vec<f32>, Vec<f32>) = got
                     .iter()

@@ -39,16 +39,6 @@ pub struct Epilogue<'a> {
     /// Added before the activation, read at the same index as C.
     pub residual: Option<&'a [f32]>,
     pub act: Act,
-    /// Where the sum of each row's stored values goes, if anywhere.
-    pub sums: Option<RowSums>,
-}
-
-/// Row `r`'s sum of stored values goes to `at + r · stride` (a gate downstream pools the
-/// output without reading it again). The caller gives each tile its own cells.
-#[derive(Clone, Copy)]
-pub struct RowSums {
-    pub at: *mut f32,
-    pub stride: usize,
 }
 
 /// The micro-kernel implementation picked for this CPU.
@@ -265,12 +255,11 @@ pub unsafe fn accumulate_prefetching(
 }
 
 /// Applies the epilogue to finished accumulators and stores them at
-/// `c[rows[i] * ldc + cols[j]]` (and each row's sum of them, with `ep.sums`).
+/// `c[rows[i] * ldc + cols[j]]`.
 ///
 /// # Safety
 /// Every `row * ldc + cols[j]` is inside the output `c` points to (and inside
-/// `ep.residual`), and no other thread writes those cells concurrently; the same holds
-/// for each row's cell of `ep.sums`.
+/// `ep.residual`), and no other thread writes those cells concurrently.
 pub unsafe fn store(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
@@ -309,7 +298,6 @@ unsafe fn store_avx512(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
     for (i, &row) in t.rows.iter().enumerate() {
         let b = _mm512_set1_ps(ep.bias[row]);
         let at = row * t.ldc + t.cols[0];
-        let mut total = zero;
         for &(len, off) in &masks {
             if len == 0 {
                 continue;
@@ -325,12 +313,6 @@ unsafe fn store_avx512(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
                 Act::Relu6 => _mm512_min_ps(_mm512_max_ps(v, zero), six),
             };
             _mm512_mask_storeu_ps(c.add(at + off), m, v);
-            if ep.sums.is_some() {
-                total = _mm512_mask_add_ps(total, m, total, v);
-            }
-        }
-        if let Some(s) = ep.sums {
-            *s.at.add(row * s.stride) = _mm512_reduce_add_ps(total);
         }
     }
 }
@@ -344,7 +326,6 @@ unsafe fn store_body(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
     for (i, &row) in t.rows.iter().enumerate() {
         let b = ep.bias[row];
         let a = &acc[i][..n];
-        let mut total = 0f32;
         if contiguous {
             let at = row * t.ldc + t.cols[0];
             let dst = std::slice::from_raw_parts_mut(c.add(at), n);
@@ -362,20 +343,12 @@ unsafe fn store_body(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
                 }
             }
             ep.act.apply_slice(dst);
-            if ep.sums.is_some() {
-                total = dst.iter().sum();
-            }
         } else {
             for (j, &col) in t.cols.iter().enumerate() {
                 let idx = row * t.ldc + col;
                 let r = ep.residual.map_or(0.0, |r| r[idx]);
-                let v = ep.act.apply(a[j] + b + r);
-                *c.add(idx) = v;
-                total += v;
+                *c.add(idx) = ep.act.apply(a[j] + b + r);
             }
-        }
-        if let Some(s) = ep.sums {
-            *s.at.add(row * s.stride) = total;
         }
     }
 }
@@ -895,21 +868,14 @@ mod tests {
             } else {
                 (whole, lda, mapped.then_some(kmap))
             };
-            let panels = cols.len().div_ceil(NR);
             for isa in isas() {
                 let mut c = vec![0f32; m * n];
-                // Each (row, panel) cell gets the sum of what its tile stored.
-                let mut sums = vec![f32::NAN; m * panels];
+                let ep = Epilogue {
+                    bias: &bias,
+                    residual,
+                    act,
+                };
                 for (p, pc) in cols.chunks(NR).enumerate() {
-                    let ep = Epilogue {
-                        bias: &bias,
-                        residual,
-                        act,
-                        sums: Some(RowSums {
-                            at: unsafe { sums.as_mut_ptr().add(p) },
-                            stride: panels,
-                        }),
-                    };
                     for rb in rows.chunks(isa.mr()) {
                         let tile = Tile {
                             a: &a,
@@ -941,15 +907,6 @@ mod tests {
                             assert_eq!(got, 0.0, "{isa:?}: wrote a cell outside the plan");
                         }
                     }
-                }
-                for &r in &rows {
-                    let want: f32 = c[r * n..(r + 1) * n].iter().sum();
-                    let got: f32 = sums[r * panels..(r + 1) * panels].iter().sum();
-                    let scale: f32 = c[r * n..(r + 1) * n].iter().map(|v| v.abs()).sum();
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + scale),
-                        "{isa:?}: row {r} sums to {got}, stored {want}"
-                    );
                 }
             }
         }
