@@ -395,24 +395,27 @@ mod avx512 {
     use super::{row_starts, Acc, Prefetch, Tile, PACK};
     use std::arch::x86_64::*;
 
-    const MR: usize = 12;
-
     /// 12 rows × 32 columns: 24 zmm accumulators; per k, two panel loads and one
     /// broadcast per row. A tile of at most 16 columns (the last panel of a small plane:
-    /// 14×14 leaves 4) runs on half of each: the other half would only multiply padding.
+    /// 14×14 leaves 4) runs on half of each, and a tile of at most 8 or 4 rows (the last
+    /// row tile of 64 or 128 channels) on that many rows: the rest would only multiply
+    /// padding.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, out: &mut Acc, next: Prefetch) {
-        if t.cols.len() <= 16 {
-            dispatch::<1>(t, k0, k1, out, next)
-        } else {
-            dispatch::<2>(t, k0, k1, out, next)
+        match (t.cols.len() <= 16, t.rows.len()) {
+            (true, ..=4) => dispatch::<1, 4>(t, k0, k1, out, next),
+            (true, ..=8) => dispatch::<1, 8>(t, k0, k1, out, next),
+            (true, _) => dispatch::<1, 12>(t, k0, k1, out, next),
+            (false, ..=4) => dispatch::<2, 4>(t, k0, k1, out, next),
+            (false, ..=8) => dispatch::<2, 8>(t, k0, k1, out, next),
+            (false, _) => dispatch::<2, 12>(t, k0, k1, out, next),
         }
     }
 
     /// The variant for this tile: one stream of A or a row each, a column map, panel rows
     /// in place, prefetching; `W` vectors of 16 columns.
     #[target_feature(enable = "avx512f")]
-    unsafe fn dispatch<const W: usize>(
+    unsafe fn dispatch<const W: usize, const MR: usize>(
         t: &Tile,
         k0: usize,
         k1: usize,
@@ -422,27 +425,34 @@ mod avx512 {
         let pf = !next.at.is_null() && next.blocks > 0;
         match (t.one_block(MR), t.kmap.is_some(), t.boff.is_some(), pf) {
             (true, false, false, false) => {
-                body::<W, true, false, false, false>(t, k0, k1, out, next)
+                body::<W, MR, true, false, false, false>(t, k0, k1, out, next)
             }
-            (true, false, false, true) => body::<W, true, false, false, true>(t, k0, k1, out, next),
-            (true, true, false, _) => body::<W, true, true, false, false>(t, k0, k1, out, next),
-            (true, false, true, _) => body::<W, true, false, true, false>(t, k0, k1, out, next),
-            (true, true, true, _) => body::<W, true, true, true, false>(t, k0, k1, out, next),
+            (true, false, false, true) => {
+                body::<W, MR, true, false, false, true>(t, k0, k1, out, next)
+            }
+            (true, true, false, _) => body::<W, MR, true, true, false, false>(t, k0, k1, out, next),
+            (true, false, true, _) => body::<W, MR, true, false, true, false>(t, k0, k1, out, next),
+            (true, true, true, _) => body::<W, MR, true, true, true, false>(t, k0, k1, out, next),
             (false, false, false, false) => {
-                body::<W, false, false, false, false>(t, k0, k1, out, next)
+                body::<W, MR, false, false, false, false>(t, k0, k1, out, next)
             }
             (false, false, false, true) => {
-                body::<W, false, false, false, true>(t, k0, k1, out, next)
+                body::<W, MR, false, false, false, true>(t, k0, k1, out, next)
             }
-            (false, true, false, _) => body::<W, false, true, false, false>(t, k0, k1, out, next),
-            (false, false, true, _) => body::<W, false, false, true, false>(t, k0, k1, out, next),
-            (false, true, true, _) => body::<W, false, true, true, false>(t, k0, k1, out, next),
+            (false, true, false, _) => {
+                body::<W, MR, false, true, false, false>(t, k0, k1, out, next)
+            }
+            (false, false, true, _) => {
+                body::<W, MR, false, false, true, false>(t, k0, k1, out, next)
+            }
+            (false, true, true, _) => body::<W, MR, false, true, true, false>(t, k0, k1, out, next),
         }
     }
 
     #[target_feature(enable = "avx512f")]
     unsafe fn body<
         const W: usize,
+        const MR: usize,
         const BLOCK: bool,
         const MAPPED: bool,
         const OFFS: bool,
