@@ -255,8 +255,7 @@ impl EngineExecutor {
             };
             layers.push((node.input, layer));
         }
-        let channel_gates = gating::channel_gates(model)?;
-        let gates = channel_gates
+        let gates = gating::channel_gates(model)?
             .iter()
             .map(|g| g.as_ref().map(GateWeights::new))
             .collect();
