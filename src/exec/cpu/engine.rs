@@ -377,17 +377,60 @@ impl EngineExecutor {
         debug_assert!(col_list.windows(2).all(|w| w[0] < w[1]) && col_list.last() < Some(&n));
         let ncols = col_list.len();
         let in_plane = g.in_hw[0] * g.in_hw[1];
-        // A stride-1 k×k convolution over whole rows at least IMPLICIT_WIDTH wide reads
-        // B in place: a panel is a segment of one output row, and its row (ci, ky, kx)
-        // is the padded input shifted by (ky, kx) — no im2col. Narrower rows would leave
-        // too many of a panel's lanes idle.
+        // A k×k convolution of stride 1 or 2 over whole rows at least IMPLICIT_WIDTH wide
+        // reads B in place: a panel is a segment of one output row, and its row
+        // (ci, ky, kx) is the padded input shifted by (ky, kx) — no im2col. Narrower rows
+        // would leave too many of a panel's lanes idle.
         let [oh, ow] = g.out_hw;
         let implicit = only_cols.is_none()
             && padded.is_some()
             && groups == 1
-            && g.stride == [1, 1]
+            && g.stride[0] <= 2
+            && g.stride[1] <= 2
             && g.kernel != [1, 1]
             && ow >= IMPLICIT_WIDTH;
+        // With a column stride of 2, each padded plane is first split into its even and
+        // odd columns (two planes of half width): tap (ky, kx) of a row segment is then
+        // a contiguous run of phase kx % 2, from column kx / 2.
+        let phased = (implicit && g.stride[1] == 2).then(|| {
+            let [ph, pw] = g.in_hw;
+            let half = pw.div_ceil(2);
+            let planes = x.len() / in_plane;
+            let mut xp = self.pool.take_dirty(planes * 2 * ph * half + NR);
+            xp[planes * 2 * ph * half..].fill(0.0);
+            let split = |(p, o): (&[f32], &mut [f32])| {
+                let (even, odd) = o.split_at_mut(ph * half);
+                for ((row, e), d) in p
+                    .chunks_exact(pw)
+                    .zip(even.chunks_exact_mut(half))
+                    .zip(odd.chunks_exact_mut(half))
+                {
+                    ops::split_phase(row, 2, e);
+                    ops::split_phase(&row[1..], 2, &mut d[..pw / 2]);
+                    d[pw / 2..].fill(0.0);
+                }
+            };
+            let (src, dst) = (&x[..planes * in_plane], &mut xp[..planes * 2 * ph * half]);
+            if serial {
+                src.chunks_exact(in_plane)
+                    .zip(dst.chunks_exact_mut(2 * ph * half))
+                    .for_each(split);
+            } else {
+                src.par_chunks_exact(in_plane)
+                    .zip(dst.par_chunks_exact_mut(2 * ph * half))
+                    .for_each(split);
+            }
+            xp
+        });
+        // Where implicit panels read: the padded input, or its column phases; per
+        // channel, per phase, per row.
+        let (src_plane, src_phase, src_row) = match &phased {
+            Some(_) => {
+                let half = g.in_hw[1].div_ceil(2);
+                (2 * g.in_hw[0] * half, g.in_hw[0] * half, half)
+            }
+            None => (in_plane, 0, g.in_hw[1]),
+        };
         let segs = ow.div_ceil(NR);
         // A 1×1, stride-1, unpadded convolution reads full panels straight from its input
         // (row k of B is input channel k, or with kept input channels the k-th kept one,
@@ -395,9 +438,13 @@ impl EngineExecutor {
         let direct =
             only_cols.is_none() && g.kernel == [1, 1] && g.stride == [1, 1] && g.pad_tl == [0, 0];
         let boff: Option<Vec<usize>> = if implicit {
-            let (pw, [kh, kw]) = (g.in_hw[1], g.kernel);
+            let ([kh, kw], sx) = (g.kernel, g.stride[1]);
             let taps = move |c: usize| {
-                (0..kh).flat_map(move |ky| (0..kw).map(move |kx| c * in_plane + ky * pw + kx))
+                (0..kh).flat_map(move |ky| {
+                    (0..kw).map(move |kx| {
+                        c * src_plane + (kx % sx) * src_phase + ky * src_row + kx / sx
+                    })
+                })
             };
             Some(match chans {
                 Some(c) => c.iter().flat_map(|&c| taps(c)).collect(),
@@ -552,8 +599,10 @@ impl EngineExecutor {
                     };
                     let in_place = implicit || (direct && (p + 1) * NR <= n);
                     let (panel, ldb) = if implicit {
-                        // Through the slack at the end of the padded input.
-                        (&x[sg * g.in_c * in_plane + y * g.in_hw[1] + x0..], 0)
+                        // Through the slack at the end of the padded input (or phases).
+                        let src = phased.as_deref().unwrap_or(x);
+                        let at = sg * g.in_c * src_plane + y * g.stride[0] * src_row + x0;
+                        (&src[at..], 0)
                     } else if in_place {
                         (&xs[p * NR..], in_plane)
                     } else if fused {
@@ -627,6 +676,9 @@ impl EngineExecutor {
             self.pool.give(a);
         }
         if let Some(p) = padded {
+            self.pool.give(p);
+        }
+        if let Some(p) = phased {
             self.pool.give(p);
         }
     }
@@ -1335,9 +1387,11 @@ mod tests {
                 _ => [rng.random_range(1..=7), rng.random_range(1..=7)],
             };
             let stride = [rng.random_range(1..=2), rng.random_range(1..=2)];
-            // A third of the cases wide enough for the in-place (shifted-window) path.
+            // A third of the cases wide enough for the in-place (shifted-window) path, at
+            // either column stride.
             let width = if rng.random_bool(0.35) {
-                rng.random_range(IMPLICIT_WIDTH..IMPLICIT_WIDTH + 40)
+                let w = stride[1] * IMPLICIT_WIDTH;
+                rng.random_range(w..w + 40)
             } else {
                 rng.random_range(1..24)
             };

@@ -140,7 +140,7 @@ pub fn max_pool_into(out: &mut [f32], input: &[f32], win: Window) {
 }
 
 /// `phase[j] = src[stride · j]` for every `j < phase.len()`.
-fn split_phase(src: &[f32], stride: usize, phase: &mut [f32]) {
+pub(crate) fn split_phase(src: &[f32], stride: usize, phase: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if stride == 2 && !phase.is_empty() && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F is present; copy_even reads exactly the values it copies from.
