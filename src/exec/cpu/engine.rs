@@ -410,15 +410,21 @@ impl EngineExecutor {
                     d[pw / 2..].fill(0.0);
                 }
             };
+            // Only the planes the plan reads, as for the padding.
             let (src, dst) = (&x[..planes * in_plane], &mut xp[..planes * 2 * ph * half]);
+            let read = read_planes(planes, chans);
             if serial {
                 src.chunks_exact(in_plane)
                     .zip(dst.chunks_exact_mut(2 * ph * half))
-                    .for_each(split);
+                    .zip(&read)
+                    .filter(|(_, &k)| k)
+                    .for_each(|(p, _)| split(p));
             } else {
                 src.par_chunks_exact(in_plane)
                     .zip(dst.par_chunks_exact_mut(2 * ph * half))
-                    .for_each(split);
+                    .zip(read.par_iter())
+                    .filter(|(_, &k)| k)
+                    .for_each(|(p, _)| split(p));
             }
             xp
         });
@@ -1206,22 +1212,25 @@ fn pad_planes(
             orow[left + cols..].fill(0.0);
         }
     };
-    let planes_out = out[..planes * out_plane].par_chunks_exact_mut(out_plane);
+    out[..planes * out_plane]
+        .par_chunks_exact_mut(out_plane)
+        .zip(x.par_chunks_exact(in_plane))
+        .zip(read_planes(planes, chans).par_iter())
+        .filter(|(_, &k)| k)
+        .for_each(|((o, i), _)| pad(o, i));
+    out
+}
+
+/// Per plane of `planes`: whether a plan reads it (`chans`; every plane without a list).
+fn read_planes(planes: usize, chans: Option<&[usize]>) -> Vec<bool> {
     match chans {
-        None => planes_out
-            .zip(x.par_chunks_exact(in_plane))
-            .for_each(|(o, i)| pad(o, i)),
+        None => vec![true; planes],
         Some(c) => {
             let mut keep = vec![false; planes];
             c.iter().for_each(|&c| keep[c] = true);
-            planes_out
-                .zip(x.par_chunks_exact(in_plane))
-                .zip(keep.par_iter())
-                .filter(|(_, &k)| k)
-                .for_each(|((o, i), _)| pad(o, i));
+            keep
         }
     }
-    out
 }
 
 /// Sum with 16 independent lanes, so it vectorizes without reassociation.
