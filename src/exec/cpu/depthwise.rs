@@ -1,94 +1,182 @@
-//! Direct depthwise convolution: one zero-padded copy of each input plane, then per
-//! output row one multiply-add sweep per kernel tap over contiguous memory (stride-2
-//! planes are split into even and odd columns first so that sweeps stay contiguous).
-//! Compiled twice — for AVX2+FMA and for the baseline — and picked at run time.
+//! Direct depthwise convolution, plane by plane. With AVX-512, taps read the input in
+//! place through masked loads (`depthwise_avx512`). Elsewhere (and for column strides
+//! above 2): one zero-padded copy of each input plane, then per output row one
+//! multiply-add sweep per kernel tap over contiguous memory (stride-2 planes split into
+//! even and odd columns first so that sweeps stay contiguous), compiled for AVX2+FMA and
+//! for the baseline and picked at run time.
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::depthwise_avx512;
 use super::ops::Window;
 use crate::model::Act;
 
-/// Depthwise convolution with bias, optional residual and activation; same contract as
-/// [`super::ops::depthwise`], which is its reference.
-#[cfg(test)]
-pub fn depthwise(
-    input: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    residual: Option<&[f32]>,
-    act: Act,
-    channels: usize,
+/// A depthwise layer's geometry and the kernel its planes run on, worked out once when
+/// the model is loaded (the AVX-512 kernels' lane masks depend on the geometry alone).
+pub struct Plan {
     win: Window,
-) -> Vec<f32> {
-    let out_len = input.len() / (win.in_hw[0] * win.in_hw[1]) * win.out_hw[0] * win.out_hw[1];
-    let mut out = vec![0f32; out_len];
-    depthwise_into(&mut out, input, weight, bias, residual, act, channels, win);
-    out
+    path: Path,
+    #[cfg(target_arch = "x86_64")]
+    flat: Option<depthwise_avx512::FlatMasks>,
+    #[cfg(target_arch = "x86_64")]
+    rows: Option<depthwise_avx512::RowMasks>,
 }
 
-/// [`depthwise`] into a caller's buffer of N×C×OH×OW values.
-#[allow(clippy::too_many_arguments)]
-pub fn depthwise_into(
-    out: &mut [f32],
-    input: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    residual: Option<&[f32]>,
-    act: Act,
-    channels: usize,
-    win: Window,
-) {
-    depthwise_planes_into(out, input, weight, bias, residual, act, channels, win, None)
+impl Plan {
+    /// The plan for `win` on the fastest kernels this CPU runs.
+    pub fn new(win: Window) -> Plan {
+        Plan::with_path(win, Path::best())
+    }
+
+    fn with_path(win: Window, path: Path) -> Plan {
+        #[cfg(target_arch = "x86_64")]
+        let fast = path == Path::Avx512;
+        Plan {
+            win,
+            path,
+            #[cfg(target_arch = "x86_64")]
+            flat: fast
+                .then(|| depthwise_avx512::FlatMasks::new(&win))
+                .flatten(),
+            #[cfg(target_arch = "x86_64")]
+            rows: fast
+                .then(|| depthwise_avx512::RowMasks::new(&win))
+                .flatten(),
+        }
+    }
+
+    /// The layer's window.
+    pub fn win(&self) -> Window {
+        self.win
+    }
+
+    /// Depthwise convolution of N×C×H×W `input` into a caller's buffer of N×C×OH×OW
+    /// values, with bias, optional residual and activation (same contract as
+    /// [`super::ops::depthwise`], which is its reference); with `keep`, only the
+    /// (sample, channel) planes it marks (`keep[sample * channels + channel]`), the
+    /// other output planes left unwritten (their readers skip them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        out: &mut [f32],
+        input: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        residual: Option<&[f32]>,
+        act: Act,
+        channels: usize,
+        keep: Option<&[bool]>,
+    ) {
+        let job = Job {
+            input,
+            weight,
+            bias,
+            residual,
+            act,
+            channels,
+            keep,
+        };
+        planes(self, &job, out);
+    }
 }
 
-/// [`depthwise_into`] computing only the (sample, channel) planes `keep` marks
-/// (`keep[sample * channels + channel]`); the other output planes are left unwritten
-/// (their readers skip them).
-#[allow(clippy::too_many_arguments)]
-pub fn depthwise_planes_into(
-    out: &mut [f32],
-    input: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    residual: Option<&[f32]>,
+/// The kernels a plane can run on, fastest first.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+enum Path {
+    /// Masked loads straight from the input (`depthwise_avx512`); planes of a column
+    /// stride above 2 take the AVX2 path.
+    Avx512,
+    /// The padded copy, swept 8 lanes at a time with AVX2 and FMA.
+    Avx2,
+    /// The padded copy, swept by portable code.
+    Generic,
+}
+
+impl Path {
+    fn best() -> Path {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Path::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Path::Avx2;
+            }
+        }
+        Path::Generic
+    }
+}
+
+/// A depthwise layer's operands (see [`Plan::run`]).
+struct Job<'a> {
+    input: &'a [f32],
+    weight: &'a [f32],
+    bias: &'a [f32],
+    residual: Option<&'a [f32]>,
     act: Act,
     channels: usize,
-    win: Window,
-    keep: Option<&[bool]>,
-) {
+    keep: Option<&'a [bool]>,
+}
+
+/// The planes of `job` on the plan's path.
+fn planes(plan: &Plan, job: &Job, out: &mut [f32]) {
+    let (win, path) = (plan.win, plan.path);
     let in_plane = win.in_hw[0] * win.in_hw[1];
     let out_plane = win.out_hw[0] * win.out_hw[1];
     let taps = win.kernel[0] * win.kernel[1];
-    #[cfg(target_arch = "x86_64")]
-    let fma =
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    let fma = false;
     // Small planes (late layers: hundreds of 7×7 or 14×14 planes) go several to a task.
     out.par_chunks_mut(out_plane)
         .enumerate()
         .with_min_len((1024 / out_plane.max(1)).max(1))
         .for_each_init(Vec::new, |scratch, (nc, o)| {
-            if keep.is_some_and(|k| !k[nc]) {
+            if job.keep.is_some_and(|k| !k[nc]) {
                 return;
             }
-            let c = nc % channels;
-            let job = Plane {
-                x: &input[nc * in_plane..(nc + 1) * in_plane],
-                k: &weight[c * taps..(c + 1) * taps],
-                bias: bias[c],
-                residual: residual.map(|r| &r[nc * out_plane..(nc + 1) * out_plane]),
-                act,
+            let c = nc % job.channels;
+            let plane = Plane {
+                x: &job.input[nc * in_plane..(nc + 1) * in_plane],
+                k: &job.weight[c * taps..(c + 1) * taps],
+                bias: job.bias[c],
+                residual: job
+                    .residual
+                    .map(|r| &r[nc * out_plane..(nc + 1) * out_plane]),
+                act: job.act,
                 win,
             };
             #[cfg(target_arch = "x86_64")]
-            if fma {
-                // SAFETY: the CPU supports AVX2 and FMA (checked above).
-                unsafe { plane_avx2(&job, scratch, o) };
+            if path == Path::Avx512 {
+                let p = depthwise_avx512::Plane {
+                    x: plane.x,
+                    k: plane.k,
+                    bias: plane.bias,
+                    residual: plane.residual,
+                    act: plane.act,
+                };
+                // SAFETY: the CPU supports AVX-512F (the path says so); the slices hold
+                // one plane of this window each.
+                unsafe {
+                    match (&plan.flat, &plan.rows, win.stride[1]) {
+                        (Some(m), _, _) => return depthwise_avx512::plane_flat(&p, m, o),
+                        (None, Some(m), 1) => {
+                            return depthwise_avx512::plane_rows::<1>(&p, &win, m, o)
+                        }
+                        (None, Some(m), 2) => {
+                            return depthwise_avx512::plane_rows::<2>(&p, &win, m, o)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if path != Path::Generic {
+                // SAFETY: the CPU supports AVX2 and FMA (every path but Generic does).
+                unsafe { plane_avx2(&plane, scratch, o) };
                 return;
             }
-            let _ = fma;
-            plane_generic::<false>(&job, scratch, o);
+            plane_generic::<false>(&plane, scratch, o);
         });
 }
 
@@ -320,9 +408,19 @@ mod tests {
     use super::*;
     use rand::Rng;
 
+    /// Every path this CPU can run, each checked on every case.
+    fn paths() -> Vec<Path> {
+        [Path::Avx512, Path::Avx2, Path::Generic]
+            .into_iter()
+            .filter(|&p| p >= Path::best())
+            .collect()
+    }
+
     #[test]
     fn matches_reference_on_random_shapes() {
         let mut rng = super::super::fresh_rng();
+        let paths = paths();
+        eprintln!("paths {paths:?}");
         for _ in 0..200 {
             // Half the cases use the specialised 3×3 and 5×5 paths.
             let kernel = match rng.random_range(0..4) {
@@ -336,10 +434,15 @@ mod tests {
                 rng.random_range(0..kernel[0]),
                 rng.random_range(0..kernel[1]),
             ];
-            let pad_br = [
-                rng.random_range(0..kernel[0]),
-                rng.random_range(0..kernel[1]),
-            ];
+            // Half the cases pad to "same" size, which stride 1 runs as flat planes.
+            let pad_br = if rng.random_bool(0.5) {
+                [kernel[0] - 1 - pad_tl[0], kernel[1] - 1 - pad_tl[1]]
+            } else {
+                [
+                    rng.random_range(0..kernel[0]),
+                    rng.random_range(0..kernel[1]),
+                ]
+            };
             let (ph, pw) = (
                 in_hw[0] + pad_tl[0] + pad_br[0],
                 in_hw[1] + pad_tl[1] + pad_br[1],
@@ -374,15 +477,18 @@ mod tests {
                 (Act::None, Some(res.as_slice())),
                 (Act::Relu, Some(&res)),
             ] {
-                let got = depthwise(&x, &k, &b, residual, act, c, win);
                 let want = super::super::ops::depthwise(&x, &k, &b, residual, act, c, win);
-                for (g, e) in got.iter().zip(&want) {
-                    assert!(
-                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                        "{win:?}: {g} vs {e}"
-                    );
+                for &path in &paths {
+                    let mut got = vec![f32::NAN; want.len()];
+                    let plan = Plan::with_path(win, path);
+                    plan.run(&mut got, &x, &k, &b, residual, act, c, None);
+                    for (g, e) in got.iter().zip(&want) {
+                        assert!(
+                            (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                            "{path:?} {win:?}: {g} vs {e}"
+                        );
+                    }
                 }
-                assert_eq!(got.len(), want.len());
             }
         }
     }

@@ -44,7 +44,7 @@ enum Layer {
     Depthwise {
         weight: Vec<f32>,
         bias: Vec<f32>,
-        win: Window,
+        plan: depthwise::Plan,
         residual: Option<usize>,
         act: Act,
     },
@@ -198,13 +198,13 @@ impl EngineExecutor {
                         Layer::Depthwise {
                             weight: w()?,
                             bias: b()?,
-                            win: Window {
+                            plan: depthwise::Plan::new(Window {
                                 in_hw: [ih, iw],
                                 out_hw: [oh, ow],
                                 kernel: cv.kernel,
                                 stride: cv.stride,
                                 pad_tl: [t, l],
-                            },
+                            }),
                             residual: cv.residual,
                             act: cv.act,
                         }
@@ -772,7 +772,7 @@ impl EngineExecutor {
                 Layer::Depthwise {
                     weight,
                     bias,
-                    win,
+                    plan,
                     residual,
                     act,
                 } => {
@@ -780,23 +780,14 @@ impl EngineExecutor {
                     match kept[*src].clone() {
                         Some(sets) => {
                             let (out, f) = self
-                                .depthwise_compact(x, batch, weight, bias, *win, r, *act, &sets);
+                                .depthwise_compact(x, batch, weight, bias, plan, r, *act, &sets);
                             node_kept[i] = Some(sets.clone());
                             kept[i + 1] = Some(sets);
                             (out, f)
                         }
                         None => {
                             let mut out = self.pool.take(batch * self.sizes[i + 1]);
-                            depthwise::depthwise_into(
-                                &mut out,
-                                x,
-                                weight,
-                                bias,
-                                r,
-                                *act,
-                                bias.len(),
-                                *win,
-                            );
+                            plan.run(&mut out, x, weight, bias, r, *act, bias.len(), None);
                             (out, dense)
                         }
                     }
@@ -1017,8 +1008,9 @@ impl EngineExecutor {
                     };
                     2 * (oc * ic * geom.kernel[0] * geom.kernel[1] * px) as u64
                 }
-                Layer::Depthwise { win, .. } if kept[*src].is_some() => {
+                Layer::Depthwise { plan, .. } if kept[*src].is_some() => {
                     kept[i + 1] = kept[*src];
+                    let win = plan.win();
                     let taps = win.kernel[0] * win.kernel[1];
                     2 * (win.out_hw[0] * win.out_hw[1] * kept[*src].unwrap_or(0) * taps) as u64
                 }
@@ -1152,11 +1144,12 @@ impl EngineExecutor {
         batch: usize,
         weight: &[f32],
         bias: &[f32],
-        win: Window,
+        plan: &depthwise::Plan,
         residual: Option<&[f32]>,
         act: Act,
         sets: &[Vec<usize>],
     ) -> (Vec<f32>, Vec<u64>) {
+        let win = plan.win();
         let c = bias.len();
         let op = win.out_hw[0] * win.out_hw[1];
         let taps = win.kernel[0] * win.kernel[1];
@@ -1166,17 +1159,7 @@ impl EngineExecutor {
         }
         // Kept planes are written; the others are never read.
         let mut out = self.pool.take_dirty(batch * c * op);
-        depthwise::depthwise_planes_into(
-            &mut out,
-            x,
-            weight,
-            bias,
-            residual,
-            act,
-            c,
-            win,
-            Some(&keep),
-        );
+        plan.run(&mut out, x, weight, bias, residual, act, c, Some(&keep));
         let flops = sets
             .iter()
             .take(batch)
@@ -1558,7 +1541,8 @@ mod tests {
             // Each sample its own channels.
             let sets: Vec<Vec<usize>> = (0..batch).map(|_| subset(&mut rng, c)).collect();
             let e = bare(Isa::detect());
-            let (got, _) = e.depthwise_compact(&xs, batch, w, &b, win, rs.as_deref(), act, &sets);
+            let plan = depthwise::Plan::new(win);
+            let (got, _) = e.depthwise_compact(&xs, batch, w, &b, &plan, rs.as_deref(), act, &sets);
             // Reference: the dense naive depthwise; dropped channels are left unwritten.
             let want = ops::depthwise(&xs, w, &b, rs.as_deref(), act, c, win);
             let got: Vec<f32> = got

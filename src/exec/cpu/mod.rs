@@ -2,6 +2,8 @@
 //! reference it is tested against.
 
 mod depthwise;
+#[cfg(target_arch = "x86_64")]
+mod depthwise_avx512;
 mod engine;
 mod gate_scores;
 pub mod gemm;

@@ -1,0 +1,345 @@
+//! AVX-512 depthwise planes read straight from the input, with no padded copy: each
+//! tap is a masked load whose lanes outside the plane read as zero, which is exactly the
+//! zero padding. A plane is a few hundred multiply-adds on the late layers (7×7 and
+//! 14×14), so what the copy and its bookkeeping cost per plane is what these avoid.
+//!
+//! - Stride 1 with output rows as wide as the input's: the plane is one flat array, and
+//!   tap (ky, kx) of output `i` reads input `i + (ky − top)·W + (kx − left)`. Sixteen
+//!   outputs at a time cross row ends, so a 7×7 plane is four vectors, not seven
+//!   part-filled rows; which lanes of a block a tap may read depends only on the layer's
+//!   geometry ([`FlatMasks`], made once per layer).
+//! - Otherwise with a column stride of 1 or 2: output row by output row, sixteen columns
+//!   at a time; with stride 2 a tap's inputs are every other value of 32 consecutive
+//!   ones, taken with one two-vector permute.
+
+use std::arch::x86_64::*;
+
+use super::ops::Window;
+use crate::model::Act;
+
+/// Outputs per vector.
+const LANES: usize = 16;
+
+/// Blocks of outputs accumulated together, so that the multiply-add chains of several
+/// blocks overlap.
+const BLOCKS: usize = 4;
+
+/// For a stride-1 plane whose output rows are as wide as its input rows: per block of 16
+/// outputs, which lanes each kernel row and each kernel column may read inside the
+/// plane, and each tap's offset from the output index.
+pub struct FlatMasks {
+    kernel: [usize; 2],
+    outputs: usize,
+    /// Block `q`, tap `t = ky * kw + kx`: `masks[q * taps + t]`.
+    masks: Vec<u16>,
+    /// Tap `ky * kw + kx`: input index minus output index.
+    offs: Vec<isize>,
+}
+
+impl FlatMasks {
+    /// The masks for `win`, or `None` when its outputs do not map to inputs by a shift
+    /// (a stride other than 1, or output rows narrower or wider than input rows).
+    pub fn new(win: &Window) -> Option<FlatMasks> {
+        let [h, w] = win.in_hw;
+        let [oh, ow] = win.out_hw;
+        let [kh, kw] = win.kernel;
+        let [top, left] = win.pad_tl;
+        if win.stride != [1, 1] || ow != w || oh == 0 || ow == 0 {
+            return None;
+        }
+        let outputs = oh * ow;
+        let taps = kh * kw;
+        let mut masks = vec![0u16; outputs.div_ceil(LANES) * taps];
+        for i in 0..outputs {
+            let (oy, ox) = (i / ow, i % ow);
+            let (q, bit) = (i / LANES, 1u16 << (i % LANES));
+            for ky in 0..kh {
+                if (oy + ky).checked_sub(top).is_none_or(|iy| iy >= h) {
+                    continue;
+                }
+                for kx in 0..kw {
+                    if (ox + kx).checked_sub(left).is_some_and(|ix| ix < w) {
+                        masks[q * taps + ky * kw + kx] |= bit;
+                    }
+                }
+            }
+        }
+        let offs = (0..kh)
+            .flat_map(|ky| {
+                (0..kw).map(move |kx| {
+                    (ky as isize - top as isize) * w as isize + kx as isize - left as isize
+                })
+            })
+            .collect();
+        Some(FlatMasks {
+            kernel: win.kernel,
+            outputs,
+            masks,
+            offs,
+        })
+    }
+}
+
+/// One plane's operands.
+pub struct Plane<'a> {
+    /// The input plane (H × W).
+    pub x: &'a [f32],
+    /// The channel's kernel, kh × kw.
+    pub k: &'a [f32],
+    pub bias: f32,
+    /// The residual plane added before the activation.
+    pub residual: Option<&'a [f32]>,
+    pub act: Act,
+}
+
+/// Bias is in `acc`; adds the residual, applies the activation and stores the lanes of
+/// `mask` at `out[at..]`.
+#[inline(always)]
+unsafe fn finish(p: &Plane, mut acc: __m512, mask: u16, out: *mut f32, at: usize) {
+    if let Some(r) = p.residual {
+        acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, r.as_ptr().add(at)));
+    }
+    let zero = _mm512_setzero_ps();
+    acc = match p.act {
+        Act::None => acc,
+        Act::Relu => _mm512_max_ps(acc, zero),
+        Act::Relu6 => _mm512_min_ps(_mm512_max_ps(acc, zero), _mm512_set1_ps(6.0)),
+    };
+    _mm512_mask_storeu_ps(out.add(at), mask, acc);
+}
+
+/// The lanes of the first `n` (at most 16).
+#[inline(always)]
+fn first_lanes(n: usize) -> u16 {
+    if n >= LANES {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// A flat stride-1 plane (see [`FlatMasks`]) into `out` (OH × OW).
+///
+/// # Safety
+/// The CPU supports AVX-512F; `p.x` holds the layer's H × W input, `p.k` its kh × kw
+/// taps, and `out` and `p.residual` OH × OW values, for the window `m` was made from.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn plane_flat(p: &Plane, m: &FlatMasks, out: &mut [f32]) {
+    debug_assert_eq!(out.len(), m.outputs);
+    match m.kernel {
+        [3, 3] => flat::<9>(p, m, out),
+        [5, 5] => flat::<25>(p, m, out),
+        _ => flat_any(p, m, out),
+    }
+}
+
+/// [`plane_flat`] with the tap count known, so that the taps unroll and their weights
+/// and offsets stay in registers.
+#[target_feature(enable = "avx512f")]
+unsafe fn flat<const T: usize>(p: &Plane, m: &FlatMasks, out: &mut [f32]) {
+    let w: [__m512; T] = std::array::from_fn(|t| _mm512_set1_ps(p.k[t]));
+    let off: [isize; T] = std::array::from_fn(|t| m.offs[t]);
+    let blocks = m.outputs.div_ceil(LANES);
+    let (x, o, masks) = (p.x.as_ptr(), out.as_mut_ptr(), m.masks.as_ptr());
+    let mut q = 0;
+    while q + BLOCKS <= blocks {
+        let mut acc = [_mm512_set1_ps(p.bias); BLOCKS];
+        for t in 0..T {
+            for (u, a) in acc.iter_mut().enumerate() {
+                let b = q + u;
+                // Lanes outside the plane are masked off, so the address they would
+                // have (possibly outside the slice) is never read.
+                let v = _mm512_maskz_loadu_ps(
+                    *masks.add(b * T + t),
+                    x.wrapping_offset((b * LANES) as isize + off[t]),
+                );
+                *a = _mm512_fmadd_ps(w[t], v, *a);
+            }
+        }
+        for (u, a) in acc.iter().enumerate() {
+            let at = (q + u) * LANES;
+            finish(p, *a, first_lanes(m.outputs - at), o, at);
+        }
+        q += BLOCKS;
+    }
+    for b in q..blocks {
+        let mut a = _mm512_set1_ps(p.bias);
+        for t in 0..T {
+            let v = _mm512_maskz_loadu_ps(
+                *masks.add(b * T + t),
+                x.wrapping_offset((b * LANES) as isize + off[t]),
+            );
+            a = _mm512_fmadd_ps(w[t], v, a);
+        }
+        let at = b * LANES;
+        finish(p, a, first_lanes(m.outputs - at), o, at);
+    }
+}
+
+/// [`flat`] for any kernel size.
+#[target_feature(enable = "avx512f")]
+unsafe fn flat_any(p: &Plane, m: &FlatMasks, out: &mut [f32]) {
+    let taps = m.offs.len();
+    let (x, o) = (p.x.as_ptr(), out.as_mut_ptr());
+    for b in 0..m.outputs.div_ceil(LANES) {
+        let mut a = _mm512_set1_ps(p.bias);
+        for t in 0..taps {
+            let v = _mm512_maskz_loadu_ps(
+                m.masks[b * taps + t],
+                x.wrapping_offset((b * LANES) as isize + m.offs[t]),
+            );
+            a = _mm512_fmadd_ps(_mm512_set1_ps(p.k[t]), v, a);
+        }
+        let at = b * LANES;
+        finish(p, a, first_lanes(m.outputs - at), o, at);
+    }
+}
+
+/// The lanes `t` of a 16-value load at input column `start + t` that fall inside a row
+/// of `width` columns.
+#[inline(always)]
+fn inside(start: isize, width: usize) -> u16 {
+    let lo = (-start).clamp(0, LANES as isize) as u32;
+    let hi = (width as isize - start).clamp(0, LANES as isize) as u32;
+    if hi <= lo {
+        return 0;
+    }
+    let below_hi = if hi == 16 { u16::MAX } else { (1u16 << hi) - 1 };
+    below_hi & !((1u16 << lo) - 1)
+}
+
+/// For a plane of column stride 1 or 2 run row by row: per block of 16 output columns
+/// and kernel column, which lanes of the (one or two) loads of a tap lie inside the row.
+pub struct RowMasks {
+    /// Block `c`, kernel column `kx`: `lo[c * kw + kx]`, for the load at the block's
+    /// first input column for `kx`; `hi` for the next 16 (stride 2).
+    lo: Vec<u16>,
+    hi: Vec<u16>,
+}
+
+impl RowMasks {
+    /// The masks for `win`, or `None` for a column stride other than 1 and 2.
+    pub fn new(win: &Window) -> Option<RowMasks> {
+        let sx = win.stride[1];
+        if !(1..=2).contains(&sx) {
+            return None;
+        }
+        let (w, ow, kw) = (win.in_hw[1], win.out_hw[1], win.kernel[1]);
+        let mut lo = Vec::new();
+        let mut hi = Vec::new();
+        for ox0 in (0..ow).step_by(LANES) {
+            for kx in 0..kw {
+                let start = (ox0 * sx + kx) as isize - win.pad_tl[1] as isize;
+                lo.push(inside(start, w));
+                hi.push(inside(start + LANES as isize, w));
+            }
+        }
+        Some(RowMasks { lo, hi })
+    }
+}
+
+/// A plane of column stride `SX` (1 or 2), row by row, into `out` (OH × OW).
+///
+/// # Safety
+/// The CPU supports AVX-512F; `p.x` holds `win`'s H × W input, `p.k` its kh × kw taps,
+/// and `out` and `p.residual` OH × OW values; `win.stride[1] == SX`, and `m` was made
+/// from `win`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn plane_rows<const SX: usize>(p: &Plane, win: &Window, m: &RowMasks, out: &mut [f32]) {
+    debug_assert_eq!(win.stride[1], SX);
+    match win.kernel {
+        [3, 3] => rows::<SX, 3>(p, win, m, out),
+        [5, 5] => rows::<SX, 5>(p, win, m, out),
+        _ => rows::<SX, 0>(p, win, m, out),
+    }
+}
+
+/// [`plane_rows`] for K × K kernels, or with `K` 0 any kernel.
+#[target_feature(enable = "avx512f")]
+unsafe fn rows<const SX: usize, const K: usize>(
+    p: &Plane,
+    win: &Window,
+    m: &RowMasks,
+    out: &mut [f32],
+) {
+    let [h, w] = win.in_hw;
+    let [oh, ow] = win.out_hw;
+    let [kh, kw] = if K == 0 { win.kernel } else { [K, K] };
+    let sy = win.stride[0];
+    let [top, left] = win.pad_tl;
+    let (x, o) = (p.x.as_ptr(), out.as_mut_ptr());
+    // Lane j takes value 2j of the pair (lo, hi): every other column.
+    let even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    for oy in 0..oh {
+        for (c, ox0) in (0..ow).step_by(LANES).enumerate() {
+            let (lo, hi) = (&m.lo[c * kw..(c + 1) * kw], &m.hi[c * kw..(c + 1) * kw]);
+            let mut acc = _mm512_set1_ps(p.bias);
+            for ky in 0..kh {
+                let Some(iy) = (oy * sy + ky).checked_sub(top).filter(|&iy| iy < h) else {
+                    continue;
+                };
+                let row = x.add(iy * w);
+                for kx in 0..kw {
+                    let wv = _mm512_set1_ps(*p.k.get_unchecked(ky * kw + kx));
+                    let start = (ox0 * SX + kx) as isize - left as isize;
+                    // Masked-off lanes (outside the row) are never read.
+                    let v = _mm512_maskz_loadu_ps(lo[kx], row.wrapping_offset(start));
+                    let v = if SX == 1 {
+                        v
+                    } else {
+                        let next = _mm512_maskz_loadu_ps(
+                            hi[kx],
+                            row.wrapping_offset(start + LANES as isize),
+                        );
+                        _mm512_permutex2var_ps(v, even, next)
+                    };
+                    acc = _mm512_fmadd_ps(wv, v, acc);
+                }
+            }
+            finish(p, acc, first_lanes(ow - ox0), o, oy * ow + ox0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inside_masks_the_columns_of_the_row() {
+        assert_eq!(inside(0, 16), u16::MAX);
+        assert_eq!(inside(0, 20), u16::MAX);
+        assert_eq!(inside(-1, 20), 0xFFFE);
+        assert_eq!(inside(-3, 5), 0b1111_1000);
+        assert_eq!(inside(10, 14), 0b1111);
+        assert_eq!(inside(14, 14), 0);
+        assert_eq!(inside(-16, 14), 0);
+        assert_eq!(inside(-20, 14), 0);
+    }
+
+    #[test]
+    fn flat_masks_mark_the_taps_inside_the_plane() {
+        // 3×3, pad 1, on a 3×3 plane: output 0 (corner) reads rows 0..=1 and
+        // columns 0..=1 of the input only.
+        let win = Window {
+            in_hw: [3, 3],
+            out_hw: [3, 3],
+            kernel: [3, 3],
+            stride: [1, 1],
+            pad_tl: [1, 1],
+        };
+        let m = FlatMasks::new(&win).unwrap();
+        // Tap (0, 0) reads above or left of the plane for output row 0 and column 0
+        // (outputs 0, 1, 2, 3, 6); tap (1, 1) reads every output's own pixel; tap (2, 2)
+        // reads below or right of it for row 2 and column 2 (outputs 2, 5, 6, 7, 8).
+        assert_eq!(m.masks[0], 0b1_1011_0000);
+        assert_eq!(m.masks[4], 0b1_1111_1111);
+        assert_eq!(m.masks[8], 0b0_0001_1011);
+        assert_eq!(m.offs, vec![-4, -3, -2, -1, 0, 1, 2, 3, 4]);
+        let narrower = Window {
+            out_hw: [3, 2],
+            ..win
+        };
+        assert!(FlatMasks::new(&narrower).is_none());
+    }
+}
