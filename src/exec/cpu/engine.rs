@@ -22,7 +22,7 @@ use super::depthwise;
 use super::gate_scores::GateWeights;
 use super::gemm::{self, ConvGeom, Epilogue, Isa, Tile, KC, NR};
 use super::ops::{self, dot, Window};
-use super::pool::BufferPool;
+use super::pool::{Buf, BufferPool};
 use crate::error::{Error, Result};
 use crate::exec::gating;
 use crate::exec::{Budget, Cut, Executor, Forward, Gates, LayerTrace, Policy};
@@ -130,7 +130,7 @@ type SampleOut = (Vec<usize>, Vec<usize>, u64, u64, f64);
 
 /// What a compact convolution computed, per sample.
 struct Compact {
-    out: Vec<f32>,
+    out: Buf,
     /// Kept output channels.
     oc: Vec<Vec<usize>>,
     /// Kept output tiles (empty without a spatial gate).
@@ -313,7 +313,7 @@ impl EngineExecutor {
         g: &ConvGeom,
         residual: Option<&[f32]>,
         act: Act,
-    ) -> Vec<f32> {
+    ) -> Buf {
         let mut out = self
             .pool
             .take_dirty(batch * bias.len() * g.out_hw[0] * g.out_hw[1]);
@@ -365,7 +365,7 @@ impl EngineExecutor {
                     pad_tl: [0, 0],
                     ..*g
                 };
-                (p.as_slice(), gp)
+                (&p[..], gp)
             }
         };
         let g = &g;
@@ -578,7 +578,7 @@ impl EngineExecutor {
         }
         let ptr = OutPtr(out.as_mut_ptr());
         let tasks = batch * groups * ngroups * chunks;
-        let task = |own: &mut Vec<f32>, t: usize| {
+        let task = |(own, accs): &mut (Vec<f32>, Vec<gemm::Acc>), t: usize| {
             let (chunk, sgq) = (t % chunks, t / chunks);
             let (q, sg) = (sgq % ngroups, sgq / ngroups);
             let grp = sg % groups;
@@ -587,7 +587,7 @@ impl EngineExecutor {
             let out_off = sg * rows_per_group * n;
             let group_len = gemm::packed_a_len(rows_per_group, lda);
             let (a, ka) = match &compact_a {
-                Some(a) => (a.as_slice(), k),
+                Some(a) => (&a[..], k),
                 None => (&weight[grp * group_len..(grp + 1) * group_len], lda),
             };
             let ep = Epilogue {
@@ -645,7 +645,14 @@ impl EngineExecutor {
                     });
                 }
             }
-            let mut accs = vec![[[0f32; NR]; 12]; tiles.len()];
+            // The kernels start each accumulator from zero at k = 0: a thread's buffer is
+            // reused as it is, not zeroed per task (unless there is no k to start at).
+            if accs.len() < tiles.len() {
+                accs.resize(tiles.len(), [[0f32; NR]; 12]);
+            }
+            if k == 0 {
+                accs.fill([[0f32; NR]; 12]);
+            }
             // K blocks outermost: one KC × NR block of each panel serves every row tile of
             // this task from L1 or L2, and each row tile's block of A serves the group's
             // panels from L1.
@@ -677,17 +684,19 @@ impl EngineExecutor {
                     unsafe { gemm::accumulate_prefetching(self.isa, tile, k0, k1, acc, next) };
                 }
             }
-            for (tile, acc) in tiles.iter().zip(&accs) {
+            for (tile, acc) in tiles.iter().zip(accs.iter()) {
                 // SAFETY: rows < rows_per_group and cols < n index inside this (sample,
                 // group) block of `out`; tasks cover disjoint (rows, cols) cells.
                 unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
             }
         };
         if serial {
-            let mut own = Vec::new();
+            let mut own = (Vec::new(), Vec::new());
             (0..tasks).for_each(|t| task(&mut own, t));
         } else {
-            (0..tasks).into_par_iter().for_each_init(Vec::new, task);
+            (0..tasks)
+                .into_par_iter()
+                .for_each_init(|| (Vec::new(), Vec::new()), task);
         }
         self.pool.give(packed);
         if let Some(a) = compact_a {
@@ -725,14 +734,16 @@ impl EngineExecutor {
                 self.sizes[0]
             )));
         }
-        let mut values: Vec<Option<Vec<f32>>> = vec![None; self.layers.len() + 1];
+        let mut values: Vec<Option<Buf>> = std::iter::repeat_with(|| None)
+            .take(self.layers.len() + 1)
+            .collect();
         let dynamic = cuts.is_some();
         let mut kept: Vec<Kept> = vec![None; self.layers.len() + 1];
         let mut node_kept: Vec<Kept> = vec![None; self.layers.len()];
         let mut node_tiles: Vec<Kept> = vec![None; self.layers.len()];
         let mut traces = Vec::with_capacity(self.layers.len());
         let mut gate_flops = vec![0u64; batch];
-        let mut first = self.pool.take(input.len());
+        let mut first = self.pool.take_dirty(input.len());
         first.copy_from_slice(input);
         values[0] = Some(first);
         for (i, (src, layer)) in self.layers.iter().enumerate() {
@@ -805,7 +816,8 @@ impl EngineExecutor {
                             (out, f)
                         }
                         None => {
-                            let mut out = self.pool.take(batch * self.sizes[i + 1]);
+                            // Every plane is written.
+                            let mut out = self.pool.take_dirty(batch * self.sizes[i + 1]);
                             plan.run(&mut out, x, weight, bias, r, *act, bias.len(), None);
                             (out, dense)
                         }
@@ -821,7 +833,7 @@ impl EngineExecutor {
                             *v = act.apply(dot(&weight[m * fin..(m + 1) * fin], xs) + bias[m]);
                         });
                     });
-                    (out, dense)
+                    (out.into(), dense)
                 }
                 Layer::MaxPool(win) => {
                     let mut out = self.pool.take_dirty(batch * self.sizes[i + 1]);
@@ -830,14 +842,14 @@ impl EngineExecutor {
                 }
                 Layer::GlobalAvgPool => {
                     let plane = self.sizes[*src] / self.sizes[i + 1];
-                    let out = x
+                    let out: Vec<f32> = x
                         .chunks_exact(plane)
                         .map(|p| p.iter().sum::<f32>() / plane as f32)
                         .collect();
-                    (out, dense)
+                    (out.into(), dense)
                 }
                 Layer::AdaptiveAvgPool { in_hw, output } => {
-                    (ops::adaptive_avg_pool(x, *in_hw, *output), dense)
+                    (ops::adaptive_avg_pool(x, *in_hw, *output).into(), dense)
                 }
             };
             values[i + 1] = Some(out);
@@ -857,7 +869,8 @@ impl EngineExecutor {
         let logits = values
             .pop()
             .flatten()
-            .ok_or_else(|| Error::Exec("the model produced no output".into()))?;
+            .ok_or_else(|| Error::Exec("the model produced no output".into()))?
+            .into_vec();
         if logits.len() != batch * self.classes {
             return Err(Error::Exec(format!(
                 "{} logits for {batch} samples",
@@ -1167,7 +1180,7 @@ impl EngineExecutor {
         residual: Option<&[f32]>,
         act: Act,
         sets: &[Vec<usize>],
-    ) -> (Vec<f32>, Vec<u64>) {
+    ) -> (Buf, Vec<u64>) {
         let win = plan.win();
         let c = bias.len();
         let op = win.out_hw[0] * win.out_hw[1];
@@ -1200,7 +1213,7 @@ fn pad_planes(
     pad_tl: [usize; 2],
     out_hw: [usize; 2],
     chans: Option<&[usize]>,
-) -> Vec<f32> {
+) -> Buf {
     let (in_plane, out_plane) = (in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]);
     let planes = x.len() / in_plane;
     let mut out = pool.take_dirty(planes * out_plane + NR);
