@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::depthwise_avx512;
+use super::gemm::Isa;
 use super::ops::Window;
 use crate::model::Act;
 
@@ -94,19 +95,13 @@ enum Path {
 }
 
 impl Path {
+    /// The path of the GEMM kernels this CPU runs.
     fn best() -> Path {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Path::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Path::Avx2;
-            }
+        match Isa::detect() {
+            Isa::Avx512 => Path::Avx512,
+            Isa::Avx2 => Path::Avx2,
+            Isa::Portable => Path::Generic,
         }
-        Path::Generic
     }
 }
 
