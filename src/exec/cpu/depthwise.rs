@@ -171,6 +171,8 @@ fn planes(plan: &Plan, job: &Job, out: &mut [f32]) {
                 unsafe { plane_avx2(&plane, scratch, o) };
                 return;
             }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = path;
             plane_generic::<false>(&plane, scratch, o);
         });
 }
