@@ -143,23 +143,16 @@ fn planes(plan: &Plan, job: &Job, out: &mut [f32]) {
             };
             #[cfg(target_arch = "x86_64")]
             if path == Path::Avx512 {
-                let p = depthwise_avx512::Plane {
-                    x: plane.x,
-                    k: plane.k,
-                    bias: plane.bias,
-                    residual: plane.residual,
-                    act: plane.act,
-                };
                 // SAFETY: the CPU supports AVX-512F (the path says so); the slices hold
                 // one plane of this window each.
                 unsafe {
                     match (&plan.flat, &plan.rows, win.stride[1]) {
-                        (Some(m), _, _) => return depthwise_avx512::plane_flat(&p, m, o),
+                        (Some(m), _, _) => return depthwise_avx512::plane_flat(&plane, m, o),
                         (None, Some(m), 1) => {
-                            return depthwise_avx512::plane_rows::<1>(&p, &win, m, o)
+                            return depthwise_avx512::plane_rows::<1>(&plane, m, o)
                         }
                         (None, Some(m), 2) => {
-                            return depthwise_avx512::plane_rows::<2>(&p, &win, m, o)
+                            return depthwise_avx512::plane_rows::<2>(&plane, m, o)
                         }
                         _ => {}
                     }
@@ -177,13 +170,17 @@ fn planes(plan: &Plan, job: &Job, out: &mut [f32]) {
         });
 }
 
-struct Plane<'a> {
-    x: &'a [f32],
-    k: &'a [f32],
-    bias: f32,
-    residual: Option<&'a [f32]>,
-    act: Act,
-    win: Window,
+/// One plane's operands (the AVX-512 kernels read them too).
+pub(super) struct Plane<'a> {
+    /// The input plane (H × W).
+    pub(super) x: &'a [f32],
+    /// The channel's kernel, kh × kw.
+    pub(super) k: &'a [f32],
+    pub(super) bias: f32,
+    /// The residual plane added before the activation.
+    pub(super) residual: Option<&'a [f32]>,
+    pub(super) act: Act,
+    pub(super) win: Window,
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -14,6 +14,7 @@
 
 use std::arch::x86_64::*;
 
+use super::depthwise::Plane;
 use super::ops::Window;
 use crate::model::Act;
 
@@ -78,18 +79,6 @@ impl FlatMasks {
             offs,
         })
     }
-}
-
-/// One plane's operands.
-pub struct Plane<'a> {
-    /// The input plane (H × W).
-    pub x: &'a [f32],
-    /// The channel's kernel, kh × kw.
-    pub k: &'a [f32],
-    pub bias: f32,
-    /// The residual plane added before the activation.
-    pub residual: Option<&'a [f32]>,
-    pub act: Act,
 }
 
 /// Bias is in `acc`; adds the residual, applies the activation and stores the lanes of
@@ -241,27 +230,23 @@ impl RowMasks {
 /// A plane of column stride `SX` (1 or 2), row by row, into `out` (OH × OW).
 ///
 /// # Safety
-/// The CPU supports AVX-512F; `p.x` holds `win`'s H × W input, `p.k` its kh × kw taps,
-/// and `out` and `p.residual` OH × OW values; `win.stride[1] == SX`, and `m` was made
-/// from `win`.
+/// The CPU supports AVX-512F; `p.x` holds `p.win`'s H × W input, `p.k` its kh × kw taps,
+/// and `out` and `p.residual` OH × OW values; `p.win.stride[1] == SX`, and `m` was made
+/// from `p.win`.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn plane_rows<const SX: usize>(p: &Plane, win: &Window, m: &RowMasks, out: &mut [f32]) {
-    debug_assert_eq!(win.stride[1], SX);
-    match win.kernel {
-        [3, 3] => rows::<SX, 3>(p, win, m, out),
-        [5, 5] => rows::<SX, 5>(p, win, m, out),
-        _ => rows::<SX, 0>(p, win, m, out),
+pub unsafe fn plane_rows<const SX: usize>(p: &Plane, m: &RowMasks, out: &mut [f32]) {
+    debug_assert_eq!(p.win.stride[1], SX);
+    match p.win.kernel {
+        [3, 3] => rows::<SX, 3>(p, m, out),
+        [5, 5] => rows::<SX, 5>(p, m, out),
+        _ => rows::<SX, 0>(p, m, out),
     }
 }
 
 /// [`plane_rows`] for K × K kernels, or with `K` 0 any kernel.
 #[target_feature(enable = "avx512f")]
-unsafe fn rows<const SX: usize, const K: usize>(
-    p: &Plane,
-    win: &Window,
-    m: &RowMasks,
-    out: &mut [f32],
-) {
+unsafe fn rows<const SX: usize, const K: usize>(p: &Plane, m: &RowMasks, out: &mut [f32]) {
+    let win = &p.win;
     let [h, w] = win.in_hw;
     let [oh, ow] = win.out_hw;
     let [kh, kw] = if K == 0 { win.kernel } else { [K, K] };
