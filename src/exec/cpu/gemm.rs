@@ -402,13 +402,113 @@ mod avx512 {
     /// padding.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, out: &mut Acc, next: Prefetch) {
-        match (t.cols.len() <= 16, t.rows.len()) {
+        // A few columns past the last whole vector (a 7×7 plane's 49 = 32 + 16 + 1, a
+        // 14×14 plane's last 4) run on the column kernel: a vector of the tile's rows per
+        // column costs 1/12 of a vector of columns per row, which would leave 15 of its
+        // 16 lanes idle.
+        let n = t.cols.len();
+        let tail = if n > 16 { n - 16 } else { n };
+        if tail <= COLUMNS && t.one_block(t.rows.len()) {
+            if n > 16 {
+                match t.rows.len() {
+                    0..=4 => dispatch::<1, 4>(t, k0, k1, out, next),
+                    5..=8 => dispatch::<1, 8>(t, k0, k1, out, next),
+                    _ => dispatch::<1, 12>(t, k0, k1, out, next),
+                }
+            }
+            let c0 = n - tail;
+            return match (tail, t.kmap.is_some(), t.boff.is_some()) {
+                (1, false, false) => columns::<1, false, false>(t, k0, k1, c0, out),
+                (1, true, false) => columns::<1, true, false>(t, k0, k1, c0, out),
+                (1, false, true) => columns::<1, false, true>(t, k0, k1, c0, out),
+                (1, true, true) => columns::<1, true, true>(t, k0, k1, c0, out),
+                (2, false, false) => columns::<2, false, false>(t, k0, k1, c0, out),
+                (2, true, false) => columns::<2, true, false>(t, k0, k1, c0, out),
+                (2, false, true) => columns::<2, false, true>(t, k0, k1, c0, out),
+                (2, true, true) => columns::<2, true, true>(t, k0, k1, c0, out),
+                (3, false, false) => columns::<3, false, false>(t, k0, k1, c0, out),
+                (3, true, false) => columns::<3, true, false>(t, k0, k1, c0, out),
+                (3, false, true) => columns::<3, false, true>(t, k0, k1, c0, out),
+                (3, true, true) => columns::<3, true, true>(t, k0, k1, c0, out),
+                (_, false, false) => columns::<4, false, false>(t, k0, k1, c0, out),
+                (_, true, false) => columns::<4, true, false>(t, k0, k1, c0, out),
+                (_, false, true) => columns::<4, false, true>(t, k0, k1, c0, out),
+                (_, true, true) => columns::<4, true, true>(t, k0, k1, c0, out),
+            };
+        }
+        match (n <= 16, t.rows.len()) {
             (true, ..=4) => dispatch::<1, 4>(t, k0, k1, out, next),
             (true, ..=8) => dispatch::<1, 8>(t, k0, k1, out, next),
             (true, _) => dispatch::<1, 12>(t, k0, k1, out, next),
             (false, ..=4) => dispatch::<2, 4>(t, k0, k1, out, next),
             (false, ..=8) => dispatch::<2, 8>(t, k0, k1, out, next),
             (false, _) => dispatch::<2, 12>(t, k0, k1, out, next),
+        }
+    }
+
+    /// Most columns the column kernel takes: at 4 it does 4 multiply-adds per step of K
+    /// where a vector of columns does 12, and with more the broadcasts would bound it.
+    const COLUMNS: usize = 4;
+
+    /// Columns `c0..c0 + NC` of a tile whose rows lie consecutively in one packed block:
+    /// per step of K, one masked load of the rows' A values and one broadcast per column.
+    /// Four steps of K run on separate accumulators, so that a lone column is not bound
+    /// by the latency of one chain of multiply-adds.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn columns<const NC: usize, const MAPPED: bool, const OFFS: bool>(
+        t: &Tile,
+        k0: usize,
+        k1: usize,
+        c0: usize,
+        out: &mut Acc,
+    ) {
+        const U: usize = 4;
+        let nr = t.rows.len();
+        let m = ((1u32 << nr) - 1) as __mmask16;
+        let a0 = t.a.as_ptr().add(super::a_offset(t.arows[0], t.ka));
+        let map = t.kmap.map_or(std::ptr::null(), <[usize]>::as_ptr);
+        let offs = t.boff.map_or(std::ptr::null(), <[usize]>::as_ptr);
+        let mut acc = [[_mm512_setzero_ps(); NC]; U];
+        let mut lanes = [0f32; 16];
+        if k0 > 0 {
+            for (j, v) in acc[0].iter_mut().enumerate() {
+                for (i, l) in lanes.iter_mut().enumerate().take(nr) {
+                    *l = out[i][c0 + j];
+                }
+                *v = _mm512_loadu_ps(lanes.as_ptr());
+            }
+        }
+        let step = |acc: &mut [__m512; NC], kk: usize| {
+            let ka = PACK * if MAPPED { *map.add(kk) } else { kk };
+            let bp = if OFFS {
+                t.panel.as_ptr().add(*offs.add(kk) + c0)
+            } else {
+                t.panel.as_ptr().add(kk * t.ldb + c0)
+            };
+            let av = _mm512_maskz_loadu_ps(m, a0.add(ka));
+            for (j, v) in acc.iter_mut().enumerate() {
+                *v = _mm512_fmadd_ps(av, _mm512_set1_ps(*bp.add(j)), *v);
+            }
+        };
+        let mut kk = k0;
+        while kk + U <= k1 {
+            for (u, a) in acc.iter_mut().enumerate() {
+                step(a, kk + u);
+            }
+            kk += U;
+        }
+        for kk in kk..k1 {
+            step(&mut acc[0], kk);
+        }
+        for j in 0..NC {
+            let v = _mm512_add_ps(
+                _mm512_add_ps(acc[0][j], acc[1][j]),
+                _mm512_add_ps(acc[2][j], acc[3][j]),
+            );
+            _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+            for (i, &l) in lanes.iter().enumerate().take(nr) {
+                out[i][c0 + j] = l;
+            }
         }
     }
 
@@ -770,6 +870,82 @@ mod tests {
             Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Portable],
             Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
             Isa::Portable => vec![Isa::Portable],
+        }
+    }
+
+    /// Every tile width 1..=NR, rows consecutive in a block or spread, A columns mapped
+    /// or not, panel rows packed or at offsets, K run in two blocks: every kernel's
+    /// accumulators equal the portable kernel's (the column kernel takes the widths just
+    /// past a whole vector).
+    #[test]
+    fn every_tile_width_matches_the_portable_kernel() {
+        let mut rng = super::super::fresh_rng();
+        for _ in 0..40 {
+            let m = rng.random_range(1..=30);
+            let k = rng.random_range(1..300);
+            let mapped = rng.random_bool(0.5);
+            let ka = if mapped {
+                k + rng.random_range(0..20)
+            } else {
+                k
+            };
+            let a: Vec<f32> = (0..packed_a_len(m, ka))
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let kmap: Vec<usize> = sample(&mut rng, ka, k).into_vec();
+            let offsets = rng.random_bool(0.5);
+            let boff: Vec<usize> = (0..k).map(|_| rng.random_range(0..5 * NR)).collect();
+            let panel: Vec<f32> = (0..k * NR + 5 * NR)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            for n in 1..=NR {
+                let rows: Vec<usize> = if rng.random_bool(0.6) {
+                    let f = rng.random_range(0..m);
+                    let len = rng.random_range(1..=(PACK - f % PACK).min(m - f));
+                    (f..f + len).collect()
+                } else {
+                    let kept = rng.random_range(1..=m.min(12));
+                    let mut r = sample(&mut rng, m, kept).into_vec();
+                    r.sort_unstable();
+                    r
+                };
+                let cols: Vec<usize> = (0..n).collect();
+                let mid = rng.random_range(0..=k);
+                for isa in isas() {
+                    if rows.len() > isa.mr() {
+                        continue;
+                    }
+                    let tile = Tile {
+                        a: &a,
+                        ka,
+                        arows: &rows,
+                        kmap: mapped.then_some(&kmap[..]),
+                        boff: offsets.then_some(&boff[..]),
+                        k,
+                        rows: &rows,
+                        panel: &panel,
+                        ldb: NR,
+                        ldc: NR,
+                        cols: &cols,
+                    };
+                    let mut want = [[0f32; NR]; 12];
+                    portable_kernel(&tile, 0, k, &mut want);
+                    let mut got = [[f32::NAN; NR]; 12];
+                    unsafe {
+                        accumulate(isa, &tile, 0, mid, &mut got);
+                        accumulate(isa, &tile, mid, k, &mut got);
+                    }
+                    for i in 0..rows.len() {
+                        for j in 0..n {
+                            let (g, w) = (got[i][j], want[i][j]);
+                            assert!(
+                                (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                                "{isa:?} m {m} k {k} n {n} rows {rows:?} cell ({i}, {j}): {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
