@@ -473,10 +473,40 @@ impl EngineExecutor {
         } else {
             None
         };
-        let panels = if implicit {
+        // On AVX-512 a stride-1 in-place convolution sweeps its padded input as one flat
+        // array instead of row by row: grid position y · pw + x (pw the padded width)
+        // is output (y, x) for x < ow, and every tap is still one shift. A panel spans
+        // row ends; the kw - 1 lanes between two rows are computed and not stored, and
+        // the stored lanes go to consecutive outputs. A 56-wide row costs 58 lanes
+        // instead of 64, a 28-wide one 30 instead of 32.
+        let flat = implicit && g.stride == [1, 1] && self.isa == Isa::Avx512;
+        let pitch = g.in_hw[1];
+        let flat_end = (oh - 1) * pitch + ow;
+        let panels = if flat {
+            flat_end.div_ceil(NR)
+        } else if implicit {
             oh * segs
         } else {
             ncols.div_ceil(NR)
+        };
+        // Per flat panel: the lanes stored, and the output its first stored lane is.
+        let flat_lanes: Vec<(u32, usize)> = if flat {
+            (0..panels)
+                .map(|p| {
+                    let (mut lanes, mut first) = (0u32, None);
+                    for j in 0..NR {
+                        let q = p * NR + j;
+                        let (y, x) = (q / pitch, q % pitch);
+                        if q < flat_end && x < ow {
+                            lanes |= 1 << j;
+                            first.get_or_insert(y * ow + x);
+                        }
+                    }
+                    (lanes, first.unwrap_or(0))
+                })
+                .collect()
+        } else {
+            Vec::new()
         };
         // A plan's kept input channels: their columns of A are copied into a compact A
         // (contiguous runs, block by block; rows keep their indices), so tiles read A
@@ -610,13 +640,19 @@ impl EngineExecutor {
             for r0 in (first..last).step_by(mr) {
                 for p in group.clone() {
                     let (y, x0) = (p / segs, (p % segs) * NR);
-                    let cols = if implicit {
+                    let lanes = flat.then(|| flat_lanes[p]);
+                    let cols = if let Some((l, first)) = lanes {
+                        &self.all_cols[first..first + l.count_ones() as usize]
+                    } else if implicit {
                         &self.all_cols[y * ow + x0..y * ow + (x0 + NR).min(ow)]
                     } else {
                         &col_list[p * NR..(p * NR + NR).min(ncols)]
                     };
                     let in_place = implicit || (direct && (p + 1) * NR <= n);
-                    let (panel, ldb) = if implicit {
+                    let (panel, ldb) = if flat {
+                        let at = sg * g.in_c * src_plane + p * NR;
+                        (&x[at..], 0)
+                    } else if implicit {
                         // Through the slack at the end of the padded input (or phases).
                         let src = phased.as_deref().unwrap_or(x);
                         let at = sg * g.in_c * src_plane + y * g.stride[0] * src_row + x0;
@@ -642,6 +678,7 @@ impl EngineExecutor {
                         ldb,
                         ldc: n,
                         cols,
+                        lanes: lanes.map(|(l, _)| l),
                     });
                 }
             }

@@ -144,7 +144,10 @@ pub fn pack_a_channels(a: &[f32], k: usize, chans: &[usize], taps: usize, out: &
 /// keeps some input channels packs only those, and reads their weights in place. With
 /// `boff`, panel row `kk` is read at `panel[boff[kk]..]` instead of `kk * ldb`: a
 /// stride-1 convolution over one output row segment reads its input in place, each tap
-/// a shifted window, with no im2col at all.
+/// a shifted window, with no im2col at all. With `lanes`, only the panel's lanes whose
+/// bit is set are stored, in order, at `cols[0]`, `cols[1]`, …: a stride-1 convolution
+/// swept over its padded input as one flat array leaves the lanes that fall between
+/// two output rows unused.
 ///
 /// # Safety contract (checked by the callers in this module)
 /// `a` holds `packed_a_len(max(arows) + 1, ka)` floats, and the block of a tile whose
@@ -170,12 +173,22 @@ pub struct Tile<'a> {
     pub ldb: usize,
     pub ldc: usize,
     pub cols: &'a [usize],
+    /// The lanes stored, when not the first `cols.len()`; as many bits set as `cols`
+    /// has columns.
+    pub lanes: Option<u32>,
 }
 
 impl Tile<'_> {
     /// Whether the tile's A rows are consecutive inside one packed block, with room in
     /// the block for a kernel of `mr` rows from the first: one stream, every row at a
     /// fixed offset from the first.
+    /// Lanes of the panel the kernel computes: up to the last one stored.
+    fn width(&self) -> usize {
+        self.lanes.map_or(self.cols.len(), |m| {
+            (u32::BITS - m.leading_zeros()) as usize
+        })
+    }
+
     fn one_block(&self, mr: usize) -> bool {
         let (f, l) = (self.arows[0], self.arows[self.arows.len() - 1]);
         l - f == self.arows.len() - 1 && f % PACK + mr <= PACK
@@ -246,7 +259,7 @@ pub unsafe fn accumulate_prefetching(
         Isa::Avx2 => {
             avx2::kernel(t, k0, k1, 0, acc);
             // A panel's last columns may not fill its second half: skip it then.
-            if t.cols.len() > 16 {
+            if t.width() > 16 {
                 avx2::kernel(t, k0, k1, 16, acc);
             }
         }
@@ -284,6 +297,9 @@ unsafe fn store_avx2(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
 #[target_feature(enable = "avx512f")]
 unsafe fn store_avx512(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
     use std::arch::x86_64::*;
+    if let Some(lanes) = t.lanes {
+        return store_lanes_avx512(t, ep, acc, c, lanes);
+    }
     let n = t.cols.len();
     let contiguous = n > 0 && t.cols[n - 1] - t.cols[0] == n - 1;
     if !contiguous {
@@ -317,9 +333,60 @@ unsafe fn store_avx512(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
     }
 }
 
+/// The epilogue of a tile with a lane mask whose stored lanes go to consecutive columns
+/// (a flat stride-1 panel: the lanes past one output row's end are followed by the next
+/// row's first column): each vector's stored lanes are compressed together, then
+/// stored as one run.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_lanes_avx512(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32, lanes: u32) {
+    use std::arch::x86_64::*;
+    let n = t.cols.len();
+    if n == 0 || t.cols[n - 1] - t.cols[0] != n - 1 {
+        return store_body(t, ep, acc, c);
+    }
+    let zero = _mm512_setzero_ps();
+    let six = _mm512_set1_ps(6.0);
+    let (lo, hi) = ((lanes & 0xffff) as u16, (lanes >> 16) as u16);
+    let halves = [(lo, 0usize, 0usize), (hi, 16, lo.count_ones() as usize)];
+    for (i, &row) in t.rows.iter().enumerate() {
+        let b = _mm512_set1_ps(ep.bias[row]);
+        let at = row * t.ldc + t.cols[0];
+        for &(m, off, skip) in &halves {
+            if m == 0 {
+                continue;
+            }
+            let run = ((1u32 << m.count_ones()) - 1) as u16;
+            let v = _mm512_maskz_compress_ps(m, _mm512_loadu_ps(acc[i].as_ptr().add(off)));
+            let mut v = _mm512_add_ps(v, b);
+            if let Some(r) = ep.residual {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(run, r.as_ptr().add(at + skip)));
+            }
+            v = match ep.act {
+                Act::None => v,
+                Act::Relu => _mm512_max_ps(v, zero),
+                Act::Relu6 => _mm512_min_ps(_mm512_max_ps(v, zero), six),
+            };
+            _mm512_mask_storeu_ps(c.add(at + skip), run, v);
+        }
+    }
+}
+
 /// The epilogue's body, inlined into a copy compiled for each instruction set.
 #[inline(always)]
 unsafe fn store_body(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
+    if let Some(lanes) = t.lanes {
+        // Stored lanes in order, each to the next column.
+        for (i, &row) in t.rows.iter().enumerate() {
+            let stored = (0..NR).filter(|&j| lanes >> j & 1 == 1);
+            for (j, &col) in stored.zip(t.cols) {
+                let idx = row * t.ldc + col;
+                let r = ep.residual.map_or(0.0, |r| r[idx]);
+                *c.add(idx) = ep.act.apply(acc[i][j] + ep.bias[row] + r);
+            }
+        }
+        return;
+    }
     let n = t.cols.len();
     // Dense plans give consecutive columns: store whole row segments.
     let contiguous = n > 0 && t.cols[n - 1] - t.cols[0] == n - 1;
@@ -406,7 +473,7 @@ mod avx512 {
         // 14×14 plane's last 4) run on the column kernel: a vector of the tile's rows per
         // column costs 1/12 of a vector of columns per row, which would leave 15 of its
         // 16 lanes idle.
-        let n = t.cols.len();
+        let n = t.width();
         let tail = if n > 16 { n - 16 } else { n };
         if tail <= COLUMNS && t.one_block(t.rows.len()) {
             if n > 16 {
@@ -873,6 +940,74 @@ mod tests {
         }
     }
 
+    /// Tiles with random lane masks: the j-th stored lane's value, with the epilogue,
+    /// lands at the j-th column, and no other cell is written; every kernel and store
+    /// this CPU runs.
+    #[test]
+    fn masked_lanes_store_each_stored_lane_at_the_next_column() {
+        let mut rng = super::super::fresh_rng();
+        for _ in 0..200 {
+            let m = rng.random_range(1..=30);
+            let k = rng.random_range(1..100);
+            let a: Vec<f32> = (0..packed_a_len(m, k))
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let panel: Vec<f32> = (0..k * NR).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let lanes: u32 = rng.random_range(1..=u32::MAX);
+            let stored = lanes.count_ones() as usize;
+            let ldc = rng.random_range(stored..stored + 40);
+            let start = rng.random_range(0..=ldc - stored);
+            let cols: Vec<usize> = (start..start + stored).collect();
+            let bias: Vec<f32> = (0..m).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let res: Vec<f32> = (0..m * ldc).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let residual = rng.random_bool(0.5).then_some(res.as_slice());
+            let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
+            let ep = Epilogue {
+                bias: &bias,
+                residual,
+                act,
+            };
+            for isa in isas() {
+                let kept = rng.random_range(1..=m.min(isa.mr()));
+                let mut rows = sample(&mut rng, m, kept).into_vec();
+                rows.sort_unstable();
+                let tile = Tile {
+                    a: &a,
+                    ka: k,
+                    arows: &rows,
+                    kmap: None,
+                    boff: None,
+                    k,
+                    rows: &rows,
+                    panel: &panel,
+                    ldb: NR,
+                    ldc,
+                    cols: &cols,
+                    lanes: Some(lanes),
+                };
+                let mut want = [[0f32; NR]; 12];
+                portable_kernel(&tile, 0, k, &mut want);
+                let mut c = vec![f32::NAN; m * ldc];
+                unsafe { run_tile(isa, &tile, &ep, c.as_mut_ptr()) };
+                for (i, &row) in rows.iter().enumerate() {
+                    let stored = (0..NR).filter(|&j| lanes >> j & 1 == 1);
+                    for (lane, &col) in stored.zip(&cols) {
+                        let idx = row * ldc + col;
+                        let r = residual.map_or(0.0, |r| r[idx]);
+                        let w = act.apply(want[i][lane] + bias[row] + r);
+                        let g = c[idx];
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "{isa:?} lanes {lanes:#x} row {row} lane {lane}: {g} vs {w}"
+                        );
+                        c[idx] = f32::NAN;
+                    }
+                }
+                assert!(c.iter().all(|v| v.is_nan()), "{isa:?}: wrote outside");
+            }
+        }
+    }
+
     /// Every tile width 1..=NR, rows consecutive in a block or spread, A columns mapped
     /// or not, panel rows packed or at offsets, K run in two blocks: every kernel's
     /// accumulators equal the portable kernel's (the column kernel takes the widths just
@@ -927,6 +1062,7 @@ mod tests {
                         ldb: NR,
                         ldc: NR,
                         cols: &cols,
+                        lanes: None,
                     };
                     let mut want = [[0f32; NR]; 12];
                     portable_kernel(&tile, 0, k, &mut want);
@@ -1075,6 +1211,7 @@ mod tests {
                             ldb: NR,
                             ldc: n,
                             cols: pc,
+                            lanes: None,
                         };
                         unsafe { run_tile(isa, &tile, &ep, c.as_mut_ptr()) };
                     }
