@@ -258,7 +258,13 @@ unsafe fn rows<const SX: usize, const K: usize>(p: &Plane, m: &RowMasks, out: &m
     for oy in 0..oh {
         for (c, ox0) in (0..ow).step_by(LANES).enumerate() {
             let (lo, hi) = (&m.lo[c * kw..(c + 1) * kw], &m.hi[c * kw..(c + 1) * kw]);
-            let mut acc = _mm512_set1_ps(p.bias);
+            // Three chains of multiply-adds (by tap column) rather than one: a single
+            // chain would wait out the latency of every multiply-add in turn.
+            let mut acc = [
+                _mm512_set1_ps(p.bias),
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+            ];
             for ky in 0..kh {
                 let Some(iy) = (oy * sy + ky).checked_sub(top).filter(|&iy| iy < h) else {
                     continue;
@@ -278,9 +284,10 @@ unsafe fn rows<const SX: usize, const K: usize>(p: &Plane, m: &RowMasks, out: &m
                         );
                         _mm512_permutex2var_ps(v, even, next)
                     };
-                    acc = _mm512_fmadd_ps(wv, v, acc);
+                    acc[kx % 3] = _mm512_fmadd_ps(wv, v, acc[kx % 3]);
                 }
             }
+            let acc = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), acc[2]);
             finish(p, acc, first_lanes(ow - ox0), o, oy * ow + ox0);
         }
     }
