@@ -520,8 +520,8 @@ impl EngineExecutor {
         // the kept columns of the packed blocks its own rows lie in, just before it
         // computes, instead of one compact copy of every block for all tasks. The copy
         // then stays in the task's core's cache instead of going to memory and back.
-        // Timed inside the layer, ResNet-50 at budget 0.5: layer 4's 3×3 convolutions
-        // from 0.52–0.69 ms (copy 0.26–0.35, GEMM 0.24–0.33) to 0.44–0.66 ms.
+        // Timed inside the layer, ResNet-50 at budget 0.5: layer 4's 3×3 convolutions'
+        // copy and GEMM from 0.51–0.68 ms (copy 0.26–0.35, GEMM 0.24–0.33) to 0.44–0.66.
         let a_bytes = row_list.len() * k * std::mem::size_of::<f32>();
         let local_copy = chans.is_some() && a_bytes > self.local_a;
         // A plan's kept input channels: their columns of A are copied into a compact A
