@@ -680,8 +680,8 @@ impl EngineExecutor {
                 for p in group.clone() {
                     let (y, x0) = (p / segs, (p % segs) * NR);
                     let lanes = flat.then(|| flat_lanes[p]);
-                    let cols = if let Some((l, first)) = lanes {
-                        &self.all_cols[first..first + l.count_ones() as usize]
+                    let cols = if let Some((l, start)) = lanes {
+                        &self.all_cols[start..start + l.count_ones() as usize]
                     } else if implicit {
                         &self.all_cols[y * ow + x0..y * ow + (x0 + NR).min(ow)]
                     } else {
@@ -753,7 +753,8 @@ impl EngineExecutor {
                         _ => gemm::Prefetch::NONE,
                     };
                     // SAFETY: arows < rows_per_group index `a` (whole blocks, ka
-                    // columns, k ≤ ka); the panel holds k × NR, or (in place) every
+                    // columns, k ≤ ka), or index the task's copy of its blocks (whole
+                    // blocks of k columns); the panel holds k × NR, or (in place) every
                     // boff[kk] + NR is inside it: shifted windows through the padded
                     // input's NR values of slack; a 1×1 layer's kept channel c at
                     // c · plane, with the panel's NR positions inside the plane.

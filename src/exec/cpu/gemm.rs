@@ -179,9 +179,6 @@ pub struct Tile<'a> {
 }
 
 impl Tile<'_> {
-    /// Whether the tile's A rows are consecutive inside one packed block, with room in
-    /// the block for a kernel of `mr` rows from the first: one stream, every row at a
-    /// fixed offset from the first.
     /// Lanes of the panel the kernel computes: up to the last one stored.
     fn width(&self) -> usize {
         self.lanes.map_or(self.cols.len(), |m| {
@@ -189,6 +186,9 @@ impl Tile<'_> {
         })
     }
 
+    /// Whether the tile's A rows are consecutive inside one packed block, with room in
+    /// the block for a kernel of `mr` rows from the first: one stream, every row at a
+    /// fixed offset from the first.
     fn one_block(&self, mr: usize) -> bool {
         let (f, l) = (self.arows[0], self.arows[self.arows.len() - 1]);
         l - f == self.arows.len() - 1 && f % PACK + mr <= PACK
@@ -305,8 +305,6 @@ unsafe fn store_avx512(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
     if !contiguous {
         return store_body(t, ep, acc, c);
     }
-    let zero = _mm512_setzero_ps();
-    let six = _mm512_set1_ps(6.0);
     let masks = [
         (n.min(16) as u32, 0usize),
         (n.saturating_sub(16) as u32, 16usize),
@@ -319,18 +317,37 @@ unsafe fn store_avx512(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
                 continue;
             }
             let m: __mmask16 = if len >= 16 { 0xffff } else { (1u16 << len) - 1 };
-            let mut v = _mm512_add_ps(_mm512_loadu_ps(acc[i].as_ptr().add(off)), b);
-            if let Some(r) = ep.residual {
-                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, r.as_ptr().add(at + off)));
-            }
-            v = match ep.act {
-                Act::None => v,
-                Act::Relu => _mm512_max_ps(v, zero),
-                Act::Relu6 => _mm512_min_ps(_mm512_max_ps(v, zero), six),
-            };
-            _mm512_mask_storeu_ps(c.add(at + off), m, v);
+            let v = _mm512_loadu_ps(acc[i].as_ptr().add(off));
+            store_run(v, b, ep, m, c, at + off);
         }
     }
+}
+
+/// One vector's epilogue: `bias`, the residual's first lanes (`run`) from `at`, the
+/// activation, and those lanes stored at `c[at..]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_run(
+    v: std::arch::x86_64::__m512,
+    bias: std::arch::x86_64::__m512,
+    ep: &Epilogue,
+    run: std::arch::x86_64::__mmask16,
+    c: *mut f32,
+    at: usize,
+) {
+    use std::arch::x86_64::*;
+    let zero = _mm512_setzero_ps();
+    let mut v = _mm512_add_ps(v, bias);
+    if let Some(r) = ep.residual {
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(run, r.as_ptr().add(at)));
+    }
+    v = match ep.act {
+        Act::None => v,
+        Act::Relu => _mm512_max_ps(v, zero),
+        Act::Relu6 => _mm512_min_ps(_mm512_max_ps(v, zero), _mm512_set1_ps(6.0)),
+    };
+    _mm512_mask_storeu_ps(c.add(at), run, v);
 }
 
 /// The epilogue of a tile with a lane mask whose stored lanes go to consecutive columns
@@ -345,8 +362,6 @@ unsafe fn store_lanes_avx512(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32, la
     if n == 0 || t.cols[n - 1] - t.cols[0] != n - 1 {
         return store_body(t, ep, acc, c);
     }
-    let zero = _mm512_setzero_ps();
-    let six = _mm512_set1_ps(6.0);
     let (lo, hi) = ((lanes & 0xffff) as u16, (lanes >> 16) as u16);
     let halves = [(lo, 0usize, 0usize), (hi, 16, lo.count_ones() as usize)];
     for (i, &row) in t.rows.iter().enumerate() {
@@ -358,16 +373,7 @@ unsafe fn store_lanes_avx512(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32, la
             }
             let run = ((1u32 << m.count_ones()) - 1) as u16;
             let v = _mm512_maskz_compress_ps(m, _mm512_loadu_ps(acc[i].as_ptr().add(off)));
-            let mut v = _mm512_add_ps(v, b);
-            if let Some(r) = ep.residual {
-                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(run, r.as_ptr().add(at + skip)));
-            }
-            v = match ep.act {
-                Act::None => v,
-                Act::Relu => _mm512_max_ps(v, zero),
-                Act::Relu6 => _mm512_min_ps(_mm512_max_ps(v, zero), six),
-            };
-            _mm512_mask_storeu_ps(c.add(at + skip), run, v);
+            store_run(v, b, ep, run, c, at + skip);
         }
     }
 }
