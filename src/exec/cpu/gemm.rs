@@ -490,23 +490,11 @@ mod avx512 {
                 }
             }
             let c0 = n - tail;
-            return match (tail, t.kmap.is_some(), t.boff.is_some()) {
-                (1, false, false) => columns::<1, false, false>(t, k0, k1, c0, out),
-                (1, true, false) => columns::<1, true, false>(t, k0, k1, c0, out),
-                (1, false, true) => columns::<1, false, true>(t, k0, k1, c0, out),
-                (1, true, true) => columns::<1, true, true>(t, k0, k1, c0, out),
-                (2, false, false) => columns::<2, false, false>(t, k0, k1, c0, out),
-                (2, true, false) => columns::<2, true, false>(t, k0, k1, c0, out),
-                (2, false, true) => columns::<2, false, true>(t, k0, k1, c0, out),
-                (2, true, true) => columns::<2, true, true>(t, k0, k1, c0, out),
-                (3, false, false) => columns::<3, false, false>(t, k0, k1, c0, out),
-                (3, true, false) => columns::<3, true, false>(t, k0, k1, c0, out),
-                (3, false, true) => columns::<3, false, true>(t, k0, k1, c0, out),
-                (3, true, true) => columns::<3, true, true>(t, k0, k1, c0, out),
-                (_, false, false) => columns::<4, false, false>(t, k0, k1, c0, out),
-                (_, true, false) => columns::<4, true, false>(t, k0, k1, c0, out),
-                (_, false, true) => columns::<4, false, true>(t, k0, k1, c0, out),
-                (_, true, true) => columns::<4, true, true>(t, k0, k1, c0, out),
+            return match tail {
+                1 => columns_of::<1>(t, k0, k1, c0, out),
+                2 => columns_of::<2>(t, k0, k1, c0, out),
+                3 => columns_of::<3>(t, k0, k1, c0, out),
+                _ => columns_of::<4>(t, k0, k1, c0, out),
             };
         }
         match (n <= 16, t.rows.len()) {
@@ -522,6 +510,23 @@ mod avx512 {
     /// Most columns the column kernel takes: at 4 it does 4 multiply-adds per step of K
     /// where a vector of columns does 12, and with more the broadcasts would bound it.
     const COLUMNS: usize = 4;
+
+    /// [`columns`] for this tile's column map and panel offsets.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn columns_of<const NC: usize>(
+        t: &Tile,
+        k0: usize,
+        k1: usize,
+        c0: usize,
+        out: &mut Acc,
+    ) {
+        match (t.kmap.is_some(), t.boff.is_some()) {
+            (false, false) => columns::<NC, false, false>(t, k0, k1, c0, out),
+            (true, false) => columns::<NC, true, false>(t, k0, k1, c0, out),
+            (false, true) => columns::<NC, false, true>(t, k0, k1, c0, out),
+            (true, true) => columns::<NC, true, true>(t, k0, k1, c0, out),
+        }
+    }
 
     /// Columns `c0..c0 + NC` of a tile whose rows lie consecutively in one packed block:
     /// per step of K, one masked load of the rows' A values and one broadcast per column.
