@@ -497,17 +497,22 @@ impl EngineExecutor {
         } else {
             ncols.div_ceil(NR)
         };
-        // Per flat panel: the lanes stored, and the output its first stored lane is.
+        // Per flat panel: the lanes stored, and the output its first stored lane is (one
+        // division per panel; the lanes walk the row from there).
         let flat_lanes: Vec<(u32, usize)> = if flat {
             (0..panels)
                 .map(|p| {
+                    let q0 = p * NR;
+                    let (mut y, mut x) = (q0 / pitch, q0 % pitch);
                     let (mut lanes, mut first) = (0u32, None);
-                    for j in 0..NR {
-                        let q = p * NR + j;
-                        let (y, x) = (q / pitch, q % pitch);
-                        if q < flat_end && x < ow {
+                    for j in 0..NR.min(flat_end - q0) {
+                        if x < ow {
                             lanes |= 1 << j;
                             first.get_or_insert(y * ow + x);
+                        }
+                        x += 1;
+                        if x == pitch {
+                            (y, x) = (y + 1, 0);
                         }
                     }
                     (lanes, first.unwrap_or(0))
