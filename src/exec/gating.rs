@@ -271,11 +271,15 @@ pub fn channel_gates(model: &Model) -> Result<Vec<Option<ChannelGate>>> {
                 // reads all of it (ResNet-50: 5.6 M values per image). Where a rank
                 // GATE_RANK product is at most a quarter of it, the gate is that product
                 // instead: the executor that scores through the factors reads
-                // `rank · (out + C)` values. Elsewhere the weights are held at half
-                // precision; every executor scores with the same rounded values, and
-                // the CPU engine stores them as f16 and reads half the bytes.
+                // `rank · (out + C)` values. The factors, or elsewhere the weights, are
+                // held at half precision; every executor scores with the same rounded
+                // values, and the CPU engine stores them as f16 and reads half the bytes.
+                let f16 = |v: f32| half::f16::from_f32(v).to_f32();
                 let (weight, factors) = if 4 * rank * (m + c) <= m * c {
-                    let f = low_rank(&g, m, c, rank);
+                    let mut f = low_rank(&g, m, c, rank);
+                    f.u.iter_mut()
+                        .chain(f.v.iter_mut())
+                        .for_each(|v| *v = f16(*v));
                     let mut prod = vec![0f32; m * c];
                     for (row, u) in prod.chunks_exact_mut(c).zip(f.u.chunks_exact(rank)) {
                         for (&uj, vj) in u.iter().zip(f.v.chunks_exact(c)) {
@@ -284,8 +288,7 @@ pub fn channel_gates(model: &Model) -> Result<Vec<Option<ChannelGate>>> {
                     }
                     (prod, Some(f))
                 } else {
-                    let half = g.into_iter().map(|v| half::f16::from_f32(v).to_f32());
-                    (half.collect(), None)
+                    (g.into_iter().map(f16).collect(), None)
                 };
                 let bias = model.weight(&format!("{}.bias", n.name))?.data.clone();
                 Ok((

@@ -12,19 +12,43 @@ use crate::exec::gating;
 
 /// A channel gate's weights as the engine reads them.
 pub(super) enum GateWeights {
-    /// As f16 when every value is one exactly (the training-free gates, rounded so in
-    /// [`gating::channel_gates`]): half the bytes per pass.
-    Half { wt: Vec<half::f16>, bias: Vec<f32> },
-    /// As f32 (trained gates).
-    Full { wt: Vec<f32>, bias: Vec<f32> },
+    /// `W`, transposed.
+    Direct { wt: Stored, bias: Vec<f32> },
     /// Through the gate's factors ([`gating::LowRank`]): `t = V · x`, then `U · t`, both
     /// transposed.
     Factored {
         rank: usize,
-        ut: Vec<f32>,
-        vt: Vec<f32>,
+        ut: Stored,
+        vt: Stored,
         bias: Vec<f32>,
     },
+}
+
+/// Transposed gate weights (`[C][out]`): as f16 when every value is one exactly (the
+/// training-free gates and their factors, rounded so in [`gating::channel_gates`]), so
+/// that a pass reads half the bytes; as f32 otherwise (trained gates).
+pub(super) enum Stored {
+    Half(Vec<half::f16>),
+    Full(Vec<f32>),
+}
+
+impl Stored {
+    /// `w` (`[rows][cols]`, row-major) transposed.
+    fn new(w: &[f32], rows: usize, cols: usize) -> Self {
+        let half: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+        if half.iter().zip(w).all(|(h, &v)| h.to_f32() == v) {
+            Stored::Half(transpose(&half, rows, cols))
+        } else {
+            Stored::Full(transpose(w, rows, cols))
+        }
+    }
+
+    fn scores(&self, bias: &[f32], x: &[f32]) -> Vec<f32> {
+        match self {
+            Stored::Half(wt) => scores_t(wt, bias, x),
+            Stored::Full(wt) => scores_t(wt, bias, x),
+        }
+    }
 }
 
 /// `[rows][cols]` row-major to `[cols][rows]`.
@@ -38,38 +62,29 @@ impl GateWeights {
     pub(super) fn new(g: &gating::ChannelGate) -> Self {
         let out = g.bias.len();
         let cin = g.weight.len() / out.max(1);
-        if let Some(f) = &g.factors {
-            return GateWeights::Factored {
+        match &g.factors {
+            Some(f) => GateWeights::Factored {
                 rank: f.rank,
-                ut: transpose(&f.u, out, f.rank),
-                vt: transpose(&f.v, f.rank, cin),
+                ut: Stored::new(&f.u, out, f.rank),
+                vt: Stored::new(&f.v, f.rank, cin),
                 bias: g.bias.clone(),
-            };
-        }
-        let half: Vec<half::f16> = g.weight.iter().map(|&v| half::f16::from_f32(v)).collect();
-        if half.iter().zip(&g.weight).all(|(h, &v)| h.to_f32() == v) {
-            GateWeights::Half {
-                wt: transpose(&half, out, cin),
+            },
+            None => GateWeights::Direct {
+                wt: Stored::new(&g.weight, out, cin),
                 bias: g.bias.clone(),
-            }
-        } else {
-            GateWeights::Full {
-                wt: transpose(&g.weight, out, cin),
-                bias: g.bias.clone(),
-            }
+            },
         }
     }
 
     /// Every output's score for input means `x` (see the module documentation).
     pub(super) fn scores(&self, x: &[f32]) -> Vec<f32> {
         match self {
-            GateWeights::Half { wt, bias } => scores_t(wt, bias, x),
-            GateWeights::Full { wt, bias } => scores_t(wt, bias, x),
+            GateWeights::Direct { wt, bias } => wt.scores(bias, x),
             GateWeights::Factored {
                 rank, ut, vt, bias, ..
             } => {
-                let t = scores_t(vt, &vec![0.0; *rank], x);
-                scores_t(ut, bias, &t)
+                let t = vt.scores(&vec![0.0; *rank], x);
+                ut.scores(bias, &t)
             }
         }
     }
@@ -243,7 +258,11 @@ mod tests {
                 factors: None,
             };
             let h = GateWeights::new(&g);
-            let GateWeights::Half { wt, .. } = &h else {
+            let GateWeights::Direct {
+                wt: Stored::Half(wt),
+                ..
+            } = &h
+            else {
                 panic!("f16-representable weights were not stored as f16");
             };
             let bits = |v: &[f32]| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
@@ -259,24 +278,38 @@ mod tests {
             bias: vec![0.0],
             factors: None,
         };
-        assert!(matches!(GateWeights::new(&g), GateWeights::Full { .. }));
+        assert!(matches!(
+            GateWeights::new(&g),
+            GateWeights::Direct {
+                wt: Stored::Full(_),
+                ..
+            }
+        ));
     }
 
     /// A factored gate scores `U · (V · x)`: its weight (their product) up to rounding.
     #[test]
     fn factored_gates_score_as_their_product() {
         let mut rng = fresh_rng();
-        for _ in 0..20 {
+        for i in 0..20 {
+            // Half of the cases with factors rounded to f16, as the training-free gates'.
+            let f16 = |v: f32| {
+                if i % 2 == 0 {
+                    half::f16::from_f32(v).to_f32()
+                } else {
+                    v
+                }
+            };
             let (cout, cin, rank) = (
                 rng.random_range(1..200),
                 rng.random_range(1..80),
                 rng.random_range(1..40),
             );
             let u: Vec<f32> = (0..cout * rank)
-                .map(|_| rng.random_range(-1.0..1.0))
+                .map(|_| f16(rng.random_range(-1.0..1.0)))
                 .collect();
             let v: Vec<f32> = (0..rank * cin)
-                .map(|_| rng.random_range(-1.0..1.0))
+                .map(|_| f16(rng.random_range(-1.0..1.0)))
                 .collect();
             let weight: Vec<f32> = (0..cout * cin)
                 .map(|i| {
@@ -295,6 +328,12 @@ mod tests {
             };
             let h = GateWeights::new(&g);
             assert_eq!(h.rank(), Some(rank));
+            let GateWeights::Factored { ut, vt, .. } = &h else {
+                panic!("factors were not used");
+            };
+            // f16-exact factors are stored as f16 (the bytes a pass reads), others not.
+            let half = |s: &Stored| matches!(s, Stored::Half(_));
+            assert_eq!((half(ut), half(vt)), (i % 2 == 0, i % 2 == 0));
             for (got, want) in h.scores(&x).into_iter().zip(want) {
                 let tol = 1e-4 * (1.0 + want.abs()) * (rank as f32).sqrt();
                 assert!((got - want).abs() <= tol, "{got} vs {want}");
