@@ -17,6 +17,7 @@
 //!     threads: Some(1),
 //!     device: dynsparse::DeviceChoice::Cpu,
 //!     channel_round: None,
+//!     channel_groups: None,
 //!     images,
 //!     labels: Vec::new(),
 //! };
@@ -57,6 +58,9 @@ pub struct Config {
     pub device: DeviceChoice,
     /// Kept channel counts round to this (see [`Options::channel_round`]).
     pub channel_round: Option<usize>,
+    /// Kept channels are chosen in aligned groups of this many (see
+    /// [`Options::channel_groups`]).
+    pub channel_groups: Option<usize>,
     /// Real inputs: when given, the timed batches are made of them (cycled) instead of
     /// pseudo-random values, and every policy's top-1 agreement with dense over all of
     /// them is reported ([`Report::quality`]).
@@ -214,6 +218,7 @@ pub fn run(
                 policy: *policy,
                 layer_stats: true,
                 channel_round: config.channel_round,
+                channel_groups: config.channel_groups,
                 ..Options::default()
             };
             Runtime::new(model.clone(), options)

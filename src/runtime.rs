@@ -36,6 +36,9 @@ pub struct Options {
     /// ([`crate::profile::Profile::channel_round_here`]), or the rounding a model's gates
     /// were trained with.
     pub channel_round: Option<usize>,
+    /// Gated runs on the CPU choose kept channels in aligned groups of this many
+    /// ([`EngineExecutor::with_channel_groups`]; `None` or 1: one by one).
+    pub channel_groups: Option<usize>,
 }
 
 impl Default for Options {
@@ -48,6 +51,7 @@ impl Default for Options {
             policy: Policy::Dense,
             layer_stats: false,
             channel_round: None,
+            channel_groups: None,
         }
     }
 }
@@ -217,12 +221,19 @@ impl Runtime {
         let cpu = |model: &Model| -> Result<Box<dyn Executor>> {
             Ok(match options.engine {
                 Engine::Fast => {
-                    let engine = EngineExecutor::new(model)?;
-                    Box::new(match options.channel_round {
+                    let mut engine = EngineExecutor::new(model)?;
+                    engine = match options.channel_round {
                         Some(0) => {
                             return Err(Error::Input("channel_round must be at least 1".into()))
                         }
                         Some(r) => engine.with_channel_round(r),
+                        None => engine,
+                    };
+                    Box::new(match options.channel_groups {
+                        Some(0) => {
+                            return Err(Error::Input("channel_groups must be at least 1".into()))
+                        }
+                        Some(g) => engine.with_channel_groups(g),
                         None => engine,
                     })
                 }

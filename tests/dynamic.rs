@@ -99,6 +99,26 @@ fn check(model: &Model, input: &[f32], batch: usize, name: &str) {
         "{name}: every sample kept the same channels"
     );
 
+    // Kept channels chosen in aligned groups of 12 (a packed block of weights): each
+    // sample still equals its pruned network, and every gated layer keeps whole groups
+    // but at most one.
+    let grouped = EngineExecutor::new(model).unwrap().with_channel_groups(12);
+    let fwd = against_reference(model, &grouped, input, batch, Policy::Keep(0.5), name);
+    for (i, sets) in fwd.kept.iter().enumerate() {
+        let Some(sets) = sets else { continue };
+        let cout = model.layers[i].output[0];
+        for k in sets {
+            let mut per = vec![0; cout.div_ceil(12)];
+            k.iter().for_each(|&c| per[c / 12] += 1);
+            let partial = per
+                .iter()
+                .enumerate()
+                .filter(|&(b, &n)| n > 0 && n < (cout - b * 12).min(12))
+                .count();
+            assert!(partial <= 1, "{name}: node {i} keeps {k:?} in groups of 12");
+        }
+    }
+
     // Channel and spatial gates by ratio, and by threshold.
     let both = Policy::Gates(Gates {
         channels: Cut::Ratio(0.5),
@@ -271,6 +291,13 @@ fn cli_keep_reports_fewer_flops_and_rejects_bad_ratios() {
         v["results"][0]["stats"]["flops_executed"],
         v["results"][0]["stats"]["flops_dense"]
     );
+    // The same cut in aligned groups of channels: as many FLOPs.
+    let out = run(&["--keep", "0.5", "--channel-groups", "4"]);
+    let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(g["results"][0]["stats"]["flops_executed"], exec);
+    let out = run(&["--keep", "0.5", "--channel-groups", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("channel_groups must be at least 1"));
     let out = run(&["--keep", "0"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("keep ratio 0 is outside (0, 1]"));

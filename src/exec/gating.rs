@@ -383,9 +383,26 @@ pub fn factored_gate_flops(
 /// for a ratio `n` is [`kept_count`], and for a threshold it is the number of scores at or
 /// above `at(threshold)` (the threshold in score units), rounded up to `round`.
 pub fn choose(scores: &[f32], cut: Cut, at: impl Fn(f64) -> f32, round: usize) -> Vec<usize> {
+    select(scores, kept_units(scores, cut, at, round))
+}
+
+/// [`choose`], the kept units taken in aligned groups of `group` ([`select_groups`]):
+/// as many units, at the positions of the best groups.
+pub fn choose_grouped(
+    scores: &[f32],
+    cut: Cut,
+    at: impl Fn(f64) -> f32,
+    round: usize,
+    group: usize,
+) -> Vec<usize> {
+    select_groups(scores, kept_units(scores, cut, at, round), group)
+}
+
+/// How many units [`choose`] keeps.
+fn kept_units(scores: &[f32], cut: Cut, at: impl Fn(f64) -> f32, round: usize) -> usize {
     let n = scores.len();
     let r = round.max(1);
-    let keep = match cut {
+    match cut {
         Cut::All => n,
         Cut::Ratio(f) => kept_count(n, f, r),
         Cut::Threshold(t) => {
@@ -393,8 +410,7 @@ pub fn choose(scores: &[f32], cut: Cut, at: impl Fn(f64) -> f32, round: usize) -
             let above = scores.iter().filter(|&&s| s >= bar).count();
             (above.div_ceil(r) * r).clamp(r.min(n), n)
         }
-    };
-    select(scores, keep)
+    }
 }
 
 /// A channel threshold in score units: a probability `t` is `sigmoid(score)`.
@@ -532,9 +548,113 @@ pub fn select(scores: &[f32], keep: usize) -> Vec<usize> {
     (0..n).filter(|&i| kept[i]).collect()
 }
 
+/// `keep` units chosen in aligned groups of `group` (units `group · b ..`, the last
+/// group shorter when `group` does not divide the count), as sorted indices. Groups rank
+/// by their mean score (ties to the lower index) and are kept whole while they fit;
+/// the first that does not fit gives its best units for the rest (see [`select`]).
+///
+/// With the groups a packed block of weights (12 rows), the kept output channels fill
+/// whole blocks: a micro-tile of them reads one stream of weights, the copy of the next
+/// layer's kept input columns moves runs of 12, and whole blocks of weights are left
+/// unread.
+pub fn select_groups(scores: &[f32], keep: usize, group: usize) -> Vec<usize> {
+    let n = scores.len();
+    let group = group.max(1);
+    if group == 1 || keep >= n {
+        return select(scores, keep);
+    }
+    let means: Vec<f32> = scores
+        .chunks(group)
+        .map(|g| g.iter().sum::<f32>() / g.len() as f32)
+        .collect();
+    let mut kept = Vec::with_capacity(keep);
+    for b in rank(&means) {
+        let units = b * group..((b + 1) * group).min(n);
+        let left = keep - kept.len();
+        if units.len() <= left {
+            kept.extend(units);
+        } else {
+            let best = select(&scores[units.clone()], left);
+            kept.extend(best.into_iter().map(|i| units.start + i));
+        }
+        if kept.len() == keep {
+            break;
+        }
+    }
+    kept.sort_unstable();
+    kept
+}
+
+/// Indices of `scores` from the best to the worst, ties to the lower index (the order
+/// [`select`] keeps in).
+fn rank(scores: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_selection_keeps_whole_groups_by_mean_then_the_best_of_the_next() {
+        let s = [0.0, 1.0, 5.0, 5.0, -9.0, 9.0, 2.0];
+        // Groups of 2 by mean: [2, 3] 5.0, [4, 5] 0.0, [6] 2.0, [0, 1] 0.5.
+        assert_eq!(select_groups(&s, 2, 2), vec![2, 3]);
+        assert_eq!(select_groups(&s, 3, 2), vec![2, 3, 6]);
+        // The group [4, 5] does not fit whole: its best unit.
+        assert_eq!(select_groups(&s, 4, 2), vec![1, 2, 3, 6]);
+        // Groups of 3: [0, 1, 2] 2.0 ties [6] 2.0 and goes first, then [3, 4, 5].
+        assert_eq!(select_groups(&s, 4, 3), vec![0, 1, 2, 6]);
+        assert_eq!(select_groups(&s, 5, 3), vec![0, 1, 2, 5, 6]);
+        assert_eq!(select_groups(&s, 7, 3), (0..7).collect::<Vec<_>>());
+        assert_eq!(select_groups(&s, 3, 1), select(&s, 3));
+        // Ties between group means go to the lower group.
+        assert_eq!(select_groups(&[1.0, 1.0, 1.0, 1.0], 2, 2), vec![0, 1]);
+    }
+
+    /// Against a brute force over random scores: exactly `keep` units, sorted, and the
+    /// kept set fills the best-ranked groups in order.
+    #[test]
+    fn group_selection_matches_a_brute_force() {
+        use rand::Rng;
+        let mut rng = crate::exec::cpu::fresh_rng();
+        for _ in 0..200 {
+            let n = rng.random_range(1..60);
+            let group = rng.random_range(1..14);
+            let keep = rng.random_range(0..=n);
+            let scores: Vec<f32> = (0..n).map(|_| rng.random_range(0..8) as f32).collect();
+            let got = select_groups(&scores, keep, group);
+            assert_eq!(got.len(), keep);
+            assert!(got.windows(2).all(|w| w[0] < w[1]));
+            // Brute force: groups by mean, best first, ties to the lower group.
+            let groups: Vec<Vec<usize>> = (0..n.div_ceil(group))
+                .map(|b| (b * group..((b + 1) * group).min(n)).collect())
+                .collect();
+            let mean = |g: &Vec<usize>| g.iter().map(|&i| scores[i]).sum::<f32>() / g.len() as f32;
+            let mut order: Vec<usize> = (0..groups.len()).collect();
+            order.sort_by(|&a, &b| {
+                mean(&groups[b])
+                    .total_cmp(&mean(&groups[a]))
+                    .then(a.cmp(&b))
+            });
+            let mut want: Vec<usize> = Vec::new();
+            for b in order {
+                let left = keep - want.len();
+                if groups[b].len() <= left {
+                    want.extend(&groups[b]);
+                } else {
+                    let mut units = groups[b].clone();
+                    units.sort_by(|&x, &y| scores[y].total_cmp(&scores[x]).then(x.cmp(&y)));
+                    want.extend(&units[..left]);
+                    break;
+                }
+            }
+            want.sort_unstable();
+            assert_eq!(got, want, "scores {scores:?} keep {keep} group {group}");
+        }
+    }
 
     #[test]
     fn selection_keeps_the_best_and_breaks_ties_by_index() {

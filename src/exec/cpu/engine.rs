@@ -80,6 +80,8 @@ pub struct EngineExecutor {
     spatial: Vec<Option<gating::SpatialGate>>,
     /// Kept channel counts are rounded up to a multiple of this.
     round: usize,
+    /// Kept channels are chosen in aligned groups of this many (1: one by one).
+    group: usize,
     /// Per node: dense FLOPs for one sample.
     flops: Vec<u64>,
     /// Size of A (bytes) above which panels run in groups ([`A_RESIDENT_BYTES`]).
@@ -282,6 +284,7 @@ impl EngineExecutor {
             gates,
             spatial,
             round: isa.mr(),
+            group: 1,
             flops: model.layers.iter().map(|l| l.flops).collect(),
             a_resident: A_RESIDENT_BYTES,
             local_a: LOCAL_A_BYTES,
@@ -307,6 +310,17 @@ impl EngineExecutor {
     /// The multiple kept channel counts are rounded up to.
     pub fn channel_round(&self) -> usize {
         self.round
+    }
+
+    /// Chooses each gate's kept channels in aligned groups of `group` (1: one by one, the
+    /// default), ranked by their mean score ([`gating::select_groups`]); as many
+    /// channels are kept either way. With groups of [`gemm::PACK`] (12) the kept output
+    /// channels fill whole packed blocks of weights, so a micro-tile reads one stream of
+    /// them and the next layer's copy of its kept input columns moves whole runs. The
+    /// choice is coarser: a group is kept or dropped as one.
+    pub fn with_channel_groups(mut self, group: usize) -> Self {
+        self.group = group.max(1);
+        self
     }
 
     /// [`Self::conv_gemm_into`] a new buffer.
@@ -1028,7 +1042,13 @@ impl EngineExecutor {
                             Some(r) => gating::factored_gate_flops(ic.len(), plane, cin, cout, r),
                             None => gating::gate_flops(ic.len(), plane, cout),
                         };
-                        gating::choose(&scores, cut, gating::channel_bar, self.round)
+                        gating::choose_grouped(
+                            &scores,
+                            cut,
+                            gating::channel_bar,
+                            self.round,
+                            self.group,
+                        )
                     }
                     None => (0..cout).collect(),
                 };
@@ -1400,6 +1420,7 @@ mod tests {
             gates: Vec::new(),
             spatial: Vec::new(),
             round: isa.mr(),
+            group: 1,
             flops: Vec::new(),
             a_resident: A_RESIDENT_BYTES,
             local_a: LOCAL_A_BYTES,
