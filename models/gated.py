@@ -53,6 +53,36 @@ def select(scores: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return (rank < n[:, None]).to(scores.dtype)
 
 
+def select_groups(scores: torch.Tensor, n: torch.Tensor, group: int) -> torch.Tensor:
+    """gating::select_groups: 0/1 mask of n[b] units of each row chosen in aligned groups
+    of `group` (the last one shorter when `group` does not divide the count). Groups rank
+    by mean score (ties to the lower group) and are kept whole while they fit; the first
+    that does not fit gives its best units (ties to the lower index) for the rest."""
+    if group <= 1:
+        return select(scores, n)
+    b, c = scores.shape
+    s = scores.detach()
+    ng = (c + group - 1) // group
+    pad = ng * group - c
+    sizes = torch.full((ng,), group, device=s.device)
+    sizes[-1] = c - (ng - 1) * group
+    means = F.pad(s, (0, pad)).view(b, ng, group).sum(2) / sizes
+    order = torch.sort(means, dim=1, descending=True, stable=True).indices
+    sorted_sizes = sizes[order]
+    before = torch.empty_like(order).scatter_(1, order, torch.cumsum(sorted_sizes, 1) - sorted_sizes)
+    unit_group = torch.arange(c, device=s.device) // group
+    start, size = before[:, unit_group], sizes[unit_group]
+    whole = start + size <= n[:, None]
+    partial = (start < n[:, None]) & (n[:, None] < start + size)
+    # Each unit's rank inside its group, best first.
+    inner = F.pad(s, (0, pad), value=float("-inf")).view(b, ng, group)
+    inner_order = torch.sort(inner, dim=2, descending=True, stable=True).indices
+    rank = torch.empty_like(inner_order)
+    rank.scatter_(2, inner_order, torch.arange(group, device=s.device).expand_as(inner_order))
+    rank = rank.view(b, ng * group)[:, :c]
+    return (whole | (partial & (rank < n[:, None] - start))).to(scores.dtype)
+
+
 class Cut:
     """What a gate keeps: everything, a ratio, or a threshold on sigmoid(score)."""
 
@@ -62,7 +92,7 @@ class Cut:
     def active(self) -> bool:
         return self.ratio is not None or self.threshold is not None
 
-    def mask(self, scores: torch.Tensor, round_to: int) -> torch.Tensor:
+    def mask(self, scores: torch.Tensor, round_to: int, group: int = 1) -> torch.Tensor:
         n_units = scores.shape[1]
         if self.ratio is not None:
             n = torch.full((scores.shape[0],), kept_count(n_units, self.ratio, round_to), device=scores.device)
@@ -72,7 +102,7 @@ class Cut:
             n = ((above + r - 1) // r * r).clamp(min(r, n_units), n_units)
         else:
             return torch.ones_like(scores)
-        return select(scores, n)
+        return select_groups(scores, n, group)
 
 
 class ChannelGate(nn.Module):
@@ -141,19 +171,20 @@ class Run:
 
     channels, tiles: Cut for every gate. ste: straight-through gradients (training).
     round_c: channel counts round up to this (the runtime uses its micro-kernel's rows).
+    group_c: kept channels are chosen in aligned groups of this many (--channel-groups).
     Records per gated convolution its masks, and per sample the executed FLOPs (gates
     included) and the dense FLOPs, counted the way the runtime counts them."""
 
-    def __init__(self, channels=None, tiles=None, ste=False, round_c=1, record=False):
+    def __init__(self, channels=None, tiles=None, ste=False, round_c=1, record=False, group_c=1):
         # A Cut for every gate, or a dict of Cuts by convolution name (see plan_budget).
         self.channels, self.tiles = channels or Cut(), tiles or Cut()
-        self.ste, self.round_c, self.record = ste, round_c, record
+        self.ste, self.round_c, self.record, self.group_c = ste, round_c, record, group_c
         self.masks = {}
         self.flops = 0.0
         self.dense = 0.0
 
-    def gate(self, scores, cut, round_to):
-        hard = cut.mask(scores, round_to)
+    def gate(self, scores, cut, round_to, group=1):
+        hard = cut.mask(scores, round_to, group)
         if self.ste:
             p = torch.sigmoid(scores)
             return hard + p - p.detach()
@@ -168,7 +199,7 @@ class Run:
         ccut = self.channels.get(name, Cut()) if isinstance(self.channels, dict) else self.channels
         tcut = self.tiles.get(name, Cut()) if isinstance(self.tiles, dict) else self.tiles
         if cg is not None and ccut.active():
-            mc = self.gate(cg(x), ccut, self.round_c)
+            mc = self.gate(cg(x), ccut, self.round_c, self.group_c)
         if sg is not None and tcut.active():
             mt = self.gate(sg(x), tcut, max(NR // (sg.g * sg.g), 1))
         y = bn(conv(x))
@@ -265,20 +296,26 @@ class GatedResNet(nn.Module):
     def export(self) -> dict:
         """State dict with the names `dynsparse convert --arch resnet20` reads, the gates
         as `{conv}.gate.channel.*` and `{conv}.gate.spatial.*`."""
-        out = {}
-        for k, v in self.state_dict().items():
-            parts = k.split(".")
-            if parts[0] == "stages":
-                block = f"layer{int(parts[1]) + 1}.{parts[2]}"
-                rest = parts[3:]
-                if rest[0] == "gate1c":
-                    k = f"{block}.conv1.gate.channel.{rest[-1]}"
-                elif rest[0] in ("gate1s", "gate2s"):
-                    k = f"{block}.conv{rest[0][4]}.gate.spatial.{rest[-1]}"
-                else:
-                    k = ".".join([block] + rest)
-            out[k] = v.detach().float().contiguous()
-        return out
+        return {exported_name(k): v.detach().float().contiguous() for k, v in self.state_dict().items()}
+
+    def load_exported(self, tensors: dict) -> None:
+        """Loads what `export` wrote (a demo.safetensors)."""
+        state = self.state_dict()
+        self.load_state_dict({k: tensors[exported_name(k)].to(v.dtype) for k, v in state.items()})
+
+
+def exported_name(k: str) -> str:
+    """A GatedResNet state-dict name as `export` writes it."""
+    parts = k.split(".")
+    if parts[0] != "stages":
+        return k
+    block = f"layer{int(parts[1]) + 1}.{parts[2]}"
+    rest = parts[3:]
+    if rest[0] == "gate1c":
+        return f"{block}.conv1.gate.channel.{rest[-1]}"
+    if rest[0] in ("gate1s", "gate2s"):
+        return f"{block}.conv{rest[0][4]}.gate.spatial.{rest[-1]}"
+    return ".".join([block] + rest)
 
 
 def plan_budget(model: GatedResNet, budget: float, with_tiles: bool, round_c: int):

@@ -22,6 +22,12 @@ Writes, next to this script:
   evidence.json             accuracy and FLOPs per policy on the held-out set
 Then `dynsparse convert --arch resnet20 --input demo.safetensors --classes classes.txt
 --preprocess preprocess.json --output demo.dsm` makes the model file the binary embeds.
+
+Environment: DEMO_GROUPS=G trains the gates to keep channels in aligned groups of G (the
+runtime's --channel-groups); DEMO_INIT=demo.safetensors starts from a trained model
+instead of training the teacher; DEMO_GATED_EPOCHS sets the gate-training epochs.
+models/demo/groups/ was made with DEMO_GROUPS=6 DEMO_INIT=models/demo/demo.safetensors
+DEMO_GATED_EPOCHS=6.
 """
 
 import json
@@ -46,11 +52,18 @@ SMOKE = bool(os.environ.get("DEMO_SMOKE"))
 SIDE = 64
 MEAN, STD = 0.1307, 0.3081
 DENSE_EPOCHS = 1 if SMOKE else 15
-GATED_EPOCHS = 1 if SMOKE else 12
+GATED_EPOCHS = 1 if SMOKE else int(os.environ.get("DEMO_GATED_EPOCHS", "12"))
 TARGET = 0.40  # FLOP fraction the budget term aims under, at threshold 0.5
 # Kept channel counts round up to the AVX2 micro-kernel's 6 rows, as the runtime does on
 # this project's machines: training sees the FLOPs the engine will execute.
 ROUND = 6
+# Kept channels chosen in aligned groups of this many (DEMO_GROUPS; 1: one by one, the
+# embedded model): gates trained for the runtime's --channel-groups.
+GROUP = int(os.environ.get("DEMO_GROUPS", "1"))
+# Start from a trained demo.safetensors (DEMO_INIT) instead of training the teacher: its
+# dense network is the teacher and the start, and only the gate training runs
+# (DEMO_GATED_EPOCHS of it).
+INIT = os.environ.get("DEMO_INIT")
 RATIOS = [0.75, 0.5, 0.35, 0.25]
 
 
@@ -99,7 +112,7 @@ def mean_scores(model, x, batch=200):
             hooks.append(mod.register_forward_hook(hook))
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            model(x[i : i + batch], Run(Cut(ratio=1.0), Cut(ratio=1.0), round_c=ROUND))
+            model(x[i : i + batch], Run(Cut(ratio=1.0), Cut(ratio=1.0), round_c=ROUND, group_c=GROUP))
     for h in hooks:
         h.remove()
     return {k: v / len(x) for k, v in sums.items()}
@@ -152,15 +165,20 @@ def main() -> None:
                     extra.step()
                 sched.step()
             model.eval()
-            acc, fl = accuracy(model, xte, yte, lambda: Run(Cut(threshold=0.5), Cut(threshold=0.5), round_c=ROUND))
+            acc, fl = accuracy(model, xte, yte, lambda: Run(Cut(threshold=0.5), Cut(threshold=0.5), round_c=ROUND, group_c=GROUP))
             print(f"  epoch {epoch + 1}/{n}: loss {loss.item():.3f}, held-out {acc:.2f}% at threshold 0.5, "
                   f"FLOPs {fl:.3f} of dense ({time.time() - t0:.0f} s)", flush=True)
 
     # 1. The dense teacher: gates never run.
     print("dense training", flush=True)
     teacher = GatedResNet(20, 10, (SIDE, SIDE))
-    plain = [p for n, p in teacher.named_parameters() if ".gate" not in n]
-    epochs(teacher, DENSE_EPOCHS, lambda m, xb, yb: F.cross_entropy(m(xb), yb), (plain, []), 0.1)
+    if INIT:
+        from safetensors.torch import load_file
+
+        teacher.load_exported(load_file(INIT))
+    else:
+        plain = [p for n, p in teacher.named_parameters() if ".gate" not in n]
+        epochs(teacher, DENSE_EPOCHS, lambda m, xb, yb: F.cross_entropy(m(xb), yb), (plain, []), 0.1)
     teacher.eval()
     dense_acc, _ = accuracy(teacher, xte, yte, Run)
     print(f"dense held-out accuracy {dense_acc:.2f}%", flush=True)
@@ -178,11 +196,11 @@ def main() -> None:
             # Targeted dropout: the lowest-scored channels and tiles are dropped, at a
             # random rate, so any ratio or budget cut keeps accuracy.
             rc, rs = (float(v) for v in torch.empty(2).uniform_(0.25, 1.0))
-            run = Run(Cut(ratio=rc), Cut(ratio=rs), ste=True, round_c=ROUND)
+            run = Run(Cut(ratio=rc), Cut(ratio=rs), ste=True, round_c=ROUND, group_c=GROUP)
             out = m(xb, run)
             budget = 0.0
         else:
-            run = Run(Cut(threshold=0.5), Cut(threshold=0.5), ste=True, round_c=ROUND)
+            run = Run(Cut(threshold=0.5), Cut(threshold=0.5), ste=True, round_c=ROUND, group_c=GROUP)
             out = m(xb, run)
             frac = run.flops.mean() / run.dense
             budget = 20.0 * F.relu(frac - TARGET) ** 2
@@ -195,14 +213,14 @@ def main() -> None:
 
     # 3. Evidence on the held-out canvases (PyTorch reference, counts rounded as the runtime's).
     rows = [{"policy": "dense", "kind": "dense", "flops": 1.0, "accuracy": accuracy(model, xte, yte, Run)[0]}]
-    acc, fl = accuracy(model, xte, yte, lambda: Run(Cut(threshold=0.5), Cut(threshold=0.5), round_c=ROUND))
+    acc, fl = accuracy(model, xte, yte, lambda: Run(Cut(threshold=0.5), Cut(threshold=0.5), round_c=ROUND, group_c=GROUP))
     rows.append({"policy": "threshold 0.5", "kind": "trained", "flops": fl, "accuracy": acc})
     means = mean_scores(model, probe)
     for r in RATIOS:
-        acc, fl = accuracy(model, xte, yte, lambda r=r: Run(Cut(ratio=r), Cut(ratio=r), round_c=ROUND))
+        acc, fl = accuracy(model, xte, yte, lambda r=r: Run(Cut(ratio=r), Cut(ratio=r), round_c=ROUND, group_c=GROUP))
         rows.append({"policy": f"ratio {r}", "kind": "trained", "flops": fl, "accuracy": acc})
         saved = static_run(model, means, r)
-        acc, fl = accuracy(model, xte, yte, lambda r=r: Run(Cut(ratio=r), Cut(ratio=r), round_c=ROUND))
+        acc, fl = accuracy(model, xte, yte, lambda r=r: Run(Cut(ratio=r), Cut(ratio=r), round_c=ROUND, group_c=GROUP))
         for name, mod in model.named_modules():
             if name in saved:
                 mod.forward = saved[name]
@@ -214,7 +232,7 @@ def main() -> None:
 
     save_file(model.export(), os.path.join(OUT, "demo.safetensors"))
     with open(os.path.join(OUT, "evidence.json"), "w") as f:
-        json.dump({"seed": SEED, "round": ROUND, "heldout": len(held), "teacher_accuracy": dense_acc, "rows": rows}, f, indent=1)
+        json.dump({"seed": SEED, "round": ROUND, "groups": GROUP, "heldout": len(held), "teacher_accuracy": dense_acc, "rows": rows}, f, indent=1)
     with open(os.path.join(OUT, "classes.txt"), "w") as f:
         f.write("\n".join(str(i) for i in range(10)) + "\n")
     with open(os.path.join(OUT, "preprocess.json"), "w") as f:
