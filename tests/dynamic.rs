@@ -295,6 +295,20 @@ fn cli_keep_reports_fewer_flops_and_rejects_bad_ratios() {
     let out = run(&["--keep", "0.5", "--channel-groups", "4"]);
     let g: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(g["results"][0]["stats"]["flops_executed"], exec);
+    // Rounded as a model's gates were trained: at 0.45 of 32 or 64 channels, counts in
+    // steps of 1 keep fewer than any kernel's row tile (4 to 12) would.
+    let flops = |args: &[&str]| {
+        let out = run(args);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["results"][0]["stats"]["flops_executed"].as_u64().unwrap()
+    };
+    assert!(
+        flops(&["--keep", "0.45", "--channel-round", "1"]) < flops(&["--keep", "0.45"]),
+        "--channel-round 1 kept as much as the kernel's rounding"
+    );
+    let out = run(&["--keep", "0.5", "--channel-round", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("channel_round must be at least 1"));
     let out = run(&["--keep", "0.5", "--channel-groups", "0"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("channel_groups must be at least 1"));

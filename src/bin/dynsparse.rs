@@ -243,11 +243,16 @@ struct GateArgs {
     dense: bool,
     /// Hardware profile from `dynsparse profile`: kept channel counts round to its
     /// granularity.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "channel_round")]
     profile: Option<PathBuf>,
+    /// Round kept channel counts up to multiples of this (the rounding a model's gates
+    /// were trained with) instead of the micro-kernel's rows.
+    #[arg(long)]
+    channel_round: Option<usize>,
     /// Channel gates choose kept channels in aligned groups of this many, ranked by
     /// their mean score (12, a packed block of weights, runs fastest on the CPU; the
-    /// default, 1, chooses them one by one).
+    /// default, 1, chooses them one by one; a model whose gates were trained in groups
+    /// needs its groups).
     #[arg(long)]
     channel_groups: Option<usize>,
 }
@@ -339,9 +344,7 @@ fn run(cli: Cli) -> Result<()> {
             top_k,
             json,
             threads,
-            gates.policy(),
-            gates.profile.as_deref(),
-            gates.channel_groups,
+            &gates,
             verbose,
             device.into(),
             tensor.as_deref(),
@@ -475,9 +478,7 @@ fn cmd_infer(
     top_k: usize,
     json: bool,
     threads: Option<usize>,
-    policy: Policy,
-    profile: Option<&Path>,
-    channel_groups: Option<usize>,
+    gates: &GateArgs,
     verbose: bool,
     device: DeviceChoice,
     tensor: Option<&Path>,
@@ -489,12 +490,13 @@ fn cmd_infer(
             top_k,
             threads,
             device,
-            policy,
+            policy: gates.policy(),
             layer_stats: verbose,
-            channel_round: profile
-                .map(|p| dynsparse::profile::Profile::load(p)?.channel_round_here())
-                .transpose()?,
-            channel_groups,
+            channel_round: match &gates.profile {
+                Some(p) => Some(dynsparse::profile::Profile::load(p)?.channel_round_here()?),
+                None => gates.channel_round,
+            },
+            channel_groups: gates.channel_groups,
             ..Options::default()
         },
     )?;
