@@ -135,6 +135,11 @@ pub struct Report {
     pub threads: usize,
     pub runs: usize,
     pub flops_dense: u64,
+    /// Kept channel counts' rounding, when set ([`Config::channel_round`]; otherwise the
+    /// micro-kernel's rows).
+    pub channel_round: Option<usize>,
+    /// The groups kept channels were chosen in, when set ([`Config::channel_groups`]).
+    pub channel_groups: Option<usize>,
     /// Per batch: dense first, then the policies in the order given.
     pub results: Vec<PolicyResult>,
     /// Per policy (dense first), on the images given; empty without images.
@@ -361,6 +366,8 @@ pub fn run(
         threads: config.threads.unwrap_or_else(rayon::current_num_threads),
         runs: config.runs,
         flops_dense: model.flops_per_sample(),
+        channel_round: config.channel_round,
+        channel_groups: config.channel_groups,
         results,
     })
 }

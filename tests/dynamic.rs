@@ -442,6 +442,29 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
         / v["flops_dense"].as_f64().unwrap();
     assert!(spent <= 0.4 && spent > 0.3, "budget 0.4 spent {spent}");
     assert!(results[1]["layers"].as_array().unwrap().len() > 10);
+    // No rounding or groups asked for: none reported.
+    assert!(v["channel_round"].is_null() && v["channel_groups"].is_null());
+    // Asked for, they are in the header and the JSON.
+    let out = Command::new(common::bin())
+        .args(["bench", "--model", demo_model().to_str().unwrap()])
+        .args([
+            "--batch", "1", "--keep", "0.5", "--runs", "1", "--warmup", "0",
+        ])
+        .args(["--channel-round", "6", "--channel-groups", "6", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("rounded to 6; kept channels in groups of 6"),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).ok();
+    assert_eq!(
+        (v["channel_round"].as_u64(), v["channel_groups"].as_u64()),
+        (Some(6), Some(6))
+    );
     // Bad arguments are clear errors.
     let out = Command::new(common::bin())
         .args([

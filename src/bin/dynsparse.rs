@@ -624,8 +624,15 @@ fn cmd_bench(
     if peers {
         report.peers = run_peers(model, &m, config)?;
     }
+    let mut gating = String::new();
+    if let Some(r) = report.channel_round {
+        gating += &format!("; kept channel counts rounded to {r}");
+    }
+    if let Some(g) = report.channel_groups.filter(|&g| g > 1) {
+        gating += &format!("; kept channels in groups of {g}");
+    }
     println!(
-        "{} on {}, {} threads, {} timed runs per point, policies interleaved; dense {:.3} GFLOPs per sample\n",
+        "{} on {}, {} threads, {} timed runs per point, policies interleaved; dense {:.3} GFLOPs per sample{gating}\n",
         report.model,
         report.executor,
         report.threads,
