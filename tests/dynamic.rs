@@ -12,13 +12,19 @@ use dynsparse::exec::{gating, Budget, Cut, Executor, Forward, Gates, Policy};
 use dynsparse::model::Op;
 use dynsparse::{convert, npy, Model};
 
-/// The model with, for one sample, every channel a gated pass dropped removed.
+/// The model with, for one sample, every channel a gated pass dropped zeroed where its
+/// gate decided it. A depthwise convolution after a gated one is left whole: it turns
+/// the zero plane into its constant `act(bias)`, as the dense network would, and the
+/// engine adds that constant's effect to the next layer's bias instead of computing it.
 fn pruned(model: &Model, kept: &[Option<Vec<Vec<usize>>>], sample: usize) -> Model {
     let mut m = model.clone();
     for (node, k) in model.desc.nodes.iter().zip(kept) {
         let (Some(sets), Op::Conv(cv)) = (k, &node.op) else {
             continue;
         };
+        if cv.groups > 1 {
+            continue;
+        }
         let keep = &sets[sample];
         let per_row = m.weights[&format!("{}.weight", node.name)].data.len() / cv.out_channels;
         let w = m.weights.get_mut(&format!("{}.weight", node.name)).unwrap();

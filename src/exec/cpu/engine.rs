@@ -40,6 +40,8 @@ enum Layer {
         geom: ConvGeom,
         residual: Option<usize>,
         act: Act,
+        /// What input channels add to the outputs when a gate upstream dropped them.
+        dropped: Option<gating::DroppedConstants>,
     },
     Depthwise {
         weight: Vec<f32>,
@@ -59,6 +61,15 @@ enum Layer {
         in_hw: [usize; 2],
         output: [usize; 2],
     },
+}
+
+/// The input channels a gated convolution reads, per sample.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    /// Each sample's kept input channels, ascending; `None` when all are.
+    kept: Option<&'a Vec<Vec<usize>>>,
+    /// What dropped input channels add to the outputs.
+    dropped: Option<&'a gating::DroppedConstants>,
 }
 
 /// Dense execution with the dynsparse CPU engine.
@@ -252,6 +263,7 @@ impl EngineExecutor {
                             },
                             residual: cv.residual,
                             act: cv.act,
+                            dropped: gating::DroppedConstants::for_node(model, i)?,
                         }
                     }
                 }
@@ -864,6 +876,7 @@ impl EngineExecutor {
                     geom,
                     residual,
                     act,
+                    dropped,
                 } => {
                     let r = residual.map(get).transpose()?;
                     let ic_sets = kept[*src].as_ref().filter(|_| *groups == 1);
@@ -882,8 +895,12 @@ impl EngineExecutor {
                         let out = self.conv_gemm(x, batch, weight, bias, *groups, geom, r, *act);
                         (out, dense)
                     } else {
-                        let c = self
-                            .conv_compact(x, batch, weight, bias, geom, r, *act, ic_sets, gates);
+                        let inputs = Inputs {
+                            kept: ic_sets,
+                            dropped: dropped.as_ref(),
+                        };
+                        let c =
+                            self.conv_compact(x, batch, weight, bias, geom, r, *act, inputs, gates);
                         if gates.channels.is_some() {
                             kept[i + 1] = Some(c.oc.clone());
                             node_kept[i] = Some(c.oc);
@@ -1005,9 +1022,10 @@ impl EngineExecutor {
         geom: &ConvGeom,
         residual: Option<&[f32]>,
         act: Act,
-        ic_sets: Option<&Vec<Vec<usize>>>,
+        inputs: Inputs,
         gates: ConvGates,
     ) -> Compact {
+        let ic_sets = inputs.kept;
         let (cin, cout) = (geom.in_c, bias.len());
         let plane = geom.in_hw[0] * geom.in_hw[1];
         let n = geom.out_hw[0] * geom.out_hw[1];
@@ -1026,6 +1044,15 @@ impl EngineExecutor {
                 let ic: Vec<usize> = ic_sets.map_or_else(|| (0..cin).collect(), |v| v[s].clone());
                 let mut gf = 0u64;
                 let decided = std::time::Instant::now();
+                // Dropped inputs that are constant planes upstream add their constant
+                // here instead; counted with the gates' cost.
+                let compensated: Option<Vec<f32>> =
+                    inputs.dropped.filter(|_| ic.len() < cin).map(|d| {
+                        let (b, adds) = d.bias_for(bias, &ic);
+                        gf += adds;
+                        b
+                    });
+                let bias = compensated.as_deref().unwrap_or(bias);
                 let oc: Vec<usize> = match gates.channels {
                     Some((g, cut)) => {
                         // Mean of each kept input plane, zero for dropped ones (whose

@@ -994,6 +994,11 @@ impl CudaExecutor {
     /// `keep × channels`, rounded up to `round` and at least `round`) or off (`None`:
     /// plans come from [`CudaExecutor::set_plans`] or are dense). Returns the number of
     /// gated layers.
+    ///
+    /// Not yet the CPU engine's semantics behind a depthwise layer: a channel dropped
+    /// before one is a zero plane here too, but the constant the depthwise layer would
+    /// make of it ([`gating::DroppedConstants`]) is not added to the next layer's bias,
+    /// so gated MobileNetV2 / EfficientNet-Lite passes differ from the CPU engine's.
     pub fn set_channel_gates(
         &self,
         batch: usize,
