@@ -204,7 +204,7 @@ impl DroppedConstants {
         for (i, r) in rows.iter().enumerate() {
             // The rows were last read a pass ago: ask for a few ahead (a gated
             // EfficientNet-Lite0 pass at budget 0.5 spent 310-370 µs here without,
-            // 200-210 µs with).
+            // 200-215 µs with).
             if let Some(&n) = rows.get(i + PREFETCH_ROWS) {
                 prefetch(&self.rows[n * out..(n + 1) * out]);
             }
