@@ -106,42 +106,26 @@ fn unpadded_pointwise(c: &Conv) -> bool {
         }
 }
 
-/// Rows of [`DroppedConstants`] fetched ahead of the one being added.
-const PREFETCH_ROWS: usize = 8;
-
-/// Asks for the cache lines of `v` ahead of their use.
-fn prefetch(v: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in v.chunks(16) {
-        // SAFETY: a prefetch only hints the cache; the address comes from a live slice.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr().cast(),
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
-}
-
-/// What the dropped input channels of a regular convolution reading a depthwise one's
-/// output add to its outputs (see [`gateable`]): the depthwise convolution turns a
-/// dropped (zero) input plane into the constant `act(bias[c])`, and the reader adds
+/// What a regular convolution reading a depthwise one's output does with channels
+/// dropped upstream (see [`gateable`]). The depthwise convolution turns a dropped (zero)
+/// input plane into the constant `act(bias[c])`, and the reader adds
 /// `Σ_taps W[o][c] · act(bias[c])` to output `o` (exact for the unpadded 1×1 readers
-/// [`gateable`] allows). Only channels whose constant is not zero are held.
+/// [`gateable`] allows). Rather than add that per sample for the dropped channels, an
+/// executor writes every kept depthwise plane less its constant and gives the reader
+/// [`Self::shifted_bias`], which holds every channel's contribution: kept channels then
+/// add `W · (y − act(bias))` and the bias adds back `W · act(bias)`, dropped ones only
+/// the latter. That costs one subtraction per kept value, and no extra reads.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DroppedConstants {
-    /// The channels held, ascending.
-    pub channels: Vec<usize>,
-    /// Their contributions, `[channels.len()][out]`, row-major.
-    pub rows: Vec<f32>,
-    /// The sum of every row: what dropping all of them adds.
-    pub total: Vec<f32>,
+    /// Per input channel, `act(bias[c])` of the depthwise producer.
+    pub constants: Vec<f32>,
+    /// The reader's bias plus every channel's contribution.
+    pub shifted_bias: Vec<f32>,
 }
 
 impl DroppedConstants {
-    /// For a reader `node`; `None` where nothing is ever added (its input is not a
-    /// depthwise output, or every constant is zero).
+    /// For a reader `node`; `None` where nothing needs shifting: its input is not a
+    /// depthwise output, or every constant is zero.
     pub fn for_node(model: &Model, node: usize) -> Result<Option<Self>> {
         let nodes = &model.desc.nodes;
         let (Op::Conv(reader), Some(src)) = (&nodes[node].op, nodes[node].input.checked_sub(1))
@@ -154,65 +138,38 @@ impl DroppedConstants {
         if reader.groups != 1 || dw.groups == 1 {
             return Ok(None);
         }
-        let dw_bias = &model.weight(&format!("{}.bias", nodes[src].name))?.data;
+        let constants: Vec<f32> = model
+            .weight(&format!("{}.bias", nodes[src].name))?
+            .data
+            .iter()
+            .map(|&b| dw.act.apply(b))
+            .collect();
+        if constants.iter().all(|&a| a == 0.0) {
+            return Ok(None);
+        }
         let w = &model.weight(&format!("{}.weight", nodes[node].name))?.data;
-        let (cout, cin) = (reader.out_channels, reader.in_channels);
+        let mut shifted_bias = model
+            .weight(&format!("{}.bias", nodes[node].name))?
+            .data
+            .clone();
+        let cin = reader.in_channels;
         let taps = reader.kernel[0] * reader.kernel[1];
-        let mut held = DroppedConstants {
-            channels: Vec::new(),
-            rows: Vec::new(),
-            total: vec![0.0; cout],
-        };
-        for (c, &b) in dw_bias.iter().enumerate().take(cin) {
-            let a = dw.act.apply(b);
-            if a == 0.0 {
-                continue;
-            }
-            held.channels.push(c);
-            for o in 0..cout {
-                let v = w[(o * cin + c) * taps..(o * cin + c + 1) * taps]
-                    .iter()
-                    .sum::<f32>()
-                    * a;
-                held.rows.push(v);
-                held.total[o] += v;
+        if constants.len() != cin || w.len() != shifted_bias.len() * cin * taps {
+            return Err(Error::ModelFormat(format!(
+                "node {node} '{}' does not match the depthwise layer it reads",
+                nodes[node].name
+            )));
+        }
+        for (o, b) in shifted_bias.iter_mut().enumerate() {
+            for (c, &a) in constants.iter().enumerate() {
+                let row = &w[(o * cin + c) * taps..(o * cin + c + 1) * taps];
+                *b += row.iter().sum::<f32>() * a;
             }
         }
-        Ok((!held.channels.is_empty()).then_some(held))
-    }
-
-    /// `bias` plus what the channels missing from `kept` (ascending) add, and the
-    /// additions it took. Whichever is fewer rows: the dropped ones added, or the kept
-    /// ones subtracted from [`Self::total`].
-    pub fn bias_for(&self, bias: &[f32], kept: &[usize]) -> (Vec<f32>, u64) {
-        let out = bias.len();
-        let (mut dropped, mut held_kept) = (Vec::new(), Vec::new());
-        for (r, c) in self.channels.iter().enumerate() {
-            if kept.binary_search(c).is_ok() {
-                held_kept.push(r);
-            } else {
-                dropped.push(r);
-            }
-        }
-        let mut b = bias.to_vec();
-        let (rows, sign) = if dropped.len() <= held_kept.len() {
-            (dropped, 1.0)
-        } else {
-            b.iter_mut().zip(&self.total).for_each(|(b, &t)| *b += t);
-            (held_kept, -1.0)
-        };
-        for (i, r) in rows.iter().enumerate() {
-            // The rows were last read a pass ago: ask for a few ahead (a gated
-            // EfficientNet-Lite0 pass at budget 0.5 spent 310-370 µs here without,
-            // 200-215 µs with).
-            if let Some(&n) = rows.get(i + PREFETCH_ROWS) {
-                prefetch(&self.rows[n * out..(n + 1) * out]);
-            }
-            let row = &self.rows[r * out..(r + 1) * out];
-            b.iter_mut().zip(row).for_each(|(b, &v)| *b += sign * v);
-        }
-        let adds = (rows.len() * out) as u64;
-        (b, adds)
+        Ok(Some(DroppedConstants {
+            constants,
+            shifted_bias,
+        }))
     }
 }
 
@@ -784,13 +741,14 @@ mod tests {
         assert!(channel_gates(&m).unwrap().iter().all(Option::is_none));
     }
 
-    /// Against the sum written out: the reader's bias plus, for every input channel not
-    /// kept, `Σ_o W[o][c] · relu(depthwise bias[c])`; either way round the rows are read.
+    /// Against the sums written out: kept channels read less their constant, with the
+    /// shifted bias, give the reader's bias plus the kept channels' values plus, for
+    /// every channel not kept, `Σ_o W[o][c] · relu(depthwise bias[c])`.
     #[test]
-    fn dropped_constants_add_what_the_dropped_channels_would() {
+    fn shifted_bias_adds_what_the_dropped_channels_would() {
         use rand::Rng;
         let mut m = block(1);
-        // Some depthwise biases at or below zero: those channels add nothing.
+        // Some depthwise biases below zero: those channels add nothing.
         let dwb = m.weights.get_mut("conv1.bias").unwrap();
         dwb.data.iter_mut().step_by(3).for_each(|b| *b = -b.abs());
         let m = m;
@@ -800,26 +758,26 @@ mod tests {
         let dwb = &m.weights["conv1.bias"].data;
         let w = &m.weights["conv2.weight"].data;
         let bias = &m.weights["conv2.bias"].data;
-        assert_eq!(d.channels.len(), dwb.iter().filter(|&&b| b > 0.0).count());
         let mut rng = crate::exec::cpu::fresh_rng();
         for _ in 0..50 {
             let p: f64 = rng.random();
-            let kept: Vec<usize> = (0..20).filter(|_| rng.random_bool(p)).collect();
-            let (got, adds) = d.bias_for(bias, &kept);
-            for (o, &g) in got.iter().enumerate() {
+            let kept: Vec<bool> = (0..20).map(|_| rng.random_bool(p)).collect();
+            let y: Vec<f32> = (0..20).map(|_| rng.random_range(0.0..6.0)).collect();
+            for o in 0..5 {
+                let got = d.shifted_bias[o]
+                    + (0..20)
+                        .filter(|&c| kept[c])
+                        .map(|c| w[o * 20 + c] * (y[c] - d.constants[c]))
+                        .sum::<f32>();
                 let want = bias[o]
                     + (0..20)
-                        .filter(|c| !kept.contains(c))
-                        .map(|c| w[o * 20 + c] * dwb[c].max(0.0))
+                        .map(|c| w[o * 20 + c] * if kept[c] { y[c] } else { dwb[c].max(0.0) })
                         .sum::<f32>();
                 assert!(
-                    (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                    "{g} vs {want}"
+                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{got} vs {want}"
                 );
             }
-            let held_dropped = d.channels.iter().filter(|c| !kept.contains(c)).count();
-            let rows = held_dropped.min(d.channels.len() - held_dropped);
-            assert_eq!(adds, (rows * 5) as u64);
         }
     }
 

@@ -56,7 +56,8 @@ impl Plan {
     /// values, with bias, optional residual and activation (same contract as
     /// [`super::ops::depthwise`], which is its reference); with `keep`, only the
     /// (sample, channel) planes it marks (`keep[sample * channels + channel]`), the
-    /// other output planes left unwritten (their readers skip them).
+    /// other output planes left unwritten (their readers skip them); with `shift`, each
+    /// plane's value (same indexing) is subtracted after the activation.
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
@@ -68,6 +69,7 @@ impl Plan {
         act: Act,
         channels: usize,
         keep: Option<&[bool]>,
+        shift: Option<&[f32]>,
     ) {
         let job = Job {
             input,
@@ -77,6 +79,7 @@ impl Plan {
             act,
             channels,
             keep,
+            shift,
         };
         planes(self, &job, out);
     }
@@ -114,6 +117,7 @@ struct Job<'a> {
     act: Act,
     channels: usize,
     keep: Option<&'a [bool]>,
+    shift: Option<&'a [f32]>,
 }
 
 /// The planes of `job` on the plan's path.
@@ -139,6 +143,7 @@ fn planes(plan: &Plan, job: &Job, out: &mut [f32]) {
                     .residual
                     .map(|r| &r[nc * out_plane..(nc + 1) * out_plane]),
                 act: job.act,
+                shift: job.shift.map_or(0.0, |v| v[nc]),
                 win,
             };
             #[cfg(target_arch = "x86_64")]
@@ -180,6 +185,8 @@ pub(super) struct Plane<'a> {
     /// The residual plane added before the activation.
     pub(super) residual: Option<&'a [f32]>,
     pub(super) act: Act,
+    /// Subtracted after the activation.
+    pub(super) shift: f32,
     pub(super) win: Window,
 }
 
@@ -310,7 +317,8 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
     }
 }
 
-/// Adds the residual (if any) to output row `oy` and applies the activation.
+/// Adds the residual (if any) to output row `oy`, applies the activation and subtracts
+/// the shift.
 #[inline(always)]
 fn finish(job: &Plane, oy: usize, o: &mut [f32]) {
     let ow = o.len();
@@ -320,6 +328,9 @@ fn finish(job: &Plane, oy: usize, o: &mut [f32]) {
         }
     }
     job.act.apply_slice(o);
+    if job.shift != 0.0 {
+        o.iter_mut().for_each(|v| *v -= job.shift);
+    }
 }
 
 /// `out[x] = bias + Σ k[ky][kx] · rows[ky · row_len + starts[kx] + x]` for every `x`
@@ -466,16 +477,26 @@ mod tests {
             let k = r(c * taps);
             let b = r(c);
             let res = r(n * c * out_hw[0] * out_hw[1]);
-            for (act, residual) in [
-                (Act::Relu6, None),
-                (Act::None, Some(res.as_slice())),
-                (Act::Relu, Some(&res)),
+            let shift = r(n * c);
+            let plane = out_hw[0] * out_hw[1];
+            for (act, residual, shifted) in [
+                (Act::Relu6, None, false),
+                (Act::None, Some(res.as_slice()), false),
+                (Act::Relu, Some(&res), false),
+                (Act::Relu6, None, true),
+                (Act::Relu, Some(&res), true),
             ] {
-                let want = super::super::ops::depthwise(&x, &k, &b, residual, act, c, win);
+                let mut want = super::super::ops::depthwise(&x, &k, &b, residual, act, c, win);
+                if shifted {
+                    for (p, &v) in want.chunks_mut(plane).zip(&shift) {
+                        p.iter_mut().for_each(|w| *w -= v);
+                    }
+                }
+                let shift = shifted.then_some(shift.as_slice());
                 for &path in &paths {
                     let mut got = vec![f32::NAN; want.len()];
                     let plan = Plan::with_path(win, path);
-                    plan.run(&mut got, &x, &k, &b, residual, act, c, None);
+                    plan.run(&mut got, &x, &k, &b, residual, act, c, None, shift);
                     for (g, e) in got.iter().zip(&want) {
                         assert!(
                             (g - e).abs() <= 1e-5 * (1.0 + e.abs()),

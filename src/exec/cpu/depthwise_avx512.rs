@@ -81,8 +81,8 @@ impl FlatMasks {
     }
 }
 
-/// Bias is in `acc`; adds the residual, applies the activation and stores the lanes of
-/// `mask` at `out[at..]`.
+/// Bias is in `acc`; adds the residual, applies the activation, subtracts the shift and
+/// stores the lanes of `mask` at `out[at..]`.
 #[inline(always)]
 unsafe fn finish(p: &Plane, mut acc: __m512, mask: u16, out: *mut f32, at: usize) {
     if let Some(r) = p.residual {
@@ -94,6 +94,9 @@ unsafe fn finish(p: &Plane, mut acc: __m512, mask: u16, out: *mut f32, at: usize
         Act::Relu => _mm512_max_ps(acc, zero),
         Act::Relu6 => _mm512_min_ps(_mm512_max_ps(acc, zero), _mm512_set1_ps(6.0)),
     };
+    if p.shift != 0.0 {
+        acc = _mm512_sub_ps(acc, _mm512_set1_ps(p.shift));
+    }
     _mm512_mask_storeu_ps(out.add(at), mask, acc);
 }
 

@@ -40,7 +40,7 @@ enum Layer {
         geom: ConvGeom,
         residual: Option<usize>,
         act: Act,
-        /// What input channels add to the outputs when a gate upstream dropped them.
+        /// How input channels dropped upstream are accounted for.
         dropped: Option<gating::DroppedConstants>,
     },
     Depthwise {
@@ -49,6 +49,9 @@ enum Layer {
         plan: depthwise::Plan,
         residual: Option<usize>,
         act: Act,
+        /// Subtracted from kept planes of samples that dropped channels: the
+        /// [`gating::DroppedConstants::constants`] of its readers.
+        shift: Option<Vec<f32>>,
     },
     Linear {
         weight: Vec<f32>,
@@ -68,7 +71,7 @@ enum Layer {
 struct Inputs<'a> {
     /// Each sample's kept input channels, ascending; `None` when all are.
     kept: Option<&'a Vec<Vec<usize>>>,
-    /// What dropped input channels add to the outputs.
+    /// How dropped input channels are accounted for.
     dropped: Option<&'a gating::DroppedConstants>,
 }
 
@@ -238,6 +241,7 @@ impl EngineExecutor {
                             }),
                             residual: cv.residual,
                             act: cv.act,
+                            shift: None,
                         }
                     } else {
                         max_rows = max_rows.max(cv.out_channels);
@@ -286,6 +290,22 @@ impl EngineExecutor {
                 },
             };
             layers.push((node.input, layer));
+        }
+        // A depthwise layer whose readers account for dropped channels through
+        // their shifted bias writes its kept planes less their constant.
+        let shifts: Vec<(usize, Vec<f32>)> = layers
+            .iter()
+            .filter_map(|(src, l)| match l {
+                Layer::Gemm {
+                    dropped: Some(d), ..
+                } => Some((src - 1, d.constants.clone())),
+                _ => None,
+            })
+            .collect();
+        for (j, constants) in shifts {
+            if let Layer::Depthwise { shift, .. } = &mut layers[j].1 {
+                *shift = Some(constants);
+            }
         }
         let gates = gating::channel_gates(model)?
             .iter()
@@ -922,12 +942,22 @@ impl EngineExecutor {
                     plan,
                     residual,
                     act,
+                    shift,
                 } => {
                     let r = residual.map(get).transpose()?;
                     match kept[*src].clone() {
                         Some(sets) => {
-                            let (out, f) = self
-                                .depthwise_compact(x, batch, weight, bias, plan, r, *act, &sets);
+                            let (out, f) = self.depthwise_compact(
+                                x,
+                                batch,
+                                weight,
+                                bias,
+                                plan,
+                                r,
+                                *act,
+                                &sets,
+                                shift.as_deref(),
+                            );
                             node_kept[i] = Some(sets.clone());
                             kept[i + 1] = Some(sets);
                             (out, f)
@@ -935,7 +965,7 @@ impl EngineExecutor {
                         None => {
                             // Every plane is written.
                             let mut out = self.pool.take_dirty(batch * self.sizes[i + 1]);
-                            plan.run(&mut out, x, weight, bias, r, *act, bias.len(), None);
+                            plan.run(&mut out, x, weight, bias, r, *act, bias.len(), None, None);
                             (out, dense)
                         }
                     }
@@ -1043,16 +1073,13 @@ impl EngineExecutor {
                 let xs = &x[s * cin * plane..(s + 1) * cin * plane];
                 let ic: Vec<usize> = ic_sets.map_or_else(|| (0..cin).collect(), |v| v[s].clone());
                 let mut gf = 0u64;
+                // Kept inputs written less their constant (see `depthwise_compact`)
+                // go with the bias that adds every channel's constant back.
+                let bias = match inputs.dropped {
+                    Some(d) if ic.len() < cin => &d.shifted_bias[..],
+                    _ => bias,
+                };
                 let decided = std::time::Instant::now();
-                // Dropped inputs that are constant planes upstream add their constant
-                // here instead; counted with the gates' cost.
-                let compensated: Option<Vec<f32>> =
-                    inputs.dropped.filter(|_| ic.len() < cin).map(|d| {
-                        let (b, adds) = d.bias_for(bias, &ic);
-                        gf += adds;
-                        b
-                    });
-                let bias = compensated.as_deref().unwrap_or(bias);
                 let oc: Vec<usize> = match gates.channels {
                     Some((g, cut)) => {
                         // Mean of each kept input plane, zero for dropped ones (whose
@@ -1313,6 +1340,7 @@ impl EngineExecutor {
         residual: Option<&[f32]>,
         act: Act,
         sets: &[Vec<usize>],
+        shift: Option<&[f32]>,
     ) -> (Buf, Vec<u64>) {
         let win = plan.win();
         let c = bias.len();
@@ -1322,9 +1350,30 @@ impl EngineExecutor {
         for (s, set) in sets.iter().enumerate().take(batch) {
             set.iter().for_each(|&ch| keep[s * c + ch] = true);
         }
+        // Samples that dropped channels write their kept planes less the constants
+        // (gating::DroppedConstants); the readers' shifted bias adds them back.
+        let shifts: Option<Vec<f32>> = shift.map(|k| {
+            sets.iter()
+                .take(batch)
+                .flat_map(|set| {
+                    let on = set.len() < c;
+                    k.iter().map(move |&v| if on { v } else { 0.0 })
+                })
+                .collect()
+        });
         // Kept planes are written; the others are never read.
         let mut out = self.pool.take_dirty(batch * c * op);
-        plan.run(&mut out, x, weight, bias, residual, act, c, Some(&keep));
+        plan.run(
+            &mut out,
+            x,
+            weight,
+            bias,
+            residual,
+            act,
+            c,
+            Some(&keep),
+            shifts.as_deref(),
+        );
         let flops = sets
             .iter()
             .take(batch)
@@ -1765,9 +1814,31 @@ mod tests {
             let sets: Vec<Vec<usize>> = (0..batch).map(|_| subset(&mut rng, c)).collect();
             let e = bare(Isa::detect());
             let plan = depthwise::Plan::new(win);
-            let (got, _) = e.depthwise_compact(&xs, batch, w, &b, &plan, rs.as_deref(), act, &sets);
-            // Reference: the dense naive depthwise; dropped channels are left unwritten.
-            let want = ops::depthwise(&xs, w, &b, rs.as_deref(), act, c, win);
+            // Half the cases shift kept planes of samples that dropped channels.
+            let shift: Option<Vec<f32>> = rng
+                .random_bool(0.5)
+                .then(|| (0..c).map(|_| rng.random_range(0.0..6.0)).collect());
+            let (got, _) = e.depthwise_compact(
+                &xs,
+                batch,
+                w,
+                &b,
+                &plan,
+                rs.as_deref(),
+                act,
+                &sets,
+                shift.as_deref(),
+            );
+            // Reference: the dense naive depthwise, less the shift where it applies;
+            // dropped channels are left unwritten.
+            let mut want = ops::depthwise(&xs, w, &b, rs.as_deref(), act, c, win);
+            if let Some(k) = &shift {
+                for (p, plane) in want.chunks_mut(op).enumerate() {
+                    if sets[p / c].len() < c {
+                        plane.iter_mut().for_each(|v| *v -= k[p % c]);
+                    }
+                }
+            }
             let got: Vec<f32> = got
                 .chunks(op)
                 .zip(want.chunks(op))

@@ -997,8 +997,9 @@ impl CudaExecutor {
     ///
     /// Not yet the CPU engine's semantics behind a depthwise layer: a channel dropped
     /// before one is a zero plane here too, but the constant the depthwise layer would
-    /// make of it ([`gating::DroppedConstants`]) is not added to the next layer's bias,
-    /// so gated MobileNetV2 / EfficientNet-Lite passes differ from the CPU engine's.
+    /// make of it is not accounted for ([`gating::DroppedConstants`]: kept planes less
+    /// their constant, read with a shifted bias), so gated MobileNetV2 /
+    /// EfficientNet-Lite passes differ from the CPU engine's.
     pub fn set_channel_gates(
         &self,
         batch: usize,
