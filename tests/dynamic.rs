@@ -607,6 +607,7 @@ fn cli_bench_reports_agreement_with_dense_on_a_folder_of_images() {
     use std::process::Command;
     let samples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/samples");
     let json = std::env::temp_dir().join(format!("dynsparse-quality-{}.json", std::process::id()));
+    let svg = std::env::temp_dir().join(format!("dynsparse-quality-{}.svg", std::process::id()));
     let out = Command::new(common::bin())
         .args(["bench", "--model", demo_model().to_str().unwrap()])
         .args(["--batch", "2", "--threshold", "0.5", "--keep", "0.25"])
@@ -622,10 +623,18 @@ fn cli_bench_reports_agreement_with_dense_on_a_folder_of_images() {
         .arg(&samples)
         .arg("--json")
         .arg(&json)
+        .arg("--quality-plot")
+        .arg(&svg)
         .output()
         .unwrap();
     let text = common::succeeded(out);
     assert!(text.contains("top-1 agreement with dense"), "{text}");
+    // The plot names every policy beside its point, and shows accuracy too.
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    for name in ["dense", "threshold 0.5", "keep 0.25", "accuracy"] {
+        assert!(plot.contains(name), "{name} missing from the quality plot");
+    }
+    let _ = std::fs::remove_file(&svg);
     let v: serde_json::Value = common::read_json(&json);
     let q = v["quality"].as_array().unwrap();
     assert_eq!(q.len(), 3, "{q:?}");
@@ -661,6 +670,19 @@ fn cli_bench_reports_agreement_with_dense_on_a_folder_of_images() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no images"));
     let _ = std::fs::remove_dir_all(&empty);
+
+    // A quality plot needs images to measure quality on.
+    let out = Command::new(common::bin())
+        .args(["bench", "--model", demo_model().to_str().unwrap()])
+        .args(["--quality-plot", "q.svg"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--images"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -172,6 +172,10 @@ enum Command {
         /// file name ends in `_CLASS` (a class index, as in `canvas_0_6.png`).
         #[arg(long)]
         images: Option<PathBuf>,
+        /// With --images: plot each policy's top-1 agreement with dense (and accuracy,
+        /// when labelled) against its executed FLOPs as SVG here.
+        #[arg(long, requires = "images")]
+        quality_plot: Option<PathBuf>,
         /// Also time dense peers on the same weights and input, after our runs: ONNX
         /// Runtime and PyTorch eager, through `python3 benches/peers/dsm_peer.py` (needs
         /// torch, safetensors, onnx and onnxruntime).
@@ -379,6 +383,7 @@ fn run(cli: Cli) -> Result<()> {
             channel_groups,
             threshold,
             images,
+            quality_plot,
             peers,
             device,
         } => {
@@ -424,7 +429,11 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(dir) = images {
                 (config.images, config.labels) = load_folder(&dir)?;
             }
-            let plots = [plot.as_deref(), layer_plot.as_deref()];
+            let plots = [
+                plot.as_deref(),
+                layer_plot.as_deref(),
+                quality_plot.as_deref(),
+            ];
             cmd_bench(&model, &config, layers, peers, json.as_deref(), plots)
         }
         Command::Info { model } => cmd_info(&model),
@@ -595,9 +604,9 @@ fn cmd_bench(
     layers: bool,
     peers: bool,
     json: Option<&Path>,
-    [plot, layer_plot]: [Option<&Path>; 2],
+    [plot, layer_plot, quality_plot]: [Option<&Path>; 3],
 ) -> Result<()> {
-    for p in [plot, layer_plot].into_iter().flatten() {
+    for p in [plot, layer_plot, quality_plot].into_iter().flatten() {
         if p.extension().is_none_or(|e| e != "svg") {
             bail!("{}: plots are written as SVG (.svg)", p.display());
         }
@@ -673,6 +682,76 @@ fn cmd_bench(
         plot_layers(&report, b, path)?;
         eprintln!("wrote {}", path.display());
     }
+    if let Some(path) = quality_plot {
+        plot_quality(&report, path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Each policy's top-1 agreement with dense (and accuracy, when the images are labelled)
+/// against its executed FLOPs, each point named by its policy.
+fn plot_quality(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let images = report.quality.first().map_or(0, |q| q.images);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "{}: quality against executed FLOPs ({images} images)",
+                report.model
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1.05, 0f64..105.0)?;
+    chart
+        .configure_mesh()
+        .x_desc("executed FLOPs / dense (gates included)")
+        .y_desc("%")
+        .draw()?;
+    type Measure = fn(&dynsparse::bench::Quality) -> Option<f64>;
+    let series: [(&str, Measure); 2] = [
+        ("top-1 agreement with dense", |q| Some(q.agreement)),
+        ("accuracy", |q| q.accuracy),
+    ];
+    for (i, (name, value)) in series.into_iter().enumerate() {
+        let pts: Vec<(f64, f64, &str)> = report
+            .quality
+            .iter()
+            .filter_map(|q| value(q).map(|v| (q.flops_fraction, 100.0 * v, q.policy.as_str())))
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(
+                pts.iter()
+                    .map(|&(x, y, _)| Circle::new((x, y), 4, color.filled())),
+            )?
+            .label(name)
+            .legend(move |(x, y)| Circle::new((x + 8, y), 4, color.filled()));
+        if i == 0 {
+            // Names to the left of their points: most points sit near the right edge.
+            use plotters::style::text_anchor::{HPos, Pos, VPos};
+            let style = TextStyle::from(("sans-serif", 12).into_font())
+                .pos(Pos::new(HPos::Right, VPos::Center));
+            chart.draw_series(pts.iter().map(|&(x, y, p)| {
+                Text::new(format!("{p} "), (x - 0.01, y), style.clone())
+            }))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    root.present()?;
     Ok(())
 }
 
