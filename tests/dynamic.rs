@@ -362,6 +362,26 @@ fn cli_budget_and_verbose_layers() {
         "{exec} - {gates} of {dense}"
     );
     assert!(s.get("layers").is_none(), "layers without --verbose");
+    // Gates the model was trained with: no warning about training-free ones; a model
+    // without trained gates gets one, and only when gated.
+    let note = "carries no trained gates";
+    let stderr = |model: &std::path::Path, args: &[&str]| {
+        let out = Command::new(common::bin())
+            .args(["infer", "--model", model.to_str().unwrap()])
+            .args(args)
+            .arg(&png)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(!stderr(&demo_model(), &["--budget", "0.5"]).contains(note));
+    let plain = std::env::temp_dir().join(format!("dynsparse-plain-{}.dsm", std::process::id()));
+    let m = Model::load(demo_model()).unwrap().without_trained_gates();
+    std::fs::write(&plain, m.to_bytes().unwrap()).unwrap();
+    assert!(stderr(&plain, &["--budget", "0.5"]).contains(note));
+    assert!(!stderr(&plain, &[]).contains(note));
+    let _ = std::fs::remove_file(&plain);
     let s = run(&["--keep", "0.5", "--tiles", "0.25", "--verbose"]);
     let layers = s["layers"].as_array().unwrap();
     let sum: u64 = layers.iter().map(|l| l["flops"].as_u64().unwrap()).sum();
