@@ -560,7 +560,10 @@ fn cmd_infer(
     let gated = !matches!(gates.policy(), Policy::Dense | Policy::Keep(1.0));
     if gated && !dynsparse::exec::gating::has_trained_gates(&rt.model().desc.nodes) {
         eprintln!(
-            "note: this model carries no trained gates, so training-free ones chose what              to skip; on real weights they keep the dense answer mostly for small cuts              (EfficientNet-Lite0: about half of the README's test images at 0.9 of the              FLOPs, few at 0.75)"
+            "note: this model carries no trained gates, so training-free ones chose what \
+             to skip; on real weights they keep the dense answer mostly for small cuts \
+             (EfficientNet-Lite0: about half of the README's test images at 0.9 of the \
+             FLOPs, few at 0.75)"
         );
     }
     Ok(())
