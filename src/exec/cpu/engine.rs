@@ -14,7 +14,10 @@
 //! Dynamic passes run the same GEMM on a [`Subset`] per sample: kept output channels are
 //! A's rows read in place by index, kept input channels are packed alone and their
 //! columns of A copied into a compact A, kept pixels are the panel's columns; the output
-//! is written in place. Channel gates score in [`super::gate_scores`].
+//! is written in place. Channel gates score in [`super::gate_scores`]. Behind a gated
+//! depthwise layer, kept planes are written less the constant a dropped plane would
+//! become, and the next layer reads them with a bias that adds every constant back
+//! ([`gating::DroppedConstants`]).
 
 use rayon::prelude::*;
 
