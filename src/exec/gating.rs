@@ -28,8 +28,8 @@ use crate::model::{Act, Conv, LayerInfo, Node, Op, Padding};
 /// A dropped channel is zero, and everything after it is what the dense network makes of
 /// that zero. A depthwise convolution turns a zero plane into the constant plane
 /// `act(bias[c])`, and an unpadded 1×1 reader turns a constant plane into a constant
-/// added to each output channel: executors add it to the reader's bias for that sample
-/// ([`DroppedConstants`]) instead of computing the channel.
+/// added to each output channel: executors account for it without computing the
+/// channel ([`DroppedConstants`]).
 pub fn gateable(model: &Model) -> Vec<(usize, Vec<(usize, bool)>)> {
     gateable_nodes(&model.desc.nodes)
 }
@@ -135,7 +135,8 @@ impl DroppedConstants {
         let Op::Conv(dw) = &nodes[src].op else {
             return Ok(None);
         };
-        if reader.groups != 1 || dw.groups == 1 {
+        let depthwise = dw.groups == dw.in_channels && dw.groups == dw.out_channels;
+        if reader.groups != 1 || dw.groups == 1 || !depthwise {
             return Ok(None);
         }
         let constants: Vec<f32> = model
