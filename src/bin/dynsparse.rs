@@ -698,30 +698,57 @@ fn cmd_bench(
     Ok(())
 }
 
+/// A white chart on `root` whose x axis is executed FLOPs as a fraction of dense (gates
+/// included), from 0 to 1.05, and whose y axis spans `y`.
+fn flops_chart<'a, 'b>(
+    root: &'a plotters::drawing::DrawingArea<
+        plotters::prelude::SVGBackend<'b>,
+        plotters::coord::Shift,
+    >,
+    caption: String,
+    y: std::ops::Range<f64>,
+    y_desc: &str,
+) -> Result<
+    plotters::prelude::ChartContext<
+        'a,
+        plotters::prelude::SVGBackend<'b>,
+        plotters::prelude::Cartesian2d<
+            plotters::coord::types::RangedCoordf64,
+            plotters::coord::types::RangedCoordf64,
+        >,
+    >,
+> {
+    use plotters::prelude::*;
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1.05, y)?;
+    chart
+        .configure_mesh()
+        .x_desc("executed FLOPs / dense (gates included)")
+        .y_desc(y_desc)
+        .draw()?;
+    Ok(chart)
+}
+
 /// Each policy's top-1 agreement with dense (and accuracy, when the images are labelled)
 /// against its executed FLOPs, each point named by its policy.
 fn plot_quality(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
-    root.fill(&WHITE)?;
     let images = report.quality.first().map_or(0, |q| q.images);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!(
-                "{}: quality against executed FLOPs ({images} images)",
-                report.model
-            ),
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0f64..1.05, 0f64..105.0)?;
-    chart
-        .configure_mesh()
-        .x_desc("executed FLOPs / dense (gates included)")
-        .y_desc("%")
-        .draw()?;
+    let mut chart = flops_chart(
+        &root,
+        format!(
+            "{}: quality against executed FLOPs ({images} images)",
+            report.model
+        ),
+        0.0..105.0,
+        "%",
+    )?;
     type Measure = fn(&dynsparse::bench::Quality) -> Option<f64>;
     let series: [(&str, Measure); 2] = [
         ("top-1 agreement with dense", |q| Some(q.agreement)),
@@ -833,24 +860,15 @@ fn plot_latency(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
         .map(|r| r.vs_dense)
         .fold(1.2f64, f64::max);
     let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!(
-                "{}: latency against executed FLOPs ({})",
-                report.model, report.executor
-            ),
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0f64..1.05, 0f64..top * 1.05)?;
-    chart
-        .configure_mesh()
-        .x_desc("executed FLOPs / dense (gates included)")
-        .y_desc("latency / dense latency")
-        .draw()?;
+    let mut chart = flops_chart(
+        &root,
+        format!(
+            "{}: latency against executed FLOPs ({})",
+            report.model, report.executor
+        ),
+        0.0..top * 1.05,
+        "latency / dense latency",
+    )?;
     chart
         .draw_series(DashedLineSeries::new(
             [(0.0, 0.0), (1.0, 1.0)],
