@@ -625,27 +625,82 @@ pub fn select(scores: &[f32], keep: usize) -> Vec<usize> {
     if keep == n {
         return (0..n).collect();
     }
-    // One integer key per unit whose ascending order is the score's descending
-    // `total_cmp` order, ties to the lower index: a strict total order, so the kept set
-    // is exactly the first `keep` of a full sort, and selection finds it in linear time
-    // (a gate runs per input and layer).
-    let mut keys: Vec<u64> = scores
+    if keep == 0 {
+        return Vec::new();
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present.
+        return unsafe { select_avx512(scores, keep) };
+    }
+    select_branch_free(scores, keep)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn select_avx512(scores: &[f32], keep: usize) -> Vec<usize> {
+    select_branch_free(scores, keep)
+}
+
+/// [`select`] for `0 < keep < scores.len()`, without a data-dependent branch per
+/// score. A gate's scores are in no order, so a quickselect mispredicts about every
+/// other comparison: it took 10.3 µs for 1152 scores, against 2.8 µs for this (AVX-512,
+/// fresh random scores per call).
+///
+/// Each score becomes an integer key whose order is the scores' `total_cmp` order. The
+/// `keep`-th largest key is found bit by bit, each bit by one counting pass over all
+/// keys (these vectorize); the kept units are those above it, and the first of those
+/// equal to it that are needed, read off one bit mask per 64 units.
+#[inline(always)]
+fn select_branch_free(scores: &[f32], keep: usize) -> Vec<usize> {
+    let keys: Vec<u32> = scores
         .iter()
-        .enumerate()
-        .map(|(i, s)| {
+        .map(|s| {
+            // Negative scores flip every bit, the others only the sign bit.
             let b = s.to_bits();
-            let ascending = if b >> 31 == 1 { !b } else { b | 1 << 31 };
-            (u64::from(!ascending) << 32) | i as u64
+            b ^ (((b as i32) >> 31) as u32 | 1 << 31)
         })
         .collect();
-    if keep > 0 {
-        keys.select_nth_unstable(keep - 1);
+    let (lo, hi) = keys
+        .iter()
+        .fold((u32::MAX, 0), |(lo, hi), &k| (lo.min(k), hi.max(k)));
+    // Bits above the highest one where the extremes differ are the same in every key.
+    let free = 32 - (lo ^ hi).leading_zeros();
+    let mut bar = lo.checked_shr(free).map_or(0, |p| p << free);
+    for bit in (0..free).rev() {
+        let candidate = bar | 1 << bit;
+        let at_least = keys.iter().map(|&k| u32::from(k >= candidate)).sum::<u32>();
+        if at_least as usize >= keep {
+            bar = candidate;
+        }
     }
-    let mut kept = vec![false; n];
-    for &k in &keys[..keep] {
-        kept[(k & 0xffff_ffff) as usize] = true;
+    let above = keys.iter().map(|&k| u32::from(k > bar)).sum::<u32>() as usize;
+    let mut ties = keep - above;
+    let mut kept = Vec::with_capacity(keep);
+    for (c, chunk) in keys.chunks(64).enumerate() {
+        let (mut take, mut equal) = (0u64, 0u64);
+        for (j, &k) in chunk.iter().enumerate() {
+            take |= u64::from(k > bar) << j;
+            equal |= u64::from(k == bar) << j;
+        }
+        if ties > 0 && equal != 0 {
+            if equal.count_ones() as usize > ties {
+                // Only the lowest `ties` of them.
+                let mut rest = equal;
+                for _ in 0..ties {
+                    rest &= rest - 1;
+                }
+                equal ^= rest;
+            }
+            ties -= equal.count_ones() as usize;
+            take |= equal;
+        }
+        while take != 0 {
+            kept.push(c * 64 + take.trailing_zeros() as usize);
+            take &= take - 1;
+        }
     }
-    (0..n).filter(|&i| kept[i]).collect()
+    kept
 }
 
 /// `keep` units chosen in aligned groups of `group` (units `group · b ..`, the last
@@ -895,14 +950,16 @@ mod tests {
     fn selection_equals_a_full_sort() {
         use rand::Rng;
         let mut rng = crate::exec::cpu::fresh_rng();
-        for _ in 0..200 {
-            let n = rng.random_range(1..300);
-            // Few distinct values: many ties.
+        for round in 0..400 {
+            let n = rng.random_range(1..if round % 2 == 0 { 300 } else { 2000 });
+            // Few distinct values (many ties), or every score drawn from a range.
             let levels = rng.random_range(1..8);
+            let continuous = round % 4 == 3;
             let special = [-0.0, 0.0, f32::INFINITY, f32::NEG_INFINITY, -1e30, 1e-40];
             let scores: Vec<f32> = (0..n)
                 .map(|_| match rng.random_range(0..10) {
                     0 => special[rng.random_range(0..special.len())],
+                    _ if continuous => rng.random_range(-3.0..5.0),
                     _ => rng.random_range(0..levels) as f32 - 2.0,
                 })
                 .collect();
@@ -912,6 +969,10 @@ mod tests {
             order.truncate(keep);
             order.sort_unstable();
             assert_eq!(select(&scores, keep), order, "{scores:?} keep {keep}");
+            if (1..n).contains(&keep) {
+                let portable = select_branch_free(&scores, keep);
+                assert_eq!(portable, order, "{scores:?} keep {keep}");
+            }
         }
     }
 

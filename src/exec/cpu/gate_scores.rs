@@ -164,47 +164,32 @@ pub(super) fn scores_portable<T: Weight>(wt: &[T], x: &[f32], out: &mut [f32], f
     }
 }
 
-/// Blocks of eight vectors of outputs stay in registers over all inputs, then single
-/// vectors; the last `n % 16` outputs go the portable way (the same arithmetic).
+/// One input's whole row of weights at a time, in storage order, the sums kept in `out`.
+/// A gate's weights are read once per sample and layer, so they mostly come from
+/// memory, and one sequential stream reads them fastest: from a cold cache, 112×672 f16
+/// weights took 6.8–9.0 µs this way against 10.7–12.6 µs with eight vectors of outputs
+/// held in registers over all inputs, which reads the rows in 256-byte pieces (the
+/// registers win, 2.4 against 3.2 µs, only when the weights are already in cache). The
+/// last `n % 16` outputs go the portable way (the same arithmetic).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn scores_avx512<T: Weight>(wt: &[T], x: &[f32], out: &mut [f32]) {
-    let n = out.len();
-    let mut o = 0;
-    while o + 128 <= n {
-        block::<T, 8>(wt, x, out, o);
-        o += 128;
-    }
-    while o + 16 <= n {
-        block::<T, 1>(wt, x, out, o);
-        o += 16;
-    }
-    scores_portable(wt, x, out, o);
-}
-
-/// Outputs `o..o + 16 · V`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn block<T: Weight, const V: usize>(wt: &[T], x: &[f32], out: &mut [f32], o: usize) {
     use std::arch::x86_64::*;
     let n = out.len();
-    let mut acc = [_mm512_setzero_ps(); V];
-    for (v, a) in acc.iter_mut().enumerate() {
-        *a = _mm512_loadu_ps(out.as_ptr().add(o + 16 * v));
-    }
+    let whole = n - n % 16;
     for (c, &xc) in x.iter().enumerate() {
         if xc == 0.0 {
             continue;
         }
         let xv = _mm512_set1_ps(xc);
-        let row = wt.as_ptr().add(c * n + o);
-        for (v, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_add_ps(*a, _mm512_mul_ps(xv, T::load16(row.add(16 * v))));
+        let row = wt.as_ptr().add(c * n);
+        for o in (0..whole).step_by(16) {
+            let p = out.as_mut_ptr().add(o);
+            let product = _mm512_mul_ps(xv, T::load16(row.add(o)));
+            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), product));
         }
     }
-    for (v, a) in acc.iter().enumerate() {
-        _mm512_storeu_ps(out.as_mut_ptr().add(o + 16 * v), *a);
-    }
+    scores_portable(wt, x, out, whole);
 }
 
 #[cfg(test)]
