@@ -615,8 +615,8 @@ impl EngineExecutor {
         // of 960 rows, spread over every block) ungrouped and unprefetched, slower than
         // its dense pass; on the blocks they span, MobileNetV2's expansions of the last
         // two stages at budget 0.5 went from 1.03 to 0.74 of dense (batch 1; 1.01 to 0.73
-        // at batch 8) and EfficientNet-Lite0's from 0.89 to 0.77 (medians of in-process
-        // pairs); the ResNets' layers did not change (0.63 → 0.63).
+        // at batch 8) and all of EfficientNet-Lite0's expansions from 0.89 to 0.77
+        // (medians of in-process pairs); the ResNets' layers did not change (0.63 → 0.63).
         let spanned = row_list
             .iter()
             .map(|r| r / gemm::PACK)
