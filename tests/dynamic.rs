@@ -478,8 +478,23 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
         ])
         .args(["--channel-round", "6", "--channel-groups", "6", "--json"])
         .arg(&json)
+        .arg("--plot")
+        .arg(json.with_extension("png"))
         .output()
         .unwrap();
+    // A PNG plot: the SVG rasterized at twice its 720×480 size, drawn in colour. A
+    // machine without any font cannot set its text, and says so.
+    let png = json.with_extension("png");
+    if out.status.success() {
+        let img = image::open(&png).unwrap().to_rgb8();
+        std::fs::remove_file(&png).ok();
+        assert_eq!(img.dimensions(), (1440, 960));
+        let colours: std::collections::HashSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+        assert!(colours.len() > 10, "{} colours", colours.len());
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("PNG plots need a font"), "{err}");
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("rounded to 6; kept channels in groups of 6"),
@@ -510,12 +525,13 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
             "--model",
             demo_model().to_str().unwrap(),
             "--plot",
-            "x.png",
+            "x.gif",
         ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("plots are written as SVG"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("x.gif: plots are written as SVG (.svg) or PNG (.png)"));
     // On a GPU, gated policies are refused before anything runs; without one, dense on
     // CUDA stops with the reason.
     let model = demo_model();

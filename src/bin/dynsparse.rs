@@ -77,7 +77,8 @@ enum Command {
     /// Run the embedded demo model on its sample canvases and its held-out set, dense
     /// and with its trained gates.
     Demo {
-        /// Also draw held-out accuracy against executed FLOPs per kind of gate (SVG).
+        /// Also draw held-out accuracy against executed FLOPs per kind of gate (.svg or
+        /// .png).
         #[arg(long)]
         plot: Option<PathBuf>,
     },
@@ -149,10 +150,11 @@ enum Command {
         /// Write every number as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Plot latency against executed FLOPs (with the ideal line) as SVG here.
+        /// Plot latency against executed FLOPs (with the ideal line) here (.svg or .png).
         #[arg(long)]
         plot: Option<PathBuf>,
-        /// Plot per-layer median times (first batch size), a bar per policy, as SVG here.
+        /// Plot per-layer median times (first batch size), a bar per policy, here (.svg or
+        /// .png).
         #[arg(long)]
         layer_plot: Option<PathBuf>,
         /// Hardware profile from `dynsparse profile`: gated runs round kept channel
@@ -173,7 +175,7 @@ enum Command {
         #[arg(long)]
         images: Option<PathBuf>,
         /// With --images: plot each policy's top-1 agreement with dense (and accuracy,
-        /// when labelled) against its executed FLOPs as SVG here.
+        /// when labelled) against its executed FLOPs here (.svg or .png).
         #[arg(long, requires = "images")]
         quality_plot: Option<PathBuf>,
         /// Also time dense peers on the same weights and input, after our runs: ONNX
@@ -193,7 +195,7 @@ enum Command {
         /// Where to write the profile (JSON).
         #[arg(long, default_value = "dynsparse-profile.json")]
         out: PathBuf,
-        /// Also plot the staircases (SVG).
+        /// Also plot the staircases (.svg or .png).
         #[arg(long)]
         plot: Option<PathBuf>,
         /// Timed rounds; each round runs every count once, interleaved.
@@ -616,9 +618,7 @@ fn cmd_bench(
     [plot, layer_plot, quality_plot]: [Option<&Path>; 3],
 ) -> Result<()> {
     for p in [plot, layer_plot, quality_plot].into_iter().flatten() {
-        if p.extension().is_none_or(|e| e != "svg") {
-            bail!("{}: plots are written as SVG (.svg)", p.display());
-        }
+        plot_format(p)?;
     }
     if peers && config.device != DeviceChoice::Cpu {
         bail!(
@@ -698,6 +698,92 @@ fn cmd_bench(
     Ok(())
 }
 
+/// How a plot is written, from its file's extension.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PlotFormat {
+    Svg,
+    Png,
+}
+
+/// The format `path` asks for: checked before any long run, so that a wrong name costs
+/// nothing.
+fn plot_format(path: &Path) -> Result<PlotFormat> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("svg") => Ok(PlotFormat::Svg),
+        Some("png") => Ok(PlotFormat::Png),
+        _ => bail!(
+            "{}: plots are written as SVG (.svg) or PNG (.png)",
+            path.display()
+        ),
+    }
+}
+
+/// Writes a plot drawn as SVG: as it is, or rasterized to PNG.
+fn save_plot(path: &Path, svg: &str) -> Result<()> {
+    let bytes = match plot_format(path)? {
+        PlotFormat::Svg => svg.as_bytes().to_vec(),
+        PlotFormat::Png => rasterize(svg)?,
+    };
+    std::fs::write(path, bytes).with_context(|| format!("{}", path.display()))
+}
+
+/// Families tried, in order, for the plots' `sans-serif` text in PNG files.
+const PNG_FONTS: [&str; 6] = [
+    "DejaVu Sans",
+    "Liberation Sans",
+    "Noto Sans",
+    "FreeSans",
+    "Arial",
+    "Helvetica",
+];
+
+/// A PNG of `svg` at twice its drawn size (sharp text), on white, its text set in the
+/// first installed family of [`PNG_FONTS`] (else any installed one).
+fn rasterize(svg: &str) -> Result<Vec<u8>> {
+    use resvg::{tiny_skia, usvg};
+    let mut opt = usvg::Options::default();
+    let fonts = opt.fontdb_mut();
+    fonts.load_system_fonts();
+    let installed = |family: &str| {
+        fonts
+            .faces()
+            .any(|f| f.families.iter().any(|(name, _)| name == family))
+    };
+    let family = PNG_FONTS
+        .iter()
+        .find(|f| installed(f))
+        .map(|f| f.to_string())
+        .or_else(|| {
+            fonts
+                .faces()
+                .find_map(|f| f.families.first().map(|(name, _)| name.clone()))
+        });
+    let Some(family) = family else {
+        bail!(
+            "PNG plots need a font for their text, and none is installed (the system's \
+             font folders are empty); write the plot as .svg instead"
+        );
+    };
+    fonts.set_sans_serif_family(family);
+    let tree = usvg::Tree::from_str(svg, &opt).context("reading the drawn plot")?;
+    const SCALE: u32 = 2;
+    let size = tree.size().to_int_size();
+    let mut pixmap = tiny_skia::Pixmap::new(size.width() * SCALE, size.height() * SCALE)
+        .context("the plot has no area")?;
+    pixmap.fill(tiny_skia::Color::WHITE);
+    let scale = SCALE as f32;
+    resvg::render(
+        &tree,
+        tiny_skia::Transform::from_scale(scale, scale),
+        &mut pixmap.as_mut(),
+    );
+    pixmap.encode_png().context("encoding the PNG")
+}
+
 /// A white chart on `root` whose x axis is executed FLOPs as a fraction of dense (gates
 /// included), from 0 to 1.05, and whose y axis spans `y`.
 fn flops_chart<'a, 'b>(
@@ -738,7 +824,8 @@ fn flops_chart<'a, 'b>(
 /// against its executed FLOPs, each point named by its policy.
 fn plot_quality(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
+    let mut svg = String::new();
+    let root = SVGBackend::with_string(&mut svg, (720, 480)).into_drawing_area();
     let images = report.quality.first().map_or(0, |q| q.images);
     let mut chart = flops_chart(
         &root,
@@ -789,6 +876,9 @@ fn plot_quality(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
         .position(SeriesLabelPosition::UpperLeft)
         .draw()?;
     root.present()?;
+    drop(chart);
+    drop(root);
+    save_plot(path, &svg)?;
     Ok(())
 }
 
@@ -811,7 +901,8 @@ fn plot_layers(report: &dynsparse::bench::Report, batch: usize, path: &Path) -> 
         .fold(0.0f64, f64::max)
         * 1.1;
     let width = (shown.len() as u32 * 14 + 160).max(640);
-    let root = SVGBackend::new(path, (width, 480)).into_drawing_area();
+    let mut svg = String::new();
+    let root = SVGBackend::with_string(&mut svg, (width, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
@@ -847,6 +938,9 @@ fn plot_layers(report: &dynsparse::bench::Report, batch: usize, path: &Path) -> 
         .position(SeriesLabelPosition::UpperRight)
         .draw()?;
     root.present()?;
+    drop(chart);
+    drop(root);
+    save_plot(path, &svg)?;
     Ok(())
 }
 
@@ -859,7 +953,8 @@ fn plot_latency(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
         .iter()
         .map(|r| r.vs_dense)
         .fold(1.2f64, f64::max);
-    let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
+    let mut svg = String::new();
+    let root = SVGBackend::with_string(&mut svg, (720, 480)).into_drawing_area();
     let mut chart = flops_chart(
         &root,
         format!(
@@ -902,6 +997,9 @@ fn plot_latency(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
         .position(SeriesLabelPosition::UpperLeft)
         .draw()?;
     root.present()?;
+    drop(chart);
+    drop(root);
+    save_plot(path, &svg)?;
     Ok(())
 }
 
@@ -951,6 +1049,9 @@ fn demo_eval(
 
 fn cmd_demo(plot: Option<&Path>) -> Result<()> {
     use dynsparse::demo;
+    if let Some(p) = plot {
+        plot_format(p)?;
+    }
     let model = dynsparse::Model::from_bytes(demo::MODEL)?;
     let plain = model.without_trained_gates();
     let round = demo::channel_round()?;
@@ -1130,7 +1231,8 @@ fn plot_demo(rows: &[DemoRow], evidence: &[dynsparse::demo::Evidence], path: &Pa
         .iter()
         .flat_map(|(_, p)| p.iter().map(|q| q.1))
         .fold(100f64, f64::min);
-    let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
+    let mut svg = String::new();
+    let root = SVGBackend::with_string(&mut svg, (720, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
@@ -1161,6 +1263,9 @@ fn plot_demo(rows: &[DemoRow], evidence: &[dynsparse::demo::Evidence], path: &Pa
         .position(SeriesLabelPosition::LowerRight)
         .draw()?;
     root.present()?;
+    drop(chart);
+    drop(root);
+    save_plot(path, &svg)?;
     Ok(())
 }
 
@@ -1286,9 +1391,7 @@ fn cmd_profile(
 ) -> Result<()> {
     use dynsparse::profile::{self, PairShape, Unit};
     if let Some(p) = plot {
-        if p.extension().is_none_or(|e| e != "svg") {
-            bail!("{}: plots are written as SVG (.svg)", p.display());
-        }
+        plot_format(p)?;
     }
     let (shapes, tiles): (Vec<PairShape>, PairShape) = if quick {
         let small = PairShape {
@@ -1396,7 +1499,9 @@ fn cmd_profile(
 fn plot_profile(p: &dynsparse::profile::Profile, path: &Path) -> Result<()> {
     use dynsparse::profile::Unit;
     use plotters::prelude::*;
-    let root = SVGBackend::new(path, (760, 260 * p.stairs.len() as u32)).into_drawing_area();
+    let mut svg = String::new();
+    let root =
+        SVGBackend::with_string(&mut svg, (760, 260 * p.stairs.len() as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     for (st, area) in p.stairs.iter().zip(root.split_evenly((p.stairs.len(), 1))) {
         let s = st.shape;
@@ -1458,6 +1563,8 @@ fn plot_profile(p: &dynsparse::profile::Profile, path: &Path) -> Result<()> {
         chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 2, color.filled())))?;
     }
     root.present()?;
+    drop(root);
+    save_plot(path, &svg)?;
     Ok(())
 }
 
