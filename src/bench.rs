@@ -393,6 +393,11 @@ impl Report {
                 r.gate_ms
             );
         }
+        if self.results.iter().any(|r| r.batch > 1 && r.gate_ms > 0.0) {
+            s += "\ngates ms: the time the gates took deciding, summed over a batch's samples; \
+                  at batch > 1 samples run in parallel, one per core, so their share of the \
+                  wall time is smaller.\n";
+        }
         s
     }
 

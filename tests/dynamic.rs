@@ -449,6 +449,8 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("| 2 | budget 0.4 spatial |"), "{text}");
     assert!(text.contains("layer1.0.conv1"), "{text}");
+    // Gates timed at batch 2: the table says their time is summed over the samples.
+    assert!(text.contains("summed over a batch's samples"), "{text}");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     std::fs::remove_file(&json).ok();
     let plot = std::fs::read_to_string(&svg).unwrap();
@@ -500,6 +502,7 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
         text.contains("rounded to 6; kept channels in groups of 6"),
         "{text}"
     );
+    assert!(!text.contains("summed over a batch's samples"), "{text}");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     std::fs::remove_file(&json).ok();
     assert_eq!(
