@@ -309,3 +309,40 @@ fn cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("running on the CPU"));
 }
+
+/// Every command that plots refuses a file name that is neither .svg nor .png before it
+/// runs anything, in one line that names the file (upper-case extensions are accepted).
+#[test]
+fn plots_take_svg_or_png_and_say_so_before_running() {
+    let model = demo_model();
+    let m = s(&model);
+    let want = "x.gif: plots are written as SVG (.svg) or PNG (.png)";
+    fails(&["demo", "--plot", "x.gif"], want);
+    fails(&["profile", "--quick", "--plot", "x.gif"], want);
+    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/samples");
+    for opt in ["--plot", "--layer-plot", "--quality-plot"] {
+        fails(
+            &["bench", "--model", m, "--images", s(&samples), opt, "x.gif"],
+            want,
+        );
+    }
+    fails(
+        &["bench", "--model", m, "--plot", "noextension"],
+        "noextension: plots",
+    );
+    let t = Tmp::new("plots");
+    let out = Command::new(bin())
+        .args(["profile", "--quick", "--runs", "1", "--out"])
+        .arg(t.0.join("p.json"))
+        .arg("--plot")
+        .arg(t.0.join("P.SVG"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(t.0.join("P.SVG")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("kept output channels"));
+}
