@@ -722,11 +722,25 @@ fn plot_format(path: &Path) -> Result<PlotFormat> {
     }
 }
 
-/// Writes a plot drawn as SVG: as it is, or rasterized to PNG.
-fn save_plot(path: &Path, svg: &str) -> Result<()> {
+/// Draws a plot of `size` with `draw` and writes it to `path`: the SVG as it is, or
+/// rasterized to PNG (see [`plot_format`]).
+fn draw_plot(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(
+        &plotters::drawing::DrawingArea<plotters::prelude::SVGBackend<'_>, plotters::coord::Shift>,
+    ) -> Result<()>,
+) -> Result<()> {
+    use plotters::prelude::*;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        draw(&root)?;
+        root.present()?;
+    }
     let bytes = match plot_format(path)? {
-        PlotFormat::Svg => svg.as_bytes().to_vec(),
-        PlotFormat::Png => rasterize(svg)?,
+        PlotFormat::Svg => svg.into_bytes(),
+        PlotFormat::Png => rasterize(&svg)?,
     };
     std::fs::write(path, bytes).with_context(|| format!("{}", path.display()))
 }
@@ -824,62 +838,58 @@ fn flops_chart<'a, 'b>(
 /// against its executed FLOPs, each point named by its policy.
 fn plot_quality(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let mut svg = String::new();
-    let root = SVGBackend::with_string(&mut svg, (720, 480)).into_drawing_area();
-    let images = report.quality.first().map_or(0, |q| q.images);
-    let mut chart = flops_chart(
-        &root,
-        format!(
-            "{}: quality against executed FLOPs ({images} images)",
-            report.model
-        ),
-        0.0..105.0,
-        "%",
-    )?;
-    type Measure = fn(&dynsparse::bench::Quality) -> Option<f64>;
-    let series: [(&str, Measure); 2] = [
-        ("top-1 agreement with dense", |q| Some(q.agreement)),
-        ("accuracy", |q| q.accuracy),
-    ];
-    for (i, (name, value)) in series.into_iter().enumerate() {
-        let pts: Vec<(f64, f64, &str)> = report
-            .quality
-            .iter()
-            .filter_map(|q| value(q).map(|v| (q.flops_fraction, 100.0 * v, q.policy.as_str())))
-            .collect();
-        if pts.is_empty() {
-            continue;
+    draw_plot(path, (720, 480), |root| {
+        let images = report.quality.first().map_or(0, |q| q.images);
+        let mut chart = flops_chart(
+            root,
+            format!(
+                "{}: quality against executed FLOPs ({images} images)",
+                report.model
+            ),
+            0.0..105.0,
+            "%",
+        )?;
+        type Measure = fn(&dynsparse::bench::Quality) -> Option<f64>;
+        let series: [(&str, Measure); 2] = [
+            ("top-1 agreement with dense", |q| Some(q.agreement)),
+            ("accuracy", |q| q.accuracy),
+        ];
+        for (i, (name, value)) in series.into_iter().enumerate() {
+            let pts: Vec<(f64, f64, &str)> = report
+                .quality
+                .iter()
+                .filter_map(|q| value(q).map(|v| (q.flops_fraction, 100.0 * v, q.policy.as_str())))
+                .collect();
+            if pts.is_empty() {
+                continue;
+            }
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(
+                    pts.iter()
+                        .map(|&(x, y, _)| Circle::new((x, y), 4, color.filled())),
+                )?
+                .label(name)
+                .legend(move |(x, y)| Circle::new((x + 8, y), 4, color.filled()));
+            if i == 0 {
+                // Names to the left of their points: most points sit near the right edge.
+                use plotters::style::text_anchor::{HPos, Pos, VPos};
+                let style = TextStyle::from(("sans-serif", 12).into_font())
+                    .pos(Pos::new(HPos::Right, VPos::Center));
+                chart
+                    .draw_series(pts.iter().map(|&(x, y, p)| {
+                        Text::new(format!("{p} "), (x - 0.01, y), style.clone())
+                    }))?;
+            }
         }
-        let color = Palette99::pick(i).to_rgba();
         chart
-            .draw_series(
-                pts.iter()
-                    .map(|&(x, y, _)| Circle::new((x, y), 4, color.filled())),
-            )?
-            .label(name)
-            .legend(move |(x, y)| Circle::new((x + 8, y), 4, color.filled()));
-        if i == 0 {
-            // Names to the left of their points: most points sit near the right edge.
-            use plotters::style::text_anchor::{HPos, Pos, VPos};
-            let style = TextStyle::from(("sans-serif", 12).into_font())
-                .pos(Pos::new(HPos::Right, VPos::Center));
-            chart.draw_series(
-                pts.iter()
-                    .map(|&(x, y, p)| Text::new(format!("{p} "), (x - 0.01, y), style.clone())),
-            )?;
-        }
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()?;
-    root.present()?;
-    drop(chart);
-    drop(root);
-    save_plot(path, &svg)?;
-    Ok(())
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+        Ok(())
+    })
 }
 
 /// Per-layer median times at one batch size: for each layer that takes time, a bar per
@@ -901,47 +911,45 @@ fn plot_layers(report: &dynsparse::bench::Report, batch: usize, path: &Path) -> 
         .fold(0.0f64, f64::max)
         * 1.1;
     let width = (shown.len() as u32 * 14 + 160).max(640);
-    let mut svg = String::new();
-    let root = SVGBackend::with_string(&mut svg, (width, 480)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("{}: per-layer time, batch {batch}", report.model),
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(30)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0f64..shown.len() as f64, 0f64..top.max(1e-3))?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_desc("layer (graph order; names in the --layers table)")
-        .y_desc("median ms")
-        .draw()?;
-    let n = rows.len() as f64;
-    for (p, r) in rows.iter().enumerate() {
-        let color = Palette99::pick(p).to_rgba();
+    draw_plot(path, (width, 480), |root| {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(root)
+            .caption(
+                format!("{}: per-layer time, batch {batch}", report.model),
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..shown.len() as f64, 0f64..top.max(1e-3))?;
         chart
-            .draw_series(shown.iter().enumerate().map(|(j, &i)| {
-                let x0 = j as f64 + 0.1 + 0.8 * p as f64 / n;
-                let ms = r.layers.get(i).map_or(0.0, |l| l.ms);
-                Rectangle::new([(x0, 0.0), (x0 + 0.8 / n, ms)], color.filled())
-            }))?
-            .label(r.policy.clone())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()?;
-    root.present()?;
-    drop(chart);
-    drop(root);
-    save_plot(path, &svg)?;
-    Ok(())
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_desc("layer (graph order; names in the --layers table)")
+            .y_desc("median ms")
+            .draw()?;
+        let n = rows.len() as f64;
+        for (p, r) in rows.iter().enumerate() {
+            let color = Palette99::pick(p).to_rgba();
+            chart
+                .draw_series(shown.iter().enumerate().map(|(j, &i)| {
+                    let x0 = j as f64 + 0.1 + 0.8 * p as f64 / n;
+                    let ms = r.layers.get(i).map_or(0.0, |l| l.ms);
+                    Rectangle::new([(x0, 0.0), (x0 + 0.8 / n, ms)], color.filled())
+                }))?
+                .label(r.policy.clone())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
+        Ok(())
+    })
 }
 
 /// Latency against executed FLOPs, both as fractions of dense, a series per batch size,
@@ -953,54 +961,50 @@ fn plot_latency(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
         .iter()
         .map(|r| r.vs_dense)
         .fold(1.2f64, f64::max);
-    let mut svg = String::new();
-    let root = SVGBackend::with_string(&mut svg, (720, 480)).into_drawing_area();
-    let mut chart = flops_chart(
-        &root,
-        format!(
-            "{}: latency against executed FLOPs ({})",
-            report.model, report.executor
-        ),
-        0.0..top * 1.05,
-        "latency / dense latency",
-    )?;
-    chart
-        .draw_series(DashedLineSeries::new(
-            [(0.0, 0.0), (1.0, 1.0)],
-            6,
-            4,
-            BLACK.stroke_width(1),
-        ))?
-        .label("ideal: time ∝ FLOPs")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK));
-    let mut batches: Vec<usize> = report.results.iter().map(|r| r.batch).collect();
-    batches.dedup();
-    for (i, &b) in batches.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let mut pts: Vec<(f64, f64)> = report
-            .results
-            .iter()
-            .filter(|r| r.batch == b)
-            .map(|r| (r.flops_fraction, r.vs_dense))
-            .collect();
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    draw_plot(path, (720, 480), |root| {
+        let mut chart = flops_chart(
+            root,
+            format!(
+                "{}: latency against executed FLOPs ({})",
+                report.model, report.executor
+            ),
+            0.0..top * 1.05,
+            "latency / dense latency",
+        )?;
         chart
-            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
-            .label(format!("batch {b}"))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()?;
-    root.present()?;
-    drop(chart);
-    drop(root);
-    save_plot(path, &svg)?;
-    Ok(())
+            .draw_series(DashedLineSeries::new(
+                [(0.0, 0.0), (1.0, 1.0)],
+                6,
+                4,
+                BLACK.stroke_width(1),
+            ))?
+            .label("ideal: time ∝ FLOPs")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK));
+        let mut batches: Vec<usize> = report.results.iter().map(|r| r.batch).collect();
+        batches.dedup();
+        for (i, &b) in batches.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let mut pts: Vec<(f64, f64)> = report
+                .results
+                .iter()
+                .filter(|r| r.batch == b)
+                .map(|r| (r.flops_fraction, r.vs_dense))
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+            chart
+                .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+                .label(format!("batch {b}"))
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+        Ok(())
+    })
 }
 
 /// One held-out evaluation of the demo: accuracy, FLOPs and time under a policy.
@@ -1231,42 +1235,38 @@ fn plot_demo(rows: &[DemoRow], evidence: &[dynsparse::demo::Evidence], path: &Pa
         .iter()
         .flat_map(|(_, p)| p.iter().map(|q| q.1))
         .fold(100f64, f64::min);
-    let mut svg = String::new();
-    let root = SVGBackend::with_string(&mut svg, (720, 480)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "demo: held-out accuracy against executed FLOPs",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0f64..1.1, (low - 2.0).max(0.0)..100.5)?;
-    chart
-        .configure_mesh()
-        .x_desc("executed FLOPs / dense (gates included)")
-        .y_desc("accuracy (%)")
-        .draw()?;
-    for (i, (name, pts)) in series.into_iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    draw_plot(path, (720, 480), |root| {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(root)
+            .caption(
+                "demo: held-out accuracy against executed FLOPs",
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..1.1, (low - 2.0).max(0.0)..100.5)?;
         chart
-            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()?;
-    root.present()?;
-    drop(chart);
-    drop(root);
-    save_plot(path, &svg)?;
-    Ok(())
+            .configure_mesh()
+            .x_desc("executed FLOPs / dense (gates included)")
+            .y_desc("accuracy (%)")
+            .draw()?;
+        for (i, (name, pts)) in series.into_iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+            chart
+                .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()?;
+        Ok(())
+    })
 }
 
 /// Times the dense peers with `benches/peers/dsm_peer.py` and checks their logits
@@ -1499,73 +1499,69 @@ fn cmd_profile(
 fn plot_profile(p: &dynsparse::profile::Profile, path: &Path) -> Result<()> {
     use dynsparse::profile::Unit;
     use plotters::prelude::*;
-    let mut svg = String::new();
-    let root =
-        SVGBackend::with_string(&mut svg, (760, 260 * p.stairs.len() as u32)).into_drawing_area();
-    root.fill(&WHITE)?;
-    for (st, area) in p.stairs.iter().zip(root.split_evenly((p.stairs.len(), 1))) {
-        let s = st.shape;
-        let top = st.ms.iter().copied().fold(0f64, f64::max) * 1.1;
-        let last = st.counts.last().copied().unwrap_or(1);
-        let (unit, caption) = match st.unit {
-            Unit::Channels => (
-                "kept output channels",
-                format!(
-                    "{k}x{k} {}->{}->{} at {hw}x{hw} ({})",
-                    s.cin,
-                    s.cout,
-                    s.cin,
-                    p.executor,
-                    k = s.k,
-                    hw = s.hw
+    draw_plot(path, (760, 260 * p.stairs.len() as u32), |root| {
+        root.fill(&WHITE)?;
+        for (st, area) in p.stairs.iter().zip(root.split_evenly((p.stairs.len(), 1))) {
+            let s = st.shape;
+            let top = st.ms.iter().copied().fold(0f64, f64::max) * 1.1;
+            let last = st.counts.last().copied().unwrap_or(1);
+            let (unit, caption) = match st.unit {
+                Unit::Channels => (
+                    "kept output channels",
+                    format!(
+                        "{k}x{k} {}->{}->{} at {hw}x{hw} ({})",
+                        s.cin,
+                        s.cout,
+                        s.cin,
+                        p.executor,
+                        k = s.k,
+                        hw = s.hw
+                    ),
                 ),
-            ),
-            Unit::Tiles => (
-                "kept 4x4 output tiles",
-                format!(
-                    "{k}x{k} {}->{} at {hw}x{hw} ({})",
-                    s.cout,
-                    s.cin,
-                    p.executor,
-                    k = s.k,
-                    hw = s.hw
+                Unit::Tiles => (
+                    "kept 4x4 output tiles",
+                    format!(
+                        "{k}x{k} {}->{} at {hw}x{hw} ({})",
+                        s.cout,
+                        s.cin,
+                        p.executor,
+                        k = s.k,
+                        hw = s.hw
+                    ),
                 ),
-            ),
-        };
-        let mut chart = ChartBuilder::on(&area)
-            .caption(caption, ("sans-serif", 16))
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(50)
-            .build_cartesian_2d(0f64..last as f64 + 1.0, 0f64..top.max(1e-3))?;
-        chart
-            .configure_mesh()
-            .x_desc(unit)
-            .y_desc("median ms")
-            .draw()?;
-        if st.unit == Unit::Channels {
-            let r = p.kernel_rows.max(1);
-            chart.draw_series((r..=last).step_by(r).map(|k| {
-                PathElement::new(
-                    [(k as f64, 0.0), (k as f64, top)],
-                    BLACK.mix(0.15).stroke_width(1),
-                )
-            }))?;
+            };
+            let mut chart = ChartBuilder::on(&area)
+                .caption(caption, ("sans-serif", 16))
+                .margin(10)
+                .x_label_area_size(35)
+                .y_label_area_size(50)
+                .build_cartesian_2d(0f64..last as f64 + 1.0, 0f64..top.max(1e-3))?;
+            chart
+                .configure_mesh()
+                .x_desc(unit)
+                .y_desc("median ms")
+                .draw()?;
+            if st.unit == Unit::Channels {
+                let r = p.kernel_rows.max(1);
+                chart.draw_series((r..=last).step_by(r).map(|k| {
+                    PathElement::new(
+                        [(k as f64, 0.0), (k as f64, top)],
+                        BLACK.mix(0.15).stroke_width(1),
+                    )
+                }))?;
+            }
+            let pts: Vec<(f64, f64)> = st
+                .counts
+                .iter()
+                .zip(&st.ms)
+                .map(|(&k, &m)| (k as f64, m))
+                .collect();
+            let color = Palette99::pick(0).to_rgba();
+            chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?;
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 2, color.filled())))?;
         }
-        let pts: Vec<(f64, f64)> = st
-            .counts
-            .iter()
-            .zip(&st.ms)
-            .map(|(&k, &m)| (k as f64, m))
-            .collect();
-        let color = Palette99::pick(0).to_rgba();
-        chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?;
-        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 2, color.filled())))?;
-    }
-    root.present()?;
-    drop(root);
-    save_plot(path, &svg)?;
-    Ok(())
+        Ok(())
+    })
 }
 
 fn cmd_info(model: &Path) -> Result<()> {
