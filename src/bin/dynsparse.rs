@@ -834,6 +834,21 @@ fn flops_chart<'a, 'b>(
     Ok(chart)
 }
 
+/// The series' legend on a white, framed box at `position`.
+fn legend<'a, 'b: 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut plotters::prelude::ChartContext<'a, plotters::prelude::SVGBackend<'b>, CT>,
+    position: plotters::prelude::SeriesLabelPosition,
+) -> Result<()> {
+    use plotters::prelude::*;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(position)
+        .draw()?;
+    Ok(())
+}
+
 /// Each policy's top-1 agreement with dense (and accuracy, when the images are labelled)
 /// against its executed FLOPs, each point named by its policy.
 fn plot_quality(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
@@ -882,12 +897,7 @@ fn plot_quality(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
                     }))?;
             }
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()?;
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         Ok(())
     })
 }
@@ -942,12 +952,7 @@ fn plot_layers(report: &dynsparse::bench::Report, batch: usize, path: &Path) -> 
                     Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
                 });
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         Ok(())
     })
 }
@@ -997,12 +1002,7 @@ fn plot_latency(report: &dynsparse::bench::Report, path: &Path) -> Result<()> {
                 .label(format!("batch {b}"))
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()?;
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         Ok(())
     })
 }
@@ -1259,12 +1259,7 @@ fn plot_demo(rows: &[DemoRow], evidence: &[dynsparse::demo::Evidence], path: &Pa
                 .label(name)
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()?;
+        legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         Ok(())
     })
 }
