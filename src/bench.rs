@@ -504,6 +504,16 @@ impl Report {
                 .map_or(1.0, |x| x.flops as f64 / x.flops_dense as f64);
             s += &format!(" {kept:.2} |\n");
         }
+        let banded = (0..first.layers.len()).any(|i| {
+            first.layers[i].flops_dense > 0
+                && rows
+                    .iter()
+                    .all(|r| r.layers.get(i).is_some_and(|x| x.ms == 0.0))
+        });
+        if banded {
+            s += "\nA layer at 0.000 ms in every column ran inside the 1×1 expansion above it, \
+                  band by band; that row's time includes it.\n";
+        }
         s
     }
 }

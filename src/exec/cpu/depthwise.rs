@@ -52,6 +52,31 @@ impl Plan {
         self.win
     }
 
+    /// One plane on the calling thread: `x` an input plane of this window, `out` its
+    /// output plane; `k` the channel's kernel, `shift` subtracted after the activation.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_plane(
+        &self,
+        out: &mut [f32],
+        x: &[f32],
+        k: &[f32],
+        bias: f32,
+        act: Act,
+        shift: f32,
+        scratch: &mut Vec<f32>,
+    ) {
+        let plane = Plane {
+            x,
+            k,
+            bias,
+            residual: None,
+            act,
+            shift,
+            win: self.win,
+        };
+        plane_on(self, &plane, scratch, out);
+    }
+
     /// Depthwise convolution of N×C×H×W `input` into a caller's buffer of N×C×OH×OW
     /// values, with bias, optional residual and activation (same contract as
     /// [`super::ops::depthwise`], which is its reference); with `keep`, only the
@@ -122,7 +147,7 @@ struct Job<'a> {
 
 /// The planes of `job` on the plan's path.
 fn planes(plan: &Plan, job: &Job, out: &mut [f32]) {
-    let (win, path) = (plan.win, plan.path);
+    let win = plan.win;
     let in_plane = win.in_hw[0] * win.in_hw[1];
     let out_plane = win.out_hw[0] * win.out_hw[1];
     let taps = win.kernel[0] * win.kernel[1];
@@ -146,33 +171,35 @@ fn planes(plan: &Plan, job: &Job, out: &mut [f32]) {
                 shift: job.shift.map_or(0.0, |v| v[nc]),
                 win,
             };
-            #[cfg(target_arch = "x86_64")]
-            if path == Path::Avx512 {
-                // SAFETY: the CPU supports AVX-512F (the path says so); the slices hold
-                // one plane of this window each.
-                unsafe {
-                    match (&plan.flat, &plan.rows, win.stride[1]) {
-                        (Some(m), _, _) => return depthwise_avx512::plane_flat(&plane, m, o),
-                        (None, Some(m), 1) => {
-                            return depthwise_avx512::plane_rows::<1>(&plane, m, o)
-                        }
-                        (None, Some(m), 2) => {
-                            return depthwise_avx512::plane_rows::<2>(&plane, m, o)
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            if path != Path::Generic {
-                // SAFETY: the CPU supports AVX2 and FMA (every path but Generic does).
-                unsafe { plane_avx2(&plane, scratch, o) };
-                return;
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = path;
-            plane_generic::<false>(&plane, scratch, o);
+            plane_on(plan, &plane, scratch, o);
         });
+}
+
+/// One plane on the plan's path.
+fn plane_on(plan: &Plan, plane: &Plane, scratch: &mut Vec<f32>, o: &mut [f32]) {
+    let path = plan.path;
+    #[cfg(target_arch = "x86_64")]
+    if path == Path::Avx512 {
+        // SAFETY: the CPU supports AVX-512F (the path says so); the slices hold
+        // one plane of this window each.
+        unsafe {
+            match (&plan.flat, &plan.rows, plane.win.stride[1]) {
+                (Some(m), _, _) => return depthwise_avx512::plane_flat(plane, m, o),
+                (None, Some(m), 1) => return depthwise_avx512::plane_rows::<1>(plane, m, o),
+                (None, Some(m), 2) => return depthwise_avx512::plane_rows::<2>(plane, m, o),
+                _ => {}
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if path != Path::Generic {
+        // SAFETY: the CPU supports AVX2 and FMA (every path but Generic does).
+        unsafe { plane_avx2(plane, scratch, o) };
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = path;
+    plane_generic::<false>(plane, scratch, o);
 }
 
 /// One plane's operands (the AVX-512 kernels read them too).

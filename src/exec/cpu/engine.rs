@@ -11,6 +11,10 @@
 //! L1, prefetching the next block: A then streams from memory once. Layer buffers come
 //! from a pool and go back to it. Tasks run on the current rayon pool.
 //!
+//! A 1×1 expansion whose output only a depthwise layer reads, and which is too big for
+//! L2 (MobileNetV2's and EfficientNet-Lite0's 112 × 112 stage), runs together with that
+//! layer band by band of rows ([`bands`]), on the same micro-kernels, gated or not.
+//!
 //! Dynamic passes run the same GEMM on a [`Subset`] per sample: kept output channels are
 //! A's rows read in place by index, kept input channels are packed alone and their
 //! columns of A copied into a compact A, kept pixels are the panel's columns; the output
@@ -21,6 +25,7 @@
 
 use rayon::prelude::*;
 
+use super::bands::{self, Bands};
 use super::depthwise;
 use super::gate_scores::GateWeights;
 use super::gemm::{self, ConvGeom, Epilogue, Isa, Tile, KC, NR};
@@ -69,6 +74,22 @@ enum Layer {
     },
 }
 
+/// A banded expansion's operands for one pass ([`EngineExecutor::run_bands`]).
+#[derive(Clone, Copy)]
+struct BandPass<'a> {
+    bands: &'a Bands,
+    /// The expansion's packed weights, bias and activation.
+    weight: &'a [f32],
+    bias: &'a [f32],
+    act: Act,
+    inputs: Inputs<'a>,
+    /// The expansion's channel gate, when it runs.
+    gate: Option<(&'a GateWeights, Cut)>,
+    dw: bands::Depthwise<'a>,
+    /// The depthwise layer's constants of dropped channels (its `shift`).
+    shift: Option<&'a [f32]>,
+}
+
 /// The input channels a gated convolution reads, per sample.
 #[derive(Clone, Copy)]
 struct Inputs<'a> {
@@ -107,6 +128,9 @@ pub struct EngineExecutor {
     local_a: usize,
     /// Samples run through the network together at most ([`SUB_BATCH_FLOATS`]).
     sub_batch: usize,
+    /// Per node: a 1×1 expansion that runs in bands together with the depthwise layer
+    /// after it, where neither is gated ([`bands`]).
+    bands: Vec<Option<Bands>>,
 }
 
 /// Per value, per sample: the channels that hold computed data (`None`: all). Channels
@@ -209,13 +233,21 @@ impl EngineExecutor {
 
     /// Prepares the model with a specific micro-kernel (for tests and benchmarks).
     pub fn with_isa(model: &Model, isa: Isa) -> Result<Self> {
+        Self::build(model, isa, bands::MIN_EXPANDED_BYTES, bands::BAND_BYTES)
+    }
+
+    /// [`Self::with_isa`], expansions of at least `band_min` bytes per sample running in
+    /// bands of at most `band_bytes` ([`bands`]).
+    fn build(model: &Model, isa: Isa, band_min: usize, band_bytes: usize) -> Result<Self> {
         let nodes = &model.desc.nodes;
         let mut layers = Vec::with_capacity(nodes.len());
         let mut last_use = vec![usize::MAX; nodes.len() + 1];
+        let mut readers = vec![0usize; nodes.len() + 1];
         let mut sizes = vec![model.layers[0].input.iter().product()];
         let (mut max_rows, mut max_cols) = (0, 0);
         for (i, (node, info)) in nodes.iter().zip(&model.layers).enumerate() {
             last_use[node.input] = i;
+            readers[node.input] += 1;
             sizes.push(info.output.iter().product());
             let w = || Ok::<_, Error>(model.weight(&format!("{}.weight", node.name))?.data.clone());
             let b = || Ok::<_, Error>(model.weight(&format!("{}.bias", node.name))?.data.clone());
@@ -225,6 +257,7 @@ impl EngineExecutor {
                 Op::Conv(cv) => {
                     if let Some(r) = cv.residual {
                         last_use[r] = i;
+                        readers[r] += 1;
                     }
                     let [t, _, l, _] = cv.padding.resolve([ih, iw], cv.kernel, cv.stride);
                     if cv.groups > 1 && cv.groups == cv.in_channels && cv.groups == cv.out_channels
@@ -307,6 +340,9 @@ impl EngineExecutor {
                 *shift = Some(constants);
             }
         }
+        let bands = (0..layers.len())
+            .map(|i| band_pair(&layers, &readers, i, band_min, band_bytes))
+            .collect();
         let gates = gating::channel_gates(model)?
             .iter()
             .map(|g| g.as_ref().map(GateWeights::new))
@@ -329,6 +365,7 @@ impl EngineExecutor {
             all_rows: (0..max_rows).collect(),
             all_cols: (0..max_cols).collect(),
             pool: BufferPool::default(),
+            bands,
         })
     }
 
@@ -900,7 +937,29 @@ impl EngineExecutor {
         let mut first = self.pool.take_dirty(input.len());
         first.copy_from_slice(input);
         values[0] = Some(first);
+        // The previous node ran in bands with this one and left this one's output.
+        let mut banded = false;
         for (i, (src, layer)) in self.layers.iter().enumerate() {
+            if std::mem::take(&mut banded) {
+                values[i + 1] = values[*src].take();
+                let flops = match (&kept[*src], layer) {
+                    (Some(sets), Layer::Depthwise { plan, .. }) => {
+                        let win = plan.win();
+                        let per = win.out_hw[0] * win.out_hw[1] * win.kernel[0] * win.kernel[1];
+                        let f = sets.iter().map(|s| 2 * (per * s.len()) as u64).collect();
+                        node_kept[i] = Some(sets.clone());
+                        kept[i + 1] = Some(sets.clone());
+                        f
+                    }
+                    _ => vec![self.flops[i]; batch],
+                };
+                traces.push(LayerTrace {
+                    ms: 0.0,
+                    gate_ms: 0.0,
+                    flops,
+                });
+                continue;
+            }
             let start = std::time::Instant::now();
             let mut gate_ms = 0.0;
             let get = |v: usize| {
@@ -933,7 +992,59 @@ impl EngineExecutor {
                             _ => None,
                         },
                     };
-                    if ic_sets.is_none() && gates.channels.is_none() && gates.tiles.is_none() {
+                    let ungated =
+                        ic_sets.is_none() && gates.channels.is_none() && gates.tiles.is_none();
+                    let pair = self.bands[i].as_ref().zip(self.layers.get(i + 1));
+                    if let (
+                        true,
+                        Some((
+                            b,
+                            (
+                                _,
+                                Layer::Depthwise {
+                                    weight: dw,
+                                    bias: db,
+                                    act: da,
+                                    shift,
+                                    ..
+                                },
+                            ),
+                        )),
+                    ) = (gates.tiles.is_none(), pair)
+                    {
+                        // This node's output goes no further than the depthwise layer,
+                        // which computes it band by band; it stands in for that layer's.
+                        let dwo = bands::Depthwise {
+                            weight: dw,
+                            bias: db,
+                            act: *da,
+                        };
+                        let pass = BandPass {
+                            bands: b,
+                            weight,
+                            bias,
+                            act: *act,
+                            inputs: Inputs {
+                                kept: ic_sets,
+                                dropped: dropped.as_ref(),
+                            },
+                            gate: gates.channels,
+                            dw: dwo,
+                            shift: shift.as_deref(),
+                        };
+                        let c = self.run_bands(x, batch, geom, pass, self.sizes[i + 2]);
+                        if gates.channels.is_some() {
+                            kept[i + 1] = Some(c.oc.clone());
+                            node_kept[i] = Some(c.oc);
+                        }
+                        gate_flops
+                            .iter_mut()
+                            .zip(&c.gate_flops)
+                            .for_each(|(a, b)| *a += b);
+                        gate_ms = c.gate_ms;
+                        banded = true;
+                        (c.out, c.flops)
+                    } else if ungated {
                         let out = self.conv_gemm(x, batch, weight, bias, *groups, geom, r, *act);
                         (out, dense)
                     } else {
@@ -1104,27 +1215,9 @@ impl EngineExecutor {
                 let decided = std::time::Instant::now();
                 let oc: Vec<usize> = match gates.channels {
                     Some((g, cut)) => {
-                        // Mean of each kept input plane, zero for dropped ones (whose
-                        // planes are never written). On this thread: waking the other
-                        // one to share it measured slower (1.56-1.78 against 1.17-1.19 ms
-                        // of gates on ResNet-50, batch 1).
-                        let mut pooled = vec![0f32; cin];
-                        for &c in &ic {
-                            pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
-                        }
-                        let scores = g.scores(&pooled);
-                        gf += match g.rank() {
-                            // V reads every input (dropped ones are zero).
-                            Some(r) => gating::factored_gate_flops(ic.len(), plane, cin, cout, r),
-                            None => gating::gate_flops(ic.len(), plane, cout),
-                        };
-                        gating::choose_grouped(
-                            &scores,
-                            cut,
-                            gating::channel_bar,
-                            self.round,
-                            self.group,
-                        )
+                        let (oc, f) = self.decide_channels(xs, &ic, plane, cout, g, cut);
+                        gf += f;
+                        oc
                     }
                     None => (0..cout).collect(),
                 };
@@ -1349,6 +1442,128 @@ impl EngineExecutor {
         }
     }
 
+    /// A 1×1 expansion and the depthwise layer reading it, band by band ([`bands`]), for
+    /// a pass's kept input channels and channel gate: the depthwise layer's output
+    /// (`out_size` values per sample), and the expansion's kept channels and costs.
+    fn run_bands(
+        &self,
+        x: &[f32],
+        batch: usize,
+        geom: &ConvGeom,
+        pass: BandPass,
+        out_size: usize,
+    ) -> Compact {
+        let (cin, cout) = (geom.in_c, pass.bias.len());
+        let plane = geom.in_hw[0] * geom.in_hw[1];
+        struct Decided {
+            oc: Vec<usize>,
+            ic: Vec<usize>,
+            /// Packed weights of the kept input channels, when not all.
+            a: Option<Buf>,
+            gf: u64,
+            ms: f64,
+        }
+        let decide = |s: usize| {
+            let xs = &x[s * cin * plane..(s + 1) * cin * plane];
+            let ic: Vec<usize> = pass
+                .inputs
+                .kept
+                .map_or_else(|| (0..cin).collect(), |v| v[s].clone());
+            let t = std::time::Instant::now();
+            let (oc, gf) = match pass.gate {
+                Some((g, cut)) => self.decide_channels(xs, &ic, plane, cout, g, cut),
+                None => ((0..cout).collect(), 0),
+            };
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let a = (ic.len() < cin).then(|| {
+                let mut a = self.pool.take_dirty(gemm::packed_a_len(cout, ic.len()));
+                gemm::pack_a_channels(pass.weight, cin, &ic, 1, &mut a);
+                a
+            });
+            Decided { oc, ic, a, gf, ms }
+        };
+        let decided: Vec<Decided> = if pass.gate.is_some() && batch > 1 {
+            (0..batch).into_par_iter().map(decide).collect()
+        } else {
+            (0..batch).map(decide).collect()
+        };
+        let samples: Vec<bands::Sample> = decided
+            .iter()
+            .map(|d| {
+                let dropped_inputs = d.ic.len() < cin;
+                bands::Sample {
+                    rows: &d.oc,
+                    weight: d.a.as_deref().unwrap_or(pass.weight),
+                    chans: dropped_inputs.then_some(&d.ic[..]),
+                    bias: match pass.inputs.dropped {
+                        Some(dc) if dropped_inputs => &dc.shifted_bias,
+                        _ => pass.bias,
+                    },
+                    shift: pass.shift.filter(|_| d.oc.len() < cout),
+                }
+            })
+            .collect();
+        let mut out = self.pool.take_dirty(batch * out_size);
+        let index = if self.all_cols.len() > self.all_rows.len() {
+            &self.all_cols
+        } else {
+            &self.all_rows
+        };
+        pass.bands.run(
+            self.isa, x, &samples, pass.act, pass.dw, &mut out, index, &self.pool,
+        );
+        drop(samples);
+        let mut c = Compact {
+            out,
+            oc: Vec::with_capacity(batch),
+            tiles: Vec::new(),
+            flops: Vec::with_capacity(batch),
+            gate_flops: Vec::with_capacity(batch),
+            gate_ms: 0.0,
+        };
+        for d in decided {
+            c.flops
+                .push(d.gf + 2 * (plane * d.oc.len() * d.ic.len()) as u64);
+            c.gate_flops.push(d.gf);
+            c.gate_ms += d.ms;
+            c.oc.push(d.oc);
+            if let Some(a) = d.a {
+                self.pool.give(a);
+            }
+        }
+        c
+    }
+
+    /// A sample's kept output channels under its channel gate `g` cut at `cut`, from its
+    /// input `xs` (planes of `plane` values) of which channels `ic` were kept, and the
+    /// gate's FLOPs.
+    fn decide_channels(
+        &self,
+        xs: &[f32],
+        ic: &[usize],
+        plane: usize,
+        cout: usize,
+        g: &GateWeights,
+        cut: Cut,
+    ) -> (Vec<usize>, u64) {
+        let cin = xs.len() / plane;
+        // Mean of each kept input plane, zero for dropped ones (whose planes are never
+        // written). On this thread: waking the other one to share it measured slower
+        // (1.56-1.78 against 1.17-1.19 ms of gates on ResNet-50, batch 1).
+        let mut pooled = vec![0f32; cin];
+        for &c in ic {
+            pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
+        }
+        let scores = g.scores(&pooled);
+        let flops = match g.rank() {
+            // V reads every input (dropped ones are zero).
+            Some(r) => gating::factored_gate_flops(ic.len(), plane, cin, cout, r),
+            None => gating::gate_flops(ic.len(), plane, cout),
+        };
+        let oc = gating::choose_grouped(&scores, cut, gating::channel_bar, self.round, self.group);
+        (oc, flops)
+    }
+
     /// Depthwise convolution of each sample's kept channels only; the others are left
     /// unwritten (readers of a gated value skip them).
     #[allow(clippy::too_many_arguments)]
@@ -1403,6 +1618,43 @@ impl EngineExecutor {
             .collect();
         (out, flops)
     }
+}
+
+/// Bands of at most `band_bytes` for node `i` when it is a 1×1, stride-1, unpadded
+/// convolution without residual whose only reader is the depthwise layer after it
+/// (without residual), and its output takes at least `band_min` bytes per sample.
+fn band_pair(
+    layers: &[(usize, Layer)],
+    readers: &[usize],
+    i: usize,
+    band_min: usize,
+    band_bytes: usize,
+) -> Option<Bands> {
+    let Layer::Gemm {
+        bias,
+        groups: 1,
+        geom,
+        residual: None,
+        ..
+    } = &layers[i].1
+    else {
+        return None;
+    };
+    let Some((
+        src,
+        Layer::Depthwise {
+            plan,
+            residual: None,
+            ..
+        },
+    )) = layers.get(i + 1)
+    else {
+        return None;
+    };
+    let pointwise = geom.kernel == [1, 1] && geom.stride == [1, 1] && geom.pad_tl == [0, 0];
+    let bytes = bias.len() * geom.out_hw[0] * geom.out_hw[1] * std::mem::size_of::<f32>();
+    (pointwise && *src == i + 1 && readers[i + 1] == 1 && bytes >= band_min)
+        .then(|| Bands::holding(bias.len(), geom.in_c, plan.win(), band_bytes))
 }
 
 /// The planes of `x` (`in_hw` each) in planes of `out_hw`, placed at `pad_tl` with zeros
@@ -1523,6 +1775,101 @@ mod tests {
             a_resident: A_RESIDENT_BYTES,
             local_a: LOCAL_A_BYTES,
             sub_batch: usize::MAX,
+            bands: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn expansions_run_in_bands_equal_them_run_layer_by_layer() {
+        use crate::exec::{Cut, Gates};
+        use crate::synthetic::{conv_chain, pseudo_random, ConvSpec};
+        let mut rng = fresh_rng();
+        let conv = |cout, k, stride, depthwise| ConvSpec {
+            cout,
+            k,
+            stride,
+            depthwise,
+        };
+        for round in 0..6 {
+            let (cin, hw) = (rng.random_range(2..8), rng.random_range(8..20));
+            let (e1, e2) = (rng.random_range(8..40), rng.random_range(8..40));
+            let (k1, k2) = ([3, 5][round % 2], [5, 3][round % 2]);
+            let (s1, s2) = (rng.random_range(1..=2), rng.random_range(1..=2));
+            // Expansion, depthwise, projection (its output gated into the next expansion);
+            // or a depthwise layer read by the next expansion, which then adds back the
+            // constants of the channels dropped before it (`DroppedConstants`).
+            let specs = if round % 3 == 2 {
+                vec![
+                    conv(e1, 1, 1, false),
+                    conv(e1, k1, s1, true),
+                    conv(e2, 1, 1, false),
+                    conv(e2, k2, s2, true),
+                    conv(cin, 1, 1, false),
+                ]
+            } else {
+                vec![
+                    conv(e1, 1, 1, false),
+                    conv(e1, k1, s1, true),
+                    conv(cin + 3, 1, 1, false),
+                    conv(e2, 1, 1, false),
+                    conv(e2, k2, s2, true),
+                    conv(cin, 1, 1, false),
+                ]
+            };
+            let second = specs.len() - 3;
+            let model = conv_chain(cin, hw, &specs).unwrap();
+            // Kept counts unrounded, so that small layers are cut too.
+            let layered = EngineExecutor::build(&model, Isa::detect(), usize::MAX, 0)
+                .unwrap()
+                .with_channel_round(1);
+            let bytes = rng.random_range(1..4 * hw) * 4 * e1.max(e2) * hw / 3;
+            let banded = EngineExecutor::build(&model, Isa::detect(), 0, bytes)
+                .unwrap()
+                .with_channel_round(1);
+            assert!(layered.bands.iter().all(Option::is_none));
+            assert_eq!(banded.bands.iter().flatten().count(), 2);
+            let batch = rng.random_range(1..4);
+            let x: Vec<f32> = pseudo_random(batch * cin * hw * hw, rng.random())
+                .iter()
+                .map(|v| v - 0.5)
+                .collect();
+            let channels = |c| Gates {
+                channels: c,
+                tiles: Cut::All,
+            };
+            for policy in [
+                Policy::Dense,
+                Policy::Keep(0.5),
+                Policy::Keep(0.2),
+                Policy::Gates(channels(Cut::Threshold(0.5))),
+                Policy::Budget(Budget::Flops(0.6)),
+            ] {
+                let a = layered.forward_with(&x, batch, policy).unwrap();
+                let b = banded.forward_with(&x, batch, policy).unwrap();
+                assert_eq!(a.logits.len(), batch * model.desc.classes.len());
+                for (p, q) in a.logits.iter().zip(&b.logits) {
+                    assert!(
+                        (p - q).abs() <= 1e-5 * (1.0 + p.abs()),
+                        "{policy:?}: {p} vs {q}"
+                    );
+                }
+                assert_eq!(a.flops, b.flops, "{policy:?}");
+                assert_eq!(a.gate_flops, b.gate_flops, "{policy:?}");
+                assert_eq!(a.kept, b.kept, "{policy:?}");
+                let flops =
+                    |f: &Forward| f.layers.iter().map(|l| l.flops.clone()).collect::<Vec<_>>();
+                assert_eq!(flops(&a), flops(&b), "{policy:?}");
+                if policy != Policy::Dense {
+                    // The gates cut both expansions.
+                    for node in [0, second] {
+                        let kept = a.kept[node].as_ref().expect("a gated node");
+                        assert!(
+                            kept.iter().any(|k| k.len() < specs[node].cout),
+                            "{policy:?}"
+                        );
+                    }
+                }
+            }
         }
     }
 

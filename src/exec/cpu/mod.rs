@@ -1,6 +1,7 @@
 //! CPU executors: the fast engine (packed GEMM with SIMD micro-kernels) and the Candle
 //! reference it is tested against.
 
+mod bands;
 mod depthwise;
 #[cfg(target_arch = "x86_64")]
 mod depthwise_avx512;
