@@ -461,7 +461,7 @@ mod tests {
                 _ => [rng.random_range(1..=7), rng.random_range(1..=7)],
             };
             let stride = [rng.random_range(1..=3), rng.random_range(1..=3)];
-            let in_hw = [rng.random_range(1..40), rng.random_range(1..40)];
+            let in_hw = [rng.random_range(1..40), rng.random_range(1..72)];
             let pad_tl = [
                 rng.random_range(0..kernel[0]),
                 rng.random_range(0..kernel[1]),
