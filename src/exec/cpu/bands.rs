@@ -15,7 +15,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::depthwise::Plan;
-use super::gemm::{self, Acc, Epilogue, Isa, Tile, KC, NR};
+use super::gemm::{self, Acc, Epilogue, Isa, OutPtr, Tile, KC, NR};
 use super::ops::Window;
 use super::pool::{Buf, BufferPool};
 use crate::model::Act;
@@ -81,19 +81,6 @@ pub struct Depthwise<'a> {
     pub weight: &'a [f32],
     pub bias: &'a [f32],
     pub act: Act,
-}
-
-/// Output pointer shared by tasks that write disjoint rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// A method (not field access) so closures capture the `Send` wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 impl Bands {

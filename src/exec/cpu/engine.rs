@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use super::bands::{self, Bands};
 use super::depthwise;
 use super::gate_scores::GateWeights;
-use super::gemm::{self, ConvGeom, Epilogue, Isa, Tile, KC, NR};
+use super::gemm::{self, ConvGeom, Epilogue, Isa, OutPtr, Tile, KC, NR};
 use super::ops::{self, dot, Window};
 use super::pool::{Buf, BufferPool};
 use crate::error::{Error, Result};
@@ -211,19 +211,6 @@ const LOCAL_A_BYTES: usize = 1 << 20;
 
 /// Narrowest output row a k×k stride-1 convolution reads in place (see `conv_gemm_into`).
 const IMPLICIT_WIDTH: usize = 28;
-
-/// Output pointer shared by tasks that write disjoint cells.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// A method (not field access) so closures capture the `Send` wrapper, not the pointer.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 impl EngineExecutor {
     /// Prepares the model for the engine with the best kernels for this CPU.
@@ -992,14 +979,17 @@ impl EngineExecutor {
                             _ => None,
                         },
                     };
-                    let ungated =
-                        ic_sets.is_none() && gates.channels.is_none() && gates.tiles.is_none();
-                    let pair = self.bands[i].as_ref().zip(self.layers.get(i + 1));
-                    if let (
-                        true,
-                        Some((
-                            b,
-                            (
+                    let inputs = Inputs {
+                        kept: ic_sets,
+                        dropped: dropped.as_ref(),
+                    };
+                    // With a depthwise layer as its only reader (and no spatial gate),
+                    // that layer computes this node's output band by band, and this
+                    // node's result stands in for that layer's.
+                    let band = match (self.bands[i].as_ref(), self.layers.get(i + 1)) {
+                        (
+                            Some(b),
+                            Some((
                                 _,
                                 Layer::Depthwise {
                                     weight: dw,
@@ -1008,52 +998,37 @@ impl EngineExecutor {
                                     shift,
                                     ..
                                 },
-                            ),
-                        )),
-                    ) = (gates.tiles.is_none(), pair)
-                    {
-                        // This node's output goes no further than the depthwise layer,
-                        // which computes it band by band; it stands in for that layer's.
-                        let dwo = bands::Depthwise {
-                            weight: dw,
-                            bias: db,
-                            act: *da,
-                        };
-                        let pass = BandPass {
+                            )),
+                        ) if gates.tiles.is_none() => Some(BandPass {
                             bands: b,
                             weight,
                             bias,
                             act: *act,
-                            inputs: Inputs {
-                                kept: ic_sets,
-                                dropped: dropped.as_ref(),
-                            },
+                            inputs,
                             gate: gates.channels,
-                            dw: dwo,
+                            dw: bands::Depthwise {
+                                weight: dw,
+                                bias: db,
+                                act: *da,
+                            },
                             shift: shift.as_deref(),
-                        };
-                        let c = self.run_bands(x, batch, geom, pass, self.sizes[i + 2]);
-                        if gates.channels.is_some() {
-                            kept[i + 1] = Some(c.oc.clone());
-                            node_kept[i] = Some(c.oc);
-                        }
-                        gate_flops
-                            .iter_mut()
-                            .zip(&c.gate_flops)
-                            .for_each(|(a, b)| *a += b);
-                        gate_ms = c.gate_ms;
-                        banded = true;
-                        (c.out, c.flops)
-                    } else if ungated {
+                        }),
+                        _ => None,
+                    };
+                    let ungated =
+                        ic_sets.is_none() && gates.channels.is_none() && gates.tiles.is_none();
+                    if ungated && band.is_none() {
                         let out = self.conv_gemm(x, batch, weight, bias, *groups, geom, r, *act);
                         (out, dense)
                     } else {
-                        let inputs = Inputs {
-                            kept: ic_sets,
-                            dropped: dropped.as_ref(),
+                        let c = match band {
+                            Some(pass) => {
+                                banded = true;
+                                self.run_bands(x, batch, geom, pass, self.sizes[i + 2])
+                            }
+                            None => self
+                                .conv_compact(x, batch, weight, bias, geom, r, *act, inputs, gates),
                         };
-                        let c =
-                            self.conv_compact(x, batch, weight, bias, geom, r, *act, inputs, gates);
                         if gates.channels.is_some() {
                             kept[i + 1] = Some(c.oc.clone());
                             node_kept[i] = Some(c.oc);

@@ -41,6 +41,19 @@ pub struct Epilogue<'a> {
     pub act: Act,
 }
 
+/// Output pointer shared by tasks that write disjoint cells.
+#[derive(Clone, Copy)]
+pub struct OutPtr(pub *mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// A method (not field access) so closures capture the `Send` wrapper, not the pointer.
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The micro-kernel implementation picked for this CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
