@@ -15,7 +15,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::depthwise::Plan;
-use super::gemm::{self, Acc, Epilogue, Isa, OutPtr, Tile, KC, NR};
+use super::gemm::{self, Acc, Epilogue, Isa, OutPtr, Prefetch, Tile, KC, NR};
 use super::ops::Window;
 use super::pool::{Buf, BufferPool};
 use crate::model::Act;
@@ -302,15 +302,30 @@ impl Bands {
                 if k == 0 {
                     scratch.acc = [[0f32; NR]; 12];
                 }
+                let mut done = false;
                 for k0 in (0..k).step_by(KC) {
+                    let k1 = (k0 + KC).min(k);
+                    let fin = (k1 == k).then_some(gemm::Finish { ep: &ep, c });
                     // SAFETY: rows < chans index the packed weights (k columns, checked
                     // in `run`); the panel holds NR values from every row's start
-                    // (checked above, or packed).
-                    unsafe { gemm::accumulate(isa, &tile, k0, (k0 + KC).min(k), &mut scratch.acc) };
+                    // (checked above, or packed); with `fin`, as for the store below.
+                    done = unsafe {
+                        gemm::accumulate_finishing(
+                            isa,
+                            &tile,
+                            k0,
+                            k1,
+                            &mut scratch.acc,
+                            Prefetch::NONE,
+                            fin,
+                        )
+                    };
                 }
-                // SAFETY: rows < chans and columns < at + n ≤ cap · W index one plane
-                // each of the band buffer (chans × cap · W floats).
-                unsafe { gemm::store(&tile, &ep, &scratch.acc, c) };
+                if !done {
+                    // SAFETY: rows < chans and columns < at + n ≤ cap · W index one
+                    // plane each of the band buffer (chans × cap · W floats).
+                    unsafe { gemm::store(&tile, &ep, &scratch.acc, c) };
+                }
             }
         }
     }

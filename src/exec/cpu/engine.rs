@@ -829,8 +829,14 @@ impl EngineExecutor {
             // K blocks outermost: one KC × NR block of each panel serves every row tile of
             // this task from L1 or L2, and each row tile's block of A serves the group's
             // panels from L1.
+            // Tiles whose kernel stored them itself at the end of K.
+            let mut done = vec![false; tiles.len()];
             for k0 in (0..k).step_by(KC) {
                 let k1 = (k0 + KC).min(k);
+                let fin = (k1 == k).then(|| gemm::Finish {
+                    ep: &ep,
+                    c: ptr.get().wrapping_add(out_off),
+                });
                 for (j, (tile, acc)) in tiles.iter().zip(accs.iter_mut()).enumerate() {
                     // Where A streams from memory (grouped panels), the group's first
                     // panel prefetches the next row tile's block of A. Elsewhere A is in
@@ -855,10 +861,18 @@ impl EngineExecutor {
                     // boff[kk] + NR is inside it: shifted windows through the padded
                     // input's NR values of slack; a 1×1 layer's kept channel c at
                     // c · plane, with the panel's NR positions inside the plane.
-                    unsafe { gemm::accumulate_prefetching(self.isa, tile, k0, k1, acc, next) };
+                    // With `fin`, as for the store below.
+                    done[j] = unsafe {
+                        gemm::accumulate_finishing(self.isa, tile, k0, k1, acc, next, fin)
+                    };
                 }
             }
-            for (tile, acc) in tiles.iter().zip(accs.iter()) {
+            for ((tile, acc), _) in tiles
+                .iter()
+                .zip(accs.iter())
+                .zip(&done)
+                .filter(|(_, &d)| !d)
+            {
                 // SAFETY: rows < rows_per_group and cols < n index inside this (sample,
                 // group) block of `out`; tasks cover disjoint (rows, cols) cells.
                 unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
