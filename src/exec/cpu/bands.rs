@@ -176,13 +176,8 @@ impl Bands {
                 let nb = self.bands.len();
                 let bands = &self.bands[(run * per_run).min(nb)..((run + 1) * per_run).min(nb)];
                 let xs = &x[s * self.k * plane..];
-                // SAFETY: sample s's output planes; tasks write disjoint rows of them.
-                let os = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        ptr.get().add(s * self.chans * out_plane),
-                        self.chans * out_plane,
-                    )
-                };
+                // Sample s's output planes (`out` holds them: checked above).
+                let os = OutPtr(ptr.get().wrapping_add(s * self.chans * out_plane));
                 let job = Job {
                     isa,
                     xs,
@@ -195,13 +190,14 @@ impl Bands {
         );
     }
 
-    /// One run of consecutive bands of one sample.
+    /// One run of consecutive bands of one sample, whose `chans` output planes start at
+    /// `os`; the task writes only its bands' rows of them.
     fn run_bands(
         &self,
         job: &Job,
         bands: &[Band],
         dw: Depthwise,
-        os: &mut [f32],
+        os: OutPtr,
         scratch: &mut Scratch,
     ) {
         let [_, w] = self.win.in_hw;
@@ -227,8 +223,14 @@ impl Bands {
             held = need.clone();
             for &c in job.sample.rows {
                 let x = &scratch.band[c * stride..c * stride + need.len() * w];
-                let o = &mut os[c * oh * ow..(c + 1) * oh * ow];
-                let o = &mut o[band.out.start * ow..band.out.end * ow];
+                // SAFETY: rows `band.out` of plane c < chans, inside the sample's planes;
+                // no other task writes this band's rows.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        os.get().add(c * oh * ow + band.out.start * ow),
+                        band.out.len() * ow,
+                    )
+                };
                 let k = &dw.weight[c * taps..(c + 1) * taps];
                 let shift = job.sample.shift.map_or(0.0, |v| v[c]);
                 band.plan
