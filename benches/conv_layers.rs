@@ -8,6 +8,9 @@
 //! it) at several kept fractions of channels and of tiles; its throughput counts the
 //! FLOPs executed, so GFLOP/s compare directly with the dense pair's.
 //!
+//! The `bands` group runs a 1×1 expansion and the depthwise layer reading it, banded
+//! together and layer by layer.
+//!
 //! `cargo bench --bench conv_layers`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -212,5 +215,42 @@ fn bench_sparse(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, bench_sparse);
+/// MobileNetV2's second block's expansion (16 → 96 at 112×112) and the stride-2
+/// depthwise layer reading it: run together in bands, and layer by layer; dense and with
+/// half the expanded channels kept.
+fn bench_bands(c: &mut Criterion) {
+    let mut group = c.benchmark_group("bands");
+    group.sample_size(20);
+    let conv = |cout, k, stride, depthwise| ConvSpec {
+        cout,
+        k,
+        stride,
+        depthwise,
+    };
+    let model = conv_chain(16, 112, &[conv(96, 1, 1, false), conv(96, 3, 2, true)])
+        .expect("valid synthetic model");
+    let input = pseudo_random(16 * 112 * 112, 7);
+    let banded = EngineExecutor::new(&model).unwrap();
+    let layered = EngineExecutor::new(&model).unwrap().without_bands();
+    let half = Policy::Gates(Gates {
+        channels: Cut::Ratio(0.5),
+        tiles: Cut::All,
+    });
+    for (label, policy) in [("dense", Policy::Dense), ("channels 0.5", half)] {
+        let flops = banded
+            .forward_with(&input, 1, policy)
+            .unwrap()
+            .flops
+            .map_or(model.flops_per_sample(), |f| f[0]);
+        group.throughput(Throughput::Elements(flops));
+        for (name, ex) in [("bands", &banded), ("layer by layer", &layered)] {
+            group.bench_with_input(BenchmarkId::new(name, label), &input, |b, x| {
+                b.iter(|| ex.forward_with(x, 1, policy).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_sparse, bench_bands);
 criterion_main!(benches);

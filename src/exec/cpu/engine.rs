@@ -356,6 +356,30 @@ impl EngineExecutor {
         })
     }
 
+    /// Runs every layer on its own: no 1×1 expansion and depthwise layer together in bands
+    /// (see the module documentation), to measure what the bands buy.
+    ///
+    /// ```
+    /// use dynsparse::exec::cpu::EngineExecutor;
+    /// use dynsparse::exec::Executor;
+    /// use dynsparse::synthetic::{conv_chain, ConvSpec};
+    ///
+    /// // MobileNetV2's second block's expansion (16 → 96 channels at 112 × 112, 4.8 MB)
+    /// // and the stride-2 depthwise layer reading it: banded unless told otherwise.
+    /// let conv = |cout, k, stride, depthwise| ConvSpec { cout, k, stride, depthwise };
+    /// let model = conv_chain(16, 112, &[conv(96, 1, 1, false), conv(96, 3, 2, true)])?;
+    /// let input: Vec<f32> = (0..16 * 112 * 112).map(|i| (i % 7) as f32 - 3.0).collect();
+    /// let banded = EngineExecutor::new(&model)?.forward(&input, 1)?;
+    /// let layered = EngineExecutor::new(&model)?.without_bands().forward(&input, 1)?;
+    /// // The same arithmetic in the same order: the same logits.
+    /// assert_eq!(banded, layered);
+    /// # Ok::<(), dynsparse::Error>(())
+    /// ```
+    pub fn without_bands(mut self) -> Self {
+        self.bands.iter_mut().for_each(|b| *b = None);
+        self
+    }
+
     /// Rounds kept channel counts up to multiples of `round` instead of the micro-kernel's
     /// row count (1: no rounding), to measure what the rounding buys.
     pub fn with_channel_round(mut self, round: usize) -> Self {
