@@ -853,8 +853,6 @@ impl EngineExecutor {
             // K blocks outermost: one KC × NR block of each panel serves every row tile of
             // this task from L1 or L2, and each row tile's block of A serves the group's
             // panels from L1.
-            // Tiles whose kernel stored them itself at the end of K.
-            let mut done = vec![false; tiles.len()];
             for k0 in (0..k).step_by(KC) {
                 let k1 = (k0 + KC).min(k);
                 let fin = (k1 == k).then(|| gemm::Finish {
@@ -886,20 +884,24 @@ impl EngineExecutor {
                     // input's NR values of slack; a 1×1 layer's kept channel c at
                     // c · plane, with the panel's NR positions inside the plane.
                     // With `fin`, as for the store below.
-                    done[j] = unsafe {
+                    let stored = unsafe {
                         gemm::accumulate_finishing(self.isa, tile, k0, k1, acc, next, fin)
                     };
+                    // A finished tile the kernel did not store is stored now.
+                    if k1 == k && !stored {
+                        // SAFETY: rows < rows_per_group and cols < n index inside this
+                        // (sample, group) block of `out`; tasks cover disjoint (rows,
+                        // cols) cells.
+                        unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
+                    }
                 }
             }
-            for ((tile, acc), _) in tiles
-                .iter()
-                .zip(accs.iter())
-                .zip(&done)
-                .filter(|(_, &d)| !d)
-            {
-                // SAFETY: rows < rows_per_group and cols < n index inside this (sample,
-                // group) block of `out`; tasks cover disjoint (rows, cols) cells.
-                unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
+            // Without K, no kernel ran: the tiles are their (zeroed) accumulators.
+            if k == 0 {
+                for (tile, acc) in tiles.iter().zip(accs.iter()) {
+                    // SAFETY: as above.
+                    unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
+                }
             }
             drop(tiles);
             if let Some((buf, _)) = local_a {
