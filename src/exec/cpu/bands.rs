@@ -498,7 +498,7 @@ mod tests {
                         let (got, want) =
                             (out[(s * chans + c) * plane + p], want[c * plane + p] - sh);
                         assert!(
-                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
                             "{isa:?} case {case}: sample {s} channel {c} pixel {p}: {got} vs {want} \
                              (k {k} chans {chans} {h}×{w} kernel {ks} stride {stride} pad {pad}, \
                              {} bands)",
