@@ -762,22 +762,32 @@ mod avx512 {
         if let Some(f) = fin {
             // The epilogue straight from the registers (the caller checked that the
             // columns are consecutive): no round trip through `out`.
-            let n = t.cols.len();
-            for (&row, a) in t.rows.iter().zip(&acc) {
-                let bias = _mm512_set1_ps(f.ep.bias[row]);
-                let at = row * t.ldc + t.cols[0];
-                for (w, v) in a.iter().enumerate() {
-                    let len = n.saturating_sub(16 * w).min(16);
-                    if len > 0 {
-                        let m = if len == 16 {
-                            u16::MAX
-                        } else {
-                            (1u16 << len) - 1
-                        };
-                        store_run(*v, bias, f.ep, m, f.c, at + 16 * w);
+            // Literal row indices only: iterating over the accumulators with a run-time
+            // index here (a loop too big to unroll) made the compiler keep them on the
+            // stack, storing each after every multiply-add of the K loop, which more than
+            // doubled whole passes (f033c4c). The rows past `MR` are compiled out.
+            let (n, nr) = (t.cols.len(), t.rows.len());
+            macro_rules! rows {
+                ($($i:literal)*) => {$(
+                    if $i < MR && $i < nr {
+                        let row = t.rows[$i];
+                        let bias = _mm512_set1_ps(f.ep.bias[row]);
+                        let at = row * t.ldc + t.cols[0];
+                        for w in 0..W {
+                            let len = n.saturating_sub(16 * w).min(16);
+                            if len > 0 {
+                                let m = if len == 16 {
+                                    u16::MAX
+                                } else {
+                                    (1u16 << len) - 1
+                                };
+                                store_run(acc[$i][w], bias, f.ep, m, f.c, at + 16 * w);
+                            }
+                        }
                     }
-                }
+                )*};
             }
+            rows!(0 1 2 3 4 5 6 7 8 9 10 11);
             return true;
         }
         for i in 0..t.rows.len() {
