@@ -209,6 +209,14 @@ const GROUP_PANELS: usize = 8;
 /// on the machine it was measured on; below it, no gain was measured).
 const LOCAL_A_BYTES: usize = 1 << 20;
 
+/// Output bytes per sample from which tiles prefetch their successor's output and
+/// residual lines (see `conv_gemm_into`). ResNet-50 at batch 1, one thread, six
+/// alternating processes each way: layer 1's 1×1 `conv3` and downsample layers (256
+/// planes of 56×56, 3.2 MB) took 0.66–0.78 and 0.71–0.83 of their time without it; at
+/// 1.6 MB (layer 2's `conv3`) 0.91–1.0; MobileNetV2's 1×1 layers (at most 1.8 MB
+/// outside the bands) got slower, up to 1.2×, by the prefetch instructions alone.
+const PREFETCH_OUT_BYTES: usize = 2 << 20;
+
 /// Narrowest output row a k×k stride-1 convolution reads in place (see `conv_gemm_into`).
 const IMPLICIT_WIDTH: usize = 28;
 
@@ -744,6 +752,11 @@ impl EngineExecutor {
         }
         let ptr = OutPtr(out.as_mut_ptr());
         let tasks = batch * groups * ngroups * chunks;
+        // A sample's output too big for L2 is written to many planes at once (a tile's
+        // rows are 12 planes; a panel's tiles every plane), more streams than the
+        // hardware prefetcher follows: each tile then prefetches the next one's output
+        // and residual lines while it computes.
+        let prefetch_io = rows_total * n * std::mem::size_of::<f32>() >= PREFETCH_OUT_BYTES;
         let task = |(own, accs): &mut (Vec<f32>, Vec<gemm::Acc>), t: usize| {
             let (chunk, sgq) = (t % chunks, t / chunks);
             let (q, sg) = (sgq % ngroups, sgq / ngroups);
@@ -884,6 +897,11 @@ impl EngineExecutor {
                     // input's NR values of slack; a 1×1 layer's kept channel c at
                     // c · plane, with the panel's NR positions inside the plane.
                     // With `fin`, as for the store below.
+                    if k1 == k && prefetch_io {
+                        if let Some(nt) = tiles.get(j + 1) {
+                            gemm::prefetch_epilogue(nt, &ep, ptr.get().wrapping_add(out_off));
+                        }
+                    }
                     let stored = unsafe {
                         gemm::accumulate_finishing(self.isa, tile, k0, k1, acc, next, fin)
                     };

@@ -320,6 +320,44 @@ pub unsafe fn accumulate_finishing(
     false
 }
 
+/// Prefetches what `t`'s epilogue will touch: for each of its rows, the cache lines of
+/// its columns' residual values (when there is a residual) and of its output cells (for
+/// writing), so that a tile computed meanwhile hides their latency.
+///
+/// Safety: none needed; a prefetch never faults, and addresses are only computed.
+pub fn prefetch_epilogue(t: &Tile, ep: &Epilogue, c: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
+        let n = t.cols.len();
+        if n == 0 {
+            return;
+        }
+        let span = t.cols[n - 1] - t.cols[0] + 1;
+        for &row in t.rows {
+            let at = row * t.ldc + t.cols[0];
+            // Lines of 16 floats: the first and every 16 further, and the last.
+            let mut off = 0;
+            loop {
+                let o = off.min(span - 1);
+                // SAFETY: prefetching computes an address and never faults.
+                unsafe {
+                    if let Some(r) = ep.residual {
+                        _mm_prefetch::<_MM_HINT_T0>(r.as_ptr().wrapping_add(at + o) as *const i8);
+                    }
+                    _mm_prefetch::<_MM_HINT_ET0>(c.wrapping_add(at + o) as *const i8);
+                }
+                if o == span - 1 {
+                    break;
+                }
+                off += 16;
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (t, ep, c);
+}
+
 /// Applies the epilogue to finished accumulators and stores them at
 /// `c[rows[i] * ldc + cols[j]]`.
 ///
