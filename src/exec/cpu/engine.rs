@@ -629,6 +629,9 @@ impl EngineExecutor {
         // then stays in the task's core's cache instead of going to memory and back.
         // Timed inside the layer, ResNet-50 at budget 0.5: layer 4's 3×3 convolutions'
         // copy and GEMM from 0.51–0.68 ms (copy 0.26–0.35, GEMM 0.24–0.33) to 0.44–0.66.
+        // The copy goes row tile by row tile, its source prefetched while the tile
+        // before computes (see the task): alternating binaries at budget 0.5, layer 4
+        // took 0.94 (batch 1) and 0.87 (batch 8) of its time with the copy up front.
         let a_bytes = row_list.len() * k * std::mem::size_of::<f32>();
         let local_copy = chans.is_some() && a_bytes > self.local_a;
         // A plan's kept input channels: their columns of A are copied into a compact A
@@ -784,34 +787,10 @@ impl EngineExecutor {
                 let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
                 gemm::pack_panel(xs, &gk, chans, cols, own);
             }
-            // The blocks this task's rows lie in, their kept columns copied (rows keep
-            // their place in the block), and each row's index in the copy.
-            let local_a = chans.filter(|_| local_copy).map(|c| {
-                let mut blocks: Vec<usize> = Vec::new();
-                let mut local = Vec::with_capacity(last.saturating_sub(first));
-                for &r in &row_list[first.min(last)..last] {
-                    if blocks.last() != Some(&(r / gemm::PACK)) {
-                        blocks.push(r / gemm::PACK);
-                    }
-                    local.push((blocks.len() - 1) * gemm::PACK + r % gemm::PACK);
-                }
-                let (src, dst) = (gemm::PACK * lda, gemm::PACK * k);
-                let mut buf = self.pool.take_dirty(blocks.len() * dst);
-                for (&b, out) in blocks.iter().zip(buf.chunks_exact_mut(dst)) {
-                    let block = &a[b * src..(b + 1) * src];
-                    gemm::pack_a_channels(block, lda, c, taps, out);
-                }
-                (buf, local)
-            });
-            // Tiles row tile by row tile, each with the group's panels.
-            let mut tiles: Vec<Tile> = Vec::with_capacity(np * row_blocks);
-            for r0 in (first..last).step_by(mr) {
-                let n_rows = (r0 + mr).min(last) - r0;
-                let (a, ka, arows) = match &local_a {
-                    Some((buf, local)) => (&buf[..], k, &local[r0 - first..r0 - first + n_rows]),
-                    None => (a, ka, &row_list[r0..r0 + n_rows]),
-                };
-                for p in group.clone() {
+            // One tile: rows `r0..` of the task (A rows `arows` of `a`) on panel `p`.
+            macro_rules! tile {
+                ($a:expr, $ka:expr, $arows:expr, $r0:expr, $p:expr) => {{
+                    let (r0, p) = ($r0, $p);
                     let (y, x0) = (p / segs, (p % segs) * NR);
                     let lanes = flat.then(|| flat_lanes[p]);
                     let cols = if let Some((l, start)) = lanes {
@@ -838,10 +817,10 @@ impl EngineExecutor {
                         let at = (sg * panels + p) * panel_len;
                         (&packed[at..at + panel_len], NR)
                     };
-                    tiles.push(Tile {
-                        a,
-                        ka,
-                        arows,
+                    Tile {
+                        a: $a,
+                        ka: $ka,
+                        arows: $arows,
                         kmap: None,
                         // Packed panels are read row after row.
                         boff: boff.as_deref().filter(|_| in_place),
@@ -852,78 +831,172 @@ impl EngineExecutor {
                         ldc: n,
                         cols,
                         lanes: lanes.map(|(l, _)| l),
-                    });
+                    }
+                }};
+            }
+            // K blocks outermost: one KC × NR block of each panel serves every row tile
+            // given from L1 or L2, and each row tile's block of A serves the group's
+            // panels from L1. `next(j, k0)`: what tile j prefetches on K block k0.
+            let run = |tiles: &[Tile],
+                       accs: &mut Vec<gemm::Acc>,
+                       next: &dyn Fn(usize, usize) -> gemm::Prefetch| {
+                // The kernels start each accumulator from zero at k = 0: a thread's
+                // buffer is reused as it is, not zeroed per task (unless there is no k to
+                // start at).
+                if accs.len() < tiles.len() {
+                    accs.resize(tiles.len(), [[0f32; NR]; 12]);
                 }
-            }
-            // The kernels start each accumulator from zero at k = 0: a thread's buffer is
-            // reused as it is, not zeroed per task (unless there is no k to start at).
-            if accs.len() < tiles.len() {
-                accs.resize(tiles.len(), [[0f32; NR]; 12]);
-            }
-            if k == 0 {
-                accs.fill([[0f32; NR]; 12]);
-            }
-            // K blocks outermost: one KC × NR block of each panel serves every row tile of
-            // this task from L1 or L2, and each row tile's block of A serves the group's
-            // panels from L1.
-            for k0 in (0..k).step_by(KC) {
-                let k1 = (k0 + KC).min(k);
-                let fin = (k1 == k).then(|| gemm::Finish {
-                    ep: &ep,
-                    c: ptr.get().wrapping_add(out_off),
-                });
-                for (j, (tile, acc)) in tiles.iter().zip(accs.iter_mut()).enumerate() {
-                    // Where A streams from memory (grouped panels), the group's first
-                    // panel prefetches the next row tile's block of A. Elsewhere A is in
-                    // L2, and prefetching measured no gain.
-                    let next = match tiles.get(j + np) {
-                        Some(n) if per_group > 1 && j % np == 0 => {
-                            let at = gemm::a_offset(n.arows[0], n.ka) + k0 * gemm::PACK;
-                            // Kept rows spread over blocks: prefetch the blocks they span.
-                            let span = n.arows[n.arows.len() - 1] / gemm::PACK
-                                - n.arows[0] / gemm::PACK
-                                + 1;
-                            gemm::Prefetch {
-                                at: n.a.as_ptr().wrapping_add(at),
-                                blocks: span.min(gemm::Prefetch::MAX),
+                if k == 0 {
+                    accs.fill([[0f32; NR]; 12]);
+                }
+                for k0 in (0..k).step_by(KC) {
+                    let k1 = (k0 + KC).min(k);
+                    let fin = (k1 == k).then(|| gemm::Finish {
+                        ep: &ep,
+                        c: ptr.get().wrapping_add(out_off),
+                    });
+                    for (j, (tile, acc)) in tiles.iter().zip(accs.iter_mut()).enumerate() {
+                        if k1 == k && prefetch_io {
+                            if let Some(nt) = tiles.get(j + 1) {
+                                gemm::prefetch_epilogue(nt, &ep, ptr.get().wrapping_add(out_off));
                             }
                         }
-                        _ => gemm::Prefetch::NONE,
-                    };
-                    // SAFETY: arows < rows_per_group index `a` (whole blocks, ka
-                    // columns, k ≤ ka), or index the task's copy of its blocks (whole
-                    // blocks of k columns); the panel holds k × NR, or (in place) every
-                    // boff[kk] + NR is inside it: shifted windows through the padded
-                    // input's NR values of slack; a 1×1 layer's kept channel c at
-                    // c · plane, with the panel's NR positions inside the plane.
-                    // With `fin`, as for the store below.
-                    if k1 == k && prefetch_io {
-                        if let Some(nt) = tiles.get(j + 1) {
-                            gemm::prefetch_epilogue(nt, &ep, ptr.get().wrapping_add(out_off));
+                        // SAFETY: arows < rows_per_group index `a` (whole blocks, ka
+                        // columns, k ≤ ka), or index the task's copy of its blocks (whole
+                        // blocks of k columns); the panel holds k × NR, or (in place)
+                        // every boff[kk] + NR is inside it: shifted windows through the
+                        // padded input's NR values of slack; a 1×1 layer's kept channel
+                        // c at c · plane, with the panel's NR positions inside the plane.
+                        // With `fin`, as for the store below.
+                        let stored = unsafe {
+                            gemm::accumulate_finishing(
+                                self.isa,
+                                tile,
+                                k0,
+                                k1,
+                                acc,
+                                next(j, k0),
+                                fin,
+                            )
+                        };
+                        // A finished tile the kernel did not store is stored now.
+                        if k1 == k && !stored {
+                            // SAFETY: rows < rows_per_group and cols < n index inside
+                            // this (sample, group) block of `out`; tasks cover disjoint
+                            // (rows, cols) cells.
+                            unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
                         }
                     }
-                    let stored = unsafe {
-                        gemm::accumulate_finishing(self.isa, tile, k0, k1, acc, next, fin)
-                    };
-                    // A finished tile the kernel did not store is stored now.
-                    if k1 == k && !stored {
-                        // SAFETY: rows < rows_per_group and cols < n index inside this
-                        // (sample, group) block of `out`; tasks cover disjoint (rows,
-                        // cols) cells.
+                }
+                // Without K, no kernel ran: the tiles are their (zeroed) accumulators.
+                if k == 0 {
+                    for (tile, acc) in tiles.iter().zip(accs.iter()) {
+                        // SAFETY: as above.
                         unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
                     }
                 }
-            }
-            // Without K, no kernel ran: the tiles are their (zeroed) accumulators.
-            if k == 0 {
-                for (tile, acc) in tiles.iter().zip(accs.iter()) {
-                    // SAFETY: as above.
-                    unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
+            };
+            if let Some(c) = chans.filter(|_| local_copy) {
+                // Big kept weights: the task copies the kept columns of the blocks its
+                // rows lie in (rows keep their place in the block), row tile by row
+                // tile, just before the tile needs them; meanwhile each row tile's first
+                // panel prefetches, over its steps of K, the source blocks the next row
+                // tile will copy, so the copy reads from cache what a copy up front had
+                // to wait for from memory.
+                let mut blocks: Vec<usize> = Vec::new();
+                let mut local = Vec::with_capacity(last.saturating_sub(first));
+                for &r in &row_list[first.min(last)..last] {
+                    if blocks.last() != Some(&(r / gemm::PACK)) {
+                        blocks.push(r / gemm::PACK);
+                    }
+                    local.push((blocks.len() - 1) * gemm::PACK + r % gemm::PACK);
                 }
-            }
-            drop(tiles);
-            if let Some((buf, _)) = local_a {
+                let (src, dst) = (gemm::PACK * lda, gemm::PACK * k);
+                let mut buf = self.pool.take_dirty(blocks.len() * dst);
+                let mut copied = 0;
+                for r0 in (first..last).step_by(mr) {
+                    let n_rows = (r0 + mr).min(last) - r0;
+                    let arows = &local[r0 - first..r0 - first + n_rows];
+                    let need = arows[n_rows - 1] / gemm::PACK + 1;
+                    for (b, out) in buf[copied * dst..need * dst]
+                        .chunks_exact_mut(dst)
+                        .enumerate()
+                    {
+                        let at = blocks[copied + b] * src;
+                        gemm::pack_a_channels(&a[at..at + src], lda, c, taps, out);
+                    }
+                    copied = copied.max(need);
+                    // The next row tile's blocks not copied yet, as far as they are
+                    // consecutive in the source.
+                    let ahead = local
+                        .get(r0 + mr - first..((r0 + 2 * mr).min(last)).saturating_sub(first))
+                        .filter(|r| !r.is_empty())
+                        .map(|r| (need, r[r.len() - 1] / gemm::PACK + 1))
+                        .filter(|&(b0, b1)| b0 < b1)
+                        .map(|(b0, b1)| {
+                            let run = (b0..b1)
+                                .take_while(|&b| blocks[b] - blocks[b0] == b - b0)
+                                .count();
+                            (blocks[b0], run.min(gemm::Prefetch::MAX))
+                        });
+                    let tiles: Vec<Tile> = group
+                        .clone()
+                        .map(|p| tile!(&buf[..], k, arows, r0, p))
+                        .collect();
+                    // Spread over the row tile's packed panels (the kernel of a panel
+                    // read in place takes no prefetch), each its share of the blocks.
+                    let packed_panels: Vec<usize> = tiles
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, t)| t.boff.is_none() && t.cols.len() > 16)
+                        .map(|(j, _)| j)
+                        .collect();
+                    let share = packed_panels.len().max(1);
+                    let step = src.div_ceil(k.max(1) * share).next_multiple_of(16);
+                    let next = |j: usize, k0: usize| match (
+                        ahead,
+                        packed_panels.iter().position(|&p| p == j),
+                    ) {
+                        (Some((b, blocks)), Some(e)) => gemm::Prefetch {
+                            at: a.as_ptr().wrapping_add(b * src + (e * k + k0) * step),
+                            blocks,
+                            stride: src,
+                            step,
+                        },
+                        _ => gemm::Prefetch::NONE,
+                    };
+                    run(&tiles, accs, &next);
+                }
                 self.pool.give(buf);
+            } else {
+                // Tiles row tile by row tile, each with the group's panels.
+                let mut tiles: Vec<Tile> = Vec::with_capacity(np * row_blocks);
+                for r0 in (first..last).step_by(mr) {
+                    let n_rows = (r0 + mr).min(last) - r0;
+                    let arows = &row_list[r0..r0 + n_rows];
+                    for p in group.clone() {
+                        tiles.push(tile!(a, ka, arows, r0, p));
+                    }
+                }
+                // Where A streams from memory (grouped panels), the group's first panel
+                // prefetches the next row tile's block of A. Elsewhere A is in L2, and
+                // prefetching measured no gain.
+                let next = |j: usize, k0: usize| match tiles.get(j + np) {
+                    Some(n) if per_group > 1 && j.is_multiple_of(np) => {
+                        let at = gemm::a_offset(n.arows[0], n.ka) + k0 * gemm::PACK;
+                        // Kept rows spread over blocks: prefetch the blocks they span.
+                        let span =
+                            n.arows[n.arows.len() - 1] / gemm::PACK - n.arows[0] / gemm::PACK + 1;
+                        gemm::Prefetch {
+                            at: n.a.as_ptr().wrapping_add(at),
+                            blocks: span.min(gemm::Prefetch::MAX),
+                            stride: gemm::PACK * n.ka,
+                            step: gemm::PACK,
+                        }
+                    }
+                    _ => gemm::Prefetch::NONE,
+                };
+                run(&tiles, accs, &next);
             }
         };
         if serial {

@@ -229,12 +229,18 @@ pub unsafe fn accumulate(isa: Isa, t: &Tile, k0: usize, k1: usize, acc: &mut Acc
     accumulate_prefetching(isa, t, k0, k1, acc, Prefetch::NONE);
 }
 
-/// Where in A the caller runs next: `blocks` packed blocks (at most [`Prefetch::MAX`]),
-/// one after the other, from `at` (the K block's start in the first).
+/// Where the caller runs next, prefetched while a tile computes: `blocks` regions (at
+/// most [`Prefetch::MAX`]) `stride` floats apart from `at`; per step of K the kernel
+/// prefetches the next `step` floats of each (the caller's `at` is where the K block's
+/// first step starts). Blocks of a packed A: `stride = PACK · ka`, `step = PACK`. A
+/// region read at another rate (the packed blocks a later tile's weights are copied
+/// from) takes a `step` that covers it over the steps of K the tile runs.
 #[derive(Clone, Copy)]
 pub struct Prefetch {
     pub at: *const f32,
     pub blocks: usize,
+    pub stride: usize,
+    pub step: usize,
 }
 
 impl Prefetch {
@@ -242,17 +248,18 @@ impl Prefetch {
     pub const NONE: Prefetch = Prefetch {
         at: std::ptr::null(),
         blocks: 0,
+        stride: 0,
+        step: 0,
     };
     /// Most blocks prefetched at once: a tile of kept rows spread over more blocks
     /// prefetches the first ones.
     pub const MAX: usize = 3;
 }
 
-/// [`accumulate`], and on AVX-512 also prefetches into L1, one packed step of A per
-/// step of K in each block, the `(k1 - k0) · PACK` floats from `next.at` (and the same
-/// in the blocks after it): the part of A the caller runs next, so that weights
-/// streaming from memory arrive before the kernel needs them. A prefetch never faults;
-/// `next.at` may point anywhere.
+/// [`accumulate`], and on AVX-512 also prefetches into L1 `next`: `(k1 - k0) · step`
+/// floats from `next.at` (and the same in the blocks after it), the weights the caller
+/// runs next, so that weights streaming from memory arrive before they are needed. A
+/// prefetch never faults; `next.at` may point anywhere.
 ///
 /// # Safety
 /// As for [`accumulate`].
@@ -765,7 +772,6 @@ mod avx512 {
                 }
             }
         }
-        let block = PACK * t.ka;
         let mut b = t.panel.as_ptr().add(k0 * t.ldb);
         for kk in k0..k1 {
             let ka = PACK * if MAPPED { *map.add(kk) } else { kk };
@@ -779,9 +785,14 @@ mod avx512 {
                 *v = _mm512_loadu_ps(bp.add(16 * w));
             }
             if PF {
-                let at = next.at.wrapping_add((kk - k0) * PACK);
+                let at = next.at.wrapping_add((kk - k0) * next.step);
                 for b in 0..next.blocks.min(Prefetch::MAX) {
-                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(b * block) as *const i8);
+                    let from = at.wrapping_add(b * next.stride);
+                    let mut off = 0;
+                    while off < next.step {
+                        _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(off) as *const i8);
+                        off += 16;
+                    }
                 }
             }
             for i in 0..MR {
