@@ -720,8 +720,11 @@ mod avx512 {
             (true, true, false, _) => {
                 body::<W, MR, true, true, false, false>(t, k0, k1, out, next, fin)
             }
-            (true, false, true, _) => {
+            (true, false, true, false) => {
                 body::<W, MR, true, false, true, false>(t, k0, k1, out, next, fin)
+            }
+            (true, false, true, true) => {
+                body::<W, MR, true, false, true, true>(t, k0, k1, out, next, fin)
             }
             (true, true, true, _) => {
                 body::<W, MR, true, true, true, false>(t, k0, k1, out, next, fin)
