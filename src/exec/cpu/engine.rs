@@ -217,6 +217,14 @@ const LOCAL_A_BYTES: usize = 1 << 20;
 /// outside the bands) got slower, up to 1.2×, by the prefetch instructions alone.
 const PREFETCH_OUT_BYTES: usize = 2 << 20;
 
+/// Packed weights (bytes) up to which a plan's kept rows are gathered into consecutive
+/// rows (see `conv_gemm_into`). One thread, K = 27 to 96, tiles of 12 rows spread over
+/// two blocks and read through panel offsets ran 10–25% slower than rows in one block
+/// (micro-benchmark, median of 35). MobileNetV2 at budget 0.5 (its stem keeps 24 of 32
+/// channels), five alternating processes on one thread: the stem took 0.87 of its time,
+/// the pass 0.96–0.98 (noise as large). Bigger A would pay more for the gather.
+const SMALL_A_BYTES: usize = 16 << 10;
+
 /// Narrowest output row a k×k stride-1 convolution reads in place (see `conv_gemm_into`).
 const IMPLICIT_WIDTH: usize = 28;
 
@@ -662,6 +670,31 @@ impl EngineExecutor {
             }
             a
         });
+        // A small A with kept rows (a gated stem: 32 rows × 27 columns): the kept rows
+        // are gathered into consecutive rows, so that a tile reads one stream of A rather
+        // than a row each, which at so small a K costs the kernel 10–25% (see
+        // SMALL_A_BYTES).
+        let rows_a = only_rows
+            .filter(|_| groups == 1 && !local_copy)
+            .filter(|_| {
+                gemm::packed_a_len(rows_per_group, k) * std::mem::size_of::<f32>() <= SMALL_A_BYTES
+            })
+            .map(|r| {
+                let (src, ska) = match &compact_a {
+                    Some(a) => (&a[..], k),
+                    None => (weight, lda),
+                };
+                // Zero rows pad the last block, which the kernel reads and never stores.
+                let mut out = self.pool.take_dirty(gemm::packed_a_len(r.len(), k));
+                out.fill(0.0);
+                for (i, &row) in r.iter().enumerate() {
+                    let (from, to) = (gemm::a_offset(row, ska), gemm::a_offset(i, k));
+                    for col in 0..k {
+                        out[to + col * gemm::PACK] = src[from + col * gemm::PACK];
+                    }
+                }
+                out
+            });
         let mr = self.isa.mr();
         let row_blocks = row_list.len().div_ceil(mr);
         // Where A is too big to stay in L2 while panels stream past it (late layers: many
@@ -768,9 +801,9 @@ impl EngineExecutor {
             // (sample, group) blocks of the output are contiguous: sg · rows_per_group · n.
             let out_off = sg * rows_per_group * n;
             let group_len = gemm::packed_a_len(rows_per_group, lda);
-            let (a, ka) = match &compact_a {
-                Some(a) => (&a[..], k),
-                None => (&weight[grp * group_len..(grp + 1) * group_len], lda),
+            let (a, ka) = match (&rows_a, &compact_a) {
+                (Some(a), _) | (None, Some(a)) => (&a[..], k),
+                (None, None) => (&weight[grp * group_len..(grp + 1) * group_len], lda),
             };
             let ep = Epilogue {
                 bias: &bias[grp * rows_per_group..(grp + 1) * rows_per_group],
@@ -973,7 +1006,10 @@ impl EngineExecutor {
                 let mut tiles: Vec<Tile> = Vec::with_capacity(np * row_blocks);
                 for r0 in (first..last).step_by(mr) {
                     let n_rows = (r0 + mr).min(last) - r0;
-                    let arows = &row_list[r0..r0 + n_rows];
+                    let arows = match rows_a {
+                        Some(_) => &self.all_rows[r0..r0 + n_rows],
+                        None => &row_list[r0..r0 + n_rows],
+                    };
                     for p in group.clone() {
                         tiles.push(tile!(a, ka, arows, r0, p));
                     }
@@ -1009,6 +1045,9 @@ impl EngineExecutor {
         }
         self.pool.give(packed);
         if let Some(a) = compact_a {
+            self.pool.give(a);
+        }
+        if let Some(a) = rows_a {
             self.pool.give(a);
         }
         if let Some(p) = padded {
