@@ -209,6 +209,13 @@ const GROUP_PANELS: usize = 8;
 /// on the machine it was measured on; below it, no gain was measured).
 const LOCAL_A_BYTES: usize = 1 << 20;
 
+/// Kept weights (bytes) above which a layer of at most two panels copies them per task
+/// (see `LOCAL_A_BYTES`). MobileNetV2 at budget 0.5, five alternating processes: its
+/// last 7×7 projection (960 → 320) took 0.70 (one thread) and 0.75 (two) of its time,
+/// the two before it 0.83–0.84 (two threads); with every layer above 128 KiB copying
+/// per task, ResNet-50's 1×1 layers at 14×14 (seven panels) took 1.13×.
+const LOCAL_A_FEW_PANELS_BYTES: usize = 128 << 10;
+
 /// Output bytes per sample from which tiles prefetch their successor's output and
 /// residual lines (see `conv_gemm_into`). ResNet-50 at batch 1, one thread, six
 /// alternating processes each way: layer 1's 1×1 `conv3` and downsample layers (256
@@ -641,7 +648,11 @@ impl EngineExecutor {
         // before computes (see the task): alternating binaries at budget 0.5, layer 4
         // took 0.94 (batch 1) and 0.87 (batch 8) of its time with the copy up front.
         let a_bytes = row_list.len() * k * std::mem::size_of::<f32>();
-        let local_copy = chans.is_some() && a_bytes > self.local_a;
+        // With at most two panels (a 7×7 plane) the tiles' copy, prefetched row tile by
+        // row tile, pays from far smaller weights: the kernel then waits on weights, not
+        // on the panels it re-reads per row tile.
+        let local_copy = chans.is_some()
+            && (a_bytes > self.local_a || (panels <= 2 && a_bytes > LOCAL_A_FEW_PANELS_BYTES));
         // A plan's kept input channels: their columns of A are copied into a compact A
         // (contiguous runs, block by block; rows keep their indices), so tiles read A
         // without a map. Mapping columns inside the micro-kernel instead cost about 1.6×
