@@ -646,7 +646,8 @@ impl EngineExecutor {
         // copy and GEMM from 0.51–0.68 ms (copy 0.26–0.35, GEMM 0.24–0.33) to 0.44–0.66.
         // The copy goes row tile by row tile, its source prefetched while the tile
         // before computes (see the task): alternating binaries at budget 0.5, layer 4
-        // took 0.94 (batch 1) and 0.87 (batch 8) of its time with the copy up front.
+        // took 0.94 (batch 1) and 0.87 (batch 8) of the time it took with one copy up
+        // front per task.
         let a_bytes = row_list.len() * k * std::mem::size_of::<f32>();
         // With at most two panels (a 7×7 plane) the tiles' copy, prefetched row tile by
         // row tile, pays from far smaller weights: the kernel then waits on weights, not
