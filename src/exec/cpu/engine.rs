@@ -959,6 +959,7 @@ impl EngineExecutor {
                 let (src, dst) = (gemm::PACK * lda, gemm::PACK * k);
                 let mut buf = self.pool.take_dirty(blocks.len() * dst);
                 let mut copied = 0;
+                let mut packed_panels: Option<Vec<usize>> = None;
                 for r0 in (first..last).step_by(mr) {
                     let n_rows = (r0 + mr).min(last) - r0;
                     let arows = &local[r0 - first..r0 - first + n_rows];
@@ -988,14 +989,17 @@ impl EngineExecutor {
                         .clone()
                         .map(|p| tile!(&buf[..], k, arows, r0, p))
                         .collect();
-                    // Spread over the row tile's packed panels (the kernel of a panel
-                    // read in place takes no prefetch), each its share of the blocks.
-                    let packed_panels: Vec<usize> = tiles
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, t)| t.boff.is_none() && t.cols.len() > 16)
-                        .map(|(j, _)| j)
-                        .collect();
+                    // Spread over the group's packed panels (the kernel of a panel read
+                    // in place takes no prefetch), each its share of the blocks; which
+                    // panels those are is the same for every row tile.
+                    let packed_panels = packed_panels.get_or_insert_with(|| {
+                        tiles
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, t)| t.boff.is_none() && t.cols.len() > 16)
+                            .map(|(j, _)| j)
+                            .collect::<Vec<usize>>()
+                    });
                     let share = packed_panels.len().max(1);
                     let step = src.div_ceil(k.max(1) * share).next_multiple_of(16);
                     let next = |j: usize, k0: usize| match (
