@@ -285,9 +285,9 @@ pub struct Finish<'a> {
     pub c: *mut f32,
 }
 
-/// [`accumulate_prefetching`]; with `finish`, when `k1 == t.k`, the AVX-512 kernel of a
-/// tile whose columns are consecutive (and without a lane mask) also applies the
-/// epilogue and stores the tile, and returns true: `acc` is then not written. Otherwise
+/// [`accumulate_prefetching`]; with `finish`, when `k1 == t.k`, the AVX-512 and AVX2
+/// kernels of a tile whose columns are consecutive (and without a lane mask) also apply
+/// the epilogue and store the tile, and return true: `acc` is then not written. Otherwise
 /// it returns false and the caller stores `acc` ([`store`]).
 ///
 /// # Safety
@@ -316,11 +316,13 @@ pub unsafe fn accumulate_finishing(
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
-            avx2::kernel(t, k0, k1, 0, acc);
+            let finish = finish.filter(|_| k1 == t.k && t.lanes.is_none() && t.contiguous());
+            avx2::kernel(t, k0, k1, 0, acc, finish);
             // A panel's last columns may not fill its second half: skip it then.
             if t.width() > 16 {
-                avx2::kernel(t, k0, k1, 16, acc);
+                avx2::kernel(t, k0, k1, 16, acc, finish);
             }
+            return finish.is_some();
         }
         _ => portable_kernel(t, k0, k1, acc),
     }
@@ -853,23 +855,32 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{row_starts, Acc, Tile, PACK};
+    use super::{row_starts, Acc, Epilogue, Finish, Tile, PACK};
+    use crate::model::Act;
     use std::arch::x86_64::*;
 
     const MR: usize = 6;
 
-    /// 6 rows × 16 columns (`half` = 0 or 16 of the panel): 12 ymm accumulators.
+    /// 6 rows × 16 columns (`half` = 0 or 16 of the panel): 12 ymm accumulators. With
+    /// `fin`, the tile's columns in this half get the epilogue from the registers.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn kernel(t: &Tile, k0: usize, k1: usize, half: usize, out: &mut Acc) {
+    pub unsafe fn kernel(
+        t: &Tile,
+        k0: usize,
+        k1: usize,
+        half: usize,
+        out: &mut Acc,
+        fin: Option<Finish>,
+    ) {
         match (t.one_block(MR), t.kmap.is_some(), t.boff.is_some()) {
-            (true, false, false) => body::<true, false, false>(t, k0, k1, half, out),
-            (true, true, false) => body::<true, true, false>(t, k0, k1, half, out),
-            (true, false, true) => body::<true, false, true>(t, k0, k1, half, out),
-            (true, true, true) => body::<true, true, true>(t, k0, k1, half, out),
-            (false, false, false) => body::<false, false, false>(t, k0, k1, half, out),
-            (false, true, false) => body::<false, true, false>(t, k0, k1, half, out),
-            (false, false, true) => body::<false, false, true>(t, k0, k1, half, out),
-            (false, true, true) => body::<false, true, true>(t, k0, k1, half, out),
+            (true, false, false) => body::<true, false, false>(t, k0, k1, half, out, fin),
+            (true, true, false) => body::<true, true, false>(t, k0, k1, half, out, fin),
+            (true, false, true) => body::<true, false, true>(t, k0, k1, half, out, fin),
+            (true, true, true) => body::<true, true, true>(t, k0, k1, half, out, fin),
+            (false, false, false) => body::<false, false, false>(t, k0, k1, half, out, fin),
+            (false, true, false) => body::<false, true, false>(t, k0, k1, half, out, fin),
+            (false, false, true) => body::<false, false, true>(t, k0, k1, half, out, fin),
+            (false, true, true) => body::<false, true, true>(t, k0, k1, half, out, fin),
         }
     }
 
@@ -880,6 +891,7 @@ mod avx2 {
         k1: usize,
         half: usize,
         out: &mut Acc,
+        fin: Option<Finish>,
     ) {
         let map = t.kmap.map_or(std::ptr::null(), <[usize]>::as_ptr);
         let offs = t.boff.map_or(std::ptr::null(), <[usize]>::as_ptr);
@@ -914,9 +926,72 @@ mod avx2 {
             }
             b = b.add(t.ldb);
         }
+        if let Some(f) = fin {
+            // Literal row indices, as in the AVX-512 kernel: a run-time index over the
+            // accumulators would keep them on the stack through the K loop.
+            let (n, nr) = (t.cols.len(), t.rows.len());
+            let lens = [
+                n.saturating_sub(half).min(8),
+                n.saturating_sub(half + 8).min(8),
+            ];
+            macro_rules! rows {
+                ($($i:literal)*) => {$(
+                    if $i < nr {
+                        let row = t.rows[$i];
+                        let bias = _mm256_set1_ps(f.ep.bias[row]);
+                        let at = row * t.ldc + t.cols[0] + half;
+                        for (w, &len) in lens.iter().enumerate() {
+                            if len > 0 {
+                                store_run(acc[$i][w], bias, f.ep, len, f.c, at + 8 * w);
+                            }
+                        }
+                    }
+                )*};
+            }
+            rows!(0 1 2 3 4 5);
+            return;
+        }
         for i in 0..t.rows.len() {
             _mm256_storeu_ps(out[i].as_mut_ptr().add(half), acc[i][0]);
             _mm256_storeu_ps(out[i].as_mut_ptr().add(half + 8), acc[i][1]);
+        }
+    }
+
+    /// One vector's epilogue: `bias`, the residual's first `len` lanes from `at`, the
+    /// activation, and those lanes stored at `c[at..]`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store_run(
+        v: __m256,
+        bias: __m256,
+        ep: &Epilogue,
+        len: usize,
+        c: *mut f32,
+        at: usize,
+    ) {
+        let zero = _mm256_setzero_ps();
+        let mut v = _mm256_add_ps(v, bias);
+        let m = _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(len as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        if let Some(r) = ep.residual {
+            let rv = if len == 8 {
+                _mm256_loadu_ps(r.as_ptr().add(at))
+            } else {
+                _mm256_maskload_ps(r.as_ptr().add(at), m)
+            };
+            v = _mm256_add_ps(v, rv);
+        }
+        v = match ep.act {
+            Act::None => v,
+            Act::Relu => _mm256_max_ps(v, zero),
+            Act::Relu6 => _mm256_min_ps(_mm256_max_ps(v, zero), _mm256_set1_ps(6.0)),
+        };
+        if len == 8 {
+            _mm256_storeu_ps(c.add(at), v);
+        } else {
+            _mm256_maskstore_ps(c.add(at), m, v);
         }
     }
 }
