@@ -1,16 +1,18 @@
-//! Direct depthwise convolution, plane by plane. With AVX-512, taps read the input in
-//! place through masked loads (`depthwise_avx512`). Elsewhere (and for column strides
-//! above 2): one zero-padded copy of each input plane, then per output row one
-//! multiply-add sweep per kernel tap over contiguous memory (stride-2 planes split into
-//! even and odd columns first so that sweeps stay contiguous), compiled for AVX2+FMA and
-//! for the baseline and picked at run time.
+//! Direct depthwise convolution, plane by plane. With AVX-512 or AVX2, taps read the
+//! input in place through masked loads (`depthwise_avx512`, `depthwise_avx2`).
+//! Elsewhere (and for column strides above 2): one zero-padded copy of each input plane,
+//! then per output row one multiply-add sweep per kernel tap over contiguous memory
+//! (stride-2 planes split into even and odd columns first so that sweeps stay
+//! contiguous), compiled for AVX2+FMA and for the baseline and picked at run time.
 
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
-use super::depthwise_avx512;
+use super::depthwise_masks::{FlatMasks, RowMasks};
 use super::gemm::Isa;
 use super::ops::Window;
+#[cfg(target_arch = "x86_64")]
+use super::{depthwise_avx2, depthwise_avx512};
 use crate::model::Act;
 
 /// A depthwise layer's geometry and the kernel its planes run on, worked out once when
@@ -19,9 +21,9 @@ pub struct Plan {
     win: Window,
     path: Path,
     #[cfg(target_arch = "x86_64")]
-    flat: Option<depthwise_avx512::FlatMasks>,
+    flat: Option<FlatMasks>,
     #[cfg(target_arch = "x86_64")]
-    rows: Option<depthwise_avx512::RowMasks>,
+    rows: Option<RowMasks>,
 }
 
 impl Plan {
@@ -31,19 +33,24 @@ impl Plan {
     }
 
     fn with_path(win: Window, path: Path) -> Plan {
+        // The masked kernels' vector width.
         #[cfg(target_arch = "x86_64")]
-        let fast = path == Path::Avx512;
+        let lanes = match path {
+            Path::Avx512 => Some(16),
+            Path::Avx2 => Some(depthwise_avx2::LANES),
+            Path::Generic => None,
+        };
         Plan {
             win,
             path,
             #[cfg(target_arch = "x86_64")]
-            flat: fast
-                .then(|| depthwise_avx512::FlatMasks::new(&win))
-                .flatten(),
+            flat: lanes
+                .filter(|&l| l == 16 || win.out_hw[1] < FLAT_AVX2_BELOW)
+                .and_then(|l| FlatMasks::new(&win, l)),
             #[cfg(target_arch = "x86_64")]
-            rows: fast
-                .then(|| depthwise_avx512::RowMasks::new(&win))
-                .flatten(),
+            rows: lanes
+                .filter(|&l| l == 16 || win.stride[1] == 2)
+                .and_then(|l| RowMasks::new(&win, l)),
         }
     }
 
@@ -110,13 +117,24 @@ impl Plan {
     }
 }
 
+/// On AVX2, the masked kernels run stride-1 planes narrower than this (flat) and every
+/// plane of column stride 2 (row by row); wider stride-1 planes take the padded copy.
+/// One thread, one layer per pass, alternating, the padded copy's time = 1: stride 1,
+/// 3×3, masked flat / masked rows: 112×112 1.36 / 1.39, 56×56 1.11 / 1.11, 28×28
+/// 1.01 / 1.22, 14×14 0.80 / 0.94, 7×7 0.51 / 0.60; 5×5 28×28 1.11 / 1.23. Stride 2:
+/// 3×3 56→28 0.54, 14→7 0.33; 5×5 14→7 0.31. (A masked load costs a mask lookup and a
+/// branch per tap; the padded copy's sweep is plain loads with the taps in registers,
+/// and on a big plane the copy is cheap beside it.)
+const FLAT_AVX2_BELOW: usize = 20;
+
 /// The kernels a plane can run on, fastest first.
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
 enum Path {
     /// Masked loads straight from the input (`depthwise_avx512`); planes of a column
-    /// stride above 2 take the AVX2 path.
+    /// stride above 2 take the padded copy, swept with AVX2.
     Avx512,
-    /// The padded copy, swept 8 lanes at a time with AVX2 and FMA.
+    /// Masked loads straight from the input, 8 lanes at a time (`depthwise_avx2`);
+    /// planes of a column stride above 2 take the padded copy, swept with AVX2 and FMA.
     Avx2,
     /// The padded copy, swept by portable code.
     Generic,
@@ -181,12 +199,25 @@ fn plane_on(plan: &Plan, plane: &Plane, scratch: &mut Vec<f32>, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if path == Path::Avx512 {
         // SAFETY: the CPU supports AVX-512F (the path says so); the slices hold
-        // one plane of this window each.
+        // one plane of this window each, and the masks were made for it with 16 lanes.
         unsafe {
             match (&plan.flat, &plan.rows, plane.win.stride[1]) {
                 (Some(m), _, _) => return depthwise_avx512::plane_flat(plane, m, o),
                 (None, Some(m), 1) => return depthwise_avx512::plane_rows::<1>(plane, m, o),
                 (None, Some(m), 2) => return depthwise_avx512::plane_rows::<2>(plane, m, o),
+                _ => {}
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if path == Path::Avx2 {
+        // SAFETY: the CPU supports AVX2 and FMA (the path says so); the slices hold one
+        // plane of this window each, and the masks were made for it with 8 lanes.
+        unsafe {
+            match (&plan.flat, &plan.rows, plane.win.stride[1]) {
+                (Some(m), _, _) => return depthwise_avx2::plane_flat(plane, m, o),
+                // Row masks are made for column stride 2 only (see FLAT_AVX2_BELOW).
+                (None, Some(m), 2) => return depthwise_avx2::plane_rows::<2>(plane, m, o),
                 _ => {}
             }
         }

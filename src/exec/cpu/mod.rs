@@ -4,7 +4,11 @@
 mod bands;
 mod depthwise;
 #[cfg(target_arch = "x86_64")]
+mod depthwise_avx2;
+#[cfg(target_arch = "x86_64")]
 mod depthwise_avx512;
+#[cfg(target_arch = "x86_64")]
+mod depthwise_masks;
 mod engine;
 mod gate_scores;
 pub mod gemm;
