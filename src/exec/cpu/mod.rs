@@ -19,13 +19,19 @@ mod reference;
 pub use engine::EngineExecutor;
 pub use reference::ReferenceExecutor;
 
-/// A random generator with a fresh seed per run, printed so a failure can be replayed.
+/// A random generator with a fresh seed per run, printed so a failure can be replayed:
+/// `DYNSPARSE_TEST_SEED=S cargo test NAME` runs with seed S.
 #[cfg(test)]
 pub(crate) fn fresh_rng() -> rand::rngs::StdRng {
     use rand::SeedableRng;
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64);
+    let seed = std::env::var("DYNSPARSE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
     eprintln!("seed {seed}");
     rand::rngs::StdRng::seed_from_u64(seed)
 }
