@@ -134,7 +134,8 @@ enum Path {
     /// stride above 2 take the padded copy, swept with AVX2.
     Avx512,
     /// Masked loads straight from the input, 8 lanes at a time (`depthwise_avx2`);
-    /// planes of a column stride above 2 take the padded copy, swept with AVX2 and FMA.
+    /// stride-1 planes at least `FLAT_AVX2_BELOW` wide and planes of a column stride
+    /// above 2 take the padded copy, swept with AVX2 and FMA.
     Avx2,
     /// The padded copy, swept by portable code.
     Generic,
