@@ -119,7 +119,8 @@ impl Plan {
 
 /// On AVX2, the masked kernels run stride-1 planes narrower than this (flat) and every
 /// plane of column stride 2 (row by row); wider stride-1 planes take the padded copy.
-/// One thread, one layer per pass, alternating, the padded copy's time = 1: stride 1,
+/// One thread, passes of a one-layer `conv_chain` model per shape (pool and classifier
+/// included), both ways in one process, alternating; the padded copy's time = 1: stride 1,
 /// 3×3, masked flat / masked rows: 112×112 1.36 / 1.39, 56×56 1.11 / 1.11, 28×28
 /// 1.01 / 1.22, 14×14 0.80 / 0.94, 7×7 0.51 / 0.60; 5×5 28×28 1.11 / 1.23. Stride 2:
 /// 3×3 56→28 0.54, 14→7 0.33; 5×5 14→7 0.31. (A masked load costs a mask lookup and a
