@@ -1285,7 +1285,7 @@ impl EngineExecutor {
                     let plane = self.sizes[*src] / self.sizes[i + 1];
                     let out: Vec<f32> = x
                         .chunks_exact(plane)
-                        .map(|p| p.iter().sum::<f32>() / plane as f32)
+                        .map(|p| sum(p) / plane as f32)
                         .collect();
                     (out.into(), dense)
                 }
