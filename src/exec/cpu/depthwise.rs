@@ -118,15 +118,18 @@ impl Plan {
 }
 
 /// On AVX2, the masked kernels run stride-1 planes narrower than this (flat) and every
-/// plane of column stride 2 (row by row); wider stride-1 planes take the padded copy.
-/// One thread, passes of a one-layer `conv_chain` model per shape (pool and classifier
-/// included), both ways in one process, alternating; the padded copy's time = 1: stride 1,
-/// 3×3, masked flat / masked rows: 112×112 1.36 / 1.39, 56×56 1.11 / 1.11, 28×28
-/// 1.01 / 1.22, 14×14 0.80 / 0.94, 7×7 0.51 / 0.60; 5×5 28×28 1.11 / 1.23. Stride 2:
-/// 3×3 56→28 0.54, 14→7 0.33; 5×5 14→7 0.31. (A masked load costs a mask lookup and a
-/// branch per tap; the padded copy's sweep is plain loads with the taps in registers,
-/// and on a big plane the copy is cheap beside it.)
-const FLAT_AVX2_BELOW: usize = 20;
+/// plane of column stride 2 (row by row); wider stride-1 planes take the padded copy,
+/// swept by `depthwise_avx2::padded_plane` (3×3 and 5×5), which needs a row of at least
+/// one vector. One thread, passes of a one-layer `conv_chain` model per shape, both ways
+/// in one process, alternating (200 pairs): the padded sweep against the masked flat
+/// kernel at 14×14, 3×3 0.75–0.79 of the time, 5×5 0.66. The sweep before it (portable
+/// code, one block of 8 at a time) lost to the masked kernels below 20 columns (14×14
+/// 0.80 / 0.94 flat / rows) and beat them above (56×56 1.11 / 1.11, 112×112 1.36 / 1.39);
+/// against that sweep, `padded_plane` took 0.66 of the time at 112×112 (32 channels),
+/// 0.57–0.58 at 56×56 and 28×28, 0.37–0.38 for 5×5 at 28×28, 0.53–0.56 for 5×5 at 14×14.
+/// Stride 2 (masked rows against the padded copy): 3×3 56→28 0.54, 14→7 0.33; 5×5 14→7
+/// 0.31.
+const FLAT_AVX2_BELOW: usize = depthwise_avx2::LANES;
 
 /// The kernels a plane can run on, fastest first.
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
@@ -351,6 +354,28 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
             finish(job, oy, o);
         }
         return;
+    }
+    // With AVX2 (FMA is only true on `plane_avx2`'s path), 3×3 and 5×5 planes of column
+    // stride 1 take explicit kernels that overlap several blocks' multiply-add chains and
+    // apply the epilogue in registers (see FLAT_AVX2_BELOW for what they measured).
+    #[cfg(target_arch = "x86_64")]
+    if FMA && sx == 1 && ow >= LANES {
+        // SAFETY: `plane_avx2` runs only where the CPU has AVX2 and FMA; the padded copy
+        // holds ph rows of row_len ≥ pw = ow + kw - 1 values; `out` and the residual
+        // hold OH × OW values.
+        match [kh, kw] {
+            [3, 3] => {
+                return unsafe {
+                    super::depthwise_avx2::padded_plane::<3>(job, scratch, row_len, out)
+                }
+            }
+            [5, 5] => {
+                return unsafe {
+                    super::depthwise_avx2::padded_plane::<5>(job, scratch, row_len, out)
+                }
+            }
+            _ => {}
+        }
     }
     for oy in 0..oh {
         let o = &mut out[oy * ow..(oy + 1) * ow];

@@ -5,14 +5,16 @@
 //! copy they replace cost more than the multiply-adds on the late layers (a few hundred
 //! per 7×7 plane), and its stride-2 column split was scalar.
 //!
-//! - Stride 1 with output rows as wide as the input's, narrower than 20: the plane is
-//!   one flat array ([`FlatMasks`]); eight outputs at a time cross row ends.
+//! - Stride 1 with output rows as wide as the input's, narrower than a vector (7×7):
+//!   the plane is one flat array ([`FlatMasks`]); eight outputs at a time cross row
+//!   ends.
 //! - Column stride 2: output row by output row, eight columns at a time; a tap's inputs
 //!   are the even values of 16 consecutive ones (two loads, a shuffle and a lane
 //!   permute), and the next tap's are the odd values of the same two loads.
 //!
-//! Wider stride-1 planes keep the padded copy, which measured faster there
-//! (`FLAT_AVX2_BELOW` in `depthwise` has the numbers).
+//! Wider stride-1 planes keep the padded copy, which measured faster there: its 3×3 and
+//! 5×5 planes are swept by [`padded_plane`], plain loads with several blocks' chains of
+//! multiply-adds overlapping (`FLAT_AVX2_BELOW` in `depthwise` has the numbers).
 
 use std::arch::x86_64::*;
 
@@ -246,5 +248,72 @@ unsafe fn rows<const SX: usize, const K: usize>(p: &Plane, m: &RowMasks, out: &m
             let acc = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]);
             finish(p, acc, ow - ox0, o, oy * ow + ox0);
         }
+    }
+}
+
+/// A K × K, stride-1 plane at least [`LANES`] wide from its zero-padded copy into `out`
+/// (OH × OW): padded row `oy · sy + ky` starts at `padded[(oy · sy + ky) · row_len]`,
+/// and output column `x` of tap `kx` reads its column `x + kx`. [`BLOCKS`] blocks of 8
+/// outputs of a row accumulate together, so that their multiply-add chains overlap; a
+/// row's last block ends at its last column, overlapping the one before rather than
+/// leaving a partial vector (both compute those outputs alike).
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `p.win` has kernel K × K and column stride 1 and
+/// `ow ≥ LANES`; `padded` holds `(oh - 1) · sy + K` rows of `row_len ≥ ow + K - 1`;
+/// `out` and `p.residual` hold OH × OW values.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn padded_plane<const K: usize>(
+    p: &Plane,
+    padded: &[f32],
+    row_len: usize,
+    out: &mut [f32],
+) {
+    let [oh, ow] = p.win.out_hw;
+    let sy = p.win.stride[0];
+    debug_assert!(ow >= LANES && p.win.stride[1] == 1 && p.win.kernel == [K, K]);
+    debug_assert!(row_len >= ow + K - 1 && padded.len() >= ((oh - 1) * sy + K) * row_len);
+    debug_assert!(out.len() >= oh * ow);
+    let blocks = ow.div_ceil(LANES);
+    let (x, o) = (padded.as_ptr(), out.as_mut_ptr());
+    for oy in 0..oh {
+        let row = x.add(oy * sy * row_len);
+        let mut b = 0;
+        while b < blocks {
+            let start = |u: usize| ((b + u) * LANES).min(ow - LANES);
+            match blocks - b {
+                1 => group::<K, 1>(p, row, row_len, [start(0)], o, oy * ow),
+                2 => group::<K, 2>(p, row, row_len, [start(0), start(1)], o, oy * ow),
+                3 => group::<K, 3>(p, row, row_len, std::array::from_fn(start), o, oy * ow),
+                _ => group::<K, BLOCKS>(p, row, row_len, std::array::from_fn(start), o, oy * ow),
+            }
+            b += BLOCKS;
+        }
+    }
+}
+
+/// `U` blocks of one output row of [`padded_plane`], from columns `xs`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn group<const K: usize, const U: usize>(
+    p: &Plane,
+    row: *const f32,
+    row_len: usize,
+    xs: [usize; U],
+    o: *mut f32,
+    at: usize,
+) {
+    let mut acc = [_mm256_set1_ps(p.bias); U];
+    for ky in 0..K {
+        let r = row.add(ky * row_len);
+        for kx in 0..K {
+            let w = _mm256_broadcast_ss(p.k.get_unchecked(ky * K + kx));
+            for (a, &x) in acc.iter_mut().zip(&xs) {
+                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(x + kx)), *a);
+            }
+        }
+    }
+    for (a, &x) in acc.iter().zip(&xs) {
+        finish(p, *a, LANES, o, at + x);
     }
 }
