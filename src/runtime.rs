@@ -330,7 +330,14 @@ impl Runtime {
                 if t.data.len() != t.shape.iter().product::<usize>() {
                     return Err(Error::Input("tensor data does not fill its shape".into()));
                 }
-                if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+                // A pass without early exit first, which vectorizes (a search for the first
+                // bad value tests and branches per value); the index only when there is one.
+                let bad = t
+                    .data
+                    .chunks(4096)
+                    .any(|c| c.iter().fold(0u32, |m, v| m | u32::from(!v.is_finite())) != 0);
+                let first_bad = bad.then(|| t.data.iter().position(|v| !v.is_finite()));
+                if let Some(i) = first_bad.flatten() {
                     return Err(Error::Input(format!(
                         "tensor holds a non-finite value ({}) at index {i}",
                         t.data[i]
