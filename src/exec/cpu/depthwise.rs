@@ -131,6 +131,17 @@ impl Plan {
 /// 0.31.
 const FLAT_AVX2_BELOW: usize = depthwise_avx2::LANES;
 
+/// Whether an AVX2 plane of column stride 2 takes the padded copy (its columns split
+/// into even and odd ones with shuffles) and `depthwise_avx2::padded_plane` rather than
+/// the masked rows: 3×3 and 5×5 with rows of at least one vector. One thread, one-layer
+/// models, in-process pairs (150–200): 3×3 112→56 0.74–0.79 of the time, 56→28
+/// 0.55–0.58, 28→14 0.78–0.81; 5×5 56→28 0.40–0.44, 28→14 0.57–0.60. (With the split's
+/// last values copied one by one, 28→14 had lost: 1.30–1.43.)
+#[cfg(target_arch = "x86_64")]
+fn padded_sweep(win: &Window) -> bool {
+    win.out_hw[1] >= depthwise_avx2::LANES && matches!(win.kernel, [3, 3] | [5, 5])
+}
+
 /// The kernels a plane can run on, fastest first.
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
 enum Path {
@@ -222,7 +233,9 @@ fn plane_on(plan: &Plan, plane: &Plane, scratch: &mut Vec<f32>, o: &mut [f32]) {
             match (&plan.flat, &plan.rows, plane.win.stride[1]) {
                 (Some(m), _, _) => return depthwise_avx2::plane_flat(plane, m, o),
                 // Row masks are made for column stride 2 only (see FLAT_AVX2_BELOW).
-                (None, Some(m), 2) => return depthwise_avx2::plane_rows::<2>(plane, m, o),
+                (None, Some(m), 2) if !padded_sweep(&plane.win) => {
+                    return depthwise_avx2::plane_rows::<2>(plane, m, o)
+                }
                 _ => {}
             }
         }
@@ -311,6 +324,26 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
             // Input column ix lands in phase (ix + pad) % sx at index (ix + pad) / sx.
             let last = wd.min(pw.saturating_sub(w.pad_tl[1]));
             #[cfg(target_arch = "x86_64")]
+            if sx == 2 && last >= 2 && FMA && !even_copy {
+                let pad = w.pad_tl[1];
+                let (ne, no) = (last.div_ceil(2), last / 2);
+                let (ph0, ph1) = dst.split_at_mut(phase_w);
+                let (pe, po, at_e, at_o) = if pad.is_multiple_of(2) {
+                    (ph0, ph1, pad / 2, pad.div_ceil(2))
+                } else {
+                    (ph1, ph0, pad / 2, pad.div_ceil(2))
+                };
+                // SAFETY: FMA is only true on `plane_avx2`'s path: the CPU has AVX2.
+                unsafe {
+                    super::depthwise_avx2::split_even_odd(
+                        &src[..last],
+                        &mut pe[at_e..at_e + ne],
+                        &mut po[at_o..at_o + no],
+                    )
+                };
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
             if sx == 2 && last >= 2 && even_copy {
                 // Even input columns land in phase pad % 2 from index pad / 2, odd ones
                 // in the other phase from ⌈pad / 2⌉.
@@ -368,10 +401,10 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
         return;
     }
     // With AVX2 (FMA is only true on `plane_avx2`'s path), 3×3 and 5×5 planes of column
-    // stride 1 take explicit kernels that overlap several blocks' multiply-add chains and
-    // apply the epilogue in registers (see FLAT_AVX2_BELOW for what they measured).
+    // stride 1 or 2 take explicit kernels that overlap several blocks' multiply-add chains
+    // and apply the epilogue in registers (see FLAT_AVX2_BELOW for what they measured).
     #[cfg(target_arch = "x86_64")]
-    if FMA && sx == 1 && ow >= LANES {
+    if FMA && sx <= 2 && ow >= LANES {
         // SAFETY: `plane_avx2` runs only where the CPU has AVX2 and FMA; the padded copy
         // holds ph rows of row_len ≥ pw = ow + kw - 1 values; `out` and the residual
         // hold OH × OW values.

@@ -8,13 +8,16 @@
 //! - Stride 1 with output rows as wide as the input's, narrower than a vector (7×7):
 //!   the plane is one flat array ([`FlatMasks`]); eight outputs at a time cross row
 //!   ends.
-//! - Column stride 2: output row by output row, eight columns at a time; a tap's inputs
-//!   are the even values of 16 consecutive ones (two loads, a shuffle and a lane
-//!   permute), and the next tap's are the odd values of the same two loads.
+//! - Column stride 2 (kernels other than 3×3 and 5×5, or rows narrower than a vector):
+//!   output row by output row, eight columns at a time; a tap's inputs are the even
+//!   values of 16 consecutive ones (two loads, a shuffle and a lane permute), and the
+//!   next tap's are the odd values of the same two loads.
 //!
 //! Wider stride-1 planes keep the padded copy, which measured faster there: its 3×3 and
 //! 5×5 planes are swept by [`padded_plane`], plain loads with several blocks' chains of
-//! multiply-adds overlapping (`FLAT_AVX2_BELOW` in `depthwise` has the numbers).
+//! multiply-adds overlapping (`FLAT_AVX2_BELOW` in `depthwise` has the numbers). So are
+//! 3×3 and 5×5 planes of column stride 2, from a copy split into even and odd columns
+//! ([`split_even_odd`]; `padded_sweep` in `depthwise`).
 
 use std::arch::x86_64::*;
 
@@ -270,10 +273,14 @@ pub unsafe fn padded_plane<const K: usize>(
     out: &mut [f32],
 ) {
     let [oh, ow] = p.win.out_hw;
-    let sy = p.win.stride[0];
-    debug_assert!(ow >= LANES && p.win.stride[1] == 1 && p.win.kernel == [K, K]);
-    debug_assert!(row_len >= ow + K - 1 && padded.len() >= ((oh - 1) * sy + K) * row_len);
+    let [sy, sx] = p.win.stride;
+    debug_assert!(ow >= LANES && sx <= 2 && p.win.kernel == [K, K]);
+    debug_assert!(padded.len() >= ((oh - 1) * sy + K) * row_len);
     debug_assert!(out.len() >= oh * ow);
+    // Where tap kx's run starts in a padded row: column kx, or with column stride 2 index
+    // kx / 2 of phase kx % 2 (the row holds its even columns, then its odd ones).
+    let phase_w = row_len / sx;
+    let st: [usize; K] = std::array::from_fn(|kx| (kx % sx) * phase_w + kx / sx);
     let blocks = ow.div_ceil(LANES);
     let (x, o) = (padded.as_ptr(), out.as_mut_ptr());
     for oy in 0..oh {
@@ -282,10 +289,12 @@ pub unsafe fn padded_plane<const K: usize>(
         while b < blocks {
             let start = |u: usize| ((b + u) * LANES).min(ow - LANES);
             match blocks - b {
-                1 => group::<K, 1>(p, row, row_len, [start(0)], o, oy * ow),
-                2 => group::<K, 2>(p, row, row_len, [start(0), start(1)], o, oy * ow),
-                3 => group::<K, 3>(p, row, row_len, std::array::from_fn(start), o, oy * ow),
-                _ => group::<K, BLOCKS>(p, row, row_len, std::array::from_fn(start), o, oy * ow),
+                1 => group::<K, 1>(p, row, row_len, &st, [start(0)], o, oy * ow),
+                2 => group::<K, 2>(p, row, row_len, &st, [start(0), start(1)], o, oy * ow),
+                3 => group::<K, 3>(p, row, row_len, &st, std::array::from_fn(start), o, oy * ow),
+                _ => {
+                    group::<K, BLOCKS>(p, row, row_len, &st, std::array::from_fn(start), o, oy * ow)
+                }
             }
             b += BLOCKS;
         }
@@ -299,6 +308,7 @@ unsafe fn group<const K: usize, const U: usize>(
     p: &Plane,
     row: *const f32,
     row_len: usize,
+    st: &[usize; K],
     xs: [usize; U],
     o: *mut f32,
     at: usize,
@@ -306,14 +316,50 @@ unsafe fn group<const K: usize, const U: usize>(
     let mut acc = [_mm256_set1_ps(p.bias); U];
     for ky in 0..K {
         let r = row.add(ky * row_len);
-        for kx in 0..K {
+        for (kx, &s) in st.iter().enumerate() {
             let w = _mm256_broadcast_ss(p.k.get_unchecked(ky * K + kx));
             for (a, &x) in acc.iter_mut().zip(&xs) {
-                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(x + kx)), *a);
+                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(x + s)), *a);
             }
         }
     }
     for (a, &x) in acc.iter().zip(&xs) {
         finish(p, *a, LANES, o, at + x);
+    }
+}
+
+/// `evens[j] = src[2j]` and `odds[j] = src[2j + 1]`, for as many as each holds
+/// (`evens.len() == src.len().div_ceil(2)`, `odds.len() == src.len() / 2`).
+///
+/// # Safety
+/// The CPU supports AVX2.
+#[target_feature(enable = "avx2")]
+pub unsafe fn split_even_odd(src: &[f32], evens: &mut [f32], odds: &mut [f32]) {
+    debug_assert!(evens.len() == src.len().div_ceil(2) && odds.len() == src.len() / 2);
+    let n = src.len();
+    let mut block = |j: usize| {
+        let a = _mm256_loadu_ps(src.as_ptr().add(2 * j));
+        let b = _mm256_loadu_ps(src.as_ptr().add(2 * j + LANES));
+        _mm256_storeu_ps(evens.as_mut_ptr().add(j), self::evens(a, b));
+        _mm256_storeu_ps(odds.as_mut_ptr().add(j), self::odds(a, b));
+    };
+    let mut done = 0;
+    while done + 2 * LANES <= n {
+        block(done / 2);
+        done += 2 * LANES;
+    }
+    // The rest as one more block ending at the last even start, overlapping the one
+    // before (it writes the same values), rather than value by value.
+    if done < n && n >= 2 * LANES {
+        let start = (n - 2 * LANES) & !1;
+        block(start / 2);
+        done = start + 2 * LANES;
+    }
+    for (i, &v) in src.iter().enumerate().skip(done) {
+        if i % 2 == 0 {
+            evens[i / 2] = v;
+        } else {
+            odds[i / 2] = v;
+        }
     }
 }
