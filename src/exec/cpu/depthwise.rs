@@ -328,11 +328,14 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
                 let pad = w.pad_tl[1];
                 let (ne, no) = (last.div_ceil(2), last / 2);
                 let (ph0, ph1) = dst.split_at_mut(phase_w);
-                let (pe, po, at_e, at_o) = if pad.is_multiple_of(2) {
-                    (ph0, ph1, pad / 2, pad.div_ceil(2))
+                // As below: even input columns to phase pad % 2 from index pad / 2, odd
+                // ones to the other phase from ⌈pad / 2⌉.
+                let (pe, po) = if pad.is_multiple_of(2) {
+                    (ph0, ph1)
                 } else {
-                    (ph1, ph0, pad / 2, pad.div_ceil(2))
+                    (ph1, ph0)
                 };
+                let (at_e, at_o) = (pad / 2, pad.div_ceil(2));
                 // SAFETY: FMA is only true on `plane_avx2`'s path: the CPU has AVX2.
                 unsafe {
                     super::depthwise_avx2::split_even_odd(
@@ -406,8 +409,9 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
     #[cfg(target_arch = "x86_64")]
     if FMA && sx <= 2 && ow >= LANES {
         // SAFETY: `plane_avx2` runs only where the CPU has AVX2 and FMA; the padded copy
-        // holds ph rows of row_len ≥ pw = ow + kw - 1 values; `out` and the residual
-        // hold OH × OW values.
+        // holds ph = (oh - 1) · sy + kh rows of row_len = sx · ⌈pw / sx⌉ values (phase by
+        // phase for stride 2), as `padded_plane` asks; `out` and the residual hold
+        // OH × OW values.
         match [kh, kw] {
             [3, 3] => {
                 return unsafe {

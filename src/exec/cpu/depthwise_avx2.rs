@@ -254,16 +254,21 @@ unsafe fn rows<const SX: usize, const K: usize>(p: &Plane, m: &RowMasks, out: &m
     }
 }
 
-/// A K × K, stride-1 plane at least [`LANES`] wide from its zero-padded copy into `out`
-/// (OH × OW): padded row `oy · sy + ky` starts at `padded[(oy · sy + ky) · row_len]`,
-/// and output column `x` of tap `kx` reads its column `x + kx`. [`BLOCKS`] blocks of 8
-/// outputs of a row accumulate together, so that their multiply-add chains overlap; a
-/// row's last block ends at its last column, overlapping the one before rather than
-/// leaving a partial vector (both compute those outputs alike).
+/// A K × K plane of column stride 1 or 2, at least [`LANES`] wide, from its zero-padded
+/// copy into `out` (OH × OW): padded row `oy · sy + ky` starts at
+/// `padded[(oy · sy + ky) · row_len]`; with stride 1 output column `x` of tap `kx` reads
+/// its column `x + kx`, with stride 2 a row holds its even padded columns then its odd
+/// ones (`row_len / 2` each), and tap `kx` reads index `x + kx / 2` of phase `kx % 2`.
+/// [`BLOCKS`] blocks of 8 outputs of a row accumulate together, so that their
+/// multiply-add chains overlap; a row's last block ends at its last column, overlapping
+/// the one before rather than leaving a partial vector (both compute those outputs
+/// alike).
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; `p.win` has kernel K × K and column stride 1 and
-/// `ow ≥ LANES`; `padded` holds `(oh - 1) · sy + K` rows of `row_len ≥ ow + K - 1`;
+/// The CPU supports AVX2 and FMA; `p.win` has kernel K × K, column stride 1 or 2 and
+/// `ow ≥ LANES`; `padded` holds `(oh - 1) · sy + K` rows of `row_len` values, with
+/// `row_len ≥ pw` for stride 1 and `row_len = 2 · ⌈pw / 2⌉` for stride 2, where
+/// `pw = (ow - 1) · sx + K` (every tap's run of `ow` values then lies in its row);
 /// `out` and `p.residual` hold OH × OW values.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn padded_plane<const K: usize>(
