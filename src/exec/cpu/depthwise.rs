@@ -323,33 +323,11 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
             // Phase q holds padded columns q, q + sx, …; padded column px is input px - pad.
             // Input column ix lands in phase (ix + pad) % sx at index (ix + pad) / sx.
             let last = wd.min(pw.saturating_sub(w.pad_tl[1]));
+            // With AVX-512 or (on `plane_avx2`'s path, where FMA is true) AVX2, the even
+            // and odd input columns are split by vector: even ones land in phase pad % 2
+            // from index pad / 2, odd ones in the other phase from ⌈pad / 2⌉.
             #[cfg(target_arch = "x86_64")]
-            if sx == 2 && last >= 2 && FMA && !even_copy {
-                let pad = w.pad_tl[1];
-                let (ne, no) = (last.div_ceil(2), last / 2);
-                let (ph0, ph1) = dst.split_at_mut(phase_w);
-                // As below: even input columns to phase pad % 2 from index pad / 2, odd
-                // ones to the other phase from ⌈pad / 2⌉.
-                let (pe, po) = if pad.is_multiple_of(2) {
-                    (ph0, ph1)
-                } else {
-                    (ph1, ph0)
-                };
-                let (at_e, at_o) = (pad / 2, pad.div_ceil(2));
-                // SAFETY: FMA is only true on `plane_avx2`'s path: the CPU has AVX2.
-                unsafe {
-                    super::depthwise_avx2::split_even_odd(
-                        &src[..last],
-                        &mut pe[at_e..at_e + ne],
-                        &mut po[at_o..at_o + no],
-                    )
-                };
-                continue;
-            }
-            #[cfg(target_arch = "x86_64")]
-            if sx == 2 && last >= 2 && even_copy {
-                // Even input columns land in phase pad % 2 from index pad / 2, odd ones
-                // in the other phase from ⌈pad / 2⌉.
+            if sx == 2 && last >= 2 && (even_copy || FMA) {
                 let pad = w.pad_tl[1];
                 let (ne, no) = (last.div_ceil(2), last / 2);
                 let (ph0, ph1) = dst.split_at_mut(phase_w);
@@ -358,11 +336,19 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
                 } else {
                     (ph1, ph0)
                 };
-                // SAFETY: AVX-512F is present (checked with `even_copy`).
+                let (pe, po) = (
+                    &mut pe[pad / 2..pad / 2 + ne],
+                    &mut po[pad.div_ceil(2)..][..no],
+                );
+                // SAFETY: AVX-512F is present with `even_copy`; otherwise FMA is true, which
+                // only `plane_avx2` asks for, on a CPU with AVX2.
                 unsafe {
-                    super::gemm::copy_even(&src[..2 * ne - 1], &mut pe[pad / 2..pad / 2 + ne]);
-                    let at = pad.div_ceil(2);
-                    super::gemm::copy_even(&src[1..2 * no], &mut po[at..at + no]);
+                    if even_copy {
+                        super::gemm::copy_even(&src[..2 * ne - 1], pe);
+                        super::gemm::copy_even(&src[1..2 * no], po);
+                    } else {
+                        super::depthwise_avx2::split_even_odd(&src[..last], pe, po);
+                    }
                 }
                 continue;
             }
