@@ -480,20 +480,38 @@ impl EngineExecutor {
         let ph = (g.out_hw[0] - 1) * g.stride[0] + g.kernel[0];
         let pw = (g.out_hw[1] - 1) * g.stride[1] + g.kernel[1];
         let needs_pad = g.pad_tl != [0, 0] || ph > g.in_hw[0] || pw > g.in_hw[1];
-        let padded =
-            needs_pad.then(|| pad_planes(&self.pool, x, g.in_hw, g.pad_tl, [ph, pw], chans));
-        let (x, g) = match &padded {
-            None => (x, *g),
-            Some(p) => {
-                let gp = ConvGeom {
-                    in_hw: [ph, pw],
-                    pad_tl: [0, 0],
-                    ..*g
-                };
-                (&p[..], gp)
+        // A k×k convolution of stride 1 or 2 over whole rows at least IMPLICIT_WIDTH wide
+        // reads B in place: a panel is a segment of one output row, and its row
+        // (ci, ky, kx) is the padded input shifted by (ky, kx) — no im2col. Narrower rows
+        // would leave too many of a panel's lanes idle.
+        let [oh, ow] = g.out_hw;
+        let implicit = only_cols.is_none()
+            && needs_pad
+            && groups == 1
+            && g.stride[0] <= 2
+            && g.stride[1] <= 2
+            && g.kernel != [1, 1]
+            && ow >= IMPLICIT_WIDTH;
+        // With a column stride of 2, each padded plane is stored as its even and odd
+        // columns (two planes of half width): tap (ky, kx) of a row segment is then a
+        // contiguous run of phase kx % 2, from column kx / 2.
+        let split = implicit && g.stride[1] == 2;
+        let phased =
+            split.then(|| self.pad_split_planes(x, g.in_hw, g.pad_tl, [ph, pw], chans, serial));
+        let padded = (needs_pad && phased.is_none())
+            .then(|| pad_planes(&self.pool, x, g.in_hw, g.pad_tl, [ph, pw], chans));
+        // Without padding the input is read as it is; with it, in its padded geometry
+        // (from `padded`, or from `phased` alone).
+        let x = padded.as_deref().unwrap_or(x);
+        let g = &if needs_pad {
+            ConvGeom {
+                in_hw: [ph, pw],
+                pad_tl: [0, 0],
+                ..*g
             }
+        } else {
+            *g
         };
-        let g = &g;
         let rows_total = bias.len();
         let rows_per_group = rows_total / groups;
         // The output rows computed: all of a group's, or (one group) a sparse plan's kept
@@ -514,57 +532,6 @@ impl EngineExecutor {
         debug_assert!(col_list.windows(2).all(|w| w[0] < w[1]) && col_list.last() < Some(&n));
         let ncols = col_list.len();
         let in_plane = g.in_hw[0] * g.in_hw[1];
-        // A k×k convolution of stride 1 or 2 over whole rows at least IMPLICIT_WIDTH wide
-        // reads B in place: a panel is a segment of one output row, and its row
-        // (ci, ky, kx) is the padded input shifted by (ky, kx) — no im2col. Narrower rows
-        // would leave too many of a panel's lanes idle.
-        let [oh, ow] = g.out_hw;
-        let implicit = only_cols.is_none()
-            && padded.is_some()
-            && groups == 1
-            && g.stride[0] <= 2
-            && g.stride[1] <= 2
-            && g.kernel != [1, 1]
-            && ow >= IMPLICIT_WIDTH;
-        // With a column stride of 2, each padded plane is first split into its even and
-        // odd columns (two planes of half width): tap (ky, kx) of a row segment is then
-        // a contiguous run of phase kx % 2, from column kx / 2.
-        let phased = (implicit && g.stride[1] == 2).then(|| {
-            let [ph, pw] = g.in_hw;
-            let half = pw.div_ceil(2);
-            let planes = x.len() / in_plane;
-            let mut xp = self.pool.take_dirty(planes * 2 * ph * half + NR);
-            xp[planes * 2 * ph * half..].fill(0.0);
-            let split = |(p, o): (&[f32], &mut [f32])| {
-                let (even, odd) = o.split_at_mut(ph * half);
-                for ((row, e), d) in p
-                    .chunks_exact(pw)
-                    .zip(even.chunks_exact_mut(half))
-                    .zip(odd.chunks_exact_mut(half))
-                {
-                    ops::split_phase(row, 2, e);
-                    ops::split_phase(&row[1..], 2, &mut d[..pw / 2]);
-                    d[pw / 2..].fill(0.0);
-                }
-            };
-            // Only the planes the plan reads, as for the padding.
-            let (src, dst) = (&x[..planes * in_plane], &mut xp[..planes * 2 * ph * half]);
-            let read = read_planes(planes, chans);
-            if serial {
-                src.chunks_exact(in_plane)
-                    .zip(dst.chunks_exact_mut(2 * ph * half))
-                    .zip(&read)
-                    .filter(|(_, &k)| k)
-                    .for_each(|(p, _)| split(p));
-            } else {
-                src.par_chunks_exact(in_plane)
-                    .zip(dst.par_chunks_exact_mut(2 * ph * half))
-                    .zip(read.par_iter())
-                    .filter(|(_, &k)| k)
-                    .for_each(|(p, _)| split(p));
-            }
-            xp
-        });
         // Where implicit panels read: the padded input, or its column phases; per
         // channel, per phase, per row.
         let (src_plane, src_phase, src_row) = match &phased {
@@ -809,7 +776,9 @@ impl EngineExecutor {
             let (chunk, sgq) = (t % chunks, t / chunks);
             let (q, sg) = (sgq % ngroups, sgq / ngroups);
             let grp = sg % groups;
-            let xs = &x[sg * g.in_c * in_plane..(sg + 1) * g.in_c * in_plane];
+            // The sample's input, for panels packed or read in place from it (never for
+            // a split one, whose `x` is the unpadded input).
+            let xs = || &x[sg * g.in_c * in_plane..(sg + 1) * g.in_c * in_plane];
             // (sample, group) blocks of the output are contiguous: sg · rows_per_group · n.
             let out_off = sg * rows_per_group * n;
             let group_len = gemm::packed_a_len(rows_per_group, lda);
@@ -830,7 +799,7 @@ impl EngineExecutor {
                 let p = group.start;
                 own.resize(panel_len, 0.0);
                 let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
-                gemm::pack_panel(xs, &gk, chans, cols, own);
+                gemm::pack_panel(xs(), &gk, chans, cols, own);
             }
             // One tile: rows `r0..` of the task (A rows `arows` of `a`) on panel `p`.
             macro_rules! tile {
@@ -855,7 +824,7 @@ impl EngineExecutor {
                         let at = sg * g.in_c * src_plane + y * g.stride[0] * src_row + x0;
                         (&src[at..], 0)
                     } else if in_place {
-                        (&xs[p * NR..], in_plane)
+                        (&xs()[p * NR..], in_plane)
                     } else if fused {
                         (own.as_slice(), NR)
                     } else {
@@ -1072,6 +1041,91 @@ impl EngineExecutor {
         if let Some(p) = phased {
             self.pool.give(p);
         }
+    }
+
+    /// The planes of `x` (`in_hw` each) zero-padded as [`pad_planes`] pads them to
+    /// `out_hw`, each padded plane stored as its even columns then its odd columns (two
+    /// planes of `out_hw[1].div_ceil(2)` columns; an odd-width plane's odd half ends in a
+    /// zero), followed by [`NR`] zeros of slack; with `chans`, only those planes. One pass
+    /// from the input: a padded copy split afterwards wrote and read every value twice
+    /// (with a scalar split on AVX2 that was a fifth of MobileNetV2's stem).
+    fn pad_split_planes(
+        &self,
+        x: &[f32],
+        in_hw: [usize; 2],
+        pad_tl: [usize; 2],
+        out_hw: [usize; 2],
+        chans: Option<&[usize]>,
+        serial: bool,
+    ) -> Buf {
+        let in_plane = in_hw[0] * in_hw[1];
+        let [ph, pw] = out_hw;
+        let half = pw.div_ceil(2);
+        let out_plane = 2 * ph * half;
+        let planes = x.len() / in_plane;
+        let mut out = self.pool.take_dirty(planes * out_plane + NR);
+        out[planes * out_plane..].fill(0.0);
+        let rows = in_hw[0].min(ph.saturating_sub(pad_tl[0]));
+        let cols = in_hw[1].min(pw.saturating_sub(pad_tl[1]));
+        let [top, left] = pad_tl;
+        // Input column ix is padded column ix + left: phase (ix + left) % 2, index
+        // (ix + left) / 2. So the input's even columns go to phase left % 2 from index
+        // left / 2, its odd ones to the other phase from ⌈left / 2⌉.
+        let (ne, no) = (cols.div_ceil(2), cols / 2);
+        let (e0, o0) = (left / 2, left.div_ceil(2));
+        let split = |o: &mut [f32], i: &[f32]| {
+            let (p0, p1) = o.split_at_mut(ph * half);
+            let (evens_to, odds_to) = if left.is_multiple_of(2) {
+                (p0, p1)
+            } else {
+                (p1, p0)
+            };
+            for y in 0..ph {
+                let (er, or) = (
+                    &mut evens_to[y * half..(y + 1) * half],
+                    &mut odds_to[y * half..(y + 1) * half],
+                );
+                if y < top || y >= top + rows {
+                    er.fill(0.0);
+                    or.fill(0.0);
+                    continue;
+                }
+                let src = &i[(y - top) * in_hw[1]..][..cols];
+                er[..e0].fill(0.0);
+                er[e0 + ne..].fill(0.0);
+                or[..o0].fill(0.0);
+                or[o0 + no..].fill(0.0);
+                let (ev, od) = (&mut er[e0..e0 + ne], &mut or[o0..o0 + no]);
+                #[cfg(target_arch = "x86_64")]
+                if self.isa == Isa::Avx2 {
+                    // SAFETY: the AVX2 engine runs only where the CPU has AVX2.
+                    unsafe { super::depthwise_avx2::split_even_odd(src, ev, od) };
+                    continue;
+                }
+                if ne > 0 {
+                    ops::split_phase(&src[..2 * ne - 1], 2, ev);
+                }
+                if no > 0 {
+                    ops::split_phase(&src[1..2 * no], 2, od);
+                }
+            }
+        };
+        let (src, dst) = (&x[..planes * in_plane], &mut out[..planes * out_plane]);
+        let read = read_planes(planes, chans);
+        if serial {
+            dst.chunks_exact_mut(out_plane)
+                .zip(src.chunks_exact(in_plane))
+                .zip(&read)
+                .filter(|(_, &k)| k)
+                .for_each(|((o, i), _)| split(o, i));
+        } else {
+            dst.par_chunks_exact_mut(out_plane)
+                .zip(src.par_chunks_exact(in_plane))
+                .zip(read.par_iter())
+                .filter(|(_, &k)| k)
+                .for_each(|((o, i), _)| split(o, i));
+        }
+        out
     }
 
     /// The forward pass; with `cuts`, each node's gates cut per sample what it computes
