@@ -15,6 +15,7 @@ pub mod gemm;
 pub(crate) mod ops;
 mod pool;
 mod reference;
+mod workers;
 
 pub use engine::EngineExecutor;
 pub use reference::ReferenceExecutor;
