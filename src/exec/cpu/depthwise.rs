@@ -10,7 +10,7 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use super::depthwise_masks::{FlatMasks, RowMasks};
 use super::gemm::Isa;
-use super::ops::Window;
+use super::ops::{self, Window};
 #[cfg(target_arch = "x86_64")]
 use super::{depthwise_avx2, depthwise_avx512};
 use crate::model::Act;
@@ -302,8 +302,6 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
         scratch.clear();
     }
     scratch.resize(ph * row_len, 0.0);
-    #[cfg(target_arch = "x86_64")]
-    let even_copy = sx == 2 && std::arch::is_x86_feature_detected!("avx512f");
     for py in 0..ph {
         let Some(iy) = (py).checked_sub(w.pad_tl[0]).filter(|&iy| iy < h) else {
             if sx == 1 {
@@ -323,11 +321,9 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
             // Phase q holds padded columns q, q + sx, …; padded column px is input px - pad.
             // Input column ix lands in phase (ix + pad) % sx at index (ix + pad) / sx.
             let last = wd.min(pw.saturating_sub(w.pad_tl[1]));
-            // With AVX-512 or (on `plane_avx2`'s path, where FMA is true) AVX2, the even
-            // and odd input columns are split by vector: even ones land in phase pad % 2
-            // from index pad / 2, odd ones in the other phase from ⌈pad / 2⌉.
-            #[cfg(target_arch = "x86_64")]
-            if sx == 2 && last >= 2 && (even_copy || FMA) {
+            // The even and odd input columns split by vector: even ones land in phase
+            // pad % 2 from index pad / 2, odd ones in the other phase from ⌈pad / 2⌉.
+            if sx == 2 {
                 let pad = w.pad_tl[1];
                 let (ne, no) = (last.div_ceil(2), last / 2);
                 let (ph0, ph1) = dst.split_at_mut(phase_w);
@@ -340,16 +336,7 @@ fn plane_generic<const FMA: bool>(job: &Plane, scratch: &mut Vec<f32>, out: &mut
                     &mut pe[pad / 2..pad / 2 + ne],
                     &mut po[pad.div_ceil(2)..][..no],
                 );
-                // SAFETY: AVX-512F is present with `even_copy`; otherwise FMA is true, which
-                // only `plane_avx2` asks for, on a CPU with AVX2.
-                unsafe {
-                    if even_copy {
-                        super::gemm::copy_even(&src[..2 * ne - 1], pe);
-                        super::gemm::copy_even(&src[1..2 * no], po);
-                    } else {
-                        super::depthwise_avx2::split_even_odd(&src[..last], pe, po);
-                    }
-                }
+                ops::split_even_odd(&src[..last], pe, po);
                 continue;
             }
             for q in 0..sx {

@@ -139,32 +139,53 @@ pub fn max_pool_into(out: &mut [f32], input: &[f32], win: Window) {
 
 /// `phases` (`stride` runs of `phase_len`) gets phase `q` of `src`: `src[q + stride · j]`
 /// at `q · phase_len + j`, for every `j < phase_len` (`src` holds `stride · phase_len`
-/// values at least). Stride 2 with AVX2 splits both phases in one pass of shuffles: the
+/// values at least). Stride 2 goes through [`split_even_odd`]: with AVX2 shuffles the
 /// 3×3 stride-2 max pools of ResNet-18 and ResNet-50 took 0.71–0.78 of their time
 /// (in-process pairs, AVX2) against the split value by value.
 fn split_phases(src: &[f32], stride: usize, phase_len: usize, phases: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if stride == 2 && std::arch::is_x86_feature_detected!("avx2") {
+    if stride == 2 {
         let (evens, odds) = phases[..2 * phase_len].split_at_mut(phase_len);
-        // SAFETY: the CPU has AVX2.
-        return unsafe {
-            super::depthwise_avx2::split_even_odd(&src[..2 * phase_len], evens, odds)
-        };
+        return split_even_odd(&src[..2 * phase_len], evens, odds);
     }
     for (q, phase) in phases.chunks_exact_mut(phase_len).enumerate() {
-        split_phase(&src[q..], stride, phase);
+        for (j, d) in phase.iter_mut().enumerate() {
+            *d = src[q + stride * j];
+        }
     }
 }
 
-/// `phase[j] = src[stride · j]` for every `j < phase.len()`.
-pub(crate) fn split_phase(src: &[f32], stride: usize, phase: &mut [f32]) {
+/// `evens[j] = src[2j]` and `odds[j] = src[2j + 1]` (`evens.len() ==
+/// src.len().div_ceil(2)`, `odds.len() == src.len() / 2`): the even/odd split of every
+/// column-stride-2 input (depthwise padded copies, in-place convolutions, max pooling),
+/// by vector where the CPU has AVX-512 (`copy_even`) or AVX2 (shuffles), else value by
+/// value.
+pub(crate) fn split_even_odd(src: &[f32], evens: &mut [f32], odds: &mut [f32]) {
+    assert!(
+        evens.len() == src.len().div_ceil(2) && odds.len() == src.len() / 2,
+        "even/odd split lengths"
+    );
     #[cfg(target_arch = "x86_64")]
-    if stride == 2 && !phase.is_empty() && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present; copy_even reads exactly the values it copies from.
-        return unsafe { super::gemm::copy_even(&src[..2 * phase.len() - 1], phase) };
+    {
+        if !odds.is_empty() && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present; each call reads exactly the values it copies
+            // (2 · len − 1 from its start).
+            unsafe {
+                super::gemm::copy_even(&src[..2 * evens.len() - 1], evens);
+                super::gemm::copy_even(&src[1..2 * odds.len()], odds);
+            }
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present; the lengths are as it asks (checked above).
+            return unsafe { super::depthwise_avx2::split_even_odd(src, evens, odds) };
+        }
     }
-    for (j, d) in phase.iter_mut().enumerate() {
-        *d = src[stride * j];
+    for (i, &v) in src.iter().enumerate() {
+        if i % 2 == 0 {
+            evens[i / 2] = v;
+        } else {
+            odds[i / 2] = v;
+        }
     }
 }
 
@@ -321,6 +342,20 @@ mod tests {
                     "{win:?}: {g} vs {e}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn even_odd_split_matches_indexing_at_every_length() {
+        // Lengths around the vector widths: whole blocks, an overlapping last block, and
+        // rows too short for one.
+        for n in 0usize..70 {
+            let src: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let (mut evens, mut odds) = (vec![f32::NAN; n.div_ceil(2)], vec![f32::NAN; n / 2]);
+            split_even_odd(&src, &mut evens, &mut odds);
+            let want_e: Vec<f32> = src.iter().step_by(2).copied().collect();
+            let want_o: Vec<f32> = src.iter().skip(1).step_by(2).copied().collect();
+            assert_eq!((evens, odds), (want_e, want_o), "length {n}");
         }
     }
 
