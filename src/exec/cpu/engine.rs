@@ -126,6 +126,9 @@ pub struct EngineExecutor {
     a_resident: usize,
     /// Kept weights (bytes) above which tasks copy their own blocks ([`LOCAL_A_BYTES`]).
     local_a: usize,
+    /// Rows and K from which an AVX2 1×1 layer over planes that are not whole cache
+    /// lines packs its panels ([`PACK_MISALIGNED_FROM`]).
+    pack_misaligned: usize,
     /// Samples run through the network together at most ([`SUB_BATCH_FLOATS`]).
     sub_batch: usize,
     /// Per node: a 1×1 expansion that runs in bands together with the depthwise layer
@@ -215,6 +218,11 @@ const LOCAL_A_BYTES: usize = 1 << 20;
 /// the two before it 0.83–0.84 (two threads); with every layer above 128 KiB copying
 /// per task, ResNet-50's 1×1 layers at 14×14 (seven panels) took 1.13×.
 const LOCAL_A_FEW_PANELS_BYTES: usize = 128 << 10;
+
+/// Rows and K (both) from which an AVX2 1×1 stride-1 layer over planes that are not a
+/// whole number of 64-byte lines packs its panels instead of reading them in place (see
+/// `conv_gemm_into`).
+const PACK_MISALIGNED_FROM: usize = 128;
 
 /// Output bytes per sample from which tiles prefetch their successor's output and
 /// residual lines (see `conv_gemm_into`). ResNet-50 at batch 1, one thread, six
@@ -366,6 +374,7 @@ impl EngineExecutor {
             flops: model.layers.iter().map(|l| l.flops).collect(),
             a_resident: A_RESIDENT_BYTES,
             local_a: LOCAL_A_BYTES,
+            pack_misaligned: PACK_MISALIGNED_FROM,
             sub_batch: (SUB_BATCH_FLOATS / sizes.iter().copied().max().unwrap_or(1).max(1)).max(1),
             layers,
             sizes,
@@ -545,8 +554,22 @@ impl EngineExecutor {
         // A 1×1, stride-1, unpadded convolution reads full panels straight from its input
         // (row k of B is input channel k, or with kept input channels the k-th kept one,
         // through `boff`); only a partial last panel is packed.
-        let direct =
-            only_cols.is_none() && g.kernel == [1, 1] && g.stride == [1, 1] && g.pad_tl == [0, 0];
+        //
+        // Except on AVX2 where a plane is not a whole number of 64-byte lines (14×14: 196
+        // values, 7×7: 49): a panel row read in place then starts anywhere in a line and
+        // most of its loads span two, where a packed panel's rows are contiguous and
+        // aligned. With many rows and a long K the copy pays. One layer, 2 threads,
+        // in-process pairs (40): 2048 → 512 and 512 → 2048 at 7×7 0.90, 960 → 160 0.91,
+        // 160 → 960 0.94, 320 → 1280 0.95–0.97, 1024 → 256 and 256 → 1024 at 14×14
+        // 0.97; but 384 → 64 at 14×14 1.15 and 64 → 384 1.03, hence the bounds.
+        let misaligned = self.isa == Isa::Avx2
+            && in_plane % 16 != 0
+            && k.min(row_list.len()) >= self.pack_misaligned;
+        let direct = !misaligned
+            && only_cols.is_none()
+            && g.kernel == [1, 1]
+            && g.stride == [1, 1]
+            && g.pad_tl == [0, 0];
         let boff: Option<Vec<usize>> = if implicit {
             let ([kh, kw], sx) = (g.kernel, g.stride[1]);
             let taps = move |c: usize| {
@@ -710,7 +733,13 @@ impl EngineExecutor {
             4 * rayon::current_num_threads()
         };
         let chunks = (wanted.div_ceil(batch * groups * ngroups)).clamp(1, row_blocks);
-        let blocks_per_chunk = row_blocks.div_ceil(chunks);
+        // Chunk `c` takes row blocks `c · row_blocks / chunks ..`: sizes differ by at most
+        // one block. Chunks of `row_blocks.div_ceil(chunks)` blocks left the last one
+        // short (256 rows: 43 blocks of 6 as 7 × 6 + 1), so the thread given the first
+        // half of the tasks ran 24 blocks while the other ran 19 and waited. One layer,
+        // 2 threads, in-process pairs (60): 3×3 256 → 256 at 14×14 0.93 of the time, 1×1
+        // 1024 → 256 at 14×14 0.93–0.95, 3×3 512 → 512 at 7×7 0.99; 128 → 128 at 28×28
+        // and 64 → 64 at 56×56 (chunks already even) 1.00.
         let panel_len = k * NR;
         // With enough panels to share out, each task packs its own panel into a buffer of
         // its thread and computes all rows on it while it is hot (`chunks` is 1). With few
@@ -791,8 +820,8 @@ impl EngineExecutor {
                 residual: residual.map(|r| &r[out_off..out_off + rows_per_group * n]),
                 act,
             };
-            let first = chunk * blocks_per_chunk * mr;
-            let last = ((chunk + 1) * blocks_per_chunk * mr).min(row_list.len());
+            let first = chunk * row_blocks / chunks * mr;
+            let last = ((chunk + 1) * row_blocks / chunks * mr).min(row_list.len());
             let group = q * per_group..((q + 1) * per_group).min(panels);
             let np = group.len();
             if fused && !implicit && !(direct && (group.start + 1) * NR <= n) {
@@ -1992,6 +2021,7 @@ mod tests {
             flops: Vec::new(),
             a_resident: A_RESIDENT_BYTES,
             local_a: LOCAL_A_BYTES,
+            pack_misaligned: PACK_MISALIGNED_FROM,
             sub_batch: usize::MAX,
             bands: Vec::new(),
         }
@@ -2233,6 +2263,7 @@ mod tests {
                     let mut e = bare(isa);
                     e.a_resident = 0;
                     e.local_a = 0;
+                    e.pack_misaligned = 0;
                     e
                 }]
             })
