@@ -126,8 +126,8 @@ pub struct EngineExecutor {
     a_resident: usize,
     /// Kept weights (bytes) above which tasks copy their own blocks ([`LOCAL_A_BYTES`]).
     local_a: usize,
-    /// Rows and K from which an AVX2 1×1 layer over planes that are not whole cache
-    /// lines packs its panels ([`PACK_MISALIGNED_FROM`]).
+    /// Rows and K from which an AVX2 1×1 layer over 7×7 planes packs its panels
+    /// ([`PACK_MISALIGNED_FROM`]).
     pack_misaligned: usize,
     /// Samples run through the network together at most ([`SUB_BATCH_FLOATS`]).
     sub_batch: usize,
@@ -219,8 +219,8 @@ const LOCAL_A_BYTES: usize = 1 << 20;
 /// per task, ResNet-50's 1×1 layers at 14×14 (seven panels) took 1.13×.
 const LOCAL_A_FEW_PANELS_BYTES: usize = 128 << 10;
 
-/// Rows and K (both) from which an AVX2 1×1 stride-1 layer over planes that are not a
-/// whole number of 64-byte lines packs its panels instead of reading them in place (see
+/// Rows and K (both) from which an AVX2 1×1 stride-1 layer over small planes that are
+/// not a whole number of 64-byte lines (7×7) packs its panels instead of reading them in place (see
 /// `conv_gemm_into`).
 const PACK_MISALIGNED_FROM: usize = 128;
 
@@ -555,15 +555,18 @@ impl EngineExecutor {
         // (row k of B is input channel k, or with kept input channels the k-th kept one,
         // through `boff`); only a partial last panel is packed.
         //
-        // Except on AVX2 where a plane is not a whole number of 64-byte lines (14×14: 196
-        // values, 7×7: 49): a panel row read in place then starts anywhere in a line and
-        // most of its loads span two, where a packed panel's rows are contiguous and
-        // aligned. With many rows and a long K the copy pays. One layer, 2 threads,
-        // in-process pairs (40): 2048 → 512 and 512 → 2048 at 7×7 0.90, 960 → 160 0.91,
-        // 160 → 960 0.94, 320 → 1280 0.95–0.97, 1024 → 256 and 256 → 1024 at 14×14
-        // 0.97; but 384 → 64 at 14×14 1.15 and 64 → 384 1.03, hence the bounds.
+        // Except on AVX2 over 7×7 planes (49 values, not a whole number of 64-byte lines):
+        // a panel row read in place then starts anywhere in a line and most of its loads
+        // span two, where a packed panel's rows are contiguous and aligned. With many rows
+        // and a long K the copy pays. One layer, 2 threads, in-process pairs (40):
+        // 2048 → 512 and 512 → 2048 0.90 of the time, 960 → 160 0.91, 160 → 960 0.94,
+        // 320 → 1280 0.95–0.97 at batch 1; at batch 8 2048 → 512 0.89–0.91, 960 → 160
+        // 0.93, 160 → 960 0.86. Not at 14×14 (196 values): 1024 → 256 and 256 → 1024 took
+        // 0.97 at batch 1 but 1.03–1.05 at batch 8; nor with few rows or a short K
+        // (384 → 64 at 14×14: 1.15).
         let misaligned = self.isa == Isa::Avx2
             && in_plane % 16 != 0
+            && in_plane < 64
             && k.min(row_list.len()) >= self.pack_misaligned;
         let direct = !misaligned
             && only_cols.is_none()
