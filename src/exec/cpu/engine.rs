@@ -220,8 +220,8 @@ const LOCAL_A_BYTES: usize = 1 << 20;
 const LOCAL_A_FEW_PANELS_BYTES: usize = 128 << 10;
 
 /// Rows and K (both) from which an AVX2 1×1 stride-1 layer over small planes that are
-/// not a whole number of 64-byte lines (7×7) packs its panels instead of reading them in place (see
-/// `conv_gemm_into`).
+/// not a whole number of 64-byte lines (7×7) packs its panels instead of reading them in
+/// place (see `conv_gemm_into`).
 const PACK_MISALIGNED_FROM: usize = 128;
 
 /// Output bytes per sample from which tiles prefetch their successor's output and
@@ -741,8 +741,8 @@ impl EngineExecutor {
         // short (256 rows: 43 blocks of 6 as 7 × 6 + 1), so the thread given the first
         // half of the tasks ran 24 blocks while the other ran 19 and waited. One layer,
         // 2 threads, in-process pairs (60): 3×3 256 → 256 at 14×14 0.93 of the time, 1×1
-        // 1024 → 256 at 14×14 0.93–0.95, 3×3 512 → 512 at 7×7 0.99; 128 → 128 at 28×28
-        // and 64 → 64 at 56×56 (chunks already even) 1.00.
+        // 1024 → 256 at 14×14 0.93–0.95, 3×3 512 → 512 at 7×7 0.98–0.99; 128 → 128 at
+        // 28×28 and 64 → 64 at 56×56 (chunks already even) 1.00.
         let panel_len = k * NR;
         // With enough panels to share out, each task packs its own panel into a buffer of
         // its thread and computes all rows on it while it is hot (`chunks` is 1). With few
