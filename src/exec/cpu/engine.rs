@@ -243,6 +243,19 @@ const SMALL_A_BYTES: usize = 16 << 10;
 /// Narrowest output row a k×k stride-1 convolution reads in place (see `conv_gemm_into`).
 const IMPLICIT_WIDTH: usize = 28;
 
+/// Output widths at which an AVX2 k×k stride-1 convolution sweeps its padded input flat
+/// (see `conv_gemm_into`). A 28-wide row as a row segment computes 32 lanes, flat 30; a
+/// 14-wide layer has no row segments and packed its panels (im2col), flat it reads them
+/// in place with the same number of panels. The stored lanes are moved together by
+/// `gemm::avx2::store_lanes`. One layer, in-process pairs (40), 3×3: 256 → 256 at 14×14
+/// 0.91 of the time on one thread, 0.96–0.97 on two; 128 → 128 at 28×28 0.97; with its
+/// input and output channels gated (keep 0.55) 256 → 256 at 14×14 0.83; 64 → 64 at
+/// 56×56 (rows of 32 + 24 lanes, nothing to save) 1.00–1.01, so not from 56. Whole
+/// passes (40 pairs, 2 threads, batch 1; once with every width from 14, once with
+/// these): ResNet-18 0.99 dense and 0.97–0.98 at budget 0.5, ResNet-50 0.97–0.98 and
+/// 0.98; batch 8 (10 pairs, from 14) 1.00 and 0.98.
+const FLAT_AVX2_WIDTHS: std::ops::Range<usize> = 14..56;
+
 impl EngineExecutor {
     /// Prepares the model for the engine with the best kernels for this CPU.
     pub fn new(model: &Model) -> Result<Self> {
@@ -494,13 +507,27 @@ impl EngineExecutor {
         // (ci, ky, kx) is the padded input shifted by (ky, kx) — no im2col. Narrower rows
         // would leave too many of a panel's lanes idle.
         let [oh, ow] = g.out_hw;
-        let implicit = only_cols.is_none()
+        // A stride-1 one of the widths below sweeps its padded input flat (see `flat`
+        // further down), in place too.
+        let flat_widths = match self.isa {
+            Isa::Avx512 => IMPLICIT_WIDTH..usize::MAX,
+            Isa::Avx2 => FLAT_AVX2_WIDTHS,
+            Isa::Portable => 0..0,
+        };
+        let flat = only_cols.is_none()
             && needs_pad
             && groups == 1
-            && g.stride[0] <= 2
-            && g.stride[1] <= 2
+            && g.stride == [1, 1]
             && g.kernel != [1, 1]
-            && ow >= IMPLICIT_WIDTH;
+            && flat_widths.contains(&ow);
+        let implicit = flat
+            || (only_cols.is_none()
+                && needs_pad
+                && groups == 1
+                && g.stride[0] <= 2
+                && g.stride[1] <= 2
+                && g.kernel != [1, 1]
+                && ow >= IMPLICIT_WIDTH);
         // With a column stride of 2, each padded plane is stored as its even and odd
         // columns (two planes of half width): tap (ky, kx) of a row segment is then a
         // contiguous run of phase kx % 2, from column kx / 2.
@@ -591,13 +618,12 @@ impl EngineExecutor {
         } else {
             None
         };
-        // On AVX-512 a stride-1 in-place convolution sweeps its padded input as one flat
-        // array instead of row by row: grid position y · pw + x (pw the padded width)
-        // is output (y, x) for x < ow, and every tap is still one shift. A panel spans
-        // row ends; the kw - 1 lanes between two rows are computed and not stored, and
-        // the stored lanes go to consecutive outputs. A 56-wide row costs 58 lanes
-        // instead of 64, a 28-wide one 30 instead of 32.
-        let flat = implicit && g.stride == [1, 1] && self.isa == Isa::Avx512;
+        // A flat stride-1 convolution sweeps its padded input as one array instead of row
+        // by row: grid position y · pw + x (pw the padded width) is output (y, x) for
+        // x < ow, and every tap is still one shift. A panel spans row ends; the kw - 1
+        // lanes between two rows are computed and not stored, and the stored lanes go to
+        // consecutive outputs. On AVX-512 a 56-wide row costs 58 lanes instead of 64, a
+        // 28-wide one 30 instead of 32. On AVX2 see FLAT_AVX2_WIDTHS.
         let pitch = g.in_hw[1];
         let flat_end = (oh - 1) * pitch + ow;
         let panels = if flat {

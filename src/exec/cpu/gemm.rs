@@ -388,6 +388,12 @@ pub unsafe fn store(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn store_avx2(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
+    if let Some(lanes) = t.lanes {
+        let n = t.cols.len();
+        if n > 0 && t.cols[n - 1] - t.cols[0] == n - 1 {
+            return avx2::store_lanes(t, ep, acc, c, lanes);
+        }
+    }
     store_body(t, ep, acc, c)
 }
 
@@ -1202,6 +1208,53 @@ mod avx2 {
         for i in 0..t.rows.len() {
             for (w, v) in acc[i].iter().enumerate() {
                 _mm256_storeu_ps(out[i].as_mut_ptr().add(half + 8 * w), *v);
+            }
+        }
+    }
+
+    /// Per 8-bit lane mask: the indices of its set lanes first, in order (AVX2 has no
+    /// compress instruction; a permutation through this table does its work).
+    const PACK_LEFT: [[i32; 8]; 256] = {
+        let mut t = [[0i32; 8]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let (mut j, mut n) = (0, 0);
+            while j < 8 {
+                if m >> j & 1 == 1 {
+                    t[m][n] = j;
+                    n += 1;
+                }
+                j += 1;
+            }
+            m += 1;
+        }
+        t
+    };
+
+    /// The epilogue of a tile with a lane mask whose stored lanes go to consecutive
+    /// columns (a flat stride-1 panel; see `store_lanes_avx512`): each vector of 8 lanes
+    /// has its stored lanes moved to the front, then they get the epilogue and are
+    /// stored as one run after the ones before.
+    ///
+    /// # Safety
+    /// As for [`super::store`], with `t.cols` consecutive and `lanes` holding as many set
+    /// bits as `t.cols` has columns.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn store_lanes(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32, lanes: u32) {
+        for (i, &row) in t.rows.iter().enumerate() {
+            let b = _mm256_set1_ps(ep.bias[row]);
+            let at = row * t.ldc + t.cols[0];
+            let mut done = 0;
+            for q in 0..4 {
+                let m = (lanes >> (8 * q)) & 0xff;
+                if m == 0 {
+                    continue;
+                }
+                let v = _mm256_loadu_ps(acc[i].as_ptr().add(8 * q));
+                let p = _mm256_loadu_si256(PACK_LEFT[m as usize].as_ptr().cast());
+                let len = m.count_ones() as usize;
+                store_run(_mm256_permutevar8x32_ps(v, p), b, ep, len, c, at + done);
+                done += len;
             }
         }
     }
