@@ -204,6 +204,15 @@ const A_RESIDENT_BYTES: usize = 384 << 10;
 /// 0.74, ResNet-50 0.88 (two at a time; 0.94 one), ResNet-18 0.96–1.00.
 const SUB_BATCH_FLOATS: usize = 2 << 20;
 
+/// Samples per part at least, however big the activations ([`SUB_BATCH_FLOATS`]). One
+/// sample at a time runs every layer's parallel loops for one sample, with little to
+/// share between two threads. On the AVX2 machine of 2026-12-03, in-process pairs at
+/// batch 8 (10–16, 2 threads), parts of two against parts of one: MobileNetV2 dense
+/// 0.855–0.859 (two runs) and 0.91 at budget 0.5, EfficientNet-Lite0 dense 0.91–0.98 (two
+/// runs) and 0.89; parts of three: 0.86 and 0.90 dense. The ResNets already ran in parts
+/// of two; parts of four changed nothing (1.01–1.02).
+const MIN_SUB_BATCH: usize = 2;
+
 /// Panels per group where A is big: their K blocks (24 KiB each) stay in L2.
 const GROUP_PANELS: usize = 8;
 
@@ -388,7 +397,8 @@ impl EngineExecutor {
             a_resident: A_RESIDENT_BYTES,
             local_a: LOCAL_A_BYTES,
             pack_misaligned: PACK_MISALIGNED_FROM,
-            sub_batch: (SUB_BATCH_FLOATS / sizes.iter().copied().max().unwrap_or(1).max(1)).max(1),
+            sub_batch: (SUB_BATCH_FLOATS / sizes.iter().copied().max().unwrap_or(1).max(1))
+                .max(MIN_SUB_BATCH),
             layers,
             sizes,
             last_use,
