@@ -770,7 +770,7 @@ impl EngineExecutor {
         // 2 threads, in-process pairs (60): 3×3 128 → 128 at 28×28 0.89 of the time, 3×3
         // stride 2 256 → 128 from 56×56 0.90, 1×1 512 → 128 at 28×28 (one panel per
         // group) 1.00; whole passes (40 pairs, batch 1): ResNet-18 0.97, ResNet-50 0.98,
-        // at budget 0.5 0.99–1.00; batch 8 (20 pairs) 0.99–1.00.
+        // at budget 0.5 0.99–1.00; batch 8 (10–20 pairs) 0.99–1.03.
         let ngroups = panels.div_ceil(per_group);
         // Enough tasks to keep every thread busy, in whole row blocks (one thread: one
         // task per panel group, so each panel is packed once).
