@@ -517,8 +517,8 @@ impl EngineExecutor {
         // (ci, ky, kx) is the padded input shifted by (ky, kx) — no im2col. Narrower rows
         // would leave too many of a panel's lanes idle.
         let [oh, ow] = g.out_hw;
-        // A stride-1 one of the widths below sweeps its padded input flat (see `flat`
-        // further down), in place too.
+        // A stride-1 one whose output width is in `flat_widths` reads B in place too, its
+        // padded input swept as one flat array (how: where the panels are counted below).
         let flat_widths = match self.isa {
             Isa::Avx512 => IMPLICIT_WIDTH..usize::MAX,
             Isa::Avx2 => FLAT_AVX2_WIDTHS,
