@@ -524,20 +524,12 @@ impl EngineExecutor {
             Isa::Avx2 => FLAT_AVX2_WIDTHS,
             Isa::Portable => 0..0,
         };
-        let flat = only_cols.is_none()
-            && needs_pad
-            && groups == 1
-            && g.stride == [1, 1]
-            && g.kernel != [1, 1]
-            && flat_widths.contains(&ow);
-        let implicit = flat
-            || (only_cols.is_none()
-                && needs_pad
-                && groups == 1
-                && g.stride[0] <= 2
-                && g.stride[1] <= 2
-                && g.kernel != [1, 1]
-                && ow >= IMPLICIT_WIDTH);
+        // What both ways of reading B in place need: every output position, one group,
+        // and a padded input whose shifts are the taps of a window larger than 1×1.
+        let shifted = only_cols.is_none() && needs_pad && groups == 1 && g.kernel != [1, 1];
+        let flat = shifted && g.stride == [1, 1] && flat_widths.contains(&ow);
+        let implicit =
+            flat || (shifted && g.stride[0] <= 2 && g.stride[1] <= 2 && ow >= IMPLICIT_WIDTH);
         // With a column stride of 2, each padded plane is stored as its even and odd
         // columns (two planes of half width): tap (ky, kx) of a row segment is then a
         // contiguous run of phase kx % 2, from column kx / 2.
