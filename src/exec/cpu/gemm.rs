@@ -866,6 +866,8 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     const MR: usize = 6;
+    // `tail` loads a tile's MR values of A as 4 + 2.
+    const _: () = assert!(MR == 6);
 
     /// 6 rows × 16 columns (`half` = 0 or 16 of the panel): 12 ymm accumulators; a half
     /// with at most 8 of the tile's columns (a 56-wide row's last 24, a 7×7 plane's last
@@ -931,6 +933,11 @@ mod avx2 {
     /// of the time (1×1 320 → 1280, 3×3 512 → 512), 14×14 layers 0.99–1.00; whole
     /// passes (60 pairs, 2 threads, batch 1) ResNet-50 0.99, ResNet-18 0.98–0.99,
     /// EfficientNet-Lite0 0.98, MobileNetV2 1.00 (0.94–0.96 at budget 0.5).
+    ///
+    /// A's 6 values per step come in two plain loads rather than one masked load: one
+    /// layer, one thread, in-process pairs (60–80 each, two to four runs), 3×3 512 → 512
+    /// at 7×7 0.975–0.986 of the time, 1×1 2048 → 512 at 7×7 0.96–0.99, 512 → 2048 0.98,
+    /// 160 → 960 0.986–0.994, 1024 → 256 at 14×14 0.99 (AVX2 machine of 2026-12-03).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tail<const C: usize, const U: usize, const MAPPED: bool, const OFFS: bool>(
         t: &Tile,
@@ -945,11 +952,6 @@ mod avx2 {
         let a0 = t.a.as_ptr().add(a_offset(t.arows[0], t.ka));
         let panel = t.panel.as_ptr().add(half);
         let nr = t.rows.len();
-        // The block holds MR values per step from the tile's first row (`one_block`).
-        let rows = _mm256_cmpgt_epi32(
-            _mm256_set1_epi32(MR as i32),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        );
         let mut acc = [[_mm256_setzero_ps(); C]; U];
         if k0 > 0 {
             for (j, v) in acc[0].iter_mut().enumerate() {
@@ -963,7 +965,12 @@ mod avx2 {
         let step = |kk: usize, acc: &mut [__m256; C]| {
             let ka = PACK * if MAPPED { *map.add(kk) } else { kk };
             let b = panel.add(if OFFS { *offs.add(kk) } else { kk * t.ldb });
-            let a = _mm256_maskload_ps(a0.add(ka), rows);
+            // The block holds MR = 6 values per step from the tile's first row
+            // (`one_block`): a load of 4 and a load of 2; lanes 6 and 7 are zero.
+            let p = a0.add(ka);
+            let lo = _mm_loadu_ps(p);
+            let hi = _mm_castpd_ps(_mm_load_sd(p.add(4) as *const f64));
+            let a = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(lo), hi);
             for (j, v) in acc.iter_mut().enumerate() {
                 *v = _mm256_fmadd_ps(a, _mm256_set1_ps(*b.add(j)), *v);
             }
