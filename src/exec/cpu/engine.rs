@@ -213,6 +213,16 @@ const SUB_BATCH_FLOATS: usize = 2 << 20;
 /// of two; parts of four changed nothing (1.01–1.02).
 const MIN_SUB_BATCH: usize = 2;
 
+/// Kept input values from which a channel gate's input means are summed by all of the
+/// pool's threads rather than by the calling one alone. Small inputs (ResNet-50's 3×3
+/// layers' gates at budget 0.5, 20–30 thousand values) stay on one thread: an earlier
+/// measurement with every gate's sums shared found ResNet-50's gates slower (1.56–1.78 ms
+/// per pass against 1.17–1.19, batch 1, a 2-core VM). With this bound, on the AVX2 machine of 2026-12-03 (2 threads, batch 1,
+/// budget 0.5, in-process pairs, five runs of 20–30): ResNet-50 0.965–0.999 of the time
+/// (median 0.985), its first blocks' 1×1 gates taking 0.54–0.60 of their time; MobileNetV2
+/// 0.985–1.008, ResNet-18 0.994, EfficientNet-Lite0 0.999; ResNet-50 at batch 8 1.000.
+const PAR_POOL_FLOATS: usize = 64 << 10;
+
 /// Panels per group where A is big: their K blocks (24 KiB each) stay in L2.
 const GROUP_PANELS: usize = 8;
 
@@ -1822,11 +1832,22 @@ impl EngineExecutor {
     ) -> (Vec<usize>, u64) {
         let cin = xs.len() / plane;
         // Mean of each kept input plane, zero for dropped ones (whose planes are never
-        // written). On this thread: waking the other one to share it measured slower
-        // (1.56-1.78 against 1.17-1.19 ms of gates on ResNet-50, batch 1).
+        // written). Each plane is summed the same way on whichever thread, so the scores
+        // do not depend on the split (see PAR_POOL_FLOATS).
         let mut pooled = vec![0f32; cin];
-        for &c in ic {
-            pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
+        if ic.len() * plane >= PAR_POOL_FLOATS {
+            let means: Vec<f32> = ic
+                .par_iter()
+                .with_min_len(ic.len().div_ceil(rayon::current_num_threads()))
+                .map(|&c| sum(&xs[c * plane..(c + 1) * plane]) / plane as f32)
+                .collect();
+            for (&c, m) in ic.iter().zip(means) {
+                pooled[c] = m;
+            }
+        } else {
+            for &c in ic {
+                pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
+            }
         }
         let scores = g.scores(&pooled);
         let flops = match g.rank() {
@@ -2289,6 +2310,50 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn gate_means_summed_by_every_thread_decide_as_on_one() {
+        use crate::exec::Cut;
+        let mut rng = fresh_rng();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let e = bare(Isa::Portable);
+        let mut shared = 0;
+        for _ in 0..12 {
+            let plane = rng.random_range(1..=64) * rng.random_range(1..=64);
+            let cin = PAR_POOL_FLOATS.div_ceil(plane) * 3 / 2 + rng.random_range(2..24);
+            let cout = rng.random_range(1..40);
+            // Most inputs kept: enough values to be summed by both threads.
+            let ic: Vec<usize> = (0..cin).filter(|_| rng.random_bool(0.9)).collect();
+            let rand = |rng: &mut rand::rngs::StdRng, n: usize| -> Vec<f32> {
+                (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+            };
+            let xs = rand(&mut rng, cin * plane);
+            let gate = gating::ChannelGate {
+                weight: rand(&mut rng, cout * cin),
+                bias: rand(&mut rng, cout),
+                factors: None,
+            };
+            let g = GateWeights::new(&gate);
+            let cut = Cut::Ratio(rng.random_range(0.2..0.8));
+            let (got, _) = pool.install(|| e.decide_channels(&xs, &ic, plane, cout, &g, cut));
+            // The means summed plane by plane on this thread, dropped inputs zero.
+            let mut pooled = vec![0f32; cin];
+            for &c in &ic {
+                pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
+            }
+            let want =
+                gating::choose_grouped(&g.scores(&pooled), cut, gating::channel_bar, e.round, 1);
+            shared += usize::from(ic.len() * plane >= PAR_POOL_FLOATS);
+            assert_eq!(got, want, "plane {plane}, {} of {cin} inputs", ic.len());
+        }
+        assert!(
+            shared >= 10,
+            "only {shared} of 12 cases summed by both threads"
+        );
     }
 
     #[test]
