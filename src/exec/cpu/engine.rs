@@ -216,11 +216,12 @@ const MIN_SUB_BATCH: usize = 2;
 /// Kept input values from which a channel gate's input means are summed by all of the
 /// pool's threads rather than by the calling one alone. Small inputs (ResNet-50's 3×3
 /// layers' gates at budget 0.5, 20–30 thousand values) stay on one thread: an earlier
-/// measurement with every gate's sums shared found ResNet-50's gates slower (1.56–1.78 ms
-/// per pass against 1.17–1.19, batch 1, a 2-core VM). With this bound, on the AVX2 machine of 2026-12-03 (2 threads, batch 1,
-/// budget 0.5, in-process pairs, five runs of 20–30): ResNet-50 0.965–0.999 of the time
-/// (median 0.985), its first blocks' 1×1 gates taking 0.54–0.60 of their time; MobileNetV2
-/// 0.985–1.008, ResNet-18 0.994, EfficientNet-Lite0 0.999; ResNet-50 at batch 8 1.000.
+/// measurement with every gate's sums shared found ResNet-50's gates slower (1.56–1.78
+/// ms per pass against 1.17–1.19, batch 1, a 2-core VM). With this bound, on the AVX2
+/// machine of 2026-12-03 (2 threads, batch 1, budget 0.5, in-process pairs, five runs of
+/// 20–30): ResNet-50 0.965–0.999 of the time (median 0.985), its first blocks' 1×1 gates
+/// taking 0.54–0.60 of their time; MobileNetV2 0.985–1.008, ResNet-18 0.994,
+/// EfficientNet-Lite0 0.999; ResNet-50 at batch 8 1.000.
 const PAR_POOL_FLOATS: usize = 64 << 10;
 
 /// Panels per group where A is big: their K blocks (24 KiB each) stay in L2.
@@ -1391,11 +1392,12 @@ impl EngineExecutor {
                     let fin = self.sizes[*src];
                     let fout = bias.len();
                     // Output by output, every sample of the batch while that output's
-                    // row of weights is in L1: the weights (a 1280 → 1000 classifier's are
-                    // 5 MB) are read once per batch (per part of a bigger one) rather than once per sample. Each
-                    // output sums as before. In-process pairs (10, 2 threads, batch 8, parts
-                    // of two samples): MobileNetV2's classifier 0.62 of its time (0.989 of
-                    // the pass), EfficientNet-Lite0's 0.64 (0.976), ResNet-50's 0.68.
+                    // row of weights is in L1: the weights (a 1280 → 1000 classifier's
+                    // are 5 MB) are read once per batch (per part of a bigger one)
+                    // rather than once per sample. Each output sums as before.
+                    // In-process pairs (10, 2 threads, batch 8, parts of two samples):
+                    // MobileNetV2's classifier 0.62 of its time (0.989 of the pass),
+                    // EfficientNet-Lite0's 0.64 (0.976), ResNet-50's 0.68.
                     let mut by_row = vec![0f32; fout * batch];
                     by_row.par_chunks_mut(batch).enumerate().for_each(|(m, o)| {
                         let w = &weight[m * fin..(m + 1) * fin];

@@ -969,7 +969,7 @@ mod avx2 {
             // (`one_block`): a load of 4 and a load of 2; lanes 6 and 7 are zero.
             let p = a0.add(ka);
             let lo = _mm_loadu_ps(p);
-            let hi = _mm_castpd_ps(_mm_load_sd(p.add(4) as *const f64));
+            let hi = _mm_castpd_ps(_mm_set_sd(std::ptr::read_unaligned(p.add(4) as *const f64)));
             let a = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(lo), hi);
             for (j, v) in acc.iter_mut().enumerate() {
                 *v = _mm256_fmadd_ps(a, _mm256_set1_ps(*b.add(j)), *v);
