@@ -388,11 +388,8 @@ pub unsafe fn store(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn store_avx2(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
-    if let Some(lanes) = t.lanes {
-        let n = t.cols.len();
-        if n > 0 && t.cols[n - 1] - t.cols[0] == n - 1 {
-            return avx2::store_lanes(t, ep, acc, c, lanes);
-        }
+    if let Some(lanes) = t.lanes.filter(|_| t.contiguous()) {
+        return avx2::store_lanes(t, ep, acc, c, lanes);
     }
     store_body(t, ep, acc, c)
 }
@@ -464,8 +461,7 @@ unsafe fn store_run(
 #[target_feature(enable = "avx512f")]
 unsafe fn store_lanes_avx512(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32, lanes: u32) {
     use std::arch::x86_64::*;
-    let n = t.cols.len();
-    if n == 0 || t.cols[n - 1] - t.cols[0] != n - 1 {
+    if !t.contiguous() {
         return store_body(t, ep, acc, c);
     }
     let (lo, hi) = ((lanes & 0xffff) as u16, (lanes >> 16) as u16);
@@ -1221,7 +1217,7 @@ mod avx2 {
 
     /// Per 8-bit lane mask: the indices of its set lanes first, in order (AVX2 has no
     /// compress instruction; a permutation through this table does its work).
-    const PACK_LEFT: [[i32; 8]; 256] = {
+    static PACK_LEFT: [[i32; 8]; 256] = {
         let mut t = [[0i32; 8]; 256];
         let mut m = 0;
         while m < 256 {
