@@ -1849,19 +1849,20 @@ impl EngineExecutor {
         // Mean of each kept input plane, zero for dropped ones (whose planes are never
         // written). Each plane is summed the same way on whichever thread, so the scores
         // do not depend on the split (see PAR_POOL_FLOATS).
+        let mean = |c: usize| sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
         let mut pooled = vec![0f32; cin];
         if ic.len() * plane >= PAR_POOL_FLOATS {
             let means: Vec<f32> = ic
                 .par_iter()
                 .with_min_len(ic.len().div_ceil(rayon::current_num_threads()))
-                .map(|&c| sum(&xs[c * plane..(c + 1) * plane]) / plane as f32)
+                .map(|&c| mean(c))
                 .collect();
             for (&c, m) in ic.iter().zip(means) {
                 pooled[c] = m;
             }
         } else {
             for &c in ic {
-                pooled[c] = sum(&xs[c * plane..(c + 1) * plane]) / plane as f32;
+                pooled[c] = mean(c);
             }
         }
         let scores = g.scores(&pooled);
