@@ -1,23 +1,23 @@
-//! AVX2 depthwise planes read straight from the input, with no padded copy: the
-//! kernels of `depthwise_avx512` in vectors of 8. A tap whose lanes all lie inside the
-//! plane is a plain load; one that reaches outside is a masked load (`vmaskmovps`),
-//! whose masked-off lanes read as zero, which is exactly the zero padding. The padded
-//! copy they replace cost more than the multiply-adds on the late layers (a few hundred
-//! per 7×7 plane), and its stride-2 column split was scalar.
+//! AVX2 depthwise planes, in vectors of 8.
 //!
-//! - Stride 1 with output rows as wide as the input's, narrower than a vector (7×7):
-//!   the plane is one flat array ([`FlatMasks`]); eight outputs at a time cross row
-//!   ends.
+//! - Stride-1 3×3 planes narrower than 28 columns and 5×5 planes of any width: a copy
+//!   whose rows are a whole number of vectors apart, zeros filling each row past its end
+//!   ([`plane_pitched`]); every tap is then a plain load at a fixed offset, and output
+//!   vectors of several rows accumulate together.
+//! - Other stride-1 planes with output rows as wide as the input's, narrower than a
+//!   vector (7×7 planes of other kernels): the plane read in place as one flat array
+//!   ([`FlatMasks`]); a tap whose lanes reach outside the plane is a masked load
+//!   (`vmaskmovps`), whose masked-off lanes read as zero, which is exactly the padding.
 //! - Column stride 2 (kernels other than 3×3 and 5×5, or rows narrower than a vector):
-//!   output row by output row, eight columns at a time; a tap's inputs are the even
-//!   values of 16 consecutive ones (two loads, a shuffle and a lane permute), and the
-//!   next tap's are the odd values of the same two loads.
+//!   output row by output row, eight columns at a time, read in place with masked loads;
+//!   a tap's inputs are the even values of 16 consecutive ones (two loads, a shuffle and
+//!   a lane permute), and the next tap's are the odd values of the same two loads.
 //!
-//! Wider stride-1 planes keep the padded copy, which measured faster there: its 3×3 and
-//! 5×5 planes are swept by [`padded_plane`], plain loads with several blocks' chains of
-//! multiply-adds overlapping (`FLAT_AVX2_BELOW` in `depthwise` has the numbers). So are
-//! 3×3 and 5×5 planes of column stride 2, from a copy split into even and odd columns
-//! ([`split_even_odd`]; `padded_sweep` in `depthwise`).
+//! Wider stride-1 3×3 planes take the padded copy, swept by [`padded_plane`], plain loads
+//! with several blocks' chains of multiply-adds overlapping (`FLAT_AVX2_BELOW` and
+//! `PITCHED_3X3_BELOW` in `depthwise` have the numbers). So do 3×3 and 5×5 planes of
+//! column stride 2, from a copy split into even and odd columns ([`split_even_odd`];
+//! `padded_sweep` in `depthwise`).
 
 use std::arch::x86_64::*;
 
@@ -63,13 +63,57 @@ fn first_lanes(n: usize) -> u16 {
     }
 }
 
+/// The first `n` of the 8 floats from `p` (all 8 from `n = 8` up), zero in the other
+/// lanes, read without touching memory past them. Plain loads of 4, 2 and 1 values: a
+/// masked load (`vmaskmovps`) is far slower on AMD's cores.
+#[inline(always)]
+unsafe fn load_first(p: *const f32, n: usize) -> __m256 {
+    #[inline(always)]
+    unsafe fn part(p: *const f32, n: usize) -> __m128 {
+        let two = || _mm_castpd_ps(_mm_set_sd(p.cast::<f64>().read_unaligned()));
+        match n {
+            0 => _mm_setzero_ps(),
+            1 => _mm_load_ss(p),
+            2 => two(),
+            3 => _mm_movelh_ps(two(), _mm_load_ss(p.add(2))),
+            _ => _mm_loadu_ps(p),
+        }
+    }
+    match n {
+        0..=4 => _mm256_set_m128(_mm_setzero_ps(), part(p, n)),
+        5..LANES => _mm256_set_m128(part(p.add(4), n - 4), _mm_loadu_ps(p)),
+        _ => _mm256_loadu_ps(p),
+    }
+}
+
+/// Stores the first `n` lanes of `v` at `p` (all 8 from `n = 8` up), touching nothing
+/// past them: plain stores of 4, 2 and 1 values, for the reason of [`load_first`].
+#[inline(always)]
+unsafe fn store_first(p: *mut f32, v: __m256, n: usize) {
+    if n >= LANES {
+        return _mm256_storeu_ps(p, v);
+    }
+    let (mut at, mut n, mut part) = (p, n, _mm256_castps256_ps128(v));
+    if n >= 4 {
+        _mm_storeu_ps(at, part);
+        (at, n, part) = (at.add(4), n - 4, _mm256_extractf128_ps::<1>(v));
+    }
+    if n >= 2 {
+        at.cast::<f64>()
+            .write_unaligned(_mm_cvtsd_f64(_mm_castps_pd(part)));
+        (at, n, part) = (at.add(2), n - 2, _mm_movehl_ps(part, part));
+    }
+    if n == 1 {
+        _mm_store_ss(at, part);
+    }
+}
+
 /// Bias is in `acc`; adds the residual, applies the activation, subtracts the shift and
 /// stores the first `n` lanes at `out[at..]`.
 #[inline(always)]
 unsafe fn finish(p: &Plane, mut acc: __m256, n: usize, out: *mut f32, at: usize) {
-    let bits = first_lanes(n);
     if let Some(r) = p.residual {
-        acc = _mm256_add_ps(acc, load(bits, r.as_ptr().add(at)));
+        acc = _mm256_add_ps(acc, load_first(r.as_ptr().add(at), n));
     }
     let zero = _mm256_setzero_ps();
     acc = match p.act {
@@ -80,11 +124,7 @@ unsafe fn finish(p: &Plane, mut acc: __m256, n: usize, out: *mut f32, at: usize)
     if p.shift != 0.0 {
         acc = _mm256_sub_ps(acc, _mm256_set1_ps(p.shift));
     }
-    if bits == ALL {
-        _mm256_storeu_ps(out.add(at), acc);
-    } else {
-        _mm256_maskstore_ps(out.add(at), lane_mask(bits), acc);
-    }
+    store_first(out.add(at), acc, n);
 }
 
 /// A flat stride-1 plane (see [`FlatMasks`], made with 8 lanes) into `out` (OH × OW).
@@ -158,6 +198,177 @@ unsafe fn flat_any(p: &Plane, m: &FlatMasks, out: &mut [f32]) {
         }
         let at = b * LANES;
         finish(p, a, m.outputs - at, o, at);
+    }
+}
+
+/// Zeros before and after a pitched copy ([`plane_pitched`]): the first output's
+/// leftmost taps read up to `K / 2` values before its first padded row, the last
+/// vector's rightmost taps as far past its last.
+const GUARD: usize = LANES;
+
+/// The row pitch of [`plane_pitched`]'s copy of a plane of `win`, or `None` where it
+/// does not apply: stride 1, a 3 × 3 or 5 × 5 kernel, output rows as wide as the input's
+/// and at least `LANES - 1` wide (narrower rows would leave most lanes idle). The pitch
+/// is the row width plus the wider side's padding, rounded up to whole vectors, so each
+/// row's zero columns pad both its right end and the next row's left end.
+pub fn pitch(win: &super::ops::Window) -> Option<usize> {
+    let [_, w] = win.in_hw;
+    let [oh, ow] = win.out_hw;
+    let k = win.kernel[0];
+    let pl = win.pad_tl[1];
+    let fits = win.stride == [1, 1]
+        && win.kernel == [k, k]
+        && matches!(k, 3 | 5)
+        && ow == w
+        && oh > 0
+        && ow + 1 >= LANES
+        && pl < k;
+    fits.then(|| (w + pl.max(k - 1 - pl)).next_multiple_of(LANES))
+}
+
+/// A stride-1 K × K plane through a copy whose rows are `pitch` apart (see [`pitch`]):
+/// each padded row holds the input row, then zeros up to the pitch, so that every tap of
+/// every output vector is a plain load at a fixed offset; the padding rows above and
+/// below are zero rows. Output vectors (⌈W / 8⌉ per row, the last one's extra lanes
+/// computed and dropped) run [`PITCH_BLOCKS`] at a time, so their multiply-add chains
+/// overlap across rows. The masked flat kernel this replaces on 7 × 7 planes built a
+/// mask and made a masked load per multiply-add; the padded copy it replaces on wider
+/// ones copied each row by a call and ran two vectors per row at a time.
+///
+/// Stores go in order, a full vector each: the lanes past a row's end land on the next
+/// row's first outputs, which their own vector writes later; only the plane's last
+/// vector is cut to the plane.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `pitch == pitch(&p.win)` (not `None`) and the kernel
+/// is K × K; `p.x` holds the H × W input, `p.k` K × K taps, `out` and `p.residual`
+/// OH × OW values.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn plane_pitched<const K: usize>(
+    p: &Plane,
+    pitch: usize,
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let [h, w] = p.win.in_hw;
+    let [oh, ow] = p.win.out_hw;
+    let [pt, pl] = p.win.pad_tl;
+    debug_assert_eq!(Some(pitch), self::pitch(&p.win));
+    debug_assert!(p.win.kernel == [K, K] && out.len() >= oh * ow);
+    let rows = oh - 1 + K;
+    let len = GUARD + rows * pitch + GUARD;
+    if scratch.len() < len {
+        scratch.resize(len, 0.0);
+    }
+    let buf = scratch.as_mut_ptr();
+    let zero = _mm256_setzero_ps();
+    _mm256_storeu_ps(buf, zero);
+    _mm256_storeu_ps(buf.add(len - GUARD), zero);
+    // Every value the taps read is written here, whatever the scratch held.
+    let (full, tail) = (w / LANES, w % LANES);
+    // A row's last values: all but the last row read a whole vector (it ends inside the
+    // plane, the rows being at least 7 wide) and keep the row's lanes.
+    let keep_tail = _mm256_castsi256_ps(lane_mask(first_lanes(tail)));
+    let x = p.x.as_ptr();
+    for r in 0..rows {
+        let d = buf.add(GUARD + r * pitch);
+        let mut j = 0;
+        if let Some(iy) = r.checked_sub(pt).filter(|&iy| iy < h) {
+            let s = x.add(iy * w);
+            while j < full {
+                _mm256_storeu_ps(d.add(j * LANES), _mm256_loadu_ps(s.add(j * LANES)));
+                j += 1;
+            }
+            if tail > 0 {
+                let v = if iy + 1 < h {
+                    _mm256_and_ps(_mm256_loadu_ps(s.add(j * LANES)), keep_tail)
+                } else {
+                    load_first(s.add(j * LANES), tail)
+                };
+                _mm256_storeu_ps(d.add(j * LANES), v);
+                j += 1;
+            }
+        }
+        while j * LANES < pitch {
+            _mm256_storeu_ps(d.add(j * LANES), zero);
+            j += 1;
+        }
+    }
+    // Tap kx of output column x reads padded column x + kx - pl.
+    let src = buf.add(GUARD - pl) as *const f32;
+    let per_row = ow.div_ceil(LANES);
+    let total = oh * per_row;
+    let o = out.as_mut_ptr();
+    let mut g = PitchGroup {
+        src,
+        pitch,
+        per_row,
+        ow,
+        plane: oh * ow,
+        row: 0,
+        col: 0,
+    };
+    let mut v = 0;
+    while v < total {
+        match total - v {
+            1 => g.run::<K, 1>(p, o),
+            2 => g.run::<K, 2>(p, o),
+            3 => g.run::<K, 3>(p, o),
+            4 => g.run::<K, 4>(p, o),
+            5 => g.run::<K, 5>(p, o),
+            6 => g.run::<K, 6>(p, o),
+            7 => g.run::<K, 7>(p, o),
+            _ => g.run::<K, PITCH_BLOCKS>(p, o),
+        }
+        v += PITCH_BLOCKS;
+    }
+}
+
+/// Output vectors accumulated together by [`plane_pitched`].
+const PITCH_BLOCKS: usize = 8;
+
+/// Where [`plane_pitched`]'s next output vectors are: vector `col` of output row `row`
+/// (`per_row` to a row), and what locates them.
+struct PitchGroup {
+    src: *const f32,
+    pitch: usize,
+    per_row: usize,
+    ow: usize,
+    plane: usize,
+    row: usize,
+    col: usize,
+}
+
+impl PitchGroup {
+    /// The next `U` output vectors, which it moves past.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn run<const K: usize, const U: usize>(&mut self, p: &Plane, o: *mut f32) {
+        // (where the vector reads its first tap, where it stores)
+        let mut at = [(0usize, 0usize); U];
+        for a in &mut at {
+            *a = (
+                self.row * self.pitch + self.col * LANES,
+                self.row * self.ow + self.col * LANES,
+            );
+            self.col += 1;
+            if self.col == self.per_row {
+                (self.row, self.col) = (self.row + 1, 0);
+            }
+        }
+        let mut acc = [_mm256_set1_ps(p.bias); U];
+        for ky in 0..K {
+            let r = self.src.add(ky * self.pitch);
+            for kx in 0..K {
+                let wv = _mm256_broadcast_ss(p.k.get_unchecked(ky * K + kx));
+                for (a, &(i, _)) in acc.iter_mut().zip(&at) {
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(r.add(i + kx)), *a);
+                }
+            }
+        }
+        for (a, &(_, s)) in acc.iter().zip(&at) {
+            finish(p, *a, (self.plane - s).min(LANES), o, s);
+        }
     }
 }
 
