@@ -48,7 +48,9 @@ impl Plan {
         #[cfg(target_arch = "x86_64")]
         let pitch = Some(path)
             .filter(|&p| {
-                p == Path::Avx2 && (win.kernel != [3, 3] || win.out_hw[1] < PITCHED_3X3_BELOW)
+                p == Path::Avx2
+                    && (win.kernel != [3, 3]
+                        || (win.stride == [1, 1] && win.out_hw[1] < PITCHED_3X3_BELOW))
             })
             .and_then(|_| depthwise_avx2::pitch(&win));
         Plan {
@@ -144,12 +146,16 @@ impl Plan {
 /// 0.31.
 const FLAT_AVX2_BELOW: usize = depthwise_avx2::LANES;
 
-/// On AVX2, stride-1 3×3 planes narrower than this, and 5×5 planes of any width, take
-/// the pitched copy (`depthwise_avx2::plane_pitched`) rather than the masked flat kernel
-/// (7×7) or the padded copy with `depthwise_avx2::padded_plane`. One thread, one-layer
-/// models, in-process pairs (300): the pitched copy took, of the other's time, 3×3 at
-/// 7×7 0.81 (960 channels), 14×14 0.71 (576), 20×20 0.86, 28×28 1.03, 56×56 1.04, 112×112
-/// 1.15; 5×5 at 7×7 0.49 (1152), 14×14 0.69, 28×28 0.82, 56×56 0.94, 112×112 0.99–1.01.
+/// On AVX2, stride-1 3×3 planes narrower than this, and 5×5 planes of stride 1 or 2 at
+/// any width, take the pitched copy (`depthwise_avx2::plane_pitched`) rather than the
+/// masked flat kernel (7×7), the masked rows (stride 2 to rows narrower than a vector)
+/// or the padded copy with `depthwise_avx2::padded_plane`. One thread, one-layer models,
+/// in-process pairs (300): the pitched copy took, of the other's time, 3×3 at 7×7 0.81
+/// (960 channels), 14×14 0.71 (576), 20×20 0.86, 28×28 1.03, 56×56 1.04, 112×112 1.15;
+/// 5×5 at 7×7 0.49 (1152), 14×14 0.69, 28×28 0.82, 56×56 0.94, 112×112 0.99–1.01.
+/// Stride 2: 5×5 14 → 7 0.88 (672; 0.69–0.79 in EfficientNet-Lite0's pass, 2 threads),
+/// 56 → 28 0.98–1.01; 3×3 28 → 14 0.90, 14 → 7 1.08 (1.10 in MobileNetV2's pass), 56 →
+/// 28 1.02, 112 → 56 1.03 — so 3×3 planes of stride 2 keep the other kernels.
 const PITCHED_3X3_BELOW: usize = 28;
 
 /// Whether an AVX2 plane of column stride 2 takes the padded copy (its columns split
@@ -253,10 +259,13 @@ fn plane_on(plan: &Plan, plane: &Plane, scratch: &mut Vec<f32>, o: &mut [f32]) {
         // pitch by `depthwise_avx2::pitch` for it (3×3 or 5×5).
         unsafe {
             if let Some(pitch) = plan.pitch {
-                return match plane.win.kernel {
-                    [3, 3] => depthwise_avx2::plane_pitched::<3>(plane, pitch, scratch, o),
-                    _ => depthwise_avx2::plane_pitched::<5>(plane, pitch, scratch, o),
+                let pitched = match (plane.win.kernel, plane.win.stride) {
+                    ([3, 3], [1, 1]) => depthwise_avx2::plane_pitched::<3, 1>,
+                    ([3, 3], _) => depthwise_avx2::plane_pitched::<3, 2>,
+                    (_, [1, 1]) => depthwise_avx2::plane_pitched::<5, 1>,
+                    _ => depthwise_avx2::plane_pitched::<5, 2>,
                 };
+                return pitched(plane, pitch, scratch, o);
             }
             match (&plan.flat, &plan.rows, plane.win.stride[1]) {
                 (Some(m), _, _) => return depthwise_avx2::plane_flat(plane, m, o),
@@ -556,31 +565,45 @@ mod tests {
             .collect()
     }
 
-    /// The pitched copy's edges: every width it takes from 7 columns, short planes, each
-    /// split of the padding, a residual; the middle plane of three is skipped, and must
-    /// stay unwritten (a store past a plane's end would land there).
+    /// The pitched copy's edges: every width it takes from 7 columns (stride 1; stride 2
+    /// from 7 output columns, odd and even inputs), short planes, each split of the
+    /// padding, a residual; the middle plane of three is skipped, and must stay unwritten
+    /// (a store past a plane's end would land there).
     #[test]
     fn pitched_planes_match_the_reference_and_stay_in_their_plane() {
         let mut rng = super::super::fresh_rng();
         let mut pitched = 0;
-        for k in [3, 5] {
+        for (k, s) in [(3, 1), (5, 1), (5, 2), (3, 2)] {
             for w in 7..=30 {
                 let h = rng.random_range(1..=9);
                 let pad_tl = [rng.random_range(0..k), rng.random_range(0..k)];
+                let (in_hw, out_hw) = if s == 1 {
+                    ([h, w], [h, w])
+                } else {
+                    // Padded extents the outputs' windows fill, or one more; each side's
+                    // padding 0..k.
+                    let oh = rng.random_range(1..=9);
+                    let mut input = |o: usize, pad: usize| {
+                        let reach = 2 * (o - 1) + k + rng.random_range(0..2);
+                        reach.saturating_sub(pad + rng.random_range(0..k)).max(1)
+                    };
+                    ([input(oh, pad_tl[0]), input(w, pad_tl[1])], [oh, w])
+                };
                 let win = Window {
-                    in_hw: [h, w],
-                    out_hw: [h, w],
+                    in_hw,
+                    out_hw,
                     kernel: [k, k],
-                    stride: [1, 1],
+                    stride: [s, s],
                     pad_tl,
                 };
                 let c = 3;
+                let (inp, outp) = (in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]);
                 let mut r = |len: usize| {
                     (0..len)
                         .map(|_| rng.random_range(-1.0f32..1.0))
                         .collect::<Vec<_>>()
                 };
-                let (x, wt, b, res) = (r(c * h * w), r(c * k * k), r(c), r(c * h * w));
+                let (x, wt, b, res) = (r(c * inp), r(c * k * k), r(c), r(c * outp));
                 let want = super::super::ops::depthwise(&x, &wt, &b, Some(&res), Act::Relu, c, win);
                 for path in paths() {
                     let plan = Plan::with_path(win, path);
@@ -602,7 +625,7 @@ mod tests {
                         None,
                     );
                     for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                        if i / (h * w) == 1 {
+                        if i / outp == 1 {
                             assert!(g.is_nan(), "{path:?} {win:?}: skipped plane written at {i}");
                         } else {
                             assert!(
@@ -615,8 +638,9 @@ mod tests {
             }
         }
         if Path::best() == Path::Avx2 {
-            // 3×3 below 28 columns (21 widths) and 5×5 at every width (24).
-            assert_eq!(pitched, 45);
+            // Stride 1: 3×3 below 28 columns (21 widths), 5×5 at every width (24); stride
+            // 2: 5×5 at every width (24).
+            assert_eq!(pitched, 69);
         }
     }
 

@@ -201,50 +201,58 @@ unsafe fn flat_any(p: &Plane, m: &FlatMasks, out: &mut [f32]) {
     }
 }
 
-/// Zeros before and after a pitched copy ([`plane_pitched`]): the first output's
-/// leftmost taps read up to `K / 2` values before its first padded row, the last
+/// Zeros before and after a stride-1 pitched copy ([`plane_pitched`]): the first
+/// output's leftmost taps read up to `K / 2` values before its first padded row, the last
 /// vector's rightmost taps as far past its last.
 const GUARD: usize = LANES;
 
 /// The row pitch of [`plane_pitched`]'s copy of a plane of `win`, or `None` where it
-/// does not apply: stride 1, a 3 × 3 or 5 × 5 kernel, output rows as wide as the input's
-/// and at least `LANES - 1` wide (narrower rows would leave most lanes idle). The pitch
-/// is the row width plus the wider side's padding, rounded up to whole vectors, so each
-/// row's zero columns pad both its right end and the next row's left end.
+/// does not apply. It applies to 3 × 3 and 5 × 5 kernels of stride 1 with output rows as
+/// wide as the input's, and of stride 2 in both directions, with output rows at least
+/// `LANES - 1` wide (narrower ones would leave most lanes idle).
+///
+/// Stride 1: the pitch is the row width plus the wider side's padding, rounded up to
+/// whole vectors, so each row's zero columns pad both its right end and the next row's
+/// left end. Stride 2: each padded row is held as its even padded columns then its odd
+/// ones, each part `pitch` long: room for the padding and the input's values, and for
+/// every lane the output vectors' taps read.
 pub fn pitch(win: &super::ops::Window) -> Option<usize> {
     let [_, w] = win.in_hw;
     let [oh, ow] = win.out_hw;
     let k = win.kernel[0];
     let pl = win.pad_tl[1];
-    let fits = win.stride == [1, 1]
-        && win.kernel == [k, k]
-        && matches!(k, 3 | 5)
-        && ow == w
-        && oh > 0
-        && ow + 1 >= LANES
-        && pl < k;
-    fits.then(|| (w + pl.max(k - 1 - pl)).next_multiple_of(LANES))
+    let fits = win.kernel == [k, k] && matches!(k, 3 | 5) && oh > 0 && ow + 1 >= LANES && pl < k;
+    match win.stride {
+        [1, 1] if fits && ow == w => Some((w + pl.max(k - 1 - pl)).next_multiple_of(LANES)),
+        [2, 2] if fits => {
+            let data = pl.div_ceil(2) + w.div_ceil(2 * LANES) * LANES;
+            let taps = ow.next_multiple_of(LANES) + (k - 1) / 2;
+            Some(data.max(taps).next_multiple_of(LANES))
+        }
+        _ => None,
+    }
 }
 
-/// A stride-1 K × K plane through a copy whose rows are `pitch` apart (see [`pitch`]):
-/// each padded row holds the input row, then zeros up to the pitch, so that every tap of
-/// every output vector is a plain load at a fixed offset; the padding rows above and
-/// below are zero rows. Output vectors (⌈W / 8⌉ per row, the last one's extra lanes
-/// computed and dropped) run [`PITCH_BLOCKS`] at a time, so their multiply-add chains
-/// overlap across rows. The masked flat kernel this replaces on 7 × 7 planes built a
-/// mask and made a masked load per multiply-add; the padded copy it replaces on wider
-/// ones copied each row by a call and ran two vectors per row at a time.
+/// A K × K plane of stride `S` (1, or 2 in both directions) through a copy whose rows
+/// are a whole number of vectors long (see [`pitch`]), zeros filling them past the
+/// input's values and filling the padding rows above and below, so that every tap of
+/// every output vector is a plain load at a fixed offset. Output vectors (⌈OW / 8⌉ per
+/// row, the last one's extra lanes computed and dropped) run [`PITCH_BLOCKS`] at a time,
+/// so that their multiply-add chains overlap across rows. The kernels this replaces
+/// made a mask and a masked load per multiply-add (7 × 7 planes, and rows of stride 2
+/// narrower than a vector), or copied each row by a call and ran two vectors of a row
+/// at a time.
 ///
 /// Stores go in order, a full vector each: the lanes past a row's end land on the next
 /// row's first outputs, which their own vector writes later; only the plane's last
 /// vector is cut to the plane.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; `pitch == pitch(&p.win)` (not `None`) and the kernel
-/// is K × K; `p.x` holds the H × W input, `p.k` K × K taps, `out` and `p.residual`
-/// OH × OW values.
+/// The CPU supports AVX2 and FMA; `pitch == pitch(&p.win)` (not `None`), the kernel is
+/// K × K and the stride S × S; `p.x` holds the H × W input, `p.k` K × K taps, `out` and
+/// `p.residual` OH × OW values.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn plane_pitched<const K: usize>(
+pub unsafe fn plane_pitched<const K: usize, const S: usize>(
     p: &Plane,
     pitch: usize,
     scratch: &mut Vec<f32>,
@@ -254,54 +262,90 @@ pub unsafe fn plane_pitched<const K: usize>(
     let [oh, ow] = p.win.out_hw;
     let [pt, pl] = p.win.pad_tl;
     debug_assert_eq!(Some(pitch), self::pitch(&p.win));
-    debug_assert!(p.win.kernel == [K, K] && out.len() >= oh * ow);
-    let rows = oh - 1 + K;
-    let len = GUARD + rows * pitch + GUARD;
+    debug_assert!(p.win.kernel == [K, K] && p.win.stride == [S, S]);
+    debug_assert!(out.len() >= oh * ow);
+    let rows = (oh - 1) * S + K;
+    // A padded row's length: its values (stride 1), or both column phases (stride 2).
+    let row_len = S * pitch;
+    let guard = if S == 1 { GUARD } else { 0 };
+    let len = guard + rows * row_len + guard;
     if scratch.len() < len {
         scratch.resize(len, 0.0);
     }
     let buf = scratch.as_mut_ptr();
     let zero = _mm256_setzero_ps();
-    _mm256_storeu_ps(buf, zero);
-    _mm256_storeu_ps(buf.add(len - GUARD), zero);
-    // Every value the taps read is written here, whatever the scratch held.
+    if S == 1 {
+        _mm256_storeu_ps(buf, zero);
+        _mm256_storeu_ps(buf.add(len - GUARD), zero);
+    }
+    // Every value the taps read is written below, whatever the scratch held.
     let (full, tail) = (w / LANES, w % LANES);
-    // A row's last values: all but the last row read a whole vector (it ends inside the
-    // plane, the rows being at least 7 wide) and keep the row's lanes.
+    // A row's last values (stride 1): all but the last row read a whole vector (it ends
+    // inside the plane, the rows being at least 7 wide) and keep the row's lanes.
     let keep_tail = _mm256_castsi256_ps(lane_mask(first_lanes(tail)));
+    // Stride 2: where input column 0 lands (its padded column pl: phase pl % 2, index
+    // pl / 2), and column 1.
+    let even_at = (pl % 2) * pitch + pl / 2;
+    let odd_at = ((pl + 1) % 2) * pitch + pl.div_ceil(2);
     let x = p.x.as_ptr();
     for r in 0..rows {
-        let d = buf.add(GUARD + r * pitch);
-        let mut j = 0;
-        if let Some(iy) = r.checked_sub(pt).filter(|&iy| iy < h) {
-            let s = x.add(iy * w);
-            while j < full {
-                _mm256_storeu_ps(d.add(j * LANES), _mm256_loadu_ps(s.add(j * LANES)));
+        let d = buf.add(guard + r * row_len);
+        let input = r.checked_sub(pt).filter(|&iy| iy < h);
+        if S == 1 {
+            let mut j = 0;
+            if let Some(iy) = input {
+                let s = x.add(iy * w);
+                while j < full {
+                    _mm256_storeu_ps(d.add(j * LANES), _mm256_loadu_ps(s.add(j * LANES)));
+                    j += 1;
+                }
+                if tail > 0 {
+                    let v = if iy + 1 < h {
+                        _mm256_and_ps(_mm256_loadu_ps(s.add(j * LANES)), keep_tail)
+                    } else {
+                        load_first(s.add(j * LANES), tail)
+                    };
+                    _mm256_storeu_ps(d.add(j * LANES), v);
+                    j += 1;
+                }
+            }
+            while j * LANES < row_len {
+                _mm256_storeu_ps(d.add(j * LANES), zero);
                 j += 1;
             }
-            if tail > 0 {
-                let v = if iy + 1 < h {
-                    _mm256_and_ps(_mm256_loadu_ps(s.add(j * LANES)), keep_tail)
-                } else {
-                    load_first(s.add(j * LANES), tail)
-                };
-                _mm256_storeu_ps(d.add(j * LANES), v);
-                j += 1;
-            }
+            continue;
         }
-        while j * LANES < pitch {
+        for j in 0..row_len / LANES {
             _mm256_storeu_ps(d.add(j * LANES), zero);
-            j += 1;
+        }
+        let Some(iy) = input else { continue };
+        let s = x.add(iy * w);
+        // 16 input values at a time split into their 8 even and 8 odd columns; past the
+        // row's end the loads read zeros, which go to the zero columns.
+        for (m, c) in (0..w).step_by(2 * LANES).enumerate() {
+            let n = w - c;
+            let (a, b) = if n >= 2 * LANES {
+                (_mm256_loadu_ps(s.add(c)), _mm256_loadu_ps(s.add(c + LANES)))
+            } else {
+                (
+                    load_first(s.add(c), n),
+                    load_first(s.add(c + LANES), n.saturating_sub(LANES)),
+                )
+            };
+            _mm256_storeu_ps(d.add(even_at + m * LANES), evens(a, b));
+            _mm256_storeu_ps(d.add(odd_at + m * LANES), odds(a, b));
         }
     }
-    // Tap kx of output column x reads padded column x + kx - pl.
-    let src = buf.add(GUARD - pl) as *const f32;
+    // Stride 1: tap kx of output column x reads padded column x + kx - pl, its row's
+    // zeros standing for the padding; stride 2: the padding is in the copy.
+    let src = if S == 1 { buf.add(GUARD - pl) } else { buf };
     let per_row = ow.div_ceil(LANES);
     let total = oh * per_row;
     let o = out.as_mut_ptr();
     let mut g = PitchGroup {
         src,
-        pitch,
+        row_len,
+        phase: pitch,
         per_row,
         ow,
         plane: oh * ow,
@@ -311,14 +355,14 @@ pub unsafe fn plane_pitched<const K: usize>(
     let mut v = 0;
     while v < total {
         match total - v {
-            1 => g.run::<K, 1>(p, o),
-            2 => g.run::<K, 2>(p, o),
-            3 => g.run::<K, 3>(p, o),
-            4 => g.run::<K, 4>(p, o),
-            5 => g.run::<K, 5>(p, o),
-            6 => g.run::<K, 6>(p, o),
-            7 => g.run::<K, 7>(p, o),
-            _ => g.run::<K, PITCH_BLOCKS>(p, o),
+            1 => g.run::<K, S, 1>(p, o),
+            2 => g.run::<K, S, 2>(p, o),
+            3 => g.run::<K, S, 3>(p, o),
+            4 => g.run::<K, S, 4>(p, o),
+            5 => g.run::<K, S, 5>(p, o),
+            6 => g.run::<K, S, 6>(p, o),
+            7 => g.run::<K, S, 7>(p, o),
+            _ => g.run::<K, S, PITCH_BLOCKS>(p, o),
         }
         v += PITCH_BLOCKS;
     }
@@ -328,10 +372,12 @@ pub unsafe fn plane_pitched<const K: usize>(
 const PITCH_BLOCKS: usize = 8;
 
 /// Where [`plane_pitched`]'s next output vectors are: vector `col` of output row `row`
-/// (`per_row` to a row), and what locates them.
+/// (`per_row` to a row), and what locates them in the copy: padded rows `row_len`
+/// apart, with stride 2 the odd columns `phase` after the even ones.
 struct PitchGroup {
     src: *const f32,
-    pitch: usize,
+    row_len: usize,
+    phase: usize,
     per_row: usize,
     ow: usize,
     plane: usize,
@@ -343,12 +389,16 @@ impl PitchGroup {
     /// The next `U` output vectors, which it moves past.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn run<const K: usize, const U: usize>(&mut self, p: &Plane, o: *mut f32) {
+    unsafe fn run<const K: usize, const S: usize, const U: usize>(
+        &mut self,
+        p: &Plane,
+        o: *mut f32,
+    ) {
         // (where the vector reads its first tap, where it stores)
         let mut at = [(0usize, 0usize); U];
         for a in &mut at {
             *a = (
-                self.row * self.pitch + self.col * LANES,
+                self.row * S * self.row_len + self.col * LANES,
                 self.row * self.ow + self.col * LANES,
             );
             self.col += 1;
@@ -358,11 +408,13 @@ impl PitchGroup {
         }
         let mut acc = [_mm256_set1_ps(p.bias); U];
         for ky in 0..K {
-            let r = self.src.add(ky * self.pitch);
+            let r = self.src.add(ky * self.row_len);
             for kx in 0..K {
+                // Stride 2: padded column 2x + kx is index x + kx / 2 of phase kx % 2.
+                let tap = r.add((kx % S) * self.phase + kx / S);
                 let wv = _mm256_broadcast_ss(p.k.get_unchecked(ky * K + kx));
                 for (a, &(i, _)) in acc.iter_mut().zip(&at) {
-                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(r.add(i + kx)), *a);
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(tap.add(i)), *a);
                 }
             }
         }
