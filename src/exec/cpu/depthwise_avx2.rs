@@ -23,6 +23,7 @@ use std::arch::x86_64::*;
 
 use super::depthwise::Plane;
 use super::depthwise_masks::{FlatMasks, RowMasks};
+use super::partial_avx2::{load_first, store_first};
 use crate::model::Act;
 
 /// Outputs per vector.
@@ -60,51 +61,6 @@ fn first_lanes(n: usize) -> u16 {
         ALL
     } else {
         (1u16 << n) - 1
-    }
-}
-
-/// The first `n` of the 8 floats from `p` (all 8 from `n = 8` up), zero in the other
-/// lanes, read without touching memory past them. Plain loads of 4, 2 and 1 values: a
-/// masked load (`vmaskmovps`) is far slower on AMD's cores.
-#[inline(always)]
-unsafe fn load_first(p: *const f32, n: usize) -> __m256 {
-    #[inline(always)]
-    unsafe fn part(p: *const f32, n: usize) -> __m128 {
-        let two = || _mm_castpd_ps(_mm_set_sd(p.cast::<f64>().read_unaligned()));
-        match n {
-            0 => _mm_setzero_ps(),
-            1 => _mm_load_ss(p),
-            2 => two(),
-            3 => _mm_movelh_ps(two(), _mm_load_ss(p.add(2))),
-            _ => _mm_loadu_ps(p),
-        }
-    }
-    match n {
-        0..=4 => _mm256_set_m128(_mm_setzero_ps(), part(p, n)),
-        5..LANES => _mm256_set_m128(part(p.add(4), n - 4), _mm_loadu_ps(p)),
-        _ => _mm256_loadu_ps(p),
-    }
-}
-
-/// Stores the first `n` lanes of `v` at `p` (all 8 from `n = 8` up), touching nothing
-/// past them: plain stores of 4, 2 and 1 values, for the reason of [`load_first`].
-#[inline(always)]
-unsafe fn store_first(p: *mut f32, v: __m256, n: usize) {
-    if n >= LANES {
-        return _mm256_storeu_ps(p, v);
-    }
-    let (mut at, mut n, mut part) = (p, n, _mm256_castps256_ps128(v));
-    if n >= 4 {
-        _mm_storeu_ps(at, part);
-        (at, n, part) = (at.add(4), n - 4, _mm256_extractf128_ps::<1>(v));
-    }
-    if n >= 2 {
-        at.cast::<f64>()
-            .write_unaligned(_mm_cvtsd_f64(_mm_castps_pd(part)));
-        (at, n, part) = (at.add(2), n - 2, _mm_movehl_ps(part, part));
-    }
-    if n == 1 {
-        _mm_store_ss(at, part);
     }
 }
 

@@ -13,6 +13,8 @@ mod engine;
 mod gate_scores;
 pub mod gemm;
 pub(crate) mod ops;
+#[cfg(target_arch = "x86_64")]
+mod partial_avx2;
 mod pool;
 mod reference;
 mod workers;
