@@ -130,54 +130,6 @@ pub struct Forward {
     pub layers: Vec<LayerTrace>,
 }
 
-impl Forward {
-    /// The passes of consecutive parts of one batch, as one pass over the whole batch:
-    /// per-sample figures concatenated in order, node times summed. Per node, the kept
-    /// sets are concatenated when every part has them (a policy gates the same nodes in
-    /// every part), and reported as all kept otherwise.
-    pub(crate) fn concat(parts: Vec<Forward>) -> Forward {
-        fn cat(parts: impl Iterator<Item = Option<Vec<u64>>>) -> Option<Vec<u64>> {
-            parts.collect::<Option<Vec<_>>>().map(|v| v.concat())
-        }
-        /// Per node, per sample: a set of channels or tiles (`None`: all of them).
-        type Sets = Vec<Option<Vec<Vec<usize>>>>;
-        fn sets(parts: &[Forward], of: fn(&Forward) -> &Sets) -> Sets {
-            let nodes = parts.iter().map(|p| of(p).len()).min().unwrap_or(0);
-            (0..nodes)
-                .map(|i| {
-                    parts
-                        .iter()
-                        .map(|p| of(p)[i].clone())
-                        .collect::<Option<Vec<_>>>()
-                        .map(|v| v.concat())
-                })
-                .collect()
-        }
-        let nodes = parts.iter().map(|p| p.layers.len()).min().unwrap_or(0);
-        let layers = (0..nodes)
-            .map(|i| LayerTrace {
-                ms: parts.iter().map(|p| p.layers[i].ms).sum(),
-                gate_ms: parts.iter().map(|p| p.layers[i].gate_ms).sum(),
-                flops: parts
-                    .iter()
-                    .flat_map(|p| p.layers[i].flops.iter().copied())
-                    .collect(),
-            })
-            .collect();
-        Forward {
-            logits: parts
-                .iter()
-                .flat_map(|p| p.logits.iter().copied())
-                .collect(),
-            flops: cat(parts.iter().map(|p| p.flops.clone())),
-            gate_flops: cat(parts.iter().map(|p| p.gate_flops.clone())),
-            kept: sets(&parts, |p| &p.kept),
-            tiles: sets(&parts, |p| &p.tiles),
-            layers,
-        }
-    }
-}
-
 /// Cost of one node in one forward pass.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct LayerTrace {

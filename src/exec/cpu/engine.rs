@@ -131,6 +131,9 @@ pub struct EngineExecutor {
     pack_misaligned: usize,
     /// Samples run through the network together at most ([`SUB_BATCH_FLOATS`]).
     sub_batch: usize,
+    /// Floats a value may hold over a whole batch where the rest of the network runs on
+    /// the whole batch rather than in parts ([`WHOLE_BATCH_FLOATS`]).
+    whole_batch: usize,
     /// Per node: a 1×1 expansion that runs in bands together with the depthwise layer
     /// after it, where neither is gated ([`bands`]).
     bands: Vec<Option<Bands>>,
@@ -141,6 +144,23 @@ pub struct EngineExecutor {
 /// gated value is a convolution that skips them ([`gating::gateable`] guarantees it), so
 /// the memset of channels nobody reads is saved.
 type Kept = Option<Vec<Vec<usize>>>;
+
+/// What a run of consecutive nodes leaves ([`EngineExecutor::run_nodes`]).
+struct Segment {
+    /// The value after the last node, every sample's.
+    out: Buf,
+    /// Its kept sets.
+    kept: Kept,
+    /// Per node of the network (`None` outside the run), per sample: the output
+    /// channels computed.
+    node_kept: Vec<Kept>,
+    /// Per node of the network, per sample: the output tiles computed.
+    node_tiles: Vec<Kept>,
+    /// Per node of the run.
+    traces: Vec<LayerTrace>,
+    /// Per sample: FLOPs the gates spent deciding.
+    gate_flops: Vec<u64>,
+}
 
 /// The cuts one node's gates apply in a pass (`Cut::All`: that gate does not run).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -197,7 +217,8 @@ const A_RESIDENT_BYTES: usize = 384 << 10;
 
 /// Activation values (of the network's biggest value, summed over samples) up to which
 /// a batch runs through the network together; bigger batches run in parts of that many
-/// samples, one part after the other. Layer after layer over a whole batch, the early
+/// samples, one part after the other (up to where the rest runs on the whole batch,
+/// [`WHOLE_BATCH_FLOATS`]). Layer after layer over a whole batch, the early
 /// layers' values (MobileNetV2: 4.8 MB per sample) fall out of the 32 MiB L3 between a
 /// layer and the next; in parts they stay in it. In-process pairs at batch 8 (whole
 /// batch against one or two samples at a time): MobileNetV2 0.63, EfficientNet-Lite0
@@ -212,6 +233,19 @@ const SUB_BATCH_FLOATS: usize = 2 << 20;
 /// runs) and 0.89; parts of three: 0.86 and 0.90 dense. The ResNets already ran in parts
 /// of two; parts of four changed nothing (1.01–1.02).
 const MIN_SUB_BATCH: usize = 2;
+
+/// A batch that runs in parts ([`SUB_BATCH_FLOATS`]) runs the rest of the network on the
+/// whole batch from the first node where every value to come, over the whole batch,
+/// holds at most this many floats (4 MiB): the values then stay in the caches anyway,
+/// and each later layer reads its weights once per batch rather than once per part,
+/// with one set of parallel loops instead of one per part. At batch 8 that is from the
+/// 7×7 stage of MobileNetV2 and EfficientNet-Lite0, ResNet-18's layer 3 and ResNet-50's
+/// second block of layer 4. In-process pairs (10–16, 2 threads, batch 8), against the
+/// whole network in parts of two: MobileNetV2 0.94–0.95 of the time dense (0.92–1.02
+/// with a bound of half this) and 0.94–0.96 at budget 0.5; EfficientNet-Lite0 0.95 and
+/// 0.95–0.96; ResNet-18 0.98–0.99 dense; ResNet-50 0.99 dense, 0.97–1.03 at budget 0.5
+/// (its layer 4 0.83–0.92 of the time per layer, the classifier 0.62).
+const WHOLE_BATCH_FLOATS: usize = 1 << 20;
 
 /// Kept input values from which a channel gate's input means are summed by all of the
 /// pool's threads rather than by the calling one alone. Small inputs (ResNet-50's 3×3
@@ -410,6 +444,10 @@ impl EngineExecutor {
             pack_misaligned: PACK_MISALIGNED_FROM,
             sub_batch: (SUB_BATCH_FLOATS / sizes.iter().copied().max().unwrap_or(1).max(1))
                 .max(MIN_SUB_BATCH),
+            whole_batch: std::env::var("DS_WHOLE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(WHOLE_BATCH_FLOATS),
             layers,
             sizes,
             last_use,
@@ -1208,13 +1246,6 @@ impl EngineExecutor {
         if rayon::current_thread_index().is_none() {
             return rayon::scope(|_| self.run(input, batch, cuts));
         }
-        if batch > self.sub_batch && input.len() == batch * self.sizes[0] {
-            let parts = input
-                .chunks(self.sub_batch * self.sizes[0])
-                .map(|part| self.run(part, part.len() / self.sizes[0], cuts))
-                .collect::<Result<Vec<_>>>()?;
-            return Ok(Forward::concat(parts));
-        }
         if input.len() != batch * self.sizes[0] {
             return Err(Error::Input(format!(
                 "{} values do not fill a batch of {batch} inputs of {} values",
@@ -1222,21 +1253,174 @@ impl EngineExecutor {
                 self.sizes[0]
             )));
         }
+        let nodes = self.layers.len();
+        let pass = if batch > self.sub_batch {
+            // The first nodes in parts (see SUB_BATCH_FLOATS), the rest over the whole
+            // batch from where its values are small (see WHOLE_BATCH_FLOATS).
+            let split = self.whole_from(batch).unwrap_or(nodes);
+            let parts = input
+                .chunks(self.sub_batch * self.sizes[0])
+                .map(|part| {
+                    let n = part.len() / self.sizes[0];
+                    self.run_nodes(self.copy_of(part), n, cuts, 0..split, None)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let head = self.concat(parts);
+            if split < nodes {
+                let tail = self.run_nodes(head.out, batch, cuts, split..nodes, head.kept)?;
+                Segment {
+                    out: tail.out,
+                    kept: tail.kept,
+                    node_kept: head
+                        .node_kept
+                        .into_iter()
+                        .zip(tail.node_kept)
+                        .map(|(a, b)| a.or(b))
+                        .collect(),
+                    node_tiles: head
+                        .node_tiles
+                        .into_iter()
+                        .zip(tail.node_tiles)
+                        .map(|(a, b)| a.or(b))
+                        .collect(),
+                    traces: head.traces.into_iter().chain(tail.traces).collect(),
+                    gate_flops: head
+                        .gate_flops
+                        .iter()
+                        .zip(&tail.gate_flops)
+                        .map(|(a, b)| a + b)
+                        .collect(),
+                }
+            } else {
+                head
+            }
+        } else {
+            self.run_nodes(self.copy_of(input), batch, cuts, 0..nodes, None)?
+        };
+        let logits = pass.out.into_vec();
+        if logits.len() != batch * self.classes {
+            return Err(Error::Exec(format!(
+                "{} logits for {batch} samples",
+                logits.len()
+            )));
+        }
+        let dynamic = cuts.is_some();
+        let flops = (0..batch)
+            .map(|s| pass.traces.iter().map(|t| t.flops[s]).sum())
+            .collect();
+        Ok(Forward {
+            logits,
+            flops: dynamic.then_some(flops),
+            gate_flops: dynamic.then_some(pass.gate_flops),
+            kept: if dynamic { pass.node_kept } else { Vec::new() },
+            tiles: if dynamic { pass.node_tiles } else { Vec::new() },
+            layers: pass.traces,
+        })
+    }
+
+    /// The first node from which the rest of the network runs over a batch of `batch`
+    /// samples at once rather than in parts: every value from there on, over the whole
+    /// batch, holds at most `whole_batch` floats, and no node from there on reads a value
+    /// from before it. `None` where there is none.
+    fn whole_from(&self, batch: usize) -> Option<usize> {
+        let nodes = self.layers.len();
+        // Per value: the last node that reads any value up to it.
+        let mut read_until = 0;
+        (1..nodes).find(|&s| {
+            read_until = read_until.max(self.last_use[s - 1]);
+            let banded = self.bands[s - 1].is_some();
+            read_until < s
+                && !banded
+                && self.sizes[s..]
+                    .iter()
+                    .all(|&v| v * batch <= self.whole_batch)
+        })
+    }
+
+    /// Sample-ordered concatenation of the segments of consecutive parts of one batch:
+    /// their values and per-sample figures in order, node times summed.
+    fn concat(&self, parts: Vec<Segment>) -> Segment {
+        if parts.len() == 1 {
+            return parts.into_iter().next().expect("one part");
+        }
+        // Per value or node, per sample: the sets of every part, when every part has
+        // them; the same nodes are gated in every part, so either all or none do.
+        fn sets(of: impl Iterator<Item = Kept>) -> Kept {
+            of.collect::<Option<Vec<_>>>().map(|v| v.concat())
+        }
+        debug_assert!(parts
+            .iter()
+            .all(|p| p.kept.is_some() == parts[0].kept.is_some()));
+        let len = parts.iter().map(|p| p.out.len()).sum();
+        let mut out = self.pool.take_dirty(len);
+        let mut at = 0;
+        for p in &parts {
+            out[at..at + p.out.len()].copy_from_slice(&p.out);
+            at += p.out.len();
+        }
+        let nodes = parts[0].node_kept.len();
+        let traced = parts[0].traces.len();
+        let joined = Segment {
+            out,
+            kept: sets(parts.iter().map(|p| p.kept.clone())),
+            node_kept: (0..nodes)
+                .map(|i| sets(parts.iter().map(|p| p.node_kept[i].clone())))
+                .collect(),
+            node_tiles: (0..nodes)
+                .map(|i| sets(parts.iter().map(|p| p.node_tiles[i].clone())))
+                .collect(),
+            traces: (0..traced)
+                .map(|i| LayerTrace {
+                    ms: parts.iter().map(|p| p.traces[i].ms).sum(),
+                    gate_ms: parts.iter().map(|p| p.traces[i].gate_ms).sum(),
+                    flops: parts
+                        .iter()
+                        .flat_map(|p| p.traces[i].flops.iter().copied())
+                        .collect(),
+                })
+                .collect(),
+            gate_flops: parts
+                .iter()
+                .flat_map(|p| p.gate_flops.iter().copied())
+                .collect(),
+        };
+        for p in parts {
+            self.pool.give(p.out);
+        }
+        joined
+    }
+
+    /// `values` in a buffer of the pool.
+    fn copy_of(&self, values: &[f32]) -> Buf {
+        let mut b = self.pool.take_dirty(values.len());
+        b.copy_from_slice(values);
+        b
+    }
+
+    /// Nodes `range` of the network over `batch` samples of `first` (the value the
+    /// range's first node starts from, whose kept sets are `kept_in`).
+    fn run_nodes(
+        &self,
+        first: Buf,
+        batch: usize,
+        cuts: Option<&[NodeCut]>,
+        range: std::ops::Range<usize>,
+        kept_in: Kept,
+    ) -> Result<Segment> {
         let mut values: Vec<Option<Buf>> = std::iter::repeat_with(|| None)
             .take(self.layers.len() + 1)
             .collect();
-        let dynamic = cuts.is_some();
         let mut kept: Vec<Kept> = vec![None; self.layers.len() + 1];
         let mut node_kept: Vec<Kept> = vec![None; self.layers.len()];
         let mut node_tiles: Vec<Kept> = vec![None; self.layers.len()];
-        let mut traces = Vec::with_capacity(self.layers.len());
+        let mut traces = Vec::with_capacity(range.len());
         let mut gate_flops = vec![0u64; batch];
-        let mut first = self.pool.take_dirty(input.len());
-        first.copy_from_slice(input);
-        values[0] = Some(first);
+        values[range.start] = Some(first);
+        kept[range.start] = kept_in;
         // The previous node ran in bands with this one and left this one's output.
         let mut banded = false;
-        for (i, (src, layer)) in self.layers.iter().enumerate() {
+        let (start, end) = (range.start, range.end);
+        for (i, (src, layer)) in self.layers.iter().enumerate().take(end).skip(start) {
             if std::mem::take(&mut banded) {
                 values[i + 1] = values[*src].take();
                 let flops = match (&kept[*src], layer) {
@@ -1445,27 +1629,19 @@ impl EngineExecutor {
                 flops,
             });
         }
-        let logits = values
-            .pop()
-            .flatten()
-            .ok_or_else(|| Error::Exec("the model produced no output".into()))?
-            .into_vec();
-        if logits.len() != batch * self.classes {
-            return Err(Error::Exec(format!(
-                "{} logits for {batch} samples",
-                logits.len()
-            )));
+        let out = values[end]
+            .take()
+            .ok_or_else(|| Error::Exec("the model produced no output".into()))?;
+        for buf in values.into_iter().flatten() {
+            self.pool.give(buf);
         }
-        let flops = (0..batch)
-            .map(|s| traces.iter().map(|t| t.flops[s]).sum())
-            .collect();
-        Ok(Forward {
-            logits,
-            flops: dynamic.then_some(flops),
-            gate_flops: dynamic.then_some(gate_flops),
-            kept: if dynamic { node_kept } else { Vec::new() },
-            tiles: if dynamic { node_tiles } else { Vec::new() },
-            layers: traces,
+        Ok(Segment {
+            out,
+            kept: kept[end].take(),
+            node_kept,
+            node_tiles,
+            traces,
+            gate_flops,
         })
     }
 
@@ -2099,6 +2275,7 @@ mod tests {
             local_a: LOCAL_A_BYTES,
             pack_misaligned: PACK_MISALIGNED_FROM,
             sub_batch: usize::MAX,
+            whole_batch: WHOLE_BATCH_FLOATS,
             bands: Vec::new(),
         }
     }
@@ -2218,7 +2395,15 @@ mod tests {
         let whole = EngineExecutor::new(&model).unwrap();
         let mut parts = EngineExecutor::new(&model).unwrap();
         parts.sub_batch = 2;
+        parts.whole_batch = 0;
         let batch = 5;
+        // In parts up to the depthwise layer's output (16 × 8 × 8 values per sample), then
+        // the whole batch.
+        let mut hybrid = EngineExecutor::new(&model).unwrap();
+        hybrid.sub_batch = 2;
+        hybrid.whole_batch = 24 * 8 * 8 * batch;
+        assert_eq!(hybrid.whole_from(batch), Some(2));
+        assert_eq!(parts.whole_from(batch), None);
         let x: Vec<f32> = pseudo_random(batch * 8 * 16 * 16, 11)
             .iter()
             .map(|v| v - 0.5)
@@ -2229,21 +2414,26 @@ mod tests {
         };
         for policy in [Policy::Dense, Policy::Keep(0.5), Policy::Gates(gated)] {
             let a = whole.forward_with(&x, batch, policy).unwrap();
-            let b = parts.forward_with(&x, batch, policy).unwrap();
-            assert_eq!(a.logits.len(), batch * model.desc.classes.len());
-            for (p, q) in a.logits.iter().zip(&b.logits) {
-                assert!(
-                    (p - q).abs() <= 1e-6 * (1.0 + p.abs()),
-                    "{policy:?}: {p} vs {q}"
-                );
+            for b in [
+                parts.forward_with(&x, batch, policy).unwrap(),
+                hybrid.forward_with(&x, batch, policy).unwrap(),
+            ] {
+                assert_eq!(a.logits.len(), batch * model.desc.classes.len());
+                for (p, q) in a.logits.iter().zip(&b.logits) {
+                    assert!(
+                        (p - q).abs() <= 1e-6 * (1.0 + p.abs()),
+                        "{policy:?}: {p} vs {q}"
+                    );
+                }
+                assert_eq!(a.logits.len(), b.logits.len());
+                assert_eq!(a.flops, b.flops, "{policy:?}");
+                assert_eq!(a.gate_flops, b.gate_flops, "{policy:?}");
+                assert_eq!(a.kept, b.kept, "{policy:?}");
+                assert_eq!(a.tiles, b.tiles, "{policy:?}");
+                let flops =
+                    |f: &Forward| f.layers.iter().map(|l| l.flops.clone()).collect::<Vec<_>>();
+                assert_eq!(flops(&a), flops(&b), "{policy:?}");
             }
-            assert_eq!(a.logits.len(), b.logits.len());
-            assert_eq!(a.flops, b.flops, "{policy:?}");
-            assert_eq!(a.gate_flops, b.gate_flops, "{policy:?}");
-            assert_eq!(a.kept, b.kept, "{policy:?}");
-            assert_eq!(a.tiles, b.tiles, "{policy:?}");
-            let flops = |f: &Forward| f.layers.iter().map(|l| l.flops.clone()).collect::<Vec<_>>();
-            assert_eq!(flops(&a), flops(&b), "{policy:?}");
             if policy != Policy::Dense {
                 // The gates did cut: every sample ran fewer FLOPs than the dense pass.
                 let dense: u64 = whole.flops.iter().sum();
