@@ -1,7 +1,8 @@
 //! Direct depthwise convolution, plane by plane. With AVX-512, taps read the input in
-//! place through masked loads (`depthwise_avx512`); with AVX2, small stride-1 planes go
-//! through a copy with zero-padded rows a whole number of vectors apart, others are
-//! read in place or copied as below (`depthwise_avx2`).
+//! place through masked loads (`depthwise_avx512`); with AVX2, small stride-1 3×3 planes
+//! and 5×5 planes of stride 1 or 2 go through a copy with zero-padded rows a whole
+//! number of vectors long, others are read in place or copied as below
+//! (`depthwise_avx2`).
 //! Elsewhere (and for column strides above 2): one zero-padded copy of each input plane,
 //! then per output row one multiply-add sweep per kernel tap over contiguous memory
 //! (stride-2 planes split into even and odd columns first so that sweeps stay
@@ -147,9 +148,10 @@ impl Plan {
 const FLAT_AVX2_BELOW: usize = depthwise_avx2::LANES;
 
 /// On AVX2, stride-1 3×3 planes narrower than this, and 5×5 planes of stride 1 or 2 at
-/// any width, take the pitched copy (`depthwise_avx2::plane_pitched`) rather than the
-/// masked flat kernel (7×7), the masked rows (stride 2 to rows narrower than a vector)
-/// or the padded copy with `depthwise_avx2::padded_plane`. One thread, one-layer models,
+/// any width (output rows at least 7 wide, as for both), take the pitched copy
+/// (`depthwise_avx2::plane_pitched`) rather than the masked flat kernel (7×7), the
+/// masked rows (stride 2 to rows narrower than a vector) or the padded copy with
+/// `depthwise_avx2::padded_plane`. One thread, one-layer models,
 /// in-process pairs (300): the pitched copy took, of the other's time, 3×3 at 7×7 0.81
 /// (960 channels), 14×14 0.71 (576), 20×20 0.86, 28×28 1.03, 56×56 1.04, 112×112 1.15;
 /// 5×5 at 7×7 0.49 (1152), 14×14 0.69, 28×28 0.82, 56×56 0.94, 112×112 0.99–1.01.

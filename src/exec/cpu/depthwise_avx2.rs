@@ -1,23 +1,25 @@
 //! AVX2 depthwise planes, in vectors of 8.
 //!
-//! - Stride-1 3×3 planes narrower than 28 columns and 5×5 planes of any width: a copy
-//!   whose rows are a whole number of vectors apart, zeros filling each row past its end
-//!   ([`plane_pitched`]); every tap is then a plain load at a fixed offset, and output
-//!   vectors of several rows accumulate together.
+//! - Stride-1 3×3 planes narrower than 28 columns, and 5×5 planes of stride 1 or 2 with
+//!   output rows at least 7 wide: a copy whose rows are a whole number of vectors long,
+//!   zeros filling each row past its values ([`plane_pitched`]); every tap is then a
+//!   plain load at a fixed offset, and output vectors of several rows accumulate
+//!   together.
 //! - Other stride-1 planes with output rows as wide as the input's, narrower than a
 //!   vector (7×7 planes of other kernels): the plane read in place as one flat array
 //!   ([`FlatMasks`]); a tap whose lanes reach outside the plane is a masked load
 //!   (`vmaskmovps`), whose masked-off lanes read as zero, which is exactly the padding.
-//! - Column stride 2 (kernels other than 3×3 and 5×5, or rows narrower than a vector):
-//!   output row by output row, eight columns at a time, read in place with masked loads;
-//!   a tap's inputs are the even values of 16 consecutive ones (two loads, a shuffle and
-//!   a lane permute), and the next tap's are the odd values of the same two loads.
+//! - Column stride 2 with kernels other than 3×3 and 5×5, or with output rows narrower
+//!   than a vector (3×3) or than 7 (5×5): output row by output row, eight columns at a
+//!   time, read in place with masked loads; a tap's inputs are the even values of 16
+//!   consecutive ones (two loads, a shuffle and a lane permute), and the next tap's are
+//!   the odd values of the same two loads.
 //!
 //! Wider stride-1 3×3 planes take the padded copy, swept by [`padded_plane`], plain loads
 //! with several blocks' chains of multiply-adds overlapping (`FLAT_AVX2_BELOW` and
-//! `PITCHED_3X3_BELOW` in `depthwise` have the numbers). So do 3×3 and 5×5 planes of
-//! column stride 2, from a copy split into even and odd columns ([`split_even_odd`];
-//! `padded_sweep` in `depthwise`).
+//! `PITCHED_3X3_BELOW` in `depthwise` have the numbers). So do 3×3 planes of column
+//! stride 2 with rows of at least a vector, from a copy split into even and odd columns
+//! ([`split_even_odd`]; `padded_sweep` in `depthwise`).
 
 use std::arch::x86_64::*;
 

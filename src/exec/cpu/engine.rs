@@ -238,13 +238,14 @@ const MIN_SUB_BATCH: usize = 2;
 /// whole batch from the first node where every value to come, over the whole batch,
 /// holds at most this many floats (4 MiB): the values then stay in the caches anyway,
 /// and each later layer reads its weights once per batch rather than once per part,
-/// with one set of parallel loops instead of one per part. At batch 8 that is from the
-/// 7×7 stage of MobileNetV2 and EfficientNet-Lite0, ResNet-18's layer 3 and ResNet-50's
-/// second block of layer 4. In-process pairs (10–16, 2 threads, batch 8), against the
-/// whole network in parts of two: MobileNetV2 0.94–0.95 of the time dense (0.92–1.02
-/// with a bound of half this) and 0.94–0.96 at budget 0.5; EfficientNet-Lite0 0.95 and
-/// 0.95–0.96; ResNet-18 0.98–0.99 dense; ResNet-50 0.99 dense, 0.97–1.03 at budget 0.5
-/// (its layer 4 0.83–0.92 of the time per layer, the classifier 0.62).
+/// with one set of parallel loops instead of one per part. At batch 8 that is from
+/// MobileNetV2's 14×14 stage, EfficientNet-Lite0's 7×7 stage, the second block of
+/// ResNet-18's layer 2 and of ResNet-50's layer 4. In-process pairs (10–16, 2 threads,
+/// batch 8), against the whole network in parts of two: MobileNetV2 0.94–0.95 of the
+/// time dense (0.92–1.02 with a bound of half this) and 0.94–0.96 at budget 0.5;
+/// EfficientNet-Lite0 0.95 and 0.95–0.96; ResNet-18 0.98–0.99 dense; ResNet-50 0.99
+/// dense, 0.97–1.05 at budget 0.5 (its layer 4 0.83–0.92 of the time per layer, the
+/// classifier 0.62).
 const WHOLE_BATCH_FLOATS: usize = 1 << 20;
 
 /// Kept input values from which a channel gate's input means are summed by all of the
@@ -444,10 +445,7 @@ impl EngineExecutor {
             pack_misaligned: PACK_MISALIGNED_FROM,
             sub_batch: (SUB_BATCH_FLOATS / sizes.iter().copied().max().unwrap_or(1).max(1))
                 .max(MIN_SUB_BATCH),
-            whole_batch: std::env::var("DS_WHOLE")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(WHOLE_BATCH_FLOATS),
+            whole_batch: WHOLE_BATCH_FLOATS,
             layers,
             sizes,
             last_use,
