@@ -50,7 +50,9 @@ class DsmModule(nn.Module):
             kind = op["type"]
             if kind == "conv":
                 pad = op["padding"]
-                h, w_ = v.shape[2], v.shape[3]
+                # Python ints, so that the export records constant pads (which ONNX
+                # Runtime fuses into the convolution) rather than computing them.
+                h, w_ = int(v.shape[2]), int(v.shape[3])
                 conv_pad = (0, 0)
                 if pad["rule"] == "symmetric":
                     # In the convolution itself, so the peer can fuse it as it would.
@@ -134,6 +136,7 @@ def main() -> None:
     model = load(a.model)
     c, h, w = model.input["channels"], model.input["height"], model.input["width"]
     try:
+        import onnx_export
         import onnxruntime as ort
     except ImportError:
         ort = None
@@ -142,10 +145,7 @@ def main() -> None:
     if ort is not None:
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "model.onnx")
-            torch.onnx.export(
-                model, (torch.zeros(1, c, h, w),), path, input_names=["x"], output_names=["y"],
-                dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False,
-            )
+            onnx_export.export(model, torch.zeros(1, c, h, w), path)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = a.threads
             opts.inter_op_num_threads = 1

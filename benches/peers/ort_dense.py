@@ -1,9 +1,10 @@
 """Dense latency of ONNX Runtime on the same weights dynsparse runs, for ours/ORT ratios.
 
 Builds each PyTorch model from a checkpoint made by tests/make_reference.py (or, for
-efficientnet_lite0, the real package weights), exports it to ONNX, and times ONNX Runtime
-(intra-op threads as given, sequential execution, all graph optimizations) at each batch
-size: median, p10, p90 of repeated runs on random input. Prints JSON lines.
+efficientnet_lite0, the real package weights), exports it to ONNX (pads folded into
+convolutions, `onnx_export.py`), and times ONNX Runtime (intra-op threads as given,
+sequential execution, all graph optimizations) at each batch size: median, p10, p90 of
+repeated runs on random input. Prints JSON lines.
 
 usage: python3 benches/peers/ort_dense.py [--threads 2] [--batch 1,8] [--runs 20] ARCH...
 """
@@ -22,6 +23,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))
 from make_reference import ARCHS  # noqa: E402
+
+sys.path.insert(0, HERE)
+import onnx_export  # noqa: E402
 
 
 def load(arch: str, fixtures: str) -> torch.nn.Module:
@@ -56,8 +60,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, f"{arch}.onnx")
             x = torch.randn(1, 3, size, size)
-            torch.onnx.export(model, x, path, input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+            onnx_export.export(model, x, path, opset=17)
             sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         for b in map(int, a.batch.split(",")):
             xb = np.random.default_rng(0).standard_normal((b, 3, size, size)).astype(np.float32)

@@ -1,6 +1,7 @@
 """Per-layer times of ONNX Runtime on a dynsparse model file, from ORT's own profiler.
 
-Rebuilds the network from the .dsm (as dsm_peer.py does), exports it to ONNX, runs it
+Rebuilds the network from the .dsm (as dsm_peer.py does), exports it to ONNX (pads
+folded into convolutions, `onnx_export.py`), runs it
 with `enable_profiling`, and prints each node's median kernel time, to set beside
 `dynsparse bench --model M --batch 1 --layers`.
 
@@ -20,28 +21,25 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dsm_peer  # noqa: E402
+import onnx_export  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    a = ap.parse_args()
-    m = dsm_peer.load(a.model)
+def profile(model: str, threads: int, runs: int) -> list[tuple[str, str, float]]:
+    """Each node's median kernel time (ms) over `runs` batch-1 runs, in graph order, as
+    (node name, op name, ms)."""
+    m = dsm_peer.load(model)
     c, h, w = m.input["channels"], m.input["height"], m.input["width"]
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.onnx")
-        torch.onnx.export(m, (torch.zeros(1, c, h, w),), path, input_names=["x"],
-                          output_names=["y"], dynamo=False)
+        onnx_export.export(m, torch.zeros(1, c, h, w), path, dynamic_batch=False)
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = a.threads
+        opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(d, "profile")
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         x = dsm_peer.bench_input((1, c, h, w))
-        for _ in range(a.runs):
+        for _ in range(runs):
             sess.run(None, {"x": x})
         with open(sess.end_profiling()) as f:
             events = json.load(f)
@@ -53,13 +51,21 @@ def main() -> None:
             name = e["name"][: -len("_kernel_time")]
             times[name].append(e["dur"] / 1000)
             ops[name] = e["args"].get("op_name", "")
+    return [(name, ops[name], statistics.median(v)) for name, v in times.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    a = ap.parse_args()
+    nodes = profile(a.model, a.threads, a.runs)
     print(f"onnxruntime {ort.__version__}, {a.threads} threads, median of {a.runs} runs, ms\n")
     print("| node | op | ms |\n|---|---|---|")
-    total = 0.0
-    for name, v in times.items():
-        med = statistics.median(v)
-        total += med
-        print(f"| {name} | {ops[name]} | {med:.3f} |")
+    for name, op, ms in nodes:
+        print(f"| {name} | {op} | {ms:.3f} |")
+    total = sum(ms for _, _, ms in nodes)
     print(f"\ntotal {total:.2f} ms (nodes run in graph order, as listed)")
 
 
