@@ -50,8 +50,8 @@ class DsmModule(nn.Module):
             kind = op["type"]
             if kind == "conv":
                 pad = op["padding"]
-                # Python ints, so that the export records constant pads (which ONNX
-                # Runtime fuses into the convolution) rather than computing them.
+                # Python ints: the pads are then constants of the export, not values it
+                # computes (`onnx_export.py` folds them into the convolution).
                 h, w_ = int(v.shape[2]), int(v.shape[3])
                 conv_pad = (0, 0)
                 if pad["rule"] == "symmetric":

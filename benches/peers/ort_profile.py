@@ -1,9 +1,9 @@
 """Per-layer times of ONNX Runtime on a dynsparse model file, from ORT's own profiler.
 
 Rebuilds the network from the .dsm (as dsm_peer.py does), exports it to ONNX (pads
-folded into convolutions, `onnx_export.py`), runs it
-with `enable_profiling`, and prints each node's median kernel time, to set beside
-`dynsparse bench --model M --batch 1 --layers`.
+folded into convolutions, `onnx_export.py`), runs it with `enable_profiling`, and prints
+each node's median kernel time, to set beside `dynsparse bench --model M --batch 1
+--layers` (`compare_layers.py` does both and matches the layers).
 
 usage: python3 benches/peers/ort_profile.py MODEL.dsm [--runs 30] [--threads 2]
 """
