@@ -10,7 +10,8 @@ that layer, its ORT time added there. ORT's other nodes (layout reorders, pads, 
 the classifier) are summed apart.
 
 usage: python3 benches/peers/compare_layers.py MODEL.dsm [--threads 2] [--runs 30]
-       [--rounds 2] [--peak GFLOPS] [--binary target/release/dynsparse]
+       [--rounds 2] [--peak GFLOPS] [--binary PATH (default: this checkout's
+       target/release/dynsparse)]
 
 `--peak` (from `cargo run --release --example kernel_peak`, the figure for the same
 number of threads) adds each layer's share of it.
@@ -26,9 +27,15 @@ import sys
 import tempfile
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..", "..")
+sys.path.insert(0, HERE)
 import dsm_peer  # noqa: E402
 import ort_profile  # noqa: E402
+
+# ONNX Runtime's names for a convolution node: its channel-blocked one, and a convolution
+# with its activation fused where that layout is not used.
+CONV_OPS = ("Conv", "FusedConv")
 
 
 def ours(binary: str, model: str, threads: int, runs: int) -> list[dict]:
@@ -71,7 +78,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--peak", type=float, help="the micro-kernel's GFLOP/s on these threads")
-    ap.add_argument("--binary", default="target/release/dynsparse")
+    ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "dynsparse"))
     a = ap.parse_args()
     if a.rounds < 1 or a.runs < 1:
         sys.exit("--rounds and --runs must be at least 1")
@@ -88,10 +95,10 @@ def main() -> None:
         for i, l in enumerate(got):
             our_ms[i].append(l["ms"])
         profiled = ort_profile.profile(a.model, a.threads, a.runs)
-        convs = [(n, ms) for n, op, ms in profiled if op == "Conv"]
+        convs = [(n, ms) for n, op, ms in profiled if op in CONV_OPS]
         others = defaultdict(float)
         for _, op, ms in profiled:
-            if op != "Conv":
+            if op not in CONV_OPS:
                 others[op] += ms
         for op, ms in others.items():
             ort_other[op].append(ms)
