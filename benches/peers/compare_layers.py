@@ -87,11 +87,14 @@ def main() -> None:
     nodes = {n["name"]: n["op"] for n in dsm_peer.load(a.model).nodes}
 
     our_ms, ort_ms = defaultdict(list), defaultdict(list)
-    layers, ort_other = None, defaultdict(list)
+    layers, ours_convs, ort_other = None, None, defaultdict(list)
     for r in range(a.rounds):
         print(f"round {r + 1}/{a.rounds}: dynsparse, then onnxruntime", file=sys.stderr)
         got = ours(a.binary, a.model, a.threads, a.runs)
-        layers = layers or got
+        if layers is None:
+            layers = got
+            ours_convs = [i for i, l in enumerate(layers)
+                          if nodes.get(l["name"], {}).get("type") == "conv"]
         for i, l in enumerate(got):
             our_ms[i].append(l["ms"])
         profiled = ort_profile.profile(a.model, a.threads, a.runs)
@@ -102,7 +105,6 @@ def main() -> None:
                 others[op] += ms
         for op, ms in others.items():
             ort_other[op].append(ms)
-        ours_convs = [i for i, l in enumerate(layers) if nodes.get(l["name"], {}).get("type") == "conv"]
         if len(convs) != len(ours_convs):
             sys.exit(f"{len(ours_convs)} convolutions here, {len(convs)} in ONNX Runtime's "
                      "profile: cannot match them in order")
@@ -111,7 +113,8 @@ def main() -> None:
 
     med = {i: statistics.median(v) for i, v in our_ms.items()}
     ort = {i: statistics.median(v) for i, v in ort_ms.items()}
-    # A banded layer (0 ms here) joins the convolution before it.
+    # A banded layer (0 ms here) joins the convolution before it, and the pair is summed
+    # as a kind of its own.
     rows, by_kind = [], defaultdict(lambda: [0.0, 0.0, 0])
     for i, l in enumerate(layers):
         if i not in ort:
@@ -121,6 +124,7 @@ def main() -> None:
             rows[-1]["ort"] += ort[i]
             rows[-1]["flops"] += l["flops_dense"]
             rows[-1]["shape"] += f" + {shape}"
+            rows[-1]["kind"] += f" with {k} (banded)"
             continue
         rows.append({"name": l["name"], "shape": shape, "kind": k, "flops": l["flops_dense"],
                      "ours": med[i], "ort": ort[i]})
