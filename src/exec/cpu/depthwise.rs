@@ -1,8 +1,11 @@
-//! Direct depthwise convolution, plane by plane. With AVX-512, taps read the input in
-//! place through masked loads (`depthwise_avx512`); with AVX2, small stride-1 3×3 planes
-//! and 5×5 planes of stride 1 or 2 go through a copy with zero-padded rows a whole
-//! number of vectors long, others are read in place or copied as below
-//! (`depthwise_avx2`).
+//! Direct depthwise convolution. With AVX2, 3×3 and 5×5 windows of stride 1 or 2 over
+//! small planes (stride 1 up to about 48 × 48, stride 2 from up to 56 × 56) run eight
+//! planes at a time, a channel per vector lane (`depthwise_lanes`; `LANES_SCRATCH_BYTES`
+//! has the numbers); the rest run plane by plane, as follows. With AVX-512, taps read
+//! the input in place through masked loads (`depthwise_avx512`); with AVX2, small
+//! stride-1 3×3 planes and 5×5 planes of stride 1 or 2 go through a copy with
+//! zero-padded rows a whole number of vectors long, others are read in place or copied
+//! as below (`depthwise_avx2`).
 //! Elsewhere (and for column strides above 2): one zero-padded copy of each input plane,
 //! then per output row one multiply-add sweep per kernel tap over contiguous memory
 //! (stride-2 planes split into even and odd columns first so that sweeps stay
@@ -15,7 +18,7 @@ use super::depthwise_masks::{FlatMasks, RowMasks};
 use super::gemm::Isa;
 use super::ops::{self, Window};
 #[cfg(target_arch = "x86_64")]
-use super::{depthwise_avx2, depthwise_avx512};
+use super::{depthwise_avx2, depthwise_avx512, depthwise_lanes};
 use crate::model::Act;
 
 /// A depthwise layer's geometry and the kernel its planes run on, worked out once when
@@ -30,15 +33,27 @@ pub struct Plan {
     /// The row pitch of `depthwise_avx2::plane_pitched`'s copy, where AVX2 planes take it.
     #[cfg(target_arch = "x86_64")]
     pitch: Option<usize>,
+    /// Whether [`Plan::run`] takes eight planes at a time, a channel per lane
+    /// (`depthwise_lanes`), rather than plane by plane.
+    #[cfg(target_arch = "x86_64")]
+    lanes: bool,
 }
 
 impl Plan {
     /// The plan for `win` on the fastest kernels this CPU runs.
     pub fn new(win: Window) -> Plan {
-        Plan::with_path(win, Path::best())
+        let path = Path::best();
+        Plan::with_lanes(win, path, in_lanes(path, &win))
     }
 
+    #[cfg(test)]
     fn with_path(win: Window, path: Path) -> Plan {
+        Plan::with_lanes(win, path, false)
+    }
+
+    /// The plan on `path`, its planes eight at a time when `grouped` (and the path and
+    /// window allow it).
+    fn with_lanes(win: Window, path: Path, grouped: bool) -> Plan {
         // The masked kernels' vector width.
         #[cfg(target_arch = "x86_64")]
         let lanes = match path {
@@ -67,6 +82,8 @@ impl Plan {
                 .and_then(|l| RowMasks::new(&win, l)),
             #[cfg(target_arch = "x86_64")]
             pitch,
+            #[cfg(target_arch = "x86_64")]
+            lanes: grouped && path == Path::Avx2 && depthwise_lanes::supports(&win),
         }
     }
 
@@ -160,6 +177,19 @@ const FLAT_AVX2_BELOW: usize = depthwise_avx2::LANES;
 /// 28 1.02, 112 → 56 1.03 — so 3×3 planes of stride 2 keep the other kernels.
 const PITCHED_3X3_BELOW: usize = 28;
 
+/// Largest buffer (interleaved input and output of one group of eight planes) with
+/// which AVX2 layers of 3×3 and 5×5 windows, stride 1 or 2, run their planes in lanes
+/// (`depthwise_lanes`) instead of by the kernels above; larger planes stay plane by
+/// plane. One-layer models, in-process pairs (100–150), the layer's time against the
+/// kernels above, one thread: 3×3 at 7×7 0.63 (960 channels), 14×14 0.61 (576), 28×28
+/// 0.62 (192), 56×56 0.79 (144), 112×112 0.96 (32); stride 2, 14 → 7 0.58, 28 → 14
+/// 0.46, 56 → 28 0.63, 112 → 56 0.83; 5×5 at 7×7 0.55, 14×14 0.60, 28×28 0.60, stride
+/// 2 14 → 7 0.58, 56 → 28 0.60. On two threads the 112×112 planes lost (1.18 and 1.22:
+/// a group's buffer, 0.8 MB, no longer fits in L2), and in whole passes so did the
+/// 56×56 stride-1 ones (MobileNetV2 1.00, EfficientNet-Lite0 1.07; 207 KiB a group),
+/// where stride 2 from 56×56 (129–136 KiB) still took 0.69–0.82.
+const LANES_SCRATCH_BYTES: usize = 160 << 10;
+
 /// Whether an AVX2 plane of column stride 2 takes the padded copy (its columns split
 /// into even and odd ones with shuffles) and `depthwise_avx2::padded_plane` rather than
 /// the masked rows: 3×3 and 5×5 with rows of at least one vector. One thread, one-layer
@@ -208,8 +238,60 @@ struct Job<'a> {
     shift: Option<&'a [f32]>,
 }
 
+/// Whether a layer of `win` on `path` runs its planes eight at a time: on AVX2, where
+/// [`depthwise_lanes`] supports the window and a group's buffer fits in L2 with room.
+fn in_lanes(path: Path, win: &Window) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return path == Path::Avx2
+        && depthwise_lanes::supports(win)
+        && depthwise_lanes::scratch_bytes(win) <= LANES_SCRATCH_BYTES;
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
+/// The planes of `job`, eight at a time, a channel per lane.
+#[cfg(target_arch = "x86_64")]
+fn planes_in_lanes(plan: &Plan, job: &Job, out: &mut [f32]) {
+    use depthwise_lanes::{Group, LANES};
+    let win = plan.win;
+    let in_plane = win.in_hw[0] * win.in_hw[1];
+    let out_plane = win.out_hw[0] * win.out_hw[1];
+    let taps = win.kernel[0] * win.kernel[1];
+    let total = out.len() / out_plane.max(1);
+    let kept: Vec<usize> = (0..total)
+        .filter(|&nc| job.keep.is_none_or(|k| k[nc]))
+        .collect();
+    let o = super::gemm::OutPtr(out.as_mut_ptr());
+    kept.par_chunks(LANES)
+        .with_min_len((1024 / (LANES * out_plane).max(1)).max(1))
+        .for_each_init(Vec::new, |scratch, nc| {
+            // Lanes past the group's planes repeat its first one and are not stored.
+            let at = |l: usize| nc.get(l).copied().unwrap_or(nc[0]);
+            let g = Group {
+                n: nc.len(),
+                x: std::array::from_fn(|l| job.input[at(l) * in_plane..].as_ptr()),
+                k: std::array::from_fn(|l| job.weight[at(l) % job.channels * taps..].as_ptr()),
+                bias: std::array::from_fn(|l| job.bias[at(l) % job.channels]),
+                shift: std::array::from_fn(|l| job.shift.map_or(0.0, |v| v[at(l)])),
+                residual: job
+                    .residual
+                    .map(|r| std::array::from_fn(|l| r[at(l) * out_plane..].as_ptr())),
+                out: std::array::from_fn(|l| o.get().wrapping_add(at(l) * out_plane)),
+            };
+            // SAFETY: the path is AVX2 (so the CPU has AVX2 and FMA) and the window one
+            // `depthwise_lanes` supports (`Plan::with_lanes`); every plane index is below
+            // `total`, so each pointer starts a whole plane of its buffer, and the groups
+            // share out distinct indices, so no two lanes write the same plane.
+            unsafe { depthwise_lanes::group(&win, &g, job.act, scratch) };
+        });
+}
+
 /// The planes of `job` on the plan's path.
 fn planes(plan: &Plan, job: &Job, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if plan.lanes {
+        return planes_in_lanes(plan, job, out);
+    }
     let win = plan.win;
     let in_plane = win.in_hw[0] * win.in_hw[1];
     let out_plane = win.out_hw[0] * win.out_hw[1];
@@ -646,11 +728,110 @@ mod tests {
         }
     }
 
+    /// A plan on every path, and on AVX2 one with planes in lanes where the window
+    /// allows it.
+    fn plans(win: Window) -> Vec<Plan> {
+        let mut plans: Vec<Plan> = paths()
+            .into_iter()
+            .map(|p| Plan::with_path(win, p))
+            .collect();
+        if paths().contains(&Path::Avx2) {
+            let plan = Plan::with_lanes(win, Path::Avx2, true);
+            if grouped(&plan) {
+                plans.push(plan);
+            }
+        }
+        plans
+    }
+
+    fn grouped(plan: &Plan) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return plan.lanes;
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
+    }
+
+    /// Planes in lanes: 3×3 and 5×5, stride 1 and 2, planes from 1×1 to wider than two
+    /// vectors, up to 21 channels over 1–3 samples (so groups end mid-sample and the last
+    /// is partial), a random subset of planes kept; skipped planes stay unwritten.
+    #[test]
+    fn planes_in_lanes_match_the_reference() {
+        if !paths().contains(&Path::Avx2) {
+            return;
+        }
+        let mut rng = super::super::fresh_rng();
+        for case in 0..300 {
+            let k = [3, 5][case % 2];
+            let s = 1 + case / 2 % 2;
+            let pad_tl = [rng.random_range(0..k), rng.random_range(0..k)];
+            let in_hw = [rng.random_range(1..=30), rng.random_range(1..=30)];
+            let pad_br = [rng.random_range(0..k), rng.random_range(0..k)];
+            let (ph, pw) = (
+                in_hw[0] + pad_tl[0] + pad_br[0],
+                in_hw[1] + pad_tl[1] + pad_br[1],
+            );
+            if ph < k || pw < k {
+                continue;
+            }
+            let win = Window {
+                in_hw,
+                out_hw: [(ph - k) / s + 1, (pw - k) / s + 1],
+                kernel: [k, k],
+                stride: [s, s],
+                pad_tl,
+            };
+            let plan = Plan::with_lanes(win, Path::Avx2, true);
+            assert!(grouped(&plan), "{win:?}");
+            let (n, c) = (rng.random_range(1..=3), rng.random_range(1..=21));
+            let (inp, outp) = (in_hw[0] * in_hw[1], win.out_hw[0] * win.out_hw[1]);
+            let mut r = |len: usize| {
+                (0..len)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect::<Vec<_>>()
+            };
+            let (x, wt, b, res, shift) = (
+                r(n * c * inp),
+                r(c * k * k),
+                r(c),
+                r(n * c * outp),
+                r(n * c),
+            );
+            let keep: Vec<bool> = (0..n * c).map(|_| rng.random_bool(0.7)).collect();
+            let act = [Act::None, Act::Relu, Act::Relu6][case % 3];
+            let residual = (case % 4 < 2).then_some(res.as_slice());
+            let mut want = super::super::ops::depthwise(&x, &wt, &b, residual, act, c, win);
+            for (p, &v) in want.chunks_mut(outp).zip(&shift) {
+                p.iter_mut().for_each(|w| *w -= v);
+            }
+            let mut got = vec![f32::NAN; want.len()];
+            plan.run(
+                &mut got,
+                &x,
+                &wt,
+                &b,
+                residual,
+                act,
+                c,
+                Some(&keep),
+                Some(&shift),
+            );
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                if keep[i / outp] {
+                    assert!(
+                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "{win:?} at {i}: {g} vs {e}"
+                    );
+                } else {
+                    assert!(g.is_nan(), "{win:?}: skipped plane written at {i}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn matches_reference_on_random_shapes() {
         let mut rng = super::super::fresh_rng();
-        let paths = paths();
-        eprintln!("paths {paths:?}");
+        eprintln!("paths {:?}", paths());
         for _ in 0..200 {
             // Half the cases use the specialised 3×3 and 5×5 paths.
             let kernel = match rng.random_range(0..4) {
@@ -718,9 +899,9 @@ mod tests {
                     }
                 }
                 let shift = shifted.then_some(shift.as_slice());
-                for &path in &paths {
+                for plan in plans(win) {
+                    let path = (plan.path, grouped(&plan));
                     let mut got = vec![f32::NAN; want.len()];
-                    let plan = Plan::with_path(win, path);
                     plan.run(&mut got, &x, &k, &b, residual, act, c, None, shift);
                     for (g, e) in got.iter().zip(&want) {
                         assert!(

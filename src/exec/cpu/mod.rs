@@ -8,6 +8,8 @@ mod depthwise_avx2;
 #[cfg(target_arch = "x86_64")]
 mod depthwise_avx512;
 #[cfg(target_arch = "x86_64")]
+mod depthwise_lanes;
+#[cfg(target_arch = "x86_64")]
 mod depthwise_masks;
 mod engine;
 mod gate_scores;
