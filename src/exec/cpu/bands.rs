@@ -14,7 +14,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::depthwise::Plan;
+use super::depthwise::{Plan, PlaneIo};
 use super::gemm::{self, Acc, Epilogue, Isa, OutPtr, Prefetch, Tile, KC, NR};
 use super::ops::Window;
 use super::pool::{Buf, BufferPool};
@@ -221,21 +221,28 @@ impl Bands {
             let at = (held.end - need.start) * w;
             self.expand(job, held.end..need.end, at, scratch);
             held = need.clone();
-            for &c in job.sample.rows {
-                let x = &scratch.band[c * stride..c * stride + need.len() * w];
-                // SAFETY: rows `band.out` of plane c < chans, inside the sample's planes;
-                // no other task writes this band's rows.
-                let o = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        os.get().add(c * oh * ow + band.out.start * ow),
-                        band.out.len() * ow,
-                    )
-                };
-                let k = &dw.weight[c * taps..(c + 1) * taps];
-                let shift = job.sample.shift.map_or(0.0, |v| v[c]);
-                band.plan
-                    .run_plane(o, x, k, dw.bias[c], dw.act, shift, &mut scratch.planes);
-            }
+            let mut planes: Vec<PlaneIo> = job
+                .sample
+                .rows
+                .iter()
+                .map(|&c| PlaneIo {
+                    x: &scratch.band[c * stride..c * stride + need.len() * w],
+                    // SAFETY: rows `band.out` of plane c < chans, inside the sample's
+                    // planes; no other task writes this band's rows, and the sample's
+                    // channels are distinct.
+                    out: unsafe {
+                        std::slice::from_raw_parts_mut(
+                            os.get().add(c * oh * ow + band.out.start * ow),
+                            band.out.len() * ow,
+                        )
+                    },
+                    k: &dw.weight[c * taps..(c + 1) * taps],
+                    bias: dw.bias[c],
+                    shift: job.sample.shift.map_or(0.0, |v| v[c]),
+                })
+                .collect();
+            band.plan
+                .run_planes(&mut planes, dw.act, &mut scratch.planes);
         }
     }
 
