@@ -7,8 +7,10 @@
 //! eight channels' values: every tap of every output is then one plain load and one
 //! multiply-add with that tap's eight weights, at any stride and with no edge cases, and
 //! the outputs are transposed back into their planes with the epilogue (residual,
-//! activation, shift). The transposes cost about as much as the multiply-adds of a 3×3
-//! window; the plane-by-plane kernels' edges cost more on small planes.
+//! activation, shift). Large planes go in strips of output rows, so that a strip's
+//! buffers stay in L2 ([`STRIP_BYTES`]). Counted in instructions, the transposes of a
+//! 3×3 layer are about as many as its multiply-adds; on small planes the plane-by-plane
+//! kernels' edges cost more (measured in `depthwise::in_lanes`).
 
 use std::arch::x86_64::*;
 
@@ -40,16 +42,6 @@ pub struct Group {
 /// Whether [`group`] runs this window: 3×3 and 5×5 kernels of stride 1 or 2.
 pub fn supports(win: &Window) -> bool {
     matches!(win.kernel, [3, 3] | [5, 5]) && matches!(win.stride, [1, 1] | [2, 2])
-}
-
-/// Bytes of the buffer a group of `win` takes: its interleaved padded input and output.
-pub fn scratch_bytes(win: &Window) -> usize {
-    let [oh, ow] = win.out_hw;
-    let (ph, pw) = (
-        (oh.max(1) - 1) * win.stride[0] + win.kernel[0],
-        (ow.max(1) - 1) * win.stride[1] + win.kernel[1],
-    );
-    (ph * pw + (oh * ow).next_multiple_of(LANES)) * LANES * std::mem::size_of::<f32>()
 }
 
 /// Convolves one group of planes of `win` (which [`supports`] accepts); `scratch` is
@@ -115,44 +107,22 @@ unsafe fn run<const K: usize, const S: usize>(
     if oh == 0 || ow == 0 {
         return;
     }
-    // The padded extent the windows reach; input past it is never read.
-    let (ph, pw) = ((oh - 1) * S + K, (ow - 1) * S + K);
-    let outs = oh * ow;
-    let (in_len, out_len) = (ph * pw * LANES, outs.next_multiple_of(LANES) * LANES);
-    // One buffer for the interleaved input and output, started on a 32-byte boundary
-    // (where the allocator allows) so that no vector load spans two cache lines.
+    // The padded width the windows reach; input columns past it are never read.
+    let pw = (ow - 1) * S + K;
+    let strip = strip_rows(win);
+    let (in_len, out_len) = (
+        ((strip - 1) * S + K) * pw * LANES,
+        (strip * ow).next_multiple_of(LANES) * LANES,
+    );
+    // One buffer for the interleaved input and output of a strip, started on a 32-byte
+    // boundary (where the allocator allows) so that no vector load spans two cache lines.
     scratch.resize(in_len + out_len + LANES, 0.0);
     let skip = scratch.as_ptr().align_offset(32).min(LANES);
-    // Zeros where the padding is; the rest is overwritten.
-    scratch[skip..skip + in_len].fill(0.0);
     let buf = scratch.as_mut_ptr().add(skip);
     let obuf = buf.add(in_len);
 
     let lane = |l: usize| if l < g.n { l } else { 0 };
-    // The interleaved input: every padded row, eight columns at a time.
-    let (rows, cols) = (ih.min(ph.saturating_sub(pt)), iw.min(pw.saturating_sub(pl)));
     let x: [*const f32; LANES] = std::array::from_fn(|l| g.x[lane(l)]);
-    for iy in 0..rows {
-        let to = buf.add(((iy + pt) * pw + pl) * LANES);
-        let mut ix = 0;
-        while ix < cols {
-            let n = (cols - ix).min(LANES);
-            let at = iy * iw + ix;
-            if n == LANES {
-                let v = transpose(std::array::from_fn(|l| _mm256_loadu_ps(x[l].add(at))));
-                for (j, c) in v.iter().enumerate() {
-                    _mm256_storeu_ps(to.add((ix + j) * LANES), *c);
-                }
-            } else {
-                let v = transpose(std::array::from_fn(|l| load_first(x[l].add(at), n)));
-                for (j, c) in v.iter().enumerate().take(n) {
-                    _mm256_storeu_ps(to.add((ix + j) * LANES), *c);
-                }
-            }
-            ix += LANES;
-        }
-    }
-
     // Tap t's eight weights, one per lane.
     let k: [*const f32; LANES] = std::array::from_fn(|l| g.k[lane(l)]);
     let mut w = [_mm256_setzero_ps(); 32];
@@ -162,72 +132,129 @@ unsafe fn run<const K: usize, const S: usize>(
         w[t..t + LANES].copy_from_slice(&v);
     }
     let bias = _mm256_loadu_ps(g.bias.as_ptr());
-    for oy in 0..oh {
-        let from = buf.add(oy * S * pw * LANES);
-        let to = obuf.add(oy * ow * LANES);
-        let mut ox = 0;
-        while ox + BLOCK <= ow {
-            outputs::<K, S, BLOCK>(from, pw, ox, &w, bias, to);
-            ox += BLOCK;
-        }
-        // The rest of the row as one block too: a lone output is a chain of K² dependent
-        // multiply-adds.
-        // (Called in place, not through a pointer: the kernel must be inlined into this
-        // function to be compiled with its target features.)
-        match ow - ox {
-            0 => {}
-            1 => outputs::<K, S, 1>(from, pw, ox, &w, bias, to),
-            2 => outputs::<K, S, 2>(from, pw, ox, &w, bias, to),
-            3 => outputs::<K, S, 3>(from, pw, ox, &w, bias, to),
-            4 => outputs::<K, S, 4>(from, pw, ox, &w, bias, to),
-            5 => outputs::<K, S, 5>(from, pw, ox, &w, bias, to),
-            6 => outputs::<K, S, 6>(from, pw, ox, &w, bias, to),
-            _ => outputs::<K, S, 7>(from, pw, ox, &w, bias, to),
-        }
-    }
-
-    // Back into the planes, eight positions at a time, with the epilogue (chosen once,
-    // outside the loops).
+    let cols = iw.min(pw.saturating_sub(pl));
     let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
-    match (g.residual, act) {
-        (None, Act::None) => back(g, obuf, outs, |y, _, _| y),
-        (None, Act::Relu) => back(g, obuf, outs, |y, _, _| _mm256_max_ps(y, zero)),
-        (None, Act::Relu6) => back(g, obuf, outs, |y, _, _| {
-            _mm256_min_ps(_mm256_max_ps(y, zero), six)
-        }),
-        (Some(r), act) => {
-            let add = |y, l: usize, (p, n)| _mm256_add_ps(y, load_first(r[l].add(p), n));
-            match act {
-                Act::None => back(g, obuf, outs, add),
-                Act::Relu => back(g, obuf, outs, |y, l, at| _mm256_max_ps(add(y, l, at), zero)),
-                Act::Relu6 => back(g, obuf, outs, |y, l, at| {
-                    _mm256_min_ps(_mm256_max_ps(add(y, l, at), zero), six)
-                }),
+
+    for oy0 in (0..oh).step_by(strip) {
+        let oy1 = (oy0 + strip).min(oh);
+        // The strip's padded rows, from padded row `top`; zeros where the padding is.
+        let (top, height) = (oy0 * S, (oy1 - oy0 - 1) * S + K);
+        std::ptr::write_bytes(buf, 0, height * pw * LANES);
+        // The interleaved input: the strip's rows inside the plane, eight columns at a
+        // time.
+        for py in top.max(pt)..(top + height).min(pt + ih) {
+            let iy = py - pt;
+            let to = buf.add(((py - top) * pw + pl) * LANES);
+            let mut ix = 0;
+            while ix < cols {
+                let n = (cols - ix).min(LANES);
+                let at = iy * iw + ix;
+                if n == LANES {
+                    let v = transpose(std::array::from_fn(|l| _mm256_loadu_ps(x[l].add(at))));
+                    for (j, c) in v.iter().enumerate() {
+                        _mm256_storeu_ps(to.add((ix + j) * LANES), *c);
+                    }
+                } else {
+                    let v = transpose(std::array::from_fn(|l| load_first(x[l].add(at), n)));
+                    for (j, c) in v.iter().enumerate().take(n) {
+                        _mm256_storeu_ps(to.add((ix + j) * LANES), *c);
+                    }
+                }
+                ix += LANES;
+            }
+        }
+
+        for oy in oy0..oy1 {
+            let from = buf.add((oy - oy0) * S * pw * LANES);
+            let to = obuf.add((oy - oy0) * ow * LANES);
+            let mut ox = 0;
+            while ox + BLOCK <= ow {
+                outputs::<K, S, BLOCK>(from, pw, ox, &w, bias, to);
+                ox += BLOCK;
+            }
+            // The rest of the row as one block too: a lone output is a chain of K²
+            // dependent multiply-adds. (Called in place, not through a pointer: the
+            // kernel must be inlined here to be compiled with its target features.)
+            match ow - ox {
+                0 => {}
+                1 => outputs::<K, S, 1>(from, pw, ox, &w, bias, to),
+                2 => outputs::<K, S, 2>(from, pw, ox, &w, bias, to),
+                3 => outputs::<K, S, 3>(from, pw, ox, &w, bias, to),
+                4 => outputs::<K, S, 4>(from, pw, ox, &w, bias, to),
+                5 => outputs::<K, S, 5>(from, pw, ox, &w, bias, to),
+                6 => outputs::<K, S, 6>(from, pw, ox, &w, bias, to),
+                _ => outputs::<K, S, 7>(from, pw, ox, &w, bias, to),
+            }
+        }
+
+        // Back into the planes, eight positions at a time, with the epilogue (chosen
+        // once per strip, outside the loops).
+        let at = (oy0 * ow, (oy1 - oy0) * ow);
+        match (g.residual, act) {
+            (None, Act::None) => back(g, obuf, at, |y, _, _| y),
+            (None, Act::Relu) => back(g, obuf, at, |y, _, _| _mm256_max_ps(y, zero)),
+            (None, Act::Relu6) => back(g, obuf, at, |y, _, _| {
+                _mm256_min_ps(_mm256_max_ps(y, zero), six)
+            }),
+            (Some(r), act) => {
+                let add = |y, l: usize, (p, n)| _mm256_add_ps(y, load_first(r[l].add(p), n));
+                match act {
+                    Act::None => back(g, obuf, at, add),
+                    Act::Relu => back(g, obuf, at, |y, l, p| _mm256_max_ps(add(y, l, p), zero)),
+                    Act::Relu6 => back(g, obuf, at, |y, l, p| {
+                        _mm256_min_ps(_mm256_max_ps(add(y, l, p), zero), six)
+                    }),
+                }
             }
         }
     }
 }
 
-/// Transposes the interleaved outputs `obuf` (`outs` positions, a multiple of 8
-/// allocated) back into the lanes' planes, each vector through `epilogue(vector, lane,
-/// (position, count))` and less its lane's shift.
+/// Bytes a strip's buffer (its interleaved padded input rows and outputs) is kept
+/// within: a group of whole planes over 56×56 or more would leave L2 (207 KiB at 56×56,
+/// 0.8 MB at 112×112), and there the plane-by-plane kernels had won on two threads.
+/// One-layer models, in-process pairs (100), the layer's time in lanes against plane by
+/// plane, one / two threads, with strips of 16, 32 and 64 KiB and whole planes: 3×3 at
+/// 56×56 (144 channels) 0.90 / 0.91, 0.81 / 0.87, 0.82 / 0.95, 0.81 / 0.90; at 112×112
+/// (32) 1.24 / 1.17, 0.98 / 0.97, 0.92 / 0.90, 0.99 / 1.23; stride 2 112 → 56 (96)
+/// 0.85 / 0.83, 0.80 / 0.82, 0.78 / 0.81, 0.84 / 1.18; 28×28 (192, one strip from 64
+/// KiB) 0.61 / 0.69, 0.66 / 0.71, 0.59 / 0.64, 0.64 / 0.74. Smaller strips pay for the
+/// rows their windows share with the next strip.
+const STRIP_BYTES: usize = 64 << 10;
+
+/// Output rows per strip of `win`: as many as keep a strip's buffer within
+/// [`STRIP_BYTES`], at least one.
+fn strip_rows(win: &Window) -> usize {
+    let [oh, ow] = win.out_hw;
+    let pw = (ow.max(1) - 1) * win.stride[1] + win.kernel[1];
+    // Per output row: `stride` padded input rows and the row's outputs; plus the
+    // window's extra rows once.
+    let bytes = |rows: usize| rows * LANES * std::mem::size_of::<f32>();
+    let row = bytes(win.stride[0] * pw + ow);
+    let extra = bytes(win.kernel[0].saturating_sub(win.stride[0]) * pw);
+    (STRIP_BYTES.saturating_sub(extra) / row).clamp(1, oh.max(1))
+}
+
+/// Transposes a strip's interleaved outputs `obuf` (`count` positions from `p0` of the
+/// planes, a multiple of 8 allocated) back into the lanes' planes, each vector through
+/// `epilogue(vector, lane, (position, count))` and less its lane's shift.
 #[inline(always)]
 unsafe fn back(
     g: &Group,
     obuf: *const f32,
-    outs: usize,
+    (p0, count): (usize, usize),
     epilogue: impl Fn(__m256, usize, (usize, usize)) -> __m256,
 ) {
     let shift: [__m256; LANES] = std::array::from_fn(|l| _mm256_set1_ps(g.shift[l]));
     let mut p = 0;
-    while p < outs {
-        let n = (outs - p).min(LANES);
+    while p < count {
+        let n = (count - p).min(LANES);
         let v = transpose(std::array::from_fn(|j| {
             _mm256_loadu_ps(obuf.add((p + j) * LANES))
         }));
         for l in 0..g.n {
-            let y = _mm256_sub_ps(epilogue(v[l], l, (p, n)), shift[l]);
-            store_first(g.out[l].add(p), y, n);
+            let y = _mm256_sub_ps(epilogue(v[l], l, (p0 + p, n)), shift[l]);
+            store_first(g.out[l].add(p0 + p), y, n);
         }
         p += LANES;
     }
