@@ -882,6 +882,62 @@ mod tests {
         }
     }
 
+    /// Planes in lanes through `run_planes` (as bands call it), with a scratch buffer
+    /// left full of NaN by an earlier user: every cell a group reads must be written
+    /// or cleared first.
+    #[test]
+    fn planes_in_lanes_ignore_what_the_scratch_held() {
+        if !paths().contains(&Path::Avx2) {
+            return;
+        }
+        let mut rng = super::super::fresh_rng();
+        for case in 0..100 {
+            let (k, s) = ([3, 5][case % 2], 1 + case / 2 % 2);
+            // Padding on every side, so that each row has cells left and right of the
+            // plane and the strip rows above and below it.
+            let pad = [0; 4].map(|_| rng.random_range(1..k));
+            let in_hw = [rng.random_range(1..=60), rng.random_range(1..=60)];
+            let (ph, pw) = (in_hw[0] + pad[0] + pad[2], in_hw[1] + pad[1] + pad[3]);
+            let win = Window {
+                in_hw,
+                out_hw: [(ph - k) / s + 1, (pw - k) / s + 1],
+                kernel: [k, k],
+                stride: [s, s],
+                pad_tl: [pad[0], pad[1]],
+            };
+            let plan = Plan::with_lanes(win, Path::Avx2, true);
+            let c = rng.random_range(1..=11);
+            let (inp, outp) = (in_hw[0] * in_hw[1], win.out_hw[0] * win.out_hw[1]);
+            let mut r = |len: usize| {
+                (0..len)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect::<Vec<_>>()
+            };
+            let (x, wt, b) = (r(c * inp), r(c * k * k), r(c));
+            let want = super::super::ops::depthwise(&x, &wt, &b, None, Act::None, c, win);
+            let mut got = vec![f32::NAN; want.len()];
+            let mut planes: Vec<PlaneIo> = got
+                .chunks_mut(outp)
+                .enumerate()
+                .map(|(i, out)| PlaneIo {
+                    out,
+                    x: &x[i * inp..(i + 1) * inp],
+                    k: &wt[i * k * k..(i + 1) * k * k],
+                    bias: b[i],
+                    shift: 0.0,
+                })
+                .collect();
+            let mut scratch = vec![f32::NAN; 1 << 18];
+            plan.run_planes(&mut planes, Act::None, &mut scratch);
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                    "{win:?} at {i}: {g} vs {e}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn matches_reference_on_random_shapes() {
         let mut rng = super::super::fresh_rng();

@@ -139,12 +139,24 @@ unsafe fn run<const K: usize, const S: usize>(
         let oy1 = (oy0 + strip).min(oh);
         // The strip's padded rows, from padded row `top`; zeros where the padding is.
         let (top, height) = (oy0 * S, (oy1 - oy0 - 1) * S + K);
-        std::ptr::write_bytes(buf, 0, height * pw * LANES);
+        // Zeros where the padding is, and only there (the rest is overwritten): rows
+        // above and below the plane, then each row's columns left and right of it.
+        // Clearing the whole strip instead took 1.04–1.11 of the layer's time (one
+        // thread, 7×7 to 28×28, stride 1 and 2).
+        let inside = top.max(pt)..(top + height).min(pt + ih).max(top.max(pt));
+        let clear = |cell: usize, cells: usize| {
+            std::ptr::write_bytes(buf.add(cell * LANES), 0, cells * LANES)
+        };
+        clear(0, (inside.start - top) * pw);
+        clear((inside.end - top) * pw, (top + height - inside.end) * pw);
         // The interleaved input: the strip's rows inside the plane, eight columns at a
         // time.
-        for py in top.max(pt)..(top + height).min(pt + ih) {
+        for py in inside {
             let iy = py - pt;
-            let to = buf.add(((py - top) * pw + pl) * LANES);
+            let row = (py - top) * pw;
+            clear(row, pl);
+            clear(row + pl + cols, pw - pl - cols);
+            let to = buf.add((row + pl) * LANES);
             let mut ix = 0;
             while ix < cols {
                 let n = (cols - ix).min(LANES);
