@@ -13,6 +13,7 @@
 //! kernels' edges cost more (measured in `depthwise::in_lanes`).
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 use super::ops::Window;
 use super::partial_avx2::{load_first, store_first};
@@ -44,19 +45,20 @@ pub fn supports(win: &Window) -> bool {
     matches!(win.kernel, [3, 3] | [5, 5]) && matches!(win.stride, [1, 1] | [2, 2])
 }
 
-/// Convolves one group of planes of `win` (which [`supports`] accepts); `scratch` is
-/// the caller's reusable buffer.
+/// Convolves output rows `rows` of one group of planes of `win` (which [`supports`]
+/// accepts); `scratch` is the caller's reusable buffer.
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA; each lane below `g.n` points at a whole plane of its
-/// kind (input, kernel, residual, output) and no two lanes' outputs overlap.
+/// kind (input, kernel, residual, output), no two lanes' outputs overlap, and `rows`
+/// lies inside `0..win.out_hw[0]`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn group(win: &Window, g: &Group, act: Act, scratch: &mut Vec<f32>) {
+pub unsafe fn group(win: &Window, g: &Group, act: Act, rows: Range<usize>, scratch: &mut Vec<f32>) {
     match (win.kernel[0], win.stride[0]) {
-        (3, 1) => run::<3, 1>(win, g, act, scratch),
-        (3, _) => run::<3, 2>(win, g, act, scratch),
-        (_, 1) => run::<5, 1>(win, g, act, scratch),
-        _ => run::<5, 2>(win, g, act, scratch),
+        (3, 1) => run::<3, 1>(win, g, act, rows, scratch),
+        (3, _) => run::<3, 2>(win, g, act, rows, scratch),
+        (_, 1) => run::<5, 1>(win, g, act, rows, scratch),
+        _ => run::<5, 2>(win, g, act, rows, scratch),
     }
 }
 
@@ -101,9 +103,11 @@ unsafe fn run<const K: usize, const S: usize>(
     win: &Window,
     g: &Group,
     act: Act,
+    rows: Range<usize>,
     scratch: &mut Vec<f32>,
 ) {
     let ([ih, iw], [oh, ow], [pt, pl]) = (win.in_hw, win.out_hw, win.pad_tl);
+    debug_assert!(rows.end <= oh);
     if oh == 0 || ow == 0 {
         return;
     }
@@ -135,8 +139,8 @@ unsafe fn run<const K: usize, const S: usize>(
     let cols = iw.min(pw.saturating_sub(pl));
     let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
 
-    for oy0 in (0..oh).step_by(strip) {
-        let oy1 = (oy0 + strip).min(oh);
+    for oy0 in rows.clone().step_by(strip) {
+        let oy1 = (oy0 + strip).min(rows.end);
         // The strip's padded rows, from padded row `top`; zeros where the padding is.
         let (top, height) = (oy0 * S, (oy1 - oy0 - 1) * S + K);
         // Zeros where the padding is, and only there (the rest is overwritten): rows
@@ -236,7 +240,7 @@ const STRIP_BYTES: usize = 64 << 10;
 
 /// Output rows per strip of `win`: as many as keep a strip's buffer within
 /// [`STRIP_BYTES`], at least one.
-fn strip_rows(win: &Window) -> usize {
+pub fn strip_rows(win: &Window) -> usize {
     let [oh, ow] = win.out_hw;
     let pw = (ow.max(1) - 1) * win.stride[1] + win.kernel[1];
     // Per output row: `stride` padded input rows and the row's outputs; plus the
