@@ -92,11 +92,11 @@ impl Plan {
     }
 
     /// Planes of this window on the calling thread, with `act`: eight at a time where
-    /// the plan runs planes in lanes, else one by one ([`Plan::run_plane`]). A band's
-    /// planes (`bands`) are small enough for lanes even where the whole layer's are not:
-    /// MobileNetV2's banded expansion and stride-2 depthwise pair over 112×112 took
-    /// 0.86–0.91 of its time (one and two threads, batch 1 and 8, budget 0.5;
-    /// in-process pairs), EfficientNet-Lite0's 0.84–0.91; whole passes 0.98–0.99.
+    /// the plan runs planes in lanes, else one by one ([`Plan::run_plane`]). `bands`
+    /// runs a band's depthwise planes this way: MobileNetV2's banded expansion and
+    /// stride-2 depthwise pair over 112×112 took 0.86–0.91 of the time it took with the
+    /// planes one by one (one and two threads, batch 1 and 8, budget 0.5; in-process
+    /// pairs), EfficientNet-Lite0's 0.84–0.91; whole passes 0.98–0.99.
     pub(super) fn run_planes(&self, planes: &mut [PlaneIo], act: Act, scratch: &mut Vec<f32>) {
         #[cfg(target_arch = "x86_64")]
         if self.lanes {
@@ -838,6 +838,17 @@ mod tests {
     fn planes_in_lanes_match_the_reference() {
         if !paths().contains(&Path::Avx2) {
             return;
+        }
+        // A top or left padding of a whole kernel or more stays plane by plane.
+        for pad_tl in [[3, 0], [0, 3]] {
+            let win = Window {
+                in_hw: [9, 9],
+                out_hw: [7 + pad_tl[0], 7 + pad_tl[1]],
+                kernel: [3, 3],
+                stride: [1, 1],
+                pad_tl,
+            };
+            assert!(!grouped(&Plan::with_lanes(win, Path::Avx2, true)));
         }
         let mut rng = super::super::fresh_rng();
         for case in 0..300 {

@@ -40,9 +40,14 @@ pub struct Group {
     pub out: [*mut f32; LANES],
 }
 
-/// Whether [`group`] runs this window: 3×3 and 5×5 kernels of stride 1 or 2.
+/// Whether [`group`] runs this window: 3×3 and 5×5 kernels of stride 1 or 2, padded
+/// on the top and left by less than the kernel (as every "same" padding is), so that
+/// the padding above a strip lies inside the strip's rows.
 pub fn supports(win: &Window) -> bool {
-    matches!(win.kernel, [3, 3] | [5, 5]) && matches!(win.stride, [1, 1] | [2, 2])
+    matches!(win.kernel, [3, 3] | [5, 5])
+        && matches!(win.stride, [1, 1] | [2, 2])
+        && win.pad_tl[0] < win.kernel[0]
+        && win.pad_tl[1] < win.kernel[1]
 }
 
 /// Convolves output rows `rows` of one group of planes of `win` (which [`supports`]
@@ -141,7 +146,7 @@ unsafe fn run<const K: usize, const S: usize>(
 
     for oy0 in rows.clone().step_by(strip) {
         let oy1 = (oy0 + strip).min(rows.end);
-        // The strip's padded rows, from padded row `top`; zeros where the padding is.
+        // The strip's padded rows, from padded row `top`.
         let (top, height) = (oy0 * S, (oy1 - oy0 - 1) * S + K);
         // Zeros where the padding is, and only there (the rest is overwritten): rows
         // above and below the plane, then each row's columns left and right of it.
