@@ -309,9 +309,10 @@ fn planes_in_lanes(plan: &Plan, job: &Job, out: &mut [f32]) {
     let out_plane = win.out_hw[0] * win.out_hw[1];
     let taps = win.kernel[0] * win.kernel[1];
     let total = out.len() / out_plane.max(1);
-    let kept: Vec<usize> = (0..total)
-        .filter(|&nc| job.keep.is_none_or(|k| k[nc]))
-        .collect();
+    // A gated layer's kept planes, listed; a dense layer's are all of them, in order.
+    let kept: Option<Vec<usize>> = job.keep.map(|k| (0..total).filter(|&nc| k[nc]).collect());
+    let count = kept.as_ref().map_or(total, Vec::len);
+    let plane = |i: usize| kept.as_ref().map_or(i, |k| k[i]);
     let o = super::gemm::OutPtr(out.as_mut_ptr());
     // Few groups of large planes that do not share out evenly over the threads (a gated
     // layer of 32 channels over 112×112 keeping 18: three groups on two threads) go in
@@ -319,7 +320,7 @@ fn planes_in_lanes(plan: &Plan, job: &Job, out: &mut [f32]) {
     // strips. MobileNetV2's and EfficientNet-Lite0's first depthwise layers at budget
     // 0.5, 2 threads, batch 1: 0.67–0.69 of their time (in-process pairs, 150); split
     // when the groups already shared out evenly (dense: four), 1.02.
-    let groups = kept.len().div_ceil(LANES);
+    let groups = count.div_ceil(LANES);
     let [oh, _] = win.out_hw;
     let strip = depthwise_lanes::strip_rows(&win);
     let strips = oh.div_ceil(strip);
@@ -339,14 +340,14 @@ fn planes_in_lanes(plan: &Plan, job: &Job, out: &mut [f32]) {
             1
         })
         .for_each_init(Vec::new, |scratch, t| {
-            let (nc, part) = (&kept[t / parts * LANES..], t % parts);
-            let nc = &nc[..nc.len().min(LANES)];
+            let (first, part) = (t / parts * LANES, t % parts);
+            let n = (count - first).min(LANES);
             let rows = (part * strips / parts * strip).min(oh)
                 ..((part + 1) * strips / parts * strip).min(oh);
-            // Lanes past the group's planes repeat its first one and are not stored.
-            let at = |l: usize| nc.get(l).copied().unwrap_or(nc[0]);
+            // Lanes past the group's planes repeat its last one (see `Group`).
+            let at = |l: usize| plane(first + l.min(n - 1));
             let g = Group {
-                n: nc.len(),
+                n,
                 x: std::array::from_fn(|l| job.input[at(l) * in_plane..].as_ptr()),
                 k: std::array::from_fn(|l| job.weight[at(l) % job.channels * taps..].as_ptr()),
                 bias: std::array::from_fn(|l| job.bias[at(l) % job.channels]),

@@ -22,8 +22,9 @@ use crate::model::Act;
 /// Planes per group: the lanes of a vector.
 pub const LANES: usize = 8;
 
-/// Eight planes' operands, one per lane. Lanes from `n` on are padding: they read lane
-/// 0's operands and are never stored.
+/// Eight planes' operands, one per lane. Lanes from `n` on are padding: their pointers
+/// must still be valid operands (callers repeat the group's last plane), and their
+/// outputs are never stored.
 pub struct Group {
     /// Planes in use (1..=8).
     pub n: usize,
@@ -54,8 +55,8 @@ pub fn supports(win: &Window) -> bool {
 /// accepts); `scratch` is the caller's reusable buffer.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; each lane below `g.n` points at a whole plane of its
-/// kind (input, kernel, residual, output), no two lanes' outputs overlap, and `rows`
+/// The CPU supports AVX2 and FMA; each lane points at a whole plane of its kind (input,
+/// kernel, residual, output), no two lanes below `g.n` share an output, and `rows`
 /// lies inside `0..win.out_hw[0]`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn group(win: &Window, g: &Group, act: Act, rows: Range<usize>, scratch: &mut Vec<f32>) {
@@ -130,10 +131,8 @@ unsafe fn run<const K: usize, const S: usize>(
     let buf = scratch.as_mut_ptr().add(skip);
     let obuf = buf.add(in_len);
 
-    let lane = |l: usize| if l < g.n { l } else { 0 };
-    let x: [*const f32; LANES] = std::array::from_fn(|l| g.x[lane(l)]);
+    let (x, k) = (g.x, g.k);
     // Tap t's eight weights, one per lane.
-    let k: [*const f32; LANES] = std::array::from_fn(|l| g.k[lane(l)]);
     let mut w = [_mm256_setzero_ps(); 32];
     for t in (0..K * K).step_by(LANES) {
         let n = (K * K - t).min(LANES);
