@@ -1,10 +1,10 @@
 //! Direct depthwise convolution. With AVX2, 3×3 and 5×5 windows of stride 1 or 2 run
-//! eight planes at a time, a channel per vector lane (`depthwise_lanes`; `in_lanes` has
-//! the numbers); the rest run plane by plane, as follows. With AVX-512, taps read
-//! the input in place through masked loads (`depthwise_avx512`); with AVX2, small
-//! stride-1 3×3 planes and 5×5 planes of stride 1 or 2 go through a copy with
-//! zero-padded rows a whole number of vectors long, others are read in place or copied
-//! as below (`depthwise_avx2`).
+//! eight planes at a time, a channel per vector lane (`depthwise_lanes`;
+//! `Plan::with_lanes` has the numbers); the rest run plane by plane, as follows. With
+//! AVX-512, taps read the input in place through masked loads (`depthwise_avx512`);
+//! with AVX2, small stride-1 3×3 planes and 5×5 planes of stride 1 or 2 go through a
+//! copy with zero-padded rows a whole number of vectors long, others are read in place
+//! or copied as below (`depthwise_avx2`).
 //! Elsewhere (and for column strides above 2): one zero-padded copy of each input plane,
 //! then per output row one multiply-add sweep per kernel tap over contiguous memory
 //! (stride-2 planes split into even and odd columns first so that sweeps stay
@@ -41,8 +41,7 @@ pub struct Plan {
 impl Plan {
     /// The plan for `win` on the fastest kernels this CPU runs.
     pub fn new(win: Window) -> Plan {
-        let path = Path::best();
-        Plan::with_lanes(win, path, in_lanes(path, &win))
+        Plan::with_lanes(win, Path::best(), true)
     }
 
     #[cfg(test)]
@@ -50,8 +49,17 @@ impl Plan {
         Plan::with_lanes(win, path, false)
     }
 
-    /// The plan on `path`, its planes eight at a time when `grouped` (and the path and
-    /// window allow it).
+    /// The plan on `path`, its planes eight at a time when `grouped`, the path is AVX2
+    /// and [`depthwise_lanes`] supports the window.
+    ///
+    /// One-layer models, in-process pairs (100–150), the layer's time in lanes against
+    /// plane by plane, one thread, whole planes in one buffer: 3×3 at 7×7 0.63 (960
+    /// channels), 14×14 0.61 (576), 28×28 0.62 (192); stride 2, 14 → 7 0.58, 28 → 14
+    /// 0.46, 56 → 28 0.63; 5×5 at 7×7 0.55, 14×14 0.60, 28×28 0.60, stride 2 14 → 7
+    /// 0.58, 56 → 28 0.60 (larger planes: `depthwise_lanes::STRIP_BYTES`). Whole passes
+    /// (2 threads, in-process pairs, every such layer in lanes against none):
+    /// MobileNetV2 0.957 of the time at batch 1, 0.958 at batch 8; EfficientNet-Lite0
+    /// 0.947 and 0.947.
     fn with_lanes(win: Window, path: Path, grouped: bool) -> Plan {
         // The masked kernels' vector width.
         #[cfg(target_arch = "x86_64")]
@@ -281,23 +289,6 @@ struct Job<'a> {
     channels: usize,
     keep: Option<&'a [bool]>,
     shift: Option<&'a [f32]>,
-}
-
-/// Whether a layer of `win` on `path` runs its planes eight at a time: on AVX2, where
-/// [`depthwise_lanes`] supports the window.
-///
-/// One-layer models, in-process pairs (100–150), the layer's time in lanes against
-/// plane by plane, one thread, whole planes in one buffer: 3×3 at 7×7 0.63 (960
-/// channels), 14×14 0.61 (576), 28×28 0.62 (192); stride 2, 14 → 7 0.58, 28 → 14 0.46,
-/// 56 → 28 0.63; 5×5 at 7×7 0.55, 14×14 0.60, 28×28 0.60, stride 2 14 → 7 0.58,
-/// 56 → 28 0.60 (larger planes: `depthwise_lanes::STRIP_BYTES`). Whole passes (2
-/// threads, in-process pairs, every such layer in lanes against none): MobileNetV2
-/// 0.957 of the time at batch 1, 0.958 at batch 8; EfficientNet-Lite0 0.947 and 0.947.
-fn in_lanes(path: Path, win: &Window) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return path == Path::Avx2 && depthwise_lanes::supports(win);
-    #[cfg(not(target_arch = "x86_64"))]
-    return false;
 }
 
 /// The planes of `job`, eight at a time, a channel per lane.

@@ -10,7 +10,7 @@
 //! activation, shift). Large planes go in strips of output rows, so that a strip's
 //! buffers stay in L2 ([`STRIP_BYTES`]). Counted in instructions, the transposes of a
 //! 3×3 layer are about as many as its multiply-adds; on small planes the plane-by-plane
-//! kernels' edges cost more (measured in `depthwise::in_lanes`).
+//! kernels' edges cost more (measured at `depthwise::Plan::with_lanes`).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
