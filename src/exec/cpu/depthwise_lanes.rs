@@ -232,7 +232,9 @@ unsafe fn run<const K: usize, const S: usize>(
 
 /// Bytes a strip's buffer (its interleaved padded input rows and outputs) is kept
 /// within: a group of whole planes over 56×56 or more would leave L2 (207 KiB at 56×56,
-/// 0.8 MB at 112×112), and there the plane-by-plane kernels had won on two threads.
+/// 0.8 MB at 112×112), and with whole planes on two threads the plane-by-plane kernels
+/// had won at 112×112 (below) and tied or won at 56×56 in whole passes (MobileNetV2
+/// 1.00, EfficientNet-Lite0 1.07 of the time).
 /// One-layer models, in-process pairs (100), the layer's time in lanes against plane by
 /// plane, one / two threads, with strips of 16, 32 and 64 KiB and whole planes: 3×3 at
 /// 56×56 (144 channels) 0.90 / 0.91, 0.81 / 0.87, 0.82 / 0.95, 0.81 / 0.90; at 112×112
