@@ -1,6 +1,7 @@
 //! The public face: load a model once, then classify images or tensors from any number
 //! of threads.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::time::Instant;
 
@@ -310,14 +311,16 @@ impl Runtime {
     /// prediction per sample, in order.
     pub fn infer<'a>(&self, input: impl Into<Input<'a>>) -> Result<Vec<Prediction>> {
         let spec = self.model.desc.input;
-        let (data, batch) = match input.into() {
-            Input::Image(img) => (preprocess(img, &self.model.desc.preprocess)?, 1),
+        // A tensor is read where it is: copying it cost a pass over the input (4.8 MB at
+        // batch 8 of 224×224) outside the timed forward pass but inside the call.
+        let (data, batch): (Cow<[f32]>, usize) = match input.into() {
+            Input::Image(img) => (preprocess(img, &self.model.desc.preprocess)?.into(), 1),
             Input::Images(imgs) => {
                 let mut data = Vec::new();
                 for img in imgs {
                     data.extend(preprocess(img, &self.model.desc.preprocess)?);
                 }
-                (data, imgs.len())
+                (data.into(), imgs.len())
             }
             Input::Tensor(t) => {
                 let want = [spec.channels, spec.height, spec.width];
@@ -343,7 +346,7 @@ impl Runtime {
                         t.data[i]
                     )));
                 }
-                (t.data.clone(), t.shape[0])
+                (Cow::Borrowed(&t.data[..]), t.shape[0])
             }
         };
         if batch == 0 {
