@@ -27,8 +27,13 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
 use crate::error::{Error, Result};
 use crate::exec::cpu::EngineExecutor;
+use crate::exec::cuda::{CudaExecutor, Device};
+use crate::exec::plan::{random_subset, SamplePlan, Tiling};
 use crate::exec::{Cut, Executor, Gates, Policy};
 use crate::synthetic::{conv_chain, pseudo_random, ConvSpec};
 
@@ -85,11 +90,17 @@ pub struct Staircase {
 pub struct Profile {
     /// See [`PROFILE_VERSION`].
     pub version: u32,
-    /// The engine's micro-kernel (its executor name, e.g. `cpu-engine-avx2`).
+    /// The engine's micro-kernel (its executor name, e.g. `cpu-engine-avx2`), or `cuda`.
     pub executor: String,
-    /// Worker threads during the measurement.
+    /// The GPU a `cuda` profile was measured on; `None` on the CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Worker threads during the measurement (1 on a GPU: one host thread launches).
     pub threads: usize,
-    /// Rows of the micro-kernel's tile.
+    /// Samples per timed pass, each with its own plan.
+    #[serde(default = "one")]
+    pub batch: usize,
+    /// Rows of the micro-kernel's tile (on a GPU: output channels per block tile).
     pub kernel_rows: usize,
     /// Kept channel counts round up to a multiple of this ([`choose_round`]).
     pub channel_round: usize,
@@ -120,6 +131,25 @@ pub const CHANNEL_SHAPES: [PairShape; 3] = [
     },
 ];
 
+/// Channel staircases `dynsparse profile --device cuda` measures by default: wider
+/// layers, since the GPU kernels step at block tiles of
+/// [`CHANNEL_TILE`](crate::exec::cuda::CHANNEL_TILE) channels — ResNet-50's 3×3 of
+/// layer 3 fed by 128 channels, and its 1×1 pair (1024 → 256 → 1024) at 14×14.
+pub const CUDA_CHANNEL_SHAPES: [PairShape; 2] = [
+    PairShape {
+        cin: 128,
+        cout: 256,
+        k: 3,
+        hw: 14,
+    },
+    PairShape {
+        cin: 1024,
+        cout: 256,
+        k: 1,
+        hw: 14,
+    },
+];
+
 /// The tile staircase's layers: 3×3 64→64 at 28×28 (49 tiles of 4×4).
 pub const TILE_SHAPE: PairShape = PairShape {
     cin: 64,
@@ -127,6 +157,10 @@ pub const TILE_SHAPE: PairShape = PairShape {
     k: 3,
     hw: 28,
 };
+
+fn one() -> usize {
+    1
+}
 
 fn pair(s: PairShape) -> Result<crate::Model> {
     let conv = |cout| ConvSpec {
@@ -275,9 +309,147 @@ pub fn measure(
     Ok(Profile {
         version: PROFILE_VERSION,
         executor,
+        device: None,
         threads: rayon::current_num_threads(),
+        batch: 1,
         kernel_rows,
         channel_round,
+        stairs,
+    })
+}
+
+/// Plans for one point of a staircase on the CUDA executor, whose nodes are [`pair`]'s
+/// (`shapes` from [`CudaExecutor::conv_shapes`]): with [`Unit::Channels`] the first
+/// convolution keeps `k` random output channels and the second reads those as its only
+/// inputs; with [`Unit::Tiles`] the second keeps `k` random output tiles. Every sample
+/// draws its own subset, as gates would.
+fn stair_plans(
+    shapes: &[Option<(usize, usize, Tiling, bool)>],
+    unit: Unit,
+    k: usize,
+    batch: usize,
+    rng: &mut impl Rng,
+) -> Result<Vec<Option<Vec<SamplePlan>>>> {
+    let (Some((c0, i0, t0, _)), Some((c1, i1, t1, _))) = (
+        shapes.first().copied().flatten(),
+        shapes.get(1).copied().flatten(),
+    ) else {
+        return Err(Error::Exec("a staircase needs two convolutions".into()));
+    };
+    let mut first = Vec::with_capacity(batch);
+    let mut second = Vec::with_capacity(batch);
+    for _ in 0..batch {
+        let mut a = SamplePlan::dense(c0, i0, t0.tiles);
+        let mut b = SamplePlan::dense(c1, i1, t1.tiles);
+        match unit {
+            Unit::Channels => {
+                a.oc = random_subset(rng, c0, k);
+                b.ic = a.oc.clone();
+            }
+            Unit::Tiles => b.tiles = random_subset(rng, t1.tiles, k),
+        }
+        first.push(a);
+        second.push(b);
+    }
+    let mut plans = vec![Some(first), Some(second)];
+    plans.resize(shapes.len(), None);
+    Ok(plans)
+}
+
+/// [`measure`] on a CUDA GPU: the same layer pairs through [`CudaExecutor`] at `batch`
+/// samples per pass (each with its own random subset of the kept count), every count
+/// timed as the whole captured pass with device events, 3 replays per count in each of
+/// `runs` interleaved rounds after one warm-up round. The pass's fixed costs (input
+/// copy-in layout, pooling, classifier) are in every count alike.
+pub fn measure_cuda(
+    dev: &Device,
+    shapes: &[PairShape],
+    tiles: Option<PairShape>,
+    batch: usize,
+    runs: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Profile> {
+    if runs == 0 {
+        return Err(Error::Input("a profile needs at least one run".into()));
+    }
+    if batch == 0 {
+        return Err(Error::Input("batch must be at least 1".into()));
+    }
+    struct Job {
+        exec: CudaExecutor,
+        shapes: Vec<Option<(usize, usize, Tiling, bool)>>,
+        shape: PairShape,
+        unit: Unit,
+        times: Vec<Vec<f64>>,
+    }
+    let mut jobs = Vec::new();
+    for (&shape, unit) in shapes
+        .iter()
+        .map(|s| (s, Unit::Channels))
+        .chain(tiles.iter().map(|s| (s, Unit::Tiles)))
+    {
+        if shape.cin == 0 || shape.cout == 0 || shape.k == 0 || shape.hw == 0 {
+            return Err(Error::Input(format!("{shape:?} has a zero dimension")));
+        }
+        let exec = CudaExecutor::new(&pair(shape)?, dev.clone())?;
+        // Allocates this batch size's buffers and captures nothing yet.
+        exec.run(
+            &pseudo_random(batch * shape.cin * shape.hw * shape.hw, 7),
+            batch,
+        )?;
+        let conv_shapes = exec.conv_shapes();
+        let units = match (unit, conv_shapes.get(1).copied().flatten()) {
+            (Unit::Channels, _) => shape.cout,
+            (Unit::Tiles, Some((_, _, t, _))) => t.tiles,
+            (Unit::Tiles, None) => return Err(Error::Exec("no second convolution".into())),
+        };
+        jobs.push(Job {
+            exec,
+            shapes: conv_shapes,
+            shape,
+            unit,
+            times: vec![Vec::new(); units + 1],
+        });
+    }
+    let mut rng = StdRng::seed_from_u64(7);
+    for round in 0..=runs {
+        for job in &mut jobs {
+            let units = job.times.len() - 1;
+            for k in 1..=units {
+                let plans = stair_plans(&job.shapes, job.unit, k, batch, &mut rng)?;
+                job.exec.set_plans(batch, &plans)?;
+                let t = job.exec.time_replays(batch, 1, 3)?;
+                if round > 0 {
+                    job.times[k].extend(t.into_iter().map(f64::from));
+                }
+            }
+        }
+        if round > 0 {
+            progress(round, runs);
+        }
+    }
+    let stairs: Vec<Staircase> = jobs
+        .into_iter()
+        .map(|mut job| {
+            let counts: Vec<usize> = (1..job.times.len()).collect();
+            let ms = counts.iter().map(|&k| median(&mut job.times[k])).collect();
+            Staircase {
+                shape: job.shape,
+                unit: job.unit,
+                counts,
+                ms,
+                reader_ms: Vec::new(),
+            }
+        })
+        .collect();
+    Ok(Profile {
+        version: PROFILE_VERSION,
+        executor: "cuda".into(),
+        device: Some(format!("{dev:?}")),
+        threads: 1,
+        batch,
+        kernel_rows: crate::exec::cuda::CHANNEL_TILE,
+        channel_round: choose_round(&stairs),
         stairs,
     })
 }
@@ -378,6 +550,44 @@ mod tests {
                 .map(|k| 1.0 + k.div_ceil(step) as f64 + noise * ((k * 7) % 3) as f64)
                 .collect(),
         }
+    }
+
+    #[test]
+    fn cuda_stair_plans_cut_what_they_say() {
+        let t = |tiles| Tiling {
+            g: 4,
+            tiles_w: 2,
+            tiles,
+        };
+        let shapes = vec![
+            Some((24, 16, t(4), false)),
+            Some((16, 24, t(9), false)),
+            None,
+            None,
+        ];
+        let mut rng = crate::exec::cpu::fresh_rng();
+        for k in [1, 5, 24] {
+            let p = stair_plans(&shapes, Unit::Channels, k, 3, &mut rng).unwrap();
+            assert_eq!(p.len(), 4);
+            assert!(p[2].is_none() && p[3].is_none());
+            let (a, b) = (p[0].as_ref().unwrap(), p[1].as_ref().unwrap());
+            assert_eq!((a.len(), b.len()), (3, 3));
+            for (a, b) in a.iter().zip(b) {
+                assert_eq!(a.oc.len(), k);
+                assert!(a.oc.windows(2).all(|w| w[0] < w[1]) && a.oc.iter().all(|&c| c < 24));
+                assert_eq!((a.ic.len(), a.tiles.len()), (16, 4));
+                assert_eq!(b.ic, a.oc);
+                assert_eq!((b.oc.len(), b.tiles.len()), (16, 9));
+            }
+        }
+        let p = stair_plans(&shapes, Unit::Tiles, 7, 2, &mut rng).unwrap();
+        let (a, b) = (p[0].as_ref().unwrap(), p[1].as_ref().unwrap());
+        for (a, b) in a.iter().zip(b) {
+            assert!(a.is_dense(24, 16, 4));
+            assert_eq!((b.oc.len(), b.ic.len(), b.tiles.len()), (16, 24, 7));
+            assert!(b.tiles.iter().all(|&t| t < 9));
+        }
+        assert!(stair_plans(&shapes[..1], Unit::Tiles, 1, 1, &mut rng).is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU validation and benchmarks in one call on a machine with an NVIDIA GPU, CUDA and
 # PyTorch but no Rust: everything built here travels in .gpu/ (see scripts/gpu/prepare.sh).
-# Writes logs, JSON and Markdown tables to $OUT (default /tmp/dynsparse-gpu).
+# Writes logs, JSON and Markdown tables to $OUT (default /tmp/dynsparse-gpu). Every step
+# has its own time limit (T_* variables, seconds), so the whole run stays bounded (about
+# 15 minutes at most with the defaults, much less typically) and a hung tool costs one step.
 set -u
 OUT=${OUT:-/tmp/dynsparse-gpu}
 mkdir -p "$OUT"
@@ -22,29 +24,29 @@ log() { echo "== $(date +%T) $*"; }
   nproc
 } | tee "$OUT/device.txt"
 
-log "models"
-python3 scripts/gpu/parity.py make $M > "$OUT/models.log" 2>&1 || { cat "$OUT/models.log"; exit 1; }
-for a in resnet18 resnet50; do
-  $BIN convert --arch $a --input $M/$a.pth --output $M/$a.dsm >> "$OUT/models.log" 2>&1
-done
-$BIN convert --arch mobilenet_v2 --input $G/mobilenet_v2/checkpoint.pth --output $M/mobilenet_v2.dsm >> "$OUT/models.log" 2>&1
-$BIN convert --arch efficientnet_lite0 --input $G/efficientnet_lite0/checkpoint.pth --output $M/efficientnet_lite0.dsm >> "$OUT/models.log" 2>&1
-tail -4 "$OUT/models.log"
+# The models are built on the host's CPUs while the sanitizers hold the GPU.
+log "models (in the background)"
+(
+  timeout ${T_MODELS:-150} python3 scripts/gpu/parity.py make $M > "$OUT/models.log" 2>&1 || exit 1
+  for a in resnet18 resnet50; do
+    $BIN convert --arch $a --input $M/$a.pth --output $M/$a.dsm >> "$OUT/models.log" 2>&1
+  done
+  $BIN convert --arch mobilenet_v2 --input $G/mobilenet_v2/checkpoint.pth --output $M/mobilenet_v2.dsm >> "$OUT/models.log" 2>&1
+  $BIN convert --arch efficientnet_lite0 --input $G/efficientnet_lite0/checkpoint.pth --output $M/efficientnet_lite0.dsm >> "$OUT/models.log" 2>&1
+) &
+MODELS=$!
 
 log "compute-sanitizer memcheck (demo model, small kernel cases)"
-timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
+timeout ${T_MEMCHECK:-90} compute-sanitizer --tool memcheck --error-exitcode 9 \
   $BIN cuda-check --cases 10 --seed 7 --model models/demo/demo.dsm --batch 2 --keep 1,0.5 --reps 2 \
   > "$OUT/memcheck.log" 2>&1
 echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|kernel checks" "$OUT/memcheck.log"
 
-log "compute-sanitizer racecheck"
-timeout 240 compute-sanitizer --tool racecheck --error-exitcode 9 \
-  $BIN cuda-check --cases 4 --seed 8 --model models/demo/demo.dsm --batch 2 --keep 0.5 --reps 1 \
-  > "$OUT/racecheck.log" 2>&1
-echo "racecheck rc=$?"; grep -E "RACECHECK SUMMARY|ERROR SUMMARY|kernel checks" "$OUT/racecheck.log"
+wait $MODELS || { echo "building the models failed:"; tail -20 "$OUT/models.log"; }
+tail -4 "$OUT/models.log"
 
 log "kernel checks, model checks, timing"
-timeout 300 $BIN cuda-check --cases ${CASES:-60} \
+timeout ${T_CHECK:-240} $BIN cuda-check --cases ${CASES:-60} \
   --model $M/resnet50.dsm --model $M/mobilenet_v2.dsm --model $M/efficientnet_lite0.dsm --model $M/resnet18.dsm \
   --batch 1,8,64 --keep 1,0.75,0.5,0.25 --reps ${REPS:-40} --json "$OUT/cuda_check.json" \
   2>&1 | tee "$OUT/cuda_check.md"
@@ -52,23 +54,37 @@ echo "cuda-check rc=${PIPESTATUS[0]}"
 
 log "dense through the benchmark harness (dynsparse bench --device cuda)"
 for a in resnet50 mobilenet_v2; do
-  timeout 120 $BIN bench --device cuda --model $M/$a.dsm --batch 1,8,64 --runs 20 \
+  timeout ${T_BENCH:-60} $BIN bench --device cuda --model $M/$a.dsm --batch 1,8,64 --runs 20 \
     --json "$OUT/bench_cuda_$a.json" 2>&1 | tee "$OUT/bench_cuda_$a.md"
 done
 
 log "logits against PyTorch"
+{
 for a in resnet18 resnet50; do
-  $BIN infer --device cuda --model $M/$a.dsm --tensor $M/input_b3.npy --json > "$OUT/$a.cuda.json" \
+  timeout ${T_INFER:-30} $BIN infer --device cuda --model $M/$a.dsm --tensor $M/input_b3.npy --json > "$OUT/$a.cuda.json" \
     && python3 scripts/gpu/parity.py compare "$OUT/$a.cuda.json" $M/${a}_logits_b3.npy 1e-2
 done
 for a in mobilenet_v2 efficientnet_lite0; do
-  $BIN infer --device cuda --model $M/$a.dsm --tensor $G/$a/input_b3.npy --json > "$OUT/$a.cuda.json" \
+  timeout ${T_INFER:-30} $BIN infer --device cuda --model $M/$a.dsm --tensor $G/$a/input_b3.npy --json > "$OUT/$a.cuda.json" \
     && python3 scripts/gpu/parity.py compare "$OUT/$a.cuda.json" $G/$a/logits_b3.npy 1e-2
-done 2>&1 | tee "$OUT/parity.txt"
+done
+} 2>&1 | tee "$OUT/parity.txt"
 
 if [ "${PEERS:-1}" = 1 ]; then
   log "PyTorch + cuDNN peers"
-  timeout 240 python3 benches/peers/torch_gpu.py --batches 1,8,64 --json "$OUT/torch.json" \
+  timeout ${T_PEERS:-150} python3 benches/peers/torch_gpu.py --batches 1,8,64 --json "$OUT/torch.json" \
     2>&1 | tee "$OUT/torch.md" | tail -60
 fi
+log "tail-effect staircases of the CUDA kernels (dynsparse profile --device cuda)"
+for b in 1 64; do
+  timeout ${T_PROFILE:-60} $BIN profile --device cuda --batch $b --runs 10 \
+    --out "$OUT/profile_cuda_b$b.json" --plot "$OUT/profile_cuda_b$b.svg" 2>&1 | tee "$OUT/profile_cuda_b$b.txt"
+done
+
+log "compute-sanitizer racecheck"
+timeout ${T_RACECHECK:-90} compute-sanitizer --tool racecheck --error-exitcode 9 \
+  $BIN cuda-check --cases 4 --seed 8 --model models/demo/demo.dsm --batch 2 --keep 0.5 --reps 1 \
+  > "$OUT/racecheck.log" 2>&1
+echo "racecheck rc=$?"; grep -E "RACECHECK SUMMARY|ERROR SUMMARY|kernel checks" "$OUT/racecheck.log"
+
 log "done"

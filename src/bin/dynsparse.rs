@@ -207,6 +207,14 @@ enum Command {
         /// Small layers only: a quick check of the command, not a profile to plan with.
         #[arg(long)]
         quick: bool,
+        /// Where to measure: the CPU engine, or the CUDA kernels on a GPU (an error
+        /// without one).
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
+        /// Samples per timed pass, each with its own plan (CUDA only; the CPU profile is
+        /// measured at batch 1).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
     },
     /// Describe a model file: architecture, layers, FLOPs.
     Info {
@@ -445,7 +453,9 @@ fn run(cli: Cli) -> Result<()> {
             runs,
             threads,
             quick,
-        } => cmd_profile(&out, plot.as_deref(), runs, threads, quick),
+            device,
+            batch,
+        } => cmd_profile(&out, plot.as_deref(), runs, threads, quick, device, batch),
     }
 }
 
@@ -1383,10 +1393,30 @@ fn cmd_profile(
     runs: usize,
     threads: Option<usize>,
     quick: bool,
+    device: DeviceArg,
+    batch: usize,
 ) -> Result<()> {
     use dynsparse::profile::{self, PairShape, Unit};
     if let Some(p) = plot {
         plot_format(p)?;
+    }
+
+    let bar = indicatif::ProgressBar::new(runs as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} rounds, {elapsed} ({eta} left)",
+        )
+        .context("progress style")?,
+    );
+    let cuda = match device {
+        DeviceArg::Cpu => None,
+        DeviceArg::Cuda => Some(dynsparse::exec::cuda::Device::open(0)?),
+        DeviceArg::Auto => dynsparse::exec::cuda::Device::open(0).ok(),
+    };
+    if cuda.is_none() && batch != 1 {
+        bail!("the CPU profile is measured at batch 1; --batch applies to --device cuda");
+    }
+    if cuda.is_some() && threads.is_some() {
+        bail!("--threads applies to the CPU; a GPU profile launches from one thread");
     }
     let (shapes, tiles): (Vec<PairShape>, PairShape) = if quick {
         let small = PairShape {
@@ -1396,34 +1426,44 @@ fn cmd_profile(
             hw: 16,
         };
         (vec![small], small)
+    } else if cuda.is_some() {
+        (profile::CUDA_CHANNEL_SHAPES.to_vec(), profile::TILE_SHAPE)
     } else {
         (profile::CHANNEL_SHAPES.to_vec(), profile::TILE_SHAPE)
     };
-    let bar = indicatif::ProgressBar::new(runs as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} rounds, {elapsed} ({eta} left)",
-        )
-        .context("progress style")?,
-    );
     let work = || {
         profile::measure(&shapes, Some(tiles), runs, |done, _| {
             bar.set_position(done as u64)
         })
     };
-    let p = match threads {
-        Some(0) => bail!("threads must be at least 1"),
-        Some(n) => rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .context("thread pool")?
-            .install(work)?,
-        None => work()?,
+    let p = match (&cuda, threads) {
+        (Some(dev), _) => {
+            profile::measure_cuda(dev, &shapes, Some(tiles), batch, runs, |done, _| {
+                bar.set_position(done as u64)
+            })?
+        }
+        (None, threads) => match threads {
+            Some(0) => bail!("threads must be at least 1"),
+            Some(n) => rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .context("thread pool")?
+                .install(work)?,
+            None => work()?,
+        },
     };
     bar.finish_and_clear();
-    println!(
-        "{} ({} threads, micro-kernel rows {}), medians of {runs} interleaved rounds",
-        p.executor, p.threads, p.kernel_rows
-    );
+    match &p.device {
+        Some(dev) => println!(
+            "{} on {dev}, batch {} (block tile {} channels), medians of {runs} interleaved \
+             rounds of 3 replays, whole pass",
+            p.executor, p.batch, p.kernel_rows
+        ),
+        None => println!(
+            "{} ({} threads, micro-kernel rows {}), medians of {runs} interleaved rounds",
+            p.executor, p.threads, p.kernel_rows
+        ),
+    }
     for st in &p.stairs {
         let s = st.shape;
         let what = match st.unit {
@@ -1514,7 +1554,7 @@ fn plot_profile(p: &dynsparse::profile::Profile, path: &Path) -> Result<()> {
                     ),
                 ),
                 Unit::Tiles => (
-                    "kept 4x4 output tiles",
+                    "kept output tiles",
                     format!(
                         "{k}x{k} {}->{} at {hw}x{hw} ({})",
                         s.cout,

@@ -15,6 +15,11 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 pub use executor::{CudaExecutor, Precision};
 
+/// Output channels per block tile of the convolution kernels (`CBN` in
+/// cuda/dynsparse.cu): a block computes this many kept channels whether or not all are
+/// kept, so this is where a channel staircase can step.
+pub const CHANNEL_TILE: usize = 64;
+
 use crate::error::{Error, Result};
 
 /// Whether the CUDA driver library (`libcuda.so`) can be loaded.
@@ -107,5 +112,14 @@ impl Device {
     /// Streaming multiprocessors.
     pub fn sm_count(&self) -> i32 {
         self.sms
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn channel_tile_is_the_kernels_block_width() {
+        let line = format!("#define CBN {}\n", super::CHANNEL_TILE);
+        assert!(super::nvrtc::SOURCE.contains(&line), "no `{}`", line.trim());
     }
 }
