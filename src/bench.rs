@@ -51,10 +51,10 @@ pub struct Config {
     pub warmup: usize,
     /// Worker threads (`None`: one per core).
     pub threads: Option<usize>,
-    /// Where to run. Dense execution runs on CUDA through [`Runtime`]; gated policies run
-    /// on the CPU only in this release, so with [`DeviceChoice::Cuda`] every policy must
-    /// be dense (anything else is an [`Error::Input`]), and without a GPU the run stops
-    /// at once with the reason.
+    /// Where to run. On [`DeviceChoice::Cuda`] the policies must be ones the device gates
+    /// run (dense, or a keep ratio on a model whose gates feed no depthwise layer; see
+    /// `CudaExecutor::gate_ratio`), else the run stops at once with the reason, as it does
+    /// without a GPU. Per-layer times are the CPU's only.
     pub device: DeviceChoice,
     /// Kept channel counts round to this (see [`Options::channel_round`]).
     pub channel_round: Option<usize>,
@@ -204,11 +204,13 @@ pub fn run(
         return Err(Error::Input("batch sizes must be at least 1".into()));
     }
     if config.device == DeviceChoice::Cuda {
-        if let Some((label, _)) = config.policies.iter().find(|(_, p)| *p != Policy::Dense) {
-            return Err(Error::Input(format!(
-                "`{label}` is a gated policy, and gated execution runs on the CPU in this \
-                 release: time it with the CPU, or time dense alone on the GPU"
-            )));
+        // Every policy the device gates cannot run is refused before the first runtime
+        // looks for a GPU.
+        for (label, policy) in &config.policies {
+            crate::exec::cuda::gate_ratio(model, *policy).map_err(|e| match e {
+                Error::Input(why) => Error::Input(format!("`{label}` on the GPU: {why}")),
+                other => other,
+            })?;
         }
     }
     let mut policies = vec![("dense".to_string(), Policy::Dense)];

@@ -242,26 +242,35 @@ impl Runtime {
             })
         };
         let cuda = |model: &Model| -> Result<Box<dyn Executor>> {
+            if options.channel_groups.is_some() {
+                return Err(Error::Input(
+                    "channel groups are chosen by the CPU engine's gates; the CUDA gates \
+                     keep channels one by one"
+                        .into(),
+                ));
+            }
+            // A policy the device gates cannot run is refused before looking for a GPU.
+            cuda::gate_ratio(model, options.policy)?;
             let dev = cuda::Device::open(0)?;
-            Ok(Box::new(cuda::CudaExecutor::new(model, dev)?))
+            let mut exec = cuda::CudaExecutor::new(model, dev)?;
+            exec = match options.channel_round {
+                Some(0) => return Err(Error::Input("channel_round must be at least 1".into())),
+                Some(r) => exec.with_channel_round(r),
+                None => exec,
+            };
+            Ok(Box::new(exec))
         };
         options.policy.validate()?;
         let dynamic = options.policy != Policy::Dense;
         let (executor, device_note) = match options.device {
             DeviceChoice::Cpu => (cpu(&model)?, None),
-            DeviceChoice::Cuda if dynamic => {
-                return Err(Error::Input(
-                    "gated execution through Runtime runs on the CPU in this release \
-                     (the CUDA gates are reached through exec::cuda::CudaExecutor)"
-                        .into(),
-                ))
-            }
             DeviceChoice::Cuda => (cuda(&model)?, None),
             DeviceChoice::Auto if options.engine == Engine::Reference => (cpu(&model)?, None),
             DeviceChoice::Auto if dynamic => (
                 cpu(&model)?,
                 (cuda::device_count() > 0).then(|| {
-                    "gated execution through Runtime runs on the CPU in this release".to_string()
+                    "gated execution runs on the CPU unless the CUDA device is asked for"
+                        .to_string()
                 }),
             ),
             DeviceChoice::Auto => {

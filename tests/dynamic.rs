@@ -535,8 +535,8 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("x.gif: plots are written as SVG (.svg) or PNG (.png)"));
-    // On a GPU, gated policies are refused before anything runs; without one, dense on
-    // CUDA stops with the reason.
+    // Policies the device gates cannot run are refused before a GPU is looked for; a
+    // keep ratio and dense need one, and without one stop with the reason.
     let model = demo_model();
     let on_cuda = |extra: &[&str]| {
         let mut args = vec!["bench", "--model", model.to_str().unwrap()];
@@ -544,14 +544,19 @@ fn cli_bench_times_dense_and_gated_policies_in_one_run() {
         args.extend(extra);
         Command::new(common::bin()).args(&args).output().unwrap()
     };
-    let out = on_cuda(&["--keep", "0.5"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("`keep 0.5` is a gated policy"));
-    if dynsparse::exec::cuda::device_count() == 0 {
-        let out = on_cuda(&[]);
+    for policy in [["--threshold", "0.5"], ["--budget", "0.5"]] {
+        let out = on_cuda(&policy);
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("CUDA") || err.contains("cuda"), "{err}");
+        assert!(err.contains("budgets run on the CPU"), "{err}");
+    }
+    if dynsparse::exec::cuda::device_count() == 0 {
+        for extra in [&[][..], &["--keep", "0.5"][..]] {
+            let out = on_cuda(extra);
+            assert_eq!(out.status.code(), Some(1));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("no CUDA driver"), "{err}");
+        }
     }
 }
 

@@ -4,6 +4,8 @@
                             weights and randomized BatchNorm statistics, a random input
                             batch and PyTorch's float64 CPU logits for it
   compare RESULT.json REF   compare `dynsparse infer --json` logits with REF.npy
+  pair A.json B.json        compare two `dynsparse infer --json` results (say CUDA and CPU
+                            under the same gate policy): logits, top-1, executed FLOPs
 """
 import json
 import sys
@@ -47,6 +49,23 @@ def compare(result, ref):
     return rel
 
 
+def pair(a, b):
+    with open(a) as f:
+        ra = json.load(f)["results"]
+    with open(b) as f:
+        rb = json.load(f)["results"]
+    la = np.array([r["logits"] for r in ra], dtype=np.float64)
+    lb = np.array([r["logits"] for r in rb], dtype=np.float64)
+    rel = np.abs(la - lb).max() / np.abs(lb).max()
+    same_top1 = (la.argmax(1) == lb.argmax(1)).mean()
+    fa = [r["stats"]["flops_executed"] / r["stats"]["flops_dense"] for r in ra]
+    fb = [r["stats"]["flops_executed"] / r["stats"]["flops_dense"] for r in rb]
+    print(
+        f"{a} vs {b}: max |diff| / max |b| = {rel:.2e}, top-1 agreement {same_top1:.2f}, "
+        f"executed FLOP fractions {min(fa):.4f}-{max(fa):.4f} vs {min(fb):.4f}-{max(fb):.4f}"
+    )
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "make":
         make(sys.argv[2])
@@ -54,6 +73,8 @@ if __name__ == "__main__":
         rel = compare(sys.argv[2], sys.argv[3])
         tol = float(sys.argv[4]) if len(sys.argv) > 4 else 1e-2
         sys.exit(0 if rel <= tol else 1)
+    elif len(sys.argv) >= 4 and sys.argv[1] == "pair":
+        pair(sys.argv[2], sys.argv[3])
     else:
         print(__doc__)
         sys.exit(2)

@@ -4,6 +4,7 @@
 # Writes logs, JSON and Markdown tables to $OUT (default /tmp/dynsparse-gpu). Every step
 # has its own time limit (T_* variables, seconds), so the whole run stays bounded (about
 # 15 minutes at most with the defaults, much less typically) and a hung tool costs one step.
+# SANITIZERS=0, PEERS=0 and PROFILE=0 leave those steps out.
 set -u
 OUT=${OUT:-/tmp/dynsparse-gpu}
 mkdir -p "$OUT"
@@ -36,11 +37,13 @@ log "models (in the background)"
 ) &
 MODELS=$!
 
+if [ "${SANITIZERS:-1}" = 1 ]; then
 log "compute-sanitizer memcheck (demo model, small kernel cases)"
 timeout ${T_MEMCHECK:-90} compute-sanitizer --tool memcheck --error-exitcode 9 \
   $BIN cuda-check --cases 10 --seed 7 --model models/demo/demo.dsm --batch 2 --keep 1,0.5 --reps 2 \
   > "$OUT/memcheck.log" 2>&1
 echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|kernel checks" "$OUT/memcheck.log"
+fi
 
 wait $MODELS || { echo "building the models failed:"; tail -20 "$OUT/models.log"; }
 tail -4 "$OUT/models.log"
@@ -52,11 +55,14 @@ timeout ${T_CHECK:-240} $BIN cuda-check --cases ${CASES:-60} \
   2>&1 | tee "$OUT/cuda_check.md"
 echo "cuda-check rc=${PIPESTATUS[0]}"
 
-log "dense through the benchmark harness (dynsparse bench --device cuda)"
-for a in resnet50 mobilenet_v2; do
+log "the benchmark harness on the GPU (dynsparse bench --device cuda)"
+for a in resnet50 resnet18; do
   timeout ${T_BENCH:-60} $BIN bench --device cuda --model $M/$a.dsm --batch 1,8,64 --runs 20 \
-    --json "$OUT/bench_cuda_$a.json" 2>&1 | tee "$OUT/bench_cuda_$a.md"
+    --keep 0.75,0.5,0.25 --json "$OUT/bench_cuda_$a.json" --plot "$OUT/bench_cuda_$a.svg" \
+    2>&1 | tee "$OUT/bench_cuda_$a.md"
 done
+timeout ${T_BENCH:-60} $BIN bench --device cuda --model $M/mobilenet_v2.dsm --batch 1,8,64 --runs 20 \
+  --json "$OUT/bench_cuda_mobilenet_v2.json" 2>&1 | tee "$OUT/bench_cuda_mobilenet_v2.md"
 
 log "logits against PyTorch"
 {
@@ -68,6 +74,14 @@ for a in mobilenet_v2 efficientnet_lite0; do
   timeout ${T_INFER:-30} $BIN infer --device cuda --model $M/$a.dsm --tensor $G/$a/input_b3.npy --json > "$OUT/$a.cuda.json" \
     && python3 scripts/gpu/parity.py compare "$OUT/$a.cuda.json" $G/$a/logits_b3.npy 1e-2
 done
+# Gated through Runtime on the GPU against the CPU engine under the same policy.
+for a in resnet18 resnet50; do
+  for d in cuda cpu; do
+    timeout ${T_INFER:-30} $BIN infer --device $d --keep 0.5 --channel-round 8 --model $M/$a.dsm \
+      --tensor $M/input_b3.npy --json > "$OUT/$a.$d.keep.json"
+  done
+  python3 scripts/gpu/parity.py pair "$OUT/$a.cuda.keep.json" "$OUT/$a.cpu.keep.json"
+done
 } 2>&1 | tee "$OUT/parity.txt"
 
 if [ "${PEERS:-1}" = 1 ]; then
@@ -75,16 +89,20 @@ if [ "${PEERS:-1}" = 1 ]; then
   timeout ${T_PEERS:-150} python3 benches/peers/torch_gpu.py --batches 1,8,64 --json "$OUT/torch.json" \
     2>&1 | tee "$OUT/torch.md" | tail -60
 fi
+if [ "${PROFILE:-1}" = 1 ]; then
 log "tail-effect staircases of the CUDA kernels (dynsparse profile --device cuda)"
 for b in 1 64; do
   timeout ${T_PROFILE:-60} $BIN profile --device cuda --batch $b --runs 10 \
     --out "$OUT/profile_cuda_b$b.json" --plot "$OUT/profile_cuda_b$b.svg" 2>&1 | tee "$OUT/profile_cuda_b$b.txt"
 done
+fi
 
+if [ "${SANITIZERS:-1}" = 1 ]; then
 log "compute-sanitizer racecheck"
 timeout ${T_RACECHECK:-90} compute-sanitizer --tool racecheck --error-exitcode 9 \
   $BIN cuda-check --cases 4 --seed 8 --model models/demo/demo.dsm --batch 2 --keep 0.5 --reps 1 \
   > "$OUT/racecheck.log" 2>&1
 echo "racecheck rc=$?"; grep -E "RACECHECK SUMMARY|ERROR SUMMARY|kernel checks" "$OUT/racecheck.log"
+fi
 
 log "done"

@@ -183,8 +183,8 @@ enum Command {
         /// torch, safetensors, onnx and onnxruntime).
         #[arg(long, conflicts_with = "images")]
         peers: bool,
-        /// Where to run: the CPU, or a CUDA GPU (dense only in this release; an error
-        /// without a GPU).
+        /// Where to run: the CPU, or a CUDA GPU (dense, or --keep on models whose gates feed
+        /// no depthwise layer; an error without a GPU).
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
     },

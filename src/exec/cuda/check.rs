@@ -545,19 +545,22 @@ pub fn check_gated_model(
             wrong_counts += per.iter().filter(|s| s.oc.len() != want.min(*cout)).count();
         }
     }
+    // What Runtime reports for this pass, derived on the host, against the plans read back.
+    let counted = plan_flops(model, &exec, &plans, true);
+    let (derived, _) = exec.gated_flops(0.5, 8);
     exec.set_plans(batch, &plans)?;
     let b = exec.run(&x, batch)?;
     let want: Vec<f64> = b.iter().map(|&v| v as f64).collect();
     let mut r = compare(
         format!(
-            "{} batch {batch}: {gated} gated layers at keep 0.5, gated pass vs replayed plans ({wrong_counts} wrong counts)",
+            "{} batch {batch}: {gated} gated layers at keep 0.5, gated pass vs replayed plans ({wrong_counts} wrong counts; FLOPs {derived} derived, {counted} from the plans)",
             model.desc.arch
         ),
         &a,
         &want,
         1e-6,
     );
-    r.pass &= wrong_counts == 0 && gated > 0;
+    r.pass &= wrong_counts == 0 && gated > 0 && derived == counted;
     Ok(r)
 }
 

@@ -14,7 +14,7 @@ use cudarc::driver::{
 use super::{nvrtc, Device};
 use crate::error::{Error, Result};
 use crate::exec::plan::{SamplePlan, Tiling};
-use crate::exec::{gating, Executor};
+use crate::exec::{gating, Cut, Executor, Forward, Gates, Policy};
 use crate::format::Model;
 use crate::model::{Act, Op, ValueShape};
 
@@ -491,6 +491,8 @@ struct BatchState {
     flags: CudaSlice<i32>,
     /// Per gated node, per sample: how many channels to keep.
     keep: Vec<Option<CudaSlice<i32>>>,
+    /// The keep ratio and rounding the device gates were last set to (`None`: gates off).
+    policy: Option<(f64, usize)>,
     /// Graphs for dense plans, host plans and device gates.
     graphs: [Option<Graph>; 3],
 }
@@ -510,6 +512,51 @@ pub enum Precision {
     Fp16,
 }
 
+/// The keep ratio `policy` asks the CUDA executor's device gates for on `model` (`None`:
+/// dense), or why they cannot run it — known before any GPU is opened. The device gates
+/// keep a ratio of each gated layer's channels; thresholds, tile gates and FLOP budgets
+/// are decided on the CPU only. A model whose gateable layers feed depthwise layers
+/// (MobileNetV2, EfficientNet-Lite) is refused: the constant a depthwise layer makes of a
+/// dropped channel is not carried to the next layer's bias on the GPU (see
+/// [`CudaExecutor::set_channel_gates`]), so the pass would not be the CPU engine's.
+pub fn gate_ratio(model: &Model, policy: Policy) -> Result<Option<f64>> {
+    checked_ratio(policy, feeds_depthwise(model))
+}
+
+fn feeds_depthwise(model: &Model) -> bool {
+    gating::gateable(model)
+        .iter()
+        .any(|(_, followers)| followers.iter().any(|&(_, depthwise)| depthwise))
+}
+
+fn checked_ratio(policy: Policy, feeds_depthwise: bool) -> Result<Option<f64>> {
+    policy.validate()?;
+    let keep = match policy {
+        Policy::Dense => return Ok(None),
+        Policy::Keep(r) => r,
+        Policy::Gates(Gates {
+            channels: Cut::Ratio(r),
+            tiles: Cut::All,
+        }) => r,
+        _ => {
+            return Err(Error::Input(
+                "on a CUDA GPU the gates keep a ratio of each layer's channels (keep R); \
+                 thresholds, tile gates and FLOP budgets run on the CPU"
+                    .into(),
+            ))
+        }
+    };
+    if feeds_depthwise {
+        return Err(Error::Input(
+            "this model's gated layers feed depthwise layers, which the CUDA executor does \
+             not gate yet (MobileNetV2 / EfficientNet-Lite blocks): run it gated on the CPU, \
+             or dense on the GPU"
+                .into(),
+        ));
+    }
+    Ok(Some(keep))
+}
+
 /// Runs a model on one CUDA device.
 pub struct CudaExecutor {
     dev: Device,
@@ -517,8 +564,20 @@ pub struct CudaExecutor {
     nodes: Vec<Node>,
     input_shape: ValueShape,
     classes: usize,
+    /// Dense FLOPs per sample of each node (what a node without a plan executes).
+    flops: Vec<u64>,
+    /// Gated channel counts round up to this in [`Executor::forward_with`].
+    channel_round: usize,
+    /// See [`gate_ratio`].
+    feeds_depthwise: bool,
     states: Mutex<HashMap<usize, BatchState>>,
 }
+
+/// Output channels a device gate keeps rounded up to, unless
+/// [`CudaExecutor::with_channel_round`] says otherwise: the tensor cores' n8 fragment. A
+/// measured profile (`dynsparse profile --device cuda`) showed no step finer than the
+/// 64-channel block tile, so the rounding costs nothing and keeps counts whole fragments.
+pub const DEFAULT_CHANNEL_ROUND: usize = 8;
 
 impl CudaExecutor {
     /// Compiles (or loads from the cache) the kernels and uploads the model's weights in
@@ -661,6 +720,9 @@ impl CudaExecutor {
             nodes,
             input_shape: [i.channels, i.height, i.width],
             classes: model.desc.classes.len(),
+            flops: model.layers.iter().map(|l| l.flops).collect(),
+            channel_round: DEFAULT_CHANNEL_ROUND,
+            feeds_depthwise: feeds_depthwise(model),
             states: Mutex::new(HashMap::new()),
         })
     }
@@ -748,6 +810,7 @@ impl CudaExecutor {
         }
         Ok(BatchState {
             gated: false,
+            policy: None,
             pooled: alloc(batch * widest)?,
             scores: alloc(batch * widest)?,
             flags: s
@@ -1010,6 +1073,7 @@ impl CudaExecutor {
             let dense: Vec<Option<Vec<SamplePlan>>> = self.dense_plans(batch);
             self.upload_plans(st, batch, &dense)?;
             st.gated = keep.is_some();
+            st.policy = keep.map(|k| (k, round));
             let mut gated = 0;
             for (node, kbuf) in self.nodes.iter().zip(st.keep.iter_mut()) {
                 if let (Layer::Conv { p, .. }, Some(kbuf)) = (&node.layer, kbuf) {
@@ -1038,6 +1102,62 @@ impl CudaExecutor {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Rounds gated channel counts up to `round` (at least 1) in
+    /// [`Executor::forward_with`].
+    pub fn with_channel_round(mut self, round: usize) -> Self {
+        self.channel_round = round.max(1);
+        self
+    }
+
+    /// The keep ratio `policy` asks the device gates for (`None`: dense), or why this
+    /// executor cannot run it: [`gate_ratio`] for this executor's model.
+    pub fn gate_ratio(&self, policy: Policy) -> Result<Option<f64>> {
+        checked_ratio(policy, self.feeds_depthwise)
+    }
+
+    /// FLOPs per sample of a pass whose device gates keep `keep` (rounded to `round`) of
+    /// each gated layer's channels: `(executed, of which the gates')`. The gates keep
+    /// exactly their count for every sample (`dynsparse cuda-check` checks this against
+    /// the plans read back), so this needs nothing from the device.
+    pub fn gated_flops(&self, keep: f64, round: usize) -> (u64, u64) {
+        let n = self.nodes.len();
+        let (mut oc, mut ic) = (vec![None; n], vec![None; n]);
+        for (i, node) in self.nodes.iter().enumerate() {
+            if let Layer::Conv {
+                p, gate: Some(g), ..
+            } = &node.layer
+            {
+                let k = gating::kept_count(p.cout as usize, keep, round);
+                oc[i] = Some(k);
+                for &(j, _) in &g.followers {
+                    ic[j] = Some(k);
+                }
+            }
+        }
+        let (mut total, mut gates) = (0u64, 0u64);
+        for (i, node) in self.nodes.iter().enumerate() {
+            match &node.layer {
+                Layer::Conv {
+                    p, depthwise, gate, ..
+                } => {
+                    let kept_in = ic[i].unwrap_or(p.cin as usize);
+                    let inner = if *depthwise { 1 } else { kept_in };
+                    let taps = (p.kh * p.kw) as usize;
+                    let pixels = (p.oh * p.ow) as usize;
+                    let kept_out = oc[i].unwrap_or(p.cout as usize);
+                    total += (2 * pixels * kept_out * inner * taps) as u64;
+                    if gate.is_some() {
+                        let g = gating::gate_flops(kept_in, (p.h * p.w) as usize, p.cout as usize);
+                        total += g;
+                        gates += g;
+                    }
+                }
+                _ => total += self.flops[i],
+            }
+        }
+        (total, gates)
     }
 
     fn dense_plans(&self, batch: usize) -> Vec<Option<Vec<SamplePlan>>> {
@@ -1114,6 +1234,7 @@ impl CudaExecutor {
     pub fn set_plans(&self, batch: usize, plans: &[Option<Vec<SamplePlan>>]) -> Result<()> {
         self.with_state(batch, |st| {
             st.gated = false;
+            st.policy = None;
             self.upload_plans(st, batch, plans)
         })
     }
@@ -1236,5 +1357,32 @@ impl Executor for CudaExecutor {
 
     fn forward(&self, input: &[f32], batch: usize) -> Result<Vec<f32>> {
         self.run(input, batch)
+    }
+
+    /// Dense, or channel gates on the device keeping a ratio ([`CudaExecutor::gate_ratio`]
+    /// says which policies run here). The gates' setting is uploaded when it changes, not
+    /// per call; executed FLOPs come from [`CudaExecutor::gated_flops`].
+    fn forward_with(&self, input: &[f32], batch: usize, policy: Policy) -> Result<Forward> {
+        let keep = self.gate_ratio(policy)?;
+        let round = self.channel_round;
+        let set = self.with_state(batch, |st| Ok(st.policy))?;
+        let want = keep.map(|k| (k, round));
+        if set != want {
+            self.set_channel_gates(batch, keep, round)?;
+        }
+        let logits = self.run(input, batch)?;
+        let (flops, gate_flops) = match keep {
+            Some(k) => {
+                let (f, g) = self.gated_flops(k, round);
+                (Some(vec![f; batch]), Some(vec![g; batch]))
+            }
+            None => (None, None),
+        };
+        Ok(Forward {
+            logits,
+            flops,
+            gate_flops,
+            ..Forward::default()
+        })
     }
 }

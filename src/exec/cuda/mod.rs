@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream};
 
-pub use executor::{CudaExecutor, Precision};
+pub use executor::{gate_ratio, CudaExecutor, Precision, DEFAULT_CHANNEL_ROUND};
 
 /// Output channels per block tile of the convolution kernels (`CBN` in
 /// cuda/dynsparse.cu): a block computes this many kept channels whether or not all are
@@ -117,6 +117,56 @@ impl Device {
 
 #[cfg(test)]
 mod tests {
+    use crate::exec::{Budget, Cut, Gates, Policy};
+    use crate::synthetic::{conv_chain, ConvSpec};
+
+    #[test]
+    fn device_gates_take_keep_ratios_on_models_without_gated_depthwise_layers() {
+        let conv = |cout, k, depthwise| ConvSpec {
+            cout,
+            k,
+            stride: 1,
+            depthwise,
+        };
+        let plain = conv_chain(8, 8, &[conv(16, 3, false), conv(8, 3, false)]).unwrap();
+        let mobile = conv_chain(
+            8,
+            8,
+            &[conv(16, 1, false), conv(16, 3, true), conv(8, 1, false)],
+        )
+        .unwrap();
+        let ratio = |r| {
+            Policy::Gates(Gates {
+                channels: Cut::Ratio(r),
+                tiles: Cut::All,
+            })
+        };
+        assert_eq!(super::gate_ratio(&plain, Policy::Dense).unwrap(), None);
+        assert_eq!(
+            super::gate_ratio(&plain, Policy::Keep(0.5)).unwrap(),
+            Some(0.5)
+        );
+        assert_eq!(super::gate_ratio(&plain, ratio(0.25)).unwrap(), Some(0.25));
+        assert_eq!(super::gate_ratio(&mobile, Policy::Dense).unwrap(), None);
+        let err = super::gate_ratio(&mobile, Policy::Keep(0.5)).unwrap_err();
+        assert!(err.to_string().contains("depthwise"), "{err}");
+        for p in [
+            Policy::Budget(Budget::Flops(0.5)),
+            Policy::Gates(Gates {
+                channels: Cut::Threshold(0.5),
+                tiles: Cut::All,
+            }),
+            Policy::Gates(Gates {
+                channels: Cut::Ratio(0.5),
+                tiles: Cut::Ratio(0.5),
+            }),
+        ] {
+            let err = super::gate_ratio(&plain, p).unwrap_err();
+            assert!(err.to_string().contains("run on the CPU"), "{p:?}: {err}");
+        }
+        assert!(super::gate_ratio(&plain, Policy::Keep(1.5)).is_err());
+    }
+
     #[test]
     fn channel_tile_is_the_kernels_block_width() {
         let line = format!("#define CBN {}\n", super::CHANNEL_TILE);
