@@ -546,6 +546,10 @@ fn checked_ratio(policy: Policy, feeds_depthwise: bool) -> Result<Option<f64>> {
             ))
         }
     };
+    if keep >= 1.0 {
+        // Everything kept: the gates would decide nothing (the CPU engine skips them too).
+        return Ok(None);
+    }
     if feeds_depthwise {
         return Err(Error::Input(
             "this model's gated layers feed depthwise layers, which the CUDA executor does \
@@ -557,6 +561,100 @@ fn checked_ratio(policy: Policy, feeds_depthwise: bool) -> Result<Option<f64>> {
     Ok(Some(keep))
 }
 
+/// What a node executes, for counting FLOPs under a gate policy.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum NodeFlops {
+    Conv {
+        cin: usize,
+        cout: usize,
+        /// Kernel taps (kh · kw).
+        taps: usize,
+        /// Output pixels.
+        pixels: usize,
+        /// Input pixels: what a gate pools over.
+        plane: usize,
+        depthwise: bool,
+    },
+    /// Anything else: its dense FLOPs.
+    Fixed(u64),
+}
+
+pub(crate) fn node_flops(model: &Model) -> Vec<NodeFlops> {
+    model
+        .desc
+        .nodes
+        .iter()
+        .zip(&model.layers)
+        .map(|(n, info)| match &n.op {
+            Op::Conv(c) => NodeFlops::Conv {
+                cin: c.in_channels,
+                cout: c.out_channels,
+                taps: c.kernel[0] * c.kernel[1],
+                pixels: info.output[1] * info.output[2],
+                plane: info.input[1] * info.input[2],
+                depthwise: c.groups > 1,
+            },
+            _ => NodeFlops::Fixed(info.flops),
+        })
+        .collect()
+}
+
+/// FLOPs per sample when the gates at `gates` (node, followers) keep
+/// `kept_count(cout, keep, round)` channels: `(executed, of which the gates')`. A follower
+/// reads only the kept channels; a depthwise follower also computes only those. Counted
+/// as the kernels run: `2 · pixels · kept outputs · kept inputs · taps` per convolution
+/// (kept inputs 1 for depthwise), plus [`gating::gate_flops`] per gate.
+pub(crate) fn keep_flops(
+    geometry: &[NodeFlops],
+    gates: &[(usize, Vec<(usize, bool)>)],
+    keep: f64,
+    round: usize,
+) -> (u64, u64) {
+    let n = geometry.len();
+    let (mut oc, mut ic) = (vec![None; n], vec![None; n]);
+    let mut gated = vec![false; n];
+    for (i, followers) in gates {
+        let Some(NodeFlops::Conv { cout, .. }) = geometry.get(*i) else {
+            continue;
+        };
+        let k = gating::kept_count(*cout, keep, round);
+        oc[*i] = Some(k);
+        gated[*i] = true;
+        for &(j, depthwise) in followers {
+            if j < n {
+                ic[j] = Some(k);
+                if depthwise {
+                    oc[j] = Some(k);
+                }
+            }
+        }
+    }
+    let (mut total, mut gate_total) = (0u64, 0u64);
+    for (i, g) in geometry.iter().enumerate() {
+        match *g {
+            NodeFlops::Conv {
+                cin,
+                cout,
+                taps,
+                pixels,
+                plane,
+                depthwise,
+            } => {
+                let kept_in = ic[i].unwrap_or(cin);
+                let inner = if depthwise { 1 } else { kept_in };
+                total += (2 * pixels * oc[i].unwrap_or(cout) * inner * taps) as u64;
+                if gated[i] {
+                    let f = gating::gate_flops(kept_in, plane, cout);
+                    total += f;
+                    gate_total += f;
+                }
+            }
+            NodeFlops::Fixed(f) => total += f,
+        }
+    }
+    (total, gate_total)
+}
+
 /// Runs a model on one CUDA device.
 pub struct CudaExecutor {
     dev: Device,
@@ -564,12 +662,13 @@ pub struct CudaExecutor {
     nodes: Vec<Node>,
     input_shape: ValueShape,
     classes: usize,
-    /// Dense FLOPs per sample of each node (what a node without a plan executes).
-    flops: Vec<u64>,
     /// Gated channel counts round up to this in [`Executor::forward_with`].
     channel_round: usize,
     /// See [`gate_ratio`].
     feeds_depthwise: bool,
+    /// Per node, what [`keep_flops`] counts; and the gated nodes with their followers.
+    geometry: Vec<NodeFlops>,
+    gates: Vec<(usize, Vec<(usize, bool)>)>,
     states: Mutex<HashMap<usize, BatchState>>,
 }
 
@@ -713,6 +812,14 @@ impl CudaExecutor {
                 *slot = Some(Box::new(gate));
             }
         }
+        let gates = nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match &n.layer {
+                Layer::Conv { gate: Some(g), .. } => Some((i, g.followers.clone())),
+                _ => None,
+            })
+            .collect();
         let i = model.desc.input;
         Ok(CudaExecutor {
             dev,
@@ -720,9 +827,10 @@ impl CudaExecutor {
             nodes,
             input_shape: [i.channels, i.height, i.width],
             classes: model.desc.classes.len(),
-            flops: model.layers.iter().map(|l| l.flops).collect(),
             channel_round: DEFAULT_CHANNEL_ROUND,
             feeds_depthwise: feeds_depthwise(model),
+            geometry: node_flops(model),
+            gates,
             states: Mutex::new(HashMap::new()),
         })
     }
@@ -1122,42 +1230,7 @@ impl CudaExecutor {
     /// exactly their count for every sample (`dynsparse cuda-check` checks this against
     /// the plans read back), so this needs nothing from the device.
     pub fn gated_flops(&self, keep: f64, round: usize) -> (u64, u64) {
-        let n = self.nodes.len();
-        let (mut oc, mut ic) = (vec![None; n], vec![None; n]);
-        for (i, node) in self.nodes.iter().enumerate() {
-            if let Layer::Conv {
-                p, gate: Some(g), ..
-            } = &node.layer
-            {
-                let k = gating::kept_count(p.cout as usize, keep, round);
-                oc[i] = Some(k);
-                for &(j, _) in &g.followers {
-                    ic[j] = Some(k);
-                }
-            }
-        }
-        let (mut total, mut gates) = (0u64, 0u64);
-        for (i, node) in self.nodes.iter().enumerate() {
-            match &node.layer {
-                Layer::Conv {
-                    p, depthwise, gate, ..
-                } => {
-                    let kept_in = ic[i].unwrap_or(p.cin as usize);
-                    let inner = if *depthwise { 1 } else { kept_in };
-                    let taps = (p.kh * p.kw) as usize;
-                    let pixels = (p.oh * p.ow) as usize;
-                    let kept_out = oc[i].unwrap_or(p.cout as usize);
-                    total += (2 * pixels * kept_out * inner * taps) as u64;
-                    if gate.is_some() {
-                        let g = gating::gate_flops(kept_in, (p.h * p.w) as usize, p.cout as usize);
-                        total += g;
-                        gates += g;
-                    }
-                }
-                _ => total += self.flops[i],
-            }
-        }
-        (total, gates)
+        keep_flops(&self.geometry, &self.gates, keep, round)
     }
 
     fn dense_plans(&self, batch: usize) -> Vec<Option<Vec<SamplePlan>>> {

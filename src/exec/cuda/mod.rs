@@ -165,6 +165,52 @@ mod tests {
             assert!(err.to_string().contains("run on the CPU"), "{p:?}: {err}");
         }
         assert!(super::gate_ratio(&plain, Policy::Keep(1.5)).is_err());
+        // Keeping everything is dense, there as on the CPU.
+        assert_eq!(super::gate_ratio(&mobile, Policy::Keep(1.0)).unwrap(), None);
+    }
+
+    /// The FLOPs the CUDA executor reports for a keep ratio (derived on the host) are the
+    /// CPU engine's for the same ratio and rounding, on a model with trained gates and on
+    /// one whose gate feeds a depthwise layer.
+    #[test]
+    fn keep_flops_match_the_cpu_engines_counts() {
+        use crate::exec::cpu::EngineExecutor;
+        use crate::exec::{gating, Executor};
+        let conv = |cout, k, depthwise| ConvSpec {
+            cout,
+            k,
+            stride: 1,
+            depthwise,
+        };
+        let mobile = conv_chain(
+            8,
+            8,
+            &[conv(24, 1, false), conv(24, 3, true), conv(16, 1, false)],
+        )
+        .unwrap();
+        let demo = crate::Model::from_bytes(crate::demo::MODEL).unwrap();
+        for model in [demo, mobile] {
+            let cg = gating::channel_gates(&model).unwrap();
+            let gates: Vec<_> = gating::gateable(&model)
+                .into_iter()
+                .filter(|(i, _)| cg[*i].is_some())
+                .collect();
+            assert!(!gates.is_empty());
+            let geometry = super::executor::node_flops(&model);
+            let engine = EngineExecutor::new(&model).unwrap().with_channel_round(8);
+            let i = model.desc.input;
+            let x = crate::synthetic::pseudo_random(2 * i.channels * i.height * i.width, 3);
+            for keep in [0.3, 0.5, 0.9] {
+                let f = engine.forward_with(&x, 2, Policy::Keep(keep)).unwrap();
+                let (total, gate) = super::executor::keep_flops(&geometry, &gates, keep, 8);
+                assert_eq!(f.flops.as_ref().unwrap(), &vec![total; 2], "keep {keep}");
+                assert_eq!(
+                    f.gate_flops.as_ref().unwrap(),
+                    &vec![gate; 2],
+                    "keep {keep}"
+                );
+            }
+        }
     }
 
     #[test]
