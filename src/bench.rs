@@ -312,7 +312,8 @@ pub fn run(
                         .collect()
                 })
                 .unwrap_or_default();
-            let gate_ms = layers.iter().map(|l| l.gate_ms).sum();
+            // `+ 0.0`: an empty sum of f64 is -0.0.
+            let gate_ms = layers.iter().map(|l| l.gate_ms).sum::<f64>() + 0.0;
             results.push(PolicyResult {
                 policy: label.clone(),
                 batch,
@@ -383,7 +384,7 @@ impl Report {
         );
         for r in &self.results {
             s += &format!(
-                "| {} | {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |\n",
+                "| {} | {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {} |\n",
                 r.batch,
                 r.policy,
                 r.flops_fraction,
@@ -392,7 +393,12 @@ impl Report {
                 r.p90_ms,
                 r.gflops_per_s,
                 r.vs_dense,
-                r.gate_ms
+                // Executors without a per-layer trace (the GPU's) cannot say.
+                if r.layers.is_empty() {
+                    "n/a".to_string()
+                } else {
+                    format!("{:.2}", r.gate_ms)
+                }
             );
         }
         if self.results.iter().any(|r| r.batch > 1 && r.gate_ms > 0.0) {

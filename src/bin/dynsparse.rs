@@ -659,11 +659,16 @@ fn cmd_bench(
     if let Some(g) = report.channel_groups.filter(|&g| g > 1) {
         gating += &format!("; kept channels in groups of {g}");
     }
+    // A GPU pass is launched from one host thread: the pool size says nothing there.
+    let threads = if report.executor == "cuda" {
+        String::new()
+    } else {
+        format!("{} threads, ", report.threads)
+    };
     println!(
-        "{} on {}, {} threads, {} timed runs per point, policies interleaved; dense {:.3} GFLOPs per sample{gating}\n",
+        "{} on {}, {threads}{} timed runs per point, policies interleaved; dense {:.3} GFLOPs per sample{gating}\n",
         report.model,
         report.executor,
-        report.threads,
         report.runs,
         report.flops_dense as f64 / 1e9
     );
