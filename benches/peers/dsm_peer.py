@@ -8,12 +8,19 @@ adds, activations, pooling, linear layers), which is exported to ONNX. `dynspars
 that the peer computes what we compute, from the logits printed here.
 
 usage: python3 benches/peers/dsm_peer.py --model M.dsm [--batch 1,8] [--runs 15]
-       [--warmup 3] [--threads 2] [--torch]
+       [--warmup 3] [--threads 2] [--torch] [--device cpu|cuda]
 Prints one JSON object per (peer, batch): peer, batch, median_ms, p10_ms, p90_ms, and the
 logits of the first sample.
+
+With --device cuda the peers are PyTorch + cuDNN on the GPU instead (channels_last,
+cudnn.benchmark): eager with TF32, a CUDA graph with TF32 and a CUDA graph in FP16. Each
+timed call takes the input from host memory and returns the logits to it, as
+`Runtime::infer` does, so the ratios `dynsparse bench --device cuda --peers` prints
+compare the same work.
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -122,6 +129,47 @@ def timed(run, warmup: int, runs: int):
     return q(0.5), q(0.1), q(0.9), out
 
 
+def gpu_peers(model: DsmModule, c: int, h: int, w: int, batch: int):
+    """(name, run) pairs timing PyTorch + cuDNN host to host on the GPU."""
+    cl = torch.channels_last
+    version = torch.__version__.split("+")[0]
+    m32 = model.to("cuda").to(memory_format=cl)
+    m16 = copy.deepcopy(m32).half()
+    x = torch.from_numpy(bench_input((batch, c, h, w)))
+
+    def eager():
+        with torch.inference_mode():
+            xd = x.to("cuda", non_blocking=False).contiguous(memory_format=cl)
+            return m32(xd).cpu().numpy()
+
+    def graph(m, dtype):
+        static_x = torch.zeros(batch, c, h, w, device="cuda", dtype=dtype)
+        static_x = static_x.contiguous(memory_format=cl)
+        with torch.inference_mode():
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    m(static_x)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                static_y = m(static_x)
+
+        def run():
+            static_x.copy_(x)
+            g.replay()
+            return static_y.float().cpu().numpy()
+
+        return run
+
+    return [
+        (f"pytorch {version} cudnn eager tf32", eager),
+        (f"pytorch {version} cudnn graph tf32", graph(m32, torch.float)),
+        (f"pytorch {version} cudnn graph fp16", graph(m16, torch.half)),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -130,11 +178,26 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--torch", action="store_true", help="also time PyTorch eager")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")  # the exporter's notes are not ours to act on
     torch.set_num_threads(a.threads)
     model = load(a.model)
     c, h, w = model.input["channels"], model.input["height"], model.input["width"]
+    if a.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("PyTorch sees no CUDA device")
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        for b in (int(v) for v in a.batch.split(",")):
+            for name, run in gpu_peers(model, c, h, w, b):
+                med, p10, p90, out = timed(run, a.warmup, a.runs)
+                print(json.dumps({
+                    "peer": name, "batch": b, "median_ms": med, "p10_ms": p10, "p90_ms": p90,
+                    "logits": [float(v) for v in np.asarray(out)[0]],
+                }), flush=True)
+        return
     try:
         import onnx_export
         import onnxruntime as ort

@@ -179,7 +179,8 @@ enum Command {
         #[arg(long, requires = "images")]
         quality_plot: Option<PathBuf>,
         /// Also time dense peers on the same weights and input, after our runs: ONNX
-        /// Runtime and PyTorch eager, through `python3 benches/peers/dsm_peer.py` (needs
+        /// Runtime and PyTorch eager on the CPU, PyTorch + cuDNN (eager TF32, CUDA graphs
+        /// in TF32 and FP16) on a GPU, through `python3 benches/peers/dsm_peer.py` (needs
         /// torch, safetensors, onnx and onnxruntime).
         #[arg(long, conflicts_with = "images")]
         peers: bool,
@@ -630,12 +631,6 @@ fn cmd_bench(
     for p in [plot, layer_plot, quality_plot].into_iter().flatten() {
         plot_format(p)?;
     }
-    if peers && config.device != DeviceChoice::Cpu {
-        bail!(
-            "--peers times CPU peers; on a GPU, PyTorch + cuDNN is timed by \
-             scripts/gpu/run_on_device.sh"
-        );
-    }
     let m = dynsparse::Model::load(model)?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
@@ -650,7 +645,8 @@ fn cmd_bench(
     })?;
     bar.finish_and_clear();
     if peers {
-        report.peers = run_peers(model, &m, config)?;
+        let gpu = report.executor == "cuda";
+        report.peers = run_peers(model, &m, config, gpu)?;
     }
     let mut gating = String::new();
     if let Some(r) = report.channel_round {
@@ -1285,6 +1281,7 @@ fn run_peers(
     path: &Path,
     model: &dynsparse::Model,
     config: &dynsparse::bench::Config,
+    gpu: bool,
 ) -> Result<Vec<dynsparse::bench::PeerResult>> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/dsm_peer.py");
     if !script.exists() {
@@ -1293,7 +1290,12 @@ fn run_peers(
     let threads = config.threads.unwrap_or_else(rayon::current_num_threads);
     let batches: Vec<String> = config.batches.iter().map(|b| b.to_string()).collect();
     eprintln!(
-        "timing dense peers (ONNX Runtime, PyTorch eager) with {}",
+        "timing dense peers ({}) with {}",
+        if gpu {
+            "PyTorch + cuDNN on the GPU"
+        } else {
+            "ONNX Runtime, PyTorch eager"
+        },
         script.display()
     );
     let out = std::process::Command::new("python3")
@@ -1304,6 +1306,7 @@ fn run_peers(
         .args(["--runs", &config.runs.to_string()])
         .args(["--warmup", &config.warmup.to_string()])
         .args(["--threads", &threads.to_string(), "--torch"])
+        .args(["--device", if gpu { "cuda" } else { "cpu" }])
         .output()
         .context("running python3 for the peers")?;
     if !out.status.success() {
