@@ -158,7 +158,8 @@ pub struct PeerResult {
     pub p10_ms: f64,
     pub p90_ms: f64,
     /// max |peer − ours| / max |ours| over the first sample's dense logits: a check that
-    /// the peer computes what we compute.
+    /// the peer computes what we compute. NaN when the peer's logits are not all finite
+    /// (FP16 overflows on some random-weight networks).
     pub logits_rel_diff: f64,
 }
 
@@ -481,7 +482,11 @@ impl Report {
                     .map_or(f64::NAN, |r| r.median_ms);
                 s += &format!(" {:.2} |", ours / peer.median_ms);
             }
-            s += &format!(" {:.1e} |\n", peer.logits_rel_diff);
+            if peer.logits_rel_diff.is_nan() {
+                s += " not finite |\n";
+            } else {
+                s += &format!(" {:.1e} |\n", peer.logits_rel_diff);
+            }
         }
         s
     }
@@ -523,5 +528,59 @@ impl Report {
                   band by band; that row's time includes it.\n";
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_table_gives_ratios_and_flags_non_finite_logits() {
+        let peer = |name: &str, ms, diff| PeerResult {
+            peer: name.into(),
+            batch: 1,
+            median_ms: ms,
+            p10_ms: ms,
+            p90_ms: ms,
+            logits_rel_diff: diff,
+        };
+        let report = Report {
+            model: "m".into(),
+            executor: "cuda".into(),
+            threads: 1,
+            runs: 1,
+            flops_dense: 1,
+            channel_round: None,
+            channel_groups: None,
+            results: vec![PolicyResult {
+                policy: "dense".into(),
+                batch: 1,
+                median_ms: 3.0,
+                p10_ms: 3.0,
+                p90_ms: 3.0,
+                vs_dense: 1.0,
+                flops_executed: 1.0,
+                flops_gates: 0.0,
+                flops_fraction: 1.0,
+                gflops_per_s: 1.0,
+                gate_ms: 0.0,
+                layers: Vec::new(),
+            }],
+            quality: Vec::new(),
+            peers: vec![peer("tf32", 2.0, 5e-4), peer("fp16", 1.0, f64::NAN)],
+        };
+        let md = report.peers_markdown();
+        assert!(md.contains("| 1 | tf32 | 2.00 | 1.50 | 5.0e-4 |"), "{md}");
+        assert!(
+            md.contains("| 1 | fp16 | 1.00 | 3.00 | not finite |"),
+            "{md}"
+        );
+        // No per-layer trace (the GPU's): the gate time is not claimed.
+        assert!(
+            report.markdown().contains("| n/a |"),
+            "{}",
+            report.markdown()
+        );
     }
 }

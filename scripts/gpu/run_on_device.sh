@@ -57,11 +57,11 @@ echo "cuda-check rc=${PIPESTATUS[0]}"
 
 log "the benchmark harness on the GPU (dynsparse bench --device cuda)"
 for a in resnet50 resnet18; do
-  timeout ${T_BENCH:-60} $BIN bench --device cuda --model $M/$a.dsm --batch 1,8,64 --runs 20 \
+  timeout ${T_BENCH:-60} $BIN bench --device cuda --peers --model $M/$a.dsm --batch 1,8,64 --runs 20 \
     --keep 0.75,0.5,0.25 --json "$OUT/bench_cuda_$a.json" --plot "$OUT/bench_cuda_$a.svg" \
     2>&1 | tee "$OUT/bench_cuda_$a.md"
 done
-timeout ${T_BENCH:-60} $BIN bench --device cuda --model $M/mobilenet_v2.dsm --batch 1,8,64 --runs 20 \
+timeout ${T_BENCH:-60} $BIN bench --device cuda --peers --model $M/mobilenet_v2.dsm --batch 1,8,64 --runs 20 \
   --json "$OUT/bench_cuda_mobilenet_v2.json" 2>&1 | tee "$OUT/bench_cuda_mobilenet_v2.md"
 
 log "logits against PyTorch"

@@ -1345,10 +1345,14 @@ fn run_peers(
             .iter()
             .zip(&theirs)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        let rel = if theirs.len() == ours.len() {
-            f64::from(diff / scale)
-        } else {
+        // A peer whose logits overflowed (FP16 on random weights) computed something else:
+        // say so rather than let `max` skip its NaNs.
+        let rel = if theirs.len() != ours.len() {
             f64::INFINITY
+        } else if theirs.iter().any(|v| !v.is_finite()) {
+            f64::NAN
+        } else {
+            f64::from(diff / scale)
         };
         results.push(dynsparse::bench::PeerResult {
             peer: v["peer"].as_str().unwrap_or("?").to_string(),
