@@ -674,8 +674,9 @@ pub struct CudaExecutor {
 
 /// Output channels a device gate keeps rounded up to, unless
 /// [`CudaExecutor::with_channel_round`] says otherwise: the tensor cores' n8 fragment. A
-/// measured profile (`dynsparse profile --device cuda`) showed no step finer than the
-/// 64-channel block tile, so the rounding costs nothing and keeps counts whole fragments.
+/// measured profile (`dynsparse profile --device cuda`, H200) stepped only at the
+/// 64-channel block tile; inside one, each channel added about 0.2% of the pass at batch
+/// 64, so rounding to 8 costs little.
 pub const DEFAULT_CHANNEL_ROUND: usize = 8;
 
 impl CudaExecutor {
@@ -1177,25 +1178,33 @@ impl CudaExecutor {
         keep: Option<f64>,
         round: usize,
     ) -> Result<usize> {
-        self.with_state(batch, |st| {
-            let dense: Vec<Option<Vec<SamplePlan>>> = self.dense_plans(batch);
-            self.upload_plans(st, batch, &dense)?;
-            st.gated = keep.is_some();
-            st.policy = keep.map(|k| (k, round));
-            let mut gated = 0;
-            for (node, kbuf) in self.nodes.iter().zip(st.keep.iter_mut()) {
-                if let (Layer::Conv { p, .. }, Some(kbuf)) = (&node.layer, kbuf) {
-                    gated += 1;
-                    let cout = p.cout as usize;
-                    let k = keep.map_or(cout, |f| gating::kept_count(cout, f, round));
-                    self.dev
-                        .stream
-                        .memcpy_htod(&vec![k as i32; batch], kbuf)
-                        .map_err(cuda_err("setting gate policies"))?;
-                }
+        self.with_state(batch, |st| self.set_gates_in(st, batch, keep, round))
+    }
+
+    fn set_gates_in(
+        &self,
+        st: &mut BatchState,
+        batch: usize,
+        keep: Option<f64>,
+        round: usize,
+    ) -> Result<usize> {
+        let dense: Vec<Option<Vec<SamplePlan>>> = self.dense_plans(batch);
+        self.upload_plans(st, batch, &dense)?;
+        st.gated = keep.is_some();
+        st.policy = keep.map(|k| (k, round));
+        let mut gated = 0;
+        for (node, kbuf) in self.nodes.iter().zip(st.keep.iter_mut()) {
+            if let (Layer::Conv { p, .. }, Some(kbuf)) = (&node.layer, kbuf) {
+                gated += 1;
+                let cout = p.cout as usize;
+                let k = keep.map_or(cout, |f| gating::kept_count(cout, f, round));
+                self.dev
+                    .stream
+                    .memcpy_htod(&vec![k as i32; batch], kbuf)
+                    .map_err(cuda_err("setting gate policies"))?;
             }
-            Ok(gated)
-        })
+        }
+        Ok(gated)
     }
 
     /// Per node: `(input channels, input positions)` of each gated convolution, `None`
@@ -1353,6 +1362,11 @@ impl CudaExecutor {
     /// Copies `input` (NCHW) in, replays the captured pass (capturing it on first use for
     /// this batch size and plan kind), and copies the logits out.
     pub fn run(&self, input: &[f32], batch: usize) -> Result<Vec<f32>> {
+        self.check_input(input, batch)?;
+        self.with_state(batch, |st| self.run_in(st, input, batch))
+    }
+
+    fn check_input(&self, input: &[f32], batch: usize) -> Result<()> {
         let [c, h, w] = self.input_shape;
         if input.len() != batch * c * h * w {
             return Err(Error::Input(format!(
@@ -1360,18 +1374,20 @@ impl CudaExecutor {
                 input.len()
             )));
         }
-        let s = self.dev.stream.clone();
-        self.with_state(batch, |st| {
-            s.memcpy_htod(input, &mut st.input)
-                .map_err(cuda_err("copying the input"))?;
-            self.replay(st, batch)?;
-            let logits = st.values.last().expect("at least one node");
-            let mut out = vec![0.0f32; batch * self.classes];
-            s.memcpy_dtoh(logits, &mut out)
-                .map_err(cuda_err("copying the logits"))?;
-            s.synchronize().map_err(cuda_err("running the pass"))?;
-            Ok(out)
-        })
+        Ok(())
+    }
+
+    fn run_in(&self, st: &mut BatchState, input: &[f32], batch: usize) -> Result<Vec<f32>> {
+        let s = &self.dev.stream;
+        s.memcpy_htod(input, &mut st.input)
+            .map_err(cuda_err("copying the input"))?;
+        self.replay(st, batch)?;
+        let logits = st.values.last().expect("at least one node");
+        let mut out = vec![0.0f32; batch * self.classes];
+        s.memcpy_dtoh(logits, &mut out)
+            .map_err(cuda_err("copying the logits"))?;
+        s.synchronize().map_err(cuda_err("running the pass"))?;
+        Ok(out)
     }
 
     fn replay(&self, st: &mut BatchState, batch: usize) -> Result<()> {
@@ -1428,22 +1444,30 @@ impl Executor for CudaExecutor {
         "cuda"
     }
 
+    /// A dense pass, whatever plans [`CudaExecutor::set_plans`] or the gates left.
     fn forward(&self, input: &[f32], batch: usize) -> Result<Vec<f32>> {
-        self.run(input, batch)
+        Ok(self.forward_with(input, batch, Policy::Dense)?.logits)
     }
 
     /// Dense, or channel gates on the device keeping a ratio ([`CudaExecutor::gate_ratio`]
     /// says which policies run here). The gates' setting is uploaded when it changes, not
-    /// per call; executed FLOPs come from [`CudaExecutor::gated_flops`].
+    /// per call, under the same lock as the pass, so concurrent callers with different
+    /// policies each run their own; executed FLOPs come from
+    /// [`CudaExecutor::gated_flops`].
     fn forward_with(&self, input: &[f32], batch: usize, policy: Policy) -> Result<Forward> {
         let keep = self.gate_ratio(policy)?;
         let round = self.channel_round;
-        let set = self.with_state(batch, |st| Ok(st.policy))?;
-        let want = keep.map(|k| (k, round));
-        if set != want {
-            self.set_channel_gates(batch, keep, round)?;
-        }
-        let logits = self.run(input, batch)?;
+        self.check_input(input, batch)?;
+        let logits = self.with_state(batch, |st| {
+            let stale = match keep {
+                Some(k) => st.policy != Some((k, round)),
+                None => st.gated || st.sparse,
+            };
+            if stale {
+                self.set_gates_in(st, batch, keep, round)?;
+            }
+            self.run_in(st, input, batch)
+        })?;
         let (flops, gate_flops) = match keep {
             Some(k) => {
                 let (f, g) = self.gated_flops(k, round);
