@@ -643,6 +643,33 @@ fn cli_profile_saves_a_granularity_that_infer_reads() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("measured with cpu-engine-elsewhere"), "{err}");
+
+    // A GPU profile is refused on the CPU; a batch is a GPU profile's alone; without a GPU
+    // `--device cuda` stops with the reason.
+    let mut gpu = other.clone();
+    gpu.executor = "cuda".into();
+    let gpu_json = dir.join("gpu.json");
+    gpu.save(&gpu_json).unwrap();
+    let out = run(&gpu_json);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("measured with cuda"));
+    let profile = |extra: &[&str]| {
+        Command::new(common::bin())
+            .args(["profile", "--quick", "--runs", "1", "--out"])
+            .arg(dir.join("never.json"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = profile(&["--batch", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--batch applies to --device cuda"));
+    if dynsparse::exec::cuda::device_count() == 0 {
+        let out = profile(&["--device", "cuda"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no CUDA driver"));
+    }
+    assert!(!dir.join("never.json").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
