@@ -28,17 +28,22 @@ pub struct Options {
     pub threads: Option<usize>,
     /// Where the forward pass runs.
     pub device: DeviceChoice,
-    /// What each forward pass computes: dense, or what the gates keep.
+    /// What each forward pass computes: dense, or what the gates keep. On
+    /// [`DeviceChoice::Cuda`] the gates keep a ratio ([`Policy::Keep`]) on models whose
+    /// gated layers feed no depthwise layer ([`crate::exec::cuda::gate_ratio`]); other
+    /// policies are refused there, and [`DeviceChoice::Auto`] runs gated passes on the CPU.
     pub policy: Policy,
     /// Report per-layer cost in [`Stats::layers`].
     pub layer_stats: bool,
-    /// Kept channel counts of gated runs on the CPU round up to multiples of this instead
-    /// of the micro-kernel's row tile: a hardware profile's granularity
+    /// Kept channel counts of gated runs round up to multiples of this instead of the
+    /// micro-kernel's row tile (on a GPU: instead of
+    /// [`DEFAULT_CHANNEL_ROUND`](crate::exec::cuda::DEFAULT_CHANNEL_ROUND)): a hardware profile's granularity
     /// ([`crate::profile::Profile::channel_round_here`]), or the rounding a model's gates
     /// were trained with.
     pub channel_round: Option<usize>,
     /// Gated runs on the CPU choose kept channels in aligned groups of this many
-    /// ([`EngineExecutor::with_channel_groups`]; `None` or 1: one by one).
+    /// ([`EngineExecutor::with_channel_groups`]; `None` or 1: one by one). Refused on a
+    /// GPU.
     pub channel_groups: Option<usize>,
 }
 

@@ -229,7 +229,8 @@ enum Command {
 #[derive(clap::Args)]
 struct GateArgs {
     /// Channel gates keep this fraction (0, 1] of every gated convolution's output
-    /// channels, the best per input.
+    /// channels, the best per input (with --device cuda: the device gates, on models whose
+    /// gated layers feed no depthwise layer).
     #[arg(long, conflicts_with_all = ["dense", "threshold", "budget"])]
     keep: Option<f64>,
     /// Channel gates keep the channels whose gate probability is at least this, in (0, 1):
