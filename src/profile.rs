@@ -172,6 +172,23 @@ fn pair(s: PairShape) -> Result<crate::Model> {
     conv_chain(s.cin, s.hw, &[conv(s.cout), conv(s.cin)])
 }
 
+/// The staircases to measure: a channel staircase per shape, then the tile staircase;
+/// an error for a shape with a zero dimension.
+fn staircases(shapes: &[PairShape], tiles: Option<PairShape>) -> Result<Vec<(PairShape, Unit)>> {
+    let all: Vec<(PairShape, Unit)> = shapes
+        .iter()
+        .map(|&s| (s, Unit::Channels))
+        .chain(tiles.map(|s| (s, Unit::Tiles)))
+        .collect();
+    match all
+        .iter()
+        .find(|(s, _)| s.cin == 0 || s.cout == 0 || s.k == 0 || s.hw == 0)
+    {
+        Some((s, _)) => Err(Error::Input(format!("{s:?} has a zero dimension"))),
+        None => Ok(all),
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -201,14 +218,7 @@ pub fn measure(
     let mut jobs = Vec::new();
     let mut kernel_rows = 1;
     let mut executor = String::new();
-    for (&shape, unit) in shapes
-        .iter()
-        .map(|s| (s, Unit::Channels))
-        .chain(tiles.iter().map(|s| (s, Unit::Tiles)))
-    {
-        if shape.cin == 0 || shape.cout == 0 || shape.k == 0 || shape.hw == 0 {
-            return Err(Error::Input(format!("{shape:?} has a zero dimension")));
-        }
+    for (shape, unit) in staircases(shapes, tiles)? {
         let engine = EngineExecutor::new(&pair(shape)?)?;
         kernel_rows = engine.channel_round();
         executor = engine.name().to_string();
@@ -383,14 +393,7 @@ pub fn measure_cuda(
         times: Vec<Vec<f64>>,
     }
     let mut jobs = Vec::new();
-    for (&shape, unit) in shapes
-        .iter()
-        .map(|s| (s, Unit::Channels))
-        .chain(tiles.iter().map(|s| (s, Unit::Tiles)))
-    {
-        if shape.cin == 0 || shape.cout == 0 || shape.k == 0 || shape.hw == 0 {
-            return Err(Error::Input(format!("{shape:?} has a zero dimension")));
-        }
+    for (shape, unit) in staircases(shapes, tiles)? {
         let exec = CudaExecutor::new(&pair(shape)?, dev.clone())?;
         // Allocates this batch size's buffers and captures nothing yet.
         exec.run(
