@@ -346,3 +346,22 @@ fn plots_take_svg_or_png_and_say_so_before_running() {
     let svg = std::fs::read_to_string(t.0.join("P.SVG")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("kept output channels"));
 }
+
+/// Output into a pipe nobody reads any more (`dynsparse … | head`) ends the program
+/// quietly, by SIGPIPE, instead of a panic in `println!`.
+#[cfg(unix)]
+#[test]
+fn closed_stdout_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(bin())
+        .args(["info", "--model", s(&demo_model())])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(13), "{:?}: {err}", out.status);
+}

@@ -324,6 +324,14 @@ struct JsonResult<'a> {
 }
 
 fn main() {
+    // Rust ignores SIGPIPE, so a write to a closed pipe (`dynsparse bench | head`) would
+    // panic in `println!`; with the default disposition the program ends quietly, as
+    // other command-line tools do.
+    #[cfg(unix)]
+    // SAFETY: sets a signal disposition before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
