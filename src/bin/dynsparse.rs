@@ -1485,11 +1485,17 @@ fn cmd_profile(
             p.executor, p.threads, p.kernel_rows
         ),
     }
+    // On a GPU the time is the whole captured pass, and steps come at block tiles.
+    let (timed, tile) = if p.device.is_some() {
+        ("whole pass", "channel block tile")
+    } else {
+        ("both convolutions", "row tile")
+    };
     for st in &p.stairs {
         let s = st.shape;
         let what = match st.unit {
             Unit::Channels => format!(
-                "{k}x{k} {}->[kept of {}]->{} at {hw}x{hw}, both convolutions",
+                "{k}x{k} {}->[kept of {}]->{} at {hw}x{hw}, {timed}",
                 s.cin,
                 s.cout,
                 s.cin,
@@ -1521,7 +1527,7 @@ fn cmd_profile(
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         let steps = match st.unit {
             Unit::Channels => format!(
-                "; +{:.4} ms across a {r}-row tile boundary, +{:.4} ms per channel elsewhere",
+                "; +{:.4} ms across a {r}-{tile} boundary, +{:.4} ms per channel elsewhere",
                 mean(&edge),
                 mean(&inner)
             ),
