@@ -31,6 +31,7 @@ use super::gate_scores::GateWeights;
 use super::gemm::{self, ConvGeom, Epilogue, Isa, OutPtr, Tile, KC, NR};
 use super::ops::{self, dot, Window};
 use super::pool::{Buf, BufferPool};
+use super::winograd::{self, WinogradWeights};
 use crate::error::{Error, Result};
 use crate::exec::gating;
 use crate::exec::{Budget, Cut, Executor, Forward, Gates, LayerTrace, Policy};
@@ -50,6 +51,9 @@ enum Layer {
         act: Act,
         /// How input channels dropped upstream are accounted for.
         dropped: Option<gating::DroppedConstants>,
+        /// The same weights transformed for Winograd's F(2×2, 3×3), where the layer is
+        /// a 3×3, stride-1, pad-1 convolution ([`winograd_fits`]).
+        winograd: Option<WinogradWeights>,
     },
     Depthwise {
         weight: Vec<f32>,
@@ -367,11 +371,21 @@ impl EngineExecutor {
                         max_cols = max_cols.max(oh * ow);
                         let (rows, k) = (cv.out_channels / cv.groups, cv.in_channels / cv.groups);
                         let k = k * cv.kernel[0] * cv.kernel[1];
+                        let raw = w()?;
                         let mut weight =
                             Vec::with_capacity(cv.groups * gemm::packed_a_len(rows, k));
-                        for g in w()?.chunks_exact(rows * k) {
+                        for g in raw.chunks_exact(rows * k) {
                             weight.extend_from_slice(&gemm::pack_a(g, rows, k));
                         }
+                        let winograd = winograd_fits(
+                            cv.groups,
+                            cv.kernel,
+                            cv.stride,
+                            [t, l],
+                            [ih, iw],
+                            [oh, ow],
+                        )
+                        .then(|| WinogradWeights::new(&raw, rows, cv.in_channels));
                         Layer::Gemm {
                             weight,
                             bias: b()?,
@@ -387,6 +401,7 @@ impl EngineExecutor {
                             residual: cv.residual,
                             act: cv.act,
                             dropped: gating::DroppedConstants::for_node(model, i)?,
+                            winograd,
                         }
                     }
                 }
@@ -482,6 +497,38 @@ impl EngineExecutor {
         self
     }
 
+    /// Runs every 3×3 convolution directly (im2col or shifted panels) instead of by
+    /// Winograd's F(2×2, 3×3), to measure what Winograd buys. By default a dense 3×3,
+    /// stride-1, pad-1 convolution with outputs at most 28 wide runs by Winograd, and a
+    /// gated one too where its tiles fill more than one panel of the micro-kernel.
+    ///
+    /// ```
+    /// use dynsparse::exec::cpu::EngineExecutor;
+    /// use dynsparse::exec::Executor;
+    /// use dynsparse::synthetic::{conv_chain, ConvSpec};
+    ///
+    /// // ResNet's 3×3 layers at 14 × 14, one after the other.
+    /// let conv = ConvSpec { cout: 64, k: 3, stride: 1, depthwise: false };
+    /// let model = conv_chain(64, 14, &[conv, conv])?;
+    /// let input: Vec<f32> = (0..64 * 14 * 14).map(|i| (i % 7) as f32 - 3.0).collect();
+    /// let winograd = EngineExecutor::new(&model)?.forward(&input, 1)?;
+    /// let direct = EngineExecutor::new(&model)?.without_winograd().forward(&input, 1)?;
+    /// // Other arithmetic, the same convolutions: equal up to rounding (the logit is a
+    /// // small sum of large terms here, so to about four digits).
+    /// for (a, b) in winograd.iter().zip(&direct) {
+    ///     assert!((a - b).abs() <= 1e-4 * b.abs());
+    /// }
+    /// # Ok::<(), dynsparse::Error>(())
+    /// ```
+    pub fn without_winograd(mut self) -> Self {
+        for (_, l) in &mut self.layers {
+            if let Layer::Gemm { winograd, .. } = l {
+                *winograd = None;
+            }
+        }
+        self
+    }
+
     /// Rounds kept channel counts up to multiples of `round` instead of the micro-kernel's
     /// row count (1: no rounding), to measure what the rounding buys.
     pub fn with_channel_round(mut self, round: usize) -> Self {
@@ -512,6 +559,7 @@ impl EngineExecutor {
         x: &[f32],
         batch: usize,
         weight: &[f32],
+        wino: Option<&WinogradWeights>,
         bias: &[f32],
         groups: usize,
         g: &ConvGeom,
@@ -523,7 +571,7 @@ impl EngineExecutor {
             .take_dirty(batch * bias.len() * g.out_hw[0] * g.out_hw[1]);
         let all = Subset::default();
         self.conv_gemm_into(
-            x, batch, weight, bias, groups, g, residual, act, all, &mut out,
+            x, batch, weight, wino, bias, groups, g, residual, act, all, &mut out,
         );
         out
     }
@@ -537,6 +585,7 @@ impl EngineExecutor {
         x: &[f32],
         batch: usize,
         weight: &[f32],
+        wino: Option<&WinogradWeights>,
         bias: &[f32],
         groups: usize,
         g: &ConvGeom,
@@ -545,6 +594,11 @@ impl EngineExecutor {
         sub: Subset,
         out: &mut [f32],
     ) {
+        if let Some(wg) =
+            wino.filter(|w| sub.cols.is_none() && groups == 1 && winograd_pays(w, &sub, g.out_hw))
+        {
+            return self.conv_winograd(x, batch, wg, bias, g, residual, act, sub, out);
+        }
         let Subset {
             rows: only_rows,
             cols: only_cols,
@@ -1158,6 +1212,55 @@ impl EngineExecutor {
         }
     }
 
+    /// [`Self::conv_gemm_into`] by Winograd's F(2×2, 3×3) ([`winograd`]), for a layer
+    /// with `WinogradWeights` and a plan without kept pixels.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_winograd(
+        &self,
+        x: &[f32],
+        batch: usize,
+        wg: &WinogradWeights,
+        bias: &[f32],
+        g: &ConvGeom,
+        residual: Option<&[f32]>,
+        act: Act,
+        sub: Subset,
+        out: &mut [f32],
+    ) {
+        let n = g.out_hw[0] * g.out_hw[1];
+        let (rows_total, in_len) = (bias.len(), g.in_c * g.in_hw[0] * g.in_hw[1]);
+        assert_eq!(out.len(), batch * rows_total * n, "output buffer size");
+        // Cells of dropped rows that a reader may see: the residual passes through, or zero.
+        if sub.rows.is_some() && !sub.dropped_unread {
+            match residual {
+                Some(r) => out.copy_from_slice(&r[..out.len()]),
+                None => out.fill(0.0),
+            }
+        }
+        // Enough samples to share out: one thread each, each sample's convolution serial.
+        let serial = sub.serial || batch >= 2 * rayon::current_num_threads();
+        let one = |(s, o): (usize, &mut [f32])| {
+            let job = winograd::Job {
+                isa: self.isa,
+                x: &x[s * in_len..(s + 1) * in_len],
+                hw: g.out_hw,
+                weights: wg,
+                chans: sub.chans,
+                rows: sub.rows,
+                bias,
+                residual: residual.map(|r| &r[s * rows_total * n..(s + 1) * rows_total * n]),
+                act,
+                serial,
+            };
+            winograd::conv(&job, &self.pool, o);
+        };
+        if serial && !sub.serial {
+            out.par_chunks_mut(rows_total * n).enumerate().for_each(one);
+        } else {
+            out.chunks_mut(rows_total * n).enumerate().for_each(one);
+        }
+    }
+
     /// The planes of `x` (`in_hw` each) zero-padded as [`pad_planes`] pads them to
     /// `out_hw`, each padded plane stored as its even columns then its odd columns (two
     /// planes of `out_hw[1].div_ceil(2)` columns; an odd-width plane's odd half ends in a
@@ -1457,7 +1560,9 @@ impl EngineExecutor {
                     residual,
                     act,
                     dropped,
+                    winograd,
                 } => {
+                    let wino = winograd.as_ref();
                     let r = residual.map(get).transpose()?;
                     let ic_sets = kept[*src].as_ref().filter(|_| *groups == 1);
                     let cut = cuts.map(|c| c[i]);
@@ -1510,7 +1615,8 @@ impl EngineExecutor {
                     let ungated =
                         ic_sets.is_none() && gates.channels.is_none() && gates.tiles.is_none();
                     if ungated && band.is_none() {
-                        let out = self.conv_gemm(x, batch, weight, bias, *groups, geom, r, *act);
+                        let out =
+                            self.conv_gemm(x, batch, weight, wino, bias, *groups, geom, r, *act);
                         (out, dense)
                     } else {
                         let c = match band {
@@ -1518,8 +1624,9 @@ impl EngineExecutor {
                                 banded = true;
                                 self.run_bands(x, batch, geom, pass, self.sizes[i + 2])
                             }
-                            None => self
-                                .conv_compact(x, batch, weight, bias, geom, r, *act, inputs, gates),
+                            None => self.conv_compact(
+                                x, batch, weight, wino, bias, geom, r, *act, inputs, gates,
+                            ),
                         };
                         if gates.channels.is_some() {
                             kept[i + 1] = Some(c.oc.clone());
@@ -1654,6 +1761,7 @@ impl EngineExecutor {
         x: &[f32],
         batch: usize,
         weight: &[f32],
+        wino: Option<&WinogradWeights>,
         bias: &[f32],
         geom: &ConvGeom,
         residual: Option<&[f32]>,
@@ -1727,7 +1835,7 @@ impl EngineExecutor {
                     dropped_unread: gates.channels.is_some(),
                     serial,
                 };
-                self.conv_gemm_into(xs, 1, weight, bias, 1, geom, rs, act, sub, os);
+                self.conv_gemm_into(xs, 1, weight, wino, bias, 1, geom, rs, act, sub, os);
                 let f = gf + 2 * (positions * oc.len() * ic.len() * taps) as u64;
                 (oc, tiles, f, gf, gate_ms)
             })
@@ -2108,6 +2216,48 @@ impl EngineExecutor {
 /// Bands of at most `band_bytes` for node `i` when it is a 1×1, stride-1, unpadded
 /// convolution without residual whose only reader is the depthwise layer after it
 /// (without residual), and its output takes at least `band_min` bytes per sample.
+/// Widest output row a 3×3 convolution runs by Winograd at ([`winograd_fits`]). At
+/// 56 × 56 (64 → 64, K = 64) its GEMMs are short and its transformed values (16 × 3136
+/// per channel) go to memory and back: a gated pair (64 → 64 → 64, in-process pairs on
+/// the AVX2 machine, 2 threads) took 0.975 of the direct time dense but 1.10–1.30 with
+/// 0.75 to 0.3 of the channels kept, against 0.72 and 0.75–0.85 at 28 × 28.
+const WINOGRAD_MAX_WIDTH: usize = 28;
+const _: () = assert!(WINOGRAD_MAX_WIDTH <= winograd::MAX_WIDTH);
+
+/// Whether a convolution runs by Winograd's F(2×2, 3×3): one group, 3×3, stride 1, one
+/// pixel of padding on every side (output as large as the input), rows at most
+/// [`WINOGRAD_MAX_WIDTH`] wide.
+fn winograd_fits(
+    groups: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    pad_tl: [usize; 2],
+    in_hw: [usize; 2],
+    out_hw: [usize; 2],
+) -> bool {
+    groups == 1
+        && kernel == [3, 3]
+        && stride == [1, 1]
+        && pad_tl == [1, 1]
+        && in_hw == out_hw
+        && out_hw[1] <= WINOGRAD_MAX_WIDTH
+}
+
+/// Whether a plan runs faster by Winograd than directly: a dense one always; one with
+/// dropped channels where its tiles fill more than one panel. With a single panel
+/// (7 × 7 outputs: 16 tiles) each transformed weight serves at most [`NR`] tiles, the
+/// layer waits on weights, and Winograd reads 16/9 as many of them. Chains of three
+/// 3×3 convolutions gated at keep 0.5 / 0.4 / 0.3 (the middle one on both sides),
+/// in-process pairs on the AVX2 machine, 2 threads, Winograd against direct: 128 channels
+/// at 28 × 28 0.75 / 0.82 / 0.91, 256 at 14 × 14 0.76 / 0.81 / 0.89, 512 at 7 × 7
+/// 1.05 / 1.07 / 1.26 (dense 0.74–0.77).
+fn winograd_pays(w: &WinogradWeights, sub: &Subset, out_hw: [usize; 2]) -> bool {
+    let (th, tw) = winograd::tiles(out_hw[0], out_hw[1]);
+    let dropped =
+        sub.chans.is_some_and(|c| c.len() < w.cin) || sub.rows.is_some_and(|r| r.len() < w.rows);
+    !dropped || th * tw > NR
+}
+
 fn band_pair(
     layers: &[(usize, Layer)],
     readers: &[usize],
@@ -2577,31 +2727,42 @@ mod tests {
             })
             .collect();
         for case in 0..300 {
+            // A quarter of the cases in the shape Winograd serves (3×3, stride 1, pad 1).
+            let wino_shape = rng.random_bool(0.25);
             let kernel = match rng.random_range(0..5) {
+                _ if wino_shape => [3, 3],
                 0 => [1, 1],
                 1 => [3, 3],
                 2 => [5, 5],
                 3 => [7, 7],
                 _ => [rng.random_range(1..=7), rng.random_range(1..=7)],
             };
-            let stride = [rng.random_range(1..=2), rng.random_range(1..=2)];
+            let stride = match wino_shape {
+                true => [1, 1],
+                false => [rng.random_range(1..=2), rng.random_range(1..=2)],
+            };
             // A third of the cases wide enough for the in-place (shifted-window) path, at
             // either column stride.
-            let width = if rng.random_bool(0.35) {
+            let width = if wino_shape {
+                rng.random_range(1..=WINOGRAD_MAX_WIDTH)
+            } else if rng.random_bool(0.35) {
                 let w = stride[1] * IMPLICIT_WIDTH;
                 rng.random_range(w..w + 40)
             } else {
                 rng.random_range(1..24)
             };
             let in_hw = [rng.random_range(1..24), width];
-            let pad_tl = [
+            let mut pad_tl = [
                 rng.random_range(0..kernel[0]),
                 rng.random_range(0..kernel[1]),
             ];
-            let pad_br = [
+            let mut pad_br = [
                 rng.random_range(0..kernel[0]),
                 rng.random_range(0..kernel[1]),
             ];
+            if wino_shape {
+                (pad_tl, pad_br) = ([1, 1], [1, 1]);
+            }
             let (ph, pw) = (
                 in_hw[0] + pad_tl[0] + pad_br[0],
                 in_hw[1] + pad_tl[1] + pad_br[1],
@@ -2662,12 +2823,25 @@ mod tests {
                 }
             }
             let packed = gemm::pack_a(&w, cout, g.k());
-            for e in &engines {
+            let wino = winograd_fits(1, kernel, stride, pad_tl, in_hw, g.out_hw)
+                .then(|| WinogradWeights::new(&w, cout, g.in_c));
+            assert!(
+                wino.is_some() || !wino_shape,
+                "{g:?} should run by Winograd"
+            );
+            // Each engine directly, and by Winograd where the shape allows (which a
+            // plan with kept pixels still runs directly).
+            let runs = engines.iter().map(|e| (e, None)).chain(
+                wino.iter()
+                    .flat_map(|w| engines.iter().map(move |e| (e, Some(w)))),
+            );
+            for (e, wino) in runs {
                 let mut got = vec![f32::NAN; cout * n];
                 e.conv_gemm_into(
                     &xs,
                     1,
                     &packed,
+                    wino,
                     &b,
                     1,
                     &g,
@@ -2693,8 +2867,9 @@ mod tests {
                     .fold(0f32, f32::max);
                 assert!(
                     err <= 1e-5 * scale * (g.k() as f32).sqrt().max(1.0),
-                    "case {case} {:?}: {g:?} cout {cout} ic {} oc {} cols {:?}: error {err}",
+                    "case {case} {:?} winograd {}: {g:?} cout {cout} ic {} oc {} cols {:?}: error {err}",
                     e.isa,
+                    wino.is_some(),
                     ic.len(),
                     oc.len(),
                     cols.as_ref().map(Vec::len)

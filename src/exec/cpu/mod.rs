@@ -19,6 +19,7 @@ pub(crate) mod ops;
 mod partial_avx2;
 mod pool;
 mod reference;
+mod winograd;
 mod workers;
 
 pub use engine::EngineExecutor;
