@@ -1237,28 +1237,21 @@ impl EngineExecutor {
                 None => out.fill(0.0),
             }
         }
-        // Enough samples to share out: one thread each, each sample's convolution serial.
-        let serial = sub.serial || batch >= 2 * rayon::current_num_threads();
-        let one = |(s, o): (usize, &mut [f32])| {
-            let job = winograd::Job {
-                isa: self.isa,
-                x: &x[s * in_len..(s + 1) * in_len],
-                hw: g.out_hw,
-                weights: wg,
-                chans: sub.chans,
-                rows: sub.rows,
-                bias,
-                residual: residual.map(|r| &r[s * rows_total * n..(s + 1) * rows_total * n]),
-                act,
-                serial,
-            };
-            winograd::conv(&job, &self.pool, o);
+        // One job for the whole batch: every sample's tiles go through the GEMMs together.
+        let job = winograd::Job {
+            isa: self.isa,
+            batch,
+            x: &x[..batch * in_len],
+            hw: g.out_hw,
+            weights: wg,
+            chans: sub.chans,
+            rows: sub.rows,
+            bias,
+            residual,
+            act,
+            serial: sub.serial,
         };
-        if serial && !sub.serial {
-            out.par_chunks_mut(rows_total * n).enumerate().for_each(one);
-        } else {
-            out.chunks_mut(rows_total * n).enumerate().for_each(one);
-        }
+        winograd::conv(&job, &self.pool, out);
     }
 
     /// The planes of `x` (`in_hw` each) zero-padded as [`pad_planes`] pads them to

@@ -84,7 +84,9 @@ pub fn tiles(h: usize, w: usize) -> (usize, usize) {
 /// What one convolution computes.
 pub struct Job<'a> {
     pub isa: Isa,
-    /// The input, `cin` planes of `h × w` (all of them, kept or not).
+    /// Samples, whose tiles run through the GEMMs together.
+    pub batch: usize,
+    /// The input, per sample `cin` planes of `h × w` (all of them, kept or not).
     pub x: &'a [f32],
     pub hw: [usize; 2],
     pub weights: &'a WinogradWeights,
@@ -93,14 +95,15 @@ pub struct Job<'a> {
     /// Kept output channels (strictly ascending), or all.
     pub rows: Option<&'a [usize]>,
     pub bias: &'a [f32],
-    /// Added before the activation; same layout as the output.
+    /// Added before the activation; the output's layout.
     pub residual: Option<&'a [f32]>,
     pub act: Act,
     /// Whether to run on this thread only (a batch's samples already run in parallel).
     pub serial: bool,
 }
 
-/// Runs `job` into `out` (`rows × h × w`). Only kept output channels are written.
+/// Runs `job` into `out` (per sample `rows × h × w`). Only kept output channels are
+/// written.
 ///
 /// `V` and `M` come from `pool` (fresh pages cost more than the transforms that fill
 /// them: a first version that allocated them per call took 2.4× the direct
@@ -108,8 +111,10 @@ pub struct Job<'a> {
 pub fn conv(job: &Job, pool: &BufferPool, out: &mut [f32]) {
     let [h, w] = job.hw;
     let (th, tw) = tiles(h, w);
-    let t = th * tw;
+    let t_one = th * tw;
+    let t = job.batch * t_one;
     let panels = t.div_ceil(NR);
+    let (in_len, out_len) = (job.weights.cin * h * w, job.weights.rows * h * w);
     let all_c: Vec<usize>;
     let chans = match job.chans {
         Some(c) => c,
@@ -137,7 +142,7 @@ pub fn conv(job: &Job, pool: &BufferPool, out: &mut [f32]) {
     let v = &mut v_buf[..];
     // The last panel's lanes past the last tile are computed and never stored; zero
     // keeps them finite.
-    if t % NR != 0 {
+    if !t.is_multiple_of(NR) {
         for panel in v.chunks_exact_mut(v_xi) {
             for r in panel[(panels - 1) * kc * NR..].chunks_exact_mut(NR) {
                 r[t % NR..].fill(0.0);
@@ -146,16 +151,26 @@ pub fn conv(job: &Job, pool: &BufferPool, out: &mut [f32]) {
     }
     {
         let vp = OutPtr(v.as_mut_ptr());
-        let one = |cols: &mut Vec<ColRow>, (ci, &c): (usize, &usize)| {
-            let plane = &job.x[c * h * w..(c + 1) * h * w];
-            // SAFETY: channel ci writes only its own rows (ci) of every panel.
-            unsafe { input_transform(job.isa, cols, plane, [h, w], ci, kc, panels, vp) };
+        let one = |cols: &mut Vec<ColRow>, sc: usize| {
+            let (s, ci) = (sc / kc, sc % kc);
+            let plane = &job.x[s * in_len + chans[ci] * h * w..][..h * w];
+            let to = Dest {
+                v: vp,
+                first_tile: s * t_one,
+                ci,
+                kc,
+                panels,
+            };
+            // SAFETY: (sample, channel) writes only its own tiles of its own rows (ci).
+            unsafe { input_transform(job.isa, cols, plane, [h, w], to) };
         };
         if job.serial {
             let mut cols = Vec::new();
-            chans.iter().enumerate().for_each(|c| one(&mut cols, c));
+            (0..job.batch * kc).for_each(|sc| one(&mut cols, sc));
         } else {
-            chans.par_iter().enumerate().for_each_init(Vec::new, one);
+            (0..job.batch * kc)
+                .into_par_iter()
+                .for_each_init(Vec::new, one);
         }
     }
     let v = &*v;
@@ -198,41 +213,47 @@ pub fn conv(job: &Job, pool: &BufferPool, out: &mut [f32]) {
     let mr = job.isa.mr();
     let out_rows: Vec<usize> = (0..nr).collect();
     let cols: Vec<usize> = (0..ldc).collect();
+    // A task is one ξ and a block of panels; each panel stays in L1 while every row
+    // tile of A runs over it (a step of K reads 6 values of A and 16 or 32 of the panel).
+    // Blocks of panels rather than single panels: at 56 × 56 there are 25 per sample.
+    let per_block = (PANELS_BYTES / (kc * NR * std::mem::size_of::<f32>())).clamp(1, panels);
+    let blocks = panels.div_ceil(per_block);
     {
         let mp = OutPtr(m.as_mut_ptr());
-        let task = |(xi, p): (usize, usize)| {
+        let ep = Epilogue {
+            bias: &zeros,
+            residual: None,
+            act: Act::None,
+        };
+        let task = |(xi, q): (usize, usize)| {
             let a = &a_all[xi * a_one..(xi + 1) * a_one];
-            let panel = &v[xi * v_xi + p * kc * NR..xi * v_xi + (p + 1) * kc * NR];
-            let ep = Epilogue {
-                bias: &zeros,
-                residual: None,
-                act: Act::None,
-            };
-            let c0 = p * NR;
-            let width = NR.min(t - c0);
-            for (arows, crow) in rows.chunks(mr).zip(out_rows.chunks(mr)) {
-                let tile = Tile {
-                    a,
-                    ka,
-                    arows,
-                    kmap: None,
-                    boff: None,
-                    k: kc,
-                    rows: crow,
-                    panel,
-                    ldb: NR,
-                    ldc,
-                    cols: &cols[c0..c0 + width],
-                    lanes: None,
-                };
-                // SAFETY: A holds every kept row (packed_a_len of all rows), the panel
-                // kc × NR floats; rows < nr and cols < ldc index inside this ξ's M,
-                // which only this task writes for panel p.
-                unsafe { gemm::run_tile(job.isa, &tile, &ep, mp.get().add(xi * m_xi)) };
+            let (p0, p1) = (q * panels / blocks, (q + 1) * panels / blocks);
+            for p in p0..p1 {
+                for (arows, crow) in rows.chunks(mr).zip(out_rows.chunks(mr)) {
+                    let c0 = p * NR;
+                    let tile = Tile {
+                        a,
+                        ka,
+                        arows,
+                        kmap: None,
+                        boff: None,
+                        k: kc,
+                        rows: crow,
+                        panel: &v[xi * v_xi + p * kc * NR..][..kc * NR],
+                        ldb: NR,
+                        ldc,
+                        cols: &cols[c0..c0 + NR.min(t - c0)],
+                        lanes: None,
+                    };
+                    // SAFETY: A holds every kept row (packed_a_len of all rows), the
+                    // panel kc × NR floats; rows < nr and cols < ldc index inside this
+                    // ξ's M, whose panels p0..p1 only this task writes.
+                    unsafe { gemm::run_tile(job.isa, &tile, &ep, mp.get().add(xi * m_xi)) };
+                }
             }
         };
         let work: Vec<(usize, usize)> = (0..XI)
-            .flat_map(|xi| (0..panels).map(move |p| (xi, p)))
+            .flat_map(|xi| (0..blocks).map(move |q| (xi, q)))
             .collect();
         if job.serial {
             work.into_iter().for_each(task);
@@ -241,16 +262,20 @@ pub fn conv(job: &Job, pool: &BufferPool, out: &mut [f32]) {
         }
     }
     let op = OutPtr(out.as_mut_ptr());
-    let back = |(i, &r): (usize, &usize)| {
-        // SAFETY: row r's plane is written by this task only.
-        let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(r * h * w), h * w) };
-        let res = job.residual.map(|s| &s[r * h * w..(r + 1) * h * w]);
-        output_transform(m, m_xi, i * ldc, [h, w], job.bias[r], res, job.act, dst);
+    let back = |si: usize| {
+        let (s, i) = (si / nr, si % nr);
+        let r = rows[i];
+        let at = s * out_len + r * h * w;
+        // SAFETY: (sample, row) writes its own plane only.
+        let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(at), h * w) };
+        let res = job.residual.map(|q| &q[at..at + h * w]);
+        let from = i * ldc + s * t_one;
+        output_transform(m, m_xi, from, [h, w], job.bias[r], res, job.act, dst);
     };
     if job.serial {
-        rows.iter().enumerate().for_each(back);
+        (0..job.batch * nr).for_each(back);
     } else {
-        rows.par_iter().enumerate().for_each(back);
+        (0..job.batch * nr).into_par_iter().for_each(back);
     }
     pool.give(v_buf);
     pool.give(m_buf);
@@ -259,46 +284,48 @@ pub fn conv(job: &Job, pool: &BufferPool, out: &mut [f32]) {
     }
 }
 
-/// Transforms one input plane into row `ci` of every panel of every `V[ξ]`.
+/// Where an input plane's transform goes: row `ci` of the panels of every `V[ξ]`, its
+/// tiles from tile `first_tile` on.
+#[derive(Clone, Copy)]
+struct Dest {
+    v: OutPtr,
+    first_tile: usize,
+    ci: usize,
+    kc: usize,
+    panels: usize,
+}
+
+/// Transforms one input plane into its [`Dest`].
 ///
 /// # Safety
 /// `v` holds `XI · panels · kc · NR` floats, and no other thread writes row `ci`.
-#[allow(clippy::too_many_arguments)]
 unsafe fn input_transform(
     isa: Isa,
     cols: &mut Vec<ColRow>,
     plane: &[f32],
     hw: [usize; 2],
-    ci: usize,
-    kc: usize,
-    panels: usize,
-    v: OutPtr,
+    to: Dest,
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable {
-        return input_transform_avx2(cols, plane, hw, ci, kc, panels, v);
+        return input_transform_avx2(cols, plane, hw, to);
     }
     let _ = isa;
-    input_transform_body(cols, plane, hw, ci, kc, panels, v)
+    input_transform_body(cols, plane, hw, to)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn input_transform_avx2(
-    cols: &mut Vec<ColRow>,
-    plane: &[f32],
-    hw: [usize; 2],
-    ci: usize,
-    kc: usize,
-    panels: usize,
-    v: OutPtr,
-) {
-    input_transform_body(cols, plane, hw, ci, kc, panels, v)
+unsafe fn input_transform_avx2(cols: &mut Vec<ColRow>, plane: &[f32], hw: [usize; 2], to: Dest) {
+    input_transform_body(cols, plane, hw, to)
 }
 
 /// One padded input row's column transform: `[j][tile column]`.
 type ColRow = [[f32; MAX_TW]; 4];
+
+/// Bytes of packed panels a GEMM task keeps in L2 (of 512 KiB on Zen 3) while the row
+/// tiles of A run over them.
+const PANELS_BYTES: usize = 192 << 10;
 
 /// Widest tile row served.
 const MAX_TW: usize = 64;
@@ -312,11 +339,15 @@ unsafe fn input_transform_body(
     cols: &mut Vec<ColRow>,
     plane: &[f32],
     [h, w]: [usize; 2],
-    ci: usize,
-    kc: usize,
-    panels: usize,
-    v: OutPtr,
+    to: Dest,
 ) {
+    let Dest {
+        v,
+        first_tile,
+        ci,
+        kc,
+        panels,
+    } = to;
     let (th, tw) = tiles(h, w);
     assert!(tw <= MAX_TW);
     let v_xi = panels * kc * NR;
@@ -358,7 +389,7 @@ unsafe fn input_transform_body(
         }
     }
     for ty in 0..th {
-        let base = ty * tw;
+        let base = first_tile + ty * tw;
         let rows = &cols[2 * ty..2 * ty + 4];
         // Tiles base.. go to consecutive lanes, across panel ends: runs [x0, x1) of
         // tile columns that share a panel.
@@ -458,73 +489,118 @@ mod tests {
     use super::*;
     use rand::Rng;
 
-    fn naive(x: &[f32], w: &[f32], [h, wd]: [usize; 2], cin: usize, cout: usize) -> Vec<f32> {
-        let mut out = vec![0f32; cout * h * wd];
-        for o in 0..cout {
-            for y in 0..h {
-                for xx in 0..wd {
-                    let mut s = 0f64;
-                    for c in 0..cin {
-                        for ky in 0..3 {
-                            for kx in 0..3 {
-                                let (iy, ix) = (y as isize + ky - 1, xx as isize + kx - 1);
-                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
-                                    continue;
-                                }
-                                s += (x[(c * h + iy as usize) * wd + ix as usize]
-                                    * w[((o * cin + c) * 3 + ky as usize) * 3 + kx as usize])
-                                    as f64;
+    /// The 3×3, pad-1 convolution of one sample over input channels `chans`, in f64.
+    fn naive(
+        x: &[f32],
+        w: &[f32],
+        [h, wd]: [usize; 2],
+        cin: usize,
+        chans: &[usize],
+        o: usize,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; h * wd];
+        for y in 0..h {
+            for xx in 0..wd {
+                let mut s = 0f64;
+                for &c in chans {
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            let (iy, ix) = (y as isize + ky - 1, xx as isize + kx - 1);
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                continue;
                             }
+                            let wv = w[((o * cin + c) * 3 + ky as usize) * 3 + kx as usize];
+                            s += (x[(c * h + iy as usize) * wd + ix as usize] * wv) as f64;
                         }
                     }
-                    out[(o * h + y) * wd + xx] = s as f32;
                 }
+                out[y * wd + xx] = s;
             }
         }
         out
     }
 
+    fn subset(rng: &mut impl Rng, n: usize) -> Option<Vec<usize>> {
+        let keep = rng.random_range(0.1..1.0);
+        let mut v: Vec<usize> = (0..n).filter(|_| rng.random_bool(keep)).collect();
+        if v.is_empty() {
+            v.push(rng.random_range(0..n));
+        }
+        (rng.random_bool(0.5) && v.len() < n).then_some(v)
+    }
+
     #[test]
     fn winograd_matches_a_naive_convolution() {
         let mut rng = crate::exec::cpu::fresh_rng();
-        for _ in 0..12 {
+        let pool = BufferPool::default();
+        for case in 0..40 {
             let (cin, cout) = (rng.random_range(1..40), rng.random_range(1..30));
-            let hw = [rng.random_range(1..20), rng.random_range(1..40)];
-            let x: Vec<f32> = (0..cin * hw[0] * hw[1])
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            let w: Vec<f32> = (0..cout * cin * 9)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
+            let hw = [
+                rng.random_range(1..20),
+                rng.random_range(1..=MAX_WIDTH.min(40)),
+            ];
+            let batch = rng.random_range(1..4);
+            let plane = hw[0] * hw[1];
+            let mut uniform =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+            let x = uniform(batch * cin * plane);
+            let w = uniform(cout * cin * 9);
+            let bias = uniform(cout);
+            let res = uniform(batch * cout * plane);
+            let with_res = rng.random_bool(0.5);
+            let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
+            let (chans, rows) = (subset(&mut rng, cin), subset(&mut rng, cout));
             let ww = WinogradWeights::new(&w, cout, cin);
-            let bias = vec![0f32; cout];
-            let want = naive(&x, &w, hw, cin, cout);
-            for isa in [Isa::detect(), Isa::Portable] {
-                let mut out = vec![f32::NAN; cout * hw[0] * hw[1]];
-                let pool = BufferPool::default();
+            let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
+            let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
+            for (isa, serial) in [
+                (Isa::detect(), false),
+                (Isa::detect(), true),
+                (Isa::Portable, false),
+            ] {
+                let mut out = vec![f32::NAN; batch * cout * plane];
                 let job = Job {
                     isa,
+                    batch,
                     x: &x,
                     hw,
                     weights: &ww,
-                    chans: None,
-                    rows: None,
+                    chans: chans.as_deref(),
+                    rows: rows.as_deref(),
                     bias: &bias,
-                    residual: None,
-                    act: Act::None,
-                    serial: false,
+                    residual: with_res.then_some(&res[..]),
+                    act,
+                    serial,
                 };
                 conv(&job, &pool, &mut out);
-                let err = want
-                    .iter()
-                    .zip(&out)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
-                let scale = want.iter().map(|a| a.abs()).fold(0f32, f32::max);
-                assert!(
-                    err <= 1e-5 * scale.max(1.0),
-                    "{cin}->{cout} {hw:?}: {err} of {scale}"
-                );
+                for s in 0..batch {
+                    let xs = &x[s * cin * plane..][..cin * plane];
+                    for o in 0..cout {
+                        let got = &out[(s * cout + o) * plane..][..plane];
+                        if kept_r.binary_search(&o).is_err() {
+                            // Dropped rows are not written.
+                            assert!(
+                                got.iter().all(|v| v.is_nan()),
+                                "case {case}: row {o} written"
+                            );
+                            continue;
+                        }
+                        let sums = naive(xs, &w, hw, cin, &kept_c, o);
+                        let scale = sums.iter().fold(1f64, |m, v| m.max(v.abs())) as f32;
+                        for (i, (&g, &z)) in got.iter().zip(&sums).enumerate() {
+                            let r = if with_res {
+                                res[(s * cout + o) * plane + i]
+                            } else {
+                                0.0
+                            };
+                            let want = act.apply(z as f32 + bias[o] + r);
+                            assert!(
+                                (g - want).abs() <= 1e-5 * scale * (cin as f32).sqrt(),
+                                "case {case} {isa:?}: {cin}->{cout} {hw:?} batch {batch}, sample {s} row {o} cell {i}: {g} vs {want}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }
