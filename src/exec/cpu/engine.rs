@@ -11,6 +11,11 @@
 //! L1, prefetching the next block: A then streams from memory once. Layer buffers come
 //! from a pool and go back to it. Tasks run on the current rayon pool.
 //!
+//! A 3×3, stride-1, pad-1 convolution at most [`WINOGRAD_MAX_WIDTH`] wide runs by
+//! Winograd's F(2×2, 3×3) ([`winograd`]): 16 GEMMs on the same micro-kernels, with
+//! 2.25× fewer multiply-adds than the direct convolution, dense or on a plan's kept
+//! channels ([`winograd_pays`]); a plan with kept pixels runs directly.
+//!
 //! A 1×1 expansion whose output only a depthwise layer reads, and which is too big for
 //! L2 (MobileNetV2's and EfficientNet-Lite0's 112 × 112 stage), runs together with that
 //! layer band by band of rows ([`bands`]), on the same micro-kernels, gated or not.

@@ -12,6 +12,9 @@
 //! transforms (a few adds per value, linear in channels, not in their product) and
 //! with 16/9 the weight bytes.
 //!
+//! FLOPs are still counted as the direct convolution's everywhere in dynsparse (dense,
+//! executed, budgets), so a Winograd layer's GFLOP/s are effective ones.
+//!
 //! A sparse plan runs the same way on its subset: only kept input channels are
 //! transformed (their columns of each `U[ξ]` copied into a compact A, as for direct
 //! convolutions), only kept output channels are rows of the GEMMs and transformed back.
