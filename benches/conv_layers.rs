@@ -9,7 +9,8 @@
 //! FLOPs executed, so GFLOP/s compare directly with the dense pair's.
 //!
 //! The `bands` group runs a 1×1 expansion and the depthwise layer reading it, banded
-//! together and layer by layer.
+//! together and layer by layer; the `winograd` group pairs of 3×3 layers by Winograd's
+//! F(2×2, 3×3) and directly.
 //!
 //! `cargo bench --bench conv_layers`
 
@@ -252,5 +253,40 @@ fn bench_bands(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, bench_sparse, bench_bands);
+/// ResNet's stride-1 3×3 layers in pairs, by Winograd's F(2×2, 3×3) and directly: dense,
+/// and gated at keep 0.5 (the second layer then reads half the channels). Throughput
+/// counts the direct convolution's FLOPs either way.
+fn bench_winograd(c: &mut Criterion) {
+    let mut group = c.benchmark_group("winograd");
+    group.sample_size(20);
+    for (channels, hw) in [(128, 28), (256, 14), (512, 7)] {
+        let conv = ConvSpec {
+            cout: channels,
+            k: 3,
+            stride: 1,
+            depthwise: false,
+        };
+        let model = conv_chain(channels, hw, &[conv, conv]).expect("valid synthetic model");
+        let input = pseudo_random(channels * hw * hw, 7);
+        let winograd = EngineExecutor::new(&model).unwrap();
+        let direct = EngineExecutor::new(&model).unwrap().without_winograd();
+        for (label, policy) in [("dense", Policy::Dense), ("keep 0.5", Policy::Keep(0.5))] {
+            let flops = winograd
+                .forward_with(&input, 1, policy)
+                .unwrap()
+                .flops
+                .map_or(model.flops_per_sample(), |f| f[0]);
+            group.throughput(Throughput::Elements(flops));
+            let shape = format!("{channels}x{hw}x{hw} {label}");
+            for (name, ex) in [("winograd", &winograd), ("direct", &direct)] {
+                group.bench_with_input(BenchmarkId::new(name, &shape), &input, |b, x| {
+                    b.iter(|| ex.forward_with(x, 1, policy).unwrap())
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_sparse, bench_bands, bench_winograd);
 criterion_main!(benches);
