@@ -20,6 +20,8 @@
 //! convolutions), only kept output channels are rows of the GEMMs and transformed back.
 //! Spatial plans are not served here.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use super::gemm::{self, Epilogue, Isa, OutPtr, Tile, NR, PACK};
@@ -111,29 +113,21 @@ pub struct Job<'a> {
 /// `V` and `M` come from `pool` (fresh pages cost more than the transforms that fill
 /// them: a first version that allocated them per call took 2.4× the direct
 /// convolution's time at 56 × 56).
-pub fn conv(job: &Job, pool: &BufferPool, out: &mut [f32]) {
+pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     let [h, w] = job.hw;
     let (th, tw) = tiles(h, w);
     let t_one = th * tw;
     let t = job.batch * t_one;
     let panels = t.div_ceil(NR);
     let (in_len, out_len) = (job.weights.cin * h * w, job.weights.rows * h * w);
-    let all_c: Vec<usize>;
-    let chans = match job.chans {
-        Some(c) => c,
-        None => {
-            all_c = (0..job.weights.cin).collect();
-            &all_c
-        }
+    let every = |given: Option<&'a [usize]>, n: usize| -> Cow<'a, [usize]> {
+        given.map_or_else(|| (0..n).collect::<Vec<_>>().into(), Cow::Borrowed)
     };
-    let all_r: Vec<usize>;
-    let rows = match job.rows {
-        Some(r) => r,
-        None => {
-            all_r = (0..job.weights.rows).collect();
-            &all_r
-        }
-    };
+    let (chans, rows) = (
+        every(job.chans, job.weights.cin),
+        every(job.rows, job.weights.rows),
+    );
+    let (chans, rows) = (&chans[..], &rows[..]);
     let kc = chans.len();
     let nr = rows.len();
     if nr == 0 {
@@ -478,11 +472,7 @@ fn output_transform(
                     *o += q;
                 }
             }
-            match act {
-                Act::None => {}
-                Act::Relu => o.iter_mut().for_each(|v| *v = v.max(0.0)),
-                Act::Relu6 => o.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
-            }
+            act.apply_slice(o);
         }
     }
 }
