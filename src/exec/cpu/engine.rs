@@ -2211,9 +2211,6 @@ impl EngineExecutor {
     }
 }
 
-/// Bands of at most `band_bytes` for node `i` when it is a 1×1, stride-1, unpadded
-/// convolution without residual whose only reader is the depthwise layer after it
-/// (without residual), and its output takes at least `band_min` bytes per sample.
 /// Widest output row a 3×3 convolution runs by Winograd at ([`winograd_fits`]). At
 /// 56 × 56 (64 → 64, K = 64) its GEMMs are short and its transformed values (16 × 3136
 /// per channel) go to memory and back: a gated pair (64 → 64 → 64, in-process pairs on
@@ -2256,6 +2253,9 @@ fn winograd_pays(w: &WinogradWeights, sub: &Subset, out_hw: [usize; 2]) -> bool 
     !dropped || th * tw > NR
 }
 
+/// Bands of at most `band_bytes` for node `i` when it is a 1×1, stride-1, unpadded
+/// convolution without residual whose only reader is the depthwise layer after it
+/// (without residual), and its output takes at least `band_min` bytes per sample.
 fn band_pair(
     layers: &[(usize, Layer)],
     readers: &[usize],
