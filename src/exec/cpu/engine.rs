@@ -2215,7 +2215,8 @@ impl EngineExecutor {
 /// 56 × 56 (64 → 64, K = 64) its GEMMs are short and its transformed values (16 × 3136
 /// per channel) go to memory and back: a gated pair (64 → 64 → 64, in-process pairs on
 /// the AVX2 machine, 2 threads) took 0.975 of the direct time dense but 1.10–1.30 with
-/// 0.75 to 0.3 of the channels kept, against 0.72 and 0.75–0.85 at 28 × 28.
+/// 0.75 to 0.3 of the channels kept; at 28 × 28 0.72 dense and 0.75–0.85 at keep 0.75
+/// and 0.5.
 const WINOGRAD_MAX_WIDTH: usize = 28;
 const _: () = assert!(WINOGRAD_MAX_WIDTH <= winograd::MAX_WIDTH);
 

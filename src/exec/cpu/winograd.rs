@@ -158,7 +158,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
                 kc,
                 panels,
             };
-            // SAFETY: (sample, channel) writes only its own tiles of its own rows (ci).
+            // SAFETY: (sample, channel) writes only its own tiles' lanes of row ci.
             unsafe { input_transform(job.isa, cols, plane, [h, w], to) };
         };
         if job.serial {
@@ -295,7 +295,9 @@ struct Dest {
 /// Transforms one input plane into its [`Dest`].
 ///
 /// # Safety
-/// `v` holds `XI · panels · kc · NR` floats, and no other thread writes row `ci`.
+/// `v` holds `XI · panels · kc · NR` floats, and no other thread writes the lanes of
+/// row `ci` that this plane's tiles take (another sample's plane of the same channel may
+/// write the other lanes of the same panels at the same time).
 unsafe fn input_transform(
     isa: Isa,
     cols: &mut Vec<ColRow>,
