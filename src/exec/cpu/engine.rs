@@ -23,7 +23,10 @@
 //! Dynamic passes run the same GEMM on a [`Subset`] per sample: kept output channels are
 //! A's rows read in place by index, kept input channels are packed alone and their
 //! columns of A copied into a compact A, kept pixels are the panel's columns; the output
-//! is written in place. Channel gates score in [`super::gate_scores`]. Behind a gated
+//! is written in place. In a batch, the samples of a gated layer with few positions each
+//! (7×7) and big weights run together instead, their tiles reading each sample's kept
+//! columns of A through a column map ([`EngineExecutor::conv_gated_batch`]). Channel
+//! gates score in [`super::gate_scores`]. Behind a gated
 //! depthwise layer, kept planes are written less the constant a dropped plane would
 //! become, and the next layer reads them with a bias that adds every constant back
 //! ([`gating::DroppedConstants`]).
@@ -146,6 +149,9 @@ pub struct EngineExecutor {
     /// Per node: a 1×1 expansion that runs in bands together with the depthwise layer
     /// after it, where neither is gated ([`bands`]).
     bands: Vec<Option<Bands>>,
+    /// Output panels per sample up to which a gated batch runs its samples together
+    /// ([`BATCH_GATED_PANELS`]; 0: sample by sample).
+    batch_gated_panels: usize,
 }
 
 /// Per value, per sample: the channels that hold computed data (`None`: all). Channels
@@ -199,6 +205,16 @@ struct Subset<'a> {
     dropped_unread: bool,
     /// Run on the calling thread: the caller already splits work across samples.
     serial: bool,
+}
+
+/// One sample's plan in a batch of gated samples ([`EngineExecutor::conv_gated_batch`]):
+/// kept output rows and input channels (`None`: all), its bias, and whether rows it
+/// drops are never read.
+struct SamplePlan<'a> {
+    rows: Option<&'a [usize]>,
+    chans: Option<&'a [usize]>,
+    bias: &'a [f32],
+    dropped_unread: bool,
 }
 
 /// One sample's result of a gated convolution: kept output channels, kept tiles,
@@ -475,6 +491,7 @@ impl EngineExecutor {
             all_cols: (0..max_cols).collect(),
             pool: BufferPool::default(),
             bands,
+            batch_gated_panels: BATCH_GATED_PANELS,
         })
     }
 
@@ -499,6 +516,41 @@ impl EngineExecutor {
     /// ```
     pub fn without_bands(mut self) -> Self {
         self.bands.iter_mut().for_each(|b| *b = None);
+        self
+    }
+
+    /// Runs the samples of a gated batch one by one in every layer, to measure what
+    /// running them together buys. By default, in a gated layer with few output positions
+    /// per sample (7×7) and at least 2 MiB of weights, samples that each keep some of the
+    /// input channels run together: their tiles read each sample's kept columns of the
+    /// weights in place, through a column map, a range of the weights serving every sample
+    /// while it is in cache, instead of each sample copying its kept columns out first.
+    ///
+    /// ```
+    /// use dynsparse::exec::cpu::EngineExecutor;
+    /// use dynsparse::exec::{Executor, Policy};
+    /// use dynsparse::synthetic::{conv_chain, ConvSpec};
+    ///
+    /// // 3×3 layers at 7 × 7 as in ResNet's last stage (2.4 MB of weights each), half
+    /// // the channels kept, batch 4: the second layer runs its samples together.
+    /// let conv = ConvSpec { cout: 256, k: 3, stride: 1, depthwise: false };
+    /// let model = conv_chain(256, 7, &[conv, conv])?;
+    /// let input: Vec<f32> = (0..4 * 256 * 7 * 7).map(|i| (i % 7) as f32 - 3.0).collect();
+    /// let half = Policy::Keep(0.5);
+    /// let together = EngineExecutor::new(&model)?.forward_with(&input, 4, half)?;
+    /// let one_by_one = EngineExecutor::new(&model)?
+    ///     .without_batched_gates()
+    ///     .forward_with(&input, 4, half)?;
+    /// // The same channels kept, the same products: equal up to the order of the sums.
+    /// assert_eq!(together.kept, one_by_one.kept);
+    /// let scale = one_by_one.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+    /// for (a, b) in together.logits.iter().zip(&one_by_one.logits) {
+    ///     assert!((a - b).abs() <= 1e-5 * scale);
+    /// }
+    /// # Ok::<(), dynsparse::Error>(())
+    /// ```
+    pub fn without_batched_gates(mut self) -> Self {
+        self.batch_gated_panels = 0;
         self
     }
 
@@ -1217,6 +1269,214 @@ impl EngineExecutor {
         }
     }
 
+    /// A gated convolution of a batch whose samples each keep their own output rows and
+    /// input channels, every output position computed: the batch's tiles run together,
+    /// block of weight rows by block, so that a block of A read from memory serves every
+    /// sample from L2 (the tiles read their sample's kept columns through a column map)
+    /// instead of each sample streaming the weights again. For layers of few positions per
+    /// sample (7×7), whose per-sample GEMM waits on its weights (see
+    /// [`BATCH_GATED_PANELS`]). Each sample's panels are packed up front for its kept
+    /// channels; within a task, K goes in ranges of input channels, each sample's kept
+    /// columns in the range after the other's, so that the range's A stays in L2 across
+    /// the samples and each sample's panel rows in L1 across its row tiles.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_gated_batch(
+        &self,
+        x: &[f32],
+        weight: &[f32],
+        g: &ConvGeom,
+        act: Act,
+        plans: &[SamplePlan],
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let batch = plans.len();
+        let cout = plans[0].bias.len();
+        let n = g.out_hw[0] * g.out_hw[1];
+        let plane = g.in_hw[0] * g.in_hw[1];
+        let (cin, lda) = (g.in_c, g.k());
+        let taps = g.kernel[0] * g.kernel[1];
+        let panels = n.div_ceil(NR);
+        let all_chans = &self.all_rows[..cin];
+        let ph = (g.out_hw[0] - 1) * g.stride[0] + g.kernel[0];
+        let pw = (g.out_hw[1] - 1) * g.stride[1] + g.kernel[1];
+        let needs_pad = g.pad_tl != [0, 0] || ph > g.in_hw[0] || pw > g.in_hw[1];
+        let padded_geom = ConvGeom {
+            in_hw: [ph, pw],
+            pad_tl: [0, 0],
+            ..*g
+        };
+        // Per sample: the A column of each of its panel rows (empty: all channels kept),
+        // their count, and its panels packed for its kept channels.
+        let packed: Vec<(Vec<usize>, usize, Buf)> = plans
+            .par_iter()
+            .enumerate()
+            .map(|(s, plan)| {
+                let chans = plan.chans.unwrap_or(all_chans);
+                // Every channel kept: the panel rows are A's columns, no map.
+                let kmap: Vec<usize> = plan.chans.map_or_else(Vec::new, |c| {
+                    c.iter()
+                        .flat_map(|&c| (0..taps).map(move |t| c * taps + t))
+                        .collect()
+                });
+                let k = chans.len() * taps;
+                let xs = &x[s * cin * plane..(s + 1) * cin * plane];
+                // Zero-padded first (its kept planes), as in `conv_gemm_into`: every
+                // window is then inside and packs as contiguous runs.
+                let padded = needs_pad
+                    .then(|| pad_planes(&self.pool, xs, g.in_hw, g.pad_tl, [ph, pw], plan.chans));
+                let gk = ConvGeom {
+                    in_c: chans.len(),
+                    ..if needs_pad { padded_geom } else { *g }
+                };
+                let len = k * NR;
+                let mut buf = self.pool.take_dirty(panels * len);
+                for (p, panel) in buf.chunks_exact_mut(len.max(1)).enumerate().take(panels) {
+                    let cols = &self.all_cols[p * NR..(p * NR + NR).min(n)];
+                    gemm::pack_panel(
+                        padded.as_deref().unwrap_or(xs),
+                        &gk,
+                        plan.chans,
+                        cols,
+                        panel,
+                    );
+                }
+                if let Some(p) = padded {
+                    self.pool.give(p);
+                }
+                (kmap, k, buf)
+            })
+            .collect();
+        assert_eq!(out.len(), batch * cout * n, "output buffer size");
+        // Rows a sample does not compute: unwritten where nobody reads them, otherwise the
+        // residual passes through, or zero.
+        for (s, plan) in plans.iter().enumerate() {
+            if plan.rows.is_some() && !plan.dropped_unread {
+                let o = &mut out[s * cout * n..(s + 1) * cout * n];
+                match residual {
+                    Some(r) => o.copy_from_slice(&r[s * cout * n..(s + 1) * cout * n]),
+                    None => o.fill(0.0),
+                }
+            }
+        }
+        let ptr = OutPtr(out.as_mut_ptr());
+        let mr = self.isa.mr();
+        let blocks = cout.div_ceil(gemm::PACK);
+        let tasks = (4 * rayon::current_num_threads()).min(blocks);
+        // Input channels per range of K: about two K blocks of columns.
+        let span = (2 * KC).div_ceil(taps);
+        let task = |accs: &mut Vec<gemm::Acc>, t: usize| {
+            let (r0, r1) = (
+                t * blocks / tasks * gemm::PACK,
+                ((t + 1) * blocks / tasks * gemm::PACK).min(cout),
+            );
+            // Per sample: its rows in this task's blocks, and its epilogue.
+            let mut tiles: Vec<(usize, Tile)> = Vec::new();
+            let eps: Vec<Epilogue> = plans
+                .iter()
+                .enumerate()
+                .map(|(s, plan)| Epilogue {
+                    bias: plan.bias,
+                    residual: residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]),
+                    act,
+                })
+                .collect();
+            for (s, plan) in plans.iter().enumerate() {
+                let rows = match plan.rows {
+                    Some(r) => {
+                        let lo = r.partition_point(|&x| x < r0);
+                        &r[lo..lo + r[lo..].partition_point(|&x| x < r1)]
+                    }
+                    None => &self.all_rows[r0..r1],
+                };
+                let (kmap, k, panel_buf) = &packed[s];
+                let k = *k;
+                for p in 0..panels {
+                    for tile_rows in rows.chunks(mr) {
+                        tiles.push((
+                            s,
+                            Tile {
+                                a: weight,
+                                ka: lda,
+                                arows: tile_rows,
+                                kmap: plan.chans.map(|_| &kmap[..]),
+                                boff: None,
+                                k,
+                                rows: tile_rows,
+                                panel: &panel_buf[p * k * NR..(p + 1) * k * NR],
+                                ldb: NR,
+                                ldc: n,
+                                cols: &self.all_cols[p * NR..(p * NR + NR).min(n)],
+                                lanes: None,
+                            },
+                        ));
+                    }
+                }
+            }
+            if accs.len() < tiles.len() {
+                accs.resize(tiles.len(), [[0f32; NR]; 12]);
+            }
+            let store = |s: usize, tile: &Tile, acc: &gemm::Acc| {
+                // SAFETY: the tile's rows < cout and columns < n index inside sample s's
+                // block of `out`; tasks hold disjoint rows.
+                unsafe { gemm::store(tile, &eps[s], acc, ptr.get().add(s * cout * n)) };
+            };
+            for c0 in (0..cin).step_by(span) {
+                let c1 = (c0 + span).min(cin);
+                let mut j = 0;
+                while j < tiles.len() {
+                    let s = tiles[j].0;
+                    let end = j + tiles[j..].iter().take_while(|(t, _)| *t == s).count();
+                    let chans = plans[s].chans;
+                    let at = |c: usize| chans.map_or(c, |v| v.partition_point(|&x| x < c)) * taps;
+                    let (k0, k1) = (at(c0), at(c1));
+                    let k = packed[s].1;
+                    let fin = (k1 == k).then(|| gemm::Finish {
+                        ep: &eps[s],
+                        c: ptr.get().wrapping_add(s * cout * n),
+                    });
+                    for ((_, tile), acc) in tiles[j..end].iter().zip(accs[j..end].iter_mut()) {
+                        if k == 0 {
+                            // No kept channel: the tile is its bias.
+                            acc.iter_mut().for_each(|r| r.fill(0.0));
+                            if c0 == 0 {
+                                store(s, tile, acc);
+                            }
+                            continue;
+                        }
+                        if k0 == k1 {
+                            continue;
+                        }
+                        // SAFETY: the tile's rows < cout index whole blocks of the packed
+                        // weights (lda columns) and every column map entry is < lda; the
+                        // panel holds k rows of NR values; with `fin`, as for the store.
+                        let stored = unsafe {
+                            gemm::accumulate_finishing(
+                                self.isa,
+                                tile,
+                                k0,
+                                k1,
+                                acc,
+                                gemm::Prefetch::NONE,
+                                fin,
+                            )
+                        };
+                        if fin.is_some() && !stored {
+                            store(s, tile, acc);
+                        }
+                    }
+                    j = end;
+                }
+            }
+        };
+        (0..tasks)
+            .into_par_iter()
+            .for_each_init(Vec::new, |accs, t| task(accs, t));
+        for (_, _, buf) in packed {
+            self.pool.give(buf);
+        }
+    }
+
     /// [`Self::conv_gemm_into`] by Winograd's F(2×2, 3×3) ([`winograd`]), for a layer
     /// with `WinogradWeights` and a plan without kept pixels.
     #[allow(clippy::too_many_arguments)]
@@ -1776,21 +2036,24 @@ impl EngineExecutor {
         let serial = batch >= 2 * rayon::current_num_threads();
         // Every cell read later is written below.
         let mut out = self.pool.take_dirty(batch * cout * n);
-        // Samples in parallel (each sample's GEMM splits further): small layers of a big
-        // batch keep both cores busy without waking the pool once per sample.
-        let per: Vec<SampleOut> = out
-            .par_chunks_mut(cout * n)
-            .enumerate()
-            .map(|(s, os)| {
+        // Each sample's gates decide its plan: kept input channels, output channels and
+        // tiles (with their pixels), whether its bias is the shifted one, the gates' FLOPs
+        // and time.
+        type Decided = (
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            Option<Vec<usize>>,
+            bool,
+            u64,
+            f64,
+        );
+        let decided: Vec<Decided> = (0..batch)
+            .into_par_iter()
+            .map(|s| {
                 let xs = &x[s * cin * plane..(s + 1) * cin * plane];
                 let ic: Vec<usize> = ic_sets.map_or_else(|| (0..cin).collect(), |v| v[s].clone());
                 let mut gf = 0u64;
-                // Kept inputs written less their constant (see `depthwise_compact`)
-                // go with the bias that adds every channel's constant back.
-                let bias = match inputs.dropped {
-                    Some(d) if ic.len() < cin => &d.shifted_bias[..],
-                    _ => bias,
-                };
                 let decided = std::time::Instant::now();
                 let oc: Vec<usize> = match gates.channels {
                     Some((g, cut)) => {
@@ -1824,16 +2087,70 @@ impl EngineExecutor {
                     None => (Vec::new(), None),
                 };
                 let gate_ms = decided.elapsed().as_secs_f64() * 1e3;
+                // Kept inputs written less their constant (see `depthwise_compact`) go
+                // with the bias that adds every channel's constant back.
+                let shifted = inputs.dropped.is_some() && ic.len() < cin;
+                (ic, oc, tiles, cols, shifted, gf, gate_ms)
+            })
+            .collect();
+        let bias_of = |shifted: bool| match inputs.dropped {
+            Some(d) if shifted => &d.shifted_bias[..],
+            _ => bias,
+        };
+        fn subset(d: &Decided, cout: usize, cin: usize, unread: bool, serial: bool) -> Subset<'_> {
+            Subset {
+                rows: (d.1.len() < cout).then_some(&d.1[..]),
+                cols: d.3.as_deref(),
+                chans: (d.0.len() < cin).then_some(&d.0[..]),
+                dropped_unread: unread,
+                serial,
+            }
+        }
+        let unread = gates.channels.is_some();
+        let sub_of = |d| subset(d, cout, cin, unread, serial);
+        // A batch of samples with few positions each, each keeping some of the input
+        // channels, runs together (see BATCH_GATED_PANELS) unless a sample keeps pixels
+        // or would run by Winograd.
+        let together = batch >= 2
+            && n.div_ceil(NR) <= self.batch_gated_panels
+            && std::mem::size_of_val(weight) >= BATCH_GATED_BYTES
+            && decided.iter().all(|d| {
+                let sub = sub_of(d);
+                sub.chans.is_some()
+                    && sub.cols.is_none()
+                    && wino.is_none_or(|w| !winograd_pays(w, &sub, geom.out_hw))
+            });
+        if together {
+            let plans: Vec<SamplePlan> = decided
+                .iter()
+                .map(|d| {
+                    let sub = sub_of(d);
+                    SamplePlan {
+                        rows: sub.rows,
+                        chans: sub.chans,
+                        bias: bias_of(d.4),
+                        dropped_unread: sub.dropped_unread,
+                    }
+                })
+                .collect();
+            self.conv_gated_batch(x, weight, geom, act, &plans, residual, &mut out);
+        } else {
+            // Samples in parallel (each sample's GEMM splits further): small layers of a
+            // big batch keep both cores busy without waking the pool once per sample.
+            out.par_chunks_mut(cout * n)
+                .zip(decided.par_iter())
+                .enumerate()
+                .for_each(|(s, (os, d))| {
+                    let xs = &x[s * cin * plane..(s + 1) * cin * plane];
+                    let rs = residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]);
+                    let b = bias_of(d.4);
+                    self.conv_gemm_into(xs, 1, weight, wino, b, 1, geom, rs, act, sub_of(d), os);
+                });
+        }
+        let per: Vec<SampleOut> = decided
+            .into_iter()
+            .map(|(ic, oc, tiles, cols, _, gf, gate_ms)| {
                 let positions = cols.as_ref().map_or(n, Vec::len);
-                let rs = residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]);
-                let sub = Subset {
-                    rows: (oc.len() < cout).then_some(&oc[..]),
-                    cols: cols.as_deref(),
-                    chans: (ic.len() < cin).then_some(&ic[..]),
-                    dropped_unread: gates.channels.is_some(),
-                    serial,
-                };
-                self.conv_gemm_into(xs, 1, weight, wino, bias, 1, geom, rs, act, sub, os);
                 let f = gf + 2 * (positions * oc.len() * ic.len() * taps) as u64;
                 (oc, tiles, f, gf, gate_ms)
             })
@@ -2217,6 +2534,16 @@ impl EngineExecutor {
 /// the AVX2 machine, 2 threads) took 0.975 of the direct time dense but 1.10–1.30 with
 /// 0.75 to 0.3 of the channels kept; at 28 × 28 0.72 dense and 0.75–0.85 at keep 0.75
 /// and 0.5.
+/// Output panels per sample up to which a gated batch runs its samples' tiles together
+/// ([`EngineExecutor::conv_gated_batch`]) rather than sample by sample: at 7×7 (two
+/// panels) each weight a sample reads serves only 49 positions, and a sample's pass
+/// waits on its weights.
+const BATCH_GATED_PANELS: usize = 2;
+
+/// Packed weights (bytes) from which a gated batch of few positions per sample runs
+/// together ([`BATCH_GATED_PANELS`]).
+const BATCH_GATED_BYTES: usize = 2 << 20;
+
 const WINOGRAD_MAX_WIDTH: usize = 28;
 const _: () = assert!(WINOGRAD_MAX_WIDTH <= winograd::MAX_WIDTH);
 
@@ -2424,6 +2751,7 @@ mod tests {
             sub_batch: usize::MAX,
             whole_batch: WHOLE_BATCH_FLOATS,
             bands: Vec::new(),
+            batch_gated_panels: BATCH_GATED_PANELS,
         }
     }
 
@@ -2873,6 +3201,111 @@ mod tests {
                     oc.len(),
                     cols.as_ref().map(Vec::len)
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn gated_batches_run_together_match_a_naive_reference() {
+        let mut rng = fresh_rng();
+        for case in 0..120 {
+            let isas = isas();
+            let e = bare(isas[rng.random_range(0..isas.len())]);
+            let kernel = match rng.random_range(0..3) {
+                0 => [1, 1],
+                1 => [3, 3],
+                _ => [rng.random_range(1..=5), rng.random_range(1..=5)],
+            };
+            let stride = [rng.random_range(1..=2), rng.random_range(1..=2)];
+            let in_hw = [rng.random_range(1..16), rng.random_range(1..16)];
+            let pad_tl = [
+                rng.random_range(0..kernel[0]),
+                rng.random_range(0..kernel[1]),
+            ];
+            let (ph, pw) = (in_hw[0] + 2 * pad_tl[0], in_hw[1] + 2 * pad_tl[1]);
+            if ph < kernel[0] || pw < kernel[1] {
+                continue;
+            }
+            // Up to 100 channels: a 3×3 layer's K then goes in several ranges.
+            let g = ConvGeom {
+                in_c: rng.random_range(1..100),
+                in_hw,
+                out_hw: [
+                    (ph - kernel[0]) / stride[0] + 1,
+                    (pw - kernel[1]) / stride[1] + 1,
+                ],
+                kernel,
+                stride,
+                pad_tl,
+            };
+            let (batch, cout) = (rng.random_range(1..5), rng.random_range(1..60));
+            let (n, plane) = (g.out_hw[0] * g.out_hw[1], in_hw[0] * in_hw[1]);
+            let values = |rng: &mut rand::rngs::StdRng, len: usize| -> Vec<f32> {
+                (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+            };
+            let xs = values(&mut rng, batch * g.in_c * plane);
+            let w = values(&mut rng, cout * g.k());
+            let biases: Vec<Vec<f32>> = (0..batch).map(|_| values(&mut rng, cout)).collect();
+            let rs: Option<Vec<f32>> = rng
+                .random_bool(0.4)
+                .then(|| values(&mut rng, batch * cout * n));
+            let act = act(&mut rng);
+            // Each sample its own plan: kept rows and channels (all, some or none).
+            let plans: Vec<(Vec<usize>, Vec<usize>, bool)> = (0..batch)
+                .map(|_| {
+                    let ic = match rng.random_range(0..8) {
+                        0 => Vec::new(),
+                        1 => (0..g.in_c).collect(),
+                        _ => subset(&mut rng, g.in_c),
+                    };
+                    (ic, subset(&mut rng, cout), rng.random_bool(0.5))
+                })
+                .collect();
+            let sample_plans: Vec<SamplePlan> = plans
+                .iter()
+                .zip(&biases)
+                .map(|((ic, oc, unread), bias)| SamplePlan {
+                    rows: (oc.len() < cout).then_some(&oc[..]),
+                    chans: (ic.len() < g.in_c).then_some(&ic[..]),
+                    bias,
+                    dropped_unread: *unread,
+                })
+                .collect();
+            let packed = gemm::pack_a(&w, cout, g.k());
+            let mut got = vec![f32::NAN; batch * cout * n];
+            e.conv_gated_batch(
+                &xs,
+                &packed,
+                &g,
+                act,
+                &sample_plans,
+                rs.as_deref(),
+                &mut got,
+            );
+            for (s, ((ic, oc, unread), bias)) in plans.iter().zip(&biases).enumerate() {
+                let x = &xs[s * g.in_c * plane..(s + 1) * g.in_c * plane];
+                let r = rs.as_deref().map(|r| &r[s * cout * n..(s + 1) * cout * n]);
+                let mut want = naive_conv(x, &w, bias, &g, r, act, (ic, oc, None));
+                if *unread {
+                    // Dropped rows are left as they were.
+                    for o in (0..cout).filter(|o| oc.binary_search(o).is_err()) {
+                        want[o * n..(o + 1) * n].fill(f32::NAN);
+                    }
+                }
+                let got = &got[s * cout * n..(s + 1) * cout * n];
+                let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(a.is_nan(), b.is_nan(), "case {case} sample {s} cell {i}");
+                    if !b.is_nan() {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * scale * (g.k() as f32).sqrt().max(1.0),
+                            "case {case} {:?} sample {s} cell {i}: {a} vs {b}, {g:?} cout {cout} ic {} oc {}",
+                            e.isa,
+                            ic.len(),
+                            oc.len()
+                        );
+                    }
+                }
             }
         }
     }

@@ -1,0 +1,110 @@
+//! What one of the CPU engine's paths buys on whole models: in-process pairs of forward
+//! passes, the engine as it is against the same engine without that path, alternating
+//! run by run; prints each side's median time and the median of the per-pair ratios
+//! (with / without). The paths: `winograd` (3×3 convolutions by Winograd's F(2×2, 3×3);
+//! without: `EngineExecutor::without_winograd`) and `batched-gates` (a gated batch's
+//! samples run together in layers of few positions; without:
+//! `EngineExecutor::without_batched_gates`).
+//!
+//! With `--layers`, also each layer's median time both ways (where they differ by more
+//! than 2%).
+//!
+//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates] [--batch 1] [--pairs 20] [--budget 0.5] [--layers] MODEL.dsm...
+
+use std::time::Instant;
+
+use dynsparse::exec::cpu::EngineExecutor;
+use dynsparse::exec::{Budget, Executor, Policy};
+use dynsparse::Model;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (mut batch, mut pairs, mut budget, mut layers) = (1usize, 20usize, None, false);
+    let mut without = String::from("winograd");
+    let mut models = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--batch" => batch = args.next().ok_or("--batch needs a value")?.parse()?,
+            "--pairs" => pairs = args.next().ok_or("--pairs needs a value")?.parse()?,
+            "--budget" => budget = Some(args.next().ok_or("--budget needs a value")?.parse()?),
+            "--without" => without = args.next().ok_or("--without needs a path")?,
+            "--layers" => layers = true,
+            _ => models.push(a),
+        }
+    }
+    let strip: fn(EngineExecutor) -> EngineExecutor = match without.as_str() {
+        "winograd" => EngineExecutor::without_winograd,
+        "batched-gates" => EngineExecutor::without_batched_gates,
+        other => return Err(format!("unknown path {other}: winograd or batched-gates").into()),
+    };
+    let policy = budget.map_or(Policy::Dense, |f| Policy::Budget(Budget::Flops(f)));
+    for path in models {
+        let model = Model::load(&path)?;
+        let with = EngineExecutor::new(&model)?;
+        let stripped = strip(EngineExecutor::new(&model)?);
+        let [c, h, w] = model.layers[0].input;
+        let input: Vec<f32> = (0..batch * c * h * w)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let nodes = model.desc.nodes.len();
+        let (per_a, per_b) = (
+            std::cell::RefCell::new(vec![Vec::new(); nodes]),
+            std::cell::RefCell::new(vec![Vec::new(); nodes]),
+        );
+        let time = |e: &EngineExecutor,
+                    per: &std::cell::RefCell<Vec<Vec<f64>>>|
+         -> Result<f64, dynsparse::Error> {
+            let start = Instant::now();
+            let f = std::hint::black_box(e.forward_with(&input, batch, policy)?);
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            for (v, l) in per.borrow_mut().iter_mut().zip(&f.layers) {
+                v.push(l.ms);
+            }
+            Ok(ms)
+        };
+        for _ in 0..3 {
+            time(&with, &per_a)?;
+            time(&stripped, &per_b)?;
+        }
+        per_a.borrow_mut().iter_mut().for_each(Vec::clear);
+        per_b.borrow_mut().iter_mut().for_each(Vec::clear);
+        let (mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..pairs {
+            let (x, y) = if i % 2 == 0 {
+                let x = time(&with, &per_a)?;
+                (x, time(&stripped, &per_b)?)
+            } else {
+                let y = time(&stripped, &per_b)?;
+                (time(&with, &per_a)?, y)
+            };
+            a.push(x);
+            b.push(y);
+            r.push(x / y);
+        }
+        if layers {
+            let (mut pa, mut pb) = (per_a.into_inner(), per_b.into_inner());
+            for (i, node) in model.desc.nodes.iter().enumerate() {
+                let (x, y) = (median(&mut pa[i]), median(&mut pb[i]));
+                if y > 0.0 && (x / y - 1.0).abs() > 0.02 {
+                    println!(
+                        "  {}: with {x:.3} ms, without {y:.3} ms ({:.2})",
+                        node.name,
+                        x / y
+                    );
+                }
+            }
+        }
+        println!(
+            "{path} batch {batch} {policy:?}: with {without} {:.2} ms, without {:.2} ms, ratio {:.3} (pairs {pairs})",
+            median(&mut a),
+            median(&mut b),
+            median(&mut r)
+        );
+    }
+    Ok(())
+}
