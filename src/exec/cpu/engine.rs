@@ -152,6 +152,12 @@ pub struct EngineExecutor {
     /// Output panels per sample up to which a gated batch runs its samples together
     /// ([`BATCH_GATED_PANELS`]; 0: sample by sample).
     batch_gated_panels: usize,
+    /// Buffers of a gated batch run together: each sample's padded input and panels.
+    /// Taken from `pool`, those many buffers of one size took the ones layers' values
+    /// fit best, and the layers after ran slower (ResNet-18 at batch 8, budget 0.5: its
+    /// layer 4's first convolutions 1.06–1.07 of their time in in-process pairs; ResNet-50
+    /// 1.03–1.04).
+    gated_pool: BufferPool,
 }
 
 /// Per value, per sample: the channels that hold computed data (`None`: all). Channels
@@ -492,6 +498,7 @@ impl EngineExecutor {
             pool: BufferPool::default(),
             bands,
             batch_gated_panels: BATCH_GATED_PANELS,
+            gated_pool: BufferPool::default(),
         })
     }
 
@@ -1323,14 +1330,22 @@ impl EngineExecutor {
                 let xs = &x[s * cin * plane..(s + 1) * cin * plane];
                 // Zero-padded first (its kept planes), as in `conv_gemm_into`: every
                 // window is then inside and packs as contiguous runs.
-                let padded = needs_pad
-                    .then(|| pad_planes(&self.pool, xs, g.in_hw, g.pad_tl, [ph, pw], plan.chans));
+                let padded = needs_pad.then(|| {
+                    pad_planes(
+                        &self.gated_pool,
+                        xs,
+                        g.in_hw,
+                        g.pad_tl,
+                        [ph, pw],
+                        plan.chans,
+                    )
+                });
                 let gk = ConvGeom {
                     in_c: chans.len(),
                     ..if needs_pad { padded_geom } else { *g }
                 };
                 let len = k * NR;
-                let mut buf = self.pool.take_dirty(panels * len);
+                let mut buf = self.gated_pool.take_dirty(panels * len);
                 for (p, panel) in buf.chunks_exact_mut(len.max(1)).enumerate().take(panels) {
                     let cols = &self.all_cols[p * NR..(p * NR + NR).min(n)];
                     gemm::pack_panel(
@@ -1342,7 +1357,7 @@ impl EngineExecutor {
                     );
                 }
                 if let Some(p) = padded {
-                    self.pool.give(p);
+                    self.gated_pool.give(p);
                 }
                 (kmap, k, buf)
             })
@@ -1473,7 +1488,7 @@ impl EngineExecutor {
             .into_par_iter()
             .for_each_init(Vec::new, |accs, t| task(accs, t));
         for (_, _, buf) in packed {
-            self.pool.give(buf);
+            self.gated_pool.give(buf);
         }
     }
 
@@ -2752,6 +2767,7 @@ mod tests {
             whole_batch: WHOLE_BATCH_FLOATS,
             bands: Vec::new(),
             batch_gated_panels: BATCH_GATED_PANELS,
+            gated_pool: BufferPool::default(),
         }
     }
 
