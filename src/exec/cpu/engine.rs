@@ -2063,51 +2063,48 @@ impl EngineExecutor {
             u64,
             f64,
         );
-        let decided: Vec<Decided> = (0..batch)
-            .into_par_iter()
-            .map(|s| {
-                let xs = &x[s * cin * plane..(s + 1) * cin * plane];
-                let ic: Vec<usize> = ic_sets.map_or_else(|| (0..cin).collect(), |v| v[s].clone());
-                let mut gf = 0u64;
-                let decided = std::time::Instant::now();
-                let oc: Vec<usize> = match gates.channels {
-                    Some((g, cut)) => {
-                        let (oc, f) = self.decide_channels(xs, &ic, plane, cout, g, cut);
-                        gf += f;
-                        oc
-                    }
-                    None => (0..cout).collect(),
-                };
-                let (tiles, cols): (Vec<usize>, Option<Vec<usize>>) = match gates.tiles {
-                    Some((sg, cut)) => {
-                        let t = sg.tiling;
-                        let round = gating::tiles_per_panel(&t, NR);
-                        let kept = match &sg.score {
-                            gating::TileScore::Energy => {
-                                let (scores, mean) = gating::tile_scores(xs, &ic, None, geom, &t);
-                                gating::choose(&scores, cut, |p| gating::tile_bar(p, mean), round)
-                            }
-                            gating::TileScore::Trained { weight, bias } => {
-                                let (mut scores, _) =
-                                    gating::tile_scores(xs, &ic, Some(weight), geom, &t);
-                                scores.iter_mut().for_each(|s| *s += bias);
-                                gating::choose(&scores, cut, gating::channel_bar, round)
-                            }
-                        };
-                        gf += gating::tile_gate_flops(ic.len(), plane, t.tiles);
-                        let cols = (kept.len() < t.tiles)
-                            .then(|| gating::tile_pixels(&t, &kept, geom.out_hw));
-                        (kept, cols)
-                    }
-                    None => (Vec::new(), None),
-                };
-                let gate_ms = decided.elapsed().as_secs_f64() * 1e3;
-                // Kept inputs written less their constant (see `depthwise_compact`) go
-                // with the bias that adds every channel's constant back.
-                let shifted = inputs.dropped.is_some() && ic.len() < cin;
-                (ic, oc, tiles, cols, shifted, gf, gate_ms)
-            })
-            .collect();
+        let decide = |s: usize| -> Decided {
+            let xs = &x[s * cin * plane..(s + 1) * cin * plane];
+            let ic: Vec<usize> = ic_sets.map_or_else(|| (0..cin).collect(), |v| v[s].clone());
+            let mut gf = 0u64;
+            let decided = std::time::Instant::now();
+            let oc: Vec<usize> = match gates.channels {
+                Some((g, cut)) => {
+                    let (oc, f) = self.decide_channels(xs, &ic, plane, cout, g, cut);
+                    gf += f;
+                    oc
+                }
+                None => (0..cout).collect(),
+            };
+            let (tiles, cols): (Vec<usize>, Option<Vec<usize>>) = match gates.tiles {
+                Some((sg, cut)) => {
+                    let t = sg.tiling;
+                    let round = gating::tiles_per_panel(&t, NR);
+                    let kept = match &sg.score {
+                        gating::TileScore::Energy => {
+                            let (scores, mean) = gating::tile_scores(xs, &ic, None, geom, &t);
+                            gating::choose(&scores, cut, |p| gating::tile_bar(p, mean), round)
+                        }
+                        gating::TileScore::Trained { weight, bias } => {
+                            let (mut scores, _) =
+                                gating::tile_scores(xs, &ic, Some(weight), geom, &t);
+                            scores.iter_mut().for_each(|s| *s += bias);
+                            gating::choose(&scores, cut, gating::channel_bar, round)
+                        }
+                    };
+                    gf += gating::tile_gate_flops(ic.len(), plane, t.tiles);
+                    let cols =
+                        (kept.len() < t.tiles).then(|| gating::tile_pixels(&t, &kept, geom.out_hw));
+                    (kept, cols)
+                }
+                None => (Vec::new(), None),
+            };
+            let gate_ms = decided.elapsed().as_secs_f64() * 1e3;
+            // Kept inputs written less their constant (see `depthwise_compact`) go
+            // with the bias that adds every channel's constant back.
+            let shifted = inputs.dropped.is_some() && ic.len() < cin;
+            (ic, oc, tiles, cols, shifted, gf, gate_ms)
+        };
         let bias_of = |shifted: bool| match inputs.dropped {
             Some(d) if shifted => &d.shifted_bias[..],
             _ => bias,
@@ -2122,24 +2119,28 @@ impl EngineExecutor {
             }
         }
         let unread = gates.channels.is_some();
-        let sub_of = |d| subset(d, cout, cin, unread, serial);
+        let per_sample = |(ic, oc, tiles, cols, _, gf, gate_ms): Decided| -> SampleOut {
+            let positions = cols.as_ref().map_or(n, Vec::len);
+            let f = gf + 2 * (positions * oc.len() * ic.len() * taps) as u64;
+            (oc, tiles, f, gf, gate_ms)
+        };
         // A batch of samples with few positions each, each keeping some of the input
-        // channels, runs together (see BATCH_GATED_PANELS) unless a sample keeps pixels
-        // or would run by Winograd.
+        // channels (known before the gates run) and no pixels dropped, runs together
+        // (see BATCH_GATED_PANELS); by Winograd such a plan would not run (one panel of
+        // tiles, see `winograd_pays`).
+        let (th, tw) = winograd::tiles(geom.out_hw[0], geom.out_hw[1]);
         let together = batch >= 2
             && n.div_ceil(NR) <= self.batch_gated_panels
             && std::mem::size_of_val(weight) >= BATCH_GATED_BYTES
-            && decided.iter().all(|d| {
-                let sub = sub_of(d);
-                sub.chans.is_some()
-                    && sub.cols.is_none()
-                    && wino.is_none_or(|w| !winograd_pays(w, &sub, geom.out_hw))
-            });
-        if together {
+            && gates.tiles.is_none()
+            && ic_sets.is_some_and(|v| v.iter().all(|ic| ic.len() < cin))
+            && (wino.is_none() || th * tw <= NR);
+        let per: Vec<SampleOut> = if together {
+            let decided: Vec<Decided> = (0..batch).into_par_iter().map(decide).collect();
             let plans: Vec<SamplePlan> = decided
                 .iter()
                 .map(|d| {
-                    let sub = sub_of(d);
+                    let sub = subset(d, cout, cin, unread, serial);
                     SamplePlan {
                         rows: sub.rows,
                         chans: sub.chans,
@@ -2149,27 +2150,37 @@ impl EngineExecutor {
                 })
                 .collect();
             self.conv_gated_batch(x, weight, geom, act, &plans, residual, &mut out);
+            decided.into_iter().map(per_sample).collect()
         } else {
             // Samples in parallel (each sample's GEMM splits further): small layers of a
             // big batch keep both cores busy without waking the pool once per sample.
+            // Each sample's gates decide just before its convolution, as before batches
+            // ran together (deciding every sample first measured the same: in-process
+            // pairs at batch 8 and budget 0.5, 0.99–1.02 of the time on the four models).
             out.par_chunks_mut(cout * n)
-                .zip(decided.par_iter())
                 .enumerate()
-                .for_each(|(s, (os, d))| {
+                .map(|(s, os)| {
+                    let d = decide(s);
                     let xs = &x[s * cin * plane..(s + 1) * cin * plane];
                     let rs = residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]);
                     let b = bias_of(d.4);
-                    self.conv_gemm_into(xs, 1, weight, wino, b, 1, geom, rs, act, sub_of(d), os);
-                });
-        }
-        let per: Vec<SampleOut> = decided
-            .into_iter()
-            .map(|(ic, oc, tiles, cols, _, gf, gate_ms)| {
-                let positions = cols.as_ref().map_or(n, Vec::len);
-                let f = gf + 2 * (positions * oc.len() * ic.len() * taps) as u64;
-                (oc, tiles, f, gf, gate_ms)
-            })
-            .collect();
+                    self.conv_gemm_into(
+                        xs,
+                        1,
+                        weight,
+                        wino,
+                        b,
+                        1,
+                        geom,
+                        rs,
+                        act,
+                        subset(&d, cout, cin, unread, serial),
+                        os,
+                    );
+                    per_sample(d)
+                })
+                .collect()
+        };
         let mut c = Compact {
             out,
             oc: Vec::with_capacity(batch),
