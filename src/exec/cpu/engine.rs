@@ -153,10 +153,10 @@ pub struct EngineExecutor {
     /// ([`BATCH_GATED_PANELS`]; 0: sample by sample).
     batch_gated_panels: usize,
     /// Buffers of a gated batch run together: each sample's padded input and panels.
-    /// Taken from `pool`, those many buffers of one size took the ones layers' values
-    /// fit best, and the layers after ran slower (ResNet-18 at batch 8, budget 0.5: its
-    /// layer 4's first convolutions 1.06–1.07 of their time in in-process pairs; ResNet-50
-    /// 1.03–1.04).
+    /// Taken from `pool`, the layers after ran slower (ResNet-18 at batch 8, budget 0.5:
+    /// its layer 4's first convolutions 1.06–1.07 of their time in in-process pairs;
+    /// ResNet-50 1.03–1.04) — presumably as those buffers, two per sample and all of one
+    /// size, took the ones the layers' values had fitted best.
     gated_pool: BufferPool,
 }
 
@@ -221,6 +221,22 @@ struct SamplePlan<'a> {
     chans: Option<&'a [usize]>,
     bias: &'a [f32],
     dropped_unread: bool,
+}
+
+/// What one sample's gates decided for a gated convolution.
+struct Decided {
+    /// Kept input channels (all of them when none were dropped upstream).
+    ic: Vec<usize>,
+    /// Kept output channels.
+    oc: Vec<usize>,
+    /// Kept output tiles (empty without a spatial gate), and their pixels when some are
+    /// dropped.
+    tiles: Vec<usize>,
+    cols: Option<Vec<usize>>,
+    /// Whether the sample's bias is the one that adds dropped inputs' constants back.
+    shifted: bool,
+    gate_flops: u64,
+    gate_ms: f64,
 }
 
 /// One sample's result of a gated convolution: kept output channels, kept tiles,
@@ -1278,14 +1294,14 @@ impl EngineExecutor {
 
     /// A gated convolution of a batch whose samples each keep their own output rows and
     /// input channels, every output position computed: the batch's tiles run together,
-    /// block of weight rows by block, so that a block of A read from memory serves every
-    /// sample from L2 (the tiles read their sample's kept columns through a column map)
-    /// instead of each sample streaming the weights again. For layers of few positions per
-    /// sample (7×7), whose per-sample GEMM waits on its weights (see
-    /// [`BATCH_GATED_PANELS`]). Each sample's panels are packed up front for its kept
+    /// block of weight rows by block, each tile reading its sample's kept columns of the
+    /// packed weights in place through a column map, instead of each sample copying its
+    /// kept columns out of the weights and running on its copy. For layers of few
+    /// positions per sample (7×7; see [`BATCH_GATED_PANELS`]), where a sample's GEMM is
+    /// short next to that copy. Each sample's panels are packed up front for its kept
     /// channels; within a task, K goes in ranges of input channels, each sample's kept
     /// columns in the range after the other's, so that the range's A stays in L2 across
-    /// the samples and each sample's panel rows in L1 across its row tiles.
+    /// the samples.
     #[allow(clippy::too_many_arguments)]
     fn conv_gated_batch(
         &self,
@@ -2051,18 +2067,6 @@ impl EngineExecutor {
         let serial = batch >= 2 * rayon::current_num_threads();
         // Every cell read later is written below.
         let mut out = self.pool.take_dirty(batch * cout * n);
-        // Each sample's gates decide its plan: kept input channels, output channels and
-        // tiles (with their pixels), whether its bias is the shifted one, the gates' FLOPs
-        // and time.
-        type Decided = (
-            Vec<usize>,
-            Vec<usize>,
-            Vec<usize>,
-            Option<Vec<usize>>,
-            bool,
-            u64,
-            f64,
-        );
         let decide = |s: usize| -> Decided {
             let xs = &x[s * cin * plane..(s + 1) * cin * plane];
             let ic: Vec<usize> = ic_sets.map_or_else(|| (0..cin).collect(), |v| v[s].clone());
@@ -2103,7 +2107,15 @@ impl EngineExecutor {
             // Kept inputs written less their constant (see `depthwise_compact`) go
             // with the bias that adds every channel's constant back.
             let shifted = inputs.dropped.is_some() && ic.len() < cin;
-            (ic, oc, tiles, cols, shifted, gf, gate_ms)
+            Decided {
+                ic,
+                oc,
+                tiles,
+                cols,
+                shifted,
+                gate_flops: gf,
+                gate_ms,
+            }
         };
         let bias_of = |shifted: bool| match inputs.dropped {
             Some(d) if shifted => &d.shifted_bias[..],
@@ -2111,18 +2123,18 @@ impl EngineExecutor {
         };
         fn subset(d: &Decided, cout: usize, cin: usize, unread: bool, serial: bool) -> Subset<'_> {
             Subset {
-                rows: (d.1.len() < cout).then_some(&d.1[..]),
-                cols: d.3.as_deref(),
-                chans: (d.0.len() < cin).then_some(&d.0[..]),
+                rows: (d.oc.len() < cout).then_some(&d.oc[..]),
+                cols: d.cols.as_deref(),
+                chans: (d.ic.len() < cin).then_some(&d.ic[..]),
                 dropped_unread: unread,
                 serial,
             }
         }
         let unread = gates.channels.is_some();
-        let per_sample = |(ic, oc, tiles, cols, _, gf, gate_ms): Decided| -> SampleOut {
-            let positions = cols.as_ref().map_or(n, Vec::len);
-            let f = gf + 2 * (positions * oc.len() * ic.len() * taps) as u64;
-            (oc, tiles, f, gf, gate_ms)
+        let per_sample = |d: Decided| -> SampleOut {
+            let positions = d.cols.as_ref().map_or(n, Vec::len);
+            let f = d.gate_flops + 2 * (positions * d.oc.len() * d.ic.len() * taps) as u64;
+            (d.oc, d.tiles, f, d.gate_flops, d.gate_ms)
         };
         // A batch of samples with few positions each, each keeping some of the input
         // channels (known before the gates run) and no pixels dropped, runs together
@@ -2144,7 +2156,7 @@ impl EngineExecutor {
                     SamplePlan {
                         rows: sub.rows,
                         chans: sub.chans,
-                        bias: bias_of(d.4),
+                        bias: bias_of(d.shifted),
                         dropped_unread: sub.dropped_unread,
                     }
                 })
@@ -2163,7 +2175,7 @@ impl EngineExecutor {
                     let d = decide(s);
                     let xs = &x[s * cin * plane..(s + 1) * cin * plane];
                     let rs = residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]);
-                    let b = bias_of(d.4);
+                    let b = bias_of(d.shifted);
                     self.conv_gemm_into(
                         xs,
                         1,
