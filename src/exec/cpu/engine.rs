@@ -2992,6 +2992,33 @@ mod tests {
     /// window sum over kept input channels (zero outside the image) plus bias and
     /// residual, activated; every other cell the residual, or zero.
     #[allow(clippy::too_many_arguments)]
+    /// The geometry of a convolution with this padding on each side, or `None` where the
+    /// padded input is smaller than the kernel.
+    fn conv_geom(
+        in_c: usize,
+        in_hw: [usize; 2],
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        pad_tl: [usize; 2],
+        pad_br: [usize; 2],
+    ) -> Option<ConvGeom> {
+        let (ph, pw) = (
+            in_hw[0] + pad_tl[0] + pad_br[0],
+            in_hw[1] + pad_tl[1] + pad_br[1],
+        );
+        (ph >= kernel[0] && pw >= kernel[1]).then(|| ConvGeom {
+            in_c,
+            in_hw,
+            out_hw: [
+                (ph - kernel[0]) / stride[0] + 1,
+                (pw - kernel[1]) / stride[1] + 1,
+            ],
+            kernel,
+            stride,
+            pad_tl,
+        })
+    }
+
     fn naive_conv(
         xs: &[f32],
         w: &[f32],
@@ -3129,23 +3156,9 @@ mod tests {
             if wino_shape {
                 (pad_tl, pad_br) = ([1, 1], [1, 1]);
             }
-            let (ph, pw) = (
-                in_hw[0] + pad_tl[0] + pad_br[0],
-                in_hw[1] + pad_tl[1] + pad_br[1],
-            );
-            if ph < kernel[0] || pw < kernel[1] {
+            let in_c = rng.random_range(1..20);
+            let Some(g) = conv_geom(in_c, in_hw, kernel, stride, pad_tl, pad_br) else {
                 continue;
-            }
-            let g = ConvGeom {
-                in_c: rng.random_range(1..20),
-                in_hw,
-                out_hw: [
-                    (ph - kernel[0]) / stride[0] + 1,
-                    (pw - kernel[1]) / stride[1] + 1,
-                ],
-                kernel,
-                stride,
-                pad_tl,
             };
             let cout = rng.random_range(1..40);
             let n = g.out_hw[0] * g.out_hw[1];
@@ -3261,21 +3274,10 @@ mod tests {
                 rng.random_range(0..kernel[0]),
                 rng.random_range(0..kernel[1]),
             ];
-            let (ph, pw) = (in_hw[0] + 2 * pad_tl[0], in_hw[1] + 2 * pad_tl[1]);
-            if ph < kernel[0] || pw < kernel[1] {
-                continue;
-            }
             // Up to 100 channels: a 3×3 layer's K then goes in several ranges.
-            let g = ConvGeom {
-                in_c: rng.random_range(1..100),
-                in_hw,
-                out_hw: [
-                    (ph - kernel[0]) / stride[0] + 1,
-                    (pw - kernel[1]) / stride[1] + 1,
-                ],
-                kernel,
-                stride,
-                pad_tl,
+            let in_c = rng.random_range(1..100);
+            let Some(g) = conv_geom(in_c, in_hw, kernel, stride, pad_tl, pad_tl) else {
+                continue;
             };
             let (batch, cout) = (rng.random_range(1..5), rng.random_range(1..60));
             let (n, plane) = (g.out_hw[0] * g.out_hw[1], in_hw[0] * in_hw[1]);
