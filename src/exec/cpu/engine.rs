@@ -2167,8 +2167,9 @@ impl EngineExecutor {
             // Samples in parallel (each sample's GEMM splits further): small layers of a
             // big batch keep both cores busy without waking the pool once per sample.
             // Each sample's gates decide just before its convolution, as before batches
-            // ran together (deciding every sample first measured the same: in-process
-            // pairs at batch 8 and budget 0.5, 0.99–1.02 of the time on the four models).
+            // ran together (deciding every sample first measured the same within the
+            // noise: in-process pairs at batch 8 and budget 0.5, 0.93–1.02 of the time
+            // on the four models).
             out.par_chunks_mut(cout * n)
                 .enumerate()
                 .map(|(s, os)| {
@@ -2574,12 +2575,16 @@ impl EngineExecutor {
 /// and 0.5.
 /// Output panels per sample up to which a gated batch runs its samples' tiles together
 /// ([`EngineExecutor::conv_gated_batch`]) rather than sample by sample: at 7×7 (two
-/// panels) each weight a sample reads serves only 49 positions, and a sample's pass
-/// waits on its weights.
+/// panels) a sample's GEMM is short next to copying its kept columns out of the weights,
+/// which running together does without. In-process pairs at batch 8, budget 0.5: the
+/// ResNets' stride-1 3×3 layers of layer 4 took 0.74–0.95 of their time.
 const BATCH_GATED_PANELS: usize = 2;
 
 /// Packed weights (bytes) from which a gated batch of few positions per sample runs
-/// together ([`BATCH_GATED_PANELS`]).
+/// together ([`BATCH_GATED_PANELS`]). Below it, MobileNetV2's and EfficientNet-Lite0's
+/// 7×7 projections (1.2–1.5 MB, one column per kept channel) took 0.91–1.13 of their
+/// time together and their passes 1.03–1.04 (in-process pairs, batch 8, budget 0.5);
+/// ResNet-50's 1×1 layers of 4 MB 0.84–1.08, its 3×3 layers of 9.4 MB 0.74–0.95.
 const BATCH_GATED_BYTES: usize = 2 << 20;
 
 const WINOGRAD_MAX_WIDTH: usize = 28;
