@@ -37,6 +37,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ => models.push(a),
         }
     }
+    if pairs == 0 {
+        return Err("--pairs must be at least 1".into());
+    }
     let strip: fn(EngineExecutor) -> EngineExecutor = match without.as_str() {
         "winograd" => EngineExecutor::without_winograd,
         "batched-gates" => EngineExecutor::without_batched_gates,
