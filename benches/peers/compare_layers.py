@@ -1,7 +1,8 @@
-"""Layer by layer against ONNX Runtime: our dense batch-1 pass and ORT's, on the same
-weights, convolution beside convolution, with GFLOP/s, and sums by kind of layer.
+"""Layer by layer against ONNX Runtime: our dense pass and ORT's (batch 1 unless
+`--batch`), on the same weights, convolution beside convolution, with GFLOP/s, and sums
+by kind of layer.
 
-Rounds alternate: `dynsparse bench --layers` (dense, batch 1) and then ORT's profiler
+Rounds alternate: `dynsparse bench --layers` (dense, at the batch) and then ORT's profiler
 (`ort_profile.py`), so that drift on a shared machine hits both alike; each layer's time
 is the median over rounds of each round's median. Convolutions are matched in graph
 order, which both keep. A layer our engine runs inside the one before it (a depthwise
@@ -10,7 +11,7 @@ that layer, its ORT time added there. ORT's other nodes (layout reorders, pads, 
 the classifier) are summed apart.
 
 usage: python3 benches/peers/compare_layers.py MODEL.dsm [--threads 2] [--runs 30]
-       [--rounds 2] [--peak GFLOPS] [--binary PATH (default: this checkout's
+       [--rounds 2] [--batch 1] [--peak GFLOPS] [--binary PATH (default: this checkout's
        target/release/dynsparse)]
 
 `--peak` (from `cargo run --release --example kernel_peak`, the figure for the same
@@ -38,20 +39,21 @@ import ort_profile  # noqa: E402
 CONV_OPS = ("Conv", "FusedConv")
 
 
-def ours(binary: str, model: str, threads: int, runs: int) -> list[dict]:
-    """Our dense batch-1 layers (name, ms, flops_dense), from the bench's JSON."""
+def ours(binary: str, model: str, threads: int, runs: int, batch: int) -> list[dict]:
+    """Our dense layers at `batch` (name, ms for the batch, flops_dense per sample), from
+    the bench's JSON."""
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "bench.json")
-        cmd = [binary, "bench", "--model", model, "--batch", "1", "--runs", str(runs),
+        cmd = [binary, "bench", "--model", model, "--batch", str(batch), "--runs", str(runs),
                "--threads", str(threads), "--layers", "--json", out]
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr}")
         with open(out) as f:
             report = json.load(f)
-    dense = [r for r in report["results"] if r["policy"] == "dense" and r["batch"] == 1]
+    dense = [r for r in report["results"] if r["policy"] == "dense" and r["batch"] == batch]
     if not dense:
-        sys.exit("the bench report has no dense batch-1 result")
+        sys.exit(f"the bench report has no dense batch-{batch} result")
     return dense[0]["layers"]
 
 
@@ -77,11 +79,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--peak", type=float, help="the micro-kernel's GFLOP/s on these threads")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "dynsparse"))
     a = ap.parse_args()
-    if a.rounds < 1 or a.runs < 1:
-        sys.exit("--rounds and --runs must be at least 1")
+    if a.rounds < 1 or a.runs < 1 or a.batch < 1:
+        sys.exit("--rounds, --runs and --batch must be at least 1")
     if not os.path.exists(a.binary):
         sys.exit(f"{a.binary} not found: build it first (cargo build --release)")
     nodes = {n["name"]: n["op"] for n in dsm_peer.load(a.model).nodes}
@@ -90,14 +93,14 @@ def main() -> None:
     layers, ours_convs, ort_other = None, None, defaultdict(list)
     for r in range(a.rounds):
         print(f"round {r + 1}/{a.rounds}: dynsparse, then onnxruntime", file=sys.stderr)
-        got = ours(a.binary, a.model, a.threads, a.runs)
+        got = ours(a.binary, a.model, a.threads, a.runs, a.batch)
         if layers is None:
             layers = got
             ours_convs = [i for i, l in enumerate(layers)
                           if nodes.get(l["name"], {}).get("type") == "conv"]
         for i, l in enumerate(got):
             our_ms[i].append(l["ms"])
-        profiled = ort_profile.profile(a.model, a.threads, a.runs)
+        profiled = ort_profile.profile(a.model, a.threads, a.runs, a.batch)
         convs = [(n, ms) for n, op, ms in profiled if op in CONV_OPS]
         others = defaultdict(float)
         for _, op, ms in profiled:
@@ -128,16 +131,17 @@ def main() -> None:
             continue
         rows.append({"name": l["name"], "shape": shape, "kind": k, "flops": l["flops_dense"],
                      "ours": med[i], "ort": ort[i]})
-    print(f"{os.path.basename(a.model)}: dense, batch 1, {a.threads} threads, median over "
+    print(f"{os.path.basename(a.model)}: dense, batch {a.batch}, {a.threads} threads, median over "
           f"{a.rounds} rounds of {a.runs} runs each\n")
     peak = " | ours % peak | ORT % peak" if a.peak else ""
     print(f"| layer | shape | MFLOPs | ours ms | ORT ms | ours/ORT | ours GFLOP/s | ORT GFLOP/s{peak} |")
     print("|---|---|---|---|---|---|---|---" + ("|---|---" if a.peak else "") + "|")
     for r in rows:
-        g_ours = r["flops"] / r["ours"] / 1e6 if r["ours"] else float("nan")
-        g_ort = r["flops"] / r["ort"] / 1e6 if r["ort"] else float("nan")
+        flops = a.batch * r["flops"]
+        g_ours = flops / r["ours"] / 1e6 if r["ours"] else float("nan")
+        g_ort = flops / r["ort"] / 1e6 if r["ort"] else float("nan")
         extra = f" | {100 * g_ours / a.peak:.0f} | {100 * g_ort / a.peak:.0f}" if a.peak else ""
-        print(f"| {r['name']} | {r['shape']} | {r['flops'] / 1e6:.1f} | {r['ours']:.3f} | "
+        print(f"| {r['name']} | {r['shape']} | {flops / 1e6:.1f} | {r['ours']:.3f} | "
               f"{r['ort']:.3f} | {r['ours'] / r['ort']:.2f} | {g_ours:.0f} | {g_ort:.0f}{extra} |")
         s = by_kind[r["kind"]]
         s[0] += r["ours"]

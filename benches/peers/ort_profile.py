@@ -5,7 +5,7 @@ folded into convolutions, `onnx_export.py`), runs it with `enable_profiling`, an
 each node's median kernel time, to set beside `dynsparse bench --model M --batch 1
 --layers` (`compare_layers.py` does both and matches the layers).
 
-usage: python3 benches/peers/ort_profile.py MODEL.dsm [--runs 30] [--threads 2]
+usage: python3 benches/peers/ort_profile.py MODEL.dsm [--runs 30] [--threads 2] [--batch 1]
 """
 
 import argparse
@@ -24,21 +24,21 @@ import dsm_peer  # noqa: E402
 import onnx_export  # noqa: E402
 
 
-def profile(model: str, threads: int, runs: int) -> list[tuple[str, str, float]]:
-    """Each node's median kernel time (ms) over `runs` batch-1 runs, in graph order, as
-    (node name, op name, ms)."""
+def profile(model: str, threads: int, runs: int, batch: int = 1) -> list[tuple[str, str, float]]:
+    """Each node's median kernel time (ms) over `runs` runs of `batch` samples, in graph
+    order, as (node name, op name, ms)."""
     m = dsm_peer.load(model)
     c, h, w = m.input["channels"], m.input["height"], m.input["width"]
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.onnx")
-        onnx_export.export(m, torch.zeros(1, c, h, w), path, dynamic_batch=False)
+        onnx_export.export(m, torch.zeros(batch, c, h, w), path, dynamic_batch=False)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(d, "profile")
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        x = dsm_peer.bench_input((1, c, h, w))
+        x = dsm_peer.bench_input((batch, c, h, w))
         for _ in range(runs):
             sess.run(None, {"x": x})
         with open(sess.end_profiling()) as f:
@@ -59,9 +59,13 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--batch", type=int, default=1)
     a = ap.parse_args()
-    nodes = profile(a.model, a.threads, a.runs)
-    print(f"onnxruntime {ort.__version__}, {a.threads} threads, median of {a.runs} runs, ms\n")
+    if a.batch < 1:
+        sys.exit("--batch must be at least 1")
+    nodes = profile(a.model, a.threads, a.runs, a.batch)
+    print(f"onnxruntime {ort.__version__}, {a.threads} threads, batch {a.batch}, "
+          f"median of {a.runs} runs, ms\n")
     print("| node | op | ms |\n|---|---|---|")
     for name, op, ms in nodes:
         print(f"| {name} | {op} | {ms:.3f} |")

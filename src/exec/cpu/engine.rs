@@ -1044,12 +1044,16 @@ impl EngineExecutor {
             let last = ((chunk + 1) * row_blocks / chunks * mr).min(row_list.len());
             let group = q * panels / ngroups..(q + 1) * panels / ngroups;
             let np = group.len();
-            if fused && !implicit && !(direct && (group.start + 1) * NR <= n) {
+            // The task's own packed panel, on a cache line like the pool's buffers.
+            let own: &[f32] = if fused && !implicit && !(direct && (group.start + 1) * NR <= n) {
                 let p = group.start;
-                own.resize(panel_len, 0.0);
+                let panel = super::pool::line_aligned(own, panel_len);
                 let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
-                gemm::pack_panel(xs(), &gk, chans, cols, own);
-            }
+                gemm::pack_panel(xs(), &gk, chans, cols, panel);
+                panel
+            } else {
+                &[]
+            };
             // One tile: rows `r0..` of the task (A rows `arows` of `a`) on panel `p`.
             macro_rules! tile {
                 ($a:expr, $ka:expr, $arows:expr, $r0:expr, $p:expr) => {{
@@ -1075,7 +1079,7 @@ impl EngineExecutor {
                     } else if in_place {
                         (&xs()[p * NR..], in_plane)
                     } else if fused {
-                        (own.as_slice(), NR)
+                        (own, NR)
                     } else {
                         let at = (sg * panels + p) * panel_len;
                         (&packed[at..at + panel_len], NR)
