@@ -272,7 +272,7 @@ impl Bands {
         let mr = isa.mr();
         let ep = Epilogue {
             bias: sample.bias,
-            residual: None,
+            residual: gemm::Residual::None,
             act,
         };
         let c = scratch.band.as_mut_ptr();

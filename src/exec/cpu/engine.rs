@@ -36,7 +36,7 @@ use rayon::prelude::*;
 use super::bands::{self, Bands};
 use super::depthwise;
 use super::gate_scores::GateWeights;
-use super::gemm::{self, ConvGeom, Epilogue, Isa, OutPtr, Tile, KC, NR};
+use super::gemm::{self, ConvGeom, Epilogue, Isa, OutPtr, Residual, Tile, KC, NR};
 use super::ops::{self, dot, Window};
 use super::pool::{Buf, BufferPool};
 use super::winograd::{self, WinogradWeights};
@@ -197,6 +197,13 @@ struct ConvGates<'a> {
     channels: Option<(&'a GateWeights, Cut)>,
     /// The spatial gate and its cut.
     tiles: Option<(&'a gating::SpatialGate, Cut)>,
+}
+
+impl ConvGates<'_> {
+    /// Neither gate cuts.
+    fn is_open(&self) -> bool {
+        self.channels.is_none() && self.tiles.is_none()
+    }
 }
 
 /// Part of a convolution to compute (`None`: all): output channels (`rows`), output
@@ -651,7 +658,17 @@ impl EngineExecutor {
             .take_dirty(batch * bias.len() * g.out_hw[0] * g.out_hw[1]);
         let all = Subset::default();
         self.conv_gemm_into(
-            x, batch, weight, wino, bias, groups, g, residual, act, all, &mut out,
+            x,
+            batch,
+            weight,
+            wino,
+            bias,
+            groups,
+            g,
+            residual.into(),
+            act,
+            all,
+            &mut out,
         );
         out
     }
@@ -669,7 +686,7 @@ impl EngineExecutor {
         bias: &[f32],
         groups: usize,
         g: &ConvGeom,
-        residual: Option<&[f32]>,
+        residual: Residual,
         act: Act,
         sub: Subset,
         out: &mut [f32],
@@ -1001,17 +1018,22 @@ impl EngineExecutor {
                         for &r in rows {
                             let at = (s * rows_total + r) * n;
                             match residual {
-                                Some(res) => out[at..at + n].copy_from_slice(&res[at..at + n]),
-                                None => out[at..at + n].fill(0.0),
+                                Residual::Apart(res) => {
+                                    out[at..at + n].copy_from_slice(&res[at..at + n])
+                                }
+                                Residual::None => out[at..at + n].fill(0.0),
+                                Residual::InOut => {}
                             }
                         }
                     }
                 }
             }
-            // Cells outside the lists: the residual passes through, or zero.
+            // Cells outside the lists: the residual passes through (already there when
+            // it is in the output), or zero.
             _ => match residual {
-                Some(r) => out.copy_from_slice(&r[..batch * rows_total * n]),
-                None => out.fill(0.0),
+                Residual::Apart(r) => out.copy_from_slice(&r[..batch * rows_total * n]),
+                Residual::None => out.fill(0.0),
+                Residual::InOut => {}
             },
         }
         let ptr = OutPtr(out.as_mut_ptr());
@@ -1037,7 +1059,12 @@ impl EngineExecutor {
             };
             let ep = Epilogue {
                 bias: &bias[grp * rows_per_group..(grp + 1) * rows_per_group],
-                residual: residual.map(|r| &r[out_off..out_off + rows_per_group * n]),
+                residual: match residual {
+                    Residual::Apart(r) => {
+                        Residual::Apart(&r[out_off..out_off + rows_per_group * n])
+                    }
+                    other => other,
+                },
                 act,
             };
             let first = chunk * row_blocks / chunks * mr;
@@ -1412,7 +1439,9 @@ impl EngineExecutor {
                 .enumerate()
                 .map(|(s, plan)| Epilogue {
                     bias: plan.bias,
-                    residual: residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]),
+                    residual: residual
+                        .map(|r| &r[s * cout * n..(s + 1) * cout * n])
+                        .into(),
                     act,
                 })
                 .collect();
@@ -1522,7 +1551,7 @@ impl EngineExecutor {
         wg: &WinogradWeights,
         bias: &[f32],
         g: &ConvGeom,
-        residual: Option<&[f32]>,
+        residual: Residual,
         act: Act,
         sub: Subset,
         out: &mut [f32],
@@ -1533,8 +1562,9 @@ impl EngineExecutor {
         // Cells of dropped rows that a reader may see: the residual passes through, or zero.
         if sub.rows.is_some() && !sub.dropped_unread {
             match residual {
-                Some(r) => out.copy_from_slice(&r[..out.len()]),
-                None => out.fill(0.0),
+                Residual::Apart(r) => out.copy_from_slice(&r[..out.len()]),
+                Residual::None => out.fill(0.0),
+                Residual::InOut => {}
             }
         }
         // One job for the whole batch: every sample's tiles go through the GEMMs together.
@@ -1837,6 +1867,23 @@ impl EngineExecutor {
             }
             let start = std::time::Instant::now();
             let mut gate_ms = 0.0;
+            // A dense convolution that is the last reader of its residual writes its
+            // output over it (`Residual::InOut`).
+            let in_out = match layer {
+                Layer::Gemm {
+                    residual: Some(rv),
+                    groups,
+                    ..
+                } if self.last_use[*rv] == i
+                    && *rv != *src
+                    && !(kept[*src].is_some() && *groups == 1)
+                    && self.conv_gates(i, cuts).is_open()
+                    && self.bands[i].is_none() =>
+                {
+                    values[*rv].take()
+                }
+                _ => None,
+            };
             let get = |v: usize| {
                 values[v]
                     .as_deref()
@@ -1856,19 +1903,12 @@ impl EngineExecutor {
                     winograd,
                 } => {
                     let wino = winograd.as_ref();
-                    let r = residual.map(get).transpose()?;
-                    let ic_sets = kept[*src].as_ref().filter(|_| *groups == 1);
-                    let cut = cuts.map(|c| c[i]);
-                    let gates = ConvGates {
-                        channels: match (cut.map(|c| c.channels), &self.gates[i]) {
-                            (Some(c), Some(g)) if c != Cut::All => Some((g, c)),
-                            _ => None,
-                        },
-                        tiles: match (cut.map(|c| c.tiles), &self.spatial[i]) {
-                            (Some(c), Some(t)) if c != Cut::All => Some((t, c)),
-                            _ => None,
-                        },
+                    let r = match in_out {
+                        Some(_) => None,
+                        None => residual.map(get).transpose()?,
                     };
+                    let ic_sets = kept[*src].as_ref().filter(|_| *groups == 1);
+                    let gates = self.conv_gates(i, cuts);
                     let inputs = Inputs {
                         kept: ic_sets,
                         dropped: dropped.as_ref(),
@@ -1905,13 +1945,32 @@ impl EngineExecutor {
                         }),
                         _ => None,
                     };
-                    let ungated =
-                        ic_sets.is_none() && gates.channels.is_none() && gates.tiles.is_none();
+                    let ungated = ic_sets.is_none() && gates.is_open();
                     if ungated && band.is_none() {
-                        let out =
-                            self.conv_gemm(x, batch, weight, wino, bias, *groups, geom, r, *act);
+                        let out = match in_out {
+                            Some(mut out) => {
+                                self.conv_gemm_into(
+                                    x,
+                                    batch,
+                                    weight,
+                                    wino,
+                                    bias,
+                                    *groups,
+                                    geom,
+                                    Residual::InOut,
+                                    *act,
+                                    Subset::default(),
+                                    &mut out,
+                                );
+                                out
+                            }
+                            None => {
+                                self.conv_gemm(x, batch, weight, wino, bias, *groups, geom, r, *act)
+                            }
+                        };
                         (out, dense)
                     } else {
+                        debug_assert!(in_out.is_none(), "a gated layer took its residual's buffer");
                         let c = match band {
                             Some(pass) => {
                                 banded = true;
@@ -2041,6 +2100,21 @@ impl EngineExecutor {
             traces,
             gate_flops,
         })
+    }
+
+    /// The gates of convolution `i` that `cuts` close.
+    fn conv_gates(&self, i: usize, cuts: Option<&[NodeCut]>) -> ConvGates<'_> {
+        let cut = cuts.map(|c| c[i]);
+        ConvGates {
+            channels: match (cut.map(|c| c.channels), &self.gates[i]) {
+                (Some(c), Some(g)) if c != Cut::All => Some((g, c)),
+                _ => None,
+            },
+            tiles: match (cut.map(|c| c.tiles), &self.spatial[i]) {
+                (Some(c), Some(t)) if c != Cut::All => Some((t, c)),
+                _ => None,
+            },
+        }
     }
 
     /// One gated convolution, sample by sample: each sample's gates decide (from its
@@ -2189,7 +2263,7 @@ impl EngineExecutor {
                         b,
                         1,
                         geom,
-                        rs,
+                        rs.into(),
                         act,
                         subset(&d, cout, cin, unread, serial),
                         os,
@@ -3233,7 +3307,7 @@ mod tests {
                     &b,
                     1,
                     &g,
-                    rs.as_deref(),
+                    rs.as_deref().into(),
                     act,
                     sub,
                     &mut got,

@@ -36,9 +36,39 @@ pub const PACK: usize = 12;
 pub struct Epilogue<'a> {
     /// One bias per row of C.
     pub bias: &'a [f32],
-    /// Added before the activation, read at the same index as C.
-    pub residual: Option<&'a [f32]>,
+    /// Added before the activation.
+    pub residual: Residual<'a>,
     pub act: Act,
+}
+
+/// Where the epilogue's residual is read.
+#[derive(Clone, Copy)]
+pub enum Residual<'a> {
+    None,
+    /// At the same index as C.
+    Apart(&'a [f32]),
+    /// In C itself: each cell adds what it held. A residual whose last reader is this
+    /// convolution lends it its buffer as the output, so the output's lines are not
+    /// fetched from memory only to be overwritten, and half as many lines stream per tile.
+    InOut,
+}
+
+impl<'a> From<Option<&'a [f32]>> for Residual<'a> {
+    fn from(r: Option<&'a [f32]>) -> Self {
+        r.map_or(Residual::None, Residual::Apart)
+    }
+}
+
+impl Residual<'_> {
+    /// Where the residual of an output that starts at `c` starts (indexed as C), if any.
+    #[inline(always)]
+    pub fn base(self, c: *const f32) -> Option<*const f32> {
+        match self {
+            Residual::None => None,
+            Residual::Apart(r) => Some(r.as_ptr()),
+            Residual::InOut => Some(c),
+        }
+    }
 }
 
 /// Output pointer shared by tasks that write disjoint cells.
@@ -351,7 +381,8 @@ pub fn prefetch_epilogue(t: &Tile, ep: &Epilogue, c: *mut f32) {
                 let o = off.min(span - 1);
                 // SAFETY: prefetching computes an address and never faults.
                 unsafe {
-                    if let Some(r) = ep.residual {
+                    // A residual in C is prefetched with C.
+                    if let Residual::Apart(r) = ep.residual {
                         _mm_prefetch::<_MM_HINT_T0>(r.as_ptr().wrapping_add(at + o) as *const i8);
                     }
                     _mm_prefetch::<_MM_HINT_ET0>(c.wrapping_add(at + o) as *const i8);
@@ -443,8 +474,8 @@ unsafe fn store_run(
     use std::arch::x86_64::*;
     let zero = _mm512_setzero_ps();
     let mut v = _mm512_add_ps(v, bias);
-    if let Some(r) = ep.residual {
-        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(run, r.as_ptr().add(at)));
+    if let Some(r) = ep.residual.base(c) {
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(run, r.add(at)));
     }
     v = match ep.act {
         Act::None => v,
@@ -484,13 +515,15 @@ unsafe fn store_lanes_avx512(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32, la
 /// The epilogue's body, inlined into a copy compiled for each instruction set.
 #[inline(always)]
 unsafe fn store_body(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
+    // Read through a pointer: with the residual in C, it is the cell being stored.
+    let res = ep.residual.base(c);
     if let Some(lanes) = t.lanes {
         // Stored lanes in order, each to the next column.
         for (i, &row) in t.rows.iter().enumerate() {
             let stored = (0..NR).filter(|&j| lanes >> j & 1 == 1);
             for (j, &col) in stored.zip(t.cols) {
                 let idx = row * t.ldc + col;
-                let r = ep.residual.map_or(0.0, |r| r[idx]);
+                let r = res.map_or(0.0, |r| *r.add(idx));
                 *c.add(idx) = ep.act.apply(acc[i][j] + ep.bias[row] + r);
             }
         }
@@ -504,25 +537,16 @@ unsafe fn store_body(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
         let a = &acc[i][..n];
         if contiguous {
             let at = row * t.ldc + t.cols[0];
-            let dst = std::slice::from_raw_parts_mut(c.add(at), n);
-            match ep.residual {
-                Some(r) => {
-                    let r = &r[at..at + n];
-                    for j in 0..n {
-                        dst[j] = a[j] + b + r[j];
-                    }
-                }
-                None => {
-                    for j in 0..n {
-                        dst[j] = a[j] + b;
-                    }
-                }
+            for (j, &v) in a.iter().enumerate() {
+                let r = res.map_or(0.0, |r| *r.add(at + j));
+                *c.add(at + j) = v + b + r;
             }
-            ep.act.apply_slice(dst);
+            ep.act
+                .apply_slice(std::slice::from_raw_parts_mut(c.add(at), n));
         } else {
             for (j, &col) in t.cols.iter().enumerate() {
                 let idx = row * t.ldc + col;
-                let r = ep.residual.map_or(0.0, |r| r[idx]);
+                let r = res.map_or(0.0, |r| *r.add(idx));
                 *c.add(idx) = ep.act.apply(a[j] + b + r);
             }
         }
@@ -997,8 +1021,8 @@ mod avx2 {
                 for (j, s) in sums.iter().enumerate().take(n) {
                     // As `store_run`: bias, then the residual, then the activation.
                     let mut v = s[i] + f.ep.bias[row];
-                    if let Some(r) = f.ep.residual {
-                        v += *r.as_ptr().add(at + j);
+                    if let Some(r) = f.ep.residual.base(f.c) {
+                        v += *r.add(at + j);
                     }
                     let v = match f.ep.act {
                         Act::None => v,
@@ -1169,14 +1193,13 @@ mod avx2 {
                         row!(5);
                     }};
                 }
-                match (f.ep.residual, f.ep.act) {
+                match (f.ep.residual.base(f.c), f.ep.act) {
                     (None, Act::None) => whole!(|v: __m256, _: usize| v),
                     (None, Act::Relu) => whole!(|v: __m256, _: usize| _mm256_max_ps(v, zero)),
                     (None, Act::Relu6) => {
                         whole!(|v: __m256, _: usize| _mm256_min_ps(_mm256_max_ps(v, zero), six))
                     }
                     (Some(r), act) => {
-                        let r = r.as_ptr();
                         let add =
                             |v: __m256, at: usize| _mm256_add_ps(v, _mm256_loadu_ps(r.add(at)));
                         match act {
@@ -1330,11 +1353,11 @@ mod avx2 {
         let zero = _mm256_setzero_ps();
         let mut v = _mm256_add_ps(v, bias);
         let m = first_lanes(len);
-        if let Some(r) = ep.residual {
+        if let Some(r) = ep.residual.base(c) {
             let rv = if len == 8 {
-                _mm256_loadu_ps(r.as_ptr().add(at))
+                _mm256_loadu_ps(r.add(at))
             } else {
-                _mm256_maskload_ps(r.as_ptr().add(at), m)
+                _mm256_maskload_ps(r.add(at), m)
             };
             v = _mm256_add_ps(v, rv);
         }
@@ -1584,7 +1607,7 @@ mod tests {
             let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
             let ep = Epilogue {
                 bias: &bias,
-                residual,
+                residual: residual.into(),
                 act,
             };
             for isa in isas() {
@@ -1797,7 +1820,12 @@ mod tests {
             let mut cols = sample(&mut rng, n, kept).into_vec();
             cols.sort_unstable();
             let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
-            let residual = rng.random_bool(0.5).then_some(res.as_slice());
+            // No residual, one apart, or one already in C (every cell starts as it).
+            let (residual, in_out) = match rng.random_range(0..3) {
+                0 => (Residual::None, None),
+                1 => (Residual::Apart(&res), Some(&res[..])),
+                _ => (Residual::InOut, Some(&res[..])),
+            };
             let mut packed = vec![f32::NAN; packed_len(cols.len(), k)];
             pack_im2col(&x, &gk, mapped.then_some(&chans[..]), &cols, &mut packed);
             // A packed whole (tiles map kept columns), or the kept input channels'
@@ -1811,7 +1839,10 @@ mod tests {
                 (whole, lda, mapped.then_some(kmap))
             };
             for isa in isas() {
-                let mut c = vec![0f32; m * n];
+                let mut c = match residual {
+                    Residual::InOut => res.clone(),
+                    _ => vec![0f32; m * n],
+                };
                 let ep = Epilogue {
                     bias: &bias,
                     residual,
@@ -1840,14 +1871,19 @@ mod tests {
                     for pos in 0..n {
                         let got = c[co * n + pos];
                         if rows.binary_search(&co).is_ok() && cols.binary_search(&pos).is_ok() {
-                            let r = residual.map_or(0.0, |r| r[co * n + pos]);
+                            let r = in_out.map_or(0.0, |r| r[co * n + pos]);
                             let want = act.apply(naive(&x, &w, &g, &chans, co, pos) + bias[co] + r);
                             assert!(
                                 (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
                                 "{isa:?} {g:?}: {got} vs {want}"
                             );
                         } else {
-                            assert_eq!(got, 0.0, "{isa:?}: wrote a cell outside the plan");
+                            // Untouched: zero, or the residual C held.
+                            let was = match residual {
+                                Residual::InOut => res[co * n + pos],
+                                _ => 0.0,
+                            };
+                            assert_eq!(got, was, "{isa:?}: wrote a cell outside the plan");
                         }
                     }
                 }

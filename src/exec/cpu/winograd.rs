@@ -24,7 +24,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::gemm::{self, Epilogue, Isa, OutPtr, Tile, NR, PACK};
+use super::gemm::{self, Epilogue, Isa, OutPtr, Residual, Tile, NR, PACK};
 use super::pool::BufferPool;
 use crate::model::Act;
 
@@ -100,8 +100,8 @@ pub struct Job<'a> {
     /// Kept output channels (strictly ascending), or all.
     pub rows: Option<&'a [usize]>,
     pub bias: &'a [f32],
-    /// Added before the activation; the output's layout.
-    pub residual: Option<&'a [f32]>,
+    /// Added before the activation; the output's layout (or already in it).
+    pub residual: Residual<'a>,
     pub act: Act,
     /// Whether to run on this thread only (a batch's samples already run in parallel).
     pub serial: bool,
@@ -219,7 +219,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
         let mp = OutPtr(m.as_mut_ptr());
         let ep = Epilogue {
             bias: &zeros,
-            residual: None,
+            residual: Residual::None,
             act: Act::None,
         };
         let task = |(xi, q): (usize, usize)| {
@@ -265,7 +265,11 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
         let at = s * out_len + r * h * w;
         // SAFETY: (sample, row) writes its own plane only.
         let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(at), h * w) };
-        let res = job.residual.map(|q| &q[at..at + h * w]);
+        let res = match job.residual {
+            Residual::None => Plane::Zero,
+            Residual::Apart(q) => Plane::Apart(&q[at..at + h * w]),
+            Residual::InOut => Plane::InOut,
+        };
         let from = i * ldc + s * t_one;
         output_transform(m, m_xi, from, [h, w], job.bias[r], res, job.act, dst);
     };
@@ -424,6 +428,14 @@ unsafe fn input_transform_body(
     }
 }
 
+/// The residual of one output plane.
+enum Plane<'a> {
+    Zero,
+    Apart(&'a [f32]),
+    /// The plane holds it.
+    InOut,
+}
+
 /// Transforms one output row's `M` back into its plane, with bias, residual and
 /// activation: `Y = Aᵀ M A`, `Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
 #[allow(clippy::too_many_arguments)]
@@ -433,7 +445,7 @@ fn output_transform(
     row_at: usize,
     [h, w]: [usize; 2],
     bias: f32,
-    residual: Option<&[f32]>,
+    residual: Plane,
     act: Act,
     dst: &mut [f32],
 ) {
@@ -466,10 +478,19 @@ fn output_transform(
                 break;
             }
             let o = &mut dst[oy * w..(oy + 1) * w];
-            for (ox, o) in o.iter_mut().enumerate() {
-                *o = ya[ox % 2][ox / 2];
+            match residual {
+                Plane::InOut => {
+                    for (ox, o) in o.iter_mut().enumerate() {
+                        *o += ya[ox % 2][ox / 2];
+                    }
+                }
+                _ => {
+                    for (ox, o) in o.iter_mut().enumerate() {
+                        *o = ya[ox % 2][ox / 2];
+                    }
+                }
             }
-            if let Some(res) = residual {
+            if let Plane::Apart(res) = residual {
                 for (o, &q) in o.iter_mut().zip(&res[oy * w..(oy + 1) * w]) {
                     *o += q;
                 }
@@ -542,7 +563,12 @@ mod tests {
             let w = uniform(cout * cin * 9);
             let bias = uniform(cout);
             let res = uniform(batch * cout * plane);
-            let with_res = rng.random_bool(0.5);
+            // No residual, one apart, or one already in the output.
+            let (with_res, in_out) = match rng.random_range(0..3) {
+                0 => (false, false),
+                1 => (true, false),
+                _ => (true, true),
+            };
             let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
             let (chans, rows) = (subset(&mut rng, cin), subset(&mut rng, cout));
             let ww = WinogradWeights::new(&w, cout, cin);
@@ -553,7 +579,16 @@ mod tests {
                 (Isa::detect(), true),
                 (Isa::Portable, false),
             ] {
-                let mut out = vec![f32::NAN; batch * cout * plane];
+                let mut out = if in_out {
+                    res.clone()
+                } else {
+                    vec![f32::NAN; batch * cout * plane]
+                };
+                let residual = match (with_res, in_out) {
+                    (false, _) => Residual::None,
+                    (true, false) => Residual::Apart(&res),
+                    (true, true) => Residual::InOut,
+                };
                 let job = Job {
                     isa,
                     batch,
@@ -563,7 +598,7 @@ mod tests {
                     chans: chans.as_deref(),
                     rows: rows.as_deref(),
                     bias: &bias,
-                    residual: with_res.then_some(&res[..]),
+                    residual,
                     act,
                     serial,
                 };
@@ -574,8 +609,13 @@ mod tests {
                         let got = &out[(s * cout + o) * plane..][..plane];
                         if kept_r.binary_search(&o).is_err() {
                             // Dropped rows are not written.
+                            let was = &res[(s * cout + o) * plane..][..plane];
                             assert!(
-                                got.iter().all(|v| v.is_nan()),
+                                got.iter().zip(was).all(|(g, w)| if in_out {
+                                    g == w
+                                } else {
+                                    g.is_nan()
+                                }),
                                 "case {case}: row {o} written"
                             );
                             continue;
