@@ -1341,7 +1341,7 @@ impl EngineExecutor {
         g: &ConvGeom,
         act: Act,
         plans: &[SamplePlan],
-        residual: Option<&[f32]>,
+        residual: Residual,
         out: &mut [f32],
     ) {
         let batch = plans.len();
@@ -1416,8 +1416,9 @@ impl EngineExecutor {
             if plan.rows.is_some() && !plan.dropped_unread {
                 let o = &mut out[s * cout * n..(s + 1) * cout * n];
                 match residual {
-                    Some(r) => o.copy_from_slice(&r[s * cout * n..(s + 1) * cout * n]),
-                    None => o.fill(0.0),
+                    Residual::Apart(r) => o.copy_from_slice(&r[s * cout * n..(s + 1) * cout * n]),
+                    Residual::None => o.fill(0.0),
+                    Residual::InOut => {}
                 }
             }
         }
@@ -1439,9 +1440,7 @@ impl EngineExecutor {
                 .enumerate()
                 .map(|(s, plan)| Epilogue {
                     bias: plan.bias,
-                    residual: residual
-                        .map(|r| &r[s * cout * n..(s + 1) * cout * n])
-                        .into(),
+                    residual: residual.sample(s, cout * n),
                     act,
                 })
                 .collect();
@@ -1867,19 +1866,12 @@ impl EngineExecutor {
             }
             let start = std::time::Instant::now();
             let mut gate_ms = 0.0;
-            // A dense convolution that is the last reader of its residual writes its
-            // output over it (`Residual::InOut`).
+            // A convolution that is the last reader of its residual writes its output over
+            // it (`Residual::InOut`); a gated one leaves the cells it skips as they are.
             let in_out = match layer {
                 Layer::Gemm {
-                    residual: Some(rv),
-                    groups,
-                    ..
-                } if self.last_use[*rv] == i
-                    && *rv != *src
-                    && !(kept[*src].is_some() && *groups == 1)
-                    && self.conv_gates(i, cuts).is_open()
-                    && self.bands[i].is_none() =>
-                {
+                    residual: Some(rv), ..
+                } if self.last_use[*rv] == i && *rv != *src && self.bands[i].is_none() => {
                     values[*rv].take()
                 }
                 _ => None,
@@ -1970,14 +1962,13 @@ impl EngineExecutor {
                         };
                         (out, dense)
                     } else {
-                        debug_assert!(in_out.is_none(), "a gated layer took its residual's buffer");
                         let c = match band {
                             Some(pass) => {
                                 banded = true;
                                 self.run_bands(x, batch, geom, pass, self.sizes[i + 2])
                             }
                             None => self.conv_compact(
-                                x, batch, weight, wino, bias, geom, r, *act, inputs, gates,
+                                x, batch, weight, wino, bias, geom, r, in_out, *act, inputs, gates,
                             ),
                         };
                         if gates.channels.is_some() {
@@ -2132,6 +2123,7 @@ impl EngineExecutor {
         bias: &[f32],
         geom: &ConvGeom,
         residual: Option<&[f32]>,
+        in_out: Option<Buf>,
         act: Act,
         inputs: Inputs,
         gates: ConvGates,
@@ -2143,8 +2135,12 @@ impl EngineExecutor {
         let taps = geom.kernel[0] * geom.kernel[1];
         // Enough samples to share out: one thread each.
         let serial = batch >= 2 * rayon::current_num_threads();
-        // Every cell read later is written below.
-        let mut out = self.pool.take_dirty(batch * cout * n);
+        // Every cell read later is written below; or the output is the residual's buffer,
+        // whose cells the convolution adds to or leaves as they are.
+        let (mut out, residual) = match in_out {
+            Some(buf) => (buf, Residual::InOut),
+            None => (self.pool.take_dirty(batch * cout * n), residual.into()),
+        };
         let decide = |s: usize| -> Decided {
             let xs = &x[s * cin * plane..(s + 1) * cin * plane];
             let ic: Vec<usize> = ic_sets.map_or_else(|| (0..cin).collect(), |v| v[s].clone());
@@ -2253,7 +2249,7 @@ impl EngineExecutor {
                 .map(|(s, os)| {
                     let d = decide(s);
                     let xs = &x[s * cin * plane..(s + 1) * cin * plane];
-                    let rs = residual.map(|r| &r[s * cout * n..(s + 1) * cout * n]);
+                    let rs = residual.sample(s, cout * n);
                     let b = bias_of(d.shifted);
                     self.conv_gemm_into(
                         xs,
@@ -2263,7 +2259,7 @@ impl EngineExecutor {
                         b,
                         1,
                         geom,
-                        rs.into(),
+                        rs,
                         act,
                         subset(&d, cout, cin, unread, serial),
                         os,
@@ -3278,10 +3274,17 @@ mod tests {
             };
             let plan = (&ic[..], &oc[..], cols.as_deref());
             let mut want = naive_conv(&xs, &w, &b, &g, rs.as_deref(), act, plan);
+            // A residual apart, or already in the output.
+            let in_out = rs.is_some() && rng.random_bool(0.5);
             if sub.dropped_unread {
-                // Dropped rows are left as they were: NaN here, NaN there.
+                // Dropped rows are left as they were: NaN here, NaN there (or the
+                // residual the output held).
                 for o in (0..cout).filter(|o| oc.binary_search(o).is_err()) {
-                    want[o * n..(o + 1) * n].fill(f32::NAN);
+                    let was = &mut want[o * n..(o + 1) * n];
+                    match rs.as_deref().filter(|_| in_out) {
+                        Some(r) => was.copy_from_slice(&r[o * n..(o + 1) * n]),
+                        None => was.fill(f32::NAN),
+                    }
                 }
             }
             let packed = gemm::pack_a(&w, cout, g.k());
@@ -3298,19 +3301,12 @@ mod tests {
                     .flat_map(|w| engines.iter().map(move |e| (e, Some(w)))),
             );
             for (e, wino) in runs {
-                let mut got = vec![f32::NAN; cout * n];
+                let (mut got, residual) = match &rs {
+                    Some(r) if in_out => (r.clone(), Residual::InOut),
+                    r => (vec![f32::NAN; cout * n], r.as_deref().into()),
+                };
                 e.conv_gemm_into(
-                    &xs,
-                    1,
-                    &packed,
-                    wino,
-                    &b,
-                    1,
-                    &g,
-                    rs.as_deref().into(),
-                    act,
-                    sub,
-                    &mut got,
+                    &xs, 1, &packed, wino, &b, 1, &g, residual, act, sub, &mut got,
                 );
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(a.is_nan(), b.is_nan(), "cell {i}: {a} vs {b}");
@@ -3396,16 +3392,13 @@ mod tests {
                 })
                 .collect();
             let packed = gemm::pack_a(&w, cout, g.k());
-            let mut got = vec![f32::NAN; batch * cout * n];
-            e.conv_gated_batch(
-                &xs,
-                &packed,
-                &g,
-                act,
-                &sample_plans,
-                rs.as_deref(),
-                &mut got,
-            );
+            // A residual apart, or already in the output.
+            let in_out = rs.is_some() && rng.random_bool(0.5);
+            let (mut got, residual) = match &rs {
+                Some(r) if in_out => (r.clone(), Residual::InOut),
+                r => (vec![f32::NAN; batch * cout * n], r.as_deref().into()),
+            };
+            e.conv_gated_batch(&xs, &packed, &g, act, &sample_plans, residual, &mut got);
             for (s, ((ic, oc, unread), bias)) in plans.iter().zip(&biases).enumerate() {
                 let x = &xs[s * g.in_c * plane..(s + 1) * g.in_c * plane];
                 let r = rs.as_deref().map(|r| &r[s * cout * n..(s + 1) * cout * n]);
@@ -3413,7 +3406,11 @@ mod tests {
                 if *unread {
                     // Dropped rows are left as they were.
                     for o in (0..cout).filter(|o| oc.binary_search(o).is_err()) {
-                        want[o * n..(o + 1) * n].fill(f32::NAN);
+                        let was = &mut want[o * n..(o + 1) * n];
+                        match r.filter(|_| in_out) {
+                            Some(r) => was.copy_from_slice(&r[o * n..(o + 1) * n]),
+                            None => was.fill(f32::NAN),
+                        }
                     }
                 }
                 let got = &got[s * cout * n..(s + 1) * cout * n];

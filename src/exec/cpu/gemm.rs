@@ -59,7 +59,15 @@ impl<'a> From<Option<&'a [f32]>> for Residual<'a> {
     }
 }
 
-impl Residual<'_> {
+impl<'a> Residual<'a> {
+    /// Sample `s`'s part, of `len` values per sample.
+    pub fn sample(self, s: usize, len: usize) -> Residual<'a> {
+        match self {
+            Residual::Apart(r) => Residual::Apart(&r[s * len..(s + 1) * len]),
+            other => other,
+        }
+    }
+
     /// Where the residual of an output that starts at `c` starts (indexed as C), if any.
     #[inline(always)]
     pub fn base(self, c: *const f32) -> Option<*const f32> {
