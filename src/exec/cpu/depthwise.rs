@@ -1,6 +1,7 @@
-//! Direct depthwise convolution. With AVX2, 3×3 and 5×5 windows of stride 1 or 2 run
-//! eight planes at a time, a channel per vector lane (`depthwise_lanes`;
-//! `Plan::with_lanes` has the numbers); the rest run plane by plane, as follows. With
+//! Direct depthwise convolution. With AVX2 (on AVX-512 CPUs too), 3×3 and 5×5 windows
+//! of stride 1 or 2 run eight planes at a time, a channel per vector lane
+//! (`depthwise_lanes`; `Plan::with_lanes` and `lanes_run_on` have the numbers); the rest
+//! run plane by plane, as follows. With
 //! AVX-512, taps read the input in place through masked loads (`depthwise_avx512`);
 //! with AVX2, small stride-1 3×3 planes and 5×5 planes of stride 1 or 2 go through a
 //! copy with zero-padded rows a whole number of vectors long, others are read in place
@@ -49,8 +50,8 @@ impl Plan {
         Plan::with_lanes(win, path, false)
     }
 
-    /// The plan on `path`, its planes eight at a time when `grouped`, the path is AVX2
-    /// and [`depthwise_lanes`] supports the window.
+    /// The plan on `path`, its planes eight at a time when `grouped`, the CPU runs them
+    /// ([`lanes_run_on`]) and [`depthwise_lanes`] supports the window.
     ///
     /// One-layer models, in-process pairs (100–150), the layer's time in lanes against
     /// plane by plane, one thread, whole planes in one buffer: 3×3 at 7×7 0.63 (960
@@ -90,7 +91,7 @@ impl Plan {
             #[cfg(target_arch = "x86_64")]
             pitch,
             #[cfg(target_arch = "x86_64")]
-            lanes: grouped && path == Path::Avx2 && depthwise_lanes::supports(&win),
+            lanes: grouped && lanes_run_on(path) && depthwise_lanes::supports(&win),
         }
     }
 
@@ -132,8 +133,8 @@ impl Plan {
                     residual: None,
                     out,
                 };
-                // SAFETY: the plan is in lanes only on the AVX2 path (the CPU has AVX2
-                // and FMA) for a window `depthwise_lanes` supports; every plane's slices
+                // SAFETY: the plan is in lanes only where the CPU has AVX2 and FMA
+                // (`lanes_run_on`), for a window `depthwise_lanes` supports; every plane's slices
                 // hold a whole plane (asserted above), the stored lanes' outputs are
                 // distinct `&mut` slices, and the rows are the window's.
                 unsafe { depthwise_lanes::group(&win, &g, act, 0..win.out_hw[0], scratch) };
@@ -239,6 +240,25 @@ const PITCHED_3X3_BELOW: usize = 28;
 #[cfg(target_arch = "x86_64")]
 fn padded_sweep(win: &Window) -> bool {
     win.out_hw[1] >= depthwise_avx2::LANES && matches!(win.kernel, [3, 3] | [5, 5])
+}
+
+/// Whether planes in lanes (AVX2 and FMA) run on `path`'s CPU: on AVX2, and on AVX-512
+/// too, where the masked plane-by-plane kernels leave most of a 16-lane vector idle on
+/// small planes. AVX-512, one thread, in-process pairs (40), the depthwise layers in
+/// lanes against plane by plane: MobileNetV2's 0.68–0.93 of their time (7×7 planes
+/// 0.78–0.79, stride 2 0.68–0.77), EfficientNet-Lite0's 0.52–0.95 (5×5 at 14×14
+/// 0.52–0.60); whole passes on 2 threads 0.986 / 0.988 (batch 1 / 8) for MobileNetV2,
+/// 0.935 / 0.917 for Lite0; at budget 0.5 0.984 / 0.989 and 0.969 / 0.969.
+#[cfg(target_arch = "x86_64")]
+fn lanes_run_on(path: Path) -> bool {
+    match path {
+        Path::Avx2 => true,
+        Path::Avx512 => {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        }
+        Path::Generic => false,
+    }
 }
 
 /// The kernels a plane can run on, fastest first.
@@ -348,8 +368,8 @@ fn planes_in_lanes(plan: &Plan, job: &Job, out: &mut [f32]) {
                     .map(|r| std::array::from_fn(|l| r[at(l) * out_plane..].as_ptr())),
                 out: std::array::from_fn(|l| o.get().wrapping_add(at(l) * out_plane)),
             };
-            // SAFETY: the path is AVX2 (so the CPU has AVX2 and FMA) and the window one
-            // `depthwise_lanes` supports (`Plan::with_lanes`); every plane index is below
+            // SAFETY: the plan is in lanes, so the CPU has AVX2 and FMA (`lanes_run_on`),
+            // and the window is one `depthwise_lanes` supports (`Plan::with_lanes`); every plane index is below
             // `total`, so each pointer starts a whole plane of its buffer; the groups
             // share out distinct indices, so no two lanes write the same plane, and the
             // parts of one group distinct rows inside `0..oh`.
