@@ -1871,7 +1871,13 @@ impl EngineExecutor {
             let in_out = match layer {
                 Layer::Gemm {
                     residual: Some(rv), ..
-                } if self.last_use[*rv] == i && *rv != *src && self.bands[i].is_none() => {
+                } if self.last_use[*rv] == i
+                    && *rv != *src
+                    && self.bands[i].is_none()
+                    && values[*rv]
+                        .as_ref()
+                        .is_some_and(|b| b.len() == batch * self.sizes[i + 1]) =>
+                {
                     values[*rv].take()
                 }
                 _ => None,
