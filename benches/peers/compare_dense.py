@@ -1,8 +1,10 @@
 """Dense latency, dynsparse against ONNX Runtime on the same weights, as a Markdown table.
 
-Runs `examples/dense_latency` (ours) and `ort_dense.py` (ONNX Runtime) alternately for
-several rounds, so that drift on a shared machine hits both, and reports the median of
-the per-round medians and the ratio ours/ORT.
+Runs `examples/dense_latency` (ours) and `ort_dense.py` (ONNX Runtime) alternately,
+model by model, for several rounds (which of the two goes first alternates from round to
+round), so that drift on a shared machine hits both sides of each pair within seconds;
+reports the median of the per-round medians, their ratio ours/ORT, and the median and
+range of the per-round ratios.
 
 usage: python3 benches/peers/compare_dense.py [--rounds 3] [--runs 15] [--threads 2]
 Needs: target/fixtures (tests/make_reference.py), onnxruntime and onnx installed, and
@@ -50,19 +52,29 @@ def main() -> None:
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
     models = converted_models(ARCHS)
     ours, ort = {}, {}
+    ours_bin = os.path.join(ROOT, "target", "release", "examples", "dense_latency")
+    ort_py = os.path.join(ROOT, "benches", "peers", "ort_dense.py")
     for r in range(a.rounds):
         print(f"round {r + 1}/{a.rounds}", file=sys.stderr, flush=True)
-        for row in run_json_lines([os.path.join(ROOT, "target", "release", "examples", "dense_latency"),
-                                   "--runs", str(a.runs), "--batch", a.batch, *models], env):
-            ours.setdefault((row["model"], row["batch"]), []).append(row["median_ms"])
-        for row in run_json_lines([sys.executable, os.path.join(ROOT, "benches", "peers", "ort_dense.py"),
-                                   "--runs", str(a.runs), "--threads", str(a.threads), "--batch", a.batch, *ARCHS]):
-            ort.setdefault((row["model"], row["batch"]), []).append(row["median_ms"])
-    print(f"| model | batch | dynsparse ms | ONNX Runtime ms | ours/ORT |")
-    print(f"|---|---|---|---|---|")
+        for arch, model in zip(ARCHS, models):
+            def run_ours():
+                for row in run_json_lines([ours_bin, "--runs", str(a.runs), "--batch", a.batch, model], env):
+                    ours.setdefault((row["model"], row["batch"]), []).append(row["median_ms"])
+
+            def run_ort():
+                for row in run_json_lines([sys.executable, ort_py, "--runs", str(a.runs),
+                                           "--threads", str(a.threads), "--batch", a.batch, arch]):
+                    ort.setdefault((row["model"], row["batch"]), []).append(row["median_ms"])
+
+            for side in ((run_ours, run_ort) if r % 2 == 0 else (run_ort, run_ours)):
+                side()
+    print("| model | batch | dynsparse ms | ONNX Runtime ms | ours/ORT | per round: median (range) |")
+    print("|---|---|---|---|---|---|")
     for key in sorted(ours, key=lambda k: (ARCHS.index(k[0]), k[1])):
         o, p = statistics.median(ours[key]), statistics.median(ort[key])
-        print(f"| {key[0]} | {key[1]} | {o:.1f} | {p:.1f} | {o / p:.2f} |")
+        pairs = [x / y for x, y in zip(ours[key], ort[key])]
+        print(f"| {key[0]} | {key[1]} | {o:.1f} | {p:.1f} | {o / p:.2f} | "
+              f"{statistics.median(pairs):.2f} ({min(pairs):.2f}–{max(pairs):.2f}) |")
 
 
 if __name__ == "__main__":
