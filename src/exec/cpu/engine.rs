@@ -3073,10 +3073,6 @@ mod tests {
         [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)]
     }
 
-    /// The planned convolution by definition: for kept output channels at kept pixels, the
-    /// window sum over kept input channels (zero outside the image) plus bias and
-    /// residual, activated; every other cell the residual, or zero.
-    #[allow(clippy::too_many_arguments)]
     /// The geometry of a convolution with this padding on each side, or `None` where the
     /// padded input is smaller than the kernel.
     fn conv_geom(
@@ -3104,6 +3100,10 @@ mod tests {
         })
     }
 
+    /// The planned convolution by definition: for kept output channels at kept pixels, the
+    /// window sum over kept input channels (zero outside the image) plus bias and
+    /// residual, activated; every other cell the residual, or zero.
+    #[allow(clippy::too_many_arguments)]
     fn naive_conv(
         xs: &[f32],
         w: &[f32],
