@@ -350,7 +350,7 @@ fn planes_in_lanes(plan: &Plan, job: &Job, out: &mut [f32]) {
         } else {
             1
         })
-        .for_each_init(Vec::new, |scratch, t| {
+        .for_each_init(super::pool::Spare::take, |scratch, t| {
             let (first, part) = (t / parts * LANES, t % parts);
             let n = (count - first).min(LANES);
             let rows = (part * strips / parts * strip).min(oh)
@@ -391,7 +391,7 @@ fn planes(plan: &Plan, job: &Job, out: &mut [f32]) {
     out.par_chunks_mut(out_plane)
         .enumerate()
         .with_min_len((1024 / out_plane.max(1)).max(1))
-        .for_each_init(Vec::new, |scratch, (nc, o)| {
+        .for_each_init(super::pool::Spare::take, |scratch, (nc, o)| {
             if job.keep.is_some_and(|k| !k[nc]) {
                 return;
             }

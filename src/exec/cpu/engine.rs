@@ -1043,7 +1043,7 @@ impl EngineExecutor {
         // hardware prefetcher follows: each tile then prefetches the next one's output
         // and residual lines while it computes.
         let prefetch_io = rows_total * n * std::mem::size_of::<f32>() >= PREFETCH_OUT_BYTES;
-        let task = |(own, accs): &mut (Vec<f32>, Vec<gemm::Acc>), t: usize| {
+        let task = |(own, accs): &mut (super::pool::Spare, Vec<gemm::Acc>), t: usize| {
             let (chunk, sgq) = (t % chunks, t / chunks);
             let (q, sg) = (sgq % ngroups, sgq / ngroups);
             let grp = sg % groups;
@@ -1301,12 +1301,12 @@ impl EngineExecutor {
             }
         };
         if serial {
-            let mut own = (Vec::new(), Vec::new());
+            let mut own = (super::pool::Spare::take(), Vec::new());
             (0..tasks).for_each(|t| task(&mut own, t));
         } else {
             (0..tasks)
                 .into_par_iter()
-                .for_each_init(|| (Vec::new(), Vec::new()), task);
+                .for_each_init(|| (super::pool::Spare::take(), Vec::new()), task);
         }
         self.pool.give(packed);
         if let Some(a) = compact_a {
