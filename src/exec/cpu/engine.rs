@@ -961,13 +961,36 @@ impl EngineExecutor {
         // stride 2 256 → 128 from 56×56 0.90, 1×1 512 → 128 at 28×28 (one panel per
         // group) 1.00; whole passes (40 pairs, batch 1): ResNet-18 0.97, ResNet-50 0.98,
         // at budget 0.5 0.99–1.00; batch 8 (10–20 pairs) 0.99–1.03.
-        let ngroups = panels.div_ceil(per_group);
         // Enough tasks to keep every thread busy, in whole row blocks (one thread: one
         // task per panel group, so each panel is packed once).
         let wanted = if serial {
             1
         } else {
             4 * rayon::current_num_threads()
+        };
+        // A dense layer of few panels whose last is narrow (a 14×14 plane's 196 = 6 · 32
+        // + 4) at a batch too small to give every thread several tasks: the narrow panel
+        // joins the group before it. On its own its tasks took a fraction of the others'
+        // time, the thread given them ran out of work first and waited (traced per task:
+        // 384 → 64 at 14×14, one thread 7 tasks of 8.5 µs, the other 5 and two of 2.5).
+        // Whole passes, 2 threads, batch 1, in-process pairs (100): MobileNetV2 0.982–0.989
+        // of the time, EfficientNet-Lite0 0.986–0.994; ResNets 0.997–1.001. Not with
+        // many panels (a 28×28 plane's 25: its 1×1 layers took up to 1.4× the time, its
+        // depthwise layers reading what the other core had written up to 1.6×), nor at
+        // batch 8, nor for gated layers (budget 0.5: 1.00–1.01).
+        let last_width = ncols - (panels.max(1) - 1) * NR;
+        let merged = per_group == 1
+            && only_rows.is_none()
+            && chans.is_none()
+            && !implicit
+            && !flat
+            && (2..=8).contains(&panels)
+            && batch * groups * panels < wanted
+            && last_width <= 16;
+        let ngroups = if merged {
+            panels - 1
+        } else {
+            panels.div_ceil(per_group)
         };
         let chunks = (wanted.div_ceil(batch * groups * ngroups)).clamp(1, row_blocks);
         // Chunk `c` takes row blocks `c · row_blocks / chunks ..`: sizes differ by at most
@@ -981,7 +1004,7 @@ impl EngineExecutor {
         // With enough panels to share out, each task packs its own panel into a buffer of
         // its thread and computes all rows on it while it is hot (`chunks` is 1). With few
         // panels, or panels in groups, panels are packed once up front instead.
-        let fused = chunks == 1 && per_group == 1;
+        let fused = chunks == 1 && per_group == 1 && !merged;
         let mut packed = self.pool.take_dirty(if fused || implicit {
             0
         } else {
@@ -3338,6 +3361,78 @@ mod tests {
                     oc.len(),
                     cols.as_ref().map(Vec::len)
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn a_narrow_last_panel_run_with_the_panel_before_it_matches_a_naive_reference() {
+        // Two threads, so that a batch of one has too few panels for the tasks wanted and
+        // the narrow last panel joins the group before it (see `conv_gemm_into`).
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut rng = fresh_rng();
+        // 14×14 (6 · 32 + 4), 7×10 (2 · 32 + 6), 9×9 (2 · 32 + 17: not narrow); 1×1 read
+        // in place and 3×3 packed.
+        for (hw, kernel) in [
+            ([14, 14], 1),
+            ([14, 14], 3),
+            ([7, 10], 1),
+            ([7, 10], 3),
+            ([9, 9], 1),
+        ] {
+            let p = kernel / 2;
+            let g = conv_geom(24, hw, [kernel; 2], [1, 1], [p, p], [p, p]).unwrap();
+            let n = g.out_hw[0] * g.out_hw[1];
+            for cout in [16, 64, 100] {
+                let xs: Vec<f32> = (0..g.in_c * hw[0] * hw[1])
+                    .map(|_| rng.random_range(-1.0..1.0))
+                    .collect();
+                let w: Vec<f32> = (0..cout * g.k())
+                    .map(|_| rng.random_range(-1.0..1.0))
+                    .collect();
+                let b: Vec<f32> = (0..cout).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let every = (
+                    (0..g.in_c).collect::<Vec<_>>(),
+                    (0..cout).collect::<Vec<_>>(),
+                );
+                let want = naive_conv(&xs, &w, &b, &g, None, Act::Relu, (&every.0, &every.1, None));
+                let packed = gemm::pack_a(&w, cout, g.k());
+                for isa in isas() {
+                    let e = bare(isa);
+                    let mut got = vec![f32::NAN; cout * n];
+                    pool.install(|| {
+                        e.conv_gemm_into(
+                            &xs,
+                            1,
+                            &packed,
+                            None,
+                            &b,
+                            1,
+                            &g,
+                            Residual::None,
+                            Act::Relu,
+                            Subset::default(),
+                            &mut got,
+                        )
+                    });
+                    assert!(
+                        got.iter().all(|v| v.is_finite()),
+                        "{isa:?} {hw:?}: a cell unwritten"
+                    );
+                    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        err <= 1e-5 * scale * (g.k() as f32).sqrt(),
+                        "{isa:?} {hw:?} {kernel}×{kernel} cout {cout}: error {err}"
+                    );
+                }
             }
         }
     }
