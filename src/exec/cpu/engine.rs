@@ -358,6 +358,16 @@ const SMALL_A_BYTES: usize = 16 << 10;
 /// Narrowest output row a k×k stride-1 convolution reads in place (see `conv_gemm_into`).
 const IMPLICIT_WIDTH: usize = 28;
 
+/// Longest K up to which a convolution read in place runs a whole output row per task
+/// (its row segments as one panel group) rather than one segment. A 3×3 stem over three
+/// channels (K = 27) does about 0.5 µs of multiply-adds per segment of 32 positions, and
+/// the task around it (its tiles, the loop's split) cost about a third as much again.
+/// MobileNetV2's and EfficientNet-Lite0's stems (3×3 stride 2, 112 wide) took 0.79 of
+/// their time; whole passes, 2 threads, in-process pairs: 0.985–0.997 at batch 1,
+/// 0.993–1.004 at batch 8, 0.990–0.996 at budget 0.5. Up to 256, taking in ResNet's 7×7
+/// stem (K = 147): ResNet-18 1.005 at batch 1 and 1.017 at batch 8.
+const IMPLICIT_ROW_TASK_K: usize = 64;
+
 /// Output widths at which an AVX2 k×k stride-1 convolution sweeps its padded input flat
 /// (see `conv_gemm_into`). A 28-wide row as a row segment computes 32 lanes, flat 30; a
 /// 14-wide layer has no row segments and packed its panels (im2col), flat it reads them
@@ -969,6 +979,9 @@ impl EngineExecutor {
         let read_bytes = spanned * gemm::PACK * k * std::mem::size_of::<f32>();
         let per_group = if read_bytes > self.a_resident {
             panels.min(GROUP_PANELS)
+        } else if implicit && k <= IMPLICIT_ROW_TASK_K {
+            // A whole output row per task (see IMPLICIT_ROW_TASK_K).
+            segs.min(panels).max(1)
         } else {
             1
         };
