@@ -3321,13 +3321,9 @@ mod tests {
             let cout = rng.random_range(1..40);
             let n = g.out_hw[0] * g.out_hw[1];
             let plane = in_hw[0] * in_hw[1];
-            let xs: Vec<f32> = (0..g.in_c * plane)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            let w: Vec<f32> = (0..cout * g.k())
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            let b: Vec<f32> = (0..cout).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let xs = uniform(&mut rng, g.in_c * plane);
+            let w = uniform(&mut rng, cout * g.k());
+            let b = uniform(&mut rng, cout);
             let rs: Option<Vec<f32>> = rng
                 .random_bool(0.4)
                 .then(|| (0..cout * n).map(|_| rng.random_range(-1.0..1.0)).collect());
@@ -3397,12 +3393,7 @@ mod tests {
                     .filter(|(_, b)| !b.is_nan())
                     .map(|(a, b)| (*a, *b))
                     .unzip();
-                let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let (err, scale) = max_error(&got, &want);
                 assert!(
                     err <= 1e-5 * scale * (g.k() as f32).sqrt().max(1.0),
                     "case {case} {:?} winograd {}: {g:?} cout {cout} ic {} oc {} cols {:?}: error {err}",
@@ -3414,6 +3405,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `len` values drawn uniformly from [-1, 1).
+    fn uniform(rng: &mut impl Rng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// The largest absolute difference between `got` and `want`, and the scale it is
+    /// judged against: the largest magnitude in `want`, at least 1.
+    fn max_error(got: &[f32], want: &[f32]) -> (f32, f32) {
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        (err, scale)
     }
 
     #[test]
@@ -3438,13 +3446,9 @@ mod tests {
             let g = conv_geom(24, hw, [kernel; 2], [1, 1], [p, p], [p, p]).unwrap();
             let n = g.out_hw[0] * g.out_hw[1];
             for cout in [16, 64, 100] {
-                let xs: Vec<f32> = (0..g.in_c * hw[0] * hw[1])
-                    .map(|_| rng.random_range(-1.0..1.0))
-                    .collect();
-                let w: Vec<f32> = (0..cout * g.k())
-                    .map(|_| rng.random_range(-1.0..1.0))
-                    .collect();
-                let b: Vec<f32> = (0..cout).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let xs = uniform(&mut rng, g.in_c * hw[0] * hw[1]);
+                let w = uniform(&mut rng, cout * g.k());
+                let b = uniform(&mut rng, cout);
                 let every = (
                     (0..g.in_c).collect::<Vec<_>>(),
                     (0..cout).collect::<Vec<_>>(),
@@ -3473,12 +3477,7 @@ mod tests {
                         got.iter().all(|v| v.is_finite()),
                         "{isa:?} {hw:?}: a cell unwritten"
                     );
-                    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-                    let err = got
-                        .iter()
-                        .zip(&want)
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0f32, f32::max);
+                    let (err, scale) = max_error(&got, &want);
                     assert!(
                         err <= 1e-5 * scale * (g.k() as f32).sqrt(),
                         "{isa:?} {hw:?} {kernel}×{kernel} cout {cout}: error {err}"
