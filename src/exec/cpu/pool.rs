@@ -133,14 +133,16 @@ pub struct Spare(Vec<f32>);
 impl Spare {
     /// The calling thread's spare vector.
     pub fn take() -> Spare {
-        Spare(SPARE.with(std::cell::Cell::take))
+        // A thread tearing down its locals has no spare to give: a fresh vector then.
+        Spare(SPARE.try_with(std::cell::Cell::take).unwrap_or_default())
     }
 }
 
 impl Drop for Spare {
     fn drop(&mut self) {
         let v = std::mem::take(&mut self.0);
-        SPARE.with(|s| {
+        // Nothing to keep it in once the thread's locals are gone: it is freed.
+        let _ = SPARE.try_with(|s| {
             let held = s.take();
             s.set(if held.capacity() >= v.capacity() {
                 held
