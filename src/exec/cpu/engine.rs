@@ -1126,12 +1126,7 @@ impl EngineExecutor {
             };
             let ep = Epilogue {
                 bias: &bias[grp * rows_per_group..(grp + 1) * rows_per_group],
-                residual: match residual {
-                    Residual::Apart(r) => {
-                        Residual::Apart(&r[out_off..out_off + rows_per_group * n])
-                    }
-                    other => other,
-                },
+                residual: residual.sample(sg, rows_per_group * n),
                 act,
             };
             let first = chunk * row_blocks / chunks * mr;

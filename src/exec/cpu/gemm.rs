@@ -64,8 +64,13 @@ impl<'a> From<Option<&'a [f32]>> for Residual<'a> {
 impl<'a> Residual<'a> {
     /// Sample `s`'s part, of `len` values per sample.
     pub fn sample(self, s: usize, len: usize) -> Residual<'a> {
+        self.part(s * len, len)
+    }
+
+    /// The part for the `len` output cells from cell `at`.
+    pub fn part(self, at: usize, len: usize) -> Residual<'a> {
         match self {
-            Residual::Apart(r) => Residual::Apart(&r[s * len..(s + 1) * len]),
+            Residual::Apart(r) => Residual::Apart(&r[at..at + len]),
             other => other,
         }
     }

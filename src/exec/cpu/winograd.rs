@@ -265,11 +265,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
         let at = s * out_len + r * h * w;
         // SAFETY: (sample, row) writes its own plane only.
         let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(at), h * w) };
-        let res = match job.residual {
-            Residual::None => Plane::Zero,
-            Residual::Apart(q) => Plane::Apart(&q[at..at + h * w]),
-            Residual::InOut => Plane::InOut,
-        };
+        let res = job.residual.part(at, h * w);
         let from = i * ldc + s * t_one;
         output_transform(m, m_xi, from, [h, w], job.bias[r], res, job.act, dst);
     };
@@ -428,14 +424,6 @@ unsafe fn input_transform_body(
     }
 }
 
-/// The residual of one output plane.
-enum Plane<'a> {
-    Zero,
-    Apart(&'a [f32]),
-    /// The plane holds it.
-    InOut,
-}
-
 /// Transforms one output row's `M` back into its plane, with bias, residual and
 /// activation: `Y = Aᵀ M A`, `Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
 #[allow(clippy::too_many_arguments)]
@@ -445,7 +433,7 @@ fn output_transform(
     row_at: usize,
     [h, w]: [usize; 2],
     bias: f32,
-    residual: Plane,
+    residual: Residual,
     act: Act,
     dst: &mut [f32],
 ) {
@@ -479,7 +467,7 @@ fn output_transform(
             }
             let o = &mut dst[oy * w..(oy + 1) * w];
             match residual {
-                Plane::InOut => {
+                Residual::InOut => {
                     for (ox, o) in o.iter_mut().enumerate() {
                         *o += ya[ox % 2][ox / 2];
                     }
@@ -490,7 +478,7 @@ fn output_transform(
                     }
                 }
             }
-            if let Plane::Apart(res) = residual {
+            if let Residual::Apart(res) = residual {
                 for (o, &q) in o.iter_mut().zip(&res[oy * w..(oy + 1) * w]) {
                     *o += q;
                 }
