@@ -1072,24 +1072,13 @@ impl EngineExecutor {
                     for s in 0..batch {
                         for &r in rows {
                             let at = (s * rows_total + r) * n;
-                            match residual {
-                                Residual::Apart(res) => {
-                                    out[at..at + n].copy_from_slice(&res[at..at + n])
-                                }
-                                Residual::None => out[at..at + n].fill(0.0),
-                                Residual::InOut => {}
-                            }
+                            residual.pass_through(&mut out[at..at + n], at);
                         }
                     }
                 }
             }
-            // Cells outside the lists: the residual passes through (already there when
-            // it is in the output), or zero.
-            _ => match residual {
-                Residual::Apart(r) => out.copy_from_slice(&r[..batch * rows_total * n]),
-                Residual::None => out.fill(0.0),
-                Residual::InOut => {}
-            },
+            // Cells outside the lists: the residual passes through, or zero.
+            _ => residual.pass_through(out, 0),
         }
         let ptr = OutPtr(out.as_mut_ptr());
         let tasks = batch * groups * ngroups * chunks;
@@ -1476,12 +1465,8 @@ impl EngineExecutor {
         // residual passes through, or zero.
         for (s, plan) in plans.iter().enumerate() {
             if plan.rows.is_some() && !plan.dropped_unread {
-                let o = &mut out[s * cout * n..(s + 1) * cout * n];
-                match residual {
-                    Residual::Apart(r) => o.copy_from_slice(&r[s * cout * n..(s + 1) * cout * n]),
-                    Residual::None => o.fill(0.0),
-                    Residual::InOut => {}
-                }
+                let at = s * cout * n;
+                residual.pass_through(&mut out[at..at + cout * n], at);
             }
         }
         let ptr = OutPtr(out.as_mut_ptr());
@@ -1622,11 +1607,7 @@ impl EngineExecutor {
         assert_eq!(out.len(), batch * rows_total * n, "output buffer size");
         // Cells of dropped rows that a reader may see: the residual passes through, or zero.
         if sub.rows.is_some() && !sub.dropped_unread {
-            match residual {
-                Residual::Apart(r) => out.copy_from_slice(&r[..out.len()]),
-                Residual::None => out.fill(0.0),
-                Residual::InOut => {}
-            }
+            residual.pass_through(out, 0);
         }
         // One job for the whole batch: every sample's tiles go through the GEMMs together.
         let job = winograd::Job {

@@ -75,6 +75,16 @@ impl<'a> Residual<'a> {
         }
     }
 
+    /// Fills `cells`, output cells `at..` that the convolution does not compute: the
+    /// residual passes through (already there when it is in the output), or zero.
+    pub fn pass_through(self, cells: &mut [f32], at: usize) {
+        match self {
+            Residual::None => cells.fill(0.0),
+            Residual::Apart(r) => cells.copy_from_slice(&r[at..at + cells.len()]),
+            Residual::InOut => {}
+        }
+    }
+
     /// Where the residual of an output that starts at `c` starts (indexed as C), if any.
     #[inline(always)]
     pub fn base(self, c: *const f32) -> Option<*const f32> {
