@@ -93,8 +93,15 @@ pub struct PolicyResult {
     pub median_ms: f64,
     pub p10_ms: f64,
     pub p90_ms: f64,
-    /// Median time over dense's median, measured in the same interleaved runs.
+    /// Time over dense's: the median, over the runs, of each run's time over the time
+    /// of the dense run of the same round. Policies alternate run by run, so each ratio
+    /// compares two runs milliseconds apart; on a shared machine whose speed changes
+    /// over seconds (this project's 2-core VM ran at half speed for stretches), a
+    /// ratio of two medians could pair a fast stretch with a slow one.
     pub vs_dense: f64,
+    /// 10th and 90th percentile of those per-round ratios.
+    pub vs_dense_p10: f64,
+    pub vs_dense_p90: f64,
     /// FLOPs executed per sample (gates included), averaged over the batch.
     pub flops_executed: f64,
     /// Of those, the gates' own.
@@ -165,6 +172,13 @@ pub struct PeerResult {
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Each round's time over the dense run's of the same round, sorted.
+fn round_ratios(times: &[f64], dense: &[f64]) -> Vec<f64> {
+    let mut r: Vec<f64> = times.iter().zip(dense).map(|(t, d)| t / d).collect();
+    r.sort_by(f64::total_cmp);
+    r
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -274,10 +288,10 @@ pub fn run(
                 progress(done, total);
             }
         }
-        let dense_median = median(&times[0]);
         for (p, (label, _)) in policies.iter().enumerate() {
             let mut sorted = times[p].clone();
             sorted.sort_by(f64::total_cmp);
+            let ratios = round_ratios(&times[p], &times[0]);
             let preds = last[p].take().unwrap_or_default();
             let n = preds.len().max(1) as f64;
             let flops_executed = preds
@@ -321,7 +335,9 @@ pub fn run(
                 median_ms: med,
                 p10_ms: quantile(&sorted, 0.1),
                 p90_ms: quantile(&sorted, 0.9),
-                vs_dense: med / dense_median,
+                vs_dense: quantile(&ratios, 0.5),
+                vs_dense_p10: quantile(&ratios, 0.1),
+                vs_dense_p90: quantile(&ratios, 0.9),
                 flops_executed,
                 flops_gates,
                 flops_fraction: flops_executed / dense as f64,
@@ -380,12 +396,12 @@ impl Report {
     /// One row per batch and policy.
     pub fn markdown(&self) -> String {
         let mut s = String::from(
-            "| batch | policy | FLOPs executed | median ms | p10 ms | p90 ms | GFLOP/s | vs dense | gates ms |\n\
-             |---|---|---|---|---|---|---|---|---|\n",
+            "| batch | policy | FLOPs executed | median ms | p10 ms | p90 ms | GFLOP/s | vs dense | vs dense p10–p90 | gates ms |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
         );
         for r in &self.results {
             s += &format!(
-                "| {} | {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {} |\n",
+                "| {} | {} | {:.3} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2}–{:.2} | {} |\n",
                 r.batch,
                 r.policy,
                 r.flops_fraction,
@@ -394,6 +410,8 @@ impl Report {
                 r.p90_ms,
                 r.gflops_per_s,
                 r.vs_dense,
+                r.vs_dense_p10,
+                r.vs_dense_p90,
                 // Executors without a per-layer trace (the GPU's) cannot say.
                 if r.layers.is_empty() {
                     "n/a".to_string()
@@ -402,8 +420,11 @@ impl Report {
                 }
             );
         }
+        s += "\nvs dense: the median over the runs of each run's time over the dense run of the \
+              same round (policies alternate run by run), and those ratios' 10th–90th \
+              percentile.\n";
         if self.results.iter().any(|r| r.batch > 1 && r.gate_ms > 0.0) {
-            s += "\ngates ms: the time the gates took deciding, summed over a batch's samples; \
+            s += "gates ms: the time the gates took deciding, summed over a batch's samples; \
                   at batch > 1 samples run in parallel, one per core, so their share of the \
                   wall time is smaller.\n";
         }
@@ -535,6 +556,19 @@ impl Report {
 mod tests {
     use super::*;
 
+    /// A policy twice as slow as dense in every round is 2× dense, though the machine ran
+    /// at half speed for some rounds: the ratio of the two medians would say 4×.
+    #[test]
+    fn time_against_dense_pairs_runs_of_the_same_round() {
+        let dense = [1.0, 1.0, 2.0, 2.0, 1.0];
+        let policy = [2.0, 4.0, 4.0, 4.0, 2.0];
+        let r = round_ratios(&policy, &dense);
+        assert_eq!(r, vec![2.0, 2.0, 2.0, 2.0, 4.0]);
+        assert_eq!(quantile(&r, 0.5), 2.0);
+        assert_eq!(median(&policy) / median(&dense), 4.0);
+        assert_eq!(round_ratios(&dense, &dense), vec![1.0; 5]);
+    }
+
     #[test]
     fn peers_table_gives_ratios_and_flags_non_finite_logits() {
         let peer = |name: &str, ms, diff| PeerResult {
@@ -560,6 +594,8 @@ mod tests {
                 p10_ms: 3.0,
                 p90_ms: 3.0,
                 vs_dense: 1.0,
+                vs_dense_p10: 1.0,
+                vs_dense_p90: 1.0,
                 flops_executed: 1.0,
                 flops_gates: 0.0,
                 flops_fraction: 1.0,
