@@ -137,15 +137,6 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     let v_xi = panels * kc * NR;
     let mut v_buf = pool.take_dirty(XI * v_xi);
     let v = &mut v_buf[..];
-    // The last panel's lanes past the last tile are computed and never stored; zero
-    // keeps them finite.
-    if !t.is_multiple_of(NR) {
-        for panel in v.chunks_exact_mut(v_xi) {
-            for r in panel[(panels - 1) * kc * NR..].chunks_exact_mut(NR) {
-                r[t % NR..].fill(0.0);
-            }
-        }
-    }
     {
         let vp = OutPtr(v.as_mut_ptr());
         let one = |scratch: &mut Scratch, sc: usize| {
@@ -154,6 +145,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
             let to = Dest {
                 v: vp,
                 first_tile: s * t_one,
+                last: s + 1 == job.batch,
                 ci,
                 kc,
                 panels,
@@ -299,6 +291,9 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
 struct Dest {
     v: OutPtr,
     first_tile: usize,
+    /// Whether these are the last tiles: the lanes of their last panel past them are
+    /// computed by the GEMM and never stored, and are zeroed to keep them finite.
+    last: bool,
     ci: usize,
     kc: usize,
     panels: usize,
@@ -308,8 +303,9 @@ struct Dest {
 ///
 /// # Safety
 /// `v` holds `XI · panels · kc · NR` floats, and no other thread writes the lanes of
-/// row `ci` that this plane's tiles take (another sample's plane of the same channel may
-/// write the other lanes of the same panels at the same time).
+/// row `ci` that this plane's tiles take, nor (when `last`) the lanes after them in
+/// their last panel (another sample's plane of the same channel may write the other
+/// lanes of the same panels at the same time).
 unsafe fn input_transform(
     isa: Isa,
     scratch: &mut Scratch,
@@ -345,6 +341,7 @@ unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [us
     let Dest {
         v,
         first_tile,
+        last,
         ci,
         kc,
         panels,
@@ -429,6 +426,17 @@ unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [us
             }
             t += n;
         }
+        // Here, with vector stores, rather than one fill per (ξ, channel) up front, each
+        // a memset call for 60 bytes: memset went from 2.6% to 0.9% of a dense
+        // ResNet-50 pass's samples (in-process pairs: ResNet-18 0.994, ResNet-50 0.999).
+        let end = first_tile + t_one;
+        if last && !end.is_multiple_of(NR) {
+            let (p, lane) = (end / NR, end % NR);
+            let dst = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
+            for k in (0..NR - lane).step_by(8) {
+                store_first(dst.add(k), _mm256_setzero_ps(), NR - lane - k);
+            }
+        }
     }
 }
 
@@ -470,6 +478,7 @@ unsafe fn input_transform_body(
     let Dest {
         v,
         first_tile,
+        last,
         ci,
         kc,
         panels,
@@ -547,6 +556,14 @@ unsafe fn input_transform_body(
                 }
             }
             x0 = x1;
+        }
+    }
+    let end = first_tile + th * tw;
+    if last && !end.is_multiple_of(NR) {
+        let (p, lane) = (end / NR, end % NR);
+        for xi in 0..XI {
+            let at = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
+            std::slice::from_raw_parts_mut(at, NR - lane).fill(0.0);
         }
     }
 }
@@ -788,6 +805,7 @@ mod tests {
                 let to = Dest {
                     v: OutPtr(v.as_mut_ptr()),
                     first_tile,
+                    last: case % 2 == 0,
                     ci,
                     kc,
                     panels,
