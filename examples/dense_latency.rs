@@ -8,7 +8,12 @@
 //!
 //! A stop-gap until the benchmark harness (`dynsparse bench`) lands; `benches/peers/`
 //! runs ONNX Runtime on the same weights for the ratios.
+//!
+//! With `--serve MODEL` it times one dense pass per line read from stdin (the line is
+//! the batch size) and answers each with the pass's milliseconds, so that a driver can
+//! alternate our passes with a peer's, run by run (`benches/peers/paired_dense.py`).
 
+use std::io::BufRead;
 use std::time::Instant;
 
 use dynsparse::{Budget, Cut, Gates, Input, Options, Policy, Runtime, TensorData};
@@ -21,6 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
+            "--serve" => return serve(&args.next().ok_or("--serve needs a model")?),
             "--batch" => {
                 batches = args
                     .next()
@@ -64,16 +70,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Runtime::new(model.clone(), opts)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let spec = model.desc.input;
         for &b in &batches {
-            let n = b * spec.channels * spec.height * spec.width;
-            // Deterministic pseudo-random input in [-1, 1).
-            let data = (0..n)
-                .map(|i| {
-                    ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-                })
-                .collect();
-            let t = TensorData::new(vec![b, spec.channels, spec.height, spec.width], data)?;
+            let t = input(&model, b)?;
             let mut flops = vec![0u64; runtimes.len()];
             for (rt, f) in runtimes.iter().zip(flops.iter_mut()) {
                 for _ in 0..3 {
@@ -107,6 +105,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// Deterministic pseudo-random input in [-1, 1) for a batch of `b`.
+fn input(model: &dynsparse::Model, b: usize) -> Result<TensorData, Box<dyn std::error::Error>> {
+    let spec = model.desc.input;
+    let n = b * spec.channels * spec.height * spec.width;
+    let data = (0..n)
+        .map(|i| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
+        .collect();
+    Ok(TensorData::new(
+        vec![b, spec.channels, spec.height, spec.width],
+        data,
+    )?)
+}
+
+/// One dense pass per stdin line (a batch size), answered with its milliseconds.
+fn serve(path: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let model = dynsparse::Model::load(path)?;
+    let rt = Runtime::new(model.clone(), Options::default())?;
+    let mut inputs = std::collections::HashMap::new();
+    for line in std::io::stdin().lock().lines() {
+        let b: usize = line?.trim().parse()?;
+        if !inputs.contains_key(&b) {
+            inputs.insert(b, input(&model, b)?);
+        }
+        let s = Instant::now();
+        rt.infer(Input::Tensor(&inputs[&b]))?;
+        println!("{:.4}", s.elapsed().as_secs_f64() * 1e3);
     }
     Ok(())
 }

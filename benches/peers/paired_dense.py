@@ -1,0 +1,114 @@
+"""Dense latency, dynsparse against ONNX Runtime, paired run by run.
+
+`compare_dense.py` alternates the two sides every few seconds; on a shared machine whose
+speed changes over seconds (this project's 2-core VM ran at half speed for stretches)
+one side of a round can land in a fast stretch and the other in a slow one. Here both
+stay loaded: our side is `examples/dense_latency --serve` (one pass per request), ONNX
+Runtime runs in this process, and each pair is a visit to each side, the order
+alternating from pair to pair. A visit runs `--passes` passes back to back and keeps all
+but the first: the first after the other side's turn runs on threads that have been
+idle (after a 0.1 s pause ResNet-18's pass took 22.7 ms against 15.7 back to back) and
+may share the cores with the other side's threads still spinning. Reports the median
+and 10th–90th percentile of the per-pair ratios ours/ORT (the medians of the kept
+passes of each visit), and each side's median pass.
+
+usage: python3 benches/peers/paired_dense.py [--pairs 30] [--passes 3] [--threads 2] [--batch 1,8] [ARCH...]
+Needs: target/fixtures (tests/make_reference.py), onnxruntime, onnx and torch installed,
+and `cargo build --release --example dense_latency --bin dynsparse`.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import onnx_export  # noqa: E402
+from compare_dense import ARCHS, ROOT, converted_models  # noqa: E402
+from ort_dense import load  # noqa: E402
+
+def quantile(values, q):
+    s = sorted(values)
+    return s[round((len(s) - 1) * q)]
+
+
+def session(arch, threads):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    model, size = load(arch, os.path.join(ROOT, "target", "fixtures"))
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, f"{arch}.onnx")
+        onnx_export.export(model, torch.randn(1, 3, size, size), path, opset=17)
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]), size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=30)
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("archs", nargs="*", default=ARCHS)
+    a = ap.parse_args()
+    env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
+    ours_bin = os.path.join(ROOT, "target", "release", "examples", "dense_latency")
+    rows = []
+    for arch, model in zip(a.archs, converted_models(a.archs)):
+        sess, size = session(arch, a.threads)
+        ours = subprocess.Popen([ours_bin, "--serve", model], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=env)
+
+        def run_ours(b):
+            ours.stdin.write(f"{b}\n")
+            ours.stdin.flush()
+            line = ours.stdout.readline()
+            if not line:
+                sys.exit(f"{ours_bin} --serve {model} stopped")
+            return float(line)
+
+        for b in map(int, a.batch.split(",")):
+            x = np.random.default_rng(0).standard_normal((b, 3, size, size)).astype(np.float32)
+
+            def run_ort():
+                t = time.perf_counter()
+                sess.run(None, {"x": x})
+                return (time.perf_counter() - t) * 1e3
+
+            for _ in range(3):
+                run_ours(b)
+                run_ort()
+            mine, theirs, ratios = [], [], []
+            for i in range(a.pairs):
+                print(f"\r{arch} batch {b}: pair {i + 1}/{a.pairs}", end="", file=sys.stderr, flush=True)
+                visit = {}
+                for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+                    run = (lambda: run_ours(b)) if side == 0 else run_ort
+                    visit[side] = [run() for _ in range(max(a.passes, 2))][1:]
+                mine += visit[0]
+                theirs += visit[1]
+                ratios.append(statistics.median(visit[0]) / statistics.median(visit[1]))
+            rows.append((arch, b, statistics.median(mine), statistics.median(theirs),
+                         statistics.median(ratios), quantile(ratios, 0.1), quantile(ratios, 0.9)))
+        ours.stdin.close()
+        ours.wait()
+    print(file=sys.stderr)
+    print(f"dense, {a.threads} threads, {a.pairs} pairs per row ({a.passes} passes a visit, the first not kept)\n")
+    print("| model | batch | dynsparse ms (median) | ONNX Runtime ms (median) | ours/ORT, median of pairs | p10–p90 |")
+    print("|---|---|---|---|---|---|")
+    for arch, b, m, t, r, lo, hi in rows:
+        print(f"| {arch} | {b} | {m:.2f} | {t:.2f} | {r:.3f} | {lo:.2f}–{hi:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
