@@ -25,7 +25,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::gemm::{self, Epilogue, Isa, OutPtr, Residual, Tile, NR, PACK};
-use super::pool::BufferPool;
+use super::pool::{line_aligned, BufferPool, Spare};
 use crate::model::Act;
 
 /// Elements of the transformed 4×4 grid: GEMMs per convolution.
@@ -163,28 +163,48 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
         }
     }
     let v = &*v;
-    // A: U[ξ], with only the kept input channels' columns when some are dropped.
+    // A task is one ξ and a block of panels; each panel stays in L1 while every row
+    // tile of A runs over it (a step of K reads 6 values of A and 16 or 32 of the panel).
+    // Blocks of panels rather than single panels: at 56 × 56 there are 25 per sample.
+    let per_block = (PANELS_BYTES / (kc * NR * std::mem::size_of::<f32>())).clamp(1, panels);
+    let blocks = panels.div_ceil(per_block);
+    // A: U[ξ], with only the kept input channels' columns when some are dropped; of
+    // those, only the packed blocks that kept rows lie in.
+    let one = job.weights.one();
+    let (src_len, dst_len) = (PACK * job.weights.cin, PACK * kc);
+    let mut a_blocks: Vec<usize> = rows.iter().map(|r| r / PACK).collect();
+    a_blocks.dedup();
+    // Block b of U[ξ], its kept columns, into `to`.
+    let copy_block = |xi: usize, b: usize, to: &mut [f32]| {
+        let src = &job.weights.u[xi * one + b * src_len..][..src_len];
+        gemm::pack_a_channels(src, job.weights.cin, chans, 1, to);
+    };
+    let dropped = kc < job.weights.cin;
+    // With one task per ξ, each copies its ξ's kept columns just before its GEMMs, so
+    // that they stay in the cache of the core that reads them, rather than every (ξ,
+    // block) copied up front into a compact A that goes to memory (2.4 MB for 144 of
+    // 256 channels kept on each side at 14 × 14) and comes back to both cores.
+    // In-process pairs at budget 0.5: every gated Winograd layer took 0.88–0.96 of its
+    // time at batch 8 (ResNet-18 and ResNet-50), whole passes 0.96–1.00 at batch 8
+    // (four runs each) and 0.985–1.004 at batch 1.
+    let local = dropped && blocks == 1;
     let mut a_buf = None;
-    let (a_all, ka) = if kc == job.weights.cin {
+    let (a_all, ka) = if !dropped {
         (&job.weights.u[..], job.weights.cin)
+    } else if local {
+        (&[][..], kc)
     } else {
-        let one = job.weights.one();
         let per = gemm::packed_a_len(job.weights.rows, kc);
         let a = a_buf.insert(pool.take_dirty(XI * per));
-        // Only the packed blocks that kept rows lie in, each (ξ, block) on its own.
-        let mut blocks: Vec<usize> = rows.iter().map(|r| r / PACK).collect();
-        blocks.dedup();
-        let (src_len, dst_len) = (PACK * job.weights.cin, PACK * kc);
         let ap = OutPtr(a.as_mut_ptr());
         let copy = |(xi, b): (usize, usize)| {
-            let src = &job.weights.u[xi * one + b * src_len..][..src_len];
             // SAFETY: each (ξ, block) pair writes its own block of the compact A.
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(ap.get().add(xi * per + b * dst_len), dst_len)
             };
-            gemm::pack_a_channels(src, job.weights.cin, chans, 1, dst);
+            copy_block(xi, b, dst);
         };
-        let work = (0..XI).flat_map(|xi| blocks.iter().map(move |&b| (xi, b)));
+        let work = (0..XI).flat_map(|xi| a_blocks.iter().map(move |&b| (xi, b)));
         if job.serial {
             work.for_each(copy);
         } else {
@@ -204,11 +224,6 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     let mr = job.isa.mr();
     let out_rows: Vec<usize> = (0..nr).collect();
     let cols: Vec<usize> = (0..ldc).collect();
-    // A task is one ξ and a block of panels; each panel stays in L1 while every row
-    // tile of A runs over it (a step of K reads 6 values of A and 16 or 32 of the panel).
-    // Blocks of panels rather than single panels: at 56 × 56 there are 25 per sample.
-    let per_block = (PANELS_BYTES / (kc * NR * std::mem::size_of::<f32>())).clamp(1, panels);
-    let blocks = panels.div_ceil(per_block);
     {
         let mp = OutPtr(m.as_mut_ptr());
         let ep = Epilogue {
@@ -217,7 +232,17 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
             act: Act::None,
         };
         let task = |(xi, q): (usize, usize)| {
-            let a = &a_all[xi * a_one..(xi + 1) * a_one];
+            let mut spare = local.then(Spare::take);
+            let a = match spare.as_mut() {
+                Some(sp) => {
+                    let a = line_aligned(sp, a_one);
+                    for &b in &a_blocks {
+                        copy_block(xi, b, &mut a[b * dst_len..(b + 1) * dst_len]);
+                    }
+                    &*a
+                }
+                None => &a_all[xi * a_one..(xi + 1) * a_one],
+            };
             let (p0, p1) = (q * panels / blocks, (q + 1) * panels / blocks);
             for p in p0..p1 {
                 for (arows, crow) in rows.chunks(mr).zip(out_rows.chunks(mr)) {
@@ -848,11 +873,20 @@ mod tests {
         let pool = BufferPool::default();
         for case in 0..40 {
             let (cin, cout) = (rng.random_range(1..40), rng.random_range(1..30));
-            let hw = [
+            let mut hw = [
                 rng.random_range(1..20),
                 rng.random_range(1..=MAX_WIDTH.min(40)),
             ];
-            let batch = rng.random_range(1..4);
+            let mut batch = rng.random_range(1..4);
+            // Some cases with enough channels and tiles for several blocks of panels
+            // per ξ, where a plan's kept columns of U are copied up front rather than
+            // by each task.
+            let cin = if case % 8 == 0 {
+                (hw, batch) = ([rng.random_range(20..30), rng.random_range(30..=40)], 3);
+                rng.random_range(150..250)
+            } else {
+                cin
+            };
             let plane = hw[0] * hw[1];
             let mut uniform =
                 |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
