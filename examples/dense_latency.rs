@@ -9,9 +9,10 @@
 //! A stop-gap until the benchmark harness (`dynsparse bench`) lands; `benches/peers/`
 //! runs ONNX Runtime on the same weights for the ratios.
 //!
-//! With `--serve MODEL` it times one dense pass per line read from stdin (the line is
-//! the batch size) and answers each with the pass's milliseconds, so that a driver can
-//! alternate our passes with a peer's, run by run (`benches/peers/paired_dense.py`).
+//! With `--serve MODEL [BUDGET]` it times one pass per line read from stdin (the line
+//! is the batch size; dense, or at the FLOP budget given) and answers each with the
+//! pass's milliseconds, so that a driver can alternate our passes with a peer's, run by
+//! run (`benches/peers/paired_dense.py`).
 
 use std::io::BufRead;
 use std::time::Instant;
@@ -26,7 +27,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--serve" => return serve(&args.next().ok_or("--serve needs a model")?),
+            "--serve" => {
+                let model = args.next().ok_or("--serve needs a model")?;
+                let policy = match args.next() {
+                    Some(f) => Policy::Budget(Budget::Flops(f.parse()?)),
+                    None => Policy::Dense,
+                };
+                return serve(&model, policy);
+            }
             "--batch" => {
                 batches = args
                     .next()
@@ -122,10 +130,15 @@ fn input(model: &dynsparse::Model, b: usize) -> Result<TensorData, Box<dyn std::
     )?)
 }
 
-/// One dense pass per stdin line (a batch size), answered with its milliseconds.
-fn serve(path: &str) -> Result<(), Box<dyn std::error::Error>> {
+/// One pass under `policy` per stdin line (a batch size), answered with its
+/// milliseconds.
+fn serve(path: &str, policy: Policy) -> Result<(), Box<dyn std::error::Error>> {
     let model = dynsparse::Model::load(path)?;
-    let rt = Runtime::new(model.clone(), Options::default())?;
+    let opts = Options {
+        policy,
+        ..Options::default()
+    };
+    let rt = Runtime::new(model.clone(), opts)?;
     let mut inputs = std::collections::HashMap::new();
     for line in std::io::stdin().lock().lines() {
         let b: usize = line?.trim().parse()?;

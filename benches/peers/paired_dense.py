@@ -10,9 +10,10 @@ but the first: the first after the other side's turn runs on threads that have b
 idle (after a 0.1 s pause ResNet-18's pass took 22.7 ms against 15.7 back to back) and
 may share the cores with the other side's threads still spinning. Reports the median
 and 10th–90th percentile of the per-pair ratios ours/ORT (the medians of the kept
-passes of each visit), and each side's median pass.
+passes of each visit), and each side's median pass. With `--budget F` our side runs at
+that FLOP budget (ONNX Runtime stays dense): the dynamic-execution goal's ratio.
 
-usage: python3 benches/peers/paired_dense.py [--pairs 30] [--passes 3] [--threads 2] [--batch 1,8] [ARCH...]
+usage: python3 benches/peers/paired_dense.py [--pairs 30] [--passes 3] [--threads 2] [--batch 1,8] [--budget F] [ARCH...]
 Needs: target/fixtures (tests/make_reference.py), onnxruntime, onnx and torch installed,
 and `cargo build --release --example dense_latency --bin dynsparse`.
 """
@@ -57,6 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=30)
     ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--budget", type=float)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("archs", nargs="*", default=ARCHS)
@@ -66,7 +68,8 @@ def main() -> None:
     rows = []
     for arch, model in zip(a.archs, converted_models(a.archs)):
         sess, size = session(arch, a.threads)
-        ours = subprocess.Popen([ours_bin, "--serve", model], stdin=subprocess.PIPE,
+        budget = [] if a.budget is None else [str(a.budget)]
+        ours = subprocess.Popen([ours_bin, "--serve", model, *budget], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True, env=env)
 
         def run_ours(b):
@@ -103,8 +106,11 @@ def main() -> None:
         ours.stdin.close()
         ours.wait()
     print(file=sys.stderr)
-    print(f"dense, {a.threads} threads, {a.pairs} pairs per row ({a.passes} passes a visit, the first not kept)\n")
-    print("| model | batch | dynsparse ms (median) | ONNX Runtime ms (median) | ours/ORT, median of pairs | p10–p90 |")
+    ours_policy = "dense" if a.budget is None else f"budget {a.budget}"
+    print(f"ours {ours_policy}, ONNX Runtime dense, {a.threads} threads, {a.pairs} pairs per row "
+          f"({a.passes} passes a visit, the first not kept)\n")
+    print(f"| model | batch | dynsparse ({ours_policy}) ms, median | ONNX Runtime ms, median "
+          "| ours/ORT, median of pairs | p10–p90 |")
     print("|---|---|---|---|---|---|")
     for arch, b, m, t, r, lo, hi in rows:
         print(f"| {arch} | {b} | {m:.2f} | {t:.2f} | {r:.3f} | {lo:.2f}–{hi:.2f} |")
