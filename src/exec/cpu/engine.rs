@@ -2738,18 +2738,24 @@ fn winograd_fits(
 }
 
 /// Whether a plan runs faster by Winograd than directly: a dense one always; one with
-/// dropped channels where its tiles fill more than one panel. With a single panel
-/// (7 × 7 outputs: 16 tiles) each transformed weight serves at most [`NR`] tiles, the
-/// layer waits on weights, and Winograd reads 16/9 as many of them. Chains of three
-/// 3×3 convolutions gated at keep 0.5 / 0.4 / 0.3 (the middle one on both sides),
-/// in-process pairs on the AVX2 machine, 2 threads, Winograd against direct: 128 channels
-/// at 28 × 28 0.75 / 0.82 / 0.91, 256 at 14 × 14 0.76 / 0.81 / 0.89, 512 at 7 × 7
-/// 1.05 / 1.07 / 1.26 (dense 0.74–0.77).
+/// dropped channels where its tiles fill more than one panel, or where it keeps every
+/// input channel. With a single panel (7 × 7 outputs: 16 tiles) each transformed
+/// weight serves at most [`NR`] tiles, the layer waits on weights, and Winograd reads
+/// 16/9 as many of them, and with dropped input channels copies their columns first.
+/// Chains of three 3×3 convolutions gated at keep 0.5 / 0.4 / 0.3 (the middle one on
+/// both sides), in-process pairs on the AVX2 machine, 2 threads, Winograd against
+/// direct: 128 channels at 28 × 28 0.75 / 0.82 / 0.91, 256 at 14 × 14 0.76 / 0.81 /
+/// 0.89, 512 at 7 × 7 1.05 / 1.07 / 1.26 (dense 0.74–0.77). Since the transforms run in
+/// whole vectors (`21dcca6`), a 7 × 7 plan that drops only output rows pays (AVX-512,
+/// 2 threads, in-process pairs): ResNet-18's `layer4.1.conv1` at budget 0.5 took 0.60
+/// of its time at batch 1 and 8, whole passes 0.971–0.975 at batch 1 (0.966 at budget
+/// 0.75) and 0.953–0.959 at batch 8; ResNet-50's 7 × 7 3×3 layers drop input channels
+/// and do not change (0.995–0.996). Those with dropped input channels still lose by
+/// Winograd: ResNet-18's `layer4` `conv2` 1.26–1.39× at batch 1.
 fn winograd_pays(w: &WinogradWeights, sub: &Subset, out_hw: [usize; 2]) -> bool {
     let (th, tw) = winograd::tiles(out_hw[0], out_hw[1]);
-    let dropped =
-        sub.chans.is_some_and(|c| c.len() < w.cin) || sub.rows.is_some_and(|r| r.len() < w.rows);
-    !dropped || th * tw > NR
+    let dropped_inputs = sub.chans.is_some_and(|c| c.len() < w.cin);
+    !dropped_inputs || th * tw > NR
 }
 
 /// Bands of at most `band_bytes` for node `i` when it is a 1×1, stride-1, unpadded
