@@ -284,19 +284,16 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
         let at = s * out_len + r * h * w;
         // SAFETY: (sample, row) writes its own plane only.
         let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(at), h * w) };
-        let res = job.residual.part(at, h * w);
-        let from = i * ldc + s * t_one;
-        output_transform(
-            job.isa,
+        let b = Back {
             m,
             m_xi,
-            from,
-            [h, w],
-            job.bias[r],
-            res,
-            job.act,
-            dst,
-        );
+            row_at: i * ldc + s * t_one,
+            hw: [h, w],
+            bias: job.bias[r],
+            residual: job.residual.part(at, h * w),
+            act: job.act,
+        };
+        output_transform(job.isa, b, dst);
     };
     if job.serial {
         (0..job.batch * nr).for_each(back);
@@ -322,6 +319,53 @@ struct Dest {
     ci: usize,
     kc: usize,
     panels: usize,
+}
+
+impl Dest {
+    /// Floats of one `V[ξ]`.
+    fn v_xi(&self) -> usize {
+        self.panels * self.kc * NR
+    }
+
+    /// The panel and first lane after `tiles` tiles from `first_tile`, where these are
+    /// the last tiles and end inside a panel: the lanes from there on are zeroed.
+    fn tail(&self, tiles: usize) -> Option<(usize, usize)> {
+        let end = self.first_tile + tiles;
+        (self.last && !end.is_multiple_of(NR)).then_some((end / NR, end % NR))
+    }
+}
+
+/// A plane's tiles (rows, columns) and padded rows, with `cols` grown to hold every
+/// padded row's column transform. Each row is written up to the tile columns before it
+/// is read: grown, never cleared (clearing 64 columns per row cost more than a 14 × 14
+/// plane's transform).
+fn grid(cols: &mut Vec<ColRow>, [h, w]: [usize; 2]) -> (usize, usize, usize) {
+    let (th, tw) = tiles(h, w);
+    assert!(tw <= MAX_TW);
+    let prows = 2 * th + 2;
+    if cols.len() < prows {
+        cols.resize(prows, [[0f32; COLS]; 4]);
+    }
+    (th, tw, prows)
+}
+
+/// The padded rows that hold an input row, with that row's index; the rows of padding
+/// above and below the plane are zeroed up to the `tw` tile columns on the way.
+fn plane_rows(
+    cols: &mut [ColRow],
+    h: usize,
+    tw: usize,
+) -> impl Iterator<Item = (usize, &mut ColRow)> {
+    cols.iter_mut().enumerate().filter_map(move |(r, c)| {
+        let y = r.wrapping_sub(1);
+        if y < h {
+            return Some((y, c));
+        }
+        for cj in c.iter_mut() {
+            cj[..tw].fill(0.0);
+        }
+        None
+    })
 }
 
 /// Transforms one input plane into its [`Dest`].
@@ -363,22 +407,9 @@ unsafe fn input_transform(
 unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [usize; 2], to: Dest) {
     use super::partial_avx2::store_first;
     use std::arch::x86_64::*;
-    let Dest {
-        v,
-        first_tile,
-        last,
-        ci,
-        kc,
-        panels,
-    } = to;
-    let (th, tw) = tiles(h, w);
-    assert!(tw <= MAX_TW);
-    let v_xi = panels * kc * NR;
-    let prows = 2 * th + 2;
+    let (v, first_tile, ci, kc, v_xi) = (to.v, to.first_tile, to.ci, to.kc, to.v_xi());
     let Scratch { cols, tiles: buf } = scratch;
-    if cols.len() < prows {
-        cols.resize(prows, [[0f32; COLS]; 4]);
-    }
+    let (th, tw, prows) = grid(cols, [h, w]);
     // The padded row: column p is input column p - 1, zero outside the row. A vector
     // at tile column x reads padded columns 2·x .. 2·x + 18 ≤ 2·COLS + 2.
     let mut padded = [0f32; 2 * COLS + 8];
@@ -393,14 +424,7 @@ unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [us
         };
         (order(even), order(odd))
     }
-    for (r, c) in cols[..prows].iter_mut().enumerate() {
-        let y = r.wrapping_sub(1);
-        if y >= h {
-            for cj in c.iter_mut() {
-                cj[..tw].fill(0.0);
-            }
-            continue;
-        }
+    for (y, c) in plane_rows(&mut cols[..prows], h, tw) {
         padded[1..=w].copy_from_slice(&plane[y * w..(y + 1) * w]);
         let pp = padded.as_ptr();
         let [c0, c1, c2, c3] = c;
@@ -454,9 +478,7 @@ unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [us
         // Here, with vector stores, rather than one fill per (ξ, channel) up front, each
         // a memset call for 60 bytes: memset went from 2.6% to 0.9% of a dense
         // ResNet-50 pass's samples (in-process pairs: ResNet-18 0.994, ResNet-50 0.999).
-        let end = first_tile + t_one;
-        if last && !end.is_multiple_of(NR) {
-            let (p, lane) = (end / NR, end % NR);
+        if let Some((p, lane)) = to.tail(t_one) {
             let dst = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
             for k in (0..NR - lane).step_by(8) {
                 store_first(dst.add(k), _mm256_setzero_ps(), NR - lane - k);
@@ -500,35 +522,13 @@ unsafe fn input_transform_body(
     [h, w]: [usize; 2],
     to: Dest,
 ) {
-    let Dest {
-        v,
-        first_tile,
-        last,
-        ci,
-        kc,
-        panels,
-    } = to;
-    let (th, tw) = tiles(h, w);
-    assert!(tw <= MAX_TW);
-    let v_xi = panels * kc * NR;
+    let (v, first_tile, ci, kc, v_xi) = (to.v, to.first_tile, to.ci, to.kc, to.v_xi());
     // Every padded row's column transform, once (each row serves two tile rows):
     // cols[r][j][tx] = (d Bᵀ)_j of tile column tx, from padded columns 2·tx .. 2·tx + 4
     // split into even and odd ones so that every operand is contiguous over tx.
-    let prows = 2 * th + 2;
-    // Every row below is written up to tw before it is read: grown, never cleared
-    // (clearing 64 columns per row cost more than a 14 × 14 plane's transform).
-    if cols.len() < prows {
-        cols.resize(prows, [[0f32; COLS]; 4]);
-    }
+    let (th, tw, prows) = grid(cols, [h, w]);
     let (mut ev, mut od) = ([0f32; MAX_TW + 1], [0f32; MAX_TW + 1]);
-    for (r, c) in cols[..prows].iter_mut().enumerate() {
-        let y = r.wrapping_sub(1);
-        if y >= h {
-            for cj in c.iter_mut() {
-                cj[..tw].fill(0.0);
-            }
-            continue;
-        }
+    for (y, c) in plane_rows(&mut cols[..prows], h, tw) {
         let row = &plane[y * w..(y + 1) * w];
         // Padded column p is input column p - 1: even p = odd input columns.
         ev[0] = 0.0;
@@ -583,9 +583,7 @@ unsafe fn input_transform_body(
             x0 = x1;
         }
     }
-    let end = first_tile + th * tw;
-    if last && !end.is_multiple_of(NR) {
-        let (p, lane) = (end / NR, end % NR);
+    if let Some((p, lane)) = to.tail(th * tw) {
         for xi in 0..XI {
             let at = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
             std::slice::from_raw_parts_mut(at, NR - lane).fill(0.0);
@@ -595,28 +593,30 @@ unsafe fn input_transform_body(
 
 /// Transforms one output row's `M` back into its plane, with bias, residual and
 /// activation: `Y = Aᵀ M A`, `Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
-#[allow(clippy::too_many_arguments)]
-fn output_transform(
-    isa: Isa,
-    m: &[f32],
+fn output_transform(isa: Isa, b: Back, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Portable {
+        let (th, tw) = tiles(b.hw[0], b.hw[1]);
+        assert!(tw <= MAX_TW && b.m.len() >= (XI - 1) * b.m_xi + b.row_at + th * tw + 7);
+        // SAFETY: AVX2 and FMA are present (every ISA but the portable one has them);
+        // the reads are checked above.
+        return unsafe { output_transform_avx2(b, dst) };
+    }
+    let _ = isa;
+    output_transform_body(b, dst)
+}
+
+/// What one output plane's transform reads: `M` (`m_xi` floats per ξ) from tile
+/// `row_at` on, for a plane of `hw`, with the plane's bias, residual and activation.
+#[derive(Clone, Copy)]
+struct Back<'a> {
+    m: &'a [f32],
     m_xi: usize,
     row_at: usize,
     hw: [usize; 2],
     bias: f32,
-    residual: Residual,
+    residual: Residual<'a>,
     act: Act,
-    dst: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Portable {
-        let (th, tw) = tiles(hw[0], hw[1]);
-        assert!(tw <= MAX_TW && m.len() >= (XI - 1) * m_xi + row_at + th * tw + 7);
-        // SAFETY: AVX2 and FMA are present (every ISA but the portable one has them);
-        // the reads are checked above.
-        return unsafe { output_transform_avx2(m, m_xi, row_at, hw, bias, residual, act, dst) };
-    }
-    let _ = isa;
-    output_transform_body(m, m_xi, row_at, hw, bias, residual, act, dst)
 }
 
 /// [`output_transform_body`] in vectors of 8 tile columns, with the same operations in
@@ -630,22 +630,14 @@ fn output_transform(
 /// of the last ξ read (`(XI - 1) · m_xi + row_at + th · tw + 7`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 #[allow(clippy::needless_range_loop)] // j picks ξ = j, 4 + j, 8 + j and 12 + j
-unsafe fn output_transform_avx2(
-    m: &[f32],
-    m_xi: usize,
-    row_at: usize,
-    [h, w]: [usize; 2],
-    bias: f32,
-    residual: Residual,
-    act: Act,
-    dst: &mut [f32],
-) {
+unsafe fn output_transform_avx2(b: Back, dst: &mut [f32]) {
     use super::partial_avx2::{load_first, store_first};
     use std::arch::x86_64::*;
+    let (m, m_xi, row_at, [h, w]) = (b.m, b.m_xi, b.row_at, b.hw);
+    let (residual, act) = (b.residual, b.act);
     let (th, tw) = tiles(h, w);
-    let (mp, bv) = (m.as_ptr(), _mm256_set1_ps(bias));
+    let (mp, bv) = (m.as_ptr(), _mm256_set1_ps(b.bias));
     let dp = dst.as_mut_ptr();
     assert!(dst.len() >= h * w);
     if let Residual::Apart(res) = residual {
@@ -699,17 +691,9 @@ unsafe fn output_transform_avx2(
 }
 
 /// The portable [`output_transform`].
-#[allow(clippy::too_many_arguments)]
-fn output_transform_body(
-    m: &[f32],
-    m_xi: usize,
-    row_at: usize,
-    [h, w]: [usize; 2],
-    bias: f32,
-    residual: Residual,
-    act: Act,
-    dst: &mut [f32],
-) {
+fn output_transform_body(b: Back, dst: &mut [f32]) {
+    let (m, m_xi, row_at, [h, w]) = (b.m, b.m_xi, b.row_at, b.hw);
+    let (bias, residual, act) = (b.bias, b.residual, b.act);
     let (th, tw) = tiles(h, w);
     // y[a][b][tx]: output (2·ty + a, 2·tx + b).
     let mut y = [[[0f32; MAX_TW]; 2]; 2];
@@ -856,7 +840,16 @@ mod tests {
             for residual in [Residual::None, Residual::Apart(&res), Residual::InOut] {
                 let mut outs = [res.clone(), res.clone()];
                 for (out, isa) in outs.iter_mut().zip([Isa::detect(), Isa::Portable]) {
-                    output_transform(isa, &m, m_xi, row_at, hw, 0.25, residual, act, out);
+                    let b = Back {
+                        m: &m,
+                        m_xi,
+                        row_at,
+                        hw,
+                        bias: 0.25,
+                        residual,
+                        act,
+                    };
+                    output_transform(isa, b, out);
                 }
                 assert_eq!(
                     bits(&outs[0]),
