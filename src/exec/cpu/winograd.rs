@@ -172,14 +172,18 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     // those, only the packed blocks that kept rows lie in.
     let one = job.weights.one();
     let (src_len, dst_len) = (PACK * job.weights.cin, PACK * kc);
-    let mut a_blocks: Vec<usize> = rows.iter().map(|r| r / PACK).collect();
-    a_blocks.dedup();
+    let dropped = kc < job.weights.cin;
+    // A dense plan reads U in place and needs no list.
+    let mut a_blocks: Vec<usize> = Vec::new();
+    if dropped {
+        a_blocks.extend(rows.iter().map(|r| r / PACK));
+        a_blocks.dedup();
+    }
     // Block b of U[ξ], its kept columns, into `to`.
     let copy_block = |xi: usize, b: usize, to: &mut [f32]| {
         let src = &job.weights.u[xi * one + b * src_len..][..src_len];
         gemm::pack_a_channels(src, job.weights.cin, chans, 1, to);
     };
-    let dropped = kc < job.weights.cin;
     // With one task per ξ, each copies its ξ's kept columns just before its GEMMs, so
     // that they stay in the cache of the core that reads them, rather than every (ξ,
     // block) copied up front into a compact A that goes to memory (2.4 MB for 144 of
