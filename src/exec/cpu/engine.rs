@@ -1037,15 +1037,28 @@ impl EngineExecutor {
         // its thread and computes all rows on it while it is hot (`chunks` is 1). With few
         // panels, or panels in groups, panels are packed once up front instead.
         let fused = chunks == 1 && per_group == 1 && !merged;
-        let mut packed = self.pool.take_dirty(if fused || implicit {
-            0
-        } else {
+        // A 1×1 layer's panel is read in place where the kernel reads no value past the
+        // plane: every whole panel, and a last, narrow one whose few columns the kernel
+        // takes one at a time (a 14×14 plane's last 4, a 7×7 plane's 16 + 1), or that
+        // fills a vector (28×28: 16). Packing that panel instead (a copy of 4 values and
+        // a fill of 28 per row of K) took 14 of 64 µs in 384 → 64 at 14×14, and all
+        // panels read in place leave nothing to share out before the tasks.
+        let one_block = only_rows.is_none() || rows_a.is_some();
+        let read_in_place = |p: usize| {
+            implicit
+                || (direct
+                    && ((p + 1) * NR <= n
+                        || p * NR + gemm::panel_reads(self.isa, n - p * NR, one_block) <= n))
+        };
+        let pack_ahead = !fused && (0..panels).any(|p| !read_in_place(p));
+        let mut packed = self.pool.take_dirty(if pack_ahead {
             batch * groups * panels * panel_len
+        } else {
+            0
         });
         let pack = |(t, panel): (usize, &mut [f32])| {
             let (p, sg) = (t % panels, t / panels);
-            let in_place = implicit || (direct && (p + 1) * NR <= n);
-            if !in_place {
+            if !read_in_place(p) {
                 let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
                 gemm::pack_panel(
                     &x[sg * g.in_c * in_plane..][..g.in_c * in_plane],
@@ -1057,9 +1070,15 @@ impl EngineExecutor {
             }
         };
         if serial {
-            packed.chunks_mut(panel_len).enumerate().for_each(pack);
-        } else {
-            packed.par_chunks_mut(panel_len).enumerate().for_each(pack);
+            packed
+                .chunks_mut(panel_len.max(1))
+                .enumerate()
+                .for_each(pack);
+        } else if pack_ahead {
+            packed
+                .par_chunks_mut(panel_len.max(1))
+                .enumerate()
+                .for_each(pack);
         }
         // The stores below write through a raw pointer: the size is checked here.
         assert_eq!(out.len(), batch * rows_total * n, "output buffer size");
@@ -1123,7 +1142,7 @@ impl EngineExecutor {
             let group = q * panels / ngroups..(q + 1) * panels / ngroups;
             let np = group.len();
             // The task's own packed panel, on a cache line like the pool's buffers.
-            let own: &[f32] = if fused && !implicit && !(direct && (group.start + 1) * NR <= n) {
+            let own: &[f32] = if fused && !read_in_place(group.start) {
                 let p = group.start;
                 let panel = super::pool::line_aligned(own, panel_len);
                 let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
@@ -1145,7 +1164,7 @@ impl EngineExecutor {
                     } else {
                         &col_list[p * NR..(p * NR + NR).min(ncols)]
                     };
-                    let in_place = implicit || (direct && (p + 1) * NR <= n);
+                    let in_place = read_in_place(p);
                     let (panel, ldb) = if flat {
                         let at = sg * g.in_c * src_plane + p * NR;
                         (&x[at..], 0)
@@ -1211,7 +1230,8 @@ impl EngineExecutor {
                         // blocks of k columns); the panel holds k × NR, or (in place)
                         // every boff[kk] + NR is inside it: shifted windows through the
                         // padded input's NR values of slack; a 1×1 layer's kept channel
-                        // c at c · plane, with the panel's NR positions inside the plane.
+                        // c at c · plane, with the values the kernel reads from the
+                        // panel's first position (`gemm::panel_reads`) inside the plane.
                         // With `fin`, as for the store below.
                         let stored = unsafe {
                             gemm::accumulate_finishing(
@@ -3404,6 +3424,140 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         (err, scale)
+    }
+
+    /// `values` copied to the end of a mapping whose next page is inaccessible: a read
+    /// past the last value faults.
+    struct Guarded {
+        base: *mut libc::c_void,
+        bytes: usize,
+        at: usize,
+        len: usize,
+    }
+
+    impl Guarded {
+        fn new(values: &[f32]) -> Self {
+            // SAFETY: plain anonymous mappings, written only inside the first `pages`.
+            unsafe {
+                let page = libc::sysconf(libc::_SC_PAGESIZE) as usize;
+                let data = std::mem::size_of_val(values);
+                let pages = data.div_ceil(page).max(1);
+                let bytes = (pages + 1) * page;
+                let base = libc::mmap(
+                    std::ptr::null_mut(),
+                    bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert_ne!(base, libc::MAP_FAILED);
+                let guard = base.cast::<u8>().add(pages * page);
+                assert_eq!(libc::mprotect(guard.cast(), page, libc::PROT_NONE), 0);
+                let at = pages * page - data;
+                let g = Guarded {
+                    base,
+                    bytes,
+                    at,
+                    len: values.len(),
+                };
+                std::ptr::copy_nonoverlapping(
+                    values.as_ptr(),
+                    base.cast::<u8>().add(at).cast(),
+                    values.len(),
+                );
+                g
+            }
+        }
+
+        fn values(&self) -> &[f32] {
+            // SAFETY: `len` floats written at `at`, inside the mapping.
+            unsafe {
+                std::slice::from_raw_parts(self.base.cast::<u8>().add(self.at).cast(), self.len)
+            }
+        }
+    }
+
+    impl Drop for Guarded {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `new`.
+            unsafe { libc::munmap(self.base, self.bytes) };
+        }
+    }
+
+    #[test]
+    fn a_1x1_input_read_in_place_is_read_no_further_than_its_end() {
+        // Every width of a last panel after zero to two whole ones, the input ending on
+        // an inaccessible page: a kernel reading a value past the plane faults. Dense
+        // (rows in whole blocks: the last few columns one at a time), with kept rows
+        // over big weights (rows read where they are), with kept channels; batches of
+        // one and two samples.
+        let mut rng = fresh_rng();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for n in (1..=3 * NR).step_by(1) {
+            let (in_c, cout) = if n % 3 == 0 { (96, 70) } else { (20, 24) };
+            let g = conv_geom(in_c, [1, n], [1, 1], [1, 1], [0, 0], [0, 0]).unwrap();
+            let batch = 1 + n % 2;
+            let xs = uniform(&mut rng, batch * in_c * n);
+            let w = uniform(&mut rng, cout * in_c);
+            let b = uniform(&mut rng, cout);
+            let packed = gemm::pack_a(&w, cout, in_c);
+            let ic = subset(&mut rng, in_c);
+            let oc = subset(&mut rng, cout);
+            let every = ((0..in_c).collect::<Vec<_>>(), (0..cout).collect::<Vec<_>>());
+            let guarded = Guarded::new(&xs);
+            let x = guarded.values();
+            for (rows, chans) in [(None, None), (Some(&oc[..]), None), (None, Some(&ic[..]))] {
+                let plan = (
+                    chans.unwrap_or(&every.0[..]),
+                    rows.unwrap_or(&every.1[..]),
+                    None,
+                );
+                let want: Vec<f32> = xs
+                    .chunks_exact(in_c * n)
+                    .flat_map(|x| naive_conv(x, &w, &b, &g, None, Act::None, plan))
+                    .collect();
+                for isa in isas() {
+                    let e = bare(isa);
+                    let mut got = vec![0f32; batch * cout * n];
+                    let sub = Subset {
+                        rows,
+                        chans,
+                        ..Subset::default()
+                    };
+                    pool.install(|| {
+                        e.conv_gemm_into(
+                            x,
+                            batch,
+                            &packed,
+                            None,
+                            &b,
+                            1,
+                            &g,
+                            Residual::None,
+                            Act::None,
+                            sub,
+                            &mut got,
+                        )
+                    });
+                    let kept = |i: &usize| rows.is_none_or(|r| r.contains(&(i / n % cout)));
+                    let (got, want): (Vec<f32>, Vec<f32>) = (0..got.len())
+                        .filter(kept)
+                        .map(|i| (got[i], want[i]))
+                        .unzip();
+                    let (err, scale) = max_error(&got, &want);
+                    assert!(
+                        err <= 1e-5 * scale * (in_c as f32).sqrt(),
+                        "{isa:?} width {n} batch {batch} rows {} chans {}: error {err}",
+                        rows.is_some(),
+                        chans.is_some()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

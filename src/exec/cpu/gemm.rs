@@ -221,8 +221,9 @@ pub fn pack_a_channels(a: &[f32], k: usize, chans: &[usize], taps: usize, out: &
 /// `a` holds `packed_a_len(max(arows) + 1, ka)` floats, and the block of a tile whose
 /// rows are consecutive inside one block holds `mr` rows from the first; every column
 /// read (`kk < k`, or `kmap[kk]`) is `< ka`; `kmap.len() ≥ k`;
-/// `panel.len() ≥ (k - 1) * ldb + NR` (with `boff`: `boff.len() ≥ k` and every
-/// `boff[kk] + NR ≤ panel.len()`); `arows.len() == rows.len()`, and every
+/// `panel.len() ≥ (k - 1) * ldb + r` (with `boff`: `boff.len() ≥ k` and every
+/// `boff[kk] + r ≤ panel.len()`), `r` the tile's [`panel_reads`] (at most [`NR`]);
+/// `arows.len() == rows.len()`, and every
 /// `rows[i] * ldc + cols[j]` is inside `c` (and `residual`, when given).
 pub struct Tile<'a> {
     pub a: &'a [f32],
@@ -266,6 +267,45 @@ impl Tile<'_> {
     fn one_block(&self, mr: usize) -> bool {
         let (f, l) = (self.arows[0], self.arows[self.arows.len() - 1]);
         l - f == self.arows.len() - 1 && f % PACK + mr <= PACK
+    }
+}
+
+/// Values of each panel row that a tile `width` columns wide reads on `isa`, from the
+/// row's start: what a panel read in place (its rows are the input's own) must have.
+/// `one_block`: whether the tile's rows lie in one packed block of A with room for the
+/// kernel's rows (a dense layer's tiles), where the kernels run up to four last columns
+/// one at a time, reading exactly those; elsewhere they read whole vectors of columns.
+/// Kept in step with the kernels' choices in `avx512::kernel` and `avx2::kernel`.
+pub fn panel_reads(isa: Isa, width: usize, one_block: bool) -> usize {
+    let exact = |cols: usize| one_block && cols <= 4;
+    match isa {
+        Isa::Avx512 if width <= 16 => {
+            if exact(width) {
+                width
+            } else {
+                16
+            }
+        }
+        Isa::Avx512 => {
+            if exact(width - 16) {
+                width
+            } else {
+                NR
+            }
+        }
+        Isa::Avx2 => {
+            let half = |cols: usize| match cols {
+                c if exact(c) => c,
+                c if c <= 8 => 8,
+                _ => 16,
+            };
+            if width <= 16 {
+                half(width)
+            } else {
+                16 + half(width - 16)
+            }
+        }
+        Isa::Portable => width,
     }
 }
 
@@ -597,9 +637,8 @@ fn portable_kernel(t: &Tile, k0: usize, k1: usize, acc: &mut Acc) {
         for kk in k0..k1 {
             let av = a[t.kmap.map_or(kk, |m| m[kk]) * PACK];
             let at = t.boff.map_or(kk * t.ldb, |o| o[kk]);
-            let b = &t.panel[at..at + NR];
-            for j in 0..NR {
-                out[j] += av * b[j];
+            for (o, &b) in out.iter_mut().zip(&t.panel[at..at + t.width()]) {
+                *o += av * b;
             }
         }
     }
