@@ -94,10 +94,14 @@ impl Bands {
         let row_bytes = chans * w * std::mem::size_of::<f32>();
         let fits = |n: usize| ((n - 1) * sy + kh) * row_bytes <= bytes;
         let height = (1..=oh.max(1)).take_while(|&n| fits(n)).last().unwrap_or(1);
-        let bands: Vec<Band> = (0..oh)
-            .step_by(height)
-            .map(|y0| {
-                let y1 = (y0 + height).min(oh);
+        // Bands of equal heights (within a row), so that runs of them are equal too: at
+        // most `height` rows, 56 rows as 12 bands of 4 or 5 rows rather than 11 of 5 and
+        // one of 1, whose run of three bands (11 rows against 15) left a thread idle for
+        // a fifteenth of MobileNetV2's banded layer.
+        let nb = oh.div_ceil(height);
+        let bands: Vec<Band> = (0..nb)
+            .map(|i| {
+                let (y0, y1) = (i * oh / nb, (i + 1) * oh / nb);
                 let first = (y0 * sy).saturating_sub(pad).min(h);
                 let last = ((y1 - 1) * sy + kh).saturating_sub(pad).min(h);
                 // Input row `first` is the band's row 0: output row y0 reads rows from
@@ -162,19 +166,19 @@ impl Bands {
             );
             assert_eq!(s.bias.len(), self.chans, "bias");
         }
-        // Runs of bands per sample: enough tasks to keep every thread busy.
+        // Runs of bands per sample: enough tasks to keep every thread busy, their band
+        // counts differing by at most one.
         let threads = rayon::current_num_threads();
         let runs = (2 * threads)
             .div_ceil(batch)
             .clamp(1, self.bands.len().max(1));
-        let per_run = self.bands.len().div_ceil(runs);
         let ptr = OutPtr(out.as_mut_ptr());
         (0..batch * runs).into_par_iter().for_each_init(
             || Scratch::new(pool, self.chans * self.cap * w, self.k * NR),
             |scratch, t| {
                 let (s, run) = (t / runs, t % runs);
                 let nb = self.bands.len();
-                let bands = &self.bands[(run * per_run).min(nb)..((run + 1) * per_run).min(nb)];
+                let bands = &self.bands[run * nb / runs..(run + 1) * nb / runs];
                 let xs = &x[s * self.k * plane..];
                 // Sample s's output planes (`out` holds them: checked above).
                 let os = OutPtr(ptr.get().wrapping_add(s * self.chans * out_plane));
