@@ -5,20 +5,26 @@ speed changes over seconds (this project's 2-core VM ran at half speed for stret
 one side of a round can land in a fast stretch and the other in a slow one. Here both
 stay loaded: our side is `examples/dense_latency --serve` (one pass per request), ONNX
 Runtime runs in this process, and each pair is a visit to each side, the order
-alternating from pair to pair. A visit runs `--passes` passes back to back and keeps all
-but the first: the first after the other side's turn runs on threads that have been
-idle (after a 0.1 s pause ResNet-18's pass took 22.7 ms against 15.7 back to back) and
-may share the cores with the other side's threads still spinning. Reports the median
-and 10th–90th percentile of the per-pair ratios ours/ORT (the medians of the kept
-passes of each visit), and each side's median pass. With `--budget F` our side runs at
-that FLOP budget (ONNX Runtime stays dense): the dynamic-execution goal's ratio.
+alternating from pair to pair. A visit runs passes back to back for at least
+`--visit-ms` (and at least `--passes` passes) and keeps the median of all but the first:
+the first after the other side's turn runs on threads that have been idle (after a
+0.1 s pause ResNet-18's pass took 22.7 ms against 15.7 back to back), and the passes
+just after ONNX Runtime's turn share the cores with its threads, which keep spinning
+after a run returns (about 40 ms of CPU time in the 50 ms after a MobileNetV2 pass).
+With three passes a visit, our MobileNetV2 passes just after ONNX Runtime's took 10–25
+ms against 4.3–5 otherwise, and the batch-1 ratio read 2.02 (1.06–3.05); with visits of
+ten passes, 1.07 (1.04–1.10). Reports the median and 10th–90th percentile of the
+per-pair ratios ours/ORT (the medians of the kept passes of each visit), and each
+side's median pass. With `--budget F` our side runs at that FLOP budget (ONNX Runtime
+stays dense): the dynamic-execution goal's ratio.
 
-usage: python3 benches/peers/paired_dense.py [--pairs 30] [--passes 3] [--threads 2] [--batch 1,8] [--budget F] [ARCH...]
+usage: python3 benches/peers/paired_dense.py [--pairs 30] [--passes 3] [--visit-ms 100] [--threads 2] [--batch 1,8] [--budget F] [ARCH...]
 Needs: target/fixtures (tests/make_reference.py), onnxruntime, onnx and torch installed,
 and `cargo build --release --example dense_latency --bin dynsparse`.
 """
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -59,6 +65,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=30)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--budget", type=float)
+    ap.add_argument("--visit-ms", type=float, default=100.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("archs", nargs="*", default=ARCHS)
@@ -88,32 +95,32 @@ def main() -> None:
                 sess.run(None, {"x": x})
                 return (time.perf_counter() - t) * 1e3
 
-            for _ in range(3):
-                run_ours(b)
-                run_ort()
+            warm = min(min(run_ours(b), run_ort()) for _ in range(3))
+            passes = max(a.passes, 2, math.ceil(a.visit_ms / warm) + 1)
             mine, theirs, ratios = [], [], []
             for i in range(a.pairs):
                 print(f"\r{arch} batch {b}: pair {i + 1}/{a.pairs}", end="", file=sys.stderr, flush=True)
                 visit = {}
                 for side in ((0, 1) if i % 2 == 0 else (1, 0)):
                     run = (lambda: run_ours(b)) if side == 0 else run_ort
-                    visit[side] = [run() for _ in range(max(a.passes, 2))][1:]
-                mine += visit[0]
-                theirs += visit[1]
+                    visit[side] = [run() for _ in range(passes)][1:]
+                mine.append(statistics.median(visit[0]))
+                theirs.append(statistics.median(visit[1]))
                 ratios.append(statistics.median(visit[0]) / statistics.median(visit[1]))
-            rows.append((arch, b, statistics.median(mine), statistics.median(theirs),
+            rows.append((arch, b, passes, statistics.median(mine), statistics.median(theirs),
                          statistics.median(ratios), quantile(ratios, 0.1), quantile(ratios, 0.9)))
         ours.stdin.close()
         ours.wait()
     print(file=sys.stderr)
     ours_policy = "dense" if a.budget is None else f"budget {a.budget}"
     print(f"ours {ours_policy}, ONNX Runtime dense, {a.threads} threads, {a.pairs} pairs per row "
-          f"({a.passes} passes a visit, the first not kept)\n")
-    print(f"| model | batch | dynsparse ({ours_policy}) ms, median | ONNX Runtime ms, median "
+          f"(passes a visit as listed, the first not kept; times are medians of the visits' "
+          f"medians)\n")
+    print(f"| model | batch | passes a visit | dynsparse ({ours_policy}) ms | ONNX Runtime ms "
           "| ours/ORT, median of pairs | p10–p90 |")
-    print("|---|---|---|---|---|---|")
-    for arch, b, m, t, r, lo, hi in rows:
-        print(f"| {arch} | {b} | {m:.2f} | {t:.2f} | {r:.3f} | {lo:.2f}–{hi:.2f} |")
+    print("|---|---|---|---|---|---|---|")
+    for arch, b, n, m, t, r, lo, hi in rows:
+        print(f"| {arch} | {b} | {n} | {m:.2f} | {t:.2f} | {r:.3f} | {lo:.2f}–{hi:.2f} |")
 
 
 if __name__ == "__main__":
