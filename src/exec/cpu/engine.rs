@@ -3497,7 +3497,7 @@ mod tests {
             .num_threads(2)
             .build()
             .unwrap();
-        for n in (1..=3 * NR).step_by(1) {
+        for n in 1..=3 * NR {
             let (in_c, cout) = if n % 3 == 0 { (96, 70) } else { (20, 24) };
             let g = conv_geom(in_c, [1, n], [1, 1], [1, 1], [0, 0], [0, 0]).unwrap();
             let batch = 1 + n % 2;
