@@ -274,13 +274,17 @@ impl Tile<'_> {
 /// row's start: what a panel read in place (its rows are the input's own) must have.
 /// `one_block`: whether the tile's rows lie in one packed block of A with room for the
 /// kernel's rows (a dense layer's tiles), where the kernels run up to four last columns
-/// one at a time, reading exactly those; elsewhere they read whole vectors of columns.
+/// one at a time, reading exactly those; elsewhere they read whole vectors of columns,
+/// except that on AVX-512 a tile of at most four columns runs them one at a time
+/// wherever its rows lie.
 /// Kept in step with the kernels' choices in `avx512::kernel` and `avx2::kernel`.
 pub fn panel_reads(isa: Isa, width: usize, one_block: bool) -> usize {
     let exact = |cols: usize| one_block && cols <= 4;
     match isa {
+        // Up to four columns in all, AVX-512 takes them one at a time wherever its rows
+        // lie (gathering them when spread over blocks).
         Isa::Avx512 if width <= 16 => {
-            if exact(width) {
+            if width <= 4 {
                 width
             } else {
                 16
@@ -678,10 +682,13 @@ mod avx512 {
         // A few columns past the last whole vector (a 7×7 plane's 49 = 32 + 16 + 1, a
         // 14×14 plane's last 4) run on the column kernel: a vector of the tile's rows per
         // column costs 1/12 of a vector of columns per row, which would leave 15 of its
-        // 16 lanes idle.
+        // 16 lanes idle. With rows spread over blocks of A (a gated layer's kept rows),
+        // the kernel gathers the rows' values, which pays for a tile of at most four
+        // columns but not for the one past a vector of 16 (7×7 layers' gated 1×1
+        // expansions took 1.06–1.08 of their time; those of 14×14 planes 0.95–0.97).
         let n = t.width();
         let tail = if n > 16 { n - 16 } else { n };
-        if tail <= COLUMNS && t.one_block(t.rows.len()) {
+        if tail <= COLUMNS && (t.one_block(t.rows.len()) || n <= COLUMNS) {
             if n > 16 {
                 match t.rows.len() {
                     0..=4 => dispatch::<1, 4>(t, k0, k1, out, next, None),
@@ -721,20 +728,30 @@ mod avx512 {
         c0: usize,
         out: &mut Acc,
     ) {
-        match (t.kmap.is_some(), t.boff.is_some()) {
-            (false, false) => columns::<NC, false, false>(t, k0, k1, c0, out),
-            (true, false) => columns::<NC, true, false>(t, k0, k1, c0, out),
-            (false, true) => columns::<NC, false, true>(t, k0, k1, c0, out),
-            (true, true) => columns::<NC, true, true>(t, k0, k1, c0, out),
+        match (
+            t.one_block(t.rows.len()),
+            t.kmap.is_some(),
+            t.boff.is_some(),
+        ) {
+            (true, false, false) => columns::<NC, false, false, false>(t, k0, k1, c0, out),
+            (true, true, false) => columns::<NC, true, false, false>(t, k0, k1, c0, out),
+            (true, false, true) => columns::<NC, false, true, false>(t, k0, k1, c0, out),
+            (true, true, true) => columns::<NC, true, true, false>(t, k0, k1, c0, out),
+            (false, false, false) => columns::<NC, false, false, true>(t, k0, k1, c0, out),
+            (false, true, false) => columns::<NC, true, false, true>(t, k0, k1, c0, out),
+            (false, false, true) => columns::<NC, false, true, true>(t, k0, k1, c0, out),
+            (false, true, true) => columns::<NC, true, true, true>(t, k0, k1, c0, out),
         }
     }
 
     /// Columns `c0..c0 + NC` of a tile whose rows lie consecutively in one packed block:
     /// per step of K, one masked load of the rows' A values and one broadcast per column.
+    /// With `GATHER` the rows lie anywhere in A, and a gather at their offsets from the
+    /// first row replaces the load.
     /// Four steps of K run on separate accumulators, so that a lone column is not bound
     /// by the latency of one chain of multiply-adds.
     #[target_feature(enable = "avx512f")]
-    unsafe fn columns<const NC: usize, const MAPPED: bool, const OFFS: bool>(
+    unsafe fn columns<const NC: usize, const MAPPED: bool, const OFFS: bool, const GATHER: bool>(
         t: &Tile,
         k0: usize,
         k1: usize,
@@ -745,6 +762,15 @@ mod avx512 {
         let nr = t.rows.len();
         let m = ((1u32 << nr) - 1) as __mmask16;
         let a0 = t.a.as_ptr().add(super::a_offset(t.arows[0], t.ka));
+        // Rows spread over blocks: each row's A value at its own offset from the first's.
+        let mut offs_rows = [0i32; 16];
+        if GATHER {
+            let first = super::a_offset(t.arows[0], t.ka);
+            for (o, &r) in offs_rows.iter_mut().zip(t.arows) {
+                *o = (super::a_offset(r, t.ka) - first) as i32;
+            }
+        }
+        let vrows = _mm512_loadu_si512(offs_rows.as_ptr().cast());
         let map = t.kmap.map_or(std::ptr::null(), <[usize]>::as_ptr);
         let offs = t.boff.map_or(std::ptr::null(), <[usize]>::as_ptr);
         let mut acc = [[_mm512_setzero_ps(); NC]; U];
@@ -764,7 +790,11 @@ mod avx512 {
             } else {
                 t.panel.as_ptr().add(kk * t.ldb + c0)
             };
-            let av = _mm512_maskz_loadu_ps(m, a0.add(ka));
+            let av = if GATHER {
+                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, vrows, a0.add(ka))
+            } else {
+                _mm512_maskz_loadu_ps(m, a0.add(ka))
+            };
             for (j, v) in acc.iter_mut().enumerate() {
                 *v = _mm512_fmadd_ps(av, _mm512_set1_ps(*bp.add(j)), *v);
             }
