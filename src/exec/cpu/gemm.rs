@@ -765,9 +765,9 @@ mod avx512 {
         // Rows spread over blocks: each row's A value at its own offset from the first's.
         let mut offs_rows = [0i32; 16];
         if GATHER {
-            let first = super::a_offset(t.arows[0], t.ka);
+            let first = super::a_offset(t.arows[0], t.ka) as isize;
             for (o, &r) in offs_rows.iter_mut().zip(t.arows) {
-                *o = (super::a_offset(r, t.ka) - first) as i32;
+                *o = (super::a_offset(r, t.ka) as isize - first) as i32;
             }
         }
         let vrows = _mm512_loadu_si512(offs_rows.as_ptr().cast());
