@@ -3428,6 +3428,7 @@ mod tests {
 
     /// `values` copied to the end of a mapping whose next page is inaccessible: a read
     /// past the last value faults.
+    #[cfg(unix)]
     struct Guarded {
         base: *mut libc::c_void,
         bytes: usize,
@@ -3435,6 +3436,7 @@ mod tests {
         len: usize,
     }
 
+    #[cfg(unix)]
     impl Guarded {
         fn new(values: &[f32]) -> Self {
             // SAFETY: plain anonymous mappings, written only inside the first `pages`.
@@ -3478,6 +3480,7 @@ mod tests {
         }
     }
 
+    #[cfg(unix)]
     impl Drop for Guarded {
         fn drop(&mut self) {
             // SAFETY: the mapping made in `new`.
@@ -3486,6 +3489,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(unix)]
     fn a_1x1_input_read_in_place_is_read_no_further_than_its_end() {
         // Every width of a last panel after zero to two whole ones, the input ending on
         // an inaccessible page: a kernel reading a value past the plane faults. Dense
