@@ -1069,7 +1069,8 @@ impl EngineExecutor {
                 );
             }
         };
-        if serial {
+        // (`max(1)`: with no input channel kept, K and the panels are empty.)
+        if pack_ahead && serial {
             packed
                 .chunks_mut(panel_len.max(1))
                 .enumerate()
