@@ -1608,6 +1608,50 @@ impl EngineExecutor {
         }
     }
 
+    /// [`Self::conv_gated_batch`] by Winograd's F(2×2, 3×3): every sample's kept
+    /// channels through [`winograd::conv_samples`].
+    #[allow(clippy::too_many_arguments)]
+    fn conv_winograd_samples(
+        &self,
+        x: &[f32],
+        wg: &WinogradWeights,
+        g: &ConvGeom,
+        act: Act,
+        plans: &[SamplePlan],
+        residual: Residual,
+        out: &mut [f32],
+    ) {
+        let n = g.out_hw[0] * g.out_hw[1];
+        let cout = wg.rows;
+        assert_eq!(out.len(), plans.len() * cout * n, "output buffer size");
+        // Rows a sample does not compute: unwritten where nobody reads them, otherwise the
+        // residual passes through, or zero.
+        for (s, plan) in plans.iter().enumerate() {
+            if plan.rows.is_some() && !plan.dropped_unread {
+                let at = s * cout * n;
+                residual.pass_through(&mut out[at..at + cout * n], at);
+            }
+        }
+        let samples: Vec<winograd::SampleKeep> = plans
+            .iter()
+            .map(|p| winograd::SampleKeep {
+                chans: p.chans,
+                rows: p.rows,
+                bias: p.bias,
+            })
+            .collect();
+        let job = winograd::SamplesJob {
+            isa: self.isa,
+            x: &x[..plans.len() * g.in_c * g.in_hw[0] * g.in_hw[1]],
+            hw: g.out_hw,
+            weights: wg,
+            samples: &samples,
+            residual,
+            act,
+        };
+        winograd::conv_samples(&job, &self.pool, out);
+    }
+
     /// [`Self::conv_gemm_into`] by Winograd's F(2×2, 3×3) ([`winograd`]), for a layer
     /// with `WinogradWeights` and a plan without kept pixels.
     #[allow(clippy::too_many_arguments)]
@@ -2287,8 +2331,14 @@ impl EngineExecutor {
         };
         // A batch of samples with few positions each, each keeping some of the input
         // channels (known before the gates run) and no pixels dropped, runs together
-        // (see BATCH_GATED_PANELS); by Winograd such a plan would not run (one panel of
-        // tiles, see `winograd_pays`).
+        // (see BATCH_GATED_PANELS). A layer with Winograd weights runs its batch
+        // together by Winograd when its plane is one panel of tiles (7 × 7: 16), which
+        // one sample alone would not (see `winograd_pays`): the batch's samples share
+        // each block of U from L2, where alone each streams U from memory for 16 tiles.
+        // In-process pairs at budget 0.5 against the direct batch (2 threads): the
+        // 7 × 7 3×3 layers of ResNet-50's layer 4 took 0.39–0.51 of their time at batch
+        // 2 and 8, ResNet-18's 0.81–0.86; whole passes 0.945 (ResNet-50, batch 8), 0.953
+        // (batch 2), 0.977 and 0.992 (ResNet-18, batch 8 and 2).
         let (th, tw) = winograd::tiles(geom.out_hw[0], geom.out_hw[1]);
         let together = batch >= 2
             && n.div_ceil(NR) <= self.batch_gated_panels
@@ -2310,7 +2360,12 @@ impl EngineExecutor {
                     }
                 })
                 .collect();
-            self.conv_gated_batch(x, weight, geom, act, &plans, residual, &mut out);
+            match wino {
+                Some(wg) => {
+                    self.conv_winograd_samples(x, wg, geom, act, &plans, residual, &mut out)
+                }
+                None => self.conv_gated_batch(x, weight, geom, act, &plans, residual, &mut out),
+            }
             decided.into_iter().map(per_sample).collect()
         } else {
             // Samples in parallel (each sample's GEMM splits further): small layers of a
@@ -2726,7 +2781,8 @@ impl EngineExecutor {
 /// ([`EngineExecutor::conv_gated_batch`]) rather than sample by sample: at 7×7 (two
 /// panels) a sample's GEMM is short next to copying its kept columns out of the weights,
 /// which running together does without. In-process pairs at batch 8, budget 0.5: the
-/// ResNets' stride-1 3×3 layers of layer 4 took 0.74–0.95 of their time.
+/// ResNets' stride-1 3×3 layers of layer 4 took 0.74–0.95 of their time (they now run
+/// together by Winograd instead: [`EngineExecutor::conv_winograd_samples`]).
 const BATCH_GATED_PANELS: usize = 2;
 
 /// Packed weights (bytes) from which a gated batch of few positions per sample runs

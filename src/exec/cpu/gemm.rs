@@ -705,6 +705,9 @@ mod avx512 {
             };
             return false;
         }
+        if n > 16 && t.rows.len() > HALF && t.kmap.is_some() && !t.one_block(t.rows.len()) {
+            return halves(t, k0, k1, out, next, finish);
+        }
         match (n <= 16, t.rows.len()) {
             (true, ..=4) => dispatch::<1, 4>(t, k0, k1, out, next, finish),
             (true, ..=8) => dispatch::<1, 8>(t, k0, k1, out, next, finish),
@@ -713,6 +716,42 @@ mod avx512 {
             (false, ..=8) => dispatch::<2, 8>(t, k0, k1, out, next, finish),
             (false, _) => dispatch::<2, 12>(t, k0, k1, out, next, finish),
         }
+    }
+
+    /// Rows of each half of a tile run in two (see [`halves`]).
+    const HALF: usize = 6;
+
+    /// A tile of two vectors of columns whose rows lie anywhere in A and whose columns
+    /// of A come through a map, as two tiles of at most [`HALF`] rows over the same
+    /// panel. Compiled whole, that variant kept its accumulators on the stack (`perf
+    /// annotate`: a spill and a reload around the multiply-adds of every step of K), and
+    /// ran at 48–83 GFLOP/s on one thread where the others run at 112–113 (one thread,
+    /// hot: 256 kept rows of 512, every other column of 512, K = 256).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn halves(
+        t: &Tile,
+        k0: usize,
+        k1: usize,
+        out: &mut Acc,
+        next: Prefetch,
+        finish: Option<Finish>,
+    ) -> bool {
+        let part = |r: std::ops::Range<usize>| Tile {
+            arows: &t.arows[r.clone()],
+            rows: &t.rows[r],
+            ..*t
+        };
+        let (first, second) = (part(0..HALF), part(HALF..t.rows.len()));
+        let done = dispatch::<2, HALF>(&first, k0, k1, out, next, finish);
+        // The second half's accumulators are rows HALF.. of the tile's.
+        let mut rest: Acc = [[0f32; super::NR]; 12];
+        let n = second.rows.len();
+        rest[..n].copy_from_slice(&out[HALF..HALF + n]);
+        let done_too = dispatch::<2, HALF>(&second, k0, k1, &mut rest, Prefetch::NONE, finish);
+        out[HALF..HALF + n].copy_from_slice(&rest[..n]);
+        // Whether a kernel stores depends on the columns, which the halves share.
+        debug_assert_eq!(done, done_too);
+        done && done_too
     }
 
     /// Most columns the column kernel takes: at 4 it does 4 multiply-adds per step of K

@@ -18,7 +18,9 @@
 //! A sparse plan runs the same way on its subset: only kept input channels are
 //! transformed (their columns of each `U[ξ]` copied into a compact A, as for direct
 //! convolutions), only kept output channels are rows of the GEMMs and transformed back.
-//! Spatial plans are not served here.
+//! A batch whose samples each keep their own channels runs through [`conv_samples`]:
+//! each sample's tiles read its kept columns of `U[ξ]` in place, so that the samples
+//! share the weights' stream. Spatial plans are not served here.
 
 use std::borrow::Cow;
 
@@ -309,6 +311,200 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     if let Some(a) = a_buf {
         pool.give(a);
     }
+}
+
+/// One sample of a [`SamplesJob`]: the input and output channels it keeps (strictly
+/// ascending; `None`: all), and the bias of its outputs.
+pub struct SampleKeep<'a> {
+    pub chans: Option<&'a [usize]>,
+    pub rows: Option<&'a [usize]>,
+    pub bias: &'a [f32],
+}
+
+/// A batch whose samples each keep their own channels.
+pub struct SamplesJob<'a> {
+    pub isa: Isa,
+    /// The input, per sample `cin` planes of `h × w` (all of them, kept or not).
+    pub x: &'a [f32],
+    pub hw: [usize; 2],
+    pub weights: &'a WinogradWeights,
+    pub samples: &'a [SampleKeep<'a>],
+    /// Added before the activation; the output's layout (or already in it).
+    pub residual: Residual<'a>,
+    pub act: Act,
+}
+
+/// Bytes of `U[ξ]` (its rows' blocks over every input channel) that one task of
+/// [`conv_samples`] runs every sample's tiles on, from L2.
+const SAMPLES_A_BYTES: usize = 256 << 10;
+
+/// Runs `job` into `out` (per sample `rows × h × w`): each sample's kept output channels
+/// from its kept input channels, every sample's tiles of a block of `U[ξ]` rows run one
+/// after another while that block is in L2. Each tile reads its sample's kept columns of
+/// `U[ξ]` in place through a column map, so no sample copies them out; the batch shares
+/// one stream of `U` from memory instead of each sample streaming its own copy. For
+/// planes of few tiles (7 × 7: 16), where a sample's own GEMMs are short next to the
+/// weights they read. Cells of dropped outputs are left as they are.
+pub fn conv_samples(job: &SamplesJob, pool: &BufferPool, out: &mut [f32]) {
+    let [h, w] = job.hw;
+    let (th, tw) = tiles(h, w);
+    let t_one = th * tw;
+    let panels = t_one.div_ceil(NR);
+    let ldc = panels * NR;
+    let (cin, cout) = (job.weights.cin, job.weights.rows);
+    let (in_len, out_len) = (cin * h * w, cout * h * w);
+    assert_eq!(job.x.len(), job.samples.len() * in_len, "input size");
+    assert_eq!(out.len(), job.samples.len() * out_len, "output buffer size");
+    let every: Vec<usize> = (0..cin.max(cout)).collect();
+    // Per sample: its channels, and where its V and M start. An M ends in 8 floats a
+    // tile row's vector reads run into (see `output_transform_avx2`), rounded up to a
+    // cache line so that every sample's M starts on one.
+    struct Sample<'s> {
+        chans: &'s [usize],
+        rows: &'s [usize],
+        v_at: usize,
+        m_at: usize,
+    }
+    let (mut v_len, mut m_len) = (0, 0);
+    let samples: Vec<Sample> = job
+        .samples
+        .iter()
+        .map(|keep| {
+            let chans = keep.chans.unwrap_or(&every[..cin]);
+            let rows = keep.rows.unwrap_or(&every[..cout]);
+            let s = Sample {
+                chans,
+                rows,
+                v_at: v_len,
+                m_at: m_len,
+            };
+            v_len += XI * panels * chans.len() * NR;
+            m_len += (XI * rows.len() * ldc + 8).next_multiple_of(16);
+            s
+        })
+        .collect();
+    let mut v_buf = pool.take_dirty(v_len);
+    {
+        let vp = OutPtr(v_buf.as_mut_ptr());
+        let planes: Vec<(usize, usize)> = samples
+            .iter()
+            .enumerate()
+            .flat_map(|(s, d)| (0..d.chans.len()).map(move |ci| (s, ci)))
+            .collect();
+        planes
+            .into_par_iter()
+            .for_each_init(Scratch::default, |scratch, (s, ci)| {
+                let d = &samples[s];
+                let plane = &job.x[s * in_len + d.chans[ci] * h * w..][..h * w];
+                let to = Dest {
+                    v: OutPtr(vp.get().wrapping_add(d.v_at)),
+                    first_tile: 0,
+                    last: true,
+                    ci,
+                    kc: d.chans.len(),
+                    panels,
+                };
+                // SAFETY: (sample, channel) writes row ci of its sample's own V, which
+                // holds XI · panels · kc · NR floats from v_at.
+                unsafe { input_transform(job.isa, scratch, plane, [h, w], to) };
+            });
+    }
+    let v = &v_buf[..];
+    let mut m_buf = pool.take_dirty(m_len);
+    let one = job.weights.one();
+    let blocks = cout.div_ceil(PACK);
+    let per_task = (SAMPLES_A_BYTES / (PACK * cin.max(1) * std::mem::size_of::<f32>()))
+        .clamp(1, blocks.max(1));
+    let ranges = blocks.div_ceil(per_task);
+    let zeros = vec![0f32; cout.max(PACK)];
+    let ep = Epilogue {
+        bias: &zeros,
+        residual: Residual::None,
+        act: Act::None,
+    };
+    let cols: Vec<usize> = (0..ldc).collect();
+    let mr = job.isa.mr();
+    {
+        let mp = OutPtr(m_buf.as_mut_ptr());
+        let task = |(xi, q): (usize, usize)| {
+            let (r0, r1) = (
+                q * blocks / ranges * PACK,
+                ((q + 1) * blocks / ranges * PACK).min(cout),
+            );
+            let a = &job.weights.u[xi * one..(xi + 1) * one];
+            for d in &samples {
+                let (kc, nr) = (d.chans.len(), d.rows.len());
+                let (lo, hi) = (
+                    d.rows.partition_point(|&r| r < r0),
+                    d.rows.partition_point(|&r| r < r1),
+                );
+                let v_xi = panels * kc * NR;
+                for p in 0..panels {
+                    let c0 = p * NR;
+                    let panel = &v[d.v_at + xi * v_xi + p * kc * NR..][..kc * NR];
+                    for i in (lo..hi).step_by(mr) {
+                        let e = (i + mr).min(hi);
+                        let tile = Tile {
+                            a,
+                            ka: cin,
+                            arows: &d.rows[i..e],
+                            kmap: (kc < cin).then_some(d.chans),
+                            boff: None,
+                            k: kc,
+                            rows: &every[i..e],
+                            panel,
+                            ldb: NR,
+                            ldc,
+                            cols: &cols[c0..c0 + NR.min(t_one - c0)],
+                            lanes: None,
+                        };
+                        // SAFETY: A holds every row of U[ξ] (cin columns, every kept
+                        // channel < cin); the panel kc × NR floats; the tile's rows < nr
+                        // and columns < ldc index inside the sample's M of ξ, whose rows
+                        // r0..r1 only this task writes.
+                        unsafe {
+                            gemm::run_tile(
+                                job.isa,
+                                &tile,
+                                &ep,
+                                mp.get().add(d.m_at + xi * nr * ldc),
+                            )
+                        };
+                    }
+                }
+            }
+        };
+        let work: Vec<(usize, usize)> = (0..XI)
+            .flat_map(|xi| (0..ranges).map(move |q| (xi, q)))
+            .collect();
+        work.into_par_iter().for_each(task);
+    }
+    let m = &m_buf[..];
+    let op = OutPtr(out.as_mut_ptr());
+    let back: Vec<(usize, usize)> = samples
+        .iter()
+        .enumerate()
+        .flat_map(|(s, d)| (0..d.rows.len()).map(move |i| (s, i)))
+        .collect();
+    back.into_par_iter().for_each(|(s, i)| {
+        let d = &samples[s];
+        let r = d.rows[i];
+        let at = s * out_len + r * h * w;
+        // SAFETY: (sample, row) writes its own plane only.
+        let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(at), h * w) };
+        let b = Back {
+            m: &m[d.m_at..d.m_at + XI * d.rows.len() * ldc + 8],
+            m_xi: d.rows.len() * ldc,
+            row_at: i * ldc,
+            hw: [h, w],
+            bias: job.samples[s].bias[r],
+            residual: job.residual.part(at, h * w),
+            act: job.act,
+        };
+        output_transform(job.isa, b, dst);
+    });
+    pool.give(v_buf);
+    pool.give(m_buf);
 }
 
 /// Where an input plane's transform goes: row `ci` of the panels of every `V[ξ]`, its
@@ -960,6 +1156,109 @@ mod tests {
                             assert!(
                                 (g - want).abs() <= 1e-5 * scale * (cin as f32).sqrt(),
                                 "case {case} {isa:?}: {cin}->{cout} {hw:?} batch {batch}, sample {s} row {o} cell {i}: {g} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    #[test]
+    fn samples_with_their_own_channels_match_a_naive_convolution() {
+        let mut rng = crate::exec::cpu::fresh_rng();
+        let pool = BufferPool::default();
+        for case in 0..40 {
+            // Up to 150 input channels: a task's block of U then holds fewer rows than
+            // the layer has.
+            let (cin, cout) = (rng.random_range(1..150), rng.random_range(1..50));
+            let hw = [rng.random_range(1..12), rng.random_range(1..12)];
+            let batch = rng.random_range(1..5);
+            let plane = hw[0] * hw[1];
+            let mut uniform =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+            let x = uniform(batch * cin * plane);
+            let w = uniform(cout * cin * 9);
+            let biases: Vec<Vec<f32>> = (0..batch).map(|_| uniform(cout)).collect();
+            let res = uniform(batch * cout * plane);
+            let (with_res, in_out) = match rng.random_range(0..3) {
+                0 => (false, false),
+                1 => (true, false),
+                _ => (true, true),
+            };
+            let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
+            // Each sample its own channels: all, some, or (inputs) none.
+            // Per sample: its kept input channels and kept output channels.
+            type Kept = Option<Vec<usize>>;
+            let plans: Vec<(Kept, Kept)> = (0..batch)
+                .map(|_| {
+                    let chans = if rng.random_bool(0.1) {
+                        Some(Vec::new())
+                    } else {
+                        subset(&mut rng, cin)
+                    };
+                    (chans, subset(&mut rng, cout))
+                })
+                .collect();
+            let ww = WinogradWeights::new(&w, cout, cin);
+            let keeps: Vec<SampleKeep> = plans
+                .iter()
+                .zip(&biases)
+                .map(|((c, r), bias)| SampleKeep {
+                    chans: c.as_deref(),
+                    rows: r.as_deref(),
+                    bias,
+                })
+                .collect();
+            for isa in [Isa::detect(), Isa::Portable] {
+                let mut out = if in_out {
+                    res.clone()
+                } else {
+                    vec![f32::NAN; batch * cout * plane]
+                };
+                let residual = match (with_res, in_out) {
+                    (false, _) => Residual::None,
+                    (true, false) => Residual::Apart(&res),
+                    (true, true) => Residual::InOut,
+                };
+                let job = SamplesJob {
+                    isa,
+                    x: &x,
+                    hw,
+                    weights: &ww,
+                    samples: &keeps,
+                    residual,
+                    act,
+                };
+                conv_samples(&job, &pool, &mut out);
+                for (s, ((chans, rows), bias)) in plans.iter().zip(&biases).enumerate() {
+                    let xs = &x[s * cin * plane..][..cin * plane];
+                    let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
+                    let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
+                    for (o, &b) in bias.iter().enumerate() {
+                        let at = (s * cout + o) * plane;
+                        let got = &out[at..][..plane];
+                        if kept_r.binary_search(&o).is_err() {
+                            // Dropped rows are not written.
+                            let was = &res[at..][..plane];
+                            assert!(
+                                got.iter().zip(was).all(|(g, w)| if in_out {
+                                    g == w
+                                } else {
+                                    g.is_nan()
+                                }),
+                                "case {case}: sample {s} row {o} written"
+                            );
+                            continue;
+                        }
+                        let sums = naive(xs, &w, hw, cin, &kept_c, o);
+                        let scale = sums.iter().fold(1f64, |m, v| m.max(v.abs())) as f32;
+                        for (i, (&g, &z)) in got.iter().zip(&sums).enumerate() {
+                            let r = if with_res { res[at + i] } else { 0.0 };
+                            let want = act.apply(z as f32 + b + r);
+                            assert!(
+                                (g - want).abs() <= 1e-5 * scale * (cin as f32).sqrt(),
+                                "case {case} {isa:?}: {cin}->{cout} {hw:?} batch {batch}, sample {s} ({} of {cin} kept) row {o} cell {i}: {g} vs {want}",
+                                kept_c.len()
                             );
                         }
                     }
