@@ -981,6 +981,71 @@ mod tests {
         out
     }
 
+    /// A layer's input, weights and epilogue, for checking a Winograd output.
+    struct Layer<'a> {
+        x: &'a [f32],
+        w: &'a [f32],
+        hw: [usize; 2],
+        cin: usize,
+        cout: usize,
+        /// The residual, added (when `in_out`, the output started as it).
+        res: Option<&'a [f32]>,
+        in_out: bool,
+        act: Act,
+    }
+
+    impl Layer<'_> {
+        /// A fresh output for `batch` samples (cells never written are NaN, or the
+        /// residual's when the output starts as it), and the residual to pass.
+        fn output(&self, batch: usize) -> (Vec<f32>, Residual<'_>) {
+            let len = batch * self.cout * self.hw[0] * self.hw[1];
+            match self.res {
+                Some(r) if self.in_out => (r.to_vec(), Residual::InOut),
+                Some(r) => (vec![f32::NAN; len], Residual::Apart(r)),
+                None => (vec![f32::NAN; len], Residual::None),
+            }
+        }
+
+        /// Sample `s` of `out` against a naive convolution of its kept input channels:
+        /// kept rows within a rounding bound, dropped rows unwritten.
+        fn assert_sample(
+            &self,
+            out: &[f32],
+            s: usize,
+            kept_c: &[usize],
+            kept_r: &[usize],
+            bias: &[f32],
+            at: &str,
+        ) {
+            let (cin, cout, hw) = (self.cin, self.cout, self.hw);
+            let plane = hw[0] * hw[1];
+            let xs = &self.x[s * cin * plane..][..cin * plane];
+            for (o, &b) in bias.iter().enumerate().take(cout) {
+                let from = (s * cout + o) * plane;
+                let got = &out[from..][..plane];
+                if kept_r.binary_search(&o).is_err() {
+                    // Dropped rows are not written.
+                    let written = match self.res.filter(|_| self.in_out) {
+                        Some(r) => got != &r[from..][..plane],
+                        None => !got.iter().all(|g| g.is_nan()),
+                    };
+                    assert!(!written, "{at}: sample {s} row {o} written");
+                    continue;
+                }
+                let sums = naive(xs, self.w, hw, cin, kept_c, o);
+                let scale = sums.iter().fold(1f64, |m, v| m.max(v.abs())) as f32;
+                for (i, (&g, &z)) in got.iter().zip(&sums).enumerate() {
+                    let r = self.res.map_or(0.0, |r| r[from + i]);
+                    let want = self.act.apply(z as f32 + b + r);
+                    assert!(
+                        (g - want).abs() <= 1e-5 * scale * (cin as f32).sqrt(),
+                        "{at}: {cin}->{cout} {hw:?}, sample {s} row {o} cell {i}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
     fn subset(rng: &mut impl Rng, n: usize) -> Option<Vec<usize>> {
         let keep = rng.random_range(0.1..1.0);
         let mut v: Vec<usize> = (0..n).filter(|_| rng.random_bool(keep)).collect();
@@ -1098,21 +1163,22 @@ mod tests {
             let ww = WinogradWeights::new(&w, cout, cin);
             let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
             let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
+            let layer = Layer {
+                x: &x,
+                w: &w,
+                hw,
+                cin,
+                cout,
+                res: with_res.then_some(&res[..]),
+                in_out,
+                act,
+            };
             for (isa, serial) in [
                 (Isa::detect(), false),
                 (Isa::detect(), true),
                 (Isa::Portable, false),
             ] {
-                let mut out = if in_out {
-                    res.clone()
-                } else {
-                    vec![f32::NAN; batch * cout * plane]
-                };
-                let residual = match (with_res, in_out) {
-                    (false, _) => Residual::None,
-                    (true, false) => Residual::Apart(&res),
-                    (true, true) => Residual::InOut,
-                };
+                let (mut out, residual) = layer.output(batch);
                 let job = Job {
                     isa,
                     batch,
@@ -1128,41 +1194,13 @@ mod tests {
                 };
                 conv(&job, &pool, &mut out);
                 for s in 0..batch {
-                    let xs = &x[s * cin * plane..][..cin * plane];
-                    for o in 0..cout {
-                        let got = &out[(s * cout + o) * plane..][..plane];
-                        if kept_r.binary_search(&o).is_err() {
-                            // Dropped rows are not written.
-                            let was = &res[(s * cout + o) * plane..][..plane];
-                            assert!(
-                                got.iter().zip(was).all(|(g, w)| if in_out {
-                                    g == w
-                                } else {
-                                    g.is_nan()
-                                }),
-                                "case {case}: row {o} written"
-                            );
-                            continue;
-                        }
-                        let sums = naive(xs, &w, hw, cin, &kept_c, o);
-                        let scale = sums.iter().fold(1f64, |m, v| m.max(v.abs())) as f32;
-                        for (i, (&g, &z)) in got.iter().zip(&sums).enumerate() {
-                            let r = if with_res {
-                                res[(s * cout + o) * plane + i]
-                            } else {
-                                0.0
-                            };
-                            let want = act.apply(z as f32 + bias[o] + r);
-                            assert!(
-                                (g - want).abs() <= 1e-5 * scale * (cin as f32).sqrt(),
-                                "case {case} {isa:?}: {cin}->{cout} {hw:?} batch {batch}, sample {s} row {o} cell {i}: {g} vs {want}"
-                            );
-                        }
-                    }
+                    let at = format!("case {case} {isa:?}, batch {batch}");
+                    layer.assert_sample(&out, s, &kept_c, &kept_r, &bias, &at);
                 }
             }
         }
     }
+
     #[test]
     fn samples_with_their_own_channels_match_a_naive_convolution() {
         let mut rng = crate::exec::cpu::fresh_rng();
@@ -1209,17 +1247,18 @@ mod tests {
                     bias,
                 })
                 .collect();
+            let layer = Layer {
+                x: &x,
+                w: &w,
+                hw,
+                cin,
+                cout,
+                res: with_res.then_some(&res[..]),
+                in_out,
+                act,
+            };
             for isa in [Isa::detect(), Isa::Portable] {
-                let mut out = if in_out {
-                    res.clone()
-                } else {
-                    vec![f32::NAN; batch * cout * plane]
-                };
-                let residual = match (with_res, in_out) {
-                    (false, _) => Residual::None,
-                    (true, false) => Residual::Apart(&res),
-                    (true, true) => Residual::InOut,
-                };
+                let (mut out, residual) = layer.output(batch);
                 let job = SamplesJob {
                     isa,
                     x: &x,
@@ -1231,37 +1270,10 @@ mod tests {
                 };
                 conv_samples(&job, &pool, &mut out);
                 for (s, ((chans, rows), bias)) in plans.iter().zip(&biases).enumerate() {
-                    let xs = &x[s * cin * plane..][..cin * plane];
                     let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
                     let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
-                    for (o, &b) in bias.iter().enumerate() {
-                        let at = (s * cout + o) * plane;
-                        let got = &out[at..][..plane];
-                        if kept_r.binary_search(&o).is_err() {
-                            // Dropped rows are not written.
-                            let was = &res[at..][..plane];
-                            assert!(
-                                got.iter().zip(was).all(|(g, w)| if in_out {
-                                    g == w
-                                } else {
-                                    g.is_nan()
-                                }),
-                                "case {case}: sample {s} row {o} written"
-                            );
-                            continue;
-                        }
-                        let sums = naive(xs, &w, hw, cin, &kept_c, o);
-                        let scale = sums.iter().fold(1f64, |m, v| m.max(v.abs())) as f32;
-                        for (i, (&g, &z)) in got.iter().zip(&sums).enumerate() {
-                            let r = if with_res { res[at + i] } else { 0.0 };
-                            let want = act.apply(z as f32 + b + r);
-                            assert!(
-                                (g - want).abs() <= 1e-5 * scale * (cin as f32).sqrt(),
-                                "case {case} {isa:?}: {cin}->{cout} {hw:?} batch {batch}, sample {s} ({} of {cin} kept) row {o} cell {i}: {g} vs {want}",
-                                kept_c.len()
-                            );
-                        }
-                    }
+                    let at = format!("case {case} {isa:?}, {} of {cin} kept", kept_c.len());
+                    layer.assert_sample(&out, s, &kept_c, &kept_r, bias, &at);
                 }
             }
         }
