@@ -2335,10 +2335,10 @@ impl EngineExecutor {
         // together by Winograd when its plane is one panel of tiles (7 × 7: 16), which
         // one sample alone would not (see `winograd_pays`): the batch's samples share
         // each block of U from L2, where alone each streams U from memory for 16 tiles.
-        // In-process pairs at budget 0.5 against the direct batch (2 threads): the
-        // 7 × 7 3×3 layers of ResNet-50's layer 4 took 0.39–0.51 of their time at batch
-        // 2 and 8, ResNet-18's 0.81–0.86; whole passes 0.945 (ResNet-50, batch 8), 0.953
-        // (batch 2), 0.977 and 0.992 (ResNet-18, batch 8 and 2).
+        // In-process pairs at budget 0.5 against the direct batch (2 threads, before
+        // mapped tiles ran in halves): the 7 × 7 3×3 layers of ResNet-50's layer 4 took
+        // 0.41–0.54 of their time at batch 2, 4 and 8, ResNet-18's 0.83–1.06; whole
+        // passes 0.96, 0.95 and 0.98 (ResNet-50), 0.99, 0.97 and 0.98 (ResNet-18).
         let (th, tw) = winograd::tiles(geom.out_hw[0], geom.out_hw[1]);
         let together = batch >= 2
             && n.div_ceil(NR) <= self.batch_gated_panels
