@@ -2333,19 +2333,24 @@ impl EngineExecutor {
         // channels (known before the gates run) and no pixels dropped, runs together
         // (see BATCH_GATED_PANELS). A layer with Winograd weights runs its batch
         // together by Winograd when its plane is one panel of tiles (7 × 7: 16), which
-        // one sample alone would not (see `winograd_pays`): the batch's samples share
-        // each block of U from L2, where alone each streams U from memory for 16 tiles.
-        // In-process pairs at budget 0.5 against the direct batch (2 threads, before
-        // mapped tiles ran in halves): the 7 × 7 3×3 layers of ResNet-50's layer 4 took
-        // 0.41–0.54 of their time at batch 2, 4 and 8, ResNet-18's 0.83–1.06; whole
-        // passes 0.96, 0.95 and 0.98 (ResNet-50), 0.99, 0.97 and 0.98 (ResNet-18).
+        // one sample alone would not with dropped inputs (see `winograd_pays`): the
+        // batch's samples share each block of U from L2, where alone each streams U from
+        // memory for 16 tiles. In-process pairs at budget 0.5 against the direct batch
+        // (2 threads, before mapped tiles ran in halves): the 7 × 7 3×3 layers of
+        // ResNet-50's layer 4 took 0.41–0.54 of their time at batch 2, 4 and 8,
+        // ResNet-18's 0.83–1.06; whole passes 0.96, 0.95 and 0.98 (ResNet-50), 0.99,
+        // 0.97 and 0.98 (ResNet-18). So does a plan that keeps every input channel and
+        // drops output rows (ResNet-18's `layer4.1.conv1`), which ran sample by sample by
+        // Winograd: 0.73–0.82 of its time at batch 2, 4 and 8, passes 0.97–0.99.
         let (th, tw) = winograd::tiles(geom.out_hw[0], geom.out_hw[1]);
         let together = batch >= 2
             && n.div_ceil(NR) <= self.batch_gated_panels
             && std::mem::size_of_val(weight) >= BATCH_GATED_BYTES
             && gates.tiles.is_none()
-            && ic_sets.is_some_and(|v| v.iter().all(|ic| ic.len() < cin))
-            && (wino.is_none() || th * tw <= NR);
+            && match wino {
+                Some(_) => th * tw <= NR,
+                None => ic_sets.is_some_and(|v| v.iter().all(|ic| ic.len() < cin)),
+            };
         let per: Vec<SampleOut> = if together {
             let decided: Vec<Decided> = (0..batch).into_par_iter().map(decide).collect();
             let plans: Vec<SamplePlan> = decided
@@ -3690,17 +3695,27 @@ mod tests {
         for case in 0..120 {
             let isas = isas();
             let e = bare(isas[rng.random_range(0..isas.len())]);
+            // A quarter of the cases 3×3, stride 1, one pixel of padding: those run by
+            // Winograd too (`conv_winograd_samples`), checked the same way.
+            let wino = rng.random_bool(0.25);
             let kernel = match rng.random_range(0..3) {
+                _ if wino => [3, 3],
                 0 => [1, 1],
                 1 => [3, 3],
                 _ => [rng.random_range(1..=5), rng.random_range(1..=5)],
             };
-            let stride = [rng.random_range(1..=2), rng.random_range(1..=2)];
+            let stride = match wino {
+                true => [1, 1],
+                false => [rng.random_range(1..=2), rng.random_range(1..=2)],
+            };
             let in_hw = [rng.random_range(1..16), rng.random_range(1..16)];
-            let pad_tl = [
-                rng.random_range(0..kernel[0]),
-                rng.random_range(0..kernel[1]),
-            ];
+            let pad_tl = match wino {
+                true => [1, 1],
+                false => [
+                    rng.random_range(0..kernel[0]),
+                    rng.random_range(0..kernel[1]),
+                ],
+            };
             // Up to 100 channels: a 3×3 layer's K then goes in several ranges.
             let in_c = rng.random_range(1..100);
             let Some(g) = conv_geom(in_c, in_hw, kernel, stride, pad_tl, pad_tl) else {
@@ -3742,37 +3757,51 @@ mod tests {
             let packed = gemm::pack_a(&w, cout, g.k());
             // A residual apart, or already in the output.
             let in_out = rs.is_some() && rng.random_bool(0.5);
-            let (mut got, residual) = match &rs {
+            let fresh = || match &rs {
                 Some(r) if in_out => (r.clone(), Residual::InOut),
                 r => (vec![f32::NAN; batch * cout * n], r.as_deref().into()),
             };
-            e.conv_gated_batch(&xs, &packed, &g, act, &sample_plans, residual, &mut got);
-            for (s, ((ic, oc, unread), bias)) in plans.iter().zip(&biases).enumerate() {
-                let x = &xs[s * g.in_c * plane..(s + 1) * g.in_c * plane];
-                let r = rs.as_deref().map(|r| &r[s * cout * n..(s + 1) * cout * n]);
-                let mut want = naive_conv(x, &w, bias, &g, r, act, (ic, oc, None));
-                if *unread {
-                    // Dropped rows are left as they were.
-                    for o in (0..cout).filter(|o| oc.binary_search(o).is_err()) {
-                        let was = &mut want[o * n..(o + 1) * n];
-                        match r.filter(|_| in_out) {
-                            Some(r) => was.copy_from_slice(&r[o * n..(o + 1) * n]),
-                            None => was.fill(f32::NAN),
+            let (mut direct, residual) = fresh();
+            e.conv_gated_batch(&xs, &packed, &g, act, &sample_plans, residual, &mut direct);
+            let mut outs = vec![("direct", direct)];
+            if wino {
+                let wg = WinogradWeights::new(&w, cout, g.in_c);
+                let (mut by_wino, residual) = fresh();
+                e.conv_winograd_samples(&xs, &wg, &g, act, &sample_plans, residual, &mut by_wino);
+                outs.push(("winograd", by_wino));
+            }
+            for (way, got) in &outs {
+                for (s, ((ic, oc, unread), bias)) in plans.iter().zip(&biases).enumerate() {
+                    let x = &xs[s * g.in_c * plane..(s + 1) * g.in_c * plane];
+                    let r = rs.as_deref().map(|r| &r[s * cout * n..(s + 1) * cout * n]);
+                    let mut want = naive_conv(x, &w, bias, &g, r, act, (ic, oc, None));
+                    if *unread {
+                        // Dropped rows are left as they were.
+                        for o in (0..cout).filter(|o| oc.binary_search(o).is_err()) {
+                            let was = &mut want[o * n..(o + 1) * n];
+                            match r.filter(|_| in_out) {
+                                Some(r) => was.copy_from_slice(&r[o * n..(o + 1) * n]),
+                                None => was.fill(f32::NAN),
+                            }
                         }
                     }
-                }
-                let got = &got[s * cout * n..(s + 1) * cout * n];
-                let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert_eq!(a.is_nan(), b.is_nan(), "case {case} sample {s} cell {i}");
-                    if !b.is_nan() {
-                        assert!(
+                    let got = &got[s * cout * n..(s + 1) * cout * n];
+                    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            a.is_nan(),
+                            b.is_nan(),
+                            "case {case} {way} sample {s} cell {i}"
+                        );
+                        if !b.is_nan() {
+                            assert!(
                             (a - b).abs() <= 1e-5 * scale * (g.k() as f32).sqrt().max(1.0),
-                            "case {case} {:?} sample {s} cell {i}: {a} vs {b}, {g:?} cout {cout} ic {} oc {}",
+                            "case {case} {way} {:?} sample {s} cell {i}: {a} vs {b}, {g:?} cout {cout} ic {} oc {}",
                             e.isa,
                             ic.len(),
                             oc.len()
                         );
+                        }
                     }
                 }
             }
