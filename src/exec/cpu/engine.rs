@@ -1488,14 +1488,7 @@ impl EngineExecutor {
             })
             .collect();
         assert_eq!(out.len(), batch * cout * n, "output buffer size");
-        // Rows a sample does not compute: unwritten where nobody reads them, otherwise the
-        // residual passes through, or zero.
-        for (s, plan) in plans.iter().enumerate() {
-            if plan.rows.is_some() && !plan.dropped_unread {
-                let at = s * cout * n;
-                residual.pass_through(&mut out[at..at + cout * n], at);
-            }
-        }
+        pass_dropped_rows(plans, residual, cout * n, out);
         let ptr = OutPtr(out.as_mut_ptr());
         let mr = self.isa.mr();
         let blocks = cout.div_ceil(gemm::PACK);
@@ -1630,14 +1623,7 @@ impl EngineExecutor {
         let n = g.out_hw[0] * g.out_hw[1];
         let cout = wg.rows;
         assert_eq!(out.len(), plans.len() * cout * n, "output buffer size");
-        // Rows a sample does not compute: unwritten where nobody reads them, otherwise the
-        // residual passes through, or zero.
-        for (s, plan) in plans.iter().enumerate() {
-            if plan.rows.is_some() && !plan.dropped_unread {
-                let at = s * cout * n;
-                residual.pass_through(&mut out[at..at + cout * n], at);
-            }
-        }
+        pass_dropped_rows(plans, residual, cout * n, out);
         let samples: Vec<winograd::SampleKeep> = plans
             .iter()
             .map(|p| winograd::SampleKeep {
@@ -2788,6 +2774,18 @@ impl EngineExecutor {
 /// the AVX2 machine, 2 threads) took 0.975 of the direct time dense but 1.10–1.30 with
 /// 0.75 to 0.3 of the channels kept; at 28 × 28 0.72 dense and 0.75–0.85 at keep 0.75
 /// and 0.5.
+/// The rows a gated batch's samples do not compute (`len` output cells per sample):
+/// left unwritten where nobody reads them, otherwise the residual passes through, or
+/// zero.
+fn pass_dropped_rows(plans: &[SamplePlan], residual: Residual, len: usize, out: &mut [f32]) {
+    for (s, plan) in plans.iter().enumerate() {
+        if plan.rows.is_some() && !plan.dropped_unread {
+            let at = s * len;
+            residual.pass_through(&mut out[at..at + len], at);
+        }
+    }
+}
+
 /// Output panels per sample up to which a gated batch runs its samples' tiles together
 /// ([`EngineExecutor::conv_gated_batch`]) rather than sample by sample: at 7×7 (two
 /// panels) a sample's GEMM is short next to copying its kept columns out of the weights,
