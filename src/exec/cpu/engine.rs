@@ -979,10 +979,11 @@ impl EngineExecutor {
         let read_bytes = spanned * gemm::PACK * k * std::mem::size_of::<f32>();
         // A task that copies its own kept weights (`local_copy`) runs both panels of a
         // 7×7 plane, so that its rows' weights are copied once rather than once per
-        // panel: MobileNetV2's and EfficientNet-Lite0's 7×7 projections (kept weights
-        // of 160–250 KB, under `a_resident`) took 0.68–0.75 of their time at budget 0.5,
-        // passes 0.977–0.981 and 0.972 at batch 1, 0.992 and 0.985 at batch 8
-        // (in-process pairs, 2 threads).
+        // panel. MobileNetV2's and EfficientNet-Lite0's 7×7 projections whose weights fit
+        // `a_resident` had run one panel per task (MobileNetV2's keep 154–261 KB); in
+        // both panels they took 0.68–0.75 of their time at budget 0.5, passes
+        // 0.977–0.981 and 0.972 at batch 1, 0.992 and 0.985 at batch 8 (in-process pairs,
+        // 2 threads).
         let per_group = if read_bytes > self.a_resident || (local_copy && panels <= 2) {
             panels.min(GROUP_PANELS)
         } else if implicit && k <= IMPLICIT_ROW_TASK_K {
