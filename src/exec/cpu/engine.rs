@@ -199,8 +199,8 @@ struct NodeCut {
 /// the channel rounding and grouping they were planned with. A budget's cuts depend on
 /// nothing else (not on the input), and planning them (a bisection and then steps of one
 /// tile, each counting the whole network's FLOPs) took 41–58 µs of every MobileNetV2
-/// pass at budget 0.5 and 63–109 µs of every ResNet-50 pass (batch 1, 2026-12-05, 1.3
-/// and 1.0% of their gated passes' time then).
+/// pass at budget 0.5 and 63–109 µs of every ResNet-50 pass (batch 1, 2026-12-05, in a
+/// slow hour: 1.6% and 0.3% of their gated passes' time then).
 #[derive(Default)]
 struct BudgetPlans(std::sync::Mutex<Vec<(BudgetKey, Option<Vec<NodeCut>>)>>);
 
