@@ -513,30 +513,71 @@ impl Report {
     }
 
     /// Per-layer median times at one batch size, a column per policy, with each layer's
-    /// kept fraction of FLOPs under the last policy.
+    /// kept fraction of FLOPs under the last policy. With dense first and a gated policy
+    /// last, also each layer's time under it against dense, and what it takes beyond its
+    /// kept share of its dense time (`last − dense × kept`: zero where time falls with
+    /// the FLOPs), then those summed, and the layers that lose most to that share.
     pub fn layers_markdown(&self, batch: usize) -> String {
         let rows: Vec<&PolicyResult> = self.results.iter().filter(|r| r.batch == batch).collect();
-        let Some(first) = rows.first() else {
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
             return String::new();
         };
+        let against_dense = rows.len() >= 2 && first.policy == "dense";
         let mut s = String::from("| layer | MFLOPs dense |");
         for r in &rows {
             s += &format!(" {} ms |", r.policy);
         }
-        s += " FLOPs kept (last) |\n|---|---|";
-        s += &"---|".repeat(rows.len() + 1);
+        s += " FLOPs kept (last) |";
+        if against_dense {
+            s += &format!(" {} / dense | beyond kept share, ms |", last.policy);
+        }
+        s += "\n|---|---|";
+        s += &"---|".repeat(rows.len() + 1 + if against_dense { 2 } else { 0 });
         s += "\n";
+        let ms = |r: &PolicyResult, i: usize| r.layers.get(i).map_or(f64::NAN, |x| x.ms);
+        // (layer, dense ms, last ms, kept share of dense ms)
+        let mut shares: Vec<(&str, f64, f64, f64)> = Vec::new();
         for (i, l) in first.layers.iter().enumerate() {
             s += &format!("| {} | {:.1} |", l.name, l.flops_dense as f64 / 1e6);
             for r in &rows {
-                s += &format!(" {:.3} |", r.layers.get(i).map_or(f64::NAN, |x| x.ms));
+                s += &format!(" {:.3} |", ms(r, i));
             }
-            let kept = rows
-                .last()
-                .and_then(|r| r.layers.get(i))
+            let kept = last
+                .layers
+                .get(i)
                 .filter(|x| x.flops_dense > 0)
                 .map_or(1.0, |x| x.flops as f64 / x.flops_dense as f64);
-            s += &format!(" {kept:.2} |\n");
+            s += &format!(" {kept:.2} |");
+            if against_dense {
+                let (d, g) = (ms(first, i), ms(last, i));
+                let ratio = if d > 0.0 {
+                    format!("{:.2}", g / d)
+                } else {
+                    "–".into()
+                };
+                s += &format!(" {ratio} | {:.3} |", g - d * kept);
+                shares.push((&l.name, d, g, d * kept));
+            }
+            s += "\n";
+        }
+        if against_dense {
+            let sum = |f: fn(&(&str, f64, f64, f64)) -> f64| shares.iter().map(f).sum::<f64>();
+            let (d, g, share) = (sum(|x| x.1), sum(|x| x.2), sum(|x| x.3));
+            shares.sort_by(|a, b| (b.2 - b.3).total_cmp(&(a.2 - a.3)));
+            let most: Vec<String> = shares
+                .iter()
+                .take(5)
+                .map(|(n, _, g, k)| format!("{n} {:.3}", g - k))
+                .collect();
+            s += &format!(
+                "\nSummed over layers: dense {d:.3} ms, {} {g:.3} ms ({:.2} of dense); at each \
+                 layer's kept share of its dense time {share:.3} ms ({:.2}). Beyond that share \
+                 most (ms): {}.\n",
+                last.policy,
+                g / d,
+                share / d,
+                most.join(", ")
+            );
         }
         let banded = (0..first.layers.len()).any(|i| {
             first.layers[i].flops_dense > 0
@@ -567,6 +608,78 @@ mod tests {
         assert_eq!(quantile(&r, 0.5), 2.0);
         assert_eq!(median(&policy) / median(&dense), 4.0);
         assert_eq!(round_ratios(&dense, &dense), vec![1.0; 5]);
+    }
+
+    /// A gated layer at half its FLOPs and half its time takes nothing beyond its share;
+    /// one at half its FLOPs and all of its time takes half its dense time beyond it.
+    #[test]
+    fn layers_table_shows_time_beyond_each_layers_kept_share() {
+        let layer = |name: &str, ms: f64, flops: u64| LayerResult {
+            name: name.into(),
+            ms,
+            gate_ms: 0.0,
+            flops,
+            flops_dense: 100,
+            kept_channels: 0,
+            channels: 0,
+            kept_tiles: 0,
+            tiles: 0,
+        };
+        let result = |policy: &str, layers: Vec<LayerResult>| PolicyResult {
+            policy: policy.into(),
+            batch: 1,
+            median_ms: 3.0,
+            p10_ms: 3.0,
+            p90_ms: 3.0,
+            vs_dense: 1.0,
+            vs_dense_p10: 1.0,
+            vs_dense_p90: 1.0,
+            flops_executed: 1.0,
+            flops_gates: 0.0,
+            flops_fraction: 1.0,
+            gflops_per_s: 1.0,
+            gate_ms: 0.0,
+            layers,
+        };
+        let mut report = Report {
+            model: "m".into(),
+            executor: "cpu".into(),
+            threads: 1,
+            runs: 1,
+            flops_dense: 200,
+            channel_round: None,
+            channel_groups: None,
+            results: vec![
+                result("dense", vec![layer("a", 2.0, 100), layer("b", 4.0, 100)]),
+                result("budget 0.5", vec![layer("a", 1.0, 50), layer("b", 4.0, 50)]),
+            ],
+            quality: Vec::new(),
+            peers: Vec::new(),
+        };
+        let md = report.layers_markdown(1);
+        assert!(
+            md.contains("| budget 0.5 / dense | beyond kept share, ms |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| a | 0.0 | 2.000 | 1.000 | 0.50 | 0.50 | 0.000 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| b | 0.0 | 4.000 | 4.000 | 0.50 | 1.00 | 2.000 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("dense 6.000 ms, budget 0.5 5.000 ms (0.83 of dense)"),
+            "{md}"
+        );
+        assert!(md.contains("3.000 ms (0.50)"), "{md}");
+        assert!(md.contains("most (ms): b 2.000, a 0.000."), "{md}");
+        // Dense alone: no comparison columns.
+        report.results.truncate(1);
+        let md = report.layers_markdown(1);
+        assert!(!md.contains("beyond"), "{md}");
+        assert!(md.contains("| a | 0.0 | 2.000 | 1.00 |"), "{md}");
     }
 
     #[test]
