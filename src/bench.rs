@@ -597,6 +597,26 @@ impl Report {
 mod tests {
     use super::*;
 
+    /// A batch-1 result of 3 ms for `policy`, with these layers.
+    fn result(policy: &str, layers: Vec<LayerResult>) -> PolicyResult {
+        PolicyResult {
+            policy: policy.into(),
+            batch: 1,
+            median_ms: 3.0,
+            p10_ms: 3.0,
+            p90_ms: 3.0,
+            vs_dense: 1.0,
+            vs_dense_p10: 1.0,
+            vs_dense_p90: 1.0,
+            flops_executed: 1.0,
+            flops_gates: 0.0,
+            flops_fraction: 1.0,
+            gflops_per_s: 1.0,
+            gate_ms: 0.0,
+            layers,
+        }
+    }
+
     /// A policy twice as slow as dense in every round is 2× dense, though the machine ran
     /// at half speed for some rounds: the ratio of the two medians would say 4×.
     #[test]
@@ -624,22 +644,6 @@ mod tests {
             channels: 0,
             kept_tiles: 0,
             tiles: 0,
-        };
-        let result = |policy: &str, layers: Vec<LayerResult>| PolicyResult {
-            policy: policy.into(),
-            batch: 1,
-            median_ms: 3.0,
-            p10_ms: 3.0,
-            p90_ms: 3.0,
-            vs_dense: 1.0,
-            vs_dense_p10: 1.0,
-            vs_dense_p90: 1.0,
-            flops_executed: 1.0,
-            flops_gates: 0.0,
-            flops_fraction: 1.0,
-            gflops_per_s: 1.0,
-            gate_ms: 0.0,
-            layers,
         };
         let mut report = Report {
             model: "m".into(),
@@ -700,22 +704,7 @@ mod tests {
             flops_dense: 1,
             channel_round: None,
             channel_groups: None,
-            results: vec![PolicyResult {
-                policy: "dense".into(),
-                batch: 1,
-                median_ms: 3.0,
-                p10_ms: 3.0,
-                p90_ms: 3.0,
-                vs_dense: 1.0,
-                vs_dense_p10: 1.0,
-                vs_dense_p90: 1.0,
-                flops_executed: 1.0,
-                flops_gates: 0.0,
-                flops_fraction: 1.0,
-                gflops_per_s: 1.0,
-                gate_ms: 0.0,
-                layers: Vec::new(),
-            }],
+            results: vec![result("dense", Vec::new())],
             quality: Vec::new(),
             peers: vec![peer("tf32", 2.0, 5e-4), peer("fp16", 1.0, f64::NAN)],
         };
