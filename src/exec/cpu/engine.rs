@@ -1097,10 +1097,19 @@ impl EngineExecutor {
         // 1024 → 256 at 14×14 0.93–0.95, 3×3 512 → 512 at 7×7 0.98–0.99; 128 → 128 at
         // 28×28 and 64 → 64 at 56×56 (chunks already even) 1.00.
         let panel_len = k * NR;
-        // With enough panels to share out, each task packs its own panel into a buffer of
-        // its thread and computes all rows on it while it is hot (`chunks` is 1). With few
-        // panels, or panels in groups, panels are packed once up front instead.
-        let fused = chunks == 1 && per_group == 1 && !merged;
+        // With enough panels to share out, each task packs its own panels (one, or its
+        // group) into a buffer of its thread and computes all rows on them while they are
+        // hot (`chunks` is 1). With fewer, panels are packed once up front instead, for
+        // the tasks to share. Packed up front, a group's panels were written by both
+        // threads and read by whichever took the task: in stretches of this machine where
+        // reading what the other core wrote is slow, a 3×3 stride-2 layer (128 → 256
+        // from 28 × 28, batch 8, after a 3×3 layer) took 8.0–8.3 ms against 5.4–5.6 with
+        // each task packing its own group, and 5.1–5.4 either way in other stretches
+        // (ten alternating processes each). Whole passes in a quiet stretch, in-process
+        // pairs: at batch 8 ResNet-18 0.99, ResNet-50 0.99, MobileNetV2 0.98,
+        // EfficientNet-Lite0 1.01 of the time (1.00–1.01 at budget 0.5); at batch 1
+        // 0.99–1.01.
+        let fused = chunks == 1 && !merged;
         // A 1×1 layer's panel is read in place where the kernel reads no value past the
         // plane: every whole panel, and a last, narrow one whose few columns the kernel
         // takes one at a time (a 14×14 plane's last 4, a 7×7 plane's 16 + 1), or that
@@ -1206,13 +1215,16 @@ impl EngineExecutor {
             let last = ((chunk + 1) * row_blocks / chunks * mr).min(row_list.len());
             let group = q * panels / ngroups..(q + 1) * panels / ngroups;
             let np = group.len();
-            // The task's own packed panel, on a cache line like the pool's buffers.
-            let own: &[f32] = if fused && !read_in_place(group.start) {
-                let p = group.start;
-                let panel = super::pool::line_aligned(own, panel_len);
-                let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
-                gemm::pack_panel(xs(), &gk, chans, cols, panel);
-                panel
+            // The task's own packed panels, on a cache line like the pool's buffers.
+            let own: &[f32] = if fused && group.clone().any(|p| !read_in_place(p)) {
+                let panels = super::pool::line_aligned(own, np * panel_len);
+                for (p, panel) in group.clone().zip(panels.chunks_exact_mut(panel_len)) {
+                    if !read_in_place(p) {
+                        let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
+                        gemm::pack_panel(xs(), &gk, chans, cols, panel);
+                    }
+                }
+                panels
             } else {
                 &[]
             };
@@ -1241,7 +1253,7 @@ impl EngineExecutor {
                     } else if in_place {
                         (&xs()[p * NR..], in_plane)
                     } else if fused {
-                        (own, NR)
+                        (&own[(p - group.start) * panel_len..][..panel_len], NR)
                     } else {
                         let at = (sg * panels + p) * panel_len;
                         (&packed[at..at + panel_len], NR)
