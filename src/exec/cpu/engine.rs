@@ -980,9 +980,10 @@ impl EngineExecutor {
             if serial {
                 gemm::pack_a_channels(weight, lda, c, taps, &mut a);
             } else {
+                // (`max(1)`: without K the blocks are empty.)
                 weight
                     .par_chunks_exact(src)
-                    .zip(a.par_chunks_exact_mut(dst))
+                    .zip(a.par_chunks_exact_mut(dst.max(1)))
                     .for_each(|(w, out)| gemm::pack_a_channels(w, lda, c, taps, out));
             }
             a
@@ -1218,7 +1219,8 @@ impl EngineExecutor {
             // The task's own packed panels, on a cache line like the pool's buffers.
             let own: &[f32] = if fused && group.clone().any(|p| !read_in_place(p)) {
                 let panels = super::pool::line_aligned(own, np * panel_len);
-                for (p, panel) in group.clone().zip(panels.chunks_exact_mut(panel_len)) {
+                // (`max(1)`: without K the panels are empty.)
+                for (p, panel) in group.clone().zip(panels.chunks_exact_mut(panel_len.max(1))) {
                     if !read_in_place(p) {
                         let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
                         gemm::pack_panel(xs(), &gk, chans, cols, panel);
@@ -1362,7 +1364,7 @@ impl EngineExecutor {
                     let arows = &local[r0 - first..r0 - first + n_rows];
                     let need = arows[n_rows - 1] / gemm::PACK + 1;
                     for (b, out) in buf[copied * dst..need * dst]
-                        .chunks_exact_mut(dst)
+                        .chunks_exact_mut(dst.max(1))
                         .enumerate()
                     {
                         let at = blocks[copied + b] * src;
@@ -3430,6 +3432,59 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A plan that keeps no input channel has no K: its kept rows are bias and residual,
+    /// activated, whether its panels are packed up front or by each task (serial, with
+    /// every A treated as too big for L2: groups of packed panels), and its weights
+    /// copied for all tasks or by each. Gates keep at least one channel, so no pass
+    /// plans this today; the engine must still not fail on it.
+    #[test]
+    fn a_plan_without_input_channels_stores_bias_and_residual() {
+        let mut rng = fresh_rng();
+        // 3×3 stride 2 over 13 × 11: 7 × 6 = 42 outputs, two packed panels.
+        let g = conv_geom(5, [13, 11], [3, 3], [2, 2], [1, 1], [1, 1]).expect("geometry");
+        let (cout, n) = (20, g.out_hw[0] * g.out_hw[1]);
+        let xs = uniform(&mut rng, g.in_c * 13 * 11);
+        let w = uniform(&mut rng, cout * g.k());
+        let b = uniform(&mut rng, cout);
+        let rs = uniform(&mut rng, cout * n);
+        let oc: Vec<usize> = (0..cout).step_by(3).collect();
+        let want = naive_conv(&xs, &w, &b, &g, Some(&rs), Act::Relu, (&[], &oc, None));
+        let packed = gemm::pack_a(&w, cout, g.k());
+        for isa in isas() {
+            for serial in [false, true] {
+                let mut e = bare(isa);
+                e.a_resident = 0;
+                e.local_a = 0;
+                let sub = Subset {
+                    rows: Some(&oc),
+                    chans: Some(&[]),
+                    serial,
+                    ..Subset::default()
+                };
+                let mut got = vec![f32::NAN; cout * n];
+                e.conv_gemm_into(
+                    &xs,
+                    1,
+                    &packed,
+                    None,
+                    &b,
+                    1,
+                    &g,
+                    Residual::Apart(&rs),
+                    Act::Relu,
+                    sub,
+                    &mut got,
+                );
+                for (i, (a, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - w).abs() <= 1e-6,
+                        "{isa:?} serial {serial} cell {i}: {a} vs {w}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -184,6 +184,9 @@ pub fn pack_a(w: &[f32], rows: usize, k: usize) -> Vec<f32> {
 /// channel. Rows keep their indices, so a plan's kept rows read it as they read `a`.
 pub fn pack_a_channels(a: &[f32], k: usize, chans: &[usize], taps: usize, out: &mut [f32]) {
     let kc = chans.len() * taps;
+    if kc == 0 {
+        return;
+    }
     let run = PACK * taps;
     for (src, dst) in a
         .chunks_exact(PACK * k)
