@@ -18,6 +18,9 @@
 //! A sparse plan runs the same way on its subset: only kept input channels are
 //! transformed (their columns of each `U[ξ]` copied into a compact A, as for direct
 //! convolutions), only kept output channels are rows of the GEMMs and transformed back.
+//! Or ([`Job::zero_dropped`]) every input channel is transformed, a dropped one from a
+//! plane of zeros, and the GEMMs read every column of `U[ξ]` in place: more
+//! multiply-adds, no copy.
 //! A batch whose samples each keep their own channels runs through [`conv_samples`]:
 //! each sample's tiles read its kept columns of `U[ξ]` in place, so that the samples
 //! share the weights' stream. Spatial plans are not served here.
@@ -107,6 +110,10 @@ pub struct Job<'a> {
     pub act: Act,
     /// Whether to run on this thread only (a batch's samples already run in parallel).
     pub serial: bool,
+    /// Input channels outside `chans` enter the GEMMs as zeros instead of being left
+    /// out: every column of `U[ξ]` is read in place and none is copied. The result is
+    /// the same; see `EngineExecutor::conv_gemm_into` for where it is faster.
+    pub zero_dropped: bool,
 }
 
 /// Runs `job` into `out` (per sample `rows × h × w`). Only kept output channels are
@@ -129,7 +136,23 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
         every(job.chans, job.weights.cin),
         every(job.rows, job.weights.rows),
     );
-    let (chans, rows) = (&chans[..], &rows[..]);
+    // Dropped channels entered as zeros: every channel is transformed, a dropped one
+    // from a plane of zeros.
+    let kept: Option<Vec<bool>> = job.zero_dropped.then_some(job.chans).flatten().map(|c| {
+        let mut kept = vec![false; job.weights.cin];
+        c.iter().for_each(|&c| kept[c] = true);
+        kept
+    });
+    let all;
+    let chans = match &kept {
+        Some(_) => {
+            all = every(None, job.weights.cin);
+            &all[..]
+        }
+        None => &chans[..],
+    };
+    let zeros = vec![0f32; if kept.is_some() { h * w } else { 0 }];
+    let rows = &rows[..];
     let kc = chans.len();
     let nr = rows.len();
     if nr == 0 {
@@ -143,7 +166,10 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
         let vp = OutPtr(v.as_mut_ptr());
         let one = |scratch: &mut Scratch, sc: usize| {
             let (s, ci) = (sc / kc, sc % kc);
-            let plane = &job.x[s * in_len + chans[ci] * h * w..][..h * w];
+            let plane = match &kept {
+                Some(k) if !k[chans[ci]] => &zeros[..],
+                _ => &job.x[s * in_len + chans[ci] * h * w..][..h * w],
+            };
             let to = Dest {
                 v: vp,
                 first_tile: s * t_one,
@@ -1173,10 +1199,12 @@ mod tests {
                 in_out,
                 act,
             };
-            for (isa, serial) in [
-                (Isa::detect(), false),
-                (Isa::detect(), true),
-                (Isa::Portable, false),
+            for (isa, serial, zero_dropped) in [
+                (Isa::detect(), false, false),
+                (Isa::detect(), true, false),
+                (Isa::Portable, false, false),
+                (Isa::detect(), false, true),
+                (Isa::Portable, true, true),
             ] {
                 let (mut out, residual) = layer.output(batch);
                 let job = Job {
@@ -1191,10 +1219,11 @@ mod tests {
                     residual,
                     act,
                     serial,
+                    zero_dropped,
                 };
                 conv(&job, &pool, &mut out);
                 for s in 0..batch {
-                    let at = format!("case {case} {isa:?}, batch {batch}");
+                    let at = format!("case {case} {isa:?}, batch {batch}, zero {zero_dropped}");
                     layer.assert_sample(&out, s, &kept_c, &kept_r, &bias, &at);
                 }
             }
