@@ -1,6 +1,14 @@
 //! The benchmark harness behind `dynsparse bench`: one model, several policies, timed
-//! in one process with the policies interleaved run by run, so that drift on a shared
-//! machine hits all of them alike and every ratio to dense comes from the same run.
+//! in one process with the policies interleaved, so that drift on a shared machine hits
+//! all of them alike and every ratio to dense comes from the same run.
+//!
+//! Policies take turns in visits: a few untimed passes ([`Config::settle`]), then
+//! [`Config::visit`] timed ones, then the next policy. An application runs one policy
+//! pass after pass, its weights and buffers warm in the caches; each policy here has its
+//! own runtime, and a pass right after another policy's finds the caches holding that
+//! runtime's weights and buffers instead. Switching policy every pass (`visit: 1, settle:
+//! 0`) timed MobileNetV2 at batch 1 (2 threads) at 4.65 ms dense and 3.33 at budget 0.5,
+//! where each policy alone ran 4.29 and 2.88.
 //!
 //! ```
 //! use dynsparse::bench::{self, Config};
@@ -14,6 +22,8 @@
 //!     policies: vec![("keep 0.5".into(), Policy::Keep(0.5))],
 //!     runs: 3,
 //!     warmup: 1,
+//!     visit: 3,
+//!     settle: 1,
 //!     threads: Some(1),
 //!     device: dynsparse::DeviceChoice::Cpu,
 //!     channel_round: None,
@@ -49,6 +59,11 @@ pub struct Config {
     pub runs: usize,
     /// Untimed runs per policy and batch, first.
     pub warmup: usize,
+    /// Timed runs in a row per policy before the next policy's turn (at least 1).
+    pub visit: usize,
+    /// Untimed runs opening each turn, so that the timed ones find the caches as that
+    /// policy's previous pass left them.
+    pub settle: usize,
     /// Worker threads (`None`: one per core).
     pub threads: Option<usize>,
     /// Where to run. On [`DeviceChoice::Cuda`] the policies must be ones the device gates
@@ -94,10 +109,11 @@ pub struct PolicyResult {
     pub p10_ms: f64,
     pub p90_ms: f64,
     /// Time over dense's: the median, over the runs, of each run's time over the time
-    /// of the dense run of the same round. Policies alternate run by run, so each ratio
-    /// compares two runs milliseconds apart; on a shared machine whose speed changes
-    /// over seconds (this project's 2-core VM ran at half speed for stretches), a
-    /// ratio of two medians could pair a fast stretch with a slow one.
+    /// of the dense run in the same place of the same round (the same turn's `k`-th
+    /// timed run). Policies alternate in short turns, so each ratio compares two runs
+    /// close in time; on a shared machine whose speed changes over seconds (this
+    /// project's 2-core VM ran at half speed for stretches), a ratio of two medians
+    /// could pair a fast stretch with a slow one.
     pub vs_dense: f64,
     /// 10th and 90th percentile of those per-round ratios.
     pub vs_dense_p10: f64,
@@ -141,6 +157,9 @@ pub struct Report {
     pub executor: String,
     pub threads: usize,
     pub runs: usize,
+    /// Timed runs per turn ([`Config::visit`]) and the untimed ones opening it.
+    pub visit: usize,
+    pub settle: usize,
     pub flops_dense: u64,
     /// Kept channel counts' rounding, when set ([`Config::channel_round`]; otherwise the
     /// micro-kernel's rows).
@@ -208,6 +227,9 @@ pub fn run(
     if config.runs == 0 {
         return Err(Error::Input("runs must be at least 1".into()));
     }
+    if config.visit == 0 {
+        return Err(Error::Input("a visit must time at least 1 run".into()));
+    }
     if !config.labels.is_empty() && config.labels.len() != config.images.len() {
         return Err(Error::Input(format!(
             "{} labels for {} images",
@@ -246,7 +268,10 @@ pub fn run(
             Runtime::new(model.clone(), options)
         })
         .collect::<Result<Vec<_>>>()?;
-    let total = config.batches.len() * policies.len() * (config.warmup + config.runs);
+    let turns = config.runs.div_ceil(config.visit);
+    let total = config.batches.len()
+        * policies.len()
+        * (config.warmup + config.runs + turns * config.settle);
     let mut done = 0;
     let mut results = Vec::new();
     let mut executor = String::new();
@@ -273,19 +298,27 @@ pub fn run(
         let mut layer_ms = vec![vec![Vec::new(); model.desc.nodes.len()]; runtimes.len()];
         let mut gate_ms = vec![vec![Vec::new(); model.desc.nodes.len()]; runtimes.len()];
         let mut last = vec![None; runtimes.len()];
-        for _ in 0..config.runs {
+        for turn in 0..turns {
+            let timed = config.visit.min(config.runs - turn * config.visit);
             for (p, rt) in runtimes.iter().enumerate() {
-                let preds = rt.infer(Input::Tensor(&x))?;
-                let stats = &preds[0].stats;
-                times[p].push(stats.latency_ms);
-                for (i, l) in stats.layers.iter().enumerate() {
-                    layer_ms[p][i].push(l.ms);
-                    gate_ms[p][i].push(l.gate_ms);
+                for _ in 0..config.settle {
+                    rt.infer(Input::Tensor(&x))?;
+                    done += 1;
+                    progress(done, total);
                 }
-                executor = stats.executor.to_string();
-                last[p] = Some(preds);
-                done += 1;
-                progress(done, total);
+                for _ in 0..timed {
+                    let preds = rt.infer(Input::Tensor(&x))?;
+                    let stats = &preds[0].stats;
+                    times[p].push(stats.latency_ms);
+                    for (i, l) in stats.layers.iter().enumerate() {
+                        layer_ms[p][i].push(l.ms);
+                        gate_ms[p][i].push(l.gate_ms);
+                    }
+                    executor = stats.executor.to_string();
+                    last[p] = Some(preds);
+                    done += 1;
+                    progress(done, total);
+                }
             }
         }
         for (p, (label, _)) in policies.iter().enumerate() {
@@ -385,6 +418,8 @@ pub fn run(
         executor,
         threads: config.threads.unwrap_or_else(rayon::current_num_threads),
         runs: config.runs,
+        visit: config.visit,
+        settle: config.settle,
         flops_dense: model.flops_per_sample(),
         channel_round: config.channel_round,
         channel_groups: config.channel_groups,
@@ -420,9 +455,14 @@ impl Report {
                 }
             );
         }
-        s += "\nvs dense: the median over the runs of each run's time over the dense run of the \
-              same round (policies alternate run by run), and those ratios' 10th–90th \
-              percentile.\n";
+        s += &format!(
+            "\nvs dense: the median over the runs of each run's time over the dense run in the \
+             same place of the same round, and those ratios' 10th–90th percentile. Policies \
+             take turns of {} timed run{} after {} untimed.\n",
+            self.visit,
+            if self.visit == 1 { "" } else { "s" },
+            self.settle
+        );
         if self.results.iter().any(|r| r.batch > 1 && r.gate_ms > 0.0) {
             s += "gates ms: the time the gates took deciding, summed over a batch's samples; \
                   at batch > 1 samples run in parallel, one per core, so their share of the \
@@ -597,6 +637,42 @@ impl Report {
 mod tests {
     use super::*;
 
+    /// Turns of `visit` timed runs after `settle` untimed ones: 4 runs in turns of 3 are
+    /// a turn of 3 and a turn of 1, each opened by an untimed run, for each policy.
+    #[test]
+    fn policies_take_turns_of_untimed_then_timed_runs() {
+        let model = Model::from_bytes(crate::demo::MODEL).unwrap();
+        let config = Config {
+            batches: vec![1],
+            policies: vec![("keep 0.5".into(), Policy::Keep(0.5))],
+            runs: 4,
+            warmup: 1,
+            visit: 3,
+            settle: 1,
+            threads: Some(1),
+            device: DeviceChoice::Cpu,
+            channel_round: None,
+            channel_groups: None,
+            images: Vec::new(),
+            labels: Vec::new(),
+        };
+        let mut calls = Vec::new();
+        let report = run(&model, &config, |done, total| calls.push((done, total))).unwrap();
+        // Per policy: 1 warm-up, 2 turns each opened by 1 untimed run, 4 timed.
+        assert_eq!(calls.len(), 2 * (1 + 2 + 4));
+        assert!(calls.iter().all(|&(_, total)| total == calls.len()));
+        assert_eq!(calls.last().unwrap().0, calls.len());
+        assert_eq!((report.runs, report.visit, report.settle), (4, 3, 1));
+        assert!(report
+            .markdown()
+            .contains("turns of 3 timed runs after 1 untimed"));
+        let none = Config { visit: 0, ..config };
+        assert!(matches!(
+            run(&model, &none, |_, _| {}),
+            Err(Error::Input(_))
+        ));
+    }
+
     /// A batch-1 result of 3 ms for `policy`, with these layers.
     fn result(policy: &str, layers: Vec<LayerResult>) -> PolicyResult {
         PolicyResult {
@@ -650,6 +726,8 @@ mod tests {
             executor: "cpu".into(),
             threads: 1,
             runs: 1,
+            visit: 1,
+            settle: 0,
             flops_dense: 200,
             channel_round: None,
             channel_groups: None,
@@ -701,6 +779,8 @@ mod tests {
             executor: "cuda".into(),
             threads: 1,
             runs: 1,
+            visit: 1,
+            settle: 0,
             flops_dense: 1,
             channel_round: None,
             channel_groups: None,

@@ -109,7 +109,7 @@ enum Command {
         json: Option<PathBuf>,
     },
     /// Time a model dense and dynamic on the CPU (dense alone on a CUDA GPU with
-    /// --device cuda): policies interleaved run by run, median / p10 / p90, executed
+    /// --device cuda): policies interleaved in short turns, median / p10 / p90, executed
     /// FLOPs, GFLOP/s and the ratio to dense from the same run, as a Markdown table (and
     /// JSON with every number).
     Bench {
@@ -141,6 +141,15 @@ enum Command {
         /// Untimed runs first.
         #[arg(long, default_value_t = 3)]
         warmup: usize,
+        /// Timed runs in a row per policy before the next policy's turn. Each policy has
+        /// its own runtime; a pass right after another policy's finds the caches holding
+        /// that one's weights and buffers, which an application running one policy never
+        /// sees. `--visit 1 --settle 0` switches policy every run.
+        #[arg(long, default_value_t = 5)]
+        visit: usize,
+        /// Untimed runs opening each turn.
+        #[arg(long, default_value_t = 1)]
+        settle: usize,
         /// Worker threads (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
@@ -393,6 +402,8 @@ fn run(cli: Cli) -> Result<()> {
             spatial,
             runs,
             warmup,
+            visit,
+            settle,
             threads,
             layers,
             json,
@@ -436,6 +447,8 @@ fn run(cli: Cli) -> Result<()> {
                 policies,
                 runs,
                 warmup,
+                visit,
+                settle,
                 threads,
                 device: device.into(),
                 channel_round: match profile {
