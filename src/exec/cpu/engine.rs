@@ -2989,10 +2989,11 @@ fn winograd_pays(w: &WinogradWeights, sub: &Subset, out_hw: [usize; 2]) -> bool 
 /// 16) where the direct convolution does 9 · 64 per kept one (49 positions in two
 /// panels), 0.44 of it at every channel kept and as much at 0.44 of them. ResNet-18 at
 /// batch 1, 2 threads, in-process pairs against the direct way: its `layer4` `conv2`
-/// layers (every output row, 512 inputs of which the gate before keeps some) took 0.61–0.81 of
-/// their time with 384 inputs kept (budget 0.85), 0.77–0.78 with 360 (0.75), 0.87–0.89
-/// with 288–300 (0.6), 1.12 with 192–204 (0.5). The same layers of planes of more than
-/// one panel (14 × 14 and 28 × 28) lose by it: 1.05–1.49 of the time their copy takes.
+/// layers (every output row; 512 inputs, of which the gate before keeps some) took
+/// 0.61–0.81 of their time with 384 inputs kept (budget 0.85), 0.77–0.78 with 360
+/// (0.75), 0.87–0.89 with 288–300 (0.6), 1.12 with 192–204 (0.5). The same layers over
+/// planes of more than one panel (14 × 14 and 28 × 28) lose by it: 1.05–1.49 of the
+/// time their copy takes.
 /// Executed FLOPs stay those of the kept convolution, as for every Winograd plan; the
 /// multiply-adds by the zeros are not counted, as a panel's padding lanes are not (with
 /// half the inputs kept this path multiplies 1.16× the counted FLOPs' worth, 16 · 16 ·

@@ -112,7 +112,7 @@ pub struct Job<'a> {
     pub serial: bool,
     /// Input channels outside `chans` enter the GEMMs as zeros instead of being left
     /// out: every column of `U[ξ]` is read in place and none is copied. The result is
-    /// the same; see `EngineExecutor::conv_gemm_into` for where it is faster.
+    /// the same; the engine's `winograd_way` says where it is faster.
     pub zero_dropped: bool,
 }
 
