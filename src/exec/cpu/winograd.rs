@@ -132,10 +132,6 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     let every = |given: Option<&'a [usize]>, n: usize| -> Cow<'a, [usize]> {
         given.map_or_else(|| (0..n).collect::<Vec<_>>().into(), Cow::Borrowed)
     };
-    let (chans, rows) = (
-        every(job.chans, job.weights.cin),
-        every(job.rows, job.weights.rows),
-    );
     // Dropped channels entered as zeros: every channel is transformed, a dropped one
     // from a plane of zeros.
     let kept: Option<Vec<bool>> = job.zero_dropped.then_some(job.chans).flatten().map(|c| {
@@ -143,16 +139,13 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
         c.iter().for_each(|&c| kept[c] = true);
         kept
     });
-    let all;
-    let chans = match &kept {
-        Some(_) => {
-            all = every(None, job.weights.cin);
-            &all[..]
-        }
-        None => &chans[..],
-    };
+    let transformed = if kept.is_some() { None } else { job.chans };
+    let (chans, rows) = (
+        every(transformed, job.weights.cin),
+        every(job.rows, job.weights.rows),
+    );
+    let (chans, rows) = (&chans[..], &rows[..]);
     let zeros = vec![0f32; if kept.is_some() { h * w } else { 0 }];
-    let rows = &rows[..];
     let kc = chans.len();
     let nr = rows.len();
     if nr == 0 {
