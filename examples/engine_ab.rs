@@ -2,14 +2,16 @@
 //! passes, the engine as it is against the same engine without that path, alternating
 //! run by run; prints each side's median time and the median of the per-pair ratios
 //! (with / without). The paths: `winograd` (3×3 convolutions by Winograd's F(2×2, 3×3);
-//! without: `EngineExecutor::without_winograd`) and `batched-gates` (a gated batch's
+//! without: `EngineExecutor::without_winograd`), `batched-gates` (a gated batch's
 //! samples run together in layers of few positions; without:
-//! `EngineExecutor::without_batched_gates`); `nothing` is a control, two engines alike.
+//! `EngineExecutor::without_batched_gates`), `winograd-lines` (gated 3×3 convolutions
+//! over 7 × 7 planes on the filters as one cache line per channel pair; without:
+//! `EngineExecutor::without_winograd_lines`); `nothing` is a control, two engines alike.
 //!
 //! With `--layers`, also each layer's median time both ways (where they differ by more
 //! than 2%).
 //!
-//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|nothing] [--batch 1] [--pairs 20] [--budget 0.5] [--layers] MODEL.dsm...
+//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|nothing] [--batch 1] [--pairs 20] [--budget 0.5] [--layers] MODEL.dsm...
 
 use std::time::Instant;
 
@@ -43,10 +45,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let strip: fn(EngineExecutor) -> EngineExecutor = match without.as_str() {
         "winograd" => EngineExecutor::without_winograd,
         "batched-gates" => EngineExecutor::without_batched_gates,
+        "winograd-lines" => EngineExecutor::without_winograd_lines,
         // A control: two engines alike, to see what placement alone does.
         "nothing" => |e| e,
         other => {
-            return Err(format!("unknown path {other}: winograd, batched-gates or nothing").into())
+            return Err(format!(
+                "unknown path {other}: winograd, batched-gates, winograd-lines or nothing"
+            )
+            .into())
         }
     };
     let policy = budget.map_or(Policy::Dense, |f| Policy::Budget(Budget::Flops(f)));

@@ -20,6 +20,8 @@ mod partial_avx2;
 mod pool;
 mod reference;
 mod winograd;
+#[cfg(target_arch = "x86_64")]
+mod winograd_lines;
 mod workers;
 
 pub use engine::EngineExecutor;

@@ -27,7 +27,7 @@ const KEEP: usize = 64;
 pub const LINE: usize = 16;
 
 /// Where in `v` the first value that starts a cache line is (below [`LINE`]).
-fn line_offset(v: &[f32]) -> usize {
+pub fn line_offset(v: &[f32]) -> usize {
     // An f32's address is a multiple of 4, so this is a whole number of floats.
     (v.as_ptr() as usize).wrapping_neg() % 64 / std::mem::size_of::<f32>()
 }

@@ -42,6 +42,35 @@ pub struct WinogradWeights {
     pub u: Vec<f32>,
     pub rows: usize,
     pub cin: usize,
+    /// The same filters as one line per (row, channel) pair, for gated one-sample plans
+    /// over planes of few tiles (see [`super::winograd_lines`]); made by the engine
+    /// where such plans can run on them.
+    #[cfg(target_arch = "x86_64")]
+    pub lines: Option<super::winograd_lines::LineWeights>,
+}
+
+/// `U = G g Gᵀ` of one 3×3 filter `g` (row-major), `[ξ]` with ξ = 4 · i + j.
+pub fn filter_transform(g: &[f32]) -> [f32; XI] {
+    // G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]; first G·g (4 × 3).
+    let mut gg = [[0f32; 3]; 4];
+    for c in 0..3 {
+        let (a, b, d) = (g[c], g[3 + c], g[6 + c]);
+        gg[0][c] = a;
+        gg[1][c] = 0.5 * (a + b + d);
+        gg[2][c] = 0.5 * (a - b + d);
+        gg[3][c] = d;
+    }
+    let mut out = [0f32; XI];
+    for (i, r) in gg.iter().enumerate() {
+        let u = [
+            r[0],
+            0.5 * (r[0] + r[1] + r[2]),
+            0.5 * (r[0] - r[1] + r[2]),
+            r[2],
+        ];
+        out[i * 4..i * 4 + 4].copy_from_slice(&u);
+    }
+    out
 }
 
 impl WinogradWeights {
@@ -51,25 +80,8 @@ impl WinogradWeights {
         let mut by_xi = vec![0f32; XI * rows * cin];
         let plane = rows * cin;
         for (rc, g) in w.chunks_exact(9).enumerate() {
-            // G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]; first G·g (4 × 3).
-            let mut gg = [[0f32; 3]; 4];
-            for c in 0..3 {
-                let (a, b, d) = (g[c], g[3 + c], g[6 + c]);
-                gg[0][c] = a;
-                gg[1][c] = 0.5 * (a + b + d);
-                gg[2][c] = 0.5 * (a - b + d);
-                gg[3][c] = d;
-            }
-            for (i, r) in gg.iter().enumerate() {
-                let u = [
-                    r[0],
-                    0.5 * (r[0] + r[1] + r[2]),
-                    0.5 * (r[0] - r[1] + r[2]),
-                    r[2],
-                ];
-                for (j, &v) in u.iter().enumerate() {
-                    by_xi[(i * 4 + j) * plane + rc] = v;
-                }
+            for (xi, v) in filter_transform(g).into_iter().enumerate() {
+                by_xi[xi * plane + rc] = v;
             }
         }
         let one = gemm::packed_a_len(rows, cin);
@@ -77,7 +89,31 @@ impl WinogradWeights {
         for m in by_xi.chunks_exact(plane) {
             u.extend_from_slice(&gemm::pack_a(m, rows, cin));
         }
-        WinogradWeights { u, rows, cin }
+        WinogradWeights {
+            u,
+            rows,
+            cin,
+            #[cfg(target_arch = "x86_64")]
+            lines: None,
+        }
+    }
+
+    /// The weights as lines where a plan of `batch` samples over `hw` outputs that keeps
+    /// `rows` and `chans` (`None`: all) runs on them ([`LineWeights::takes`]).
+    ///
+    /// [`LineWeights::takes`]: super::winograd_lines::LineWeights::takes
+    #[cfg(target_arch = "x86_64")]
+    pub fn lines_for(
+        &self,
+        isa: Isa,
+        batch: usize,
+        hw: [usize; 2],
+        rows: Option<&[usize]>,
+        chans: Option<&[usize]>,
+    ) -> Option<&super::winograd_lines::LineWeights> {
+        self.lines
+            .as_ref()
+            .filter(|l| l.takes(isa, batch, hw, rows, chans))
     }
 
     /// Floats of one packed `U[ξ]`.
@@ -123,6 +159,13 @@ pub struct Job<'a> {
 /// them: a first version that allocated them per call took 2.4× the direct
 /// convolution's time at 56 × 56).
 pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(lines) = job
+        .weights
+        .lines_for(job.isa, job.batch, job.hw, job.rows, job.chans)
+    {
+        return super::winograd_lines::conv(job, lines, pool, out);
+    }
     let [h, w] = job.hw;
     let (th, tw) = tiles(h, w);
     let t_one = th * tw;
@@ -1219,6 +1262,85 @@ mod tests {
                     let at = format!("case {case} {isa:?}, batch {batch}, zero {zero_dropped}");
                     layer.assert_sample(&out, s, &kept_c, &kept_r, &bias, &at);
                 }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn weights_as_lines_match_a_naive_convolution() {
+        use super::super::winograd_lines::{self, LineWeights};
+        let isa = Isa::detect();
+        if !winograd_lines::serves(isa, 1, [7, 7]) {
+            eprintln!("no AVX-512: the line layout is not served here");
+            return;
+        }
+        let mut rng = crate::exec::cpu::fresh_rng();
+        let pool = BufferPool::default();
+        for case in 0..40 {
+            // Planes of at most 16 tiles, square or long; channels past the prefetch
+            // distance, rows over several tasks and every remainder of three.
+            let hw = match case % 4 {
+                0 => [7, 7],
+                1 => [rng.random_range(1..9), rng.random_range(1..9)],
+                2 => [rng.random_range(1..3), rng.random_range(1..33)],
+                _ => [rng.random_range(1..33), rng.random_range(1..3)],
+            };
+            assert!(winograd_lines::serves(isa, 1, hw), "{hw:?}");
+            let (cin, cout) = (rng.random_range(1..60), rng.random_range(1..60));
+            let plane = hw[0] * hw[1];
+            let mut uniform =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+            let x = uniform(cin * plane);
+            let w = uniform(cout * cin * 9);
+            let bias = uniform(cout);
+            let res = uniform(cout * plane);
+            let (with_res, in_out) = match rng.random_range(0..3) {
+                0 => (false, false),
+                1 => (true, false),
+                _ => (true, true),
+            };
+            let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
+            // Now and then no input channel at all: bias and residual only.
+            let chans = if case % 10 == 9 {
+                Some(Vec::new())
+            } else {
+                subset(&mut rng, cin)
+            };
+            let rows = subset(&mut rng, cout);
+            let ww = WinogradWeights::new(&w, cout, cin);
+            let lines = LineWeights::new(&w, cout, cin);
+            let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
+            let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
+            let layer = Layer {
+                x: &x,
+                w: &w,
+                hw,
+                cin,
+                cout,
+                res: with_res.then_some(&res[..]),
+                in_out,
+                act,
+            };
+            for serial in [false, true] {
+                let (mut out, residual) = layer.output(1);
+                let job = Job {
+                    isa,
+                    batch: 1,
+                    x: &x,
+                    hw,
+                    weights: &ww,
+                    chans: chans.as_deref(),
+                    rows: rows.as_deref(),
+                    bias: &bias,
+                    residual,
+                    act,
+                    serial,
+                    zero_dropped: false,
+                };
+                winograd_lines::conv(&job, &lines, &pool, &mut out);
+                let at = format!("case {case}, lines, serial {serial}");
+                layer.assert_sample(&out, 0, &kept_c, &kept_r, &bias, &at);
             }
         }
     }

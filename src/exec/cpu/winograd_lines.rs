@@ -1,0 +1,376 @@
+//! One sample's 3×3 convolution over a plane of at most [`TILES`] Winograd tiles
+//! (7 × 7 and smaller), by F(2×2, 3×3) as in [`super::winograd`], with the transformed
+//! filter held as one 64-byte cache line per (output channel, input channel) pair: the
+//! pair's 16 values of the 4×4 grid ξ.
+//!
+//! At 7 × 7 each transformed weight serves only 16 tiles, so such a layer streams its
+//! weights (16.8 MB at 512 → 512) more than it computes, and a gated plan saves time
+//! only in the lines it does not read. Packed as A ([`super::winograd::WinogradWeights`]),
+//! a line holds one column of 12 rows of one `U[ξ]`: spread kept rows read every line,
+//! and kept input channels read lines that dropped ones share, at jumps the prefetchers
+//! do not follow. Here a plan reads exactly its kept (row, channel) pairs' lines, and the
+//! GEMMs run vectorized over ξ, `M[r][t][ξ] = Σ_c U[r][c][ξ] · V[c][t][ξ]`: one fused
+//! multiply-add per (row, channel, tile), as many as the packed way does.
+//!
+//! The lines lie channel by channel (`[cin][row][ξ]`): a group of three rows over a
+//! block of channels reads runs of three lines, and the next group the runs after them,
+//! so a task streams each channel's lines in order. Row by row (`[row][cin][ξ]`), the
+//! same plans took 1.04–1.25 of the packed way's time where they dropped only input
+//! channels (ResNet-18's `conv2` layers at budget 0.5), 0.66–0.69 channel by channel.
+//!
+//! Dense, the packed way is faster (this one takes 1.12–1.15 of its time: the packed
+//! A streams in one run per task), so the engine keeps both and sends here only plans
+//! that drop enough ([`LineWeights::takes`]). AVX-512 only; elsewhere the engine keeps
+//! the packed way.
+
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+use super::gemm::{Isa, OutPtr, Residual};
+use super::pool::{line_aligned, BufferPool, Spare};
+use super::winograd::{self, tiles, Job, XI};
+use crate::model::Act;
+
+/// Tiles of the largest plane served: 16, a 7 × 7 or 8 × 8 output.
+pub const TILES: usize = 16;
+
+/// Rows of a kernel call: 3 rows × 8 tiles, 24 accumulators.
+const ROWS: usize = 3;
+
+/// Tiles of a kernel call.
+const HALF: usize = 8;
+
+/// Input channels per block: their V (16 KiB) stays in L1 while every group of rows of
+/// a task runs over it. ResNet-18's gated `layer4` layers at budget 0.5 took about as
+/// long with 24, and 1.1–1.2× as long with 8 or 32.
+const BLOCK: usize = 16;
+
+/// Rows per task.
+const TASK_ROWS: usize = 8 * ROWS;
+
+/// The largest share of a layer's (row, channel) pairs a plan keeps and still runs
+/// here: dense, the packed way is 1.12–1.15× as fast; with 0.56–0.75 of the pairs kept
+/// (ResNet-50's and ResNet-18's `layer4` at budgets 0.75 and 0.85) this way took
+/// 0.64–0.94 of its time.
+const MAX_KEPT: f64 = 0.85;
+
+/// A 3×3 filter bank transformed for F(2×2, 3×3): `[cin][row][ξ]`, each pair's 16
+/// values one cache line.
+pub struct LineWeights {
+    u: Vec<f32>,
+    /// Where the first line starts in `u`.
+    at: usize,
+    rows: usize,
+    cin: usize,
+}
+
+impl LineWeights {
+    /// Transforms `w` (`rows × cin × 3 × 3`, row-major) into lines of `U = G g Gᵀ`.
+    pub fn new(w: &[f32], rows: usize, cin: usize) -> Self {
+        assert_eq!(w.len(), rows * cin * 9);
+        let mut u = vec![0f32; rows * cin * XI + XI];
+        let at = super::pool::line_offset(&u);
+        for (rc, g) in w.chunks_exact(9).enumerate() {
+            let (r, c) = (rc / cin, rc % cin);
+            let o = at + (c * rows + r) * XI;
+            u[o..o + XI].copy_from_slice(&winograd::filter_transform(g));
+        }
+        LineWeights { u, at, rows, cin }
+    }
+
+    /// Whether [`conv`] runs a plan of `batch` samples over `hw` outputs that keeps
+    /// `rows` and `chans` (`None`: all): one sample, a plane of at most [`TILES`] tiles,
+    /// on AVX-512, and at most [`MAX_KEPT`] of the (row, channel) pairs.
+    pub fn takes(
+        &self,
+        isa: Isa,
+        batch: usize,
+        hw: [usize; 2],
+        rows: Option<&[usize]>,
+        chans: Option<&[usize]>,
+    ) -> bool {
+        let kept = |k: Option<&[usize]>, n: usize| k.map_or(1.0, |k| k.len() as f64 / n as f64);
+        serves(isa, batch, hw) && kept(rows, self.rows) * kept(chans, self.cin) <= MAX_KEPT
+    }
+
+    fn lines(&self) -> &[f32] {
+        &self.u[self.at..self.at + self.rows * self.cin * XI]
+    }
+}
+
+/// Whether [`conv`] serves a job of `batch` samples over `hw` outputs on `isa`.
+pub fn serves(isa: Isa, batch: usize, hw: [usize; 2]) -> bool {
+    let (th, tw) = tiles(hw[0], hw[1]);
+    isa == Isa::Avx512 && batch == 1 && th * tw <= TILES
+}
+
+/// Runs `job` (one sample, see [`serves`]) into `out` (`rows × h × w`) with the weights
+/// as `lines`. Only kept output channels are written.
+pub fn conv<'a>(job: &Job<'a>, lines: &LineWeights, pool: &BufferPool, out: &mut [f32]) {
+    assert!(
+        serves(job.isa, job.batch, job.hw),
+        "one sample over at most {TILES} tiles, on AVX-512"
+    );
+    assert!(lines.rows == job.weights.rows && lines.cin == job.weights.cin);
+    let [h, w] = job.hw;
+    let (th, tw) = tiles(h, w);
+    let halves = (th * tw).div_ceil(HALF);
+    let every = |given: Option<&'a [usize]>, n: usize| -> Cow<'a, [usize]> {
+        given.map_or_else(|| (0..n).collect::<Vec<_>>().into(), Cow::Borrowed)
+    };
+    let chans = every(job.chans, lines.cin);
+    let rows = every(job.rows, lines.rows);
+    let (chans, rows) = (&chans[..], &rows[..]);
+    if rows.is_empty() {
+        return;
+    }
+    assert!(out.len() >= lines.rows * h * w && job.x.len() >= lines.cin * h * w);
+    // V: [kept channel][tile][ξ], tiles past the plane's zero.
+    let per_chan = TILES * XI;
+    let mut v_buf = pool.take_dirty(chans.len() * per_chan);
+    let v = &mut v_buf[..];
+    // SAFETY: AVX-512F is present (`serves`).
+    let transform = |(vc, &c): (&mut [f32], &usize)| unsafe {
+        input_transform(&job.x[c * h * w..(c + 1) * h * w], [h, w], vc);
+    };
+    if job.serial {
+        v.chunks_exact_mut(per_chan).zip(chans).for_each(transform);
+    } else {
+        v.par_chunks_mut(per_chan).zip(chans).for_each(transform);
+    }
+    let v = &*v;
+    let op = OutPtr(out.as_mut_ptr());
+    let u = lines.lines();
+    let bases = |rows: &[usize]| -> Lines {
+        let mut at = [std::ptr::null(); ROWS];
+        for (a, &r) in at.iter_mut().zip(rows) {
+            *a = u[r * XI..].as_ptr();
+        }
+        Lines { at, n: rows.len() }
+    };
+    let block = |b: usize| &chans[b * BLOCK..((b + 1) * BLOCK).min(chans.len())];
+    let blocks = chans.len().div_ceil(BLOCK);
+    let task = |task_rows: &[usize]| {
+        let mut spare = Spare::take();
+        let m = line_aligned(&mut spare, TASK_ROWS * TILES * XI);
+        let m: &mut [[f32; TILES * XI]] = m.as_chunks_mut().0;
+        if blocks == 0 {
+            // No input channel kept: the sums are zero.
+            m.iter_mut().for_each(|r| r.fill(0.0));
+        }
+        let groups: Vec<Lines> = task_rows.chunks(ROWS).map(bases).collect();
+        // Every group of rows over one block of channels (their V stays in L1), block
+        // after block; each call prefetches the weight lines of the call after it.
+        let mut calls = (0..blocks)
+            .flat_map(|b| (0..groups.len()).map(move |g| (b, g)))
+            .peekable();
+        while let Some((b, g)) = calls.next() {
+            let next = calls.peek().map(|&(nb, ng)| (groups[ng], block(nb)));
+            let chans = block(b);
+            let c0 = b * BLOCK;
+            let call = Call {
+                chan_stride: lines.rows * XI,
+                rows: groups[g],
+                chans,
+                v: &v[c0 * per_chan..(c0 + chans.len()) * per_chan],
+                halves,
+                first: b == 0,
+                next,
+            };
+            let ms = &mut m[g * ROWS..][..groups[g].n];
+            // SAFETY: AVX-512F is present (`serves`); the rows and channels are the
+            // weights', and `v` holds a [TILES × XI] block per channel of the call.
+            unsafe {
+                match groups[g].n {
+                    3 => gemm_rows::<3>(&call, ms),
+                    2 => gemm_rows::<2>(&call, ms),
+                    _ => gemm_rows::<1>(&call, ms),
+                }
+            }
+        }
+        for (&r, mr) in task_rows.iter().zip(&*m) {
+            let at = r * h * w;
+            // SAFETY: each row's plane is written by the task that holds the row.
+            let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(at), h * w) };
+            let res = job.residual.part(at, h * w);
+            output_transform(mr, [h, w], job.bias[r], res, job.act, dst);
+        }
+    };
+    if job.serial {
+        rows.chunks(TASK_ROWS).for_each(task);
+    } else {
+        rows.par_chunks(TASK_ROWS).for_each(task);
+    }
+    pool.give(v_buf);
+}
+
+/// Where the weight lines of up to [`ROWS`] rows start (channel 0).
+#[derive(Clone, Copy)]
+struct Lines {
+    at: [*const f32; ROWS],
+    n: usize,
+}
+
+/// One kernel call: rows over a block of channels.
+struct Call<'a> {
+    /// Floats from one channel's line of a row to the next channel's.
+    chan_stride: usize,
+    rows: Lines,
+    chans: &'a [usize],
+    /// `[channel of the block][tile][ξ]`.
+    v: &'a [f32],
+    halves: usize,
+    /// Whether this is the first block: the sums start from zero, not from `m`.
+    first: bool,
+    /// The next call's rows and channels, whose lines are prefetched.
+    next: Option<(Lines, &'a [usize])>,
+}
+
+/// Adds the block's products to `m[i][t · XI + ξ]` for the call's row `i`, tiles
+/// `0..8 · halves`.
+///
+/// # Safety
+/// AVX-512F is present; `R == call.rows.n == m.len()`, every row's lines hold every
+/// channel of `call.chans` (and of the next call's), and `v` holds
+/// `chans.len() · TILES · XI` floats.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // t picks one tile's accumulator in each row's
+unsafe fn gemm_rows<const R: usize>(call: &Call, m: &mut [[f32; TILES * XI]]) {
+    use std::arch::x86_64::*;
+    debug_assert!(call.rows.n == R && m.len() == R);
+    debug_assert!(call.v.len() >= call.chans.len() * TILES * XI);
+    let bases = &call.rows.at;
+    let vp = call.v.as_ptr();
+    for half in 0..call.halves {
+        let mut acc = [[_mm512_setzero_ps(); HALF]; R];
+        if !call.first {
+            for i in 0..R {
+                for t in 0..HALF {
+                    acc[i][t] = _mm512_loadu_ps(m[i][(half * HALF + t) * XI..].as_ptr());
+                }
+            }
+        }
+        let vh = vp.add(half * HALF * XI);
+        for (ci, &c) in call.chans.iter().enumerate() {
+            if half == 0 {
+                if let Some((next, &nc)) = call.next.and_then(|(l, cs)| Some((l, cs.get(ci)?))) {
+                    // Into L2: into L1, ResNet-18's gated `layer4` layers took as long or up
+                    // to 1.27× as long (budget 0.5).
+                    for &b in &next.at[..next.n] {
+                        _mm_prefetch::<_MM_HINT_T1>(b.add(nc * call.chan_stride).cast());
+                    }
+                }
+            }
+            let ur: [__m512; R] =
+                std::array::from_fn(|i| _mm512_loadu_ps(bases[i].add(c * call.chan_stride)));
+            let vc = vh.add(ci * TILES * XI);
+            for t in 0..HALF {
+                let vt = _mm512_loadu_ps(vc.add(t * XI));
+                for i in 0..R {
+                    acc[i][t] = _mm512_fmadd_ps(ur[i], vt, acc[i][t]);
+                }
+            }
+        }
+        for i in 0..R {
+            for t in 0..HALF {
+                let at = (half * HALF + t) * XI;
+                _mm512_storeu_ps(m[i][at..at + XI].as_mut_ptr(), acc[i][t]);
+            }
+        }
+    }
+}
+
+/// One input plane's tiles into `dst` (`[tile][ξ]`, [`TILES`] tiles; those past the
+/// plane's are zero): `V = Bᵀ d B` over each tile's 4×4 patch `d` of the plane padded
+/// by 1, `Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`, a tile in
+/// one vector: the patch's rows are its four 128-bit lanes, combined by lane shuffles,
+/// then its columns by shuffles inside the lanes.
+///
+/// # Safety
+/// AVX-512F is present.
+#[target_feature(enable = "avx512f")]
+unsafe fn input_transform(plane: &[f32], [h, w]: [usize; 2], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (th, tw) = tiles(h, w);
+    let (ph, pw) = (2 * th + 2, 2 * tw + 2);
+    // 2·th + 2 rows of 2·tw + 2 with th · tw ≤ 16: at most 4 × 34.
+    let mut padded = [0f32; 4 * (2 * TILES + 2)];
+    let padded = &mut padded[..ph * pw];
+    for (y, row) in plane.chunks_exact(w).enumerate() {
+        padded[(y + 1) * pw + 1..][..w].copy_from_slice(row);
+    }
+    assert!(dst.len() >= TILES * XI);
+    // Row i of Bᵀ d is a + s·b with a, b rows (0, 1, 2, 1), (2, 2, 1, 3) of d and
+    // s = (-1, 1, -1, -1); the columns likewise. Multiplying by ±1 is exact.
+    let s_rows = _mm512_setr_ps(
+        -1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0,
+    );
+    let s_cols = _mm512_setr_ps(
+        -1.0, 1.0, -1.0, -1.0, -1.0, 1.0, -1.0, -1.0, -1.0, 1.0, -1.0, -1.0, -1.0, 1.0, -1.0, -1.0,
+    );
+    const A: i32 = 0b01_10_01_00;
+    const B: i32 = 0b11_01_10_10;
+    let pp = padded.as_ptr();
+    for ty in 0..th {
+        for tx in 0..tw {
+            let p = pp.add(2 * ty * pw + 2 * tx);
+            let d = _mm512_castps128_ps512(_mm_loadu_ps(p));
+            let d = _mm512_insertf32x4::<1>(d, _mm_loadu_ps(p.add(pw)));
+            let d = _mm512_insertf32x4::<2>(d, _mm_loadu_ps(p.add(2 * pw)));
+            let d = _mm512_insertf32x4::<3>(d, _mm_loadu_ps(p.add(3 * pw)));
+            let r = _mm512_fmadd_ps(
+                _mm512_shuffle_f32x4::<B>(d, d),
+                s_rows,
+                _mm512_shuffle_f32x4::<A>(d, d),
+            );
+            let v = _mm512_fmadd_ps(_mm512_permute_ps::<B>(r), s_cols, _mm512_permute_ps::<A>(r));
+            _mm512_storeu_ps(dst.as_mut_ptr().add((ty * tw + tx) * XI), v);
+        }
+    }
+    dst[th * tw * XI..TILES * XI].fill(0.0);
+}
+
+/// One output row's `m` (`[tile][ξ]`) back into its plane, with bias, residual and
+/// activation: `Y = Aᵀ M A`, `Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
+fn output_transform(
+    m: &[f32],
+    [h, w]: [usize; 2],
+    bias: f32,
+    residual: Residual,
+    act: Act,
+    dst: &mut [f32],
+) {
+    let (th, tw) = tiles(h, w);
+    for ty in 0..th {
+        for tx in 0..tw {
+            let t = &m[(ty * tw + tx) * XI..][..XI];
+            let mut r = [[0f32; 4]; 2];
+            for j in 0..4 {
+                let (a, b, c, d) = (t[j], t[4 + j], t[8 + j], t[12 + j]);
+                r[0][j] = a + b + c;
+                r[1][j] = b - c - d;
+            }
+            for (a, ra) in r.iter().enumerate() {
+                let oy = 2 * ty + a;
+                if oy >= h {
+                    break;
+                }
+                let y = [ra[0] + ra[1] + ra[2] + bias, ra[1] - ra[2] - ra[3] + bias];
+                for (b, &yb) in y.iter().enumerate() {
+                    let ox = 2 * tx + b;
+                    if ox >= w {
+                        break;
+                    }
+                    let at = oy * w + ox;
+                    let v = match residual {
+                        Residual::None => yb,
+                        Residual::InOut => dst[at] + yb,
+                        Residual::Apart(res) => yb + res[at],
+                    };
+                    dst[at] = act.apply(v);
+                }
+            }
+        }
+    }
+}
