@@ -15,8 +15,8 @@
 //! The lines lie channel by channel (`[cin][row][ξ]`): a group of three rows over a
 //! block of channels reads runs of three lines, and the next group the runs after them,
 //! so a task streams each channel's lines in order. Row by row (`[row][cin][ξ]`), the
-//! same plans took 1.04–1.25 of the packed way's time where they dropped only input
-//! channels (ResNet-18's `conv2` layers at budget 0.5), 0.66–0.69 channel by channel.
+//! same plans took 1.12–1.25 of the packed way's time where they dropped only input
+//! channels (ResNet-18's `conv2` layers at budget 0.5), 0.66–0.67 channel by channel.
 //!
 //! Dense, the packed way is faster (this one takes 1.12–1.15 of its time: the packed
 //! A streams in one run per task), so the engine keeps both and sends here only plans
@@ -43,7 +43,7 @@ const HALF: usize = 8;
 
 /// Input channels per block: their V (16 KiB) stays in L1 while every group of rows of
 /// a task runs over it. ResNet-18's gated `layer4` layers at budget 0.5 took about as
-/// long with 24, and 1.1–1.2× as long with 8 or 32.
+/// long with 24, and 1.07–1.22× as long with 8 or 32.
 const BLOCK: usize = 16;
 
 /// Rows per task.
@@ -256,7 +256,7 @@ unsafe fn gemm_rows<const R: usize>(call: &Call, m: &mut [[f32; TILES * XI]]) {
             if half == 0 {
                 if let Some((next, &nc)) = call.next.and_then(|(l, cs)| Some((l, cs.get(ci)?))) {
                     // Into L2: into L1, ResNet-18's gated `layer4` layers took as long or up
-                    // to 1.27× as long (budget 0.5).
+                    // to 1.28× as long (budget 0.5).
                     for &b in &next.at[..next.n] {
                         _mm_prefetch::<_MM_HINT_T1>(b.add(nc * call.chan_stride).cast());
                     }
