@@ -1108,6 +1108,57 @@ mod tests {
         }
     }
 
+    /// A layer's random values for `batch` samples: input, weights, bias and residual in
+    /// [-1, 1), the residual left out, added apart or already in the output, and an
+    /// activation.
+    struct Drawn {
+        x: Vec<f32>,
+        w: Vec<f32>,
+        bias: Vec<f32>,
+        res: Vec<f32>,
+        with_res: bool,
+        in_out: bool,
+        act: Act,
+    }
+
+    impl Drawn {
+        fn new(rng: &mut impl Rng, batch: usize, cin: usize, cout: usize, hw: [usize; 2]) -> Self {
+            let plane = hw[0] * hw[1];
+            let mut uniform =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+            let (x, w) = (uniform(batch * cin * plane), uniform(cout * cin * 9));
+            let (bias, res) = (uniform(cout), uniform(batch * cout * plane));
+            let (with_res, in_out) = match rng.random_range(0..3) {
+                0 => (false, false),
+                1 => (true, false),
+                _ => (true, true),
+            };
+            let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
+            Drawn {
+                x,
+                w,
+                bias,
+                res,
+                with_res,
+                in_out,
+                act,
+            }
+        }
+
+        fn layer(&self, hw: [usize; 2], cin: usize, cout: usize) -> Layer<'_> {
+            Layer {
+                x: &self.x,
+                w: &self.w,
+                hw,
+                cin,
+                cout,
+                res: self.with_res.then_some(&self.res[..]),
+                in_out: self.in_out,
+                act: self.act,
+            }
+        }
+    }
+
     fn subset(rng: &mut impl Rng, n: usize) -> Option<Vec<usize>> {
         let keep = rng.random_range(0.1..1.0);
         let mut v: Vec<usize> = (0..n).filter(|_| rng.random_bool(keep)).collect();
@@ -1207,34 +1258,13 @@ mod tests {
             } else {
                 cin
             };
-            let plane = hw[0] * hw[1];
-            let mut uniform =
-                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
-            let x = uniform(batch * cin * plane);
-            let w = uniform(cout * cin * 9);
-            let bias = uniform(cout);
-            let res = uniform(batch * cout * plane);
-            // No residual, one apart, or one already in the output.
-            let (with_res, in_out) = match rng.random_range(0..3) {
-                0 => (false, false),
-                1 => (true, false),
-                _ => (true, true),
-            };
-            let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
+            let d = Drawn::new(&mut rng, batch, cin, cout, hw);
+            let (x, w, bias, act) = (&d.x, &d.w, &d.bias, d.act);
             let (chans, rows) = (subset(&mut rng, cin), subset(&mut rng, cout));
-            let ww = WinogradWeights::new(&w, cout, cin);
+            let ww = WinogradWeights::new(w, cout, cin);
             let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
             let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
-            let layer = Layer {
-                x: &x,
-                w: &w,
-                hw,
-                cin,
-                cout,
-                res: with_res.then_some(&res[..]),
-                in_out,
-                act,
-            };
+            let layer = d.layer(hw, cin, cout);
             for (isa, serial, zero_dropped) in [
                 (Isa::detect(), false, false),
                 (Isa::detect(), true, false),
@@ -1246,12 +1276,12 @@ mod tests {
                 let job = Job {
                     isa,
                     batch,
-                    x: &x,
+                    x,
                     hw,
                     weights: &ww,
                     chans: chans.as_deref(),
                     rows: rows.as_deref(),
-                    bias: &bias,
+                    bias,
                     residual,
                     act,
                     serial,
@@ -1260,7 +1290,7 @@ mod tests {
                 conv(&job, &pool, &mut out);
                 for s in 0..batch {
                     let at = format!("case {case} {isa:?}, batch {batch}, zero {zero_dropped}");
-                    layer.assert_sample(&out, s, &kept_c, &kept_r, &bias, &at);
+                    layer.assert_sample(&out, s, &kept_c, &kept_r, bias, &at);
                 }
             }
         }
@@ -1278,8 +1308,8 @@ mod tests {
         let mut rng = crate::exec::cpu::fresh_rng();
         let pool = BufferPool::default();
         for case in 0..40 {
-            // Planes of at most 16 tiles, square or long; channels past the prefetch
-            // distance, rows over several tasks and every remainder of three.
+            // Planes of at most 16 tiles, square or long; channels over several blocks,
+            // rows over several tasks and every remainder of three.
             let hw = match case % 4 {
                 0 => [7, 7],
                 1 => [rng.random_range(1..9), rng.random_range(1..9)],
@@ -1288,19 +1318,8 @@ mod tests {
             };
             assert!(winograd_lines::serves(isa, 1, hw), "{hw:?}");
             let (cin, cout) = (rng.random_range(1..60), rng.random_range(1..60));
-            let plane = hw[0] * hw[1];
-            let mut uniform =
-                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
-            let x = uniform(cin * plane);
-            let w = uniform(cout * cin * 9);
-            let bias = uniform(cout);
-            let res = uniform(cout * plane);
-            let (with_res, in_out) = match rng.random_range(0..3) {
-                0 => (false, false),
-                1 => (true, false),
-                _ => (true, true),
-            };
-            let act = [Act::None, Act::Relu, Act::Relu6][rng.random_range(0..3)];
+            let d = Drawn::new(&mut rng, 1, cin, cout, hw);
+            let (x, w, bias, act) = (&d.x, &d.w, &d.bias, d.act);
             // Now and then no input channel at all: bias and residual only.
             let chans = if case % 10 == 9 {
                 Some(Vec::new())
@@ -1308,31 +1327,22 @@ mod tests {
                 subset(&mut rng, cin)
             };
             let rows = subset(&mut rng, cout);
-            let ww = WinogradWeights::new(&w, cout, cin);
-            let lines = LineWeights::new(&w, cout, cin);
+            let ww = WinogradWeights::new(w, cout, cin);
+            let lines = LineWeights::new(w, cout, cin);
             let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
             let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
-            let layer = Layer {
-                x: &x,
-                w: &w,
-                hw,
-                cin,
-                cout,
-                res: with_res.then_some(&res[..]),
-                in_out,
-                act,
-            };
+            let layer = d.layer(hw, cin, cout);
             for serial in [false, true] {
                 let (mut out, residual) = layer.output(1);
                 let job = Job {
                     isa,
                     batch: 1,
-                    x: &x,
+                    x,
                     hw,
                     weights: &ww,
                     chans: chans.as_deref(),
                     rows: rows.as_deref(),
-                    bias: &bias,
+                    bias,
                     residual,
                     act,
                     serial,
@@ -1340,7 +1350,7 @@ mod tests {
                 };
                 winograd_lines::conv(&job, &lines, &pool, &mut out);
                 let at = format!("case {case}, lines, serial {serial}");
-                layer.assert_sample(&out, 0, &kept_c, &kept_r, &bias, &at);
+                layer.assert_sample(&out, 0, &kept_c, &kept_r, bias, &at);
             }
         }
     }
