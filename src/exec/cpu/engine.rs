@@ -710,7 +710,8 @@ impl EngineExecutor {
         self
     }
 
-    /// Runs gated 3×3 convolutions over 7 × 7 planes on the packed filters only, to
+    /// Runs gated 3×3 convolutions over 7 × 7 planes (at most 16 Winograd tiles) on the
+    /// packed filters only, to
     /// measure what the filters as lines buy, and frees those lines (as much memory as
     /// the packed filters of those layers). By default, on AVX-512, a sample's plan over
     /// such a plane that keeps at most 0.85 of a layer's (output, input) channel pairs
@@ -3062,10 +3063,10 @@ fn winograd_pays(w: &WinogradWeights, sub: &Subset, out_hw: [usize; 2]) -> bool 
 /// cin against 49 · 9 · cin / 2 per output row; with 0.58 of them, as many).
 ///
 /// A plan that runs on the filters as lines (`on_lines`, see
-/// [`WinogradWeights::lines_for`]) reads only its kept channels' lines of `U` and takes
-/// the first way whatever it drops. ResNet-18 at budget 0.5, batch 1, against the ways
-/// above: its `layer4` `conv2` layers took 0.60–0.64 of their time, `layer4.1.conv1`
-/// 0.76–0.80.
+/// [`WinogradWeights::lines_for`]) reads only its kept (row, channel) pairs' lines of
+/// `U` and takes the first way whatever it drops. ResNet-18 at budget 0.5, batch 1,
+/// against the ways above: its `layer4` `conv2` layers took 0.49–0.64 of their time,
+/// `layer4.1.conv1` 0.72–0.80.
 fn winograd_way(
     w: &WinogradWeights,
     sub: &Subset,

@@ -18,7 +18,7 @@
 //! same plans took 1.12–1.25 of the packed way's time where they dropped only input
 //! channels (ResNet-18's `conv2` layers at budget 0.5), 0.66–0.67 channel by channel.
 //!
-//! Dense, the packed way is faster (this one takes 1.12–1.15 of its time: the packed
+//! Dense, the packed way is faster (this one takes 1.03–1.15 of its time: the packed
 //! A streams in one run per task), so the engine keeps both and sends here only plans
 //! that drop enough ([`LineWeights::takes`]). AVX-512 only; elsewhere the engine keeps
 //! the packed way.
@@ -50,7 +50,7 @@ const BLOCK: usize = 16;
 const TASK_ROWS: usize = 8 * ROWS;
 
 /// The largest share of a layer's (row, channel) pairs a plan keeps and still runs
-/// here: dense, the packed way is 1.12–1.15× as fast; with 0.56–0.75 of the pairs kept
+/// here: dense, the packed way is 1.03–1.15× as fast; with 0.56–0.75 of the pairs kept
 /// (ResNet-50's and ResNet-18's `layer4` at budgets 0.75 and 0.85) this way took
 /// 0.64–0.94 of its time.
 const MAX_KEPT: f64 = 0.85;
@@ -126,6 +126,8 @@ pub fn conv<'a>(job: &Job<'a>, lines: &LineWeights, pool: &BufferPool, out: &mut
         return;
     }
     assert!(out.len() >= lines.rows * h * w && job.x.len() >= lines.cin * h * w);
+    // Both lists ascend: the last of each bounds the lines the kernels read.
+    assert!(rows[rows.len() - 1] < lines.rows && chans.last().is_none_or(|&c| c < lines.cin));
     // V: [kept channel][tile][ξ], tiles past the plane's zero.
     let per_chan = TILES * XI;
     let mut v_buf = pool.take_dirty(chans.len() * per_chan);
