@@ -504,11 +504,7 @@ impl EngineExecutor {
                             let mut wg = WinogradWeights::new(&raw, rows, cv.in_channels);
                             #[cfg(target_arch = "x86_64")]
                             if winograd_lines::serves(isa, 1, [oh, ow]) {
-                                wg.lines = Some(winograd_lines::LineWeights::new(
-                                    &raw,
-                                    rows,
-                                    cv.in_channels,
-                                ));
+                                wg.lines = Some(Default::default());
                             }
                             wg
                         });
@@ -711,11 +707,11 @@ impl EngineExecutor {
     }
 
     /// Runs gated 3×3 convolutions over 7 × 7 planes (at most 16 Winograd tiles) on the
-    /// packed filters only, to
-    /// measure what the filters as lines buy, and frees those lines (as much memory as
-    /// the packed filters of those layers). By default, on AVX-512, a sample's plan over
-    /// such a plane that keeps at most 0.85 of a layer's (output, input) channel pairs
-    /// reads one cache line per kept pair and nothing else.
+    /// packed filters only, to measure what the filters as lines buy. By default, on
+    /// AVX-512, a sample's plan over such a plane that keeps at most 0.85 of a layer's
+    /// (output, input) channel pairs reads one cache line per kept pair and nothing
+    /// else; the first such plan of a layer lays its filters out as lines (as much
+    /// memory again as its packed transformed filters).
     ///
     /// ```
     /// use dynsparse::exec::cpu::EngineExecutor;
@@ -3998,7 +3994,7 @@ mod tests {
             let res = uniform(&mut rng, cout * n);
             let act = act(&mut rng);
             let mut wino = WinogradWeights::new(&w, cout, cin);
-            wino.lines = Some(winograd_lines::LineWeights::new(&w, cout, cin));
+            wino.lines = Some(Default::default());
             let isa = Isa::Avx512;
             // Dense, or with too few pairs dropped, the packed filters serve.
             assert!(wino.lines_for(isa, 1, hw, None, None).is_none());
@@ -4009,10 +4005,14 @@ mod tests {
             // Nor a batch, nor a plane of more than 16 tiles.
             assert!(wino.lines_for(isa, 2, hw, rows, chans).is_none());
             assert!(wino.lines_for(isa, 1, [9, 8], rows, chans).is_none());
+            // Made by the first plan that runs on them, not before.
+            let made = |w: &WinogradWeights| w.lines.as_ref().is_some_and(|l| l.get().is_some());
+            assert!(!made(&wino), "case {case}");
             assert!(
                 wino.lines_for(isa, 1, hw, rows, chans).is_some(),
                 "case {case}"
             );
+            assert!(made(&wino), "case {case}");
             let sub = Subset {
                 rows,
                 chans,
