@@ -126,6 +126,11 @@ impl WinogradWeights {
     }
 }
 
+/// The kept indices given, or all of `0..n`.
+pub fn kept_or_all(given: Option<&[usize]>, n: usize) -> Cow<'_, [usize]> {
+    given.map_or_else(|| (0..n).collect::<Vec<_>>().into(), Cow::Borrowed)
+}
+
 /// Tiles of an `h × w` output: `(tile rows, tile columns)`.
 pub fn tiles(h: usize, w: usize) -> (usize, usize) {
     (h.div_ceil(2), w.div_ceil(2))
@@ -176,9 +181,6 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     let t = job.batch * t_one;
     let panels = t.div_ceil(NR);
     let (in_len, out_len) = (job.weights.cin * h * w, job.weights.rows * h * w);
-    let every = |given: Option<&'a [usize]>, n: usize| -> Cow<'a, [usize]> {
-        given.map_or_else(|| (0..n).collect::<Vec<_>>().into(), Cow::Borrowed)
-    };
     // Dropped channels entered as zeros: every channel is transformed, a dropped one
     // from a plane of zeros.
     let kept: Option<Vec<bool>> = job.zero_dropped.then_some(job.chans).flatten().map(|c| {
@@ -188,8 +190,8 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     });
     let transformed = if kept.is_some() { None } else { job.chans };
     let (chans, rows) = (
-        every(transformed, job.weights.cin),
-        every(job.rows, job.weights.rows),
+        kept_or_all(transformed, job.weights.cin),
+        kept_or_all(job.rows, job.weights.rows),
     );
     let (chans, rows) = (&chans[..], &rows[..]);
     let zeros = vec![0f32; if kept.is_some() { h * w } else { 0 }];

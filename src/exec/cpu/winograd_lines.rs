@@ -23,13 +23,11 @@
 //! that drop enough ([`takes`]). AVX-512 only; elsewhere the engine keeps
 //! the packed way.
 
-use std::borrow::Cow;
-
 use rayon::prelude::*;
 
 use super::gemm::{self, Isa, OutPtr, Residual, PACK};
 use super::pool::{line_aligned, BufferPool, Spare};
-use super::winograd::{tiles, Job, WinogradWeights, XI};
+use super::winograd::{kept_or_all, tiles, Job, WinogradWeights, XI};
 use crate::model::Act;
 
 /// Tiles of the largest plane served: 16, a 7 × 7 or 8 × 8 output.
@@ -121,7 +119,7 @@ pub fn serves(isa: Isa, batch: usize, hw: [usize; 2]) -> bool {
 
 /// Runs `job` (one sample, see [`serves`]) into `out` (`rows × h × w`) with the weights
 /// as `lines`. Only kept output channels are written.
-pub fn conv<'a>(job: &Job<'a>, lines: &LineWeights, pool: &BufferPool, out: &mut [f32]) {
+pub fn conv(job: &Job, lines: &LineWeights, pool: &BufferPool, out: &mut [f32]) {
     assert!(
         serves(job.isa, job.batch, job.hw),
         "one sample over at most {TILES} tiles, on AVX-512"
@@ -130,11 +128,8 @@ pub fn conv<'a>(job: &Job<'a>, lines: &LineWeights, pool: &BufferPool, out: &mut
     let [h, w] = job.hw;
     let (th, tw) = tiles(h, w);
     let halves = (th * tw).div_ceil(HALF);
-    let every = |given: Option<&'a [usize]>, n: usize| -> Cow<'a, [usize]> {
-        given.map_or_else(|| (0..n).collect::<Vec<_>>().into(), Cow::Borrowed)
-    };
-    let chans = every(job.chans, lines.cin);
-    let rows = every(job.rows, lines.rows);
+    let chans = kept_or_all(job.chans, lines.cin);
+    let rows = kept_or_all(job.rows, lines.rows);
     let (chans, rows) = (&chans[..], &rows[..]);
     if rows.is_empty() {
         return;
