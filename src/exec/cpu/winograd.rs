@@ -101,8 +101,9 @@ impl WinogradWeights {
 
     /// The weights as lines where a plan of `batch` samples over `hw` outputs that keeps
     /// `rows` and `chans` (`None`: all) runs on them ([`winograd_lines::takes`]), made
-    /// now if no plan has needed them before (about as long as a dense pass of the
-    /// layer: one read of `U`).
+    /// now if no plan has needed them before (one read of `U`: 5.9 ms for a 512 → 512
+    /// layer on one thread, 11 ms with fresh pages; a dense pass of the layer takes
+    /// about 1 ms).
     ///
     /// [`winograd_lines::takes`]: super::winograd_lines::takes
     #[cfg(target_arch = "x86_64")]
