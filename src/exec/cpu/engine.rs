@@ -3134,18 +3134,8 @@ fn pad_planes(
     let cols = in_hw[1].min(out_hw[1].saturating_sub(pad_tl[1]));
     let [top, left] = pad_tl;
     let ow = out_hw[1];
-    let pad = |o: &mut [f32], i: &[f32]| {
-        o[..top * ow].fill(0.0);
-        o[(top + rows) * ow..].fill(0.0);
-        for (y, orow) in o[top * ow..(top + rows) * ow]
-            .chunks_exact_mut(ow)
-            .enumerate()
-        {
-            orow[..left].fill(0.0);
-            orow[left..left + cols].copy_from_slice(&i[y * in_hw[1]..y * in_hw[1] + cols]);
-            orow[left + cols..].fill(0.0);
-        }
-    };
+    let pad =
+        |o: &mut [f32], i: &[f32]| ops::pad_plane(o, i, in_hw[1], [top, left], [rows, cols], ow);
     out[..planes * out_plane]
         .par_chunks_exact_mut(out_plane)
         .zip(x.par_chunks_exact(in_plane))

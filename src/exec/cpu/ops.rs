@@ -189,6 +189,73 @@ pub(crate) fn split_even_odd(src: &[f32], evens: &mut [f32], odds: &mut [f32]) {
     }
 }
 
+/// One zero-padded plane: `src` (rows `in_w` wide) into `dst` (rows `ow` wide), its
+/// top-left value at (`top`, `left`); `fit` is how many input rows and columns lie inside
+/// `dst` (the rest of the input is cut), and every other value of `dst` is zero. With
+/// AVX-512 each row is written in whole vectors whose lanes outside the input are masked
+/// off on the load. Copied slice by slice with a fill on either side, a padded 56-wide row
+/// cost three calls for 232 bytes: the padding of ResNet-18's passes took 0.64 of its
+/// time at batch 1 and 0.75 at batch 8 this way, and the dense pass 0.98 at batch 1
+/// (in-process pairs; 0.99–1.00 at batch 8 and for ResNet-50).
+pub(crate) fn pad_plane(
+    dst: &mut [f32],
+    src: &[f32],
+    in_w: usize,
+    [top, left]: [usize; 2],
+    [rows, cols]: [usize; 2],
+    ow: usize,
+) {
+    assert!(
+        left + cols <= ow
+            && (top + rows) * ow <= dst.len()
+            && (rows == 0 || (rows - 1) * in_w + cols <= src.len()),
+        "padded plane bounds"
+    );
+    dst[..top * ow].fill(0.0);
+    dst[(top + rows) * ow..].fill(0.0);
+    let body = &mut dst[top * ow..(top + rows) * ow];
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present; the bounds are checked above.
+        return unsafe { pad_rows_avx512(body, src, in_w, left, cols, ow) };
+    }
+    for (y, row) in body.chunks_exact_mut(ow).enumerate() {
+        row[..left].fill(0.0);
+        row[left..left + cols].copy_from_slice(&src[y * in_w..y * in_w + cols]);
+        row[left + cols..].fill(0.0);
+    }
+}
+
+/// The rows of [`pad_plane`] between its top and bottom padding.
+///
+/// # Safety
+/// AVX-512F is available, `left + cols <= ow`, `body` holds whole rows of `ow`, and `src`
+/// holds `cols` values from `y · in_w` for every row `y` of `body`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pad_rows_avx512(
+    body: &mut [f32],
+    src: &[f32],
+    in_w: usize,
+    left: usize,
+    cols: usize,
+    ow: usize,
+) {
+    use std::arch::x86_64::*;
+    let lanes = |n: usize| ((1u32 << n.min(16)) - 1) as __mmask16;
+    for (y, row) in body.chunks_exact_mut(ow).enumerate() {
+        let from = src.as_ptr().wrapping_add(y * in_w);
+        for c in (0..ow).step_by(16) {
+            // Lanes j with left ≤ c + j < left + cols hold input column c + j − left.
+            let (lo, hi) = (left.saturating_sub(c), (left + cols).saturating_sub(c));
+            let load = lanes(hi) & !lanes(lo);
+            // Masked-off lanes are not read, so the address may lie outside `src`.
+            let v = _mm512_maskz_loadu_ps(load, from.wrapping_add(c).wrapping_sub(left));
+            _mm512_mask_storeu_ps(row.as_mut_ptr().add(c), lanes(ow - c), v);
+        }
+    }
+}
+
 /// PyTorch's adaptive average pooling: output cell i covers input rows
 /// floor(i·H/OH) .. ceil((i+1)·H/OH).
 pub fn adaptive_avg_pool(input: &[f32], in_hw: [usize; 2], out_hw: [usize; 2]) -> Vec<f32> {
@@ -356,6 +423,39 @@ mod tests {
             let want_e: Vec<f32> = src.iter().step_by(2).copied().collect();
             let want_o: Vec<f32> = src.iter().skip(1).step_by(2).copied().collect();
             assert_eq!((evens, odds), (want_e, want_o), "length {n}");
+        }
+    }
+
+    #[test]
+    fn padded_plane_matches_indexing() {
+        // Widths around the vector width, padding on either side or none, and inputs cut
+        // by a padded plane smaller than input + padding (a stride that skips the last
+        // column or row).
+        let mut rng = super::super::fresh_rng();
+        for _ in 0..300 {
+            let in_hw = [rng.random_range(1..=9), rng.random_range(1..=40)];
+            let [top, left] = [rng.random_range(0..=3), rng.random_range(0..=3)];
+            let oh = rng.random_range(top + 1..=top + in_hw[0] + 3);
+            let ow = rng.random_range(left + 1..=left + in_hw[1] + 3);
+            let fit = [in_hw[0].min(oh - top), in_hw[1].min(ow - left)];
+            let src: Vec<f32> = (0..in_hw[0] * in_hw[1])
+                .map(|_| rng.random_range(1.0..2.0))
+                .collect();
+            // One more value past the plane: nothing beyond it is written.
+            let mut got = vec![f32::NAN; oh * ow + 1];
+            pad_plane(&mut got[..oh * ow], &src, in_hw[1], [top, left], fit, ow);
+            let mut want = vec![0f32; oh * ow];
+            for y in 0..fit[0] {
+                for x in 0..fit[1] {
+                    want[(y + top) * ow + x + left] = src[y * in_hw[1] + x];
+                }
+            }
+            assert!(got[oh * ow].is_nan(), "wrote past the plane");
+            assert_eq!(
+                got[..oh * ow],
+                want,
+                "{in_hw:?} at {top},{left} into {oh}×{ow}"
+            );
         }
     }
 
