@@ -190,13 +190,13 @@ pub(crate) fn split_even_odd(src: &[f32], evens: &mut [f32], odds: &mut [f32]) {
 }
 
 /// One zero-padded plane: `src` (rows `in_w` wide) into `dst` (rows `ow` wide), its
-/// top-left value at (`top`, `left`); `fit` is how many input rows and columns lie inside
-/// `dst` (the rest of the input is cut), and every other value of `dst` is zero. With
-/// AVX-512 each row is written in whole vectors whose lanes outside the input are masked
-/// off on the load. Copied slice by slice with a fill on either side, a padded 56-wide row
-/// cost three calls for 232 bytes: the padding of ResNet-18's passes took 0.64 of its
-/// time at batch 1 and 0.75 at batch 8 this way, and the dense pass 0.98 at batch 1
-/// (in-process pairs; 0.99–1.00 at batch 8 and for ResNet-50).
+/// top-left value at (`top`, `left`); `[rows, cols]` is how much of the input lies inside
+/// `dst` (the rest is cut), and every other value of `dst` is zero. With AVX-512 each row
+/// is written in whole vectors whose lanes outside the input are masked off on the load.
+/// Copied slice by slice with a fill on either side, a padded 56-wide row had cost three
+/// calls for 232 bytes; in vectors, the padding of ResNet-18's passes takes 0.64 of that
+/// time at batch 1 and 0.75 at batch 8, and the dense pass 0.98 at batch 1 (in-process
+/// pairs; 0.99–1.00 at batch 8 and for ResNet-50).
 pub(crate) fn pad_plane(
     dst: &mut [f32],
     src: &[f32],
