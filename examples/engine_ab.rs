@@ -6,12 +6,14 @@
 //! samples run together in layers of few positions; without:
 //! `EngineExecutor::without_batched_gates`), `winograd-lines` (gated 3×3 convolutions
 //! over 7 × 7 planes on the filters as one cache line per channel pair; without:
-//! `EngineExecutor::without_winograd_lines`); `nothing` is a control, two engines alike.
+//! `EngineExecutor::without_winograd_lines`), `winograd-bands` (Winograd layers with
+//! many tiles band by band, each thread on its own tiles; without:
+//! `EngineExecutor::without_winograd_bands`); `nothing` is a control, two engines alike.
 //!
 //! With `--layers`, also each layer's median time both ways (where they differ by more
 //! than 2%).
 //!
-//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|nothing] [--batch 1] [--pairs 20] [--budget 0.5] [--layers] MODEL.dsm...
+//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|nothing] [--batch 1] [--pairs 20] [--budget 0.5] [--layers] MODEL.dsm...
 
 use std::time::Instant;
 
@@ -46,11 +48,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "winograd" => EngineExecutor::without_winograd,
         "batched-gates" => EngineExecutor::without_batched_gates,
         "winograd-lines" => EngineExecutor::without_winograd_lines,
+        "winograd-bands" => EngineExecutor::without_winograd_bands,
         // A control: two engines alike, to see what placement alone does.
         "nothing" => |e| e,
         other => {
             return Err(format!(
-                "unknown path {other}: winograd, batched-gates, winograd-lines or nothing"
+                "unknown path {other}: winograd, batched-gates, winograd-lines, winograd-bands \
+                 or nothing"
             )
             .into())
         }

@@ -161,6 +161,9 @@ pub struct EngineExecutor {
     /// Output panels per sample up to which a gated batch runs its samples together
     /// ([`BATCH_GATED_PANELS`]; 0: sample by sample).
     batch_gated_panels: usize,
+    /// Whether Winograd layers that transform every input channel may run band by band,
+    /// each thread on its own share of the tiles ([`winograd::Job::bands`]).
+    winograd_bands: bool,
     /// The cuts of FLOP budgets planned before ([`BudgetPlans`]).
     budget_plans: BudgetPlans,
     /// Nodes with a channel gate that read the network's input, whose means are then
@@ -608,6 +611,7 @@ impl EngineExecutor {
             bands,
             depthwise_next,
             batch_gated_panels: BATCH_GATED_PANELS,
+            winograd_bands: true,
             gated_pool: BufferPool::default(),
             budget_plans: BudgetPlans::default(),
             input_gates,
@@ -745,6 +749,39 @@ impl EngineExecutor {
                 w.lines = None;
             }
         }
+        self
+    }
+
+    /// Runs every Winograd layer with its phases shared out across threads separately
+    /// (input transforms by channel, GEMMs by ξ and panels, output transforms by output
+    /// channel), to measure what running by bands buys. By default a layer whose
+    /// transformed inputs and outputs outweigh its transformed filters, and which
+    /// transforms every input channel, runs band by band: each thread transforms, multiplies
+    /// and transforms back its own share of the tiles, so no transformed value moves
+    /// between cores, and each thread writes the same rows of the output planes from one
+    /// layer to the next.
+    ///
+    /// ```
+    /// use dynsparse::exec::cpu::EngineExecutor;
+    /// use dynsparse::exec::Executor;
+    /// use dynsparse::synthetic::{conv_chain, ConvSpec};
+    ///
+    /// // Two 3×3 layers at 28 × 28 as in ResNet's second stage.
+    /// let conv = ConvSpec { cout: 64, k: 3, stride: 1, depthwise: false };
+    /// let model = conv_chain(64, 28, &[conv, conv])?;
+    /// let input: Vec<f32> = (0..64 * 28 * 28).map(|i| (i % 7) as f32 - 3.0).collect();
+    /// let bands = EngineExecutor::new(&model)?.forward(&input, 1)?;
+    /// let shared = EngineExecutor::new(&model)?
+    ///     .without_winograd_bands()
+    ///     .forward(&input, 1)?;
+    /// // The same arithmetic, on micro-tiles of other widths: equal up to rounding.
+    /// for (a, b) in bands.iter().zip(&shared) {
+    ///     assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0));
+    /// }
+    /// # Ok::<(), dynsparse::Error>(())
+    /// ```
+    pub fn without_winograd_bands(mut self) -> Self {
+        self.winograd_bands = false;
         self
     }
 
@@ -1824,6 +1861,7 @@ impl EngineExecutor {
             act,
             serial: sub.serial,
             zero_dropped,
+            bands: self.winograd_bands,
         };
         winograd::conv(&job, &self.pool, out);
     }
@@ -3264,6 +3302,7 @@ mod tests {
             bands: Vec::new(),
             depthwise_next: Vec::new(),
             batch_gated_panels: BATCH_GATED_PANELS,
+            winograd_bands: true,
             gated_pool: BufferPool::default(),
             budget_plans: BudgetPlans::default(),
             input_gates: Vec::new(),

@@ -21,11 +21,19 @@
 //! Or ([`Job::zero_dropped`]) every input channel is transformed, a dropped one from a
 //! plane of zeros, and the GEMMs read every column of `U[ξ]` in place: more
 //! multiply-adds, no copy.
+//! A plan that transforms every input channel, over enough tiles that `V` and `M`
+//! outweigh `U`, runs band by band ([`conv_bands`]): each thread transforms, multiplies
+//! and transforms back its own fixed share of the tiles, so that no transformed value
+//! is read on another core than the one that wrote it. Otherwise each phase is shared
+//! out on its own (input transforms by channel, GEMMs by ξ and panels, output transforms
+//! by output channel), which reads the weights once between the threads.
+//!
 //! A batch whose samples each keep their own channels runs through [`conv_samples`]:
 //! each sample's tiles read its kept columns of `U[ξ]` in place, so that the samples
 //! share the weights' stream. Spatial plans are not served here.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -160,6 +168,9 @@ pub struct Job<'a> {
     /// out: every column of `U[ξ]` is read in place and none is copied. The result is
     /// the same; the engine's `winograd_way` says where it is faster.
     pub zero_dropped: bool,
+    /// Whether a plan that transforms every input channel may run band by band, where
+    /// [`in_bands`] says so ([`conv_bands`]).
+    pub bands: bool,
 }
 
 /// Runs `job` into `out` (per sample `rows × h × w`). Only kept output channels are
@@ -182,6 +193,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     let t = job.batch * t_one;
     let panels = t.div_ceil(NR);
     let (in_len, out_len) = (job.weights.cin * h * w, job.weights.rows * h * w);
+    assert!(job.x.len() >= job.batch * in_len && out.len() >= job.batch * out_len);
     // Dropped channels entered as zeros: every channel is transformed, a dropped one
     // from a plane of zeros.
     let kept: Option<Vec<bool>> = job.zero_dropped.then_some(job.chans).flatten().map(|c| {
@@ -201,6 +213,10 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     if nr == 0 {
         return;
     }
+    if job.bands && kc == job.weights.cin && in_bands(job.hw, job.batch, kc, nr) {
+        let kept = kept.as_deref();
+        return conv_bands(job, pool, out, [chans, rows], kept, &zeros);
+    }
     // V: per ξ, packed panels [panel][kc][NR].
     let v_xi = panels * kc * NR;
     let mut v_buf = pool.take_dirty(XI * v_xi);
@@ -216,6 +232,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
             let to = Dest {
                 v: vp,
                 first_tile: s * t_one,
+                range: [0, t_one],
                 last: s + 1 == job.batch,
                 ci,
                 kc,
@@ -357,18 +374,18 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
         let (s, i) = (si / nr, si % nr);
         let r = rows[i];
         let at = s * out_len + r * h * w;
-        // SAFETY: (sample, row) writes its own plane only.
-        let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(at), h * w) };
         let b = Back {
             m,
             m_xi,
             row_at: i * ldc + s * t_one,
+            range: [0, t_one],
             hw: [h, w],
             bias: job.bias[r],
             residual: job.residual.part(at, h * w),
             act: job.act,
         };
-        output_transform(job.isa, b, dst);
+        // SAFETY: (sample, row) writes its own plane only, inside `out`.
+        unsafe { output_transform(job.isa, b, OutPtr(op.get().add(at))) };
     };
     if job.serial {
         (0..job.batch * nr).for_each(back);
@@ -379,6 +396,210 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     pool.give(m_buf);
     if let Some(a) = a_buf {
         pool.give(a);
+    }
+}
+
+/// Whether a plan of `batch` samples over planes of `hw` outputs that transforms all `kc`
+/// input channels into `nr` output channels runs band by band ([`conv_bands`]): where
+/// `V` and `M` together (`tiles · (kc + nr)` per ξ) are at least as big as `U[ξ]`
+/// (`kc · nr`). Each band reads all of `U` (and each thread at least once), where the
+/// shared GEMMs read it once between the threads; with few tiles, as ResNet's 14 × 14
+/// layers of 256 channels at batch 1 (49 tiles), the weights are the bigger stream:
+/// by bands those layers took 1.07–1.26 of their time.
+fn in_bands(hw: [usize; 2], batch: usize, kc: usize, nr: usize) -> bool {
+    let (th, tw) = tiles(hw[0], hw[1]);
+    batch * th * tw * (kc + nr) >= kc * nr
+}
+
+/// [`conv`] band by band, for plans that transform every input channel (`chans`, the
+/// rows of each `U[ξ]` read in place): a band is at most one panel of tiles ([`NR`],
+/// the batch's tiles cut into as few bands as that allows, as even as can be). Each
+/// thread takes a fixed share of the (band, rows) units in order, transforms its bands'
+/// inputs, runs the 16 GEMMs on them and transforms its rows' results back, with `V` and
+/// `M` in buffers the size of one band: no value of `V` or `M` is read on another core
+/// than the one that wrote it, and with two threads each writes the same rows of the
+/// output planes layer after layer. When the host placed the two vCPUs of the machine
+/// this was measured on apart (a value written by one core took about 3× as long to
+/// read on the other), ResNet-18's 28 × 28 Winograd layers took 0.79–0.83 of their time
+/// this way at batch 1, 0.83–0.89 at batch 8; in its other state 0.96–1.06.
+fn conv_bands(
+    job: &Job,
+    pool: &BufferPool,
+    out: &mut [f32],
+    [chans, rows]: [&[usize]; 2],
+    kept: Option<&[bool]>,
+    zeros: &[f32],
+) {
+    let [h, w] = job.hw;
+    let (th, tw) = tiles(h, w);
+    let t_one = th * tw;
+    let t = job.batch * t_one;
+    let bands = t.div_ceil(NR);
+    // Band g: tiles [edge(g), edge(g + 1)), as even as can be.
+    let edge = |g: usize| g * t / bands;
+    let (kc, nr) = (chans.len(), rows.len());
+    let (in_len, out_len) = (job.weights.cin * h * w, job.weights.rows * h * w);
+    let mr = job.isa.mr();
+    let row_blocks = nr.div_ceil(mr);
+    let one = job.weights.one();
+    let ep_zeros = vec![0f32; nr.max(PACK)];
+    let ep = Epilogue {
+        bias: &ep_zeros,
+        residual: Residual::None,
+        act: Act::None,
+    };
+    let every: Vec<usize> = (0..nr.max(NR)).collect();
+    let op = OutPtr(out.as_mut_ptr());
+    // Thread i of n: each band's rows in `parts` parts (blocks of mr rows), so that the
+    // threads get equal shares of the (band, part) units; thread i takes units
+    // [i · units / n, (i + 1) · units / n), in order.
+    let share = |i: usize, n: usize| {
+        let parts = (n / gcd(bands, n)).min(row_blocks);
+        let units = bands * parts;
+        let part_rows = |j: usize| {
+            let (a, b) = (
+                j * row_blocks / parts * mr,
+                (j + 1) * row_blocks / parts * mr,
+            );
+            a..b.min(nr)
+        };
+        let mine = i * units / n..(i + 1) * units / n;
+        if mine.is_empty() {
+            return;
+        }
+        let v_xi = kc * NR;
+        let mut v = pool.take_dirty(XI * v_xi);
+        let m_xi = row_blocks.div_ceil(parts) * mr * NR;
+        let mut m = pool.take_dirty(XI * m_xi + 8);
+        let mut scratch = Scratch::default();
+        let mut have = None;
+        for u in mine {
+            let (band, part) = (u / parts, u % parts);
+            let (b0, b1) = (edge(band), edge(band + 1));
+            // The band's samples: tiles [lo, hi) of sample s go to lanes from
+            // s · t_one + lo - b0.
+            let pieces = (b0 / t_one..b1.div_ceil(t_one)).map(|s| {
+                let (lo, hi) = (
+                    b0.max(s * t_one) - s * t_one,
+                    b1.min((s + 1) * t_one) - s * t_one,
+                );
+                (s, [lo, hi], s * t_one + lo - b0)
+            });
+            if have != Some(band) {
+                let vp = OutPtr(v.as_mut_ptr());
+                for (s, range, lane) in pieces.clone() {
+                    for (ci, &c) in chans.iter().enumerate() {
+                        let plane = match kept {
+                            Some(k) if !k[c] => zeros,
+                            _ => &job.x[s * in_len + c * h * w..][..h * w],
+                        };
+                        let to = Dest {
+                            v: vp,
+                            first_tile: lane,
+                            range,
+                            last: s * t_one + range[1] == b1,
+                            ci,
+                            kc,
+                            panels: 1,
+                        };
+                        // SAFETY: V holds XI panels of kc × NR, this thread's own.
+                        unsafe { input_transform(job.isa, &mut scratch, plane, [h, w], to) };
+                    }
+                }
+                have = Some(band);
+            }
+            let prows = part_rows(part);
+            assert!(prows.len() * NR <= m_xi);
+            let (arows, crows) = (&rows[prows.clone()], &every[..prows.len()]);
+            let mp = OutPtr(m.as_mut_ptr());
+            for xi in 0..XI {
+                let a = &job.weights.u[xi * one..(xi + 1) * one];
+                for (arows, crow) in arows.chunks(mr).zip(crows.chunks(mr)) {
+                    let tile = Tile {
+                        a,
+                        ka: job.weights.cin,
+                        arows,
+                        kmap: None,
+                        boff: None,
+                        k: kc,
+                        rows: crow,
+                        panel: &v[xi * v_xi..(xi + 1) * v_xi],
+                        ldb: NR,
+                        ldc: NR,
+                        cols: &every[..b1 - b0],
+                        lanes: None,
+                    };
+                    // SAFETY: A holds every row of U[ξ]; the panel kc × NR floats; the
+                    // tile's rows < m_xi / NR and its columns < NR index inside this
+                    // thread's M of ξ.
+                    unsafe { gemm::run_tile(job.isa, &tile, &ep, mp.get().add(xi * m_xi)) };
+                }
+            }
+            for (i, &r) in arows.iter().enumerate() {
+                for (s, range, lane) in pieces.clone() {
+                    let at = s * out_len + r * h * w;
+                    let b = Back {
+                        m: &m,
+                        m_xi,
+                        row_at: i * NR + lane,
+                        range,
+                        hw: [h, w],
+                        bias: job.bias[r],
+                        residual: job.residual.part(at, h * w),
+                        act: job.act,
+                    };
+                    // SAFETY: the plane lies inside `out` (checked by `conv`); this unit
+                    // alone writes the cells of its band's tiles in plane r.
+                    unsafe { output_transform(job.isa, b, OutPtr(op.get().add(at))) };
+                }
+            }
+        }
+        pool.give(v);
+        pool.give(m);
+    };
+    let n = rayon::current_num_threads();
+    if job.serial || n == 1 {
+        return share(0, 1);
+    }
+    // This thread runs share 0; the others are queued where idle workers steal them, so
+    // that with two threads the other one runs share 1 (the order of stealing, oldest
+    // first, gives no deadlock with `workers::with_workers_awake`: a thief takes that
+    // pass's spinning loop before any share). One that is done waits for the others
+    // running whatever the pool has, rather than in rayon's own wait, which sleeps after
+    // a few µs and then took tens of µs to wake when the last share ended (a layer
+    // 29–57 µs after its last share, with `rayon::broadcast`).
+    let done = AtomicUsize::new(0);
+    let run = |i: usize| {
+        // Counted on the way out even if the share panics, so that the wait below ends
+        // and the scope passes the panic on.
+        struct Count<'a>(&'a AtomicUsize);
+        impl Drop for Count<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        let _count = Count(&done);
+        share(i, n);
+    };
+    rayon::scope(|s| {
+        for i in 1..n {
+            s.spawn(move |_| run(i));
+        }
+        run(0);
+        while done.load(Ordering::Acquire) < n {
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::hint::spin_loop();
+            }
+        }
+    });
+}
+
+/// The greatest common divisor.
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
@@ -468,6 +689,7 @@ pub fn conv_samples(job: &SamplesJob, pool: &BufferPool, out: &mut [f32]) {
                 let to = Dest {
                     v: OutPtr(vp.get().wrapping_add(d.v_at)),
                     first_tile: 0,
+                    range: [0, t_one],
                     last: true,
                     ci,
                     kc: d.chans.len(),
@@ -559,29 +781,32 @@ pub fn conv_samples(job: &SamplesJob, pool: &BufferPool, out: &mut [f32]) {
         let d = &samples[s];
         let r = d.rows[i];
         let at = s * out_len + r * h * w;
-        // SAFETY: (sample, row) writes its own plane only.
-        let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(at), h * w) };
         let b = Back {
             m: &m[d.m_at..d.m_at + XI * d.rows.len() * ldc + 8],
             m_xi: d.rows.len() * ldc,
             row_at: i * ldc,
+            range: [0, t_one],
             hw: [h, w],
             bias: job.samples[s].bias[r],
             residual: job.residual.part(at, h * w),
             act: job.act,
         };
-        output_transform(job.isa, b, dst);
+        // SAFETY: (sample, row) writes its own plane only, inside `out` (checked above).
+        unsafe { output_transform(job.isa, b, OutPtr(op.get().add(at))) };
     });
     pool.give(v_buf);
     pool.give(m_buf);
 }
 
-/// Where an input plane's transform goes: row `ci` of the panels of every `V[ξ]`, its
-/// tiles from tile `first_tile` on.
+/// Where an input plane's transform goes: row `ci` of the panels of every `V[ξ]`, the
+/// plane's tiles `range` to consecutive lanes from lane `first_tile` on (counted over
+/// every panel).
 #[derive(Clone, Copy)]
 struct Dest {
     v: OutPtr,
     first_tile: usize,
+    /// The plane's tiles transformed, in order over tile rows then tile columns.
+    range: [usize; 2],
     /// Whether these are the last tiles: the lanes of their last panel past them are
     /// computed by the GEMM and never stored, and are zeroed to keep them finite.
     last: bool,
@@ -596,37 +821,52 @@ impl Dest {
         self.panels * self.kc * NR
     }
 
-    /// The panel and first lane after `tiles` tiles from `first_tile`, where these are
-    /// the last tiles and end inside a panel: the lanes from there on are zeroed.
-    fn tail(&self, tiles: usize) -> Option<(usize, usize)> {
-        let end = self.first_tile + tiles;
+    /// The panel and first lane after the range's tiles, where these are the last tiles
+    /// and end inside a panel: the lanes from there on are zeroed.
+    fn tail(&self) -> Option<(usize, usize)> {
+        let end = self.first_tile + self.range[1] - self.range[0];
         (self.last && !end.is_multiple_of(NR)).then_some((end / NR, end % NR))
     }
 }
 
-/// A plane's tiles (rows, columns) and padded rows, with `cols` grown to hold every
-/// padded row's column transform. Each row is written up to the tile columns before it
-/// is read: grown, never cleared (clearing 64 columns per row cost more than a 14 × 14
-/// plane's transform).
-fn grid(cols: &mut Vec<ColRow>, [h, w]: [usize; 2]) -> (usize, usize, usize) {
+/// The tile rows `[first, end)` that hold tiles `range` of a plane `tw` tiles wide.
+fn tile_rows(range: [usize; 2], tw: usize) -> [usize; 2] {
+    [range[0] / tw, range[1].div_ceil(tw)]
+}
+
+/// The tile columns `[from, to)` of tile row `ty` that lie in `range` (a plane `tw` tiles
+/// wide; `ty` among [`tile_rows`]).
+fn row_span(range: [usize; 2], tw: usize, ty: usize) -> [usize; 2] {
+    let first = ty * tw;
+    [range[0].saturating_sub(first), (range[1] - first).min(tw)]
+}
+
+/// A plane's tile columns and the tile rows that hold tiles `range`, with `cols` grown
+/// to hold the column transform of every padded row they read. Each row is written up
+/// to the tile columns before it is read: grown, never cleared (clearing 64 columns per
+/// row cost more than a 14 × 14 plane's transform).
+fn grid(cols: &mut Vec<ColRow>, [h, w]: [usize; 2], range: [usize; 2]) -> (usize, [usize; 2]) {
     let (th, tw) = tiles(h, w);
-    assert!(tw <= MAX_TW);
-    let prows = 2 * th + 2;
+    assert!(tw <= MAX_TW && range[0] < range[1] && range[1] <= th * tw);
+    let trows = tile_rows(range, tw);
+    let prows = 2 * (trows[1] - trows[0]) + 2;
     if cols.len() < prows {
         cols.resize(prows, [[0f32; COLS]; 4]);
     }
-    (th, tw, prows)
+    (tw, trows)
 }
 
-/// The padded rows that hold an input row, with that row's index; the rows of padding
-/// above and below the plane are zeroed up to the `tw` tile columns on the way.
+/// The padded rows from padded row `first` on that hold an input row, with that row's
+/// index; the rows of padding above and below the plane are zeroed up to the `tw` tile
+/// columns on the way.
 fn plane_rows(
     cols: &mut [ColRow],
     h: usize,
     tw: usize,
+    first: usize,
 ) -> impl Iterator<Item = (usize, &mut ColRow)> {
     cols.iter_mut().enumerate().filter_map(move |(r, c)| {
-        let y = r.wrapping_sub(1);
+        let y = (first + r).wrapping_sub(1);
         if y < h {
             return Some((y, c));
         }
@@ -678,7 +918,8 @@ unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [us
     use std::arch::x86_64::*;
     let (v, first_tile, ci, kc, v_xi) = (to.v, to.first_tile, to.ci, to.kc, to.v_xi());
     let Scratch { cols, tiles: buf } = scratch;
-    let (th, tw, prows) = grid(cols, [h, w]);
+    let (tw, [ty0, ty1]) = grid(cols, [h, w], to.range);
+    let (th, prows) = (ty1 - ty0, 2 * (ty1 - ty0) + 2);
     // The padded row: column p is input column p - 1, zero outside the row. A vector
     // at tile column x reads padded columns 2·x .. 2·x + 18 ≤ 2·COLS + 2.
     let mut padded = [0f32; 2 * COLS + 8];
@@ -693,7 +934,7 @@ unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [us
         };
         (order(even), order(odd))
     }
-    for (y, c) in plane_rows(&mut cols[..prows], h, tw) {
+    for (y, c) in plane_rows(&mut cols[..prows], h, tw, 2 * ty0) {
         padded[1..=w].copy_from_slice(&plane[y * w..(y + 1) * w]);
         let pp = padded.as_ptr();
         let [c0, c1, c2, c3] = c;
@@ -707,7 +948,7 @@ unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [us
             _mm256_storeu_ps(c3.as_mut_ptr().add(x), _mm256_sub_ps(d1, d3));
         }
     }
-    // [ξ][tile], a vector's room past the last tile.
+    // [ξ][tile of tile rows ty0..ty1], a vector's room past the last tile.
     let t_one = th * tw;
     let stride = t_one + 8;
     if buf.len() < XI * stride {
@@ -731,13 +972,15 @@ unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [us
             }
         }
     }
-    // Tiles first_tile.. go to consecutive lanes of row ci, across panel ends.
+    // The range's tiles go to consecutive lanes of row ci from first_tile on, across
+    // panel ends.
+    let (skip, count) = (to.range[0] - ty0 * tw, to.range[1] - to.range[0]);
     for xi in 0..XI {
-        let src = bp.add(xi * stride);
+        let src = bp.add(xi * stride + skip);
         let mut t = 0;
-        while t < t_one {
+        while t < count {
             let (p, lane) = ((first_tile + t) / NR, (first_tile + t) % NR);
-            let n = (NR - lane).min(t_one - t);
+            let n = (NR - lane).min(count - t);
             let dst = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
             for k in (0..n).step_by(8) {
                 store_first(dst.add(k), _mm256_loadu_ps(src.add(t + k)), n - k);
@@ -747,7 +990,7 @@ unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [us
         // Here, with vector stores, rather than one fill per (ξ, channel) up front, each
         // a memset call for 60 bytes: memset went from 2.6% to 0.9% of a dense
         // ResNet-50 pass's samples (in-process pairs: ResNet-18 0.994, ResNet-50 0.999).
-        if let Some((p, lane)) = to.tail(t_one) {
+        if let Some((p, lane)) = to.tail() {
             let dst = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
             for k in (0..NR - lane).step_by(8) {
                 store_first(dst.add(k), _mm256_setzero_ps(), NR - lane - k);
@@ -795,9 +1038,10 @@ unsafe fn input_transform_body(
     // Every padded row's column transform, once (each row serves two tile rows):
     // cols[r][j][tx] = (d Bᵀ)_j of tile column tx, from padded columns 2·tx .. 2·tx + 4
     // split into even and odd ones so that every operand is contiguous over tx.
-    let (th, tw, prows) = grid(cols, [h, w]);
+    let (tw, [ty0, ty1]) = grid(cols, [h, w], to.range);
+    let prows = 2 * (ty1 - ty0) + 2;
     let (mut ev, mut od) = ([0f32; MAX_TW + 1], [0f32; MAX_TW + 1]);
-    for (y, c) in plane_rows(&mut cols[..prows], h, tw) {
+    for (y, c) in plane_rows(&mut cols[..prows], h, tw, 2 * ty0) {
         let row = &plane[y * w..(y + 1) * w];
         // Padded column p is input column p - 1: even p = odd input columns.
         ev[0] = 0.0;
@@ -817,16 +1061,18 @@ unsafe fn input_transform_body(
             c3[tx] = d1[tx] - d3[tx];
         }
     }
-    for ty in 0..th {
-        let base = first_tile + ty * tw;
-        let rows = &cols[2 * ty..2 * ty + 4];
-        // Tiles base.. go to consecutive lanes, across panel ends: runs [x0, x1) of
-        // tile columns that share a panel.
-        let mut x0 = 0;
-        while x0 < tw {
-            let t = base + x0;
+    for ty in ty0..ty1 {
+        // Tile column x goes to lane base + x.
+        let base = (first_tile + ty * tw).wrapping_sub(to.range[0]);
+        let rows = &cols[2 * (ty - ty0)..2 * (ty - ty0) + 4];
+        let [from, to_x] = row_span(to.range, tw, ty);
+        // Tiles go to consecutive lanes, across panel ends: runs [x0, x1) of tile
+        // columns that share a panel.
+        let mut x0 = from;
+        while x0 < to_x {
+            let t = base.wrapping_add(x0);
             let (p, lane) = (t / NR, t % NR);
-            let x1 = x0 + (NR - lane).min(tw - x0);
+            let x1 = x0 + (NR - lane).min(to_x - x0);
             let n = x1 - x0;
             for j in 0..4 {
                 let a = &rows[0][j][x0..x1];
@@ -852,7 +1098,7 @@ unsafe fn input_transform_body(
             x0 = x1;
         }
     }
-    if let Some((p, lane)) = to.tail(th * tw) {
+    if let Some((p, lane)) = to.tail() {
         for xi in 0..XI {
             let at = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
             std::slice::from_raw_parts_mut(at, NR - lane).fill(0.0);
@@ -860,28 +1106,41 @@ unsafe fn input_transform_body(
     }
 }
 
-/// Transforms one output row's `M` back into its plane, with bias, residual and
-/// activation: `Y = Aᵀ M A`, `Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]`.
-fn output_transform(isa: Isa, b: Back, dst: &mut [f32]) {
+/// Transforms one output row's `M` back into its plane at `dst` (the outputs of tiles
+/// `b.range`), with bias, residual and activation: `Y = Aᵀ M A`,
+/// `Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]`. Only the range's cells are read or written,
+/// so that the tiles of one plane can go back on several threads.
+///
+/// # Safety
+/// `dst` is a plane of `b.hw` values, whose cells under the range's tiles no other
+/// thread reads or writes meanwhile.
+unsafe fn output_transform(isa: Isa, b: Back, dst: OutPtr) {
+    let (th, tw) = tiles(b.hw[0], b.hw[1]);
+    assert!(b.range[0] < b.range[1] && b.range[1] <= th * tw);
+    if let Residual::Apart(res) = b.residual {
+        assert!(res.len() >= b.hw[0] * b.hw[1]);
+    }
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable {
-        let (th, tw) = tiles(b.hw[0], b.hw[1]);
-        assert!(tw <= MAX_TW && b.m.len() >= (XI - 1) * b.m_xi + b.row_at + th * tw + 7);
+        let count = b.range[1] - b.range[0];
+        assert!(tw <= MAX_TW && b.m.len() >= (XI - 1) * b.m_xi + b.row_at + count + 7);
         // SAFETY: AVX2 and FMA are present (every ISA but the portable one has them);
-        // the reads are checked above.
-        return unsafe { output_transform_avx2(b, dst) };
+        // the reads are checked above, the writes are the caller's.
+        return output_transform_avx2(b, dst);
     }
     let _ = isa;
     output_transform_body(b, dst)
 }
 
-/// What one output plane's transform reads: `M` (`m_xi` floats per ξ) from tile
-/// `row_at` on, for a plane of `hw`, with the plane's bias, residual and activation.
+/// What one output plane's transform reads: `M` (`m_xi` floats per ξ), the plane's
+/// tiles `range` from `row_at` on, for a plane of `hw`, with the plane's bias, residual
+/// and activation.
 #[derive(Clone, Copy)]
 struct Back<'a> {
     m: &'a [f32],
     m_xi: usize,
     row_at: usize,
+    range: [usize; 2],
     hw: [usize; 2],
     bias: f32,
     residual: Residual<'a>,
@@ -896,26 +1155,28 @@ struct Back<'a> {
 ///
 /// # Safety
 /// AVX2 and FMA are present; `m` holds 7 values past the last tile of the last row
-/// of the last ξ read (`(XI - 1) · m_xi + row_at + th · tw + 7`).
+/// of the last ξ read (`(XI - 1) · m_xi + row_at + tiles + 7`, `tiles` those of
+/// `b.range`); as for [`output_transform`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::needless_range_loop)] // j picks ξ = j, 4 + j, 8 + j and 12 + j
-unsafe fn output_transform_avx2(b: Back, dst: &mut [f32]) {
+unsafe fn output_transform_avx2(b: Back, dst: OutPtr) {
     use super::partial_avx2::{load_first, store_first};
     use std::arch::x86_64::*;
     let (m, m_xi, row_at, [h, w]) = (b.m, b.m_xi, b.row_at, b.hw);
     let (residual, act) = (b.residual, b.act);
-    let (th, tw) = tiles(h, w);
+    let tw = tiles(h, w).1;
     let (mp, bv) = (m.as_ptr(), _mm256_set1_ps(b.bias));
-    let dp = dst.as_mut_ptr();
-    assert!(dst.len() >= h * w);
-    if let Residual::Apart(res) = residual {
-        assert!(res.len() >= h * w);
-    }
-    for ty in 0..th {
-        let base = row_at + ty * tw;
-        for x in (0..tw).step_by(8) {
-            let ld = |xi: usize| _mm256_loadu_ps(mp.add(xi * m_xi + base + x));
+    let dp = dst.get();
+    let [ty0, ty1] = tile_rows(b.range, tw);
+    for ty in ty0..ty1 {
+        // Tile column x of this row is at base + x in each M[ξ].
+        let base = (row_at + ty * tw).wrapping_sub(b.range[0]);
+        let [from, to] = row_span(b.range, tw, ty);
+        // Output columns [2·from, end) of the row's two output rows.
+        let end = (2 * to).min(w);
+        for x in (from..to).step_by(8) {
+            let ld = |xi: usize| _mm256_loadu_ps(mp.add(xi * m_xi + base.wrapping_add(x)));
             // Rows of Aᵀ over i, for each column j: r[a][j].
             let mut r = [[_mm256_setzero_ps(); 4]; 2];
             for j in 0..4 {
@@ -938,10 +1199,10 @@ unsafe fn output_transform_avx2(b: Back, dst: &mut [f32]) {
                 ];
                 for (k, mut v) in halves.into_iter().enumerate() {
                     let ox = 2 * x + 8 * k;
-                    if ox >= w {
+                    if ox >= end {
                         break;
                     }
-                    let (at, n) = (oy * w + ox, w - ox);
+                    let (at, n) = (oy * w + ox, end - ox);
                     match residual {
                         Residual::InOut => v = _mm256_add_ps(load_first(dp.add(at), n), v),
                         Residual::Apart(res) => {
@@ -954,34 +1215,43 @@ unsafe fn output_transform_avx2(b: Back, dst: &mut [f32]) {
             }
         }
         for oy in 2 * ty..(2 * ty + 2).min(h) {
-            act.apply_slice(&mut dst[oy * w..(oy + 1) * w]);
+            act.apply_slice(std::slice::from_raw_parts_mut(
+                dp.add(oy * w + 2 * from),
+                end - 2 * from,
+            ));
         }
     }
 }
 
 /// The portable [`output_transform`].
-fn output_transform_body(b: Back, dst: &mut [f32]) {
+///
+/// # Safety
+/// As for [`output_transform`].
+unsafe fn output_transform_body(b: Back, dst: OutPtr) {
     let (m, m_xi, row_at, [h, w]) = (b.m, b.m_xi, b.row_at, b.hw);
     let (bias, residual, act) = (b.bias, b.residual, b.act);
-    let (th, tw) = tiles(h, w);
-    // y[a][b][tx]: output (2·ty + a, 2·tx + b).
+    let tw = tiles(h, w).1;
+    // y[a][b][tx]: output (2·ty + a, 2·(from + tx) + b).
     let mut y = [[[0f32; MAX_TW]; 2]; 2];
     let mut r = [[[0f32; MAX_TW]; 4]; 2];
-    for ty in 0..th {
-        let base = row_at + ty * tw;
-        let mx: [&[f32]; XI] = std::array::from_fn(|xi| &m[xi * m_xi + base..][..tw]);
+    let [ty0, ty1] = tile_rows(b.range, tw);
+    for ty in ty0..ty1 {
+        let [from, to] = row_span(b.range, tw, ty);
+        let (n, end) = (to - from, (2 * to).min(w));
+        let base = row_at + ty * tw + from - b.range[0];
+        let mx: [&[f32]; XI] = std::array::from_fn(|xi| &m[xi * m_xi + base..][..n]);
         // Rows of Aᵀ over i, for each column j; then columns over j.
         for j in 0..4 {
             let (a, b, c, d) = (mx[j], mx[4 + j], mx[8 + j], mx[12 + j]);
             let [r0, r1] = &mut r;
-            for x in 0..tw {
+            for x in 0..n {
                 r0[j][x] = a[x] + b[x] + c[x];
                 r1[j][x] = b[x] - c[x] - d[x];
             }
         }
         for (ya, ra) in y.iter_mut().zip(&r) {
             let [y0, y1] = ya;
-            for x in 0..tw {
+            for x in 0..n {
                 y0[x] = ra[0][x] + ra[1][x] + ra[2][x] + bias;
                 y1[x] = ra[1][x] - ra[2][x] - ra[3][x] + bias;
             }
@@ -991,7 +1261,8 @@ fn output_transform_body(b: Back, dst: &mut [f32]) {
             if oy >= h {
                 break;
             }
-            let o = &mut dst[oy * w..(oy + 1) * w];
+            let o =
+                std::slice::from_raw_parts_mut(dst.get().add(oy * w + 2 * from), end - 2 * from);
             match residual {
                 Residual::InOut => {
                     for (ox, o) in o.iter_mut().enumerate() {
@@ -1005,7 +1276,7 @@ fn output_transform_body(b: Back, dst: &mut [f32]) {
                 }
             }
             if let Residual::Apart(res) = residual {
-                for (o, &q) in o.iter_mut().zip(&res[oy * w..(oy + 1) * w]) {
+                for (o, &q) in o.iter_mut().zip(&res[oy * w + 2 * from..oy * w + end]) {
                     *o += q;
                 }
             }
@@ -1176,19 +1447,136 @@ mod tests {
     }
 
     #[test]
+    fn a_part_of_a_plane_transforms_as_it_does_in_the_whole_plane() {
+        let mut rng = crate::exec::cpu::fresh_rng();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for case in 0..80 {
+            let hw = [rng.random_range(1..12), rng.random_range(1..=MAX_WIDTH)];
+            let [h, w] = hw;
+            let (th, tw) = tiles(h, w);
+            let t_one = th * tw;
+            let a = rng.random_range(0..t_one);
+            let range = [a, rng.random_range(a + 1..=t_one)];
+            let count = range[1] - range[0];
+            let first_tile = rng.random_range(0..40);
+            let plane: Vec<f32> = (0..h * w).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let isa = [Isa::detect(), Isa::Portable][case % 2];
+            let mut scratch = Scratch::default();
+            // The whole plane's V, then the part's, each one channel of one.
+            let transform = |scratch: &mut Scratch, range: [usize; 2], first_tile: usize| {
+                let panels = (first_tile + range[1] - range[0]).div_ceil(NR);
+                let mut v = vec![f32::NAN; XI * panels * NR];
+                let to = Dest {
+                    v: OutPtr(v.as_mut_ptr()),
+                    first_tile,
+                    range,
+                    last: false,
+                    ci: 0,
+                    kc: 1,
+                    panels,
+                };
+                // SAFETY: V holds every panel the tiles fall in; one plane writes.
+                unsafe { input_transform(isa, scratch, &plane, hw, to) };
+                (v, panels * NR)
+            };
+            let (whole, whole_xi) = transform(&mut scratch, [0, t_one], 0);
+            let (part, part_xi) = transform(&mut scratch, range, first_tile);
+            for xi in 0..XI {
+                let want = &whole[xi * whole_xi + range[0]..][..count];
+                let got = &part[xi * part_xi + first_tile..][..count];
+                assert_eq!(
+                    bits(got),
+                    bits(want),
+                    "case {case}: input transform {hw:?} {range:?}"
+                );
+                // Nothing written outside the part's lanes.
+                let lanes = &part[xi * part_xi..(xi + 1) * part_xi];
+                let outside = lanes[..first_tile]
+                    .iter()
+                    .chain(&lanes[first_tile + count..]);
+                assert!(
+                    outside.into_iter().all(|v| v.is_nan()),
+                    "case {case}: wrote outside"
+                );
+            }
+
+            // M of the whole plane; the part's M is its tiles' values from row_at on.
+            let m_whole: Vec<f32> = (0..XI * t_one + 8)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let row_at = rng.random_range(0..5);
+            let m_xi = row_at + count + rng.random_range(0..9);
+            let mut m_part = vec![0f32; XI * m_xi + 8];
+            for xi in 0..XI {
+                m_part[xi * m_xi + row_at..][..count]
+                    .copy_from_slice(&m_whole[xi * t_one + range[0]..][..count]);
+            }
+            let res: Vec<f32> = (0..h * w).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let act = [Act::None, Act::Relu, Act::Relu6][case % 3];
+            for residual in [Residual::None, Residual::Apart(&res), Residual::InOut] {
+                let mut want = res.clone();
+                let b = Back {
+                    m: &m_whole,
+                    m_xi: t_one,
+                    row_at: 0,
+                    range: [0, t_one],
+                    hw,
+                    bias: 0.25,
+                    residual,
+                    act,
+                };
+                // SAFETY: one plane of hw, on this thread.
+                unsafe { output_transform(isa, b, OutPtr(want.as_mut_ptr())) };
+                let mut got = res.clone();
+                let b = Back {
+                    m: &m_part,
+                    m_xi,
+                    row_at,
+                    range,
+                    ..b
+                };
+                // SAFETY: as above.
+                unsafe { output_transform(isa, b, OutPtr(got.as_mut_ptr())) };
+                for (i, (g, (wv, r))) in got.iter().zip(want.iter().zip(&res)).enumerate() {
+                    let (y, x) = (i / w, i % w);
+                    let tile = (y / 2) * tw + x / 2;
+                    let expect = if (range[0]..range[1]).contains(&tile) {
+                        wv
+                    } else {
+                        r
+                    };
+                    assert_eq!(
+                        g.to_bits(),
+                        expect.to_bits(),
+                        "case {case}: output transform {hw:?} {range:?} at ({y}, {x})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn vector_transforms_equal_the_portable_ones_bit_for_bit() {
         if Isa::detect() == Isa::Portable {
             return;
         }
         let mut rng = crate::exec::cpu::fresh_rng();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        for case in 0..60 {
-            // Every width up to the widest served, tile rows across panel ends.
+        for case in 0..120 {
+            // Every width up to the widest served, tile rows across panel ends; every
+            // other case a part of the plane's tiles, from and to anywhere in a row.
             let hw = [rng.random_range(1..12), rng.random_range(1..=MAX_WIDTH)];
             let (th, tw) = tiles(hw[0], hw[1]);
+            let range = if case % 4 < 2 {
+                [0, th * tw]
+            } else {
+                let a = rng.random_range(0..th * tw);
+                [a, rng.random_range(a + 1..=th * tw)]
+            };
+            let count = range[1] - range[0];
             let (kc, ci) = (3, rng.random_range(0..3));
             let first_tile = rng.random_range(0..40);
-            let panels = (first_tile + th * tw).div_ceil(NR);
+            let panels = (first_tile + count).div_ceil(NR);
             let plane: Vec<f32> = (0..hw[0] * hw[1])
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
@@ -1199,6 +1587,7 @@ mod tests {
                 let to = Dest {
                     v: OutPtr(v.as_mut_ptr()),
                     first_tile,
+                    range,
                     last: case % 2 == 0,
                     ci,
                     kc,
@@ -1213,11 +1602,11 @@ mod tests {
                 "case {case}: input transform {hw:?}"
             );
 
-            let m_xi = rng.random_range(th * tw..th * tw + 40);
+            let m_xi = rng.random_range(count..count + 40);
             let m: Vec<f32> = (0..XI * m_xi + 8)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
-            let row_at = m_xi - th * tw;
+            let row_at = m_xi - count;
             let res: Vec<f32> = (0..hw[0] * hw[1])
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
@@ -1229,12 +1618,14 @@ mod tests {
                         m: &m,
                         m_xi,
                         row_at,
+                        range,
                         hw,
                         bias: 0.25,
                         residual,
                         act,
                     };
-                    output_transform(isa, b, out);
+                    // SAFETY: one plane of hw, on this thread.
+                    unsafe { output_transform(isa, b, OutPtr(out.as_mut_ptr())) };
                 }
                 assert_eq!(
                     bits(&outs[0]),
@@ -1272,12 +1663,14 @@ mod tests {
             let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
             let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
             let layer = d.layer(hw, cin, cout);
-            for (isa, serial, zero_dropped) in [
-                (Isa::detect(), false, false),
-                (Isa::detect(), true, false),
-                (Isa::Portable, false, false),
-                (Isa::detect(), false, true),
-                (Isa::Portable, true, true),
+            for (isa, serial, zero_dropped, bands) in [
+                (Isa::detect(), false, false, false),
+                (Isa::detect(), true, false, false),
+                (Isa::Portable, false, false, false),
+                (Isa::detect(), false, true, false),
+                (Isa::Portable, true, true, false),
+                (Isa::detect(), false, false, true),
+                (Isa::Portable, true, true, true),
             ] {
                 let (mut out, residual) = layer.output(batch);
                 let job = Job {
@@ -1293,11 +1686,84 @@ mod tests {
                     act,
                     serial,
                     zero_dropped,
+                    bands,
                 };
                 conv(&job, &pool, &mut out);
                 for s in 0..batch {
-                    let at = format!("case {case} {isa:?}, batch {batch}, zero {zero_dropped}");
+                    let at = format!(
+                        "case {case} {isa:?}, batch {batch}, zero {zero_dropped}, bands {bands}"
+                    );
                     layer.assert_sample(&out, s, &kept_c, &kept_r, bias, &at);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bands_on_any_number_of_threads_match_a_naive_convolution() {
+        let mut rng = crate::exec::cpu::fresh_rng();
+        let pool = BufferPool::default();
+        let pools: Vec<rayon::ThreadPool> = (1..=4)
+            .map(|n| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        for case in 0..24 {
+            // Few channels and many tiles, so that the plan runs by bands: one band or
+            // several, odd counts, bands across samples, rows in uneven parts.
+            let (cin, cout) = (rng.random_range(1..24), rng.random_range(1..40));
+            let hw = [
+                rng.random_range(6..30),
+                rng.random_range(9..=MAX_WIDTH.min(48)),
+            ];
+            let batch = rng.random_range(1..4);
+            let d = Drawn::new(&mut rng, batch, cin, cout, hw);
+            let (x, w, bias, act) = (&d.x, &d.w, &d.bias, d.act);
+            let ww = WinogradWeights::new(w, cout, cin);
+            let rows = subset(&mut rng, cout);
+            // Every input channel transformed: all kept, or the dropped ones as zeros.
+            let chans = if case % 3 == 0 {
+                subset(&mut rng, cin)
+            } else {
+                None
+            };
+            let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
+            let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
+            assert!(
+                in_bands(hw, batch, cin, kept_r.len()),
+                "case {case}: not by bands"
+            );
+            let layer = d.layer(hw, cin, cout);
+            let run = |on: &rayon::ThreadPool| {
+                // Each thread's tiles and rows, edges of bands and of samples, and the
+                // cells outside kept rows: as a naive convolution has them.
+                let (mut out, residual) = layer.output(batch);
+                let job = Job {
+                    isa: Isa::detect(),
+                    batch,
+                    x,
+                    hw,
+                    weights: &ww,
+                    chans: chans.as_deref(),
+                    rows: rows.as_deref(),
+                    bias,
+                    residual,
+                    act,
+                    serial: false,
+                    zero_dropped: chans.is_some(),
+                    bands: true,
+                };
+                on.install(|| conv(&job, &pool, &mut out));
+                out
+            };
+            for (n, on) in pools.iter().enumerate() {
+                let banded = run(on);
+                for s in 0..batch {
+                    let at = format!("case {case}: {} threads, batch {batch}", n + 1);
+                    layer.assert_sample(&banded, s, &kept_c, &kept_r, bias, &at);
                 }
             }
         }
@@ -1354,6 +1820,7 @@ mod tests {
                     act,
                     serial,
                     zero_dropped: false,
+                    bands: false,
                 };
                 winograd_lines::conv(&job, &lines, &pool, &mut out);
                 let at = format!("case {case}, lines, serial {serial}");
