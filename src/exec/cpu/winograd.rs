@@ -33,7 +33,6 @@
 //! share the weights' stream. Spatial plans are not served here.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -557,41 +556,11 @@ fn conv_bands(
         pool.give(v);
         pool.give(m);
     };
-    let n = rayon::current_num_threads();
-    if job.serial || n == 1 {
-        return share(0, 1);
+    if job.serial {
+        share(0, 1);
+    } else {
+        super::workers::for_each_share(share);
     }
-    // This thread runs share 0; the others are queued where idle workers steal them, so
-    // that with two threads the other one runs share 1 (the order of stealing, oldest
-    // first, gives no deadlock with `workers::with_workers_awake`: a thief takes that
-    // pass's spinning loop before any share). One that is done waits for the others
-    // running whatever the pool has, rather than in rayon's own wait, which sleeps after
-    // a few µs and then took tens of µs to wake when the last share ended (a layer
-    // 29–57 µs after its last share, with `rayon::broadcast`).
-    let done = AtomicUsize::new(0);
-    let run = |i: usize| {
-        // Counted on the way out even if the share panics, so that the wait below ends
-        // and the scope passes the panic on.
-        struct Count<'a>(&'a AtomicUsize);
-        impl Drop for Count<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_add(1, Ordering::AcqRel);
-            }
-        }
-        let _count = Count(&done);
-        share(i, n);
-    };
-    rayon::scope(|s| {
-        for i in 1..n {
-            s.spawn(move |_| run(i));
-        }
-        run(0);
-        while done.load(Ordering::Acquire) < n {
-            if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                std::hint::spin_loop();
-            }
-        }
-    });
 }
 
 /// The greatest common divisor.

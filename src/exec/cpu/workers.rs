@@ -8,8 +8,10 @@
 //! pass) on a 2-core VM. Instead, for the length of a pass, each other worker runs a
 //! loop that takes whatever work the pool has (`rayon::yield_now`) and spins when there
 //! is none, so a loop's jobs are picked up at once.
+//!
+//! [`for_each_share`] splits a layer's work into one fixed share per thread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Whether some pass in this process has the workers spinning for it. A precaution for
 /// concurrent passes: a thread waiting for a job runs whatever it can steal, which may be
@@ -83,6 +85,47 @@ pub fn with_workers_awake<R: Send>(pass: impl FnOnce() -> R + Send) -> R {
         let _done = SetOnDrop(&done);
         pass()
     })
+}
+
+/// Runs `share(i, n)` for every `i` of the `n` threads of the current pool (`n` = 1:
+/// just `share(0, 1)`), share 0 on this thread; returns when all have returned. The other
+/// shares are queued where idle workers steal them, so that with two threads the other
+/// one runs share 1, and a caller that splits its work the same way in every layer has
+/// each thread read mostly what it wrote itself. No deadlock with
+/// [`with_workers_awake`]: a thief steals the oldest job first, that pass's spinning
+/// loop before any share. A thread that is done waits for the others running whatever
+/// the pool has (another pass's shares among it) rather than in rayon's own wait, which
+/// sleeps after a few µs and then took tens of µs to wake when the last share ended (a
+/// layer 29–57 µs after its last share, with `rayon::broadcast`).
+pub fn for_each_share(share: impl Fn(usize, usize) + Sync) {
+    let n = rayon::current_num_threads();
+    if n < 2 {
+        return share(0, 1);
+    }
+    let done = AtomicUsize::new(0);
+    let run = |i: usize| {
+        // Counted on the way out even if the share panics, so that the wait below ends
+        // and the scope passes the panic on.
+        struct Count<'a>(&'a AtomicUsize);
+        impl Drop for Count<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        let _count = Count(&done);
+        share(i, n);
+    };
+    rayon::scope(|s| {
+        for i in 1..n {
+            s.spawn(move |_| run(i));
+        }
+        run(0);
+        while done.load(Ordering::Acquire) < n {
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::hint::spin_loop();
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -164,6 +207,30 @@ mod tests {
         let on = with_workers_awake(|| (rayon::current_thread_index(), 5));
         assert_eq!(on.1, 5);
         assert!(on.0.is_some());
+    }
+
+    #[test]
+    fn every_share_runs_once_and_a_panicking_one_is_passed_on() {
+        for threads in 1..=4 {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let seen: Vec<AtomicUsize> = (0..threads).map(|_| AtomicUsize::new(0)).collect();
+            pool.install(|| {
+                with_workers_awake(|| {
+                    for_each_share(|i, n| {
+                        assert_eq!(n, threads);
+                        seen[i].fetch_add(1, Ordering::Relaxed);
+                    })
+                })
+            });
+            assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == 1));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.install(|| for_each_share(|i, n| assert!(i + 1 < n, "the last share")))
+            }));
+            assert!(r.is_err());
+        }
     }
 
     #[test]
