@@ -755,8 +755,8 @@ impl EngineExecutor {
     /// Runs every Winograd layer with its phases shared out across threads separately
     /// (input transforms by channel, GEMMs by ξ and panels, output transforms by output
     /// channel), to measure what running by bands buys. By default a layer whose
-    /// transformed inputs and outputs outweigh its transformed filters, and which
-    /// transforms every input channel, runs band by band: each thread transforms, multiplies
+    /// transformed inputs and outputs outweigh its transformed filters runs band by band:
+    /// each thread transforms, multiplies
     /// and transforms back its own share of the tiles, so no transformed value moves
     /// between cores, and each thread writes the same rows of the output planes from one
     /// layer to the next.
