@@ -3472,21 +3472,7 @@ mod tests {
         }
     }
 
-    fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                v.push(Isa::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                v.push(Isa::Avx512);
-            }
-        }
-        v
-    }
+    use super::super::test_isas as isas;
 
     /// Sorted distinct indices below `n`: all of them about a third of the time, else a
     /// random non-empty subset.

@@ -1740,13 +1740,7 @@ mod tests {
     use rand::seq::index::sample;
     use rand::Rng;
 
-    fn isas() -> Vec<Isa> {
-        match Isa::detect() {
-            Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Portable],
-            Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
-            Isa::Portable => vec![Isa::Portable],
-        }
-    }
+    use super::super::test_isas as isas;
 
     /// Tiles with random lane masks: the j-th stored lane's value, with the epilogue,
     /// lands at the j-th column, and no other cell is written; every kernel and store

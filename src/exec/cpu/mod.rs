@@ -43,3 +43,14 @@ pub(crate) fn fresh_rng() -> rand::rngs::StdRng {
     eprintln!("seed {seed}");
     rand::rngs::StdRng::seed_from_u64(seed)
 }
+
+/// The micro-kernel paths this CPU runs, widest first: every one a test should cover.
+#[cfg(test)]
+pub(crate) fn test_isas() -> Vec<gemm::Isa> {
+    use gemm::Isa;
+    match Isa::detect() {
+        Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Portable],
+        Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
+        Isa::Portable => vec![Isa::Portable],
+    }
+}

@@ -1713,12 +1713,16 @@ mod tests {
                 "case {case}: not by bands"
             );
             let layer = d.layer(hw, cin, cout);
+            // Every kernel path in turn: their row tiles (12, 6, 4) cut the rows into
+            // parts differently.
+            let isas = crate::exec::cpu::test_isas();
+            let isa = isas[case % isas.len()];
             let run = |on: &rayon::ThreadPool| {
                 // Each thread's tiles and rows, edges of bands and of samples, and the
                 // cells outside kept rows: as a naive convolution has them.
                 let (mut out, residual) = layer.output(batch);
                 let job = Job {
-                    isa: Isa::detect(),
+                    isa,
                     batch,
                     x,
                     hw,
@@ -1738,7 +1742,7 @@ mod tests {
             for (n, on) in pools.iter().enumerate() {
                 let banded = run(on);
                 for s in 0..batch {
-                    let at = format!("case {case}: {} threads, batch {batch}", n + 1);
+                    let at = format!("case {case}: {isa:?}, {} threads, batch {batch}", n + 1);
                     layer.assert_sample(&banded, s, &kept_c, &kept_r, bias, &at);
                 }
             }
