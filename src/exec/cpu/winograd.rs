@@ -22,11 +22,11 @@
 //! plane of zeros, and the GEMMs read every column of `U[ξ]` in place: more
 //! multiply-adds, no copy.
 //! A plan over enough tiles that `V` and `M` outweigh `U` runs band by band
-//! ([`conv_bands`]): each thread transforms, multiplies
-//! and transforms back its own fixed share of the tiles, so that no transformed value
-//! is read on another core than the one that wrote it. Otherwise each phase is shared
-//! out on its own (input transforms by channel, GEMMs by ξ and panels, output transforms
-//! by output channel), which reads the weights once between the threads.
+//! ([`conv_bands`]): each thread transforms, multiplies and transforms back its own
+//! fixed share of the tiles, so that no transformed value is read on another core than
+//! the one that wrote it. Otherwise each phase is shared out on its own (input
+//! transforms by channel, GEMMs by ξ and panels, output transforms by output channel),
+//! which reads the weights once between the threads.
 //!
 //! A batch whose samples each keep their own channels runs through [`conv_samples`]:
 //! each sample's tiles read its kept columns of `U[ξ]` in place, so that the samples
