@@ -161,8 +161,8 @@ pub struct EngineExecutor {
     /// Output panels per sample up to which a gated batch runs its samples together
     /// ([`BATCH_GATED_PANELS`]; 0: sample by sample).
     batch_gated_panels: usize,
-    /// Whether Winograd layers that transform every input channel may run band by band,
-    /// each thread on its own share of the tiles ([`winograd::Job::bands`]).
+    /// Whether Winograd layers may run band by band, each thread on its own share of the
+    /// tiles ([`winograd::Job::bands`]).
     winograd_bands: bool,
     /// The cuts of FLOP budgets planned before ([`BudgetPlans`]).
     budget_plans: BudgetPlans,
@@ -756,10 +756,9 @@ impl EngineExecutor {
     /// (input transforms by channel, GEMMs by ξ and panels, output transforms by output
     /// channel), to measure what running by bands buys. By default a layer whose
     /// transformed inputs and outputs outweigh its transformed filters runs band by band:
-    /// each thread transforms, multiplies
-    /// and transforms back its own share of the tiles, so no transformed value moves
-    /// between cores, and each thread writes the same rows of the output planes from one
-    /// layer to the next.
+    /// each thread transforms, multiplies and transforms back its own share of the tiles,
+    /// so no transformed value moves between cores, and each thread writes the same rows
+    /// of the output planes from one layer to the next.
     ///
     /// ```
     /// use dynsparse::exec::cpu::EngineExecutor;
