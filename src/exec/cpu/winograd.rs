@@ -1307,7 +1307,38 @@ mod tests {
         act: Act,
     }
 
-    impl Layer<'_> {
+    impl<'a> Layer<'a> {
+        /// A job of this layer over `batch` samples on this CPU's widest kernels, each
+        /// phase shared out on its own (not serial, dropped inputs left out, not by
+        /// bands); a test sets what it varies on top.
+        fn job<'b>(
+            &self,
+            weights: &'b WinogradWeights,
+            batch: usize,
+            [chans, rows]: [Option<&'b [usize]>; 2],
+            bias: &'b [f32],
+            residual: Residual<'b>,
+        ) -> Job<'b>
+        where
+            'a: 'b,
+        {
+            Job {
+                isa: Isa::detect(),
+                batch,
+                x: self.x,
+                hw: self.hw,
+                weights,
+                chans,
+                rows,
+                bias,
+                residual,
+                act: self.act,
+                serial: false,
+                zero_dropped: false,
+                bands: false,
+            }
+        }
+
         /// A fresh output for `batch` samples (cells never written are NaN, or the
         /// residual's when the output starts as it), and the residual to pass.
         fn output(&self, batch: usize) -> (Vec<f32>, Residual<'_>) {
@@ -1630,7 +1661,7 @@ mod tests {
                 cin
             };
             let d = Drawn::new(&mut rng, batch, cin, cout, hw);
-            let (x, w, bias, act) = (&d.x, &d.w, &d.bias, d.act);
+            let (w, bias) = (&d.w, &d.bias);
             let (chans, rows) = (subset(&mut rng, cin), subset(&mut rng, cout));
             let ww = WinogradWeights::new(w, cout, cin);
             let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
@@ -1648,18 +1679,16 @@ mod tests {
                 let (mut out, residual) = layer.output(batch);
                 let job = Job {
                     isa,
-                    batch,
-                    x,
-                    hw,
-                    weights: &ww,
-                    chans: chans.as_deref(),
-                    rows: rows.as_deref(),
-                    bias,
-                    residual,
-                    act,
                     serial,
                     zero_dropped,
                     bands,
+                    ..layer.job(
+                        &ww,
+                        batch,
+                        [chans.as_deref(), rows.as_deref()],
+                        bias,
+                        residual,
+                    )
                 };
                 conv(&job, &pool, &mut out);
                 for s in 0..batch {
@@ -1694,7 +1723,7 @@ mod tests {
             ];
             let batch = rng.random_range(1..4);
             let d = Drawn::new(&mut rng, batch, cin, cout, hw);
-            let (x, w, bias, act) = (&d.x, &d.w, &d.bias, d.act);
+            let (w, bias) = (&d.w, &d.bias);
             let ww = WinogradWeights::new(w, cout, cin);
             let rows = subset(&mut rng, cout);
             // Input channels all kept, some kept (read through a column map of U), or
@@ -1723,18 +1752,15 @@ mod tests {
                 let (mut out, residual) = layer.output(batch);
                 let job = Job {
                     isa,
-                    batch,
-                    x,
-                    hw,
-                    weights: &ww,
-                    chans: chans.as_deref(),
-                    rows: rows.as_deref(),
-                    bias,
-                    residual,
-                    act,
-                    serial: false,
                     zero_dropped,
                     bands: true,
+                    ..layer.job(
+                        &ww,
+                        batch,
+                        [chans.as_deref(), rows.as_deref()],
+                        bias,
+                        residual,
+                    )
                 };
                 on.install(|| conv(&job, &pool, &mut out));
                 out
@@ -1772,7 +1798,7 @@ mod tests {
             assert!(winograd_lines::serves(isa, 1, hw), "{hw:?}");
             let (cin, cout) = (rng.random_range(1..60), rng.random_range(1..60));
             let d = Drawn::new(&mut rng, 1, cin, cout, hw);
-            let (x, w, bias, act) = (&d.x, &d.w, &d.bias, d.act);
+            let (w, bias) = (&d.w, &d.bias);
             // Now and then no input channel at all: bias and residual only.
             let chans = if case % 10 == 9 {
                 Some(Vec::new())
@@ -1789,18 +1815,8 @@ mod tests {
                 let (mut out, residual) = layer.output(1);
                 let job = Job {
                     isa,
-                    batch: 1,
-                    x,
-                    hw,
-                    weights: &ww,
-                    chans: chans.as_deref(),
-                    rows: rows.as_deref(),
-                    bias,
-                    residual,
-                    act,
                     serial,
-                    zero_dropped: false,
-                    bands: false,
+                    ..layer.job(&ww, 1, [chans.as_deref(), rows.as_deref()], bias, residual)
                 };
                 winograd_lines::conv(&job, &lines, &pool, &mut out);
                 let at = format!("case {case}, lines, serial {serial}");
