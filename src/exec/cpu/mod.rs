@@ -14,6 +14,7 @@ mod depthwise_masks;
 mod engine;
 mod gate_scores;
 pub mod gemm;
+mod linear;
 pub(crate) mod ops;
 #[cfg(target_arch = "x86_64")]
 mod partial_avx2;
