@@ -8,16 +8,20 @@
 //! over 7 × 7 planes on the filters as one cache line per channel pair; without:
 //! `EngineExecutor::without_winograd_lines`), `winograd-bands` (Winograd layers with
 //! many tiles band by band, each thread on its own tiles; without:
-//! `EngineExecutor::without_winograd_bands`); `nothing` is a control, two engines alike.
+//! `EngineExecutor::without_winograd_bands`), `tuning` (the choices made for this CPU's
+//! microarchitecture, `Tuning::detect()`; without: `Tuning::DEFAULT`, which on a CPU
+//! tuned by default makes two engines alike); `nothing` is a control, two engines
+//! alike.
 //!
 //! With `--layers`, also each layer's median time both ways (where they differ by more
 //! than 2%).
 //!
-//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|nothing] [--batch 1] [--pairs 20] [--budget 0.5] [--layers] MODEL.dsm...
+//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|nothing] [--batch 1] [--pairs 20] [--budget 0.5] [--layers] MODEL.dsm...
 
 use std::time::Instant;
 
-use dynsparse::exec::cpu::EngineExecutor;
+use dynsparse::exec::cpu::gemm::Isa;
+use dynsparse::exec::cpu::{EngineExecutor, Tuning};
 use dynsparse::exec::{Budget, Executor, Policy};
 use dynsparse::Model;
 
@@ -50,11 +54,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "winograd-lines" => EngineExecutor::without_winograd_lines,
         "winograd-bands" => EngineExecutor::without_winograd_bands,
         // A control: two engines alike, to see what placement alone does.
-        "nothing" => |e| e,
+        "nothing" | "tuning" => |e| e,
         other => {
             return Err(format!(
-                "unknown path {other}: winograd, batched-gates, winograd-lines, winograd-bands \
-                 or nothing"
+                "unknown path {other}: winograd, batched-gates, winograd-lines, winograd-bands, \
+                 tuning or nothing"
             )
             .into())
         }
@@ -63,7 +67,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for path in models {
         let model = Model::load(&path)?;
         let with = EngineExecutor::new(&model)?;
-        let stripped = strip(EngineExecutor::new(&model)?);
+        let stripped = strip(if without == "tuning" {
+            EngineExecutor::with_tuning(&model, Isa::detect(), Tuning::DEFAULT)?
+        } else {
+            EngineExecutor::new(&model)?
+        });
         let [c, h, w] = model.layers[0].input;
         let input: Vec<f32> = (0..batch * c * h * w)
             .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)

@@ -14,7 +14,8 @@
 //! A 3×3, stride-1, pad-1 convolution at most [`WINOGRAD_MAX_WIDTH`] wide runs by
 //! Winograd's F(2×2, 3×3) ([`winograd`]): 16 GEMMs on the same micro-kernels, with
 //! 2.25× fewer multiply-adds than the direct convolution, dense or on a plan's kept
-//! channels ([`winograd_pays`]); a plan with kept pixels runs directly.
+//! channels ([`winograd_pays`]); a plan with kept pixels runs directly. Where the CPU's
+//! [`Tuning`] says so, dense plans run by Winograd over wider rows too.
 //!
 //! A 1×1 expansion whose output only a depthwise layer reads, and which is too big for
 //! L2 (MobileNetV2's and EfficientNet-Lite0's 112 × 112 stage), runs together with that
@@ -40,6 +41,7 @@ use super::gemm::{self, ConvGeom, Epilogue, Isa, OutPtr, Residual, Tile, KC, NR}
 use super::linear;
 use super::ops::{self, Window};
 use super::pool::{Buf, BufferPool};
+use super::tuning::Tuning;
 use super::winograd::{self, WinogradWeights};
 #[cfg(target_arch = "x86_64")]
 use super::winograd_lines;
@@ -446,12 +448,46 @@ impl EngineExecutor {
 
     /// Prepares the model with a specific micro-kernel (for tests and benchmarks).
     pub fn with_isa(model: &Model, isa: Isa) -> Result<Self> {
-        Self::build(model, isa, bands::MIN_EXPANDED_BYTES, bands::BAND_BYTES)
+        Self::with_tuning(model, isa, Tuning::detect())
     }
 
-    /// [`Self::with_isa`], expansions of at least `band_min` bytes per sample running in
-    /// bands of at most `band_bytes` ([`bands`]).
-    fn build(model: &Model, isa: Isa, band_min: usize, band_bytes: usize) -> Result<Self> {
+    /// Prepares the model with a specific micro-kernel and the choices made for one
+    /// microarchitecture ([`Tuning`]), whatever this CPU is: to compare the choices on
+    /// one machine, or to test both.
+    ///
+    /// ```
+    /// use dynsparse::exec::cpu::{gemm::Isa, EngineExecutor, Tuning};
+    /// use dynsparse::exec::Executor;
+    /// use dynsparse::synthetic::{conv_chain, pseudo_random, ConvSpec};
+    /// // A 3×3 layer 56 wide: by Winograd with the Intel choices, directly by default.
+    /// let conv = ConvSpec { cout: 8, k: 3, stride: 1, depthwise: false };
+    /// let model = conv_chain(8, 56, &[conv])?;
+    /// let input = pseudo_random(8 * 56 * 56, 1);
+    /// let isa = Isa::detect();
+    /// let intel = EngineExecutor::with_tuning(&model, isa, Tuning::INTEL)?.forward(&input, 1)?;
+    /// let amd = EngineExecutor::with_tuning(&model, isa, Tuning::DEFAULT)?.forward(&input, 1)?;
+    /// assert!((intel[0] - amd[0]).abs() <= 1e-4 * amd[0].abs().max(1.0));
+    /// # Ok::<(), dynsparse::Error>(())
+    /// ```
+    pub fn with_tuning(model: &Model, isa: Isa, tuning: Tuning) -> Result<Self> {
+        Self::build(
+            model,
+            isa,
+            tuning,
+            bands::MIN_EXPANDED_BYTES,
+            bands::BAND_BYTES,
+        )
+    }
+
+    /// [`Self::with_tuning`], expansions of at least `band_min` bytes per sample running
+    /// in bands of at most `band_bytes` ([`bands`]).
+    fn build(
+        model: &Model,
+        isa: Isa,
+        tuning: Tuning,
+        band_min: usize,
+        band_bytes: usize,
+    ) -> Result<Self> {
         let nodes = &model.desc.nodes;
         let mut layers = Vec::with_capacity(nodes.len());
         let mut last_use = vec![usize::MAX; nodes.len() + 1];
@@ -507,12 +543,14 @@ impl EngineExecutor {
                             [t, l],
                             [ih, iw],
                             [oh, ow],
+                            tuning.winograd_dense_width.max(WINOGRAD_MAX_WIDTH),
                         )
                         .then(|| {
                             let mut wg = WinogradWeights::new(&raw, rows, cv.in_channels);
                             #[cfg(target_arch = "x86_64")]
                             if winograd_lines::serves(isa, 1, [oh, ow]) {
                                 wg.lines = Some(Default::default());
+                                wg.lines_max_kept = tuning.lines_max_kept;
                             }
                             wg
                         });
@@ -868,8 +906,12 @@ impl EngineExecutor {
         sub: Subset,
         out: &mut [f32],
     ) {
+        // Over rows wider than WINOGRAD_MAX_WIDTH (where this CPU's tuning builds
+        // Winograd weights for them), only a plan that drops nothing runs by Winograd.
+        let dense = sub.rows.is_none() && sub.chans.is_none() && sub.cols.is_none();
         if let Some((wg, zero_dropped)) = wino
             .filter(|_| sub.cols.is_none() && groups == 1)
+            .filter(|_| dense || g.out_hw[1] <= WINOGRAD_MAX_WIDTH)
             .and_then(|w| {
                 #[cfg(target_arch = "x86_64")]
                 let lines = w
@@ -3046,12 +3088,15 @@ const BATCH_GATED_PANELS: usize = 2;
 /// ResNet-50's 1×1 layers of 4 MB 0.84–1.08, its 3×3 layers of 9.4 MB 0.74–0.95.
 const BATCH_GATED_BYTES: usize = 2 << 20;
 
+/// Widest output row at which a plan that drops channels or pixels runs by Winograd, and
+/// at which a dense one does whatever the CPU ([`Tuning::winograd_dense_width`]).
 const WINOGRAD_MAX_WIDTH: usize = 28;
 const _: () = assert!(WINOGRAD_MAX_WIDTH <= winograd::MAX_WIDTH);
 
 /// Whether a convolution runs by Winograd's F(2×2, 3×3): one group, 3×3, stride 1, one
-/// pixel of padding on every side (output as large as the input), rows at most
-/// [`WINOGRAD_MAX_WIDTH`] wide.
+/// pixel of padding on every side (output as large as the input), rows at most `width`
+/// wide: [`WINOGRAD_MAX_WIDTH`], or this CPU's [`Tuning::winograd_dense_width`] where
+/// that is wider (for dense plans only, see `conv_gemm_into`).
 fn winograd_fits(
     groups: usize,
     kernel: [usize; 2],
@@ -3059,13 +3104,14 @@ fn winograd_fits(
     pad_tl: [usize; 2],
     in_hw: [usize; 2],
     out_hw: [usize; 2],
+    width: usize,
 ) -> bool {
     groups == 1
         && kernel == [3, 3]
         && stride == [1, 1]
         && pad_tl == [1, 1]
         && in_hw == out_hw
-        && out_hw[1] <= WINOGRAD_MAX_WIDTH
+        && out_hw[1] <= width
 }
 
 /// Whether a plan runs faster by Winograd than directly: a dense one always; one with
@@ -3364,11 +3410,12 @@ mod tests {
             let second = specs.len() - 3;
             let model = conv_chain(cin, hw, &specs).unwrap();
             // Kept counts unrounded, so that small layers are cut too.
-            let layered = EngineExecutor::build(&model, Isa::detect(), usize::MAX, 0)
-                .unwrap()
-                .with_channel_round(1);
+            let layered =
+                EngineExecutor::build(&model, Isa::detect(), Tuning::detect(), usize::MAX, 0)
+                    .unwrap()
+                    .with_channel_round(1);
             let bytes = rng.random_range(1..4 * hw) * 4 * e1.max(e2) * hw / 3;
-            let banded = EngineExecutor::build(&model, Isa::detect(), 0, bytes)
+            let banded = EngineExecutor::build(&model, Isa::detect(), Tuning::detect(), 0, bytes)
                 .unwrap()
                 .with_channel_round(1);
             assert!(layered.bands.iter().all(Option::is_none));
@@ -3815,8 +3862,11 @@ mod tests {
             };
             // A third of the cases wide enough for the in-place (shifted-window) path, at
             // either column stride.
+            // Up to the widest rows any tuning runs by Winograd (dense plans only, past
+            // WINOGRAD_MAX_WIDTH).
+            let widest = Tuning::INTEL.winograd_dense_width.max(WINOGRAD_MAX_WIDTH);
             let width = if wino_shape {
-                rng.random_range(1..=WINOGRAD_MAX_WIDTH)
+                rng.random_range(1..=widest)
             } else if rng.random_bool(0.35) {
                 let w = stride[1] * IMPLICIT_WIDTH;
                 rng.random_range(w..w + 40)
@@ -3885,7 +3935,7 @@ mod tests {
                 }
             }
             let packed = gemm::pack_a(&w, cout, g.k());
-            let wino = winograd_fits(1, kernel, stride, pad_tl, in_hw, g.out_hw)
+            let wino = winograd_fits(1, kernel, stride, pad_tl, in_hw, g.out_hw, widest)
                 .then(|| WinogradWeights::new(&w, cout, g.in_c));
             assert!(
                 wino.is_some() || !wino_shape,
@@ -3924,6 +3974,79 @@ mod tests {
                     oc.len(),
                     cols.as_ref().map(Vec::len)
                 );
+            }
+        }
+    }
+
+    /// The Intel tuning builds Winograd weights for a dense 56-wide 3×3 layer and sends a
+    /// dense one-sample 7 × 7 plan to the filters as lines; the default builds none for
+    /// the first and keeps the packed filters for the second. Both compute the same
+    /// model as the reference executor, dense and gated.
+    #[test]
+    fn either_tuning_computes_what_the_reference_does() {
+        use crate::exec::cpu::ReferenceExecutor;
+        use crate::synthetic::{conv_chain, pseudo_random, ConvSpec};
+        let mut rng = fresh_rng();
+        let conv = |cout, stride| ConvSpec {
+            cout,
+            k: 3,
+            stride,
+            depthwise: false,
+        };
+        // 56 → 28 → 14 → 7, then a stride-1 layer over 7 × 7.
+        let specs = [
+            conv(16, 1),
+            conv(16, 2),
+            conv(24, 2),
+            conv(32, 2),
+            conv(32, 1),
+        ];
+        let model = conv_chain(8, 56, &specs).unwrap();
+        let isa = Isa::detect();
+        let intel = EngineExecutor::with_tuning(&model, isa, Tuning::INTEL).unwrap();
+        let default = EngineExecutor::with_tuning(&model, isa, Tuning::DEFAULT).unwrap();
+        let wino = |e: &EngineExecutor, node: usize| match &e.layers[node].1 {
+            Layer::Gemm { winograd, .. } => winograd.as_ref().map(|w| w as *const _),
+            _ => panic!("node {node} is a convolution"),
+        };
+        assert!(wino(&intel, 0).is_some() && wino(&default, 0).is_none());
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 {
+            let lines = |e: &EngineExecutor| match &e.layers[4].1 {
+                Layer::Gemm {
+                    winograd: Some(w), ..
+                } => w.lines_for(isa, 1, [7, 7], None, None).is_some(),
+                _ => panic!("the 7 × 7 layer runs by Winograd"),
+            };
+            assert!(lines(&intel) && !lines(&default));
+        }
+        let reference = ReferenceExecutor::new(&model).unwrap();
+        for batch in [1, 2] {
+            let x: Vec<f32> = pseudo_random(batch * 8 * 56 * 56, rng.random())
+                .iter()
+                .map(|v| v - 0.5)
+                .collect();
+            let want = reference.forward(&x, batch).unwrap();
+            for policy in [
+                Policy::Dense,
+                Policy::Keep(0.6),
+                Policy::Budget(Budget::Flops(0.75)),
+            ] {
+                let a = intel.forward_with(&x, batch, policy).unwrap();
+                let b = default.forward_with(&x, batch, policy).unwrap();
+                assert_eq!(a.kept, b.kept, "{policy:?}");
+                assert_eq!(a.flops, b.flops, "{policy:?}");
+                for (p, q) in a.logits.iter().zip(&b.logits) {
+                    assert!(
+                        (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                        "{policy:?}: {p} vs {q}"
+                    );
+                }
+                if policy == Policy::Dense {
+                    for (p, q) in a.logits.iter().zip(&want) {
+                        assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "dense: {p} vs {q}");
+                    }
+                }
             }
         }
     }

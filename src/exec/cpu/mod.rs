@@ -20,6 +20,7 @@ pub(crate) mod ops;
 mod partial_avx2;
 mod pool;
 mod reference;
+mod tuning;
 mod winograd;
 #[cfg(target_arch = "x86_64")]
 mod winograd_lines;
@@ -27,6 +28,7 @@ mod workers;
 
 pub use engine::EngineExecutor;
 pub use reference::ReferenceExecutor;
+pub use tuning::Tuning;
 
 /// A random generator with a fresh seed per run, printed so a failure can be replayed:
 /// `DYNSPARSE_TEST_SEED=S cargo test NAME` runs with seed S.

@@ -55,6 +55,10 @@ pub struct WinogradWeights {
     /// user never holds them (16.8 MB for a 512 → 512 layer).
     #[cfg(target_arch = "x86_64")]
     pub lines: Option<std::sync::OnceLock<super::winograd_lines::LineWeights>>,
+    /// The largest share of (row, channel) pairs a plan keeps and still runs on the
+    /// lines ([`super::Tuning::lines_max_kept`]).
+    #[cfg(target_arch = "x86_64")]
+    pub lines_max_kept: f64,
 }
 
 /// `U = G g Gᵀ` of one 3×3 filter `g` (row-major), `[ξ]` with ξ = 4 · i + j.
@@ -103,6 +107,8 @@ impl WinogradWeights {
             cin,
             #[cfg(target_arch = "x86_64")]
             lines: None,
+            #[cfg(target_arch = "x86_64")]
+            lines_max_kept: super::Tuning::DEFAULT.lines_max_kept,
         }
     }
 
@@ -124,8 +130,16 @@ impl WinogradWeights {
     ) -> Option<&super::winograd_lines::LineWeights> {
         use super::winograd_lines::{takes, LineWeights};
         let cell = self.lines.as_ref()?;
-        takes(isa, batch, hw, [self.rows, self.cin], rows, chans)
-            .then(|| cell.get_or_init(|| LineWeights::from_packed(self)))
+        takes(
+            isa,
+            batch,
+            hw,
+            [self.rows, self.cin],
+            rows,
+            chans,
+            self.lines_max_kept,
+        )
+        .then(|| cell.get_or_init(|| LineWeights::from_packed(self)))
     }
 
     /// Floats of one packed `U[ξ]`.

@@ -18,10 +18,11 @@
 //! same plans took 1.12–1.25 of the packed way's time where they dropped only input
 //! channels (ResNet-18's `conv2` layers at budget 0.5), 0.66–0.67 channel by channel.
 //!
-//! Dense, the packed way is faster (this one takes 1.03–1.15 of its time: the packed
-//! A streams in one run per task), so the engine keeps both and sends here only plans
-//! that drop enough ([`takes`]). AVX-512 only; elsewhere the engine keeps
-//! the packed way.
+//! Dense, on the AMD EPYC the packed way is faster (this one takes 1.03–1.15 of its
+//! time: the packed A streams in one run per task), so the engine keeps both and sends
+//! here only plans that drop enough ([`takes`]); on the Intel Xeon this way is faster
+//! dense too, and takes every plan ([`super::Tuning`]). AVX-512 only; elsewhere the
+//! engine keeps the packed way.
 
 use rayon::prelude::*;
 
@@ -46,12 +47,6 @@ const BLOCK: usize = 16;
 
 /// Rows per task.
 const TASK_ROWS: usize = 8 * ROWS;
-
-/// The largest share of a layer's (row, channel) pairs a plan keeps and still runs
-/// here: dense, the packed way is 1.03–1.15× as fast; with 0.56–0.75 of the pairs kept
-/// (ResNet-50's and ResNet-18's `layer4` at budgets 0.75 and 0.85) this way took
-/// 0.64–0.94 of its time.
-const MAX_KEPT: f64 = 0.85;
 
 /// A 3×3 filter bank transformed for F(2×2, 3×3): `[cin][row][ξ]`, each pair's 16
 /// values one cache line.
@@ -98,7 +93,12 @@ impl LineWeights {
 
 /// Whether [`conv`] runs a plan of `batch` samples over `hw` outputs that keeps `rows`
 /// and `chans` (`None`: all) of a layer's `[rows, cin]`: one sample, a plane of at most
-/// [`TILES`] tiles, on AVX-512, and at most [`MAX_KEPT`] of the (row, channel) pairs.
+/// [`TILES`] tiles, on AVX-512, and at most `max_kept` of the (row, channel) pairs (the
+/// CPU's [`Tuning::lines_max_kept`]). On the AMD EPYC, with 0.56–0.75 of the pairs kept
+/// (ResNet-50's and ResNet-18's `layer4` at budgets 0.75 and 0.85) this way took
+/// 0.64–0.94 of the packed way's time, and dense plans 1.03–1.15×.
+///
+/// [`Tuning::lines_max_kept`]: super::Tuning::lines_max_kept
 pub fn takes(
     isa: Isa,
     batch: usize,
@@ -106,9 +106,10 @@ pub fn takes(
     [n_rows, cin]: [usize; 2],
     rows: Option<&[usize]>,
     chans: Option<&[usize]>,
+    max_kept: f64,
 ) -> bool {
     let kept = |k: Option<&[usize]>, n: usize| k.map_or(1.0, |k| k.len() as f64 / n as f64);
-    serves(isa, batch, hw) && kept(rows, n_rows) * kept(chans, cin) <= MAX_KEPT
+    serves(isa, batch, hw) && kept(rows, n_rows) * kept(chans, cin) <= max_kept
 }
 
 /// Whether [`conv`] serves a job of `batch` samples over `hw` outputs on `isa`.
