@@ -10,19 +10,22 @@
 //! many tiles band by band, each thread on its own tiles; without:
 //! `EngineExecutor::without_winograd_bands`), `tuning` (the choices made for this CPU's
 //! microarchitecture, `Tuning::detect()`; without: `Tuning::DEFAULT`, which on a CPU
-//! tuned by default makes two engines alike); `nothing` is a control, two engines
-//! alike.
+//! tuned by default makes two engines alike), `kept-in-place` (a spatial plan's kept
+//! pixels read in place over flat stride-1 layers; without:
+//! `EngineExecutor::without_kept_in_place`); `nothing` is a control, two engines alike.
+//! `--tiles R` runs spatial gates keeping the share R of each layer's tiles (every
+//! channel), instead of `--budget`.
 //!
 //! With `--layers`, also each layer's median time both ways (where they differ by more
 //! than 2%).
 //!
-//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|nothing] [--batch 1] [--pairs 20] [--budget 0.5] [--layers] MODEL.dsm...
+//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|nothing] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
 
 use std::time::Instant;
 
 use dynsparse::exec::cpu::gemm::Isa;
 use dynsparse::exec::cpu::{EngineExecutor, Tuning};
-use dynsparse::exec::{Budget, Executor, Policy};
+use dynsparse::exec::{Budget, Cut, Executor, Gates, Policy};
 use dynsparse::Model;
 
 fn median(v: &mut [f64]) -> f64 {
@@ -32,6 +35,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut batch, mut pairs, mut budget, mut layers) = (1usize, 20usize, None, false);
+    let mut tiles: Option<f64> = None;
     let mut without = String::from("winograd");
     let mut models = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -40,6 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--batch" => batch = args.next().ok_or("--batch needs a value")?.parse()?,
             "--pairs" => pairs = args.next().ok_or("--pairs needs a value")?.parse()?,
             "--budget" => budget = Some(args.next().ok_or("--budget needs a value")?.parse()?),
+            "--tiles" => tiles = Some(args.next().ok_or("--tiles needs a value")?.parse()?),
             "--without" => without = args.next().ok_or("--without needs a path")?,
             "--layers" => layers = true,
             _ => models.push(a),
@@ -53,17 +58,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "batched-gates" => EngineExecutor::without_batched_gates,
         "winograd-lines" => EngineExecutor::without_winograd_lines,
         "winograd-bands" => EngineExecutor::without_winograd_bands,
+        "kept-in-place" => EngineExecutor::without_kept_in_place,
         // A control: two engines alike, to see what placement alone does.
         "nothing" | "tuning" => |e| e,
         other => {
             return Err(format!(
                 "unknown path {other}: winograd, batched-gates, winograd-lines, winograd-bands, \
-                 tuning or nothing"
+                 tuning, kept-in-place or nothing"
             )
             .into())
         }
     };
-    let policy = budget.map_or(Policy::Dense, |f| Policy::Budget(Budget::Flops(f)));
+    let policy = match (budget, tiles) {
+        (Some(_), Some(_)) => return Err("--budget and --tiles exclude each other".into()),
+        (Some(f), None) => Policy::Budget(Budget::Flops(f)),
+        (None, Some(r)) => Policy::Gates(Gates {
+            channels: Cut::All,
+            tiles: Cut::Ratio(r),
+        }),
+        (None, None) => Policy::Dense,
+    };
     for path in models {
         let model = Model::load(&path)?;
         let with = EngineExecutor::new(&model)?;

@@ -168,6 +168,10 @@ pub struct EngineExecutor {
     /// Output panels per sample up to which a gated batch runs its samples together
     /// ([`BATCH_GATED_PANELS`]; 0: sample by sample).
     batch_gated_panels: usize,
+    /// What packing a panel costs, in output rows' worth of multiply-adds, when a
+    /// spatial plan weighs reading its kept pixels in place against packing them
+    /// ([`KEPT_IN_PLACE_PACK_ROWS`]); `None`: always packed.
+    kept_in_place: Option<usize>,
     /// Whether Winograd layers may run band by band, each thread on its own share of the
     /// tiles ([`winograd::Job::bands`]).
     winograd_bands: bool,
@@ -654,6 +658,7 @@ impl EngineExecutor {
             bands,
             depthwise_next,
             batch_gated_panels: BATCH_GATED_PANELS,
+            kept_in_place: Some(KEPT_IN_PLACE_PACK_ROWS),
             winograd_bands: true,
             gated_pool: BufferPool::default(),
             budget_plans: BudgetPlans::default(),
@@ -718,6 +723,38 @@ impl EngineExecutor {
     /// ```
     pub fn without_batched_gates(mut self) -> Self {
         self.batch_gated_panels = 0;
+        self
+    }
+
+    /// Packs every spatial plan's kept pixels into panels, to measure what reading them
+    /// in place buys. By default a stride-1 k×k layer swept flat over its padded input
+    /// computes whole the flat panels that hold kept pixels, reading them in place, and
+    /// stores only the kept lanes, where those panels are full enough that this costs
+    /// less than packing (for 16 output rows: kept pixels in at least 0.4 of their
+    /// lanes).
+    ///
+    /// ```
+    /// use dynsparse::exec::cpu::EngineExecutor;
+    /// use dynsparse::exec::{Cut, Executor, Gates, Policy};
+    /// use dynsparse::synthetic::{conv_chain, ConvSpec};
+    ///
+    /// let conv = ConvSpec { cout: 16, k: 3, stride: 1, depthwise: false };
+    /// let model = conv_chain(16, 64, &[conv, conv])?;
+    /// let input: Vec<f32> = (0..16 * 64 * 64).map(|i| (i % 7) as f32 - 3.0).collect();
+    /// let tiles = Policy::Gates(Gates { channels: Cut::All, tiles: Cut::Ratio(0.5) });
+    /// let in_place = EngineExecutor::new(&model)?.forward_with(&input, 1, tiles)?;
+    /// let packed = EngineExecutor::new(&model)?
+    ///     .without_kept_in_place()
+    ///     .forward_with(&input, 1, tiles)?;
+    /// assert_eq!(in_place.tiles, packed.tiles);
+    /// let scale = packed.logits.iter().fold(1f32, |m, v| m.max(v.abs()));
+    /// for (a, b) in in_place.logits.iter().zip(&packed.logits) {
+    ///     assert!((a - b).abs() <= 1e-5 * scale);
+    /// }
+    /// # Ok::<(), dynsparse::Error>(())
+    /// ```
+    pub fn without_kept_in_place(mut self) -> Self {
+        self.kept_in_place = None;
         self
     }
 
@@ -964,8 +1001,23 @@ impl EngineExecutor {
         };
         // What both ways of reading B in place need: every output position, one group,
         // and a padded input whose shifts are the taps of a window larger than 1×1.
-        let shifted = only_cols.is_none() && needs_pad && groups == 1 && g.kernel != [1, 1];
-        let flat = shifted && g.stride == [1, 1] && flat_widths.contains(&ow);
+        let shifts = needs_pad && groups == 1 && g.kernel != [1, 1];
+        let shifted = only_cols.is_none() && shifts;
+        // A spatial plan over such a layer reads in place too where its kept pixels fill
+        // enough of the flat panels that hold them: it computes those panels whole and
+        // stores their kept lanes, rather than packing the kept pixels into panels
+        // (see KEPT_IN_PLACE_PACK_ROWS).
+        let kept_flat: Option<Vec<(usize, u32, usize)>> = only_cols
+            .zip(self.kept_in_place)
+            .filter(|_| shifts && g.stride == [1, 1] && flat_widths.contains(&ow))
+            .map(|(cols, pack_rows)| (kept_flat_panels(cols, ow, pw), cols.len(), pack_rows))
+            .filter(|(panels, kept, pack_rows)| {
+                let m = only_rows.map_or(bias.len() / groups, <[usize]>::len);
+                (panels.len() * NR).saturating_mul(m) <= kept.saturating_mul(m + pack_rows)
+            })
+            .map(|(panels, ..)| panels);
+        let flat =
+            (shifted && g.stride == [1, 1] && flat_widths.contains(&ow)) || kept_flat.is_some();
         let implicit =
             flat || (shifted && g.stride[0] <= 2 && g.stride[1] <= 2 && ow >= IMPLICIT_WIDTH);
         // With a column stride of 2, each padded plane is stored as its even and odd
@@ -1066,7 +1118,9 @@ impl EngineExecutor {
         // 28-wide one 30 instead of 32. On AVX2 see FLAT_AVX2_WIDTHS.
         let pitch = g.in_hw[1];
         let flat_end = (oh - 1) * pitch + ow;
-        let panels = if flat {
+        let panels = if let Some(kept) = &kept_flat {
+            kept.len()
+        } else if flat {
             flat_end.div_ceil(NR)
         } else if implicit {
             oh * segs
@@ -1074,8 +1128,12 @@ impl EngineExecutor {
             ncols.div_ceil(NR)
         };
         // Per flat panel: the lanes stored, and the output its first stored lane is (one
-        // division per panel; the lanes walk the row from there).
-        let flat_lanes: Vec<(u32, usize)> = if flat {
+        // division per panel; the lanes walk the row from there). With kept pixels, its
+        // first kept pixel's index in `col_list` (its kept pixels follow it there, in
+        // lane order).
+        let flat_lanes: Vec<(u32, usize)> = if let Some(kept) = &kept_flat {
+            kept.iter().map(|&(_, lanes, at)| (lanes, at)).collect()
+        } else if flat {
             (0..panels)
                 .map(|p| {
                     let q0 = p * NR;
@@ -1391,7 +1449,11 @@ impl EngineExecutor {
                     let (y, x0) = (p / segs, (p % segs) * NR);
                     let lanes = flat.then(|| flat_lanes[p]);
                     let cols = if let Some((l, start)) = lanes {
-                        &self.all_cols[start..start + l.count_ones() as usize]
+                        let stored = start..start + l.count_ones() as usize;
+                        match kept_flat {
+                            Some(_) => &col_list[stored],
+                            None => &self.all_cols[stored],
+                        }
                     } else if implicit {
                         &self.all_cols[y * ow + x0..y * ow + (x0 + NR).min(ow)]
                     } else {
@@ -1399,7 +1461,8 @@ impl EngineExecutor {
                     };
                     let in_place = read_in_place(p);
                     let (panel, ldb) = if flat {
-                        let at = sg * g.in_c * src_plane + p * NR;
+                        let fp = kept_flat.as_ref().map_or(p, |k| k[p].0);
+                        let at = sg * g.in_c * src_plane + fp * NR;
                         (&x[at..], 0)
                     } else if implicit {
                         // Through the slack at the end of the padded input (or phases).
@@ -3064,6 +3127,22 @@ impl EngineExecutor {
 /// The rows a gated batch's samples do not compute (`len` output cells per sample):
 /// left unwritten where nobody reads them, otherwise the residual passes through, or
 /// zero.
+/// The flat panels (see `conv_gemm_into`) that hold the kept outputs `cols` (ascending)
+/// of a stride-1 layer `ow` wide over a padded input `pitch` wide: per panel, its index,
+/// its kept lanes, and where its first kept output is in `cols`.
+fn kept_flat_panels(cols: &[usize], ow: usize, pitch: usize) -> Vec<(usize, u32, usize)> {
+    let mut panels: Vec<(usize, u32, usize)> = Vec::new();
+    for (i, &c) in cols.iter().enumerate() {
+        let q = (c / ow) * pitch + c % ow;
+        let (p, lane) = (q / NR, 1u32 << (q % NR));
+        match panels.last_mut() {
+            Some((last, lanes, _)) if *last == p => *lanes |= lane,
+            _ => panels.push((p, lane, i)),
+        }
+    }
+    panels
+}
+
 fn pass_dropped_rows(plans: &[SamplePlan], residual: Residual, len: usize, out: &mut [f32]) {
     for (s, plan) in plans.iter().enumerate() {
         if plan.rows.is_some() && !plan.dropped_unread {
@@ -3080,6 +3159,20 @@ fn pass_dropped_rows(plans: &[SamplePlan], residual: Residual, len: usize, out: 
 /// ResNets' stride-1 3×3 layers of layer 4 took 0.74–0.95 of their time (they now run
 /// together by Winograd instead: [`EngineExecutor::conv_winograd_samples`]).
 const BATCH_GATED_PANELS: usize = 2;
+
+/// What packing one panel of kept pixels costs, in output rows' worth of the micro-kernel's
+/// multiply-adds: a spatial plan over a flat stride-1 layer (see `conv_gemm_into`) reads
+/// its kept pixels in place, computing every lane of the flat panels that hold them,
+/// where `panels · NR · m ≤ kept · (m + this)` for `m` computed rows (16 rows: where the
+/// kept pixels fill at least 0.4 of those panels' lanes). Packing copies a panel's K
+/// rows of 32 values in runs of a tile's width, roughly as much work as the multiply-adds
+/// of 16 rows. The demo model (16–64 channels at 64×64 to 16×16), spatial gates keeping
+/// a share of every layer's tiles, in-process pairs against packing every plan (30,
+/// Intel Xeon, 2 threads), batch 8: at 24, keeping 0.75 of the tiles 0.85 of the time,
+/// 0.5 0.92, 0.3 1.02. At 16: 0.75 0.79–0.90 (batch 1, 8, 100), 0.5 1.01–1.03; at 32,
+/// 0.75 0.87–0.88, 0.5 0.94, 0.3 1.03–1.06; at 48, 0.3 1.01; at 200 (nearly always in
+/// place) 0.3 1.06. A FLOP budget of 0.5: 0.98–1.01.
+const KEPT_IN_PLACE_PACK_ROWS: usize = 24;
 
 /// Packed weights (bytes) from which a gated batch of few positions per sample runs
 /// together ([`BATCH_GATED_PANELS`]). Below it, MobileNetV2's and EfficientNet-Lite0's
@@ -3362,6 +3455,7 @@ mod tests {
             bands: Vec::new(),
             depthwise_next: Vec::new(),
             batch_gated_panels: BATCH_GATED_PANELS,
+            kept_in_place: Some(KEPT_IN_PLACE_PACK_ROWS),
             winograd_bands: true,
             gated_pool: BufferPool::default(),
             budget_plans: BudgetPlans::default(),
@@ -3832,17 +3926,27 @@ mod tests {
     #[test]
     fn planned_convolutions_match_a_naive_reference() {
         let mut rng = fresh_rng();
-        // Each kernel, also with every A treated as too big for L2 (panels in groups).
+        // Each kernel, also with every A treated as too big for L2 (panels in groups), and
+        // with kept pixels always packed or, wherever the layer allows, read in place.
         let engines: Vec<EngineExecutor> = isas()
             .into_iter()
             .flat_map(|isa| {
-                [bare(isa), {
-                    let mut e = bare(isa);
-                    e.a_resident = 0;
-                    e.local_a = 0;
-                    e.pack_misaligned = 0;
-                    e
-                }]
+                [
+                    bare(isa),
+                    {
+                        let mut e = bare(isa);
+                        e.a_resident = 0;
+                        e.local_a = 0;
+                        e.pack_misaligned = 0;
+                        e.kept_in_place = None;
+                        e
+                    },
+                    {
+                        let mut e = bare(isa);
+                        e.kept_in_place = Some(usize::MAX);
+                        e
+                    },
+                ]
             })
             .collect();
         for case in 0..300 {
