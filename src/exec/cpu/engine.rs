@@ -3171,7 +3171,9 @@ const BATCH_GATED_PANELS: usize = 2;
 /// Intel Xeon, 2 threads), batch 8: at 24, keeping 0.75 of the tiles 0.85 of the time,
 /// 0.5 0.92, 0.3 1.02. At 16: 0.75 0.79–0.90 (batch 1, 8, 100), 0.5 1.01–1.03; at 32,
 /// 0.75 0.87–0.88, 0.5 0.94, 0.3 1.03–1.06; at 48, 0.3 1.01; at 200 (nearly always in
-/// place) 0.3 1.06. A FLOP budget of 0.5: 0.98–1.01.
+/// place) 0.3 1.06. A FLOP budget of 0.5: 0.98–1.01. Since kept lanes are stored in
+/// runs (not one by one), at 24: 0.75 0.83 / 0.77 (batch 1 / 8), 0.5 0.91 / 0.875 (0.90
+/// at batch 100), 0.3 1.02 / 0.99; the budget 1.01.
 const KEPT_IN_PLACE_PACK_ROWS: usize = 24;
 
 /// Packed weights (bytes) from which a gated batch of few positions per sample runs

@@ -557,29 +557,49 @@ unsafe fn store_run(
     _mm512_mask_storeu_ps(c.add(at), run, v);
 }
 
-/// The epilogue of a tile with a lane mask whose stored lanes go to consecutive columns
-/// (a flat stride-1 panel: the lanes past one output row's end are followed by the next
-/// row's first column): each vector's stored lanes are compressed together, then
-/// stored as one run.
+/// The epilogue of a tile with a lane mask (a flat stride-1 panel: the lanes past one
+/// output row's end are followed by the next row's first column; or its kept pixels).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn store_lanes_avx512(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32, lanes: u32) {
     use std::arch::x86_64::*;
-    if !t.contiguous() {
-        return store_body(t, ep, acc, c);
+    // The stored lanes split into runs that go to consecutive columns: one run for a
+    // flat panel of every position, one per stretch of kept pixels for a spatial plan's
+    // (a kept tile's row of pixels, or several side by side). Each run's lanes are
+    // compressed together, per half of the panel, and stored as one piece.
+    let mut runs = [(0u32, 0usize); NR];
+    let mut n = 0;
+    let (mut rest, mut k) = (lanes, 0);
+    while rest != 0 {
+        let lane = 1u32 << rest.trailing_zeros();
+        rest &= rest - 1;
+        let col = t.cols[k];
+        k += 1;
+        if n > 0 && runs[n - 1].1 + runs[n - 1].0.count_ones() as usize == col {
+            runs[n - 1].0 |= lane;
+        } else {
+            runs[n] = (lane, col);
+            n += 1;
+        }
     }
-    let (lo, hi) = ((lanes & 0xffff) as u16, (lanes >> 16) as u16);
-    let halves = [(lo, 0usize, 0usize), (hi, 16, lo.count_ones() as usize)];
     for (i, &row) in t.rows.iter().enumerate() {
         let b = _mm512_set1_ps(ep.bias[row]);
-        let at = row * t.ldc + t.cols[0];
-        for &(m, off, skip) in &halves {
-            if m == 0 {
-                continue;
+        let (lo, hi) = (
+            _mm512_loadu_ps(acc[i].as_ptr()),
+            _mm512_loadu_ps(acc[i].as_ptr().add(16)),
+        );
+        for &(m, col) in &runs[..n] {
+            let at = row * t.ldc + col;
+            let (mlo, mhi) = ((m & 0xffff) as u16, (m >> 16) as u16);
+            let skip = mlo.count_ones() as usize;
+            if mlo != 0 {
+                let run = ((1u32 << skip) - 1) as u16;
+                store_run(_mm512_maskz_compress_ps(mlo, lo), b, ep, run, c, at);
             }
-            let run = ((1u32 << m.count_ones()) - 1) as u16;
-            let v = _mm512_maskz_compress_ps(m, _mm512_loadu_ps(acc[i].as_ptr().add(off)));
-            store_run(v, b, ep, run, c, at + skip);
+            if mhi != 0 {
+                let run = ((1u32 << mhi.count_ones()) - 1) as u16;
+                store_run(_mm512_maskz_compress_ps(mhi, hi), b, ep, run, c, at + skip);
+            }
         }
     }
 }
@@ -1746,7 +1766,7 @@ mod tests {
     /// lands at the j-th column, and no other cell is written; every kernel and store
     /// this CPU runs.
     #[test]
-    fn masked_lanes_store_each_stored_lane_at_the_next_column() {
+    fn masked_lanes_store_each_stored_lane_at_its_column() {
         let mut rng = super::super::fresh_rng();
         for _ in 0..200 {
             let m = rng.random_range(1..=30);
@@ -1758,8 +1778,16 @@ mod tests {
             let lanes: u32 = rng.random_range(1..=u32::MAX);
             let stored = lanes.count_ones() as usize;
             let ldc = rng.random_range(stored..stored + 40);
-            let start = rng.random_range(0..=ldc - stored);
-            let cols: Vec<usize> = (start..start + stored).collect();
+            // Consecutive columns (a flat panel of every position), or ascending ones
+            // with gaps (a spatial plan's kept pixels).
+            let cols: Vec<usize> = if rng.random_bool(0.5) {
+                let start = rng.random_range(0..=ldc - stored);
+                (start..start + stored).collect()
+            } else {
+                let mut cols = sample(&mut rng, ldc, stored).into_vec();
+                cols.sort_unstable();
+                cols
+            };
             let bias: Vec<f32> = (0..m).map(|_| rng.random_range(-1.0..1.0)).collect();
             let res: Vec<f32> = (0..m * ldc).map(|_| rng.random_range(-1.0..1.0)).collect();
             let residual = rng.random_bool(0.5).then_some(res.as_slice());
