@@ -1006,9 +1006,11 @@ impl EngineExecutor {
         // A spatial plan over such a layer reads in place too where its kept pixels fill
         // enough of the flat panels that hold them: it computes those panels whole and
         // stores their kept lanes, rather than packing the kept pixels into panels
-        // (see KEPT_IN_PLACE_PACK_ROWS).
+        // (see KEPT_IN_PLACE_PACK_ROWS). AVX-512 only: measured there, where kept lanes
+        // are stored in runs; AVX2 stores lanes that skip columns one by one.
         let kept_flat: Option<Vec<(usize, u32, usize)>> = only_cols
             .zip(self.kept_in_place)
+            .filter(|_| self.isa == Isa::Avx512)
             .filter(|_| shifts && g.stride == [1, 1] && flat_widths.contains(&ow))
             .map(|(cols, pack_rows)| (kept_flat_panels(cols, ow, pw), cols.len(), pack_rows))
             .filter(|(panels, kept, pack_rows)| {
