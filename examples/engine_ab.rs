@@ -12,14 +12,16 @@
 //! microarchitecture, `Tuning::detect()`; without: `Tuning::DEFAULT`, which on a CPU
 //! tuned by default makes two engines alike), `kept-in-place` (a spatial plan's kept
 //! pixels read in place over flat stride-1 layers; without:
-//! `EngineExecutor::without_kept_in_place`); `nothing` is a control, two engines alike.
+//! `EngineExecutor::without_kept_in_place`), `panel-prefetch` (1×1 layers prefetching the
+//! panels they read in place next; without: `EngineExecutor::without_panel_prefetch`);
+//! `nothing` is a control, two engines alike.
 //! `--tiles R` runs spatial gates keeping the share R of each layer's tiles (every
 //! channel), instead of `--budget`.
 //!
 //! With `--layers`, also each layer's median time both ways (where they differ by more
 //! than 2%).
 //!
-//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|nothing] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
+//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|nothing] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
 
 use std::time::Instant;
 
@@ -59,12 +61,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "winograd-lines" => EngineExecutor::without_winograd_lines,
         "winograd-bands" => EngineExecutor::without_winograd_bands,
         "kept-in-place" => EngineExecutor::without_kept_in_place,
+        "panel-prefetch" => EngineExecutor::without_panel_prefetch,
         // A control: two engines alike, to see what placement alone does.
         "nothing" | "tuning" => |e| e,
         other => {
             return Err(format!(
                 "unknown path {other}: winograd, batched-gates, winograd-lines, winograd-bands, \
-                 tuning, kept-in-place or nothing"
+                 tuning, kept-in-place, panel-prefetch or nothing"
             )
             .into())
         }

@@ -172,6 +172,9 @@ pub struct EngineExecutor {
     /// spatial plan weighs reading its kept pixels in place against packing them
     /// ([`KEPT_IN_PLACE_PACK_ROWS`]); `None`: always packed.
     kept_in_place: Option<usize>,
+    /// Whether 1×1 layers prefetch the panels they read in place next (see
+    /// [`EngineExecutor::without_panel_prefetch`]).
+    panel_prefetch: bool,
     /// Whether Winograd layers may run band by band, each thread on its own share of the
     /// tiles ([`winograd::Job::bands`]).
     winograd_bands: bool,
@@ -659,6 +662,7 @@ impl EngineExecutor {
             depthwise_next,
             batch_gated_panels: BATCH_GATED_PANELS,
             kept_in_place: Some(KEPT_IN_PLACE_PACK_ROWS),
+            panel_prefetch: true,
             winograd_bands: true,
             gated_pool: BufferPool::default(),
             budget_plans: BudgetPlans::default(),
@@ -755,6 +759,31 @@ impl EngineExecutor {
     /// ```
     pub fn without_kept_in_place(mut self) -> Self {
         self.kept_in_place = None;
+        self
+    }
+
+    /// Turns off the prefetch by which a 1×1 layer's first row tile of each panel read
+    /// in place brings the next panel's rows into L2, to measure what it buys. It
+    /// changes no value.
+    ///
+    /// ```
+    /// use dynsparse::exec::cpu::EngineExecutor;
+    /// use dynsparse::exec::Executor;
+    /// use dynsparse::synthetic::{conv_chain, ConvSpec};
+    ///
+    /// // A 1×1 layer over 56 × 56 planes: 98 panels, each read in place.
+    /// let conv = ConvSpec { cout: 64, k: 1, stride: 1, depthwise: false };
+    /// let model = conv_chain(64, 56, &[conv])?;
+    /// let input: Vec<f32> = (0..64 * 56 * 56).map(|i| (i % 7) as f32 - 3.0).collect();
+    /// let with = EngineExecutor::new(&model)?.forward(&input, 1)?;
+    /// let without = EngineExecutor::new(&model)?
+    ///     .without_panel_prefetch()
+    ///     .forward(&input, 1)?;
+    /// assert_eq!(with, without);
+    /// # Ok::<(), dynsparse::Error>(())
+    /// ```
+    pub fn without_panel_prefetch(mut self) -> Self {
+        self.panel_prefetch = false;
         self
     }
 
@@ -1444,6 +1473,9 @@ impl EngineExecutor {
             } else {
                 &[]
             };
+            // Whether this task's thread runs the next panel group next (tasks in order
+            // of chunks first: only after the panel group's last chunk).
+            let runs_next_group = by_rows || chunk + 1 == chunks;
             // One tile: rows `r0..` of the task (A rows `arows` of `a`) on panel `p`.
             macro_rules! tile {
                 ($a:expr, $ka:expr, $arows:expr, $r0:expr, $p:expr) => {{
@@ -1629,6 +1661,7 @@ impl EngineExecutor {
                             blocks,
                             stride: src,
                             step,
+                            panel: std::ptr::null(),
                         },
                         _ => gemm::Prefetch::NONE,
                     };
@@ -1651,6 +1684,20 @@ impl EngineExecutor {
                 // Where A streams from memory (grouped panels), the group's first panel
                 // prefetches the next row tile's block of A. Elsewhere A is in L2, and
                 // prefetching measured no gain.
+                // A 1×1 layer's panels read in place: the group's first row tile
+                // prefetches the panels the thread runs next (past the sample's last, the
+                // next sample's first) into L2. Their K rows lie in as many planes, more
+                // streams than the hardware prefetcher follows, and the first row tile
+                // to read them would otherwise wait on each row.
+                let next_panel = |j: usize| {
+                    (self.panel_prefetch && direct && j < np && runs_next_group)
+                        .then(|| panel_after(sg, group.end + j, panels, batch * groups))
+                        .flatten()
+                        .filter(|&(_, p)| read_in_place(p))
+                        .map_or(std::ptr::null(), |(s, p)| {
+                            x.as_ptr().wrapping_add(s * g.in_c * in_plane + p * NR)
+                        })
+                };
                 let next = |j: usize, k0: usize| match tiles.get(j + np) {
                     Some(n) if per_group > 1 && j.is_multiple_of(np) => {
                         let at = gemm::a_offset(n.arows[0], n.ka) + k0 * gemm::PACK;
@@ -1662,9 +1709,13 @@ impl EngineExecutor {
                             blocks: span.min(gemm::Prefetch::MAX),
                             stride: gemm::PACK * n.ka,
                             step: gemm::PACK,
+                            panel: next_panel(j),
                         }
                     }
-                    _ => gemm::Prefetch::NONE,
+                    _ => gemm::Prefetch {
+                        panel: next_panel(j),
+                        ..gemm::Prefetch::NONE
+                    },
                 };
                 run(&tiles, accs, &next);
             }
@@ -3145,6 +3196,13 @@ fn kept_flat_panels(cols: &[usize], ow: usize, pitch: usize) -> Vec<(usize, u32,
     panels
 }
 
+/// Panel `p` of (sample, group) block `sg`, counted on past the block's last panel into
+/// the blocks after it: the block and panel it is, if there is one.
+fn panel_after(sg: usize, p: usize, panels: usize, blocks: usize) -> Option<(usize, usize)> {
+    let (s, p) = (sg + p / panels.max(1), p % panels.max(1));
+    (s < blocks && p < panels).then_some((s, p))
+}
+
 fn pass_dropped_rows(plans: &[SamplePlan], residual: Residual, len: usize, out: &mut [f32]) {
     for (s, plan) in plans.iter().enumerate() {
         if plan.rows.is_some() && !plan.dropped_unread {
@@ -3460,6 +3518,7 @@ mod tests {
             depthwise_next: Vec::new(),
             batch_gated_panels: BATCH_GATED_PANELS,
             kept_in_place: Some(KEPT_IN_PLACE_PACK_ROWS),
+            panel_prefetch: true,
             winograd_bands: true,
             gated_pool: BufferPool::default(),
             budget_plans: BudgetPlans::default(),
@@ -4385,6 +4444,17 @@ mod tests {
             // SAFETY: the mapping made in `new`.
             unsafe { libc::munmap(self.base, self.bytes) };
         }
+    }
+
+    #[test]
+    fn the_panel_prefetched_next_is_the_next_one_of_the_batch() {
+        // Within a sample, then the next sample's first panels, then none past the batch.
+        assert_eq!(panel_after(0, 5, 98, 2), Some((0, 5)));
+        assert_eq!(panel_after(0, 98, 98, 2), Some((1, 0)));
+        assert_eq!(panel_after(0, 99, 98, 2), Some((1, 1)));
+        assert_eq!(panel_after(1, 98, 98, 2), None);
+        assert_eq!(panel_after(1, 3, 2, 3), Some((2, 1)));
+        assert_eq!(panel_after(0, 0, 0, 1), None);
     }
 
     #[test]

@@ -337,12 +337,18 @@ pub unsafe fn accumulate(isa: Isa, t: &Tile, k0: usize, k1: usize, acc: &mut Acc
 /// first step starts). Blocks of a packed A: `stride = PACK · ka`, `step = PACK`. A
 /// region read at another rate (the packed blocks a later tile's weights are copied
 /// from) takes a `step` that covers it over the steps of K the tile runs.
+///
+/// `panel`, where not null, is another panel read in place with this tile's row offsets
+/// (`ldb` or `boff`): per step of K the kernel prefetches into L2 the two lines of that
+/// panel's row, the panel a task runs next, whose rows lie in as many planes as K and
+/// so are more streams than the hardware prefetcher follows.
 #[derive(Clone, Copy)]
 pub struct Prefetch {
     pub at: *const f32,
     pub blocks: usize,
     pub stride: usize,
     pub step: usize,
+    pub panel: *const f32,
 }
 
 impl Prefetch {
@@ -352,6 +358,7 @@ impl Prefetch {
         blocks: 0,
         stride: 0,
         step: 0,
+        panel: std::ptr::null(),
     };
     /// Most blocks prefetched at once: a tile of kept rows spread over more blocks
     /// prefetches the first ones.
@@ -896,7 +903,7 @@ mod avx512 {
         next: Prefetch,
         fin: Option<Finish>,
     ) -> bool {
-        let pf = !next.at.is_null() && next.blocks > 0;
+        let pf = (!next.at.is_null() && next.blocks > 0) || !next.panel.is_null();
         match (t.one_block(MR), t.kmap.is_some(), t.boff.is_some(), pf) {
             (true, false, false, false) => {
                 body::<W, MR, true, false, false, false>(t, k0, k1, out, next, fin)
@@ -973,6 +980,12 @@ mod avx512 {
             let mut bv = [_mm512_setzero_ps(); W];
             for (w, v) in bv.iter_mut().enumerate() {
                 *v = _mm512_loadu_ps(bp.add(16 * w));
+            }
+            if PF && !next.panel.is_null() {
+                let row = if OFFS { *offs.add(kk) } else { kk * t.ldb };
+                let at = next.panel.wrapping_add(row);
+                _mm_prefetch::<_MM_HINT_T1>(at as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(16) as *const i8);
             }
             if PF {
                 let at = next.at.wrapping_add((kk - k0) * next.step);
