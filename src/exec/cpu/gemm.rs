@@ -932,8 +932,11 @@ mod avx512 {
             (false, true, false, _) => {
                 body::<W, MR, false, true, false, false>(t, k0, k1, out, next, fin)
             }
-            (false, false, true, _) => {
+            (false, false, true, false) => {
                 body::<W, MR, false, false, true, false>(t, k0, k1, out, next, fin)
+            }
+            (false, false, true, true) => {
+                body::<W, MR, false, false, true, true>(t, k0, k1, out, next, fin)
             }
             (false, true, true, _) => {
                 body::<W, MR, false, true, true, false>(t, k0, k1, out, next, fin)
