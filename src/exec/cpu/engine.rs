@@ -550,7 +550,7 @@ impl EngineExecutor {
                             [t, l],
                             [ih, iw],
                             [oh, ow],
-                            tuning.winograd_dense_width.max(WINOGRAD_MAX_WIDTH),
+                            tuning.winograd_wide_width.max(WINOGRAD_MAX_WIDTH),
                         )
                         .then(|| {
                             let mut wg = WinogradWeights::new(&raw, rows, cv.in_channels);
@@ -973,11 +973,16 @@ impl EngineExecutor {
         out: &mut [f32],
     ) {
         // Over rows wider than WINOGRAD_MAX_WIDTH (where this CPU's tuning builds
-        // Winograd weights for them), only a plan that drops nothing runs by Winograd.
-        let dense = sub.rows.is_none() && sub.chans.is_none() && sub.cols.is_none();
+        // Winograd weights for them), only a plan that keeps at least
+        // WINOGRAD_WIDE_MIN_KEPT of the multiply-adds runs by Winograd.
         if let Some((wg, zero_dropped)) = wino
             .filter(|_| sub.cols.is_none() && groups == 1)
-            .filter(|_| dense || g.out_hw[1] <= WINOGRAD_MAX_WIDTH)
+            .filter(|w| {
+                let kept = |s: Option<&[usize]>, all: usize| s.map_or(all, <[usize]>::len);
+                let pairs = kept(sub.rows, w.rows) * kept(sub.chans, w.cin);
+                g.out_hw[1] <= WINOGRAD_MAX_WIDTH
+                    || pairs as f64 >= WINOGRAD_WIDE_MIN_KEPT * (w.rows * w.cin) as f64
+            })
             .and_then(|w| {
                 #[cfg(target_arch = "x86_64")]
                 let lines = w
@@ -3243,15 +3248,29 @@ const KEPT_IN_PLACE_PACK_ROWS: usize = 24;
 /// ResNet-50's 1×1 layers of 4 MB 0.84–1.08, its 3×3 layers of 9.4 MB 0.74–0.95.
 const BATCH_GATED_BYTES: usize = 2 << 20;
 
-/// Widest output row at which a plan that drops channels or pixels runs by Winograd, and
-/// at which a dense one does whatever the CPU ([`Tuning::winograd_dense_width`]).
+/// Widest output row at which any plan runs by Winograd, and at which plans that keep
+/// at least [`WINOGRAD_WIDE_MIN_KEPT`] do whatever the CPU
+/// ([`Tuning::winograd_wide_width`]).
 const WINOGRAD_MAX_WIDTH: usize = 28;
 const _: () = assert!(WINOGRAD_MAX_WIDTH <= winograd::MAX_WIDTH);
 
+/// The least share of a 3×3 layer's (output, input) channel pairs a plan keeps to run by
+/// Winograd over rows wider than [`WINOGRAD_MAX_WIDTH`] (where the CPU's tuning builds
+/// Winograd weights for them; dense plans keep 1.0). Over few kept channels the direct
+/// convolution of the kept pairs was faster. On the Intel Xeon, 56 × 56, in-process pairs
+/// against the direct way (2 threads): ResNet-18's `layer1` 3×3 layers, which keep 0.56
+/// of the pairs at budget 0.5, took 0.81–0.93 of their time at batch 1 and 0.86–0.93 at
+/// batch 8, passes 0.976–0.982 and 0.960–0.968; at budget 0.75, 0.78–0.81, the pass
+/// 0.943. ResNet-50's `layer1` `conv2` layers, which keep 0.32 at budget 0.5, took
+/// 1.25–1.33 (batch 1). (An earlier session had measured ResNet-18's `layer1` at
+/// budget 0.5 losing by Winograd, 1.14–1.23; three runs here, with the 1×1 panel
+/// prefetch in, all had it gain.)
+const WINOGRAD_WIDE_MIN_KEPT: f64 = 0.45;
+
 /// Whether a convolution runs by Winograd's F(2×2, 3×3): one group, 3×3, stride 1, one
 /// pixel of padding on every side (output as large as the input), rows at most `width`
-/// wide: [`WINOGRAD_MAX_WIDTH`], or this CPU's [`Tuning::winograd_dense_width`] where
-/// that is wider (for dense plans only, see `conv_gemm_into`).
+/// wide: [`WINOGRAD_MAX_WIDTH`], or this CPU's [`Tuning::winograd_wide_width`] where
+/// that is wider (for plans that keep most channel pairs, see `conv_gemm_into`).
 fn winograd_fits(
     groups: usize,
     kernel: [usize; 2],
@@ -4029,9 +4048,9 @@ mod tests {
             };
             // A third of the cases wide enough for the in-place (shifted-window) path, at
             // either column stride.
-            // Up to the widest rows any tuning runs by Winograd (dense plans only, past
-            // WINOGRAD_MAX_WIDTH).
-            let widest = Tuning::INTEL.winograd_dense_width.max(WINOGRAD_MAX_WIDTH);
+            // Up to the widest rows any tuning runs by Winograd (plans that keep most
+            // channel pairs only, past WINOGRAD_MAX_WIDTH).
+            let widest = Tuning::INTEL.winograd_wide_width.max(WINOGRAD_MAX_WIDTH);
             let width = if wino_shape {
                 rng.random_range(1..=widest)
             } else if rng.random_bool(0.35) {

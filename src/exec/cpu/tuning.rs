@@ -19,13 +19,14 @@
 /// use dynsparse::exec::cpu::Tuning;
 /// let t = Tuning::detect();
 /// assert!(t == Tuning::DEFAULT || t == Tuning::INTEL);
-/// assert!(Tuning::INTEL.winograd_dense_width > Tuning::DEFAULT.winograd_dense_width);
+/// assert!(Tuning::INTEL.winograd_wide_width > Tuning::DEFAULT.winograd_wide_width);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Tuning {
-    /// Widest output row at which a dense 3×3, stride-1 layer runs by Winograd. Plans
-    /// that drop channels or pixels run by Winograd only up to 28 wide whatever this is.
-    pub winograd_dense_width: usize,
+    /// Widest output row at which a 3×3, stride-1 layer runs by Winograd, dense or keeping
+    /// most of its channel pairs (see the engine's `WINOGRAD_WIDE_MIN_KEPT`). Other plans
+    /// run by Winograd only up to 28 wide whatever this is.
+    pub winograd_wide_width: usize,
     /// The largest share of a 3×3 layer's (output, input) channel pairs that a one-sample
     /// plan over a plane of at most 16 Winograd tiles (7 × 7) keeps and still runs on
     /// the filters as one cache line per channel pair rather than the packed ones;
@@ -38,7 +39,7 @@ impl Tuning {
     /// Winograd at 56 × 56 took 1.06–1.23× the direct convolution's time dense and
     /// 1.03–1.30× gated; dense 7 × 7 plans on the lines 1.03–1.15× the packed way's.
     pub const DEFAULT: Tuning = Tuning {
-        winograd_dense_width: 28,
+        winograd_wide_width: 28,
         lines_max_kept: 0.85,
     };
 
@@ -46,12 +47,13 @@ impl Tuning {
     /// switched pass by pass (30–40 pairs, 2 threads). Winograd at 56 × 56, dense:
     /// ResNet-18's `layer1` 0.80–0.88 of the direct time at batch 1, 0.72–0.77 at batch 8,
     /// passes 0.96–0.97 and 0.92; ResNet-50's 0.90–0.93 and 0.83–0.93, passes 0.99 and
-    /// 0.98. Gated at batch 1 it lost (1.14–1.23, the pass 1.03), so gated plans keep the
-    /// direct way there. Dense 7 × 7 planes at batch 1 on the lines: 0.72–0.73 of the
+    /// 0.98. Gated, it pays where a plan keeps most channel pairs (ResNet-18's `layer1` at
+    /// budget 0.5, 0.56 of them: 0.81–0.93), not where it keeps few (ResNet-50's `conv2`
+    /// layers, 0.32: 1.25–1.33); see the engine's `WINOGRAD_WIDE_MIN_KEPT`. Dense 7 × 7 planes at batch 1 on the lines: 0.72–0.73 of the
     /// packed way's time (ResNet-18's `layer4`), 0.63–0.67 (ResNet-50's), passes 0.93
     /// and 0.96; 0.86–0.88 and 0.80–0.86 of the direct convolution's.
     pub const INTEL: Tuning = Tuning {
-        winograd_dense_width: 56,
+        winograd_wide_width: 56,
         lines_max_kept: 1.0,
     };
 
