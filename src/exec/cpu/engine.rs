@@ -151,8 +151,8 @@ pub struct EngineExecutor {
     a_resident: usize,
     /// Kept weights (bytes) above which tasks copy their own blocks ([`LOCAL_A_BYTES`]).
     local_a: usize,
-    /// Rows and K from which an AVX2 1×1 layer over 7×7 planes packs its panels
-    /// ([`PACK_MISALIGNED_FROM`]).
+    /// Rows and K from which an AVX2 1×1 layer over 7×7 planes packs its panels, and K
+    /// from which an AVX-512 one over 14×14 planes does ([`PACK_MISALIGNED_FROM`]).
     pack_misaligned: usize,
     /// Samples run through the network together at most ([`SUB_BATCH_FLOATS`]).
     sub_batch: usize,
@@ -402,7 +402,7 @@ const LOCAL_A_FEW_PANELS_BYTES: usize = 128 << 10;
 
 /// Rows and K (both) from which an AVX2 1×1 stride-1 layer over small planes that are
 /// not a whole number of 64-byte lines (7×7) packs its panels instead of reading them in
-/// place (see `conv_gemm_into`).
+/// place, and K from which an AVX-512 one over 14×14 planes does (see `conv_gemm_into`).
 const PACK_MISALIGNED_FROM: usize = 128;
 
 /// Output bytes per sample from which tiles prefetch their successor's output and
@@ -1119,10 +1119,26 @@ impl EngineExecutor {
         // 0.93, 160 → 960 0.86. Not at 14×14 (196 values): 1024 → 256 and 256 → 1024 took
         // 0.97 at batch 1 but 1.03–1.05 at batch 8; nor with few rows or a short K
         // (384 → 64 at 14×14: 1.15).
-        let misaligned = self.isa == Isa::Avx2
-            && in_plane % 16 != 0
-            && in_plane < 64
-            && k.min(row_list.len()) >= self.pack_misaligned;
+        //
+        // On AVX-512 over planes of 64 to 255 values that are not whole lines (14×14):
+        // there a K block of a panel read in place spans 3 lines per row instead of 2,
+        // as much of L1 as the block of A beside it leaves, and the row tiles after the
+        // first miss on it. Packed (two masked loads and stores per row), one layer
+        // alone on the Intel Xeon, in-process pairs (60) against in place: 384 → 64
+        // 0.89 of the time on one thread and 0.77 on two, 576 → 96 0.89 / 0.80,
+        // 1024 → 256 and 256 → 1024 0.85–0.90 (batch 1 and 8, one or two threads),
+        // 64 → 384 0.93–1.00. Not over 7×7 planes: 960 → 160 1.08 on two threads,
+        // 2048 → 512 0.95–0.99. Nor with a short K: in whole passes MobileNetV2's
+        // expansions at 14×14 (64 → 384, 96 → 576) took 1.03–1.08, its projections
+        // 0.83–0.89. From K = 128 (PACK_MISALIGNED_FROM), whole passes took 0.988–0.990
+        // of their time at batch 1 (MobileNetV2, EfficientNet-Lite0; ResNet-50 0.991
+        // before the K bound), 0.975 at batch 8 (ResNet-50), 0.973–0.989 at budget 0.5.
+        let misaligned = in_plane % 16 != 0
+            && match self.isa {
+                Isa::Avx2 => in_plane < 64 && k.min(row_list.len()) >= self.pack_misaligned,
+                Isa::Avx512 => (64..256).contains(&in_plane) && k >= self.pack_misaligned,
+                Isa::Portable => false,
+            };
         let direct = !misaligned
             && only_cols.is_none()
             && g.kernel == [1, 1]

@@ -1618,6 +1618,25 @@ pub fn pack_panel(
     let ow = g.out_hw[1];
     let plane = h * w;
     let [kh, kw] = g.kernel;
+    // A 1×1, stride-1, unpadded layer's panel of consecutive positions: each row is a
+    // run of its channel's plane. Through the general path below each row was a
+    // `memcpy` call, which took as long as the copy.
+    let n = cols.len();
+    if g.kernel == [1, 1]
+        && g.stride == [1, 1]
+        && g.pad_tl == [0, 0]
+        && n > 0
+        && cols[n - 1] - cols[0] == n - 1
+    {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present.
+            unsafe { pack_runs_avx512(x, plane, chans, g.in_c, cols[0], n, panel) };
+            return;
+        }
+        pack_runs(x, plane, chans, g.in_c, cols[0], n, panel);
+        return;
+    }
     // Top-left input pixel (before padding) each column's window starts at.
     let mut oy = [0usize; NR];
     let mut ox = [0usize; NR];
@@ -1765,6 +1784,63 @@ unsafe fn copy_short(src: &[f32], dst: &mut [f32]) {
     _mm512_mask_storeu_ps(dst.as_mut_ptr(), m, _mm512_maskz_loadu_ps(m, src.as_ptr()));
 }
 
+/// [`pack_panel`] for a 1×1, stride-1, unpadded layer and `n` (at most [`NR`])
+/// consecutive positions from `col0`: row `ci` is `n` values of input channel `c` (the
+/// `ci`-th of `chans`, or `ci`) from `col0`, then zeros.
+fn pack_runs(
+    x: &[f32],
+    plane: usize,
+    chans: Option<&[usize]>,
+    in_c: usize,
+    col0: usize,
+    n: usize,
+    panel: &mut [f32],
+) {
+    for ci in 0..in_c {
+        let c = chans.map_or(ci, |m| m[ci]);
+        let dst = &mut panel[ci * NR..(ci + 1) * NR];
+        dst[..n].copy_from_slice(&x[c * plane + col0..][..n]);
+        dst[n..].fill(0.0);
+    }
+}
+
+/// [`pack_runs`] by two masked loads and two stores per row, which read nothing past
+/// the row's `n` values.
+///
+/// # Safety
+/// AVX-512F is available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_runs_avx512(
+    x: &[f32],
+    plane: usize,
+    chans: Option<&[usize]>,
+    in_c: usize,
+    col0: usize,
+    n: usize,
+    panel: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    assert!(n <= NR && col0 + n <= plane && panel.len() >= in_c * NR);
+    let mask = |m: usize| -> __mmask16 {
+        if m >= 16 {
+            0xffff
+        } else {
+            (1u16 << m) - 1
+        }
+    };
+    let (lo, hi) = (mask(n), mask(n.saturating_sub(16)));
+    for ci in 0..in_c {
+        let c = chans.map_or(ci, |m| m[ci]);
+        assert!((c + 1) * plane <= x.len());
+        let src = x.as_ptr().add(c * plane + col0);
+        let dst = panel.as_mut_ptr().add(ci * NR);
+        _mm512_storeu_ps(dst, _mm512_maskz_loadu_ps(lo, src));
+        // (`wrapping_add`: with n ≤ 16 that address may lie past `x`; nothing is read.)
+        _mm512_storeu_ps(dst.add(16), _mm512_maskz_loadu_ps(hi, src.wrapping_add(16)));
+    }
+}
+
 /// Number of f32 a packed B for `n` columns and `k` rows needs.
 pub fn packed_len(n: usize, k: usize) -> usize {
     n.div_ceil(NR) * k * NR
@@ -1777,6 +1853,46 @@ mod tests {
     use rand::Rng;
 
     use super::super::test_isas as isas;
+
+    /// A 1×1 panel of consecutive positions, packed by each way this CPU has: row `ci`
+    /// holds its channel's values from the first position, then zeros, up to the plane's
+    /// last value (a run that ends with the input), with and without a channel list.
+    #[test]
+    fn runs_of_a_1x1_panel_pack_as_their_channels_values() {
+        let mut rng = super::super::fresh_rng();
+        for case in 0..200 {
+            let plane = rng.random_range(1..80);
+            let cin = rng.random_range(1..12);
+            let n = rng.random_range(1..=NR.min(plane));
+            let col0 = if rng.random_bool(0.3) {
+                plane - n
+            } else {
+                rng.random_range(0..=plane - n)
+            };
+            let x: Vec<f32> = (0..cin * plane).map(|i| i as f32 + 1.0).collect();
+            let kept = rng.random_range(1..=cin);
+            let list: Vec<usize> = sample(&mut rng, cin, kept).into_vec();
+            let chans = rng.random_bool(0.5).then_some(&list[..]);
+            let rows = chans.map_or(cin, <[usize]>::len);
+            let mut want = vec![0f32; rows * NR];
+            for ci in 0..rows {
+                let c = chans.map_or(ci, |m| m[ci]);
+                for j in 0..n {
+                    want[ci * NR + j] = x[c * plane + col0 + j];
+                }
+            }
+            let mut got = vec![f32::NAN; rows * NR];
+            pack_runs(&x, plane, chans, rows, col0, n, &mut got);
+            assert_eq!(got, want, "case {case}: portable");
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                let mut got = vec![f32::NAN; rows * NR];
+                // SAFETY: AVX-512F is present.
+                unsafe { pack_runs_avx512(&x, plane, chans, rows, col0, n, &mut got) };
+                assert_eq!(got, want, "case {case}: AVX-512");
+            }
+        }
+    }
 
     /// Tiles with random lane masks: the j-th stored lane's value, with the epilogue,
     /// lands at the j-th column, and no other cell is written; every kernel and store
