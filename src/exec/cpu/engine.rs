@@ -1710,14 +1710,20 @@ impl EngineExecutor {
                 // next sample's first) into L2. Their K rows lie in as many planes, more
                 // streams than the hardware prefetcher follows, and the first row tile
                 // to read them would otherwise wait on each row.
+                // (Tile j < np reads panel group.start + j; one packed instead, a narrow
+                // last panel, reads its rows at another stride and prefetches nothing.)
                 let next_panel = |j: usize| {
-                    (self.panel_prefetch && direct && j < np && runs_next_group)
-                        .then(|| panel_after(sg, group.end + j, panels, batch * groups))
-                        .flatten()
-                        .filter(|&(_, p)| read_in_place(p))
-                        .map_or(std::ptr::null(), |(s, p)| {
-                            x.as_ptr().wrapping_add(s * g.in_c * in_plane + p * NR)
-                        })
+                    (self.panel_prefetch
+                        && direct
+                        && j < np
+                        && runs_next_group
+                        && read_in_place(group.start + j))
+                    .then(|| panel_after(sg, group.end + j, panels, batch * groups))
+                    .flatten()
+                    .filter(|&(_, p)| read_in_place(p))
+                    .map_or(std::ptr::null(), |(s, p)| {
+                        x.as_ptr().wrapping_add(s * g.in_c * in_plane + p * NR)
+                    })
                 };
                 let next = |j: usize, k0: usize| match tiles.get(j + np) {
                     Some(n) if per_group > 1 && j.is_multiple_of(np) => {

@@ -339,9 +339,9 @@ pub unsafe fn accumulate(isa: Isa, t: &Tile, k0: usize, k1: usize, acc: &mut Acc
 /// from) takes a `step` that covers it over the steps of K the tile runs.
 ///
 /// `panel`, where not null, is another panel read in place with this tile's row offsets
-/// (`ldb` or `boff`): per step of K the kernel prefetches into L2 the two lines of that
-/// panel's row, the panel a task runs next, whose rows lie in as many planes as K and
-/// so are more streams than the hardware prefetcher follows.
+/// (`ldb` or `boff`): per step of K the AVX-512 kernel prefetches into L2 the two lines
+/// of that panel's row, the panel a task runs next, whose rows lie in as many planes as
+/// K and so are more streams than the hardware prefetcher follows.
 #[derive(Clone, Copy)]
 pub struct Prefetch {
     pub at: *const f32,
