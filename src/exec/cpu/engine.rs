@@ -3281,7 +3281,7 @@ const _: () = assert!(WINOGRAD_MAX_WIDTH <= winograd::MAX_WIDTH);
 /// Winograd weights for them; dense plans keep 1.0). Over few kept channels the direct
 /// convolution of the kept pairs was faster. On the Intel Xeon, 56 × 56, in-process pairs
 /// against the direct way (2 threads): ResNet-18's `layer1` 3×3 layers, which keep 0.56
-/// of the pairs at budget 0.5, took 0.81–0.93 of their time at batch 1 and 0.86–0.93 at
+/// of the pairs at budget 0.5, took 0.81–0.91 of their time at batch 1 and 0.85–0.93 at
 /// batch 8, passes 0.976–0.982 and 0.960–0.968; at budget 0.75, 0.78–0.81, the pass
 /// 0.943. ResNet-50's `layer1` `conv2` layers, which keep 0.32 at budget 0.5, took
 /// 1.25–1.33 (batch 1). (An earlier session had measured ResNet-18's `layer1` at

@@ -48,9 +48,10 @@ impl Tuning {
     /// ResNet-18's `layer1` 0.80–0.88 of the direct time at batch 1, 0.72–0.77 at batch 8,
     /// passes 0.96–0.97 and 0.92; ResNet-50's 0.90–0.93 and 0.83–0.93, passes 0.99 and
     /// 0.98. Gated, it pays where a plan keeps most channel pairs (ResNet-18's `layer1` at
-    /// budget 0.5, 0.56 of them: 0.81–0.93), not where it keeps few (ResNet-50's `conv2`
-    /// layers, 0.32: 1.25–1.33); see the engine's `WINOGRAD_WIDE_MIN_KEPT`. Dense 7 × 7 planes at batch 1 on the lines: 0.72–0.73 of the
-    /// packed way's time (ResNet-18's `layer4`), 0.63–0.67 (ResNet-50's), passes 0.93
+    /// budget 0.5, 0.56 of them: 0.81–0.91 at batch 1, 0.85–0.93 at batch 8), not where
+    /// it keeps few (ResNet-50's `conv2` layers, 0.32: 1.25–1.33); see the engine's
+    /// `WINOGRAD_WIDE_MIN_KEPT`. Dense 7 × 7 planes at batch 1 on the lines: 0.72–0.73 of
+    /// the packed way's time (ResNet-18's `layer4`), 0.63–0.67 (ResNet-50's), passes 0.93
     /// and 0.96; 0.86–0.88 and 0.80–0.86 of the direct convolution's.
     pub const INTEL: Tuning = Tuning {
         winograd_wide_width: 56,
