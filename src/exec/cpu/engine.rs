@@ -4186,10 +4186,11 @@ mod tests {
         }
     }
 
-    /// The Intel tuning builds Winograd weights for a dense 56-wide 3×3 layer and sends a
-    /// dense one-sample 7 × 7 plan to the filters as lines; the default builds none for
-    /// the first and keeps the packed filters for the second. Both compute the same
-    /// model as the reference executor, dense and gated.
+    /// The Intel tuning builds Winograd weights for a 56-wide 3×3 layer (run by dense plans
+    /// and by gated ones that keep most channel pairs: Keep(0.6) and budget 0.75 here)
+    /// and sends a dense one-sample 7 × 7 plan to the filters as lines; the default
+    /// builds none for the first and keeps the packed filters for the second. Both
+    /// compute the same model as the reference executor, dense and gated.
     #[test]
     fn either_tuning_computes_what_the_reference_does() {
         use crate::exec::cpu::ReferenceExecutor;
