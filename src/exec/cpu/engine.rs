@@ -183,6 +183,12 @@ pub struct EngineExecutor {
     /// Nodes with a channel gate that read the network's input, whose means are then
     /// taken as the input is copied ([`copy_pooled`]).
     input_gates: Vec<usize>,
+    /// Per node: the convolutions with a channel gate that read its output, for which it
+    /// sums its output planes as it writes them ([`PanelSums`]).
+    sum_readers: Vec<Vec<usize>>,
+    /// Whether convolutions sum their output for the gates reading it (see
+    /// [`EngineExecutor::without_summed_means`]).
+    summed_means: bool,
     /// Values per channel of the network's input.
     input_plane: usize,
     /// Buffers of a gated batch run together: each sample's padded input and panels.
@@ -290,6 +296,25 @@ struct Subset<'a> {
     /// Share out output rows before output positions: the output's reader splits its
     /// work by channel (see `conv_gemm_into`).
     by_rows: bool,
+    /// Where to leave the sums of the output's panels, for a channel gate reading it.
+    sums: Option<PanelSums<'a>>,
+}
+
+/// Where a convolution leaves, for each sample, panel of [`NR`] output positions and
+/// output row, the sum of that row's cells in the panel ([`block_sum`]), at
+/// `at[(sample · panels + panel) · rows + row]`; a plane's mean is then its panels' sums
+/// added in order, over the plane's size: the bits [`sum`] gives, so a gate decides as on
+/// means it took itself. The task that stores a panel sums it while its cells are in
+/// that core's cache, where a gate pooling the plane afterwards read all of it again,
+/// half of it from the other core (ResNet-50 at budget 0.5: its gates pooled for 1.1
+/// of their 1.6 ms per pass at batch 1). A convolution that sums adds its batch to
+/// `filled`; one that runs another way (Winograd, a spatial plan, row segments) leaves
+/// it, and the gate pools.
+#[derive(Clone, Copy)]
+struct PanelSums<'a> {
+    at: OutPtr,
+    panels: usize,
+    filled: &'a std::sync::atomic::AtomicUsize,
 }
 
 /// One sample's plan in a batch of gated samples ([`EngineExecutor::conv_gated_batch`]):
@@ -638,6 +663,20 @@ impl EngineExecutor {
                     && matches!(layers[i].1, Layer::Gemm { groups: 1, .. })
             })
             .collect();
+        let sum_readers = (0..layers.len())
+            .map(|i| {
+                if !matches!(layers[i].1, Layer::Gemm { groups: 1, .. }) {
+                    return Vec::new();
+                }
+                (0..layers.len())
+                    .filter(|&j| {
+                        layers[j].0 == i + 1
+                            && gates[j].is_some()
+                            && matches!(layers[j].1, Layer::Gemm { groups: 1, .. })
+                    })
+                    .collect()
+            })
+            .collect();
         Ok(EngineExecutor {
             gates,
             spatial,
@@ -668,6 +707,8 @@ impl EngineExecutor {
             budget_plans: BudgetPlans::default(),
             input_gates,
             input_plane: model.desc.input.height * model.desc.input.width,
+            sum_readers,
+            summed_means: true,
         })
     }
 
@@ -784,6 +825,34 @@ impl EngineExecutor {
     /// ```
     pub fn without_panel_prefetch(mut self) -> Self {
         self.panel_prefetch = false;
+        self
+    }
+
+    /// Has every channel gate pool its input itself, to measure what convolutions summing
+    /// their output for the gates that read it buy. By default a 1×1 convolution (or
+    /// one packed by im2col) whose output a channel gate of the pass reads sums each
+    /// panel of it as it stores it, and the gate adds those sums instead of reading the
+    /// planes again; the means are the same bits either way, so the decisions are too.
+    ///
+    /// ```
+    /// use dynsparse::exec::cpu::EngineExecutor;
+    /// use dynsparse::exec::{Budget, Executor, Policy};
+    /// use dynsparse::synthetic::{conv_chain, ConvSpec};
+    ///
+    /// // 1×1 layers over 28 × 28 planes, each read by the next one's gate.
+    /// let conv = |cout| ConvSpec { cout, k: 1, stride: 1, depthwise: false };
+    /// let model = conv_chain(32, 28, &[conv(64), conv(96), conv(64), conv(32)])?;
+    /// let input: Vec<f32> = (0..2 * 32 * 28 * 28).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+    /// let policy = Policy::Budget(Budget::Flops(0.5));
+    /// let summed = EngineExecutor::new(&model)?.forward_with(&input, 2, policy)?;
+    /// let pooled = EngineExecutor::new(&model)?
+    ///     .without_summed_means()
+    ///     .forward_with(&input, 2, policy)?;
+    /// assert_eq!(summed.logits, pooled.logits);
+    /// # Ok::<(), dynsparse::Error>(())
+    /// ```
+    pub fn without_summed_means(mut self) -> Self {
+        self.summed_means = false;
         self
     }
 
@@ -930,12 +999,14 @@ impl EngineExecutor {
         residual: Option<&[f32]>,
         act: Act,
         by_rows: bool,
+        sums: Option<PanelSums>,
     ) -> Buf {
         let mut out = self
             .pool
             .take_dirty(batch * bias.len() * g.out_hw[0] * g.out_hw[1]);
         let all = Subset {
             by_rows,
+            sums,
             ..Subset::default()
         };
         self.conv_gemm_into(
@@ -1013,6 +1084,7 @@ impl EngineExecutor {
             dropped_unread,
             serial,
             by_rows,
+            sums,
         } = sub;
         let lda = g.k();
         let taps = g.kernel[0] * g.kernel[1];
@@ -1179,6 +1251,8 @@ impl EngineExecutor {
         } else {
             ncols.div_ceil(NR)
         };
+        // Panels of NR consecutive positions of one group's output: sums by panel.
+        let sums = sums.filter(|_| groups == 1 && !flat && !implicit && only_cols.is_none());
         // Per flat panel: the lanes stored, and the output its first stored lane is (one
         // division per panel; the lanes walk the row from there). With kept pixels, its
         // first kept pixel's index in `col_list` (its kept pixels follow it there, in
@@ -1552,6 +1626,28 @@ impl EngineExecutor {
             // K blocks outermost: one KC × NR block of each panel serves every row tile
             // given from L1 or L2, and each row tile's block of A serves the group's
             // panels from L1. `next(j, k0)`: what tile j prefetches on K block k0.
+            // A stored tile's rows of its panel, summed while in this core's cache (see
+            // PanelSums).
+            let sum_tile = |tile: &Tile| {
+                let Some(ps) = sums else { return };
+                let c0 = tile.cols[0];
+                // SAFETY: the tile's cells lie inside `out` (its size is checked above)
+                // and were stored on this thread; each (row, panel) sum is written by the
+                // one tile computing that row's panel, inside the caller's batch × panels
+                // × rows.
+                unsafe {
+                    row_sums(
+                        self.isa,
+                        ptr.get().add(out_off + c0),
+                        n,
+                        tile.cols.len(),
+                        tile.rows,
+                        ps.at
+                            .get()
+                            .wrapping_add((sg * panels + c0 / NR) * rows_total),
+                    )
+                };
+            };
             let run = |tiles: &[Tile],
                        accs: &mut Vec<gemm::Acc>,
                        next: &dyn Fn(usize, usize) -> gemm::Prefetch| {
@@ -1602,6 +1698,9 @@ impl EngineExecutor {
                             // (rows, cols) cells.
                             unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
                         }
+                        if k1 == k {
+                            sum_tile(tile);
+                        }
                     }
                 }
                 // Without K, no kernel ran: the tiles are their (zeroed) accumulators.
@@ -1609,6 +1708,7 @@ impl EngineExecutor {
                     for (tile, acc) in tiles.iter().zip(accs.iter()) {
                         // SAFETY: as above.
                         unsafe { gemm::store(tile, &ep, acc, ptr.get().add(out_off)) };
+                        sum_tile(tile);
                     }
                 }
             };
@@ -1754,6 +1854,11 @@ impl EngineExecutor {
             (0..tasks)
                 .into_par_iter()
                 .for_each_init(|| (super::pool::Spare::take(), Vec::new()), task);
+        }
+        if let Some(ps) = sums {
+            debug_assert_eq!(ps.panels, panels);
+            ps.filled
+                .fetch_add(batch, std::sync::atomic::Ordering::Release);
         }
         self.pool.give(packed);
         if let Some(a) = compact_a {
@@ -2330,6 +2435,10 @@ impl EngineExecutor {
         let mut gate_flops = vec![0u64; batch];
         values[range.start] = Some(first);
         kept[range.start] = kept_in;
+        // Per value: each sample's channel means, where a gate reading it will want them
+        // and the layer that wrote it summed them.
+        let mut means: Vec<Option<Vec<f32>>> = vec![None; self.layers.len() + 1];
+        means[range.start] = first_means;
         // The previous node ran in bands with this one and left this one's output.
         let mut banded = false;
         let (start, end) = (range.start, range.end);
@@ -2400,8 +2509,25 @@ impl EngineExecutor {
                     let inputs = Inputs {
                         kept: ic_sets,
                         dropped: dropped.as_ref(),
-                        means: first_means.as_deref().filter(|_| *src == range.start),
+                        means: means[*src].as_deref(),
                     };
+                    // A gate of this pass reads this node's output: it sums its panels.
+                    let rows = bias.len();
+                    let plane = geom.out_hw[0] * geom.out_hw[1];
+                    let panels = plane.div_ceil(NR);
+                    let summed = std::sync::atomic::AtomicUsize::new(0);
+                    let mut sums_buf = (self.summed_means
+                        && cuts.is_some_and(|c| {
+                            self.sum_readers[i]
+                                .iter()
+                                .any(|&j| !matches!(c[j].channels, Cut::All))
+                        }))
+                    .then(|| vec![0f32; batch * rows * panels]);
+                    let sums = sums_buf.as_mut().map(|b| PanelSums {
+                        at: OutPtr(b.as_mut_ptr()),
+                        panels,
+                        filled: &summed,
+                    });
                     // With a depthwise layer as its only reader (and no spatial gate),
                     // that layer computes this node's output band by band, and this
                     // node's result stands in for that layer's.
@@ -2436,7 +2562,7 @@ impl EngineExecutor {
                     };
                     let ungated = ic_sets.is_none() && gates.is_open();
                     let by_rows = self.depthwise_next[i];
-                    if ungated && band.is_none() {
+                    let result = if ungated && band.is_none() {
                         let out = match in_out {
                             Some(mut out) => {
                                 self.conv_gemm_into(
@@ -2451,6 +2577,7 @@ impl EngineExecutor {
                                     *act,
                                     Subset {
                                         by_rows,
+                                        sums,
                                         ..Subset::default()
                                     },
                                     &mut out,
@@ -2458,7 +2585,7 @@ impl EngineExecutor {
                                 out
                             }
                             None => self.conv_gemm(
-                                x, batch, weight, wino, bias, *groups, geom, r, *act, by_rows,
+                                x, batch, weight, wino, bias, *groups, geom, r, *act, by_rows, sums,
                             ),
                         };
                         (out, dense)
@@ -2470,6 +2597,7 @@ impl EngineExecutor {
                             }
                             None => self.conv_compact(
                                 x, batch, weight, wino, bias, geom, r, in_out, *act, inputs, gates,
+                                sums,
                             ),
                         };
                         if gates.channels.is_some() {
@@ -2485,7 +2613,22 @@ impl EngineExecutor {
                             .for_each(|(a, b)| *a += b);
                         gate_ms = c.gate_ms;
                         (c.out, c.flops)
+                    };
+                    if let Some(b) = sums_buf
+                        .filter(|_| summed.load(std::sync::atomic::Ordering::Acquire) == batch)
+                    {
+                        // Each plane's panel sums in order (see PanelSums).
+                        let mut m = vec![0f32; batch * rows];
+                        for (ms, bs) in m.chunks_exact_mut(rows).zip(b.chunks_exact(panels * rows))
+                        {
+                            for p in bs.chunks_exact(rows) {
+                                ms.iter_mut().zip(p).for_each(|(s, &v)| *s += v);
+                            }
+                            ms.iter_mut().for_each(|s| *s /= plane as f32);
+                        }
+                        means[i + 1] = Some(m);
                     }
+                    result
                 }
                 Layer::Depthwise {
                     weight,
@@ -2638,6 +2781,7 @@ impl EngineExecutor {
         act: Act,
         inputs: Inputs,
         gates: ConvGates,
+        sums: Option<PanelSums>,
     ) -> Compact {
         let ic_sets = inputs.kept;
         let (cin, cout) = (geom.in_c, bias.len());
@@ -2715,6 +2859,7 @@ impl EngineExecutor {
                 dropped_unread: unread,
                 serial,
                 by_rows: false,
+                sums: None,
             }
         }
         let unread = gates.channels.is_some();
@@ -2780,6 +2925,12 @@ impl EngineExecutor {
                     let xs = &x[s * cin * plane..(s + 1) * cin * plane];
                     let rs = residual.sample(s, cout * n);
                     let b = bias_of(d.shifted);
+                    // Sample s's sums, when the next layer's gate wants them.
+                    let panels = sums.map_or(0, |p| p.panels);
+                    let sums = sums.map(|p| PanelSums {
+                        at: OutPtr(p.at.get().wrapping_add(s * cout * panels)),
+                        ..p
+                    });
                     self.conv_gemm_into(
                         xs,
                         1,
@@ -2790,7 +2941,10 @@ impl EngineExecutor {
                         geom,
                         rs,
                         act,
-                        subset(&d, cout, cin, unread, serial),
+                        Subset {
+                            sums,
+                            ..subset(&d, cout, cin, unread, serial)
+                        },
                         os,
                     );
                     per_sample(d)
@@ -3452,7 +3606,7 @@ fn read_planes(planes: usize, chans: Option<&[usize]>) -> Vec<bool> {
 }
 
 /// Copies `src` (whole planes of `plane` values) into `dst` and returns each plane's
-/// mean, summed as [`sum`] sums (the same lanes in the same order: the same bits), so
+/// mean, summed as [`sum`] sums (the same blocks in the same order: the same bits), so
 /// a gate decides on them as on means it took itself. Planes are shared out between the
 /// threads. The gate reading a network's input then reads no plane again: MobileNetV2's
 /// first gate took 12.6 µs of the 159 its gates took per pass, and 3.6 µs of 145 since
@@ -3462,32 +3616,107 @@ fn copy_pooled(src: &[f32], dst: &mut [f32], plane: usize) -> Vec<f32> {
     dst.par_chunks_mut(plane)
         .zip(src.par_chunks(plane))
         .map(|(d, s)| {
-            let mut lanes = [0f32; 16];
-            let at = s.len() - s.len() % 16;
-            d[at..].copy_from_slice(&s[at..]);
-            let tail: f32 = s[at..].iter().sum();
-            for (x, y) in s.chunks_exact(16).zip(d.chunks_exact_mut(16)) {
+            let mut total = 0f32;
+            for (x, y) in s.chunks(NR).zip(d.chunks_mut(NR)) {
                 y.copy_from_slice(x);
-                for j in 0..16 {
-                    lanes[j] += x[j];
-                }
+                total += block_sum(x);
             }
-            (lanes.iter().sum::<f32>() + tail) / plane as f32
+            total / plane as f32
         })
         .collect()
 }
 
-/// Sum with 16 independent lanes, so it vectorizes without reassociation.
+/// A plane's sum as the gates take it: its blocks of [`NR`] values ([`block_sum`]) added
+/// in order. A convolution sums its output's panels as it stores them ([`PanelSums`])
+/// and gets these bits.
 fn sum(a: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let chunks = a.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for x in chunks {
-        for j in 0..16 {
-            lanes[j] += x[j];
+    a.chunks(NR).fold(0.0, |s, b| s + block_sum(b))
+}
+
+/// The sum of at most [`NR`] values: lane `j` of sixteen adds value `j` and value
+/// `j + 16` (from zero), then the lanes add in halves (8, 4, 2, 1), a fixed tree that
+/// vectorizes.
+#[inline]
+fn block_sum(b: &[f32]) -> f32 {
+    debug_assert!(b.len() <= NR);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present.
+        return unsafe { block_sum_avx512(b) };
+    }
+    block_sum_portable(b)
+}
+
+/// For each row `r` of `rows`, `sums[r]` = [`block_sum`] of the `w` (at most [`NR`])
+/// values at `cells + r · ld`.
+///
+/// # Safety
+/// Those values are readable and those sums writable; `isa` is available.
+unsafe fn row_sums(
+    isa: Isa,
+    cells: *const f32,
+    ld: usize,
+    w: usize,
+    rows: &[usize],
+    sums: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        return row_sums_avx512(cells, ld, w, rows, sums);
+    }
+    let _ = isa;
+    for &r in rows {
+        *sums.add(r) = block_sum_portable(std::slice::from_raw_parts(cells.add(r * ld), w));
+    }
+}
+
+/// [`row_sums`] with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_sums_avx512(cells: *const f32, ld: usize, w: usize, rows: &[usize], sums: *mut f32) {
+    for &r in rows {
+        *sums.add(r) = block_sum_avx512(std::slice::from_raw_parts(cells.add(r * ld), w));
+    }
+}
+
+/// [`block_sum`] one lane at a time.
+fn block_sum_portable(b: &[f32]) -> f32 {
+    let mut l = [0f32; 16];
+    let (lo, hi) = b.split_at(b.len().min(16));
+    for (x, &v) in l.iter_mut().zip(lo) {
+        *x += v;
+    }
+    for (x, &v) in l.iter_mut().zip(hi) {
+        *x += v;
+    }
+    for half in [8, 4, 2, 1] {
+        for j in 0..half {
+            l[j] += l[j + half];
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    l[0]
+}
+
+/// [`block_sum`] in one vector: the same additions in the same order, so the same bits.
+///
+/// # Safety
+/// AVX-512F is available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn block_sum_avx512(b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = b.len();
+    let mask = |m: usize| ((1u32 << m.min(16)) - 1) as __mmask16;
+    let lo = _mm512_maskz_loadu_ps(mask(n), b.as_ptr());
+    let hi = _mm512_maskz_loadu_ps(mask(n.saturating_sub(16)), b.as_ptr().wrapping_add(16));
+    let l = _mm512_add_ps(_mm512_add_ps(_mm512_setzero_ps(), lo), hi);
+    // Lanes j and j + 8, then j + 4, j + 2, j + 1 (lane 0 ends with the sum).
+    let l = _mm512_add_ps(l, _mm512_shuffle_f32x4::<0b11_10_11_10>(l, l));
+    let l = _mm512_add_ps(l, _mm512_shuffle_f32x4::<0b01_01_01_01>(l, l));
+    let l = _mm512_add_ps(l, _mm512_permute_ps::<0b11_10_11_10>(l));
+    let l = _mm512_add_ps(l, _mm512_permute_ps::<0b01_01_01_01>(l));
+    _mm512_cvtss_f32(l)
 }
 
 impl Executor for EngineExecutor {
@@ -3565,6 +3794,8 @@ mod tests {
             budget_plans: BudgetPlans::default(),
             input_gates: Vec::new(),
             input_plane: 1,
+            sum_readers: Vec::new(),
+            summed_means: true,
         }
     }
 
@@ -3983,6 +4214,184 @@ mod tests {
         assert!(differ, "every sample kept the same channels");
     }
 
+    /// Every way of summing a block gives the same bits: the vector one, the lane-by-lane
+    /// one and the plane sum over blocks, whatever the length (signed zeros included).
+    #[test]
+    fn a_block_sums_to_the_same_bits_every_way() {
+        let mut rng = fresh_rng();
+        for _ in 0..2000 {
+            let n = rng.random_range(0..=NR);
+            let b: Vec<f32> = (0..n)
+                .map(|_| match rng.random_range(0..8) {
+                    0 => -0.0,
+                    1 => 0.0,
+                    _ => rng.random_range(-1e3f32..1e3) * 10f32.powi(rng.random_range(-6..6)),
+                })
+                .collect();
+            let want = block_sum_portable(&b);
+            assert_eq!(block_sum(&b).to_bits(), want.to_bits(), "{b:?}");
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512F is present.
+                let v = unsafe { block_sum_avx512(&b) };
+                assert_eq!(v.to_bits(), want.to_bits(), "{b:?}");
+            }
+            assert_eq!(sum(&b).to_bits(), (0.0 + want).to_bits());
+        }
+    }
+
+    /// A convolution asked for its panels' sums leaves, for every row it computes, sums
+    /// whose fold is the mean [`sum`] takes of the row's plane, bit for bit: dense or
+    /// with kept rows and input channels, 1×1 read in place or packed, k×k by im2col,
+    /// with a residual, over batches, on one and two threads.
+    #[test]
+    fn summed_panels_give_the_means_a_gate_takes_of_the_output() {
+        let mut rng = fresh_rng();
+        let pools: Vec<rayon::ThreadPool> = [1, 2]
+            .iter()
+            .map(|&t| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let mut cases = 0;
+        for case in 0..60 {
+            let kernel = [1, 1, 3][case % 3];
+            let p = kernel / 2;
+            // 3×3 layers packed by im2col: narrower than IMPLICIT_WIDTH, and than the
+            // rows AVX2 sweeps flat (FLAT_AVX2_WIDTHS).
+            let hw = [rng.random_range(1..20), rng.random_range(1..14)];
+            let in_c = rng.random_range(1..80);
+            let g = conv_geom(in_c, hw, [kernel; 2], [1, 1], [p, p], [p, p]).unwrap();
+            let n = g.out_hw[0] * g.out_hw[1];
+            let cout = rng.random_range(1..60);
+            let batch = rng.random_range(1..=3);
+            let xs = uniform(&mut rng, batch * in_c * hw[0] * hw[1]);
+            let w = uniform(&mut rng, cout * g.k());
+            let b = uniform(&mut rng, cout);
+            let packed = gemm::pack_a(&w, cout, g.k());
+            let res = uniform(&mut rng, batch * cout * n);
+            let rows: Vec<usize> = (0..cout).filter(|_| rng.random_bool(0.6)).collect();
+            let chans: Vec<usize> = (0..in_c).filter(|_| rng.random_bool(0.7)).collect();
+            let gated = batch == 1 && rng.random_bool(0.5) && !rows.is_empty();
+            let isas = isas();
+            let e = bare(isas[rng.random_range(0..isas.len())]);
+            let panels = n.div_ceil(NR);
+            let mut got = vec![f32::NAN; batch * panels * cout];
+            let mut out = vec![0f32; batch * cout * n];
+            let filled = std::sync::atomic::AtomicUsize::new(0);
+            let sums = PanelSums {
+                at: OutPtr(got.as_mut_ptr()),
+                panels,
+                filled: &filled,
+            };
+            let sub = Subset {
+                rows: gated.then_some(&rows[..]),
+                chans: (gated && !chans.is_empty()).then_some(&chans[..]),
+                sums: Some(sums),
+                ..Subset::default()
+            };
+            let residual = if rng.random_bool(0.5) {
+                Residual::Apart(&res)
+            } else {
+                Residual::None
+            };
+            pools[case % 2].install(|| {
+                e.conv_gemm_into(
+                    &xs,
+                    batch,
+                    &packed,
+                    None,
+                    &b,
+                    1,
+                    &g,
+                    residual,
+                    Act::Relu,
+                    sub,
+                    &mut out,
+                )
+            });
+            assert_eq!(filled.into_inner(), batch, "case {case}: no sums");
+            let computed = if gated {
+                rows.clone()
+            } else {
+                (0..cout).collect()
+            };
+            for s in 0..batch {
+                for &r in &computed {
+                    let plane = &out[(s * cout + r) * n..(s * cout + r + 1) * n];
+                    let folded = (0..panels)
+                        .fold(0f32, |acc, p| acc + got[(s * panels + p) * cout + r])
+                        / n as f32;
+                    let want = sum(plane) / n as f32;
+                    assert_eq!(
+                        folded.to_bits(),
+                        want.to_bits(),
+                        "case {case}: {kernel}×{kernel} {hw:?}, sample {s} row {r}"
+                    );
+                }
+            }
+            cases += 1;
+        }
+        assert_eq!(cases, 60);
+    }
+
+    /// Gated passes decide alike whether convolutions sum their output for the gates or
+    /// the gates pool it themselves: the same logits, kept channels and FLOPs, at batch 1
+    /// and 3, on one and two threads.
+    #[test]
+    fn passes_with_summed_means_equal_passes_that_pool() {
+        use crate::exec::{Budget, Executor, Policy};
+        use crate::synthetic::{conv_chain, ConvSpec};
+        let conv = |cout, k, depthwise| ConvSpec {
+            cout,
+            k,
+            stride: 1,
+            depthwise,
+        };
+        // An inverted residual stack: 1×1 layers whose outputs gates read, a depthwise
+        // layer between, and a 3×3 layer (packed by im2col at 12 wide).
+        let model = conv_chain(
+            24,
+            12,
+            &[
+                conv(96, 1, false),
+                conv(96, 3, true),
+                conv(32, 1, false),
+                conv(64, 1, false),
+                conv(48, 3, false),
+                conv(40, 1, false),
+            ],
+        )
+        .unwrap();
+        let summed = EngineExecutor::new(&model).unwrap();
+        let pooled = EngineExecutor::new(&model).unwrap().without_summed_means();
+        let mut rng = fresh_rng();
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for batch in [1, 3] {
+                let input = uniform(&mut rng, batch * 24 * 12 * 12);
+                for f in [0.3, 0.5, 0.8] {
+                    let policy = Policy::Budget(Budget::Flops(f));
+                    let (a, b) = pool.install(|| {
+                        (
+                            summed.forward_with(&input, batch, policy).unwrap(),
+                            pooled.forward_with(&input, batch, policy).unwrap(),
+                        )
+                    });
+                    assert_eq!(a.logits, b.logits, "budget {f}, batch {batch}");
+                    assert_eq!(a.kept, b.kept, "budget {f}, batch {batch}");
+                    assert_eq!(a.flops, b.flops, "budget {f}, batch {batch}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn gate_means_summed_by_every_thread_decide_as_on_one() {
         use crate::exec::Cut;
@@ -4126,6 +4535,7 @@ mod tests {
                 dropped_unread: rng.random_bool(0.5),
                 serial: rng.random_bool(0.5),
                 by_rows: rng.random_bool(0.5),
+                sums: None,
             };
             let plan = (&ic[..], &oc[..], cols.as_deref());
             let mut want = naive_conv(&xs, &w, &b, &g, rs.as_deref(), act, plan);
