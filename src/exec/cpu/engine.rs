@@ -3670,12 +3670,59 @@ unsafe fn row_sums(
     }
 }
 
-/// [`row_sums`] with AVX-512F.
+/// [`row_sums`] with AVX-512F, sixteen rows at a time: each level of [`block_sum`]'s
+/// tree adds the same lanes of every row, with two rows' halves shuffled into one
+/// vector, so sixteen rows take 30 shuffles where one tree per row took 64. The same
+/// additions in the same order: the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn row_sums_avx512(cells: *const f32, ld: usize, w: usize, rows: &[usize], sums: *mut f32) {
-    for &r in rows {
-        *sums.add(r) = block_sum_avx512(std::slice::from_raw_parts(cells.add(r * ld), w));
+    use std::arch::x86_64::*;
+    let mask = |m: usize| ((1u32 << m.min(16)) - 1) as __mmask16;
+    let (lo, hi) = (mask(w), mask(w.saturating_sub(16)));
+    let zero = _mm512_setzero_ps();
+    for chunk in rows.chunks(16) {
+        // Lane j of row i: value j plus value j + 16 (from zero), as in block_sum.
+        let mut v = [zero; 16];
+        for (x, &r) in v.iter_mut().zip(chunk) {
+            let p = cells.add(r * ld);
+            let a = _mm512_add_ps(zero, _mm512_maskz_loadu_ps(lo, p));
+            *x = _mm512_add_ps(a, _mm512_maskz_loadu_ps(hi, p.wrapping_add(16)));
+        }
+        // Lanes j and j + 8: rows 2i and 2i + 1 in halves of one vector.
+        let c: [__m512; 8] = std::array::from_fn(|i| {
+            let (a, b) = (v[2 * i], v[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+            )
+        });
+        // Then j + 4: rows 4i .. 4i + 3 in the four 128-bit lanes.
+        let e: [__m512; 4] = std::array::from_fn(|i| {
+            let (a, b) = (c[2 * i], c[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+            )
+        });
+        // Then j + 2: in 128-bit lane k, rows 8i + k and 8i + 4 + k, two values each.
+        let g: [__m512; 2] = std::array::from_fn(|i| {
+            let (a, b) = (e[2 * i], e[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
+            )
+        });
+        // Then j + 1: value 4k + q is row 4q + k's sum.
+        let t = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b10_00_10_00>(g[0], g[1]),
+            _mm512_shuffle_ps::<0b11_01_11_01>(g[0], g[1]),
+        );
+        let mut out = [0f32; 16];
+        _mm512_storeu_ps(out.as_mut_ptr(), t);
+        for (i, &r) in chunk.iter().enumerate() {
+            *sums.add(r) = out[(i % 4) * 4 + i / 4];
+        }
     }
 }
 
@@ -4237,6 +4284,40 @@ mod tests {
                 assert_eq!(v.to_bits(), want.to_bits(), "{b:?}");
             }
             assert_eq!(sum(&b).to_bits(), (0.0 + want).to_bits());
+        }
+    }
+
+    /// Rows summed together give each row's block sum, bit for bit, whatever the row
+    /// count, width and order.
+    #[test]
+    fn rows_summed_together_are_each_rows_block_sum() {
+        let mut rng = fresh_rng();
+        for _ in 0..300 {
+            let (n_rows, w) = (rng.random_range(0..40), rng.random_range(0..=NR));
+            let ld = w + rng.random_range(0..5);
+            let cells: Vec<f32> = (0..n_rows * ld + NR)
+                .map(|_| match rng.random_range(0..6) {
+                    0 => -0.0,
+                    _ => rng.random_range(-1e3f32..1e3) * 10f32.powi(rng.random_range(-6..6)),
+                })
+                .collect();
+            let mut rows: Vec<usize> = (0..n_rows).filter(|_| rng.random_bool(0.8)).collect();
+            if rng.random_bool(0.5) {
+                rows.reverse();
+            }
+            for isa in isas() {
+                let mut got = vec![f32::NAN; n_rows];
+                // SAFETY: every row's w values and its sum are in bounds.
+                unsafe { row_sums(isa, cells.as_ptr(), ld, w, &rows, got.as_mut_ptr()) };
+                for &r in &rows {
+                    let want = block_sum_portable(&cells[r * ld..r * ld + w]);
+                    assert_eq!(
+                        got[r].to_bits(),
+                        want.to_bits(),
+                        "{isa:?} row {r} of {n_rows}, w {w}"
+                    );
+                }
+            }
         }
     }
 
