@@ -3630,7 +3630,23 @@ fn copy_pooled(src: &[f32], dst: &mut [f32], plane: usize) -> Vec<f32> {
 /// in order. A convolution sums its output's panels as it stores them ([`PanelSums`])
 /// and gets these bits.
 fn sum(a: &[f32]) -> f32 {
-    a.chunks(NR).fold(0.0, |s, b| s + block_sum(b))
+    // The CPU is asked once per plane, not once per block.
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present.
+        return unsafe { sum_avx512(a) };
+    }
+    a.chunks(NR).fold(0.0, |s, b| s + block_sum_portable(b))
+}
+
+/// [`sum`] with AVX-512F, each block's sum inlined.
+///
+/// # Safety
+/// AVX-512F is available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum_avx512(a: &[f32]) -> f32 {
+    a.chunks(NR).fold(0.0, |s, b| s + block_sum_avx512(b))
 }
 
 /// The sum of at most [`NR`] values: lane `j` of sixteen adds value `j` and value
@@ -4337,7 +4353,6 @@ mod tests {
                     .unwrap()
             })
             .collect();
-        let mut cases = 0;
         for case in 0..60 {
             let kernel = [1, 1, 3][case % 3];
             let p = kernel / 2;
@@ -4414,9 +4429,7 @@ mod tests {
                     );
                 }
             }
-            cases += 1;
         }
-        assert_eq!(cases, 60);
     }
 
     /// Gated passes decide alike whether convolutions sum their output for the gates or
