@@ -1800,17 +1800,23 @@ mod tests {
         }
         let mut rng = crate::exec::cpu::fresh_rng();
         let pool = BufferPool::default();
-        for case in 0..40 {
-            // Planes of at most 16 tiles, square or long; channels over several blocks,
-            // rows over several tasks and every remainder of three.
-            let hw = match case % 4 {
+        for case in 0..60 {
+            // Planes of at most 64 tiles (7 × 7 and 14 × 14 among them), square or long;
+            // channels over several blocks, rows over several tasks and every remainder
+            // of three.
+            let hw = match case % 6 {
                 0 => [7, 7],
-                1 => [rng.random_range(1..9), rng.random_range(1..9)],
-                2 => [rng.random_range(1..3), rng.random_range(1..33)],
-                _ => [rng.random_range(1..33), rng.random_range(1..3)],
+                1 => [14, 14],
+                2 => [rng.random_range(1..9), rng.random_range(1..9)],
+                3 => [rng.random_range(1..17), rng.random_range(1..17)],
+                4 => [rng.random_range(1..3), rng.random_range(1..129)],
+                _ => [rng.random_range(1..129), rng.random_range(1..3)],
             };
             assert!(winograd_lines::serves(isa, 1, hw), "{hw:?}");
-            let (cin, cout) = (rng.random_range(1..60), rng.random_range(1..60));
+            // Over more than 16 tiles a block holds 64 channels: up to three of them.
+            let wide = hw[0].div_ceil(2) * hw[1].div_ceil(2) > 16;
+            let cin = rng.random_range(1..if wide { 150 } else { 60 });
+            let cout = rng.random_range(1..60);
             let d = Drawn::new(&mut rng, 1, cin, cout, hw);
             let (w, bias) = (&d.w, &d.bias);
             // Now and then no input channel at all: bias and residual only.

@@ -1,5 +1,5 @@
 //! One sample's 3×3 convolution over a plane of at most [`TILES`] Winograd tiles
-//! (7 × 7 and smaller), by F(2×2, 3×3) as in [`super::winograd`], with the transformed
+//! (14 × 14 and smaller), by F(2×2, 3×3) as in [`super::winograd`], with the transformed
 //! filter held as one 64-byte cache line per (output channel, input channel) pair: the
 //! pair's 16 values of the 4×4 grid ξ.
 //!
@@ -23,6 +23,12 @@
 //! here only plans that drop enough ([`takes`]); on the Intel Xeon this way is faster
 //! dense too, and takes every plan ([`super::Tuning`]). AVX-512 only; elsewhere the
 //! engine keeps the packed way.
+//!
+//! Over planes of more than 16 tiles (14 × 14: 49) each weight serves more tiles and the
+//! packed way computes faster, dense 0.76–0.83 of this way's time (ResNet-50's `layer3`
+//! `conv2` layers, Intel Xeon); but a gated plan that keeps few pairs copies its kept
+//! columns of `U` first, from memory, and there this way pays: kept pairs at most
+//! [`WIDE_MAX_KEPT`] of a layer of at least [`WIDE_MIN_PAIRS`].
 
 use rayon::prelude::*;
 
@@ -31,8 +37,8 @@ use super::pool::{line_aligned, BufferPool, Spare};
 use super::winograd::{kept_or_all, tiles, Job, WinogradWeights, XI};
 use crate::model::Act;
 
-/// Tiles of the largest plane served: 16, a 7 × 7 or 8 × 8 output.
-pub const TILES: usize = 16;
+/// Tiles of the largest plane served: 64, a 16 × 16 output (14 × 14: 49).
+pub const TILES: usize = 64;
 
 /// Rows of a kernel call: 3 rows × 8 tiles, 24 accumulators.
 const ROWS: usize = 3;
@@ -40,10 +46,17 @@ const ROWS: usize = 3;
 /// Tiles of a kernel call.
 const HALF: usize = 8;
 
-/// Input channels per block: their V (16 KiB) stays in L1 while every group of rows of
-/// a task runs over it. ResNet-18's gated `layer4` layers at budget 0.5 took about as
-/// long with 24, and 1.07–1.22× as long with 8 or 32.
+/// Input channels per block over a plane of at most 16 tiles: their V (16 KiB) stays in
+/// L1 while every group of rows of a task runs over it. ResNet-18's gated `layer4`
+/// layers at budget 0.5 took about as long with 24, and 1.07–1.22× as long with 8 or 32.
 const BLOCK: usize = 16;
+
+/// Over larger planes, input channels per block, each call running one half (8 tiles):
+/// the half's V of the block (32 KiB) stays in L1 while every group of rows of a task
+/// runs over it. Every half per call instead, blocks of 16 KiB of V (4 channels at
+/// 14 × 14) took 1.1–1.27× the packed way's time on 256 → 256 with 0.37 of the pairs
+/// kept; blocks of 64–256 KiB about what this takes.
+const BLOCK_WIDE: usize = 64;
 
 /// Rows per task.
 const TASK_ROWS: usize = 8 * ROWS;
@@ -94,7 +107,8 @@ impl LineWeights {
 /// Whether [`conv`] runs a plan of `batch` samples over `hw` outputs that keeps `rows`
 /// and `chans` (`None`: all) of a layer's `[rows, cin]`: one sample, a plane of at most
 /// [`TILES`] tiles, on AVX-512, and at most `max_kept` of the (row, channel) pairs (the
-/// CPU's [`Tuning::lines_max_kept`]). On the AMD EPYC, with 0.56–0.75 of the pairs kept
+/// CPU's [`Tuning::lines_max_kept`]) over at most 16 tiles, at most [`WIDE_MAX_KEPT`]
+/// over more. On the AMD EPYC, with 0.56–0.75 of the pairs kept
 /// (ResNet-50's and ResNet-18's `layer4` at budgets 0.75 and 0.85) this way took
 /// 0.64–0.94 of the packed way's time, and dense plans 1.03–1.15×.
 ///
@@ -109,8 +123,33 @@ pub fn takes(
     max_kept: f64,
 ) -> bool {
     let kept = |k: Option<&[usize]>, n: usize| k.map_or(1.0, |k| k.len() as f64 / n as f64);
-    serves(isa, batch, hw) && kept(rows, n_rows) * kept(chans, cin) <= max_kept
+    let pairs = kept(rows, n_rows) * kept(chans, cin);
+    let (th, tw) = tiles(hw[0], hw[1]);
+    let wide = th * tw > NARROW_TILES;
+    serves(isa, batch, hw)
+        && if wide {
+            pairs <= WIDE_MAX_KEPT && n_rows * cin >= WIDE_MIN_PAIRS
+        } else {
+            pairs <= max_kept
+        }
 }
+
+/// Tiles of the planes that run on the lines whatever they keep, up to the CPU's
+/// [`Tuning::lines_max_kept`](super::Tuning::lines_max_kept): 7 × 7 and 8 × 8.
+const NARROW_TILES: usize = 16;
+
+/// Over larger planes, the largest share of (row, channel) pairs a plan keeps and still
+/// runs on the lines. One 3×3 layer at 14 × 14 after a gated 1×1 one (Intel Xeon, 2
+/// threads, batch 1, in-process pairs), the packed way's time against this way's: 256 →
+/// 256 with 0.71 of the pairs kept 0.88, 0.50 0.99, 0.37 0.96–1.07, 0.18 1.24; 512 → 512
+/// with 0.67 1.00, 0.34 1.26–1.38; 128 → 128 with 0.43 0.97 (its `U`, 1 MB, stays in
+/// L2). In ResNet-50 at budget 0.5 (0.37 of the pairs) its `layer3` `conv2` layers took
+/// 0.67–0.79 of the packed way's time.
+const WIDE_MAX_KEPT: f64 = 0.45;
+
+/// Over larger planes, the fewest (row, channel) pairs of a layer that runs on the lines:
+/// a smaller `U` stays in L2, and the packed way copies its kept columns from there.
+const WIDE_MIN_PAIRS: usize = 256 * 256;
 
 /// Whether [`conv`] serves a job of `batch` samples over `hw` outputs on `isa`.
 pub fn serves(isa: Isa, batch: usize, hw: [usize; 2]) -> bool {
@@ -129,6 +168,8 @@ pub fn conv(job: &Job, lines: &LineWeights, pool: &BufferPool, out: &mut [f32]) 
     let [h, w] = job.hw;
     let (th, tw) = tiles(h, w);
     let halves = (th * tw).div_ceil(HALF);
+    // Tiles per channel of V and per row of M: whole calls of the kernel.
+    let tp = halves * HALF;
     let chans = kept_or_all(job.chans, lines.cin);
     let rows = kept_or_all(job.rows, lines.rows);
     let (chans, rows) = (&chans[..], &rows[..]);
@@ -139,12 +180,12 @@ pub fn conv(job: &Job, lines: &LineWeights, pool: &BufferPool, out: &mut [f32]) 
     // Both lists ascend: the last of each bounds the lines the kernels read.
     assert!(rows[rows.len() - 1] < lines.rows && chans.last().is_none_or(|&c| c < lines.cin));
     // V: [kept channel][tile][ξ], tiles past the plane's zero.
-    let per_chan = TILES * XI;
+    let per_chan = tp * XI;
     let mut v_buf = pool.take_dirty(chans.len() * per_chan);
     let v = &mut v_buf[..];
     // SAFETY: AVX-512F is present (`serves`).
     let transform = |(vc, &c): (&mut [f32], &usize)| unsafe {
-        input_transform(&job.x[c * h * w..(c + 1) * h * w], [h, w], vc);
+        input_transform(&job.x[c * h * w..(c + 1) * h * w], [h, w], tp, vc);
     };
     if job.serial {
         v.chunks_exact_mut(per_chan).zip(chans).for_each(transform);
@@ -161,38 +202,51 @@ pub fn conv(job: &Job, lines: &LineWeights, pool: &BufferPool, out: &mut [f32]) 
         }
         Lines { at, n: rows.len() }
     };
-    let block = |b: usize| &chans[b * BLOCK..((b + 1) * BLOCK).min(chans.len())];
-    let blocks = chans.len().div_ceil(BLOCK);
+    // Halves per call: all of them over at most 16 tiles, else one (see BLOCK_WIDE).
+    let (per_block, per_call) = if tp <= NARROW_TILES {
+        (BLOCK, halves)
+    } else {
+        (BLOCK_WIDE, 1)
+    };
+    let block = |b: usize| &chans[b * per_block..((b + 1) * per_block).min(chans.len())];
+    let blocks = chans.len().div_ceil(per_block);
     let task = |task_rows: &[usize]| {
         let mut spare = Spare::take();
-        let m = line_aligned(&mut spare, TASK_ROWS * TILES * XI);
-        let m: &mut [[f32; TILES * XI]] = m.as_chunks_mut().0;
+        let m = line_aligned(&mut spare, TASK_ROWS * per_chan);
         if blocks == 0 {
             // No input channel kept: the sums are zero.
-            m.iter_mut().for_each(|r| r.fill(0.0));
+            m.fill(0.0);
         }
         let groups: Vec<Lines> = task_rows.chunks(ROWS).map(bases).collect();
         // Every group of rows over one block of channels (their V stays in L1), block
-        // after block; each call prefetches the weight lines of the call after it.
+        // after block, and over larger planes half after half within a block; each call
+        // prefetches the weight lines of the call after it.
+        let n_groups = groups.len();
         let mut calls = (0..blocks)
-            .flat_map(|b| (0..groups.len()).map(move |g| (b, g)))
+            .flat_map(|b| {
+                (0..halves)
+                    .step_by(per_call)
+                    .flat_map(move |h0| (0..n_groups).map(move |g| (b, h0, g)))
+            })
             .peekable();
-        while let Some((b, g)) = calls.next() {
-            let next = calls.peek().map(|&(nb, ng)| (groups[ng], block(nb)));
+        while let Some((b, h0, g)) = calls.next() {
+            let next = calls.peek().map(|&(nb, _, ng)| (groups[ng], block(nb)));
             let chans = block(b);
-            let c0 = b * BLOCK;
+            let c0 = b * per_block;
             let call = Call {
                 chan_stride: lines.rows * XI,
                 rows: groups[g],
                 chans,
                 v: &v[c0 * per_chan..(c0 + chans.len()) * per_chan],
-                halves,
+                halves: h0..(h0 + per_call).min(halves),
+                tp,
                 first: b == 0,
                 next,
             };
-            let ms = &mut m[g * ROWS..][..groups[g].n];
+            let ms = &mut m[g * ROWS * per_chan..][..groups[g].n * per_chan];
             // SAFETY: AVX-512F is present (`serves`); the rows and channels are the
-            // weights', and `v` holds a [TILES × XI] block per channel of the call.
+            // weights', `v` holds a [tp × XI] block per channel of the call, and `ms` one
+            // per row.
             unsafe {
                 match groups[g].n {
                     3 => gemm_rows::<3>(&call, ms),
@@ -201,7 +255,7 @@ pub fn conv(job: &Job, lines: &LineWeights, pool: &BufferPool, out: &mut [f32]) 
                 }
             }
         }
-        for (&r, mr) in task_rows.iter().zip(&*m) {
+        for (&r, mr) in task_rows.iter().zip(m.chunks_exact(per_chan)) {
             let at = r * h * w;
             // SAFETY: each row's plane is written by the task that holds the row.
             let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(at), h * w) };
@@ -230,42 +284,46 @@ struct Call<'a> {
     chan_stride: usize,
     rows: Lines,
     chans: &'a [usize],
-    /// `[channel of the block][tile][ξ]`.
+    /// `[channel of the block][tile][ξ]`, `tp` tiles per channel.
     v: &'a [f32],
-    halves: usize,
+    /// The halves (8 tiles each) this call runs.
+    halves: std::ops::Range<usize>,
+    /// Tiles per channel of `v` and per row of `m`: 8 per half of the plane.
+    tp: usize,
     /// Whether this is the first block: the sums start from zero, not from `m`.
     first: bool,
     /// The next call's rows and channels, whose lines are prefetched.
     next: Option<(Lines, &'a [usize])>,
 }
 
-/// Adds the block's products to `m[i][t · XI + ξ]` for the call's row `i`, tiles
-/// `0..8 · halves`.
+/// Adds the block's products to `m[(i · tp + t) · XI + ξ]` for the call's row `i`,
+/// tiles `0..tp`.
 ///
 /// # Safety
-/// AVX-512F is present; `R == call.rows.n == m.len()`, every row's lines hold every
-/// channel of `call.chans` (and of the next call's), and `v` holds
-/// `chans.len() · TILES · XI` floats.
+/// AVX-512F is present; `R == call.rows.n`, `m.len() == R · tp · XI`, every row's lines
+/// hold every channel of `call.chans` (and of the next call's), and `v` holds
+/// `chans.len() · tp · XI` floats.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::needless_range_loop)] // t picks one tile's accumulator in each row's
-unsafe fn gemm_rows<const R: usize>(call: &Call, m: &mut [[f32; TILES * XI]]) {
+unsafe fn gemm_rows<const R: usize>(call: &Call, m: &mut [f32]) {
     use std::arch::x86_64::*;
-    debug_assert!(call.rows.n == R && m.len() == R);
-    debug_assert!(call.v.len() >= call.chans.len() * TILES * XI);
+    let per_row = call.tp * XI;
+    debug_assert!(call.rows.n == R && m.len() == R * per_row);
+    debug_assert!(call.v.len() >= call.chans.len() * per_row);
     let bases = &call.rows.at;
     let vp = call.v.as_ptr();
-    for half in 0..call.halves {
+    for half in call.halves.clone() {
         let mut acc = [[_mm512_setzero_ps(); HALF]; R];
         if !call.first {
             for i in 0..R {
                 for t in 0..HALF {
-                    acc[i][t] = _mm512_loadu_ps(m[i][(half * HALF + t) * XI..].as_ptr());
+                    acc[i][t] = _mm512_loadu_ps(m[i * per_row + (half * HALF + t) * XI..].as_ptr());
                 }
             }
         }
         let vh = vp.add(half * HALF * XI);
         for (ci, &c) in call.chans.iter().enumerate() {
-            if half == 0 {
+            if half == call.halves.start {
                 if let Some((next, &nc)) = call.next.and_then(|(l, cs)| Some((l, cs.get(ci)?))) {
                     // Into L2: into L1, ResNet-18's gated `layer4` layers took as long or up
                     // to 1.28× as long (budget 0.5).
@@ -276,7 +334,7 @@ unsafe fn gemm_rows<const R: usize>(call: &Call, m: &mut [[f32; TILES * XI]]) {
             }
             let ur: [__m512; R] =
                 std::array::from_fn(|i| _mm512_loadu_ps(bases[i].add(c * call.chan_stride)));
-            let vc = vh.add(ci * TILES * XI);
+            let vc = vh.add(ci * per_row);
             for t in 0..HALF {
                 let vt = _mm512_loadu_ps(vc.add(t * XI));
                 for i in 0..R {
@@ -286,15 +344,15 @@ unsafe fn gemm_rows<const R: usize>(call: &Call, m: &mut [[f32; TILES * XI]]) {
         }
         for i in 0..R {
             for t in 0..HALF {
-                let at = (half * HALF + t) * XI;
-                _mm512_storeu_ps(m[i][at..at + XI].as_mut_ptr(), acc[i][t]);
+                let at = i * per_row + (half * HALF + t) * XI;
+                _mm512_storeu_ps(m[at..at + XI].as_mut_ptr(), acc[i][t]);
             }
         }
     }
 }
 
-/// One input plane's tiles into `dst` (`[tile][ξ]`, [`TILES`] tiles; those past the
-/// plane's are zero): `V = Bᵀ d B` over each tile's 4×4 patch `d` of the plane padded
+/// One input plane's tiles into `dst` (`[tile][ξ]`, `tp` tiles; those past the plane's
+/// are zero): `V = Bᵀ d B` over each tile's 4×4 patch `d` of the plane padded
 /// by 1, `Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`, a tile in
 /// one vector: the patch's rows are its four 128-bit lanes, combined by lane shuffles,
 /// then its columns by shuffles inside the lanes.
@@ -302,17 +360,22 @@ unsafe fn gemm_rows<const R: usize>(call: &Call, m: &mut [[f32; TILES * XI]]) {
 /// # Safety
 /// AVX-512F is present.
 #[target_feature(enable = "avx512f")]
-unsafe fn input_transform(plane: &[f32], [h, w]: [usize; 2], dst: &mut [f32]) {
+unsafe fn input_transform(plane: &[f32], [h, w]: [usize; 2], tp: usize, dst: &mut [f32]) {
     use std::arch::x86_64::*;
     let (th, tw) = tiles(h, w);
     let (ph, pw) = (2 * th + 2, 2 * tw + 2);
-    // 2·th + 2 rows of 2·tw + 2 with th · tw ≤ 16: at most 4 × 34.
-    let mut padded = [0f32; 4 * (2 * TILES + 2)];
-    let padded = &mut padded[..ph * pw];
+    // 2·th + 2 rows of 2·tw + 2 with th · tw ≤ TILES: 4 · (th · tw + th + tw + 1) ≤
+    // 4 · (2 · TILES + 2) values. Only those are zeroed, not the whole array.
+    let mut storage = std::mem::MaybeUninit::<[f32; 4 * (2 * TILES + 2)]>::uninit();
+    let first = storage.as_mut_ptr().cast::<f32>();
+    assert!(ph * pw <= 4 * (2 * TILES + 2));
+    std::ptr::write_bytes(first, 0, ph * pw);
+    // SAFETY: the first ph · pw floats are inside the array and now initialized.
+    let padded = std::slice::from_raw_parts_mut(first, ph * pw);
     for (y, row) in plane.chunks_exact(w).enumerate() {
         padded[(y + 1) * pw + 1..][..w].copy_from_slice(row);
     }
-    assert!(dst.len() >= TILES * XI);
+    assert!(dst.len() >= tp * XI && th * tw <= tp);
     // Row i of Bᵀ d is a + s·b with a, b rows (0, 1, 2, 1), (2, 2, 1, 3) of d and
     // s = (-1, 1, -1, -1); the columns likewise. Multiplying by ±1 is exact.
     let s_rows = _mm512_setr_ps(
@@ -340,7 +403,7 @@ unsafe fn input_transform(plane: &[f32], [h, w]: [usize; 2], dst: &mut [f32]) {
             _mm512_storeu_ps(dst.as_mut_ptr().add((ty * tw + tx) * XI), v);
         }
     }
-    dst[th * tw * XI..TILES * XI].fill(0.0);
+    dst[th * tw * XI..tp * XI].fill(0.0);
 }
 
 /// One output row's `m` (`[tile][ξ]`) back into its plane, with bias, residual and
