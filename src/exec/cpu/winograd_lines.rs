@@ -296,8 +296,8 @@ struct Call<'a> {
     next: Option<(Lines, &'a [usize])>,
 }
 
-/// Adds the block's products to `m[(i · tp + t) · XI + ξ]` for the call's row `i`,
-/// tiles `0..tp`.
+/// Adds the block's products to `m[(i · tp + t) · XI + ξ]` for the call's row `i` and
+/// the tiles `t` of its halves.
 ///
 /// # Safety
 /// AVX-512F is present; `R == call.rows.n`, `m.len() == R · tp · XI`, every row's lines
