@@ -2082,7 +2082,9 @@ impl EngineExecutor {
     }
 
     /// [`Self::conv_gated_batch`] by Winograd's F(2×2, 3×3): every sample's kept
-    /// channels through [`winograd::conv_samples`].
+    /// channels through [`winograd::conv_samples`], or on AVX-512 over 7 × 7 planes,
+    /// where every sample drops input channels, on the filters as lines
+    /// (`winograd_lines::conv_samples`).
     #[allow(clippy::too_many_arguments)]
     fn conv_winograd_samples(
         &self,
@@ -2115,6 +2117,17 @@ impl EngineExecutor {
             residual,
             act,
         };
+        // Where every sample drops input channels, on the lines (see
+        // `winograd_lines::conv_samples`).
+        #[cfg(target_arch = "x86_64")]
+        if let Some(lines) = plans
+            .iter()
+            .all(|p| p.chans.is_some())
+            .then(|| wg.lines_for_samples(self.isa, g.out_hw))
+            .flatten()
+        {
+            return winograd_lines::conv_samples(&job, lines, &self.pool, out);
+        }
         winograd::conv_samples(&job, &self.pool, out);
     }
 
@@ -5222,6 +5235,23 @@ mod tests {
                 let (mut by_wino, residual) = fresh();
                 e.conv_winograd_samples(&xs, &wg, &g, act, &sample_plans, residual, &mut by_wino);
                 outs.push(("winograd", by_wino));
+                // With lines too: on AVX-512, planes of at most 16 tiles run on them.
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let mut wg = WinogradWeights::new(&w, cout, g.in_c);
+                    wg.lines = Some(Default::default());
+                    let (mut on_lines, residual) = fresh();
+                    e.conv_winograd_samples(
+                        &xs,
+                        &wg,
+                        &g,
+                        act,
+                        &sample_plans,
+                        residual,
+                        &mut on_lines,
+                    );
+                    outs.push(("winograd lines", on_lines));
+                }
             }
             for (way, got) in &outs {
                 for (s, ((ic, oc, unread), bias)) in plans.iter().zip(&biases).enumerate() {

@@ -142,6 +142,22 @@ impl WinogradWeights {
         .then(|| cell.get_or_init(|| LineWeights::from_packed(self)))
     }
 
+    /// The weights as lines for a batch whose samples each keep their own channels over
+    /// `hw` outputs ([`winograd_lines::conv_samples`]): on AVX-512, over planes of at
+    /// most 16 tiles, for a layer that holds lines; made now if no plan has needed them.
+    ///
+    /// [`winograd_lines::conv_samples`]: super::winograd_lines::conv_samples
+    #[cfg(target_arch = "x86_64")]
+    pub fn lines_for_samples(
+        &self,
+        isa: Isa,
+        hw: [usize; 2],
+    ) -> Option<&super::winograd_lines::LineWeights> {
+        use super::winograd_lines::{serves_samples, LineWeights};
+        let cell = self.lines.as_ref()?;
+        serves_samples(isa, hw).then(|| cell.get_or_init(|| LineWeights::from_packed(self)))
+    }
+
     /// Floats of one packed `U[ξ]`.
     fn one(&self) -> usize {
         gemm::packed_a_len(self.rows, self.cin)
