@@ -144,7 +144,9 @@ const NARROW_TILES: usize = 16;
 /// 256 with 0.71 of the pairs kept 0.88, 0.50 0.99, 0.37 0.96–1.07, 0.18 1.24; 512 → 512
 /// with 0.67 1.00, 0.34 1.26–1.38; 128 → 128 with 0.43 0.97 (its `U`, 1 MB, stays in
 /// L2). In ResNet-50 at budget 0.5 (0.37 of the pairs) its `layer3` `conv2` layers took
-/// 0.67–0.79 of the packed way's time.
+/// 0.67–0.79 of the packed way's time at batch 1, and where a batch's samples run in
+/// parallel, one sample each on a thread, 0.64–0.69 at batch 2 and 0.69–0.74 at batch 8
+/// (passes 0.979 and 0.983).
 const WIDE_MAX_KEPT: f64 = 0.45;
 
 /// Over larger planes, the fewest (row, channel) pairs of a layer that runs on the lines:
