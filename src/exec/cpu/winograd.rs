@@ -1936,6 +1936,30 @@ mod tests {
                     layer.assert_sample(&out, s, &kept_c, &kept_r, bias, &at);
                 }
             }
+            // The same batch on the filters as lines, where this CPU serves it (AVX-512,
+            // at most 16 tiles: about two cases in five).
+            #[cfg(target_arch = "x86_64")]
+            if super::super::winograd_lines::serves_samples(Isa::detect(), hw) {
+                use super::super::winograd_lines::{self, LineWeights};
+                let lines = LineWeights::from_packed(&ww);
+                let (mut out, residual) = layer.output(batch);
+                let job = SamplesJob {
+                    isa: Isa::detect(),
+                    x: &x,
+                    hw,
+                    weights: &ww,
+                    samples: &keeps,
+                    residual,
+                    act,
+                };
+                winograd_lines::conv_samples(&job, &lines, &pool, &mut out);
+                for (s, ((chans, rows), bias)) in plans.iter().zip(&biases).enumerate() {
+                    let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
+                    let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
+                    let at = format!("case {case} lines, {} of {cin} kept", kept_c.len());
+                    layer.assert_sample(&out, s, &kept_c, &kept_r, bias, &at);
+                }
+            }
         }
     }
 }
