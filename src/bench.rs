@@ -38,6 +38,9 @@
 //! assert!(report.markdown().contains("keep 0.5"));
 //! assert_eq!(report.quality[0].agreement, 1.0);
 //! assert!(report.quality_markdown().contains("keep 0.5"));
+//! // The CPU engine's ceiling, timed after each turn, that per-layer rates are read against.
+//! let peak = report.kernel_peak.expect("timed on the CPU engine");
+//! assert!(peak.median_gflops > 0.0 && peak.bursts >= 1);
 //! # Ok::<(), dynsparse::Error>(())
 //! ```
 
@@ -172,7 +175,25 @@ pub struct Report {
     pub quality: Vec<Quality>,
     /// Dense peers on the same weights and input, when timed (`dynsparse bench --peers`).
     pub peers: Vec<PeerResult>,
+    /// The CPU micro-kernel's ceiling on the run's threads, timed in a short burst after
+    /// every turn of the policies; `None` off the CPU engine.
+    pub kernel_peak: Option<KernelPeak>,
 }
+
+/// The micro-kernel's GFLOP/s in all of the run's threads over L1-resident operands
+/// ([`crate::exec::cpu::peak::burst`]): what a layer could reach in the same minutes.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelPeak {
+    /// Median over the bursts, and their 10th and 90th percentile.
+    pub median_gflops: f64,
+    pub p10_gflops: f64,
+    pub p90_gflops: f64,
+    pub bursts: usize,
+}
+
+/// Micro-tiles per thread in one burst of the peak: about 20 ms at 150 GFLOP/s a
+/// thread, long enough that thread start-up and the vector units' wake-up do not count.
+const PEAK_REPS: usize = 20_000;
 
 /// A dense peer runtime (ONNX Runtime, PyTorch) at one batch size, timed on the same
 /// weights and the same input after our runs (not interleaved with them).
@@ -275,6 +296,8 @@ pub fn run(
     let mut done = 0;
     let mut results = Vec::new();
     let mut executor = String::new();
+    let threads = config.threads.unwrap_or_else(rayon::current_num_threads);
+    let mut peaks = Vec::new();
     for &batch in &config.batches {
         let x = if config.images.is_empty() {
             input(model, batch)?
@@ -299,6 +322,13 @@ pub fn run(
         let mut gate_ms = vec![vec![Vec::new(); model.desc.nodes.len()]; runtimes.len()];
         let mut last = vec![None; runtimes.len()];
         for turn in 0..turns {
+            if turn > 0 && executor.starts_with("cpu-engine") {
+                peaks.push(crate::exec::cpu::peak::burst(
+                    crate::exec::cpu::gemm::Isa::detect(),
+                    threads,
+                    PEAK_REPS,
+                ));
+            }
             let timed = config.visit.min(config.runs - turn * config.visit);
             for (p, rt) in runtimes.iter().enumerate() {
                 for _ in 0..config.settle {
@@ -320,6 +350,13 @@ pub fn run(
                     progress(done, total);
                 }
             }
+        }
+        if executor.starts_with("cpu-engine") {
+            peaks.push(crate::exec::cpu::peak::burst(
+                crate::exec::cpu::gemm::Isa::detect(),
+                threads,
+                PEAK_REPS,
+            ));
         }
         for (p, (label, _)) in policies.iter().enumerate() {
             let mut sorted = times[p].clone();
@@ -411,12 +448,20 @@ pub fn run(
             flops_fraction: flops as f64 / n / model.flops_per_sample() as f64,
         });
     }
+    peaks.sort_by(f64::total_cmp);
+    let kernel_peak = (!peaks.is_empty()).then(|| KernelPeak {
+        median_gflops: quantile(&peaks, 0.5),
+        p10_gflops: quantile(&peaks, 0.1),
+        p90_gflops: quantile(&peaks, 0.9),
+        bursts: peaks.len(),
+    });
     Ok(Report {
         quality,
+        kernel_peak,
         peers: Vec::new(),
         model: model.desc.arch.clone(),
         executor,
-        threads: config.threads.unwrap_or_else(rayon::current_num_threads),
+        threads,
         runs: config.runs,
         visit: config.visit,
         settle: config.settle,
@@ -467,6 +512,19 @@ impl Report {
             s += "gates ms: the time the gates took deciding, summed over a batch's samples; \
                   at batch > 1 samples run in parallel, one per core, so their share of the \
                   wall time is smaller.\n";
+        }
+        if let Some(p) = &self.kernel_peak {
+            s += &format!(
+                "Peak: the micro-kernel alone on {} thread{}, over operands in L1, {:.0} GFLOP/s \
+                 (median of {} bursts between the turns, p10–p90 {:.0}–{:.0}); the machine's \
+                 speed in the same minutes, which per-layer rates are read against.\n",
+                self.threads,
+                if self.threads == 1 { "" } else { "s" },
+                p.median_gflops,
+                p.bursts,
+                p.p10_gflops,
+                p.p90_gflops
+            );
         }
         s
     }
@@ -563,7 +621,11 @@ impl Report {
             return String::new();
         };
         let against_dense = rows.len() >= 2 && first.policy == "dense";
-        let mut s = String::from("| layer | MFLOPs dense |");
+        let peak = self.kernel_peak.as_ref().map(|p| p.median_gflops);
+        let mut s = format!("| layer | MFLOPs dense | {} GFLOP/s |", first.policy);
+        if peak.is_some() {
+            s += " % of kernel peak |";
+        }
         for r in &rows {
             s += &format!(" {} ms |", r.policy);
         }
@@ -571,14 +633,33 @@ impl Report {
         if against_dense {
             s += &format!(" {} / dense | beyond kept share, ms |", last.policy);
         }
-        s += "\n|---|---|";
-        s += &"---|".repeat(rows.len() + 1 + if against_dense { 2 } else { 0 });
+        s += "\n|---|---|---|";
+        s += &"---|".repeat(
+            rows.len() + 1 + usize::from(peak.is_some()) + if against_dense { 2 } else { 0 },
+        );
         s += "\n";
         let ms = |r: &PolicyResult, i: usize| r.layers.get(i).map_or(f64::NAN, |x| x.ms);
         // (layer, dense ms, last ms, kept share of dense ms)
         let mut shares: Vec<(&str, f64, f64, f64)> = Vec::new();
+        let mut above_peak = false;
         for (i, l) in first.layers.iter().enumerate() {
             s += &format!("| {} | {:.1} |", l.name, l.flops_dense as f64 / 1e6);
+            // The first policy's rate, over the FLOPs it executed for the whole batch.
+            let gflops = (l.flops > 0 && ms(first, i) > 0.0)
+                .then(|| l.flops as f64 * batch as f64 / (ms(first, i) * 1e6));
+            match gflops {
+                Some(g) => s += &format!(" {g:.0} |"),
+                None => s += " – |",
+            }
+            if let Some(p) = peak {
+                match gflops {
+                    Some(g) => {
+                        above_peak |= g > p;
+                        s += &format!(" {:.0} |", 100.0 * g / p);
+                    }
+                    None => s += " – |",
+                }
+            }
             for r in &rows {
                 s += &format!(" {:.3} |", ms(r, i));
             }
@@ -625,6 +706,11 @@ impl Report {
                     .iter()
                     .all(|r| r.layers.get(i).is_some_and(|x| x.ms == 0.0))
         });
+        if above_peak {
+            s += "\nAbove 100% of the peak: a layer that does fewer multiply-adds than the \
+                  direct convolution counted here (Winograd's F(2×2, 3×3) on a stride-1 3×3 \
+                  layer does 4/9 of them).\n";
+        }
         if banded {
             s += "\nA layer at 0.000 ms in every column ran inside the 1×1 expansion above it, \
                   band by band; that row's time includes it.\n";
@@ -673,6 +759,9 @@ mod tests {
         ));
     }
 
+    const M100: u64 = 100_000_000;
+    const M50: u64 = 50_000_000;
+
     /// A batch-1 result of 3 ms for `policy`, with these layers.
     fn result(policy: &str, layers: Vec<LayerResult>) -> PolicyResult {
         PolicyResult {
@@ -715,7 +804,7 @@ mod tests {
             ms,
             gate_ms: 0.0,
             flops,
-            flops_dense: 100,
+            flops_dense: 100_000_000,
             kept_channels: 0,
             channels: 0,
             kept_tiles: 0,
@@ -732,25 +821,31 @@ mod tests {
             channel_round: None,
             channel_groups: None,
             results: vec![
-                result("dense", vec![layer("a", 2.0, 100), layer("b", 4.0, 100)]),
-                result("budget 0.5", vec![layer("a", 1.0, 50), layer("b", 4.0, 50)]),
+                result("dense", vec![layer("a", 2.0, M100), layer("b", 4.0, M100)]),
+                result(
+                    "budget 0.5",
+                    vec![layer("a", 1.0, M50), layer("b", 4.0, M50)],
+                ),
             ],
             quality: Vec::new(),
             peers: Vec::new(),
+            kernel_peak: None,
         };
         let md = report.layers_markdown(1);
         assert!(
             md.contains("| budget 0.5 / dense | beyond kept share, ms |"),
             "{md}"
         );
+        // 100 MFLOPs in 2 ms: 50 GFLOP/s.
         assert!(
-            md.contains("| a | 0.0 | 2.000 | 1.000 | 0.50 | 0.50 | 0.000 |"),
+            md.contains("| a | 100.0 | 50 | 2.000 | 1.000 | 0.50 | 0.50 | 0.000 |"),
             "{md}"
         );
         assert!(
-            md.contains("| b | 0.0 | 4.000 | 4.000 | 0.50 | 1.00 | 2.000 |"),
+            md.contains("| b | 100.0 | 25 | 4.000 | 4.000 | 0.50 | 1.00 | 2.000 |"),
             "{md}"
         );
+        assert!(!md.contains("% of kernel peak"), "{md}");
         assert!(
             md.contains("dense 6.000 ms, budget 0.5 5.000 ms (0.83 of dense)"),
             "{md}"
@@ -761,7 +856,60 @@ mod tests {
         report.results.truncate(1);
         let md = report.layers_markdown(1);
         assert!(!md.contains("beyond"), "{md}");
-        assert!(md.contains("| a | 0.0 | 2.000 | 1.00 |"), "{md}");
+        assert!(md.contains("| a | 100.0 | 50 | 2.000 | 1.00 |"), "{md}");
+    }
+
+    /// Each layer's rate is read against the micro-kernel's peak of the same run; a
+    /// layer without FLOPs has no rate, and one past the peak is explained.
+    #[test]
+    fn layers_table_reads_each_rate_against_the_kernel_peak() {
+        let layer = |name: &str, ms: f64, flops: u64| LayerResult {
+            name: name.into(),
+            ms,
+            gate_ms: 0.0,
+            flops,
+            flops_dense: flops,
+            kept_channels: 0,
+            channels: 0,
+            kept_tiles: 0,
+            tiles: 0,
+        };
+        let peak = |median_gflops| KernelPeak {
+            median_gflops,
+            p10_gflops: median_gflops,
+            p90_gflops: median_gflops,
+            bursts: 3,
+        };
+        let mut report = Report {
+            model: "m".into(),
+            executor: "cpu".into(),
+            threads: 2,
+            runs: 1,
+            visit: 1,
+            settle: 0,
+            flops_dense: M100,
+            channel_round: None,
+            channel_groups: None,
+            results: vec![result(
+                "dense",
+                vec![layer("conv", 2.0, M100), layer("pool", 0.5, 0)],
+            )],
+            quality: Vec::new(),
+            peers: Vec::new(),
+            kernel_peak: Some(peak(200.0)),
+        };
+        let md = report.layers_markdown(1);
+        assert!(md.contains("| dense GFLOP/s | % of kernel peak |"), "{md}");
+        assert!(md.contains("| conv | 100.0 | 50 | 25 | 2.000 |"), "{md}");
+        assert!(md.contains("| pool | 0.0 | – | – | 0.500 |"), "{md}");
+        assert!(!md.contains("Above 100%"), "{md}");
+        assert!(report
+            .markdown()
+            .contains("200 GFLOP/s (median of 3 bursts"));
+        report.kernel_peak = Some(peak(40.0));
+        let md = report.layers_markdown(1);
+        assert!(md.contains("| conv | 100.0 | 50 | 125 | 2.000 |"), "{md}");
+        assert!(md.contains("Above 100%"), "{md}");
     }
 
     #[test]
@@ -787,6 +935,7 @@ mod tests {
             results: vec![result("dense", Vec::new())],
             quality: Vec::new(),
             peers: vec![peer("tf32", 2.0, 5e-4), peer("fp16", 1.0, f64::NAN)],
+            kernel_peak: None,
         };
         let md = report.peers_markdown();
         assert!(md.contains("| 1 | tf32 | 2.00 | 1.50 | 5.0e-4 |"), "{md}");

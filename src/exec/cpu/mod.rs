@@ -18,6 +18,7 @@ mod linear;
 pub(crate) mod ops;
 #[cfg(target_arch = "x86_64")]
 mod partial_avx2;
+pub mod peak;
 mod pool;
 mod reference;
 mod tuning;
