@@ -15,7 +15,9 @@
 //! `EngineExecutor::without_kept_in_place`), `panel-prefetch` (1×1 layers prefetching the
 //! panels they read in place next; without: `EngineExecutor::without_panel_prefetch`),
 //! `summed-means` (convolutions summing their output's panels for the channel gates that
-//! read it; without: `EngineExecutor::without_summed_means`); `nothing` is a control, two
+//! read it; without: `EngineExecutor::without_summed_means`), `thread-choice` (a pass
+//! moved to one thread while the pool has been the slower; without:
+//! `EngineExecutor::without_thread_choice`); `nothing` is a control, two
 //! engines alike.
 //! `--tiles R` runs spatial gates keeping the share R of each layer's tiles (every
 //! channel), instead of `--budget`.
@@ -23,7 +25,7 @@
 //! With `--layers`, also each layer's median time both ways (where they differ by more
 //! than 2%).
 //!
-//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|nothing] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
+//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|thread-choice|nothing] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
 
 use std::time::Instant;
 
@@ -65,12 +67,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "kept-in-place" => EngineExecutor::without_kept_in_place,
         "panel-prefetch" => EngineExecutor::without_panel_prefetch,
         "summed-means" => EngineExecutor::without_summed_means,
+        "thread-choice" => EngineExecutor::without_thread_choice,
         // A control: two engines alike, to see what placement alone does.
         "nothing" | "tuning" => |e| e,
         other => {
             return Err(format!(
                 "unknown path {other}: winograd, batched-gates, winograd-lines, winograd-bands, \
-                 tuning, kept-in-place, panel-prefetch, summed-means or nothing"
+                 tuning, kept-in-place, panel-prefetch, summed-means, thread-choice or nothing"
             )
             .into())
         }

@@ -195,6 +195,10 @@ pub struct KernelPeak {
 /// thread, long enough that thread start-up and the vector units' wake-up do not count.
 const PEAK_REPS: usize = 20_000;
 
+/// The peak's p90 over its p10 beyond which a report says the machine changed speed
+/// during the run.
+const UNSTEADY_PEAK: f64 = 1.3;
+
 /// A dense peer runtime (ONNX Runtime, PyTorch) at one batch size, timed on the same
 /// weights and the same input after our runs (not interleaved with them).
 #[derive(Debug, Clone, Serialize)]
@@ -525,6 +529,14 @@ impl Report {
                 p.p10_gflops,
                 p.p90_gflops
             );
+            if p.p90_gflops > UNSTEADY_PEAK * p.p10_gflops {
+                s += &format!(
+                    "The peak moved by more than {:.0}% during the run: the machine changed \
+                     speed, so its absolute times mix stretches of different speeds; the \
+                     paired ratios to dense hold better.\n",
+                    100.0 * (UNSTEADY_PEAK - 1.0)
+                );
+            }
         }
         s
     }
@@ -906,6 +918,16 @@ mod tests {
         assert!(report
             .markdown()
             .contains("200 GFLOP/s (median of 3 bursts"));
+        assert!(!report.markdown().contains("changed speed"));
+        report.kernel_peak = Some(KernelPeak {
+            p10_gflops: 100.0,
+            ..peak(200.0)
+        });
+        assert!(
+            report.markdown().contains("changed speed"),
+            "{}",
+            report.markdown()
+        );
         report.kernel_peak = Some(peak(40.0));
         let md = report.layers_markdown(1);
         assert!(md.contains("| conv | 100.0 | 50 | 125 | 2.000 |"), "{md}");

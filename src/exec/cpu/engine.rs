@@ -32,6 +32,8 @@
 //! become, and the next layer reads them with a bias that adds every constant back
 //! ([`gating::DroppedConstants`]).
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use super::bands::{self, Bands};
@@ -41,6 +43,7 @@ use super::gemm::{self, ConvGeom, Epilogue, Isa, OutPtr, Residual, Tile, KC, NR}
 use super::linear;
 use super::ops::{self, Window};
 use super::pool::{Buf, BufferPool};
+use super::thread_choice::{ThreadChoice, Way};
 use super::tuning::Tuning;
 use super::winograd::{self, WinogradWeights};
 #[cfg(target_arch = "x86_64")]
@@ -197,6 +200,11 @@ pub struct EngineExecutor {
     /// ResNet-50 1.03–1.04) — presumably as those buffers, two per sample and all of one
     /// size, took the ones the layers' values had fitted best.
     gated_pool: BufferPool,
+    /// Whether a pass runs on the calling pool or on one thread, by recent times (`None`:
+    /// always the pool; see [`EngineExecutor::without_thread_choice`]).
+    thread_choice: Option<ThreadChoice>,
+    /// The one thread passes run on when [`Way::One`] is chosen, started at first use.
+    one_thread: OnceLock<Option<rayon::ThreadPool>>,
 }
 
 /// Per value, per sample: the channels that hold computed data (`None`: all). Channels
@@ -709,6 +717,8 @@ impl EngineExecutor {
             input_plane: model.desc.input.height * model.desc.input.width,
             sum_readers,
             summed_means: true,
+            thread_choice: Some(ThreadChoice::default()),
+            one_thread: OnceLock::new(),
         })
     }
 
@@ -825,6 +835,32 @@ impl EngineExecutor {
     /// ```
     pub fn without_panel_prefetch(mut self) -> Self {
         self.panel_prefetch = false;
+        self
+    }
+
+    /// Runs every pass on the pool it is called from, to measure what choosing between
+    /// the pool and one thread by their recent times buys ([`super::thread_choice`]). By
+    /// default a pass of a kind whose time on the pool has grown well past its best
+    /// tries one thread now and then, and stays there while that is faster. The values
+    /// are the same either way (up to rounding in some gated batches).
+    ///
+    /// ```
+    /// use dynsparse::exec::cpu::EngineExecutor;
+    /// use dynsparse::exec::Executor;
+    /// use dynsparse::synthetic::{conv_chain, ConvSpec};
+    ///
+    /// let conv = ConvSpec { cout: 32, k: 3, stride: 1, depthwise: false };
+    /// let model = conv_chain(16, 28, &[conv, conv])?;
+    /// let input: Vec<f32> = (0..16 * 28 * 28).map(|i| (i % 11) as f32 * 0.1 - 0.5).collect();
+    /// let chosen = EngineExecutor::new(&model)?.forward(&input, 1)?;
+    /// let pool = EngineExecutor::new(&model)?
+    ///     .without_thread_choice()
+    ///     .forward(&input, 1)?;
+    /// assert_eq!(chosen, pool);
+    /// # Ok::<(), dynsparse::Error>(())
+    /// ```
+    pub fn without_thread_choice(mut self) -> Self {
+        self.thread_choice = None;
         self
     }
 
@@ -3810,11 +3846,51 @@ impl Executor for EngineExecutor {
     /// 0.976–0.993, ResNet-50 0.981, ResNet-18 0.977; at budget 0.5 0.950–0.981, 0.941,
     /// 0.966–0.969; MobileNetV2 at batch 8 0.945, and 0.967 without a pool of its own.
     fn forward_with(&self, input: &[f32], batch: usize, policy: Policy) -> Result<Forward> {
-        super::workers::with_workers_awake(|| self.pass(input, batch, policy))
+        let Some(choice) = self
+            .thread_choice
+            .as_ref()
+            .filter(|_| rayon::current_num_threads() > 1)
+        else {
+            return super::workers::with_workers_awake(|| self.pass(input, batch, policy));
+        };
+        let key = pass_kind(batch, policy);
+        let way = choice.choose(key);
+        let start = std::time::Instant::now();
+        let out = self.pass_on(way, input, batch, policy);
+        if out.is_ok() {
+            choice.record(key, way, start.elapsed().as_secs_f64() * 1e3);
+        }
+        out
     }
 }
 
+/// A number naming a kind of pass for [`ThreadChoice`]: its batch size and policy.
+fn pass_kind(batch: usize, policy: Policy) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    batch.hash(&mut h);
+    // Policies hold floats; their printed form tells them apart.
+    format!("{policy:?}").hash(&mut h);
+    h.finish()
+}
+
 impl EngineExecutor {
+    /// A pass run `way`: on the calling pool with its workers kept awake, or on a pool
+    /// of one thread (on the pool, where that thread cannot be started).
+    fn pass_on(&self, way: Way, input: &[f32], batch: usize, policy: Policy) -> Result<Forward> {
+        let one = match way {
+            Way::One => self
+                .one_thread
+                .get_or_init(|| rayon::ThreadPoolBuilder::new().num_threads(1).build().ok())
+                .as_ref(),
+            Way::Pool => None,
+        };
+        match one {
+            Some(pool) => pool.install(|| self.pass(input, batch, policy)),
+            None => super::workers::with_workers_awake(|| self.pass(input, batch, policy)),
+        }
+    }
+
     /// [`Executor::forward_with`] on the calling thread.
     fn pass(&self, input: &[f32], batch: usize, policy: Policy) -> Result<Forward> {
         match self.cuts(policy)? {
@@ -3872,7 +3948,54 @@ mod tests {
             input_plane: 1,
             sum_readers: Vec::new(),
             summed_means: true,
+            thread_choice: None,
+            one_thread: OnceLock::new(),
         }
+    }
+
+    /// A pass moved to one thread by the thread choice computes what the pool does:
+    /// the same logits and costs, dense and gated, one sample and several.
+    #[test]
+    fn passes_on_one_thread_equal_passes_on_the_pool() {
+        use crate::synthetic::{conv_chain, ConvSpec};
+        let conv = |cout, k, stride, depthwise| ConvSpec {
+            cout,
+            k,
+            stride,
+            depthwise,
+        };
+        let model = conv_chain(
+            8,
+            32,
+            &[
+                conv(24, 3, 2, false),
+                conv(48, 1, 1, false),
+                conv(48, 3, 1, true),
+                conv(32, 1, 1, false),
+                conv(32, 3, 1, false),
+            ],
+        )
+        .unwrap();
+        let e = EngineExecutor::new(&model).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for batch in [1, 3] {
+            let input: Vec<f32> = (0..batch * 8 * 32 * 32)
+                .map(|i| ((i * 37) % 101) as f32 * 0.02 - 1.0)
+                .collect();
+            for policy in [Policy::Dense, Policy::Keep(0.5)] {
+                let [on_pool, on_one] = [Way::Pool, Way::One]
+                    .map(|way| pool.install(|| e.pass_on(way, &input, batch, policy).unwrap()));
+                assert_eq!(on_pool.logits, on_one.logits, "{policy:?} batch {batch}");
+                assert_eq!(on_pool.flops, on_one.flops);
+                assert!(on_pool.logits.iter().any(|&v| v != 0.0));
+            }
+        }
+        // The one thread really is one: a pass there sees a pool of one.
+        let one = e.one_thread.get().and_then(Option::as_ref).unwrap();
+        assert_eq!(one.install(rayon::current_num_threads), 1);
     }
 
     #[test]

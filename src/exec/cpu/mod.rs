@@ -21,6 +21,7 @@ mod partial_avx2;
 pub mod peak;
 mod pool;
 mod reference;
+pub mod thread_choice;
 mod tuning;
 mod winograd;
 #[cfg(target_arch = "x86_64")]
