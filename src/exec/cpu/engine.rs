@@ -840,8 +840,9 @@ impl EngineExecutor {
 
     /// Runs every pass on the pool it is called from, to measure what choosing between
     /// the pool and one thread by their recent times buys ([`super::thread_choice`]). By
-    /// default a pass of a kind whose time on the pool has grown well past its best
-    /// tries one thread now and then, and stays there while that is faster. The values
+    /// default each kind of pass tries one thread once, after 32 passes, and again
+    /// whenever its time on the pool has grown well past its best, and stays there while
+    /// that is faster. The values
     /// are the same either way (up to rounding in some gated batches).
     ///
     /// ```

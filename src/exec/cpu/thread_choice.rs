@@ -11,7 +11,7 @@
 //! thread to two.
 //!
 //! So each kind of pass (batch size and policy) keeps the recent time of the way it runs.
-//! Its third pass runs on one thread, once ([`FIRST_PROBE`]). After that, while passes
+//! Its 33rd pass runs on one thread, once ([`FIRST_PROBE`]). After that, while passes
 //! run on the pool and its time stays near the best it has seen, nothing else happens: a
 //! quiet machine pays that one pass. Once the pool's time has grown past
 //! [`SUSPECT`] × its best, every [`PROBE_EVERY`] passes one runs on one thread; if that
@@ -70,7 +70,9 @@ pub const PROBE_EVERY: u32 = 16;
 /// Passes on the pool before the first probe of one thread, which every kind of pass
 /// makes once: a machine already crowded when the first passes ran gives the pool a
 /// best time that is already slow, and the pool would then never look slow enough.
-pub const FIRST_PROBE: u32 = 2;
+/// Late enough that a short run (a demo's ten batches, a command's few images) never
+/// pays it, and a long one pays one pass in many.
+pub const FIRST_PROBE: u32 = 32;
 
 /// Weight of the newest time in a way's running mean.
 const NEWEST: f64 = 0.25;
@@ -226,8 +228,8 @@ mod tests {
     #[test]
     fn a_machine_crowded_from_the_start_moves_to_one_thread() {
         let c = ThreadChoice::default();
-        let ones = drive(&c, 100, 25.0, 15.0);
-        assert!(ones > 80, "{ones} of 100 on one thread");
+        let ones = drive(&c, 232, 25.0, 15.0);
+        assert!(ones > 180, "{ones} of 232 on one thread");
         assert_eq!(c.choose(0), Way::One);
     }
 
