@@ -842,22 +842,24 @@ impl EngineExecutor {
     /// the pool and one thread by their recent times buys ([`super::thread_choice`]). By
     /// default each kind of pass tries one thread once, after 32 passes, and again
     /// whenever its time on the pool has grown well past its best, and stays there while
-    /// that is faster. The values
-    /// are the same either way (up to rounding in some gated batches).
+    /// that is faster. The values are the same either way (up to rounding in some gated
+    /// batches).
     ///
     /// ```
     /// use dynsparse::exec::cpu::EngineExecutor;
-    /// use dynsparse::exec::Executor;
+    /// use dynsparse::exec::{Executor, Policy};
     /// use dynsparse::synthetic::{conv_chain, ConvSpec};
     ///
-    /// let conv = ConvSpec { cout: 32, k: 3, stride: 1, depthwise: false };
-    /// let model = conv_chain(16, 28, &[conv, conv])?;
-    /// let input: Vec<f32> = (0..16 * 28 * 28).map(|i| (i % 11) as f32 * 0.1 - 0.5).collect();
-    /// let chosen = EngineExecutor::new(&model)?.forward(&input, 1)?;
-    /// let pool = EngineExecutor::new(&model)?
-    ///     .without_thread_choice()
-    ///     .forward(&input, 1)?;
-    /// assert_eq!(chosen, pool);
+    /// let conv = ConvSpec { cout: 16, k: 3, stride: 1, depthwise: false };
+    /// let model = conv_chain(8, 16, &[conv, conv])?;
+    /// let input: Vec<f32> = (0..8 * 16 * 16).map(|i| (i % 11) as f32 * 0.1 - 0.5).collect();
+    /// let chosen = EngineExecutor::new(&model)?;
+    /// let pool = EngineExecutor::new(&model)?.without_thread_choice();
+    /// let want = pool.forward_with(&input, 1, Policy::Dense)?.logits;
+    /// // Past the 33rd pass, where (on more than one thread) one pass tries one thread.
+    /// for _ in 0..40 {
+    ///     assert_eq!(chosen.forward_with(&input, 1, Policy::Dense)?.logits, want);
+    /// }
     /// # Ok::<(), dynsparse::Error>(())
     /// ```
     pub fn without_thread_choice(mut self) -> Self {
@@ -3841,8 +3843,9 @@ impl Executor for EngineExecutor {
         Ok(self.run(input, batch, None)?.logits)
     }
 
-    /// With the pool's other workers kept awake for the pass (the `workers` module).
-    /// In-process pairs against sleeping workers (40–60 per model, 2 threads, AVX2;
+    /// On the pool or on one thread, by the pass's kind's recent times on each
+    /// ([`super::thread_choice`]); on the pool, with its other workers kept awake for the
+    /// pass (the `workers` module). In-process pairs against sleeping workers (40–60 per model, 2 threads, AVX2;
     /// medians of the pair ratios): at batch 1 MobileNetV2 0.973–0.979, EfficientNet-Lite0
     /// 0.976–0.993, ResNet-50 0.981, ResNet-18 0.977; at budget 0.5 0.950–0.981, 0.941,
     /// 0.966–0.969; MobileNetV2 at batch 8 0.945, and 0.967 without a pool of its own.

@@ -74,6 +74,9 @@ pub const PROBE_EVERY: u32 = 16;
 /// pays it, and a long one pays one pass in many.
 pub const FIRST_PROBE: u32 = 32;
 
+/// Kinds of pass remembered at most.
+const MAX_KINDS: usize = 64;
+
 /// Weight of the newest time in a way's running mean.
 const NEWEST: f64 = 0.25;
 
@@ -179,6 +182,11 @@ impl ThreadChoice {
         let at = match records.iter().position(|(k, _)| *k == key) {
             Some(i) => i,
             None => {
+                // A caller cycling through many batch sizes or thresholds keeps the
+                // newest kinds only.
+                if records.len() >= MAX_KINDS {
+                    records.remove(0);
+                }
                 records.push((key, Record::new()));
                 records.len() - 1
             }
@@ -256,6 +264,18 @@ mod tests {
         let ones = drive(&c, 300, 20.0, 36.0);
         assert_eq!(ones, 1);
         assert_eq!(c.choose(0), Way::Pool);
+    }
+
+    #[test]
+    fn only_the_newest_kinds_are_kept() {
+        let c = ThreadChoice::default();
+        for key in 0..(MAX_KINDS as u64 + 10) {
+            c.record(key, Way::Pool, 1.0);
+        }
+        let records = c.records.lock().unwrap();
+        assert_eq!(records.len(), MAX_KINDS);
+        assert_eq!(records[0].0, 10);
+        assert_eq!(records[MAX_KINDS - 1].0, MAX_KINDS as u64 + 9);
     }
 
     #[test]
