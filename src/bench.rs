@@ -302,6 +302,14 @@ pub fn run(
     let mut executor = String::new();
     let threads = config.threads.unwrap_or_else(rayon::current_num_threads);
     let mut peaks = Vec::new();
+    // A burst of the micro-kernel on the run's threads, once the first pass has named
+    // the executor as the CPU engine.
+    let time_peak = |executor: &str, peaks: &mut Vec<f64>| {
+        if executor.starts_with("cpu-engine") {
+            let isa = crate::exec::cpu::gemm::Isa::detect();
+            peaks.push(crate::exec::cpu::peak::burst(isa, threads, PEAK_REPS));
+        }
+    };
     for &batch in &config.batches {
         let x = if config.images.is_empty() {
             input(model, batch)?
@@ -326,12 +334,8 @@ pub fn run(
         let mut gate_ms = vec![vec![Vec::new(); model.desc.nodes.len()]; runtimes.len()];
         let mut last = vec![None; runtimes.len()];
         for turn in 0..turns {
-            if turn > 0 && executor.starts_with("cpu-engine") {
-                peaks.push(crate::exec::cpu::peak::burst(
-                    crate::exec::cpu::gemm::Isa::detect(),
-                    threads,
-                    PEAK_REPS,
-                ));
+            if turn > 0 {
+                time_peak(&executor, &mut peaks);
             }
             let timed = config.visit.min(config.runs - turn * config.visit);
             for (p, rt) in runtimes.iter().enumerate() {
@@ -355,13 +359,7 @@ pub fn run(
                 }
             }
         }
-        if executor.starts_with("cpu-engine") {
-            peaks.push(crate::exec::cpu::peak::burst(
-                crate::exec::cpu::gemm::Isa::detect(),
-                threads,
-                PEAK_REPS,
-            ));
-        }
+        time_peak(&executor, &mut peaks);
         for (p, (label, _)) in policies.iter().enumerate() {
             let mut sorted = times[p].clone();
             sorted.sort_by(f64::total_cmp);
