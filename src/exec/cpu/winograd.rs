@@ -1917,7 +1917,8 @@ mod tests {
                 in_out,
                 act,
             };
-            for isa in [Isa::detect(), Isa::Portable] {
+            // Runs the batch with `conv` and checks every sample against the reference.
+            let check = |isa: Isa, way: &str, conv: &dyn Fn(&SamplesJob, &mut [f32])| {
                 let (mut out, residual) = layer.output(batch);
                 let job = SamplesJob {
                     isa,
@@ -1928,13 +1929,18 @@ mod tests {
                     residual,
                     act,
                 };
-                conv_samples(&job, &pool, &mut out);
+                conv(&job, &mut out);
                 for (s, ((chans, rows), bias)) in plans.iter().zip(&biases).enumerate() {
                     let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
                     let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
-                    let at = format!("case {case} {isa:?}, {} of {cin} kept", kept_c.len());
+                    let at = format!("case {case} {way}, {} of {cin} kept", kept_c.len());
                     layer.assert_sample(&out, s, &kept_c, &kept_r, bias, &at);
                 }
+            };
+            for isa in [Isa::detect(), Isa::Portable] {
+                check(isa, &format!("{isa:?}"), &|job, out| {
+                    conv_samples(job, &pool, out)
+                });
             }
             // The same batch on the filters as lines, where this CPU serves it (AVX-512,
             // at most 16 tiles: about two cases in five).
@@ -1942,23 +1948,9 @@ mod tests {
             if super::super::winograd_lines::serves_samples(Isa::detect(), hw) {
                 use super::super::winograd_lines::{self, LineWeights};
                 let lines = LineWeights::from_packed(&ww);
-                let (mut out, residual) = layer.output(batch);
-                let job = SamplesJob {
-                    isa: Isa::detect(),
-                    x: &x,
-                    hw,
-                    weights: &ww,
-                    samples: &keeps,
-                    residual,
-                    act,
-                };
-                winograd_lines::conv_samples(&job, &lines, &pool, &mut out);
-                for (s, ((chans, rows), bias)) in plans.iter().zip(&biases).enumerate() {
-                    let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
-                    let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
-                    let at = format!("case {case} lines, {} of {cin} kept", kept_c.len());
-                    layer.assert_sample(&out, s, &kept_c, &kept_r, bias, &at);
-                }
+                check(Isa::detect(), "lines", &|job, out| {
+                    winograd_lines::conv_samples(job, &lines, &pool, out)
+                });
             }
         }
     }
