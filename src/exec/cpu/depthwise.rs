@@ -1,6 +1,6 @@
-//! Direct depthwise convolution. With AVX2 (on AVX-512 CPUs too), 3×3 and 5×5 windows
-//! of stride 1 or 2 run eight planes at a time, a channel per vector lane
-//! (`depthwise_lanes`; `Plan::with_lanes` and `lanes_run_on` have the numbers); the rest
+//! Direct depthwise convolution. With AVX2, 3×3 and 5×5 windows of stride 1 or 2 run
+//! eight planes at a time (sixteen with AVX-512), a channel per vector lane
+//! (`depthwise_lanes`; `Plan::with_lanes` and `lanes_width` have the numbers); the rest
 //! run plane by plane, as follows. With
 //! AVX-512, taps read the input in place through masked loads (`depthwise_avx512`);
 //! with AVX2, small stride-1 3×3 planes and 5×5 planes of stride 1 or 2 go through a
@@ -33,10 +33,10 @@ pub struct Plan {
     /// The row pitch of `depthwise_avx2::plane_pitched`'s copy, where AVX2 planes take it.
     #[cfg(target_arch = "x86_64")]
     pitch: Option<usize>,
-    /// Whether [`Plan::run`] takes eight planes at a time, a channel per lane
-    /// (`depthwise_lanes`), rather than plane by plane.
+    /// How many planes at a time [`Plan::run`] takes, a channel per lane
+    /// (`depthwise_lanes`); `None`: plane by plane.
     #[cfg(target_arch = "x86_64")]
-    lanes: bool,
+    lanes: Option<depthwise_lanes::Width>,
 }
 
 impl Plan {
@@ -50,8 +50,8 @@ impl Plan {
         Plan::with_lanes(win, path, false)
     }
 
-    /// The plan on `path`, its planes eight at a time when `grouped`, the CPU runs them
-    /// ([`lanes_run_on`]) and [`depthwise_lanes`] supports the window.
+    /// The plan on `path`, its planes eight or sixteen at a time when `grouped`, the CPU
+    /// runs them ([`lanes_width`]) and [`depthwise_lanes`] supports the window.
     ///
     /// One-layer models, in-process pairs (100–150), the layer's time in lanes against
     /// plane by plane, one thread, whole planes in one buffer: 3×3 at 7×7 0.63 (960
@@ -91,7 +91,7 @@ impl Plan {
             #[cfg(target_arch = "x86_64")]
             pitch,
             #[cfg(target_arch = "x86_64")]
-            lanes: grouped && lanes_run_on(path) && depthwise_lanes::supports(&win),
+            lanes: lanes_width(path).filter(|_| grouped && depthwise_lanes::supports(&win)),
         }
     }
 
@@ -100,20 +100,20 @@ impl Plan {
         self.win
     }
 
-    /// Planes of this window on the calling thread, with `act`: eight at a time where
-    /// the plan runs planes in lanes, else one by one ([`Plan::run_plane`]). `bands`
+    /// Planes of this window on the calling thread, with `act`: eight or sixteen at a
+    /// time where the plan runs planes in lanes, else one by one ([`Plan::run_plane`]). `bands`
     /// runs a band's depthwise planes this way: MobileNetV2's banded expansion and
     /// stride-2 depthwise pair over 112×112 took 0.86–0.91 of the time it took with the
     /// planes one by one (one and two threads, batch 1 and 8, budget 0.5; in-process
     /// pairs), EfficientNet-Lite0's 0.84–0.91; whole passes 0.98–0.99.
     pub(super) fn run_planes(&self, planes: &mut [PlaneIo], act: Act, scratch: &mut Vec<f32>) {
         #[cfg(target_arch = "x86_64")]
-        if self.lanes {
+        if let Some(width) = self.lanes {
             let win = self.win;
             let (in_plane, out_plane) =
                 (win.in_hw[0] * win.in_hw[1], win.out_hw[0] * win.out_hw[1]);
             let taps = win.kernel[0] * win.kernel[1];
-            for chunk in planes.chunks_mut(depthwise_lanes::LANES) {
+            for chunk in planes.chunks_mut(width.lanes()) {
                 assert!(
                     chunk.iter().all(|p| p.x.len() >= in_plane
                         && p.out.len() >= out_plane
@@ -133,11 +133,11 @@ impl Plan {
                     residual: None,
                     out,
                 };
-                // SAFETY: the plan is in lanes only where the CPU has AVX2 and FMA
-                // (`lanes_run_on`), for a window `depthwise_lanes` supports; every plane's slices
+                // SAFETY: the plan is in lanes only where the CPU has AVX2 and FMA, and
+                // AVX-512F for sixteen lanes (`lanes_width`), for a window `depthwise_lanes` supports; every plane's slices
                 // hold a whole plane (asserted above), the stored lanes' outputs are
                 // distinct `&mut` slices, and the rows are the window's.
-                unsafe { depthwise_lanes::group(&win, &g, act, 0..win.out_hw[0], scratch) };
+                unsafe { depthwise_lanes::group(width, &win, &g, act, 0..win.out_hw[0], scratch) };
             }
             return;
         }
@@ -242,22 +242,32 @@ fn padded_sweep(win: &Window) -> bool {
     win.out_hw[1] >= depthwise_avx2::LANES && matches!(win.kernel, [3, 3] | [5, 5])
 }
 
-/// Whether planes in lanes (AVX2 and FMA) run on `path`'s CPU: on AVX2, and on AVX-512
-/// too, where the masked plane-by-plane kernels leave most of a 16-lane vector idle on
-/// small planes. AVX-512, one thread, in-process pairs (40), the depthwise layers in
-/// lanes against plane by plane: MobileNetV2's 0.68–0.93 of their time (7×7 planes
-/// 0.78–0.79, stride 2 0.68–0.77), EfficientNet-Lite0's 0.52–0.95 (5×5 at 14×14
-/// 0.52–0.60); whole passes on 2 threads 0.986 / 0.988 (batch 1 / 8) for MobileNetV2,
-/// 0.935 / 0.917 for Lite0; at budget 0.5 0.984 / 0.989 and 0.969 / 0.969.
+/// How many planes in lanes run at a time on `path`'s CPU, if any: eight on AVX2, and
+/// on AVX-512 too, where the masked plane-by-plane kernels leave most of a 16-lane
+/// vector idle on small planes, sixteen there where the CPU has AVX-512F. AVX-512, one
+/// thread, in-process pairs (40), the depthwise layers in eight lanes against plane by
+/// plane: MobileNetV2's 0.68–0.93 of their time (7×7 planes 0.78–0.79, stride 2
+/// 0.68–0.77), EfficientNet-Lite0's 0.52–0.95 (5×5 at 14×14 0.52–0.60); whole passes on
+/// 2 threads 0.986 / 0.988 (batch 1 / 8) for MobileNetV2, 0.935 / 0.917 for Lite0; at
+/// budget 0.5 0.984 / 0.989 and 0.969 / 0.969. Sixteen lanes against eight (Intel
+/// Xeon, in-process pairs, one engine switched pass by pass): depthwise layers at one
+/// thread 0.62–0.87 of their time (7×7 0.62–0.63, 14×14 0.68–0.70, 28×28 0.64–0.66,
+/// stride 2 0.74–0.95); whole passes at batch 1 on one thread 0.944 (MobileNetV2) and
+/// 0.940 (Lite0), on two 0.973 and 0.954; batch 8 0.949 and 0.944; budget 0.5 0.969
+/// and 0.958.
 #[cfg(target_arch = "x86_64")]
-fn lanes_run_on(path: Path) -> bool {
+fn lanes_width(path: Path) -> Option<depthwise_lanes::Width> {
+    use depthwise_lanes::Width;
+    let avx2 = || {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    };
     match path {
-        Path::Avx2 => true,
-        Path::Avx512 => {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
+        Path::Avx2 => Some(Width::Eight),
+        Path::Avx512 if avx2() && std::arch::is_x86_feature_detected!("avx512f") => {
+            Some(Width::Sixteen)
         }
-        Path::Generic => false,
+        Path::Avx512 => avx2().then_some(Width::Eight),
+        Path::Generic => None,
     }
 }
 
@@ -311,10 +321,14 @@ struct Job<'a> {
     shift: Option<&'a [f32]>,
 }
 
-/// The planes of `job`, eight at a time, a channel per lane.
+/// The planes of `job`, a group of eight or sixteen at a time, a channel per lane.
 #[cfg(target_arch = "x86_64")]
 fn planes_in_lanes(plan: &Plan, job: &Job, out: &mut [f32]) {
-    use depthwise_lanes::{Group, LANES};
+    use depthwise_lanes::Group;
+    let Some(width) = plan.lanes else {
+        unreachable!("planes in lanes on a plan without lanes")
+    };
+    let lanes = width.lanes();
     let win = plan.win;
     let in_plane = win.in_hw[0] * win.in_hw[1];
     let out_plane = win.out_hw[0] * win.out_hw[1];
@@ -331,9 +345,9 @@ fn planes_in_lanes(plan: &Plan, job: &Job, out: &mut [f32]) {
     // strips. MobileNetV2's and EfficientNet-Lite0's first depthwise layers at budget
     // 0.5, 2 threads, batch 1: 0.67–0.69 of their time (in-process pairs, 150); split
     // when the groups already shared out evenly (dense: four), 1.02.
-    let groups = count.div_ceil(LANES);
+    let groups = count.div_ceil(lanes);
     let [oh, _] = win.out_hw;
-    let strip = depthwise_lanes::strip_rows(&win);
+    let strip = depthwise_lanes::strip_rows(&win, lanes);
     let strips = oh.div_ceil(strip);
     let threads = rayon::current_num_threads();
     let even = groups >= threads && groups.is_multiple_of(threads);
@@ -346,13 +360,13 @@ fn planes_in_lanes(plan: &Plan, job: &Job, out: &mut [f32]) {
     (0..groups * parts)
         .into_par_iter()
         .with_min_len(if parts == 1 {
-            (1024 / (LANES * out_plane).max(1)).max(1)
+            (1024 / (lanes * out_plane).max(1)).max(1)
         } else {
             1
         })
         .for_each_init(super::pool::Spare::take, |scratch, t| {
-            let (first, part) = (t / parts * LANES, t % parts);
-            let n = (count - first).min(LANES);
+            let (first, part) = (t / parts * lanes, t % parts);
+            let n = (count - first).min(lanes);
             let rows = (part * strips / parts * strip).min(oh)
                 ..((part + 1) * strips / parts * strip).min(oh);
             // Lanes past the group's planes repeat its last one (see `Group`).
@@ -368,19 +382,19 @@ fn planes_in_lanes(plan: &Plan, job: &Job, out: &mut [f32]) {
                     .map(|r| std::array::from_fn(|l| r[at(l) * out_plane..].as_ptr())),
                 out: std::array::from_fn(|l| o.get().wrapping_add(at(l) * out_plane)),
             };
-            // SAFETY: the plan is in lanes, so the CPU has AVX2 and FMA (`lanes_run_on`),
-            // and the window is one `depthwise_lanes` supports (`Plan::with_lanes`); every plane index is below
+            // SAFETY: the plan is in lanes, so the CPU has AVX2 and FMA, and AVX-512F for
+            // sixteen lanes (`lanes_width`), and the window is one `depthwise_lanes` supports (`Plan::with_lanes`); every plane index is below
             // `total`, so each pointer starts a whole plane of its buffer; the groups
             // share out distinct indices, so no two lanes write the same plane, and the
             // parts of one group distinct rows inside `0..oh`.
-            unsafe { depthwise_lanes::group(&win, &g, job.act, rows, scratch) };
+            unsafe { depthwise_lanes::group(width, &win, &g, job.act, rows, scratch) };
         });
 }
 
 /// The planes of `job` on the plan's path.
 fn planes(plan: &Plan, job: &Job, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if plan.lanes {
+    if plan.lanes.is_some() {
         return planes_in_lanes(plan, job, out);
     }
     let win = plan.win;
@@ -837,20 +851,38 @@ mod tests {
 
     fn grouped(plan: &Plan) -> bool {
         #[cfg(target_arch = "x86_64")]
-        return plan.lanes;
+        return plan.lanes.is_some();
         #[cfg(not(target_arch = "x86_64"))]
         return false;
     }
 
-    /// Planes in lanes: 3×3 and 5×5, stride 1 and 2, planes from 1×1 to wider than two
-    /// vectors and up to 130×130 (several strips, the last one short), up to 21 channels
-    /// over 1–3 samples (so groups end mid-sample and the last is partial), a random
-    /// subset of planes kept; skipped planes stay unwritten.
+    /// Planes in lanes, eight and sixteen at a time where the CPU runs them: 3×3 and
+    /// 5×5, stride 1 and 2, planes from 1×1 to wider than two vectors and up to 130×130
+    /// (several strips, the last one short), up to 37 channels over 1–3 samples (so
+    /// groups end mid-sample and the last is partial), a random subset of planes kept;
+    /// skipped planes stay unwritten.
     #[test]
     fn planes_in_lanes_match_the_reference() {
-        if !paths().contains(&Path::Avx2) {
-            return;
+        for path in lane_paths() {
+            planes_in_lanes_match_the_reference_on(path);
         }
+    }
+
+    /// The paths this CPU runs planes in lanes on (eight lanes on AVX2, sixteen on
+    /// AVX-512), each with its width.
+    fn lane_paths() -> Vec<Path> {
+        let p: Vec<Path> = paths()
+            .into_iter()
+            .filter(|&p| lanes_width(p).is_some())
+            .collect();
+        eprintln!(
+            "lanes on {:?}",
+            p.iter().map(|&q| (q, lanes_width(q))).collect::<Vec<_>>()
+        );
+        p
+    }
+
+    fn planes_in_lanes_match_the_reference_on(path: Path) {
         // A top or left padding of a whole kernel or more stays plane by plane.
         for pad_tl in [[3, 0], [0, 3]] {
             let win = Window {
@@ -860,7 +892,7 @@ mod tests {
                 stride: [1, 1],
                 pad_tl,
             };
-            assert!(!grouped(&Plan::with_lanes(win, Path::Avx2, true)));
+            assert!(!grouped(&Plan::with_lanes(win, path, true)));
         }
         let mut rng = super::super::fresh_rng();
         for case in 0..300 {
@@ -885,9 +917,10 @@ mod tests {
                 stride: [s, s],
                 pad_tl,
             };
-            let plan = Plan::with_lanes(win, Path::Avx2, true);
+            let plan = Plan::with_lanes(win, path, true);
             assert!(grouped(&plan), "{win:?}");
-            let (n, c) = (rng.random_range(1..=3), rng.random_range(1..=21));
+            // Up to 37 channels: groups of 16 end mid-sample and the last is partial too.
+            let (n, c) = (rng.random_range(1..=3), rng.random_range(1..=37));
             let (inp, outp) = (in_hw[0] * in_hw[1], win.out_hw[0] * win.out_hw[1]);
             let mut r = |len: usize| {
                 (0..len)
@@ -938,9 +971,12 @@ mod tests {
     /// or cleared first.
     #[test]
     fn planes_in_lanes_ignore_what_the_scratch_held() {
-        if !paths().contains(&Path::Avx2) {
-            return;
+        for path in lane_paths() {
+            planes_in_lanes_ignore_what_the_scratch_held_on(path);
         }
+    }
+
+    fn planes_in_lanes_ignore_what_the_scratch_held_on(path: Path) {
         let mut rng = super::super::fresh_rng();
         for case in 0..100 {
             let (k, s) = ([3, 5][case % 2], 1 + case / 2 % 2);
@@ -956,8 +992,8 @@ mod tests {
                 stride: [s, s],
                 pad_tl: [pad[0], pad[1]],
             };
-            let plan = Plan::with_lanes(win, Path::Avx2, true);
-            let c = rng.random_range(1..=11);
+            let plan = Plan::with_lanes(win, path, true);
+            let c = rng.random_range(1..=19);
             let (inp, outp) = (in_hw[0] * in_hw[1], win.out_hw[0] * win.out_hw[1]);
             let mut r = |len: usize| {
                 (0..len)

@@ -1,44 +1,66 @@
-//! AVX2 depthwise convolution of eight planes at once, one channel per vector lane.
+//! Depthwise convolution of a group of planes at once, one channel per vector lane:
+//! eight with AVX2, sixteen with AVX-512.
 //!
 //! The plane-by-plane kernels put a plane's columns in the vector, which leaves lanes
 //! idle on short rows, needs masks or shuffles at the edges and for stride 2, and pays a
-//! fixed cost per plane that small planes (7×7, 14×14) cannot spread. Here eight planes
-//! are transposed into one zero-padded buffer whose cell `(y, x)` is a vector of the
-//! eight channels' values: every tap of every output is then one plain load and one
-//! multiply-add with that tap's eight weights, at any stride and with no edge cases, and
+//! fixed cost per plane that small planes (7×7, 14×14) cannot spread. Here a group's
+//! planes are transposed into one zero-padded buffer whose cell `(y, x)` is a vector of
+//! the group's channels' values: every tap of every output is then one plain load and
+//! one multiply-add with that tap's weights, at any stride and with no edge cases, and
 //! the outputs are transposed back into their planes with the epilogue (residual,
 //! activation, shift). Large planes go in strips of output rows, so that a strip's
 //! buffers stay in L2 ([`STRIP_BYTES`]). Counted in instructions, the transposes of a
 //! 3×3 layer are about as many as its multiply-adds; on small planes the plane-by-plane
-//! kernels' edges cost more (measured at `depthwise::Plan::with_lanes`).
+//! kernels' edges cost more (measured at `depthwise::Plan::with_lanes`). Sixteen lanes
+//! halve the multiply-adds and loads per output, and a 16 × 16 transpose takes 4
+//! instructions per vector where an 8 × 8 one takes 3 for half the values.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::ops::Window;
-use super::partial_avx2::{load_first, store_first};
+use super::partial_avx2;
 use crate::model::Act;
 
-/// Planes per group: the lanes of a vector.
-pub const LANES: usize = 8;
+/// Planes per group at most: the lanes of an AVX-512 vector.
+pub const MAX_LANES: usize = 16;
 
-/// Eight planes' operands, one per lane. Lanes from `n` on are padding: their pointers
+/// Planes per group on this CPU's kernels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Width {
+    /// Eight planes, AVX2 and FMA.
+    Eight,
+    /// Sixteen planes, AVX-512F.
+    Sixteen,
+}
+
+impl Width {
+    /// Planes per group.
+    pub fn lanes(self) -> usize {
+        match self {
+            Width::Eight => 8,
+            Width::Sixteen => 16,
+        }
+    }
+}
+
+/// A group's operands, one per lane. Lanes from `n` on are padding: their pointers
 /// must still be valid operands (callers repeat the group's last plane), and their
-/// outputs are never stored.
+/// outputs are never stored. Kernels of eight lanes read the first eight entries.
 pub struct Group {
-    /// Planes in use (1..=8).
+    /// Planes in use (1..=lanes).
     pub n: usize,
     /// Each lane's input plane (`in_hw`).
-    pub x: [*const f32; LANES],
+    pub x: [*const f32; MAX_LANES],
     /// Each lane's kernel (`kernel[0] × kernel[1]`).
-    pub k: [*const f32; LANES],
-    pub bias: [f32; LANES],
+    pub k: [*const f32; MAX_LANES],
+    pub bias: [f32; MAX_LANES],
     /// Subtracted from each lane's outputs after the activation.
-    pub shift: [f32; LANES],
+    pub shift: [f32; MAX_LANES],
     /// Each lane's residual plane (`out_hw`), added before the activation.
-    pub residual: Option<[*const f32; LANES]>,
+    pub residual: Option<[*const f32; MAX_LANES]>,
     /// Each lane's output plane (`out_hw`).
-    pub out: [*mut f32; LANES],
+    pub out: [*mut f32; MAX_LANES],
 }
 
 /// Whether [`group`] runs this window: 3×3 and 5×5 kernels of stride 1 or 2, padded
@@ -52,51 +74,258 @@ pub fn supports(win: &Window) -> bool {
 }
 
 /// Convolves output rows `rows` of one group of planes of `win` (which [`supports`]
-/// accepts); `scratch` is the caller's reusable buffer.
+/// accepts) on kernels of `width`; `scratch` is the caller's reusable buffer.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; each lane points at a whole plane of its kind (input,
-/// kernel, residual, output), no two lanes below `g.n` share an output, and `rows`
-/// lies inside `0..win.out_hw[0]`.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn group(win: &Window, g: &Group, act: Act, rows: Range<usize>, scratch: &mut Vec<f32>) {
-    match (win.kernel[0], win.stride[0]) {
-        (3, 1) => run::<3, 1>(win, g, act, rows, scratch),
-        (3, _) => run::<3, 2>(win, g, act, rows, scratch),
-        (_, 1) => run::<5, 1>(win, g, act, rows, scratch),
-        _ => run::<5, 2>(win, g, act, rows, scratch),
+/// The CPU supports AVX2 and FMA, and AVX-512F for [`Width::Sixteen`]; each lane below
+/// `width`'s points at a whole plane of its kind (input, kernel, residual, output), no
+/// two lanes below `g.n` share an output, and `rows` lies inside `0..win.out_hw[0]`.
+pub unsafe fn group(
+    width: Width,
+    win: &Window,
+    g: &Group,
+    act: Act,
+    rows: Range<usize>,
+    scratch: &mut Vec<f32>,
+) {
+    debug_assert!((1..=width.lanes()).contains(&g.n));
+    match width {
+        Width::Eight => group_avx2(win, g, act, rows, scratch),
+        Width::Sixteen => group_avx512(win, g, act, rows, scratch),
     }
 }
 
-/// Rows of an 8 × 8 block become its columns.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_avx2(
+    win: &Window,
+    g: &Group,
+    act: Act,
+    rows: Range<usize>,
+    scratch: &mut Vec<f32>,
+) {
+    match (win.kernel[0], win.stride[0]) {
+        (3, 1) => run::<Ymm, 3, 1>(win, g, act, rows, scratch),
+        (3, _) => run::<Ymm, 3, 2>(win, g, act, rows, scratch),
+        (_, 1) => run::<Ymm, 5, 1>(win, g, act, rows, scratch),
+        _ => run::<Ymm, 5, 2>(win, g, act, rows, scratch),
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn group_avx512(
+    win: &Window,
+    g: &Group,
+    act: Act,
+    rows: Range<usize>,
+    scratch: &mut Vec<f32>,
+) {
+    match (win.kernel[0], win.stride[0]) {
+        (3, 1) => run::<Zmm, 3, 1>(win, g, act, rows, scratch),
+        (3, _) => run::<Zmm, 3, 2>(win, g, act, rows, scratch),
+        (_, 1) => run::<Zmm, 5, 1>(win, g, act, rows, scratch),
+        _ => run::<Zmm, 5, 2>(win, g, act, rows, scratch),
+    }
+}
+
+/// A vector of one value per lane (plane), and what the kernel does with it. Every
+/// method is inlined into a function compiled with the vector's target features.
+trait Lanes: Copy {
+    const N: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn splat(v: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    /// The first `n` values from `p`, zero in the other lanes, reading nothing past them.
+    unsafe fn load_first(p: *const f32, n: usize) -> Self;
+    unsafe fn store(p: *mut f32, v: Self);
+    /// Stores the first `n` lanes, touching nothing past them.
+    unsafe fn store_first(p: *mut f32, v: Self, n: usize);
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
+    unsafe fn add(a: Self, b: Self) -> Self;
+    unsafe fn sub(a: Self, b: Self) -> Self;
+    unsafe fn max(a: Self, b: Self) -> Self;
+    unsafe fn min(a: Self, b: Self) -> Self;
+    /// Rows `0..N` of an `N × N` block become its columns (entries past `N` untouched).
+    unsafe fn transpose(r: &mut [Self; MAX_LANES]);
+}
+
+#[derive(Clone, Copy)]
+struct Ymm(__m256);
+
+impl Lanes for Ymm {
+    const N: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Ymm(_mm256_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        Ymm(_mm256_set1_ps(v))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Ymm(_mm256_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn load_first(p: *const f32, n: usize) -> Self {
+        Ymm(partial_avx2::load_first(p, n))
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self) {
+        _mm256_storeu_ps(p, v.0)
+    }
+    #[inline(always)]
+    unsafe fn store_first(p: *mut f32, v: Self, n: usize) {
+        partial_avx2::store_first(p, v.0, n)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        Ymm(_mm256_fmadd_ps(a.0, b.0, c.0))
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        Ymm(_mm256_add_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self, b: Self) -> Self {
+        Ymm(_mm256_sub_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self, b: Self) -> Self {
+        Ymm(_mm256_max_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn min(a: Self, b: Self) -> Self {
+        Ymm(_mm256_min_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn transpose(r: &mut [Self; MAX_LANES]) {
+        let t0 = _mm256_unpacklo_ps(r[0].0, r[1].0);
+        let t1 = _mm256_unpackhi_ps(r[0].0, r[1].0);
+        let t2 = _mm256_unpacklo_ps(r[2].0, r[3].0);
+        let t3 = _mm256_unpackhi_ps(r[2].0, r[3].0);
+        let t4 = _mm256_unpacklo_ps(r[4].0, r[5].0);
+        let t5 = _mm256_unpackhi_ps(r[4].0, r[5].0);
+        let t6 = _mm256_unpacklo_ps(r[6].0, r[7].0);
+        let t7 = _mm256_unpackhi_ps(r[6].0, r[7].0);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        r[0] = Ymm(_mm256_permute2f128_ps::<0x20>(u0, u4));
+        r[1] = Ymm(_mm256_permute2f128_ps::<0x20>(u1, u5));
+        r[2] = Ymm(_mm256_permute2f128_ps::<0x20>(u2, u6));
+        r[3] = Ymm(_mm256_permute2f128_ps::<0x20>(u3, u7));
+        r[4] = Ymm(_mm256_permute2f128_ps::<0x31>(u0, u4));
+        r[5] = Ymm(_mm256_permute2f128_ps::<0x31>(u1, u5));
+        r[6] = Ymm(_mm256_permute2f128_ps::<0x31>(u2, u6));
+        r[7] = Ymm(_mm256_permute2f128_ps::<0x31>(u3, u7));
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Zmm(__m512);
+
+impl Zmm {
+    /// The mask of the first `n` lanes (all from 16 up).
+    #[inline(always)]
+    fn first(n: usize) -> __mmask16 {
+        if n >= 16 {
+            !0
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+}
+
+impl Lanes for Zmm {
+    const N: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Zmm(_mm512_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        Zmm(_mm512_set1_ps(v))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Zmm(_mm512_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn load_first(p: *const f32, n: usize) -> Self {
+        // Masked-off lanes are not read (no fault past them).
+        Zmm(_mm512_maskz_loadu_ps(Zmm::first(n), p))
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self) {
+        _mm512_storeu_ps(p, v.0)
+    }
+    #[inline(always)]
+    unsafe fn store_first(p: *mut f32, v: Self, n: usize) {
+        _mm512_mask_storeu_ps(p, Zmm::first(n), v.0)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        Zmm(_mm512_fmadd_ps(a.0, b.0, c.0))
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        Zmm(_mm512_add_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self, b: Self) -> Self {
+        Zmm(_mm512_sub_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self, b: Self) -> Self {
+        Zmm(_mm512_max_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn min(a: Self, b: Self) -> Self {
+        Zmm(_mm512_min_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn transpose(r: &mut [Self; MAX_LANES]) {
+        // Within each 128-bit quarter, as the 8 × 8 transpose does: u[4i + m]'s quarter
+        // j then holds column 4j + m of rows 4i..4i + 4.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            let t0 = _mm512_unpacklo_ps(r[4 * i].0, r[4 * i + 1].0);
+            let t1 = _mm512_unpackhi_ps(r[4 * i].0, r[4 * i + 1].0);
+            let t2 = _mm512_unpacklo_ps(r[4 * i + 2].0, r[4 * i + 3].0);
+            let t3 = _mm512_unpackhi_ps(r[4 * i + 2].0, r[4 * i + 3].0);
+            u[4 * i] = _mm512_shuffle_ps::<0x44>(t0, t2);
+            u[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(t0, t2);
+            u[4 * i + 2] = _mm512_shuffle_ps::<0x44>(t1, t3);
+            u[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(t1, t3);
+        }
+        // Then the 4 × 4 quarters: column 4j + m takes quarter j of u[4i + m], i = 0..4.
+        for m in 0..4 {
+            let v0 = _mm512_shuffle_f32x4::<0x44>(u[m], u[4 + m]);
+            let v1 = _mm512_shuffle_f32x4::<0xEE>(u[m], u[4 + m]);
+            let v2 = _mm512_shuffle_f32x4::<0x44>(u[8 + m], u[12 + m]);
+            let v3 = _mm512_shuffle_f32x4::<0xEE>(u[8 + m], u[12 + m]);
+            r[m] = Zmm(_mm512_shuffle_f32x4::<0x88>(v0, v2));
+            r[4 + m] = Zmm(_mm512_shuffle_f32x4::<0xDD>(v0, v2));
+            r[8 + m] = Zmm(_mm512_shuffle_f32x4::<0x88>(v1, v3));
+            r[12 + m] = Zmm(_mm512_shuffle_f32x4::<0xDD>(v1, v3));
+        }
+    }
+}
+
+/// `N` vectors from `f(l)` for `l < N`, transposed (lanes past `N` hold zeros).
 #[inline(always)]
-unsafe fn transpose(r: [__m256; 8]) -> [__m256; 8] {
-    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-    [
-        _mm256_permute2f128_ps::<0x20>(u0, u4),
-        _mm256_permute2f128_ps::<0x20>(u1, u5),
-        _mm256_permute2f128_ps::<0x20>(u2, u6),
-        _mm256_permute2f128_ps::<0x20>(u3, u7),
-        _mm256_permute2f128_ps::<0x31>(u0, u4),
-        _mm256_permute2f128_ps::<0x31>(u1, u5),
-        _mm256_permute2f128_ps::<0x31>(u2, u6),
-        _mm256_permute2f128_ps::<0x31>(u3, u7),
-    ]
+unsafe fn transposed<V: Lanes>(f: impl Fn(usize) -> V) -> [V; MAX_LANES] {
+    let mut r = [V::zero(); MAX_LANES];
+    for (l, v) in r.iter_mut().enumerate().take(V::N) {
+        *v = f(l);
+    }
+    V::transpose(&mut r);
+    r
 }
 
 /// Outputs of one row accumulated together, so that their chains of multiply-adds
@@ -104,8 +333,8 @@ unsafe fn transpose(r: [__m256; 8]) -> [__m256; 8] {
 /// chains keep the units busy.
 const BLOCK: usize = 8;
 
-#[target_feature(enable = "avx2,fma")]
-unsafe fn run<const K: usize, const S: usize>(
+#[inline(always)]
+unsafe fn run<V: Lanes, const K: usize, const S: usize>(
     win: &Window,
     g: &Group,
     act: Act,
@@ -119,29 +348,30 @@ unsafe fn run<const K: usize, const S: usize>(
     }
     // The padded width the windows reach; input columns past it are never read.
     let pw = (ow - 1) * S + K;
-    let strip = strip_rows(win);
+    let lanes = V::N;
+    let strip = strip_rows(win, lanes);
     let (in_len, out_len) = (
-        ((strip - 1) * S + K) * pw * LANES,
-        (strip * ow).next_multiple_of(LANES) * LANES,
+        ((strip - 1) * S + K) * pw * lanes,
+        (strip * ow).next_multiple_of(lanes) * lanes,
     );
-    // One buffer for the interleaved input and output of a strip, started on a 32-byte
+    // One buffer for the interleaved input and output of a strip, started on a vector's
     // boundary (where the allocator allows) so that no vector load spans two cache lines.
-    scratch.resize(in_len + out_len + LANES, 0.0);
-    let skip = scratch.as_ptr().align_offset(32).min(LANES);
+    scratch.resize(in_len + out_len + lanes, 0.0);
+    let skip = scratch.as_ptr().align_offset(4 * lanes).min(lanes);
     let buf = scratch.as_mut_ptr().add(skip);
     let obuf = buf.add(in_len);
 
     let (x, k) = (g.x, g.k);
-    // Tap t's eight weights, one per lane.
-    let mut w = [_mm256_setzero_ps(); 32];
-    for t in (0..K * K).step_by(LANES) {
-        let n = (K * K - t).min(LANES);
-        let v = transpose(std::array::from_fn(|l| load_first(k[l].add(t), n)));
-        w[t..t + LANES].copy_from_slice(&v);
+    // Tap t's weights, one per lane.
+    let mut w = [V::zero(); 32];
+    for t in (0..K * K).step_by(lanes) {
+        let n = (K * K - t).min(lanes);
+        let v = transposed(|l| V::load_first(k[l].add(t), n));
+        w[t..t + lanes].copy_from_slice(&v[..lanes]);
     }
-    let bias = _mm256_loadu_ps(g.bias.as_ptr());
+    let bias = V::load(g.bias.as_ptr());
     let cols = iw.min(pw.saturating_sub(pl));
-    let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
+    let (zero, six) = (V::zero(), V::splat(6.0));
 
     for oy0 in rows.clone().step_by(strip) {
         let oy1 = (oy0 + strip).min(rows.end);
@@ -153,54 +383,54 @@ unsafe fn run<const K: usize, const S: usize>(
         // thread, 7×7 to 28×28, stride 1 and 2).
         let inside = top.max(pt)..(top + height).min(pt + ih).max(top.max(pt));
         let clear = |cell: usize, cells: usize| {
-            std::ptr::write_bytes(buf.add(cell * LANES), 0, cells * LANES)
+            std::ptr::write_bytes(buf.add(cell * lanes), 0, cells * lanes)
         };
         clear(0, (inside.start - top) * pw);
         clear((inside.end - top) * pw, (top + height - inside.end) * pw);
-        // The interleaved input: the strip's rows inside the plane, eight columns at a
-        // time.
+        // The interleaved input: the strip's rows inside the plane, a vector's worth of
+        // columns at a time.
         for py in inside {
             let iy = py - pt;
             let row = (py - top) * pw;
             clear(row, pl);
             clear(row + pl + cols, pw - pl - cols);
-            let to = buf.add((row + pl) * LANES);
+            let to = buf.add((row + pl) * lanes);
             let mut ix = 0;
             while ix < cols {
-                let n = (cols - ix).min(LANES);
+                let n = (cols - ix).min(lanes);
                 let at = iy * iw + ix;
-                if n == LANES {
-                    let v = transpose(std::array::from_fn(|l| _mm256_loadu_ps(x[l].add(at))));
-                    for (j, c) in v.iter().enumerate() {
-                        _mm256_storeu_ps(to.add((ix + j) * LANES), *c);
+                if n == lanes {
+                    let v = transposed(|l| V::load(x[l].add(at)));
+                    for (j, c) in v.iter().enumerate().take(lanes) {
+                        V::store(to.add((ix + j) * lanes), *c);
                     }
-                } else if iy + 1 < ih && iw >= LANES - n {
+                } else if iy + 1 < ih && iw >= lanes - n {
                     // A short piece of a row that is not the plane's last: plain loads,
                     // whose lanes past the piece read the next row, inside the plane, and
                     // are not stored. Partial loads there cost 7×7 layers 3% of their
                     // time (one thread, in-process pairs: 0.970 with 3×3 windows, 0.984
                     // with 5×5; 14×14 0.989 and 0.998; whole passes 0.995–0.997 at batch
                     // 1, 1.00 at batch 8).
-                    let v = transpose(std::array::from_fn(|l| _mm256_loadu_ps(x[l].add(at))));
+                    let v = transposed(|l| V::load(x[l].add(at)));
                     for (j, c) in v.iter().enumerate().take(n) {
-                        _mm256_storeu_ps(to.add((ix + j) * LANES), *c);
+                        V::store(to.add((ix + j) * lanes), *c);
                     }
                 } else {
-                    let v = transpose(std::array::from_fn(|l| load_first(x[l].add(at), n)));
+                    let v = transposed(|l| V::load_first(x[l].add(at), n));
                     for (j, c) in v.iter().enumerate().take(n) {
-                        _mm256_storeu_ps(to.add((ix + j) * LANES), *c);
+                        V::store(to.add((ix + j) * lanes), *c);
                     }
                 }
-                ix += LANES;
+                ix += lanes;
             }
         }
 
         for oy in oy0..oy1 {
-            let from = buf.add((oy - oy0) * S * pw * LANES);
-            let to = obuf.add((oy - oy0) * ow * LANES);
+            let from = buf.add((oy - oy0) * S * pw * lanes);
+            let to = obuf.add((oy - oy0) * ow * lanes);
             let mut ox = 0;
             while ox + BLOCK <= ow {
-                outputs::<K, S, BLOCK>(from, pw, ox, &w, bias, to);
+                outputs::<V, K, S, BLOCK>(from, pw, ox, &w, bias, to);
                 ox += BLOCK;
             }
             // The rest of the row as one block too: a lone output is a chain of K²
@@ -208,13 +438,13 @@ unsafe fn run<const K: usize, const S: usize>(
             // kernel must be inlined here to be compiled with its target features.)
             match ow - ox {
                 0 => {}
-                1 => outputs::<K, S, 1>(from, pw, ox, &w, bias, to),
-                2 => outputs::<K, S, 2>(from, pw, ox, &w, bias, to),
-                3 => outputs::<K, S, 3>(from, pw, ox, &w, bias, to),
-                4 => outputs::<K, S, 4>(from, pw, ox, &w, bias, to),
-                5 => outputs::<K, S, 5>(from, pw, ox, &w, bias, to),
-                6 => outputs::<K, S, 6>(from, pw, ox, &w, bias, to),
-                _ => outputs::<K, S, 7>(from, pw, ox, &w, bias, to),
+                1 => outputs::<V, K, S, 1>(from, pw, ox, &w, bias, to),
+                2 => outputs::<V, K, S, 2>(from, pw, ox, &w, bias, to),
+                3 => outputs::<V, K, S, 3>(from, pw, ox, &w, bias, to),
+                4 => outputs::<V, K, S, 4>(from, pw, ox, &w, bias, to),
+                5 => outputs::<V, K, S, 5>(from, pw, ox, &w, bias, to),
+                6 => outputs::<V, K, S, 6>(from, pw, ox, &w, bias, to),
+                _ => outputs::<V, K, S, 7>(from, pw, ox, &w, bias, to),
             }
         }
 
@@ -222,18 +452,16 @@ unsafe fn run<const K: usize, const S: usize>(
         // once per strip, outside the loops).
         let at = (oy0 * ow, (oy1 - oy0) * ow);
         match (g.residual, act) {
-            (None, Act::None) => back(g, obuf, at, |y, _, _| y),
-            (None, Act::Relu) => back(g, obuf, at, |y, _, _| _mm256_max_ps(y, zero)),
-            (None, Act::Relu6) => back(g, obuf, at, |y, _, _| {
-                _mm256_min_ps(_mm256_max_ps(y, zero), six)
-            }),
+            (None, Act::None) => back(g, obuf, at, |y: V, _, _| y),
+            (None, Act::Relu) => back(g, obuf, at, |y, _, _| V::max(y, zero)),
+            (None, Act::Relu6) => back(g, obuf, at, |y, _, _| V::min(V::max(y, zero), six)),
             (Some(r), act) => {
-                let add = |y, l: usize, (p, n)| _mm256_add_ps(y, load_first(r[l].add(p), n));
+                let add = |y, l: usize, (p, n)| V::add(y, V::load_first(r[l].add(p), n));
                 match act {
                     Act::None => back(g, obuf, at, add),
-                    Act::Relu => back(g, obuf, at, |y, l, p| _mm256_max_ps(add(y, l, p), zero)),
+                    Act::Relu => back(g, obuf, at, |y, l, p| V::max(add(y, l, p), zero)),
                     Act::Relu6 => back(g, obuf, at, |y, l, p| {
-                        _mm256_min_ps(_mm256_max_ps(add(y, l, p), zero), six)
+                        V::min(V::max(add(y, l, p), zero), six)
                     }),
                 }
             }
@@ -242,7 +470,7 @@ unsafe fn run<const K: usize, const S: usize>(
 }
 
 /// Bytes a strip's buffer (its interleaved padded input rows and outputs) is kept
-/// within: a group of whole planes over 56×56 or more would leave L2 (207 KiB at 56×56,
+/// within (measured with eight lanes; sixteen take half the rows per strip): a group of whole planes over 56×56 or more would leave L2 (207 KiB at 56×56,
 /// 0.8 MB at 112×112), and with whole planes on two threads the plane-by-plane kernels
 /// had won at 112×112 (below) and tied or won at 56×56 in whole passes (MobileNetV2
 /// 1.00, EfficientNet-Lite0 1.07 of the time).
@@ -255,52 +483,51 @@ unsafe fn run<const K: usize, const S: usize>(
 /// rows their windows share with the next strip.
 const STRIP_BYTES: usize = 64 << 10;
 
-/// Output rows per strip of `win`: as many as keep a strip's buffer within
-/// [`STRIP_BYTES`], at least one.
-pub fn strip_rows(win: &Window) -> usize {
+/// Output rows per strip of `win` in groups of `lanes` planes: as many as keep a
+/// strip's buffer within [`STRIP_BYTES`], at least one.
+pub fn strip_rows(win: &Window, lanes: usize) -> usize {
     let [oh, ow] = win.out_hw;
     let pw = (ow.max(1) - 1) * win.stride[1] + win.kernel[1];
     // Per output row: `stride` padded input rows and the row's outputs; plus the
     // window's extra rows once.
-    let bytes = |rows: usize| rows * LANES * std::mem::size_of::<f32>();
+    let bytes = |rows: usize| rows * lanes * std::mem::size_of::<f32>();
     let row = bytes(win.stride[0] * pw + ow);
     let extra = bytes(win.kernel[0].saturating_sub(win.stride[0]) * pw);
     (STRIP_BYTES.saturating_sub(extra) / row).clamp(1, oh.max(1))
 }
 
 /// Transposes a strip's interleaved outputs `obuf` (`count` positions from `p0` of the
-/// planes, a multiple of 8 allocated) back into the lanes' planes, each vector through
-/// `epilogue(vector, lane, (position, count))` and less its lane's shift.
+/// planes, a multiple of the lanes allocated) back into the lanes' planes, each vector
+/// through `epilogue(vector, lane, (position, count))` and less its lane's shift.
 #[inline(always)]
-unsafe fn back(
+unsafe fn back<V: Lanes>(
     g: &Group,
     obuf: *const f32,
     (p0, count): (usize, usize),
-    epilogue: impl Fn(__m256, usize, (usize, usize)) -> __m256,
+    epilogue: impl Fn(V, usize, (usize, usize)) -> V,
 ) {
-    let shift: [__m256; LANES] = std::array::from_fn(|l| _mm256_set1_ps(g.shift[l]));
+    let lanes = V::N;
+    let shift: [V; MAX_LANES] = std::array::from_fn(|l| V::splat(g.shift[l]));
     let mut p = 0;
     while p < count {
-        let n = (count - p).min(LANES);
-        let v = transpose(std::array::from_fn(|j| {
-            _mm256_loadu_ps(obuf.add((p + j) * LANES))
-        }));
+        let n = (count - p).min(lanes);
+        let v = transposed(|j| V::load(obuf.add((p + j) * lanes)));
         for l in 0..g.n {
-            let y = _mm256_sub_ps(epilogue(v[l], l, (p0 + p, n)), shift[l]);
-            store_first(g.out[l].add(p0 + p), y, n);
+            let y = V::sub(epilogue(v[l], l, (p0 + p, n)), shift[l]);
+            V::store_first(g.out[l].add(p0 + p), y, n);
         }
-        p += LANES;
+        p += lanes;
     }
 }
 
 /// Outputs `ox..ox + B` of one row: `from` is the padded row its windows start on.
 #[inline(always)]
-unsafe fn outputs<const K: usize, const S: usize, const B: usize>(
+unsafe fn outputs<V: Lanes, const K: usize, const S: usize, const B: usize>(
     from: *const f32,
     pw: usize,
     ox: usize,
-    w: &[__m256; 32],
-    bias: __m256,
+    w: &[V; 32],
+    bias: V,
     to: *mut f32,
 ) {
     let mut acc = [bias; B];
@@ -308,12 +535,12 @@ unsafe fn outputs<const K: usize, const S: usize, const B: usize>(
         for kx in 0..K {
             let wv = w[ky * K + kx];
             for (j, a) in acc.iter_mut().enumerate() {
-                let at = from.add((ky * pw + (ox + j) * S + kx) * LANES);
-                *a = _mm256_fmadd_ps(_mm256_loadu_ps(at), wv, *a);
+                let at = from.add((ky * pw + (ox + j) * S + kx) * V::N);
+                *a = V::fmadd(V::load(at), wv, *a);
             }
         }
     }
     for (j, a) in acc.iter().enumerate() {
-        _mm256_storeu_ps(to.add((ox + j) * LANES), *a);
+        V::store(to.add((ox + j) * V::N), *a);
     }
 }
