@@ -544,3 +544,47 @@ unsafe fn outputs<V: Lanes, const K: usize, const S: usize, const B: usize>(
         V::store(to.add((ox + j) * V::N), *a);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A width's transpose on an `N × N` block of distinct values: row `i`, column `j`
+    /// comes back at row `j`, column `i`.
+    #[inline(always)]
+    unsafe fn transposes<V: Lanes>() {
+        let n = V::N;
+        let block: Vec<f32> = (0..n * n).map(|v| v as f32).collect();
+        let mut got = vec![f32::NAN; n * n];
+        let r = transposed(|i| V::load(block[i * n..].as_ptr()));
+        for (j, v) in r.iter().enumerate().take(n) {
+            V::store(got[j * n..].as_mut_ptr(), *v);
+        }
+        for i in 0..n {
+            for j in 0..n {
+                assert_eq!(got[j * n + i], block[i * n + j], "{n} lanes, ({i}, {j})");
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn transposes_eight() {
+        transposes::<Ymm>()
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transposes_sixteen() {
+        transposes::<Zmm>()
+    }
+
+    #[test]
+    fn transposes_swap_rows_and_columns() {
+        // SAFETY: each runs only where the CPU has its features.
+        if is_x86_feature_detected!("avx2") {
+            unsafe { transposes_eight() };
+        }
+        if is_x86_feature_detected!("avx512f") {
+            unsafe { transposes_sixteen() };
+        }
+    }
+}
