@@ -14,6 +14,8 @@ mod depthwise_masks;
 mod engine;
 mod gate_scores;
 pub mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 mod linear;
 pub(crate) mod ops;
 #[cfg(target_arch = "x86_64")]

@@ -37,6 +37,8 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::gemm::{self, Epilogue, Isa, OutPtr, Residual, Tile, NR, PACK};
+#[cfg(target_arch = "x86_64")]
+use super::lanes::{Lanes, Ymm, Zmm};
 use super::pool::{line_aligned, BufferPool, Spare};
 use crate::model::Act;
 
@@ -904,167 +906,61 @@ unsafe fn input_transform(
     input_transform_body(&mut scratch.cols, plane, hw, to)
 }
 
-/// [`input_transform_avx2`] in vectors of 16 tile columns: half the instructions over
-/// rows of more than 8 tiles (28 × 28 planes and wider), the same operations in the same
-/// order. Partial vectors at the ends of the copy into the panels are masked. With
-/// [`output_transform_avx512`], against both transforms on AVX2 (Intel Xeon, one
-/// thread, in-process pairs, one engine switched pass by pass): 3×3 layers at 56 × 56
-/// 0.90–0.95 of their time, at 28 × 28 0.94–0.97; dense passes at batch 1 0.979–0.991
-/// (ResNet-18) and 0.986–0.996 (ResNet-50), on two threads 0.992 and 0.999; at budget
-/// 0.5 0.990 and 1.003, at batch 8 0.994 and 1.010 (10 pairs): about 1% on ResNet-18,
-/// within the noise on ResNet-50.
+/// [`input_transform_body`] in vectors of tile columns (8 with AVX2, 16 with AVX-512).
+/// The generic body, compiled for AVX2, ran a 14 × 14 plane's 7 tile columns in the
+/// scalar remainder of every loop: ResNet-50's 14 × 14 layers spent a quarter of their
+/// time (dense, 2 threads) transforming their inputs. Here a padded row is split into
+/// its even and odd columns by shuffles, and the plane's transformed tiles are written
+/// whole, tile row after tile row, into a buffer of their own (a row's vector running
+/// into the next row's tiles is overwritten by it), then copied into the panels in runs,
+/// rather than stored a tile row's few lanes at a time (AVX2, one thread, planes in a
+/// loop: a 14 × 14 plane 0.41 µs against 0.56, 28 × 28 1.24 against 1.76, 7 × 7 0.20
+/// against 0.26; the generic body 0.94, 2.5 and 0.41). The results are the same,
+/// operation for operation.
+///
+/// Sixteen lanes halve the instructions over rows of more than 8 tiles (28 × 28 planes
+/// and wider). With the output transform in sixteen lanes too, against both in eight
+/// (Intel Xeon, one thread, in-process pairs, one engine switched pass by pass): 3×3
+/// layers at 56 × 56 0.90–0.95 of their time, at 28 × 28 0.94–0.97; dense passes at
+/// batch 1 0.979–0.991 (ResNet-18) and 0.986–0.996 (ResNet-50), on two threads 0.992
+/// and 0.999; at budget 0.5 0.990 and 1.003, at batch 8 0.994 and 1.010 (10 pairs):
+/// about 1% on ResNet-18, within the noise on ResNet-50.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[inline(always)]
 #[allow(clippy::needless_range_loop)] // j picks the same column of four rows
-unsafe fn input_transform_avx512(
+unsafe fn input_transform_vec<V: Lanes>(
     scratch: &mut Scratch,
     plane: &[f32],
     [h, w]: [usize; 2],
     to: Dest,
 ) {
-    use std::arch::x86_64::*;
+    let lanes = V::N;
     let (v, first_tile, ci, kc, v_xi) = (to.v, to.first_tile, to.ci, to.kc, to.v_xi());
     let Scratch { cols, tiles: buf } = scratch;
     let (tw, [ty0, ty1]) = grid(cols, [h, w], to.range);
     let (th, prows) = (ty1 - ty0, 2 * (ty1 - ty0) + 2);
     // The padded row: column p is input column p - 1, zero outside the row. A vector
-    // at tile column x (a multiple of 16 below MAX_TW) reads padded columns
-    // 2·x .. 2·x + 34 ≤ 2·MAX_TW + 2.
+    // at tile column x (a multiple of the lanes below MAX_TW) reads padded columns
+    // 2·x .. 2·x + 2 + 2·lanes ≤ 2·MAX_TW + 2.
     let mut padded = [0f32; 2 * COLS + 8];
-    let (even, odd) = (
-        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
-        _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31),
-    );
-    // Even and odd lanes of two vectors, in order.
-    let split = |p: *const f32| {
-        let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
-        (
-            _mm512_permutex2var_ps(a, even, b),
-            _mm512_permutex2var_ps(a, odd, b),
-        )
-    };
     for (y, c) in plane_rows(&mut cols[..prows], h, tw, 2 * ty0) {
         padded[1..=w].copy_from_slice(&plane[y * w..(y + 1) * w]);
         let pp = padded.as_ptr();
         let [c0, c1, c2, c3] = c;
-        // Writes up to tile column 63 < COLS.
-        for x in (0..tw).step_by(16) {
-            let (d0, d1) = split(pp.add(2 * x));
-            let (d2, d3) = split(pp.add(2 * x + 2));
-            _mm512_storeu_ps(c0.as_mut_ptr().add(x), _mm512_sub_ps(d0, d2));
-            _mm512_storeu_ps(c1.as_mut_ptr().add(x), _mm512_add_ps(d1, d2));
-            _mm512_storeu_ps(c2.as_mut_ptr().add(x), _mm512_sub_ps(d2, d1));
-            _mm512_storeu_ps(c3.as_mut_ptr().add(x), _mm512_sub_ps(d1, d3));
-        }
-    }
-    // [ξ][tile of tile rows ty0..ty1], a vector's room past the last tile.
-    let t_one = th * tw;
-    let stride = t_one + 16;
-    if buf.len() < XI * stride {
-        buf.resize(XI * stride, 0.0);
-    }
-    let bp = buf.as_mut_ptr();
-    for ty in 0..th {
-        let rows = &cols[2 * ty..2 * ty + 4];
-        for j in 0..4 {
-            let [a, b, c, d] = [0, 1, 2, 3].map(|k| rows[k][j].as_ptr());
-            let at = |i: usize| bp.add((i * 4 + j) * stride + ty * tw);
-            let (v0, v1, v2, v3) = (at(0), at(1), at(2), at(3));
-            // Reads up to tile column 63 < COLS; writes up to t_one + 15 < stride.
-            for x in (0..tw).step_by(16) {
-                let (va, vb) = (_mm512_loadu_ps(a.add(x)), _mm512_loadu_ps(b.add(x)));
-                let (vc, vd) = (_mm512_loadu_ps(c.add(x)), _mm512_loadu_ps(d.add(x)));
-                _mm512_storeu_ps(v0.add(x), _mm512_sub_ps(va, vc));
-                _mm512_storeu_ps(v1.add(x), _mm512_add_ps(vb, vc));
-                _mm512_storeu_ps(v2.add(x), _mm512_sub_ps(vc, vb));
-                _mm512_storeu_ps(v3.add(x), _mm512_sub_ps(vb, vd));
-            }
-        }
-    }
-    let first = |n: usize| -> __mmask16 {
-        if n >= 16 {
-            !0
-        } else {
-            (1u16 << n) - 1
-        }
-    };
-    // The range's tiles go to consecutive lanes of row ci from first_tile on, across
-    // panel ends.
-    let (skip, count) = (to.range[0] - ty0 * tw, to.range[1] - to.range[0]);
-    for xi in 0..XI {
-        let src = bp.add(xi * stride + skip);
-        let mut t = 0;
-        while t < count {
-            let (p, lane) = ((first_tile + t) / NR, (first_tile + t) % NR);
-            let n = (NR - lane).min(count - t);
-            let dst = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
-            for k in (0..n).step_by(16) {
-                let m = first(n - k);
-                _mm512_mask_storeu_ps(dst.add(k), m, _mm512_maskz_loadu_ps(m, src.add(t + k)));
-            }
-            t += n;
-        }
-        if let Some((p, lane)) = to.tail() {
-            let dst = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
-            for k in (0..NR - lane).step_by(16) {
-                _mm512_mask_storeu_ps(dst.add(k), first(NR - lane - k), _mm512_setzero_ps());
-            }
-        }
-    }
-}
-
-/// [`input_transform_body`] in vectors of 8 tile columns. The generic body, compiled
-/// for AVX2, ran a 14 × 14 plane's 7 tile columns in the scalar remainder of every
-/// loop: ResNet-50's 14 × 14 layers spent a quarter of their time (dense, 2 threads)
-/// transforming their inputs. Here a padded row is split into its even and odd columns
-/// by shuffles, and the plane's transformed tiles are written whole, tile row after
-/// tile row, into a buffer of their own (a row's vector running into the next row's
-/// tiles is overwritten by it), then copied into the panels in runs, rather than
-/// stored a tile row's few lanes at a time (one thread, planes in a loop: a 14 × 14
-/// plane 0.41 µs against 0.56, 28 × 28 1.24 against 1.76, 7 × 7 0.20 against 0.26;
-/// the generic body 0.94, 2.5 and 0.41). The results are the same, operation for
-/// operation.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::needless_range_loop)] // j picks the same column of four rows
-unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [usize; 2], to: Dest) {
-    use super::partial_avx2::store_first;
-    use std::arch::x86_64::*;
-    let (v, first_tile, ci, kc, v_xi) = (to.v, to.first_tile, to.ci, to.kc, to.v_xi());
-    let Scratch { cols, tiles: buf } = scratch;
-    let (tw, [ty0, ty1]) = grid(cols, [h, w], to.range);
-    let (th, prows) = (ty1 - ty0, 2 * (ty1 - ty0) + 2);
-    // The padded row: column p is input column p - 1, zero outside the row. A vector
-    // at tile column x reads padded columns 2·x .. 2·x + 18 ≤ 2·COLS + 2.
-    let mut padded = [0f32; 2 * COLS + 8];
-    // Even and odd lanes of two vectors, in order.
-    #[inline(always)]
-    unsafe fn split(p: *const f32) -> (__m256, __m256) {
-        let (a, b) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
-        let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
-        let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
-        let order = |v: __m256| {
-            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
-        };
-        (order(even), order(odd))
-    }
-    for (y, c) in plane_rows(&mut cols[..prows], h, tw, 2 * ty0) {
-        padded[1..=w].copy_from_slice(&plane[y * w..(y + 1) * w]);
-        let pp = padded.as_ptr();
-        let [c0, c1, c2, c3] = c;
-        for x in (0..tw).step_by(8) {
+        // Writes up to tile column MAX_TW - 1 < COLS.
+        for x in (0..tw).step_by(lanes) {
             // d0, d1: padded columns 2·tx and 2·tx + 1; d2, d3: 2·tx + 2 and 2·tx + 3.
-            let (d0, d1) = split(pp.add(2 * x));
-            let (d2, d3) = split(pp.add(2 * x + 2));
-            _mm256_storeu_ps(c0.as_mut_ptr().add(x), _mm256_sub_ps(d0, d2));
-            _mm256_storeu_ps(c1.as_mut_ptr().add(x), _mm256_add_ps(d1, d2));
-            _mm256_storeu_ps(c2.as_mut_ptr().add(x), _mm256_sub_ps(d2, d1));
-            _mm256_storeu_ps(c3.as_mut_ptr().add(x), _mm256_sub_ps(d1, d3));
+            let (d0, d1) = V::split(pp.add(2 * x));
+            let (d2, d3) = V::split(pp.add(2 * x + 2));
+            V::store(c0.as_mut_ptr().add(x), V::sub(d0, d2));
+            V::store(c1.as_mut_ptr().add(x), V::add(d1, d2));
+            V::store(c2.as_mut_ptr().add(x), V::sub(d2, d1));
+            V::store(c3.as_mut_ptr().add(x), V::sub(d1, d3));
         }
     }
     // [ξ][tile of tile rows ty0..ty1], a vector's room past the last tile.
     let t_one = th * tw;
-    let stride = t_one + 8;
+    let stride = t_one + lanes;
     if buf.len() < XI * stride {
         buf.resize(XI * stride, 0.0);
     }
@@ -1075,14 +971,15 @@ unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [us
             let [a, b, c, d] = [0, 1, 2, 3].map(|k| rows[k][j].as_ptr());
             let at = |i: usize| bp.add((i * 4 + j) * stride + ty * tw);
             let (v0, v1, v2, v3) = (at(0), at(1), at(2), at(3));
-            // Reads up to tw + 7 < COLS; writes up to t_one + 7 < stride.
-            for x in (0..tw).step_by(8) {
-                let (va, vb) = (_mm256_loadu_ps(a.add(x)), _mm256_loadu_ps(b.add(x)));
-                let (vc, vd) = (_mm256_loadu_ps(c.add(x)), _mm256_loadu_ps(d.add(x)));
-                _mm256_storeu_ps(v0.add(x), _mm256_sub_ps(va, vc));
-                _mm256_storeu_ps(v1.add(x), _mm256_add_ps(vb, vc));
-                _mm256_storeu_ps(v2.add(x), _mm256_sub_ps(vc, vb));
-                _mm256_storeu_ps(v3.add(x), _mm256_sub_ps(vb, vd));
+            // Reads up to tile column MAX_TW - 1 < COLS; writes up to
+            // t_one + lanes - 1 < stride.
+            for x in (0..tw).step_by(lanes) {
+                let (va, vb) = (V::load(a.add(x)), V::load(b.add(x)));
+                let (vc, vd) = (V::load(c.add(x)), V::load(d.add(x)));
+                V::store(v0.add(x), V::sub(va, vc));
+                V::store(v1.add(x), V::add(vb, vc));
+                V::store(v2.add(x), V::sub(vc, vb));
+                V::store(v3.add(x), V::sub(vb, vd));
             }
         }
     }
@@ -1096,8 +993,8 @@ unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [us
             let (p, lane) = ((first_tile + t) / NR, (first_tile + t) % NR);
             let n = (NR - lane).min(count - t);
             let dst = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
-            for k in (0..n).step_by(8) {
-                store_first(dst.add(k), _mm256_loadu_ps(src.add(t + k)), n - k);
+            for k in (0..n).step_by(lanes) {
+                V::store_first(dst.add(k), V::load(src.add(t + k)), n - k);
             }
             t += n;
         }
@@ -1106,11 +1003,25 @@ unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], [h, w]: [us
         // ResNet-50 pass's samples (in-process pairs: ResNet-18 0.994, ResNet-50 0.999).
         if let Some((p, lane)) = to.tail() {
             let dst = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
-            for k in (0..NR - lane).step_by(8) {
-                store_first(dst.add(k), _mm256_setzero_ps(), NR - lane - k);
+            for k in (0..NR - lane).step_by(lanes) {
+                V::store_first(dst.add(k), V::zero(), NR - lane - k);
             }
         }
     }
+}
+
+/// [`input_transform_vec`] in AVX2 vectors of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_transform_avx2(scratch: &mut Scratch, plane: &[f32], hw: [usize; 2], to: Dest) {
+    input_transform_vec::<Ymm>(scratch, plane, hw, to)
+}
+
+/// [`input_transform_vec`] in AVX-512 vectors of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn input_transform_avx512(scratch: &mut Scratch, plane: &[f32], hw: [usize; 2], to: Dest) {
+    input_transform_vec::<Zmm>(scratch, plane, hw, to)
 }
 
 /// A thread's buffers for input transforms, grown as needed and kept across planes.
@@ -1266,26 +1177,26 @@ struct Back<'a> {
     act: Act,
 }
 
-/// [`output_transform_body`] in vectors of 8 tile columns, with the same operations in
-/// the same order (see [`input_transform_avx2`]); each output row's residual is added
-/// and the row stored straight from the vectors (one thread, planes in a loop: a
-/// 14 × 14 plane 0.29 µs, against 0.36 through a row buffer and 0.62 for the generic
-/// body).
+/// [`output_transform_body`] in vectors of tile columns (8 with AVX2, 16 with AVX-512),
+/// with the same operations in the same order (see [`input_transform_vec`]); each
+/// output row's residual is added and the row stored straight from the vectors (AVX2,
+/// one thread, planes in a loop: a 14 × 14 plane 0.29 µs, against 0.36 through a row
+/// buffer and 0.62 for the generic body).
 ///
 /// # Safety
-/// AVX2 and FMA are present; `m` holds 7 values past the last tile of the last row
+/// The CPU has `V`'s features; `m` holds 7 values past the last tile of the last row
 /// of the last ξ read (`(XI - 1) · m_xi + row_at + tiles + 7`, `tiles` those of
-/// `b.range`); as for [`output_transform`].
+/// `b.range`), which vectors of 8 read ([`Lanes::load_upto`]); as for
+/// [`output_transform`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[inline(always)]
 #[allow(clippy::needless_range_loop)] // j picks ξ = j, 4 + j, 8 + j and 12 + j
-unsafe fn output_transform_avx2(b: Back, dst: OutPtr) {
-    use super::partial_avx2::{load_first, store_first};
-    use std::arch::x86_64::*;
+unsafe fn output_transform_vec<V: Lanes>(b: Back, dst: OutPtr) {
+    let lanes = V::N;
     let (m, m_xi, row_at, [h, w]) = (b.m, b.m_xi, b.row_at, b.hw);
     let (residual, act) = (b.residual, b.act);
     let tw = tiles(h, w).1;
-    let (mp, bv) = (m.as_ptr(), _mm256_set1_ps(b.bias));
+    let (mp, bv) = (m.as_ptr(), V::splat(b.bias));
     let dp = dst.get();
     let [ty0, ty1] = tile_rows(b.range, tw);
     for ty in ty0..ty1 {
@@ -1294,42 +1205,37 @@ unsafe fn output_transform_avx2(b: Back, dst: OutPtr) {
         let [from, to] = row_span(b.range, tw, ty);
         // Output columns [2·from, end) of the row's two output rows.
         let end = (2 * to).min(w);
-        for x in (from..to).step_by(8) {
-            let ld = |xi: usize| _mm256_loadu_ps(mp.add(xi * m_xi + base.wrapping_add(x)));
+        for x in (from..to).step_by(lanes) {
+            let ld = |xi: usize| V::load_upto(mp.add(xi * m_xi + base.wrapping_add(x)), to - x);
             // Rows of Aᵀ over i, for each column j: r[a][j].
-            let mut r = [[_mm256_setzero_ps(); 4]; 2];
+            let mut r = [[V::zero(); 4]; 2];
             for j in 0..4 {
                 let (a, b, c, d) = (ld(j), ld(4 + j), ld(8 + j), ld(12 + j));
-                r[0][j] = _mm256_add_ps(_mm256_add_ps(a, b), c);
-                r[1][j] = _mm256_sub_ps(_mm256_sub_ps(b, c), d);
+                r[0][j] = V::add(V::add(a, b), c);
+                r[1][j] = V::sub(V::sub(b, c), d);
             }
             for (a, ra) in r.iter().enumerate() {
                 let oy = 2 * ty + a;
                 if oy >= h {
                     break;
                 }
-                let y0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(ra[0], ra[1]), ra[2]), bv);
-                let y1 = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(ra[1], ra[2]), ra[3]), bv);
-                // Output columns 2·x .. 2·x + 16: 2·tx from y0, 2·tx + 1 from y1.
-                let (lo, hi) = (_mm256_unpacklo_ps(y0, y1), _mm256_unpackhi_ps(y0, y1));
-                let halves = [
-                    _mm256_permute2f128_ps::<0x20>(lo, hi),
-                    _mm256_permute2f128_ps::<0x31>(lo, hi),
-                ];
-                for (k, mut v) in halves.into_iter().enumerate() {
-                    let ox = 2 * x + 8 * k;
+                let y0 = V::add(V::add(V::add(ra[0], ra[1]), ra[2]), bv);
+                let y1 = V::add(V::sub(V::sub(ra[1], ra[2]), ra[3]), bv);
+                // Output columns 2·x .. 2·x + 2·lanes: 2·tx from y0, 2·tx + 1 from y1.
+                for (k, mut v) in V::interleave(y0, y1).into_iter().enumerate() {
+                    let ox = 2 * x + lanes * k;
                     if ox >= end {
                         break;
                     }
                     let (at, n) = (oy * w + ox, end - ox);
                     match residual {
-                        Residual::InOut => v = _mm256_add_ps(load_first(dp.add(at), n), v),
+                        Residual::InOut => v = V::add(V::load_first(dp.add(at), n), v),
                         Residual::Apart(res) => {
-                            v = _mm256_add_ps(v, load_first(res.as_ptr().add(at), n));
+                            v = V::add(v, V::load_first(res.as_ptr().add(at), n));
                         }
                         Residual::None => {}
                     }
-                    store_first(dp.add(at), v, n);
+                    V::store_first(dp.add(at), v, n);
                 }
             }
         }
@@ -1342,89 +1248,18 @@ unsafe fn output_transform_avx2(b: Back, dst: OutPtr) {
     }
 }
 
-/// [`output_transform_avx2`] in vectors of 16 tile columns, with the same operations in
-/// the same order; the loads of `M` are masked to the row's tiles.
-///
-/// # Safety
-/// AVX-512F is present; as for [`output_transform`].
+/// [`output_transform_vec`] in AVX2 vectors of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_transform_avx2(b: Back, dst: OutPtr) {
+    output_transform_vec::<Ymm>(b, dst)
+}
+
+/// [`output_transform_vec`] in AVX-512 vectors of 16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::needless_range_loop)] // j picks ξ = j, 4 + j, 8 + j and 12 + j
 unsafe fn output_transform_avx512(b: Back, dst: OutPtr) {
-    use std::arch::x86_64::*;
-    let (m, m_xi, row_at, [h, w]) = (b.m, b.m_xi, b.row_at, b.hw);
-    let (residual, act) = (b.residual, b.act);
-    let tw = tiles(h, w).1;
-    let (mp, bv) = (m.as_ptr(), _mm512_set1_ps(b.bias));
-    let dp = dst.get();
-    let first = |n: usize| -> __mmask16 {
-        if n >= 16 {
-            !0
-        } else {
-            (1u16 << n) - 1
-        }
-    };
-    // Output columns 2·x .. 2·x + 32: 2·tx from y0, 2·tx + 1 from y1.
-    let (lo, hi) = (
-        _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
-        _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31),
-    );
-    let [ty0, ty1] = tile_rows(b.range, tw);
-    for ty in ty0..ty1 {
-        // Tile column x of this row is at base + x in each M[ξ].
-        let base = (row_at + ty * tw).wrapping_sub(b.range[0]);
-        let [from, to] = row_span(b.range, tw, ty);
-        // Output columns [2·from, end) of the row's two output rows.
-        let end = (2 * to).min(w);
-        for x in (from..to).step_by(16) {
-            let tiles_here = first(to - x);
-            let ld = |xi: usize| {
-                _mm512_maskz_loadu_ps(tiles_here, mp.add(xi * m_xi + base.wrapping_add(x)))
-            };
-            // Rows of Aᵀ over i, for each column j: r[a][j].
-            let mut r = [[_mm512_setzero_ps(); 4]; 2];
-            for j in 0..4 {
-                let (a, b, c, d) = (ld(j), ld(4 + j), ld(8 + j), ld(12 + j));
-                r[0][j] = _mm512_add_ps(_mm512_add_ps(a, b), c);
-                r[1][j] = _mm512_sub_ps(_mm512_sub_ps(b, c), d);
-            }
-            for (a, ra) in r.iter().enumerate() {
-                let oy = 2 * ty + a;
-                if oy >= h {
-                    break;
-                }
-                let y0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(ra[0], ra[1]), ra[2]), bv);
-                let y1 = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(ra[1], ra[2]), ra[3]), bv);
-                let halves = [
-                    _mm512_permutex2var_ps(y0, lo, y1),
-                    _mm512_permutex2var_ps(y0, hi, y1),
-                ];
-                for (k, mut v) in halves.into_iter().enumerate() {
-                    let ox = 2 * x + 16 * k;
-                    if ox >= end {
-                        break;
-                    }
-                    let (at, n) = (oy * w + ox, first(end - ox));
-                    match residual {
-                        Residual::InOut => {
-                            v = _mm512_add_ps(_mm512_maskz_loadu_ps(n, dp.add(at)), v)
-                        }
-                        Residual::Apart(res) => {
-                            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(n, res.as_ptr().add(at)));
-                        }
-                        Residual::None => {}
-                    }
-                    _mm512_mask_storeu_ps(dp.add(at), n, v);
-                }
-            }
-        }
-        for oy in 2 * ty..(2 * ty + 2).min(h) {
-            act.apply_slice(std::slice::from_raw_parts_mut(
-                dp.add(oy * w + 2 * from),
-                end - 2 * from,
-            ));
-        }
-    }
+    output_transform_vec::<Zmm>(b, dst)
 }
 
 /// The portable [`output_transform`].

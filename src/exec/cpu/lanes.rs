@@ -1,0 +1,253 @@
+//! Vectors of 8 (AVX2) and 16 (AVX-512) floats behind one trait, so that a kernel is
+//! written once and compiled for each width: the depthwise planes in lanes
+//! (`depthwise_lanes`) and Winograd's transforms (`winograd`).
+
+use std::arch::x86_64::*;
+
+use super::partial_avx2;
+
+/// Lanes of the widest vector.
+pub(super) const MAX_LANES: usize = 16;
+
+/// A vector of `N` floats and what the kernels written over it do with it. Every method
+/// is inlined into a function compiled with the vector's target features.
+pub(super) trait Lanes: Copy {
+    const N: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn splat(v: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    /// The first `n` values from `p`, zero in the other lanes, reading nothing past them.
+    unsafe fn load_first(p: *const f32, n: usize) -> Self;
+    unsafe fn store(p: *mut f32, v: Self);
+    /// Stores the first `n` lanes, touching nothing past them.
+    unsafe fn store_first(p: *mut f32, v: Self, n: usize);
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
+    unsafe fn add(a: Self, b: Self) -> Self;
+    unsafe fn sub(a: Self, b: Self) -> Self;
+    unsafe fn max(a: Self, b: Self) -> Self;
+    unsafe fn min(a: Self, b: Self) -> Self;
+    /// Rows `0..N` of an `N × N` block become its columns (entries past `N` untouched).
+    unsafe fn transpose(r: &mut [Self; MAX_LANES]);
+    /// The first `n` values from `p` (all from `N` up), for a caller that keeps `N - 1`
+    /// readable values past them: where a plain load is as cheap as a masked one
+    /// (AVX-512), the other lanes are zero; elsewhere they hold what lies there.
+    unsafe fn load_upto(p: *const f32, n: usize) -> Self;
+    /// The even and the odd values of the `2N` from `p`, each in order.
+    unsafe fn split(p: *const f32) -> (Self, Self);
+    /// `a` and `b` interleaved (`a0 b0 a1 b1 …`): its first `N` values, then the rest.
+    unsafe fn interleave(a: Self, b: Self) -> [Self; 2];
+}
+
+#[derive(Clone, Copy)]
+pub(super) struct Ymm(__m256);
+
+impl Lanes for Ymm {
+    const N: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Ymm(_mm256_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        Ymm(_mm256_set1_ps(v))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Ymm(_mm256_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn load_first(p: *const f32, n: usize) -> Self {
+        Ymm(partial_avx2::load_first(p, n))
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self) {
+        _mm256_storeu_ps(p, v.0)
+    }
+    #[inline(always)]
+    unsafe fn store_first(p: *mut f32, v: Self, n: usize) {
+        partial_avx2::store_first(p, v.0, n)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        Ymm(_mm256_fmadd_ps(a.0, b.0, c.0))
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        Ymm(_mm256_add_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self, b: Self) -> Self {
+        Ymm(_mm256_sub_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self, b: Self) -> Self {
+        Ymm(_mm256_max_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn min(a: Self, b: Self) -> Self {
+        Ymm(_mm256_min_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn transpose(r: &mut [Self; MAX_LANES]) {
+        let t0 = _mm256_unpacklo_ps(r[0].0, r[1].0);
+        let t1 = _mm256_unpackhi_ps(r[0].0, r[1].0);
+        let t2 = _mm256_unpacklo_ps(r[2].0, r[3].0);
+        let t3 = _mm256_unpackhi_ps(r[2].0, r[3].0);
+        let t4 = _mm256_unpacklo_ps(r[4].0, r[5].0);
+        let t5 = _mm256_unpackhi_ps(r[4].0, r[5].0);
+        let t6 = _mm256_unpacklo_ps(r[6].0, r[7].0);
+        let t7 = _mm256_unpackhi_ps(r[6].0, r[7].0);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        r[0] = Ymm(_mm256_permute2f128_ps::<0x20>(u0, u4));
+        r[1] = Ymm(_mm256_permute2f128_ps::<0x20>(u1, u5));
+        r[2] = Ymm(_mm256_permute2f128_ps::<0x20>(u2, u6));
+        r[3] = Ymm(_mm256_permute2f128_ps::<0x20>(u3, u7));
+        r[4] = Ymm(_mm256_permute2f128_ps::<0x31>(u0, u4));
+        r[5] = Ymm(_mm256_permute2f128_ps::<0x31>(u1, u5));
+        r[6] = Ymm(_mm256_permute2f128_ps::<0x31>(u2, u6));
+        r[7] = Ymm(_mm256_permute2f128_ps::<0x31>(u3, u7));
+    }
+    #[inline(always)]
+    unsafe fn load_upto(p: *const f32, _n: usize) -> Self {
+        Ymm(_mm256_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn split(p: *const f32) -> (Self, Self) {
+        let (a, b) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+        let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+        let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+        let order = |v: __m256| {
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+        };
+        (Ymm(order(even)), Ymm(order(odd)))
+    }
+    #[inline(always)]
+    unsafe fn interleave(a: Self, b: Self) -> [Self; 2] {
+        let (lo, hi) = (_mm256_unpacklo_ps(a.0, b.0), _mm256_unpackhi_ps(a.0, b.0));
+        [
+            Ymm(_mm256_permute2f128_ps::<0x20>(lo, hi)),
+            Ymm(_mm256_permute2f128_ps::<0x31>(lo, hi)),
+        ]
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(super) struct Zmm(__m512);
+
+impl Zmm {
+    /// The mask of the first `n` lanes (all from 16 up).
+    #[inline(always)]
+    fn first(n: usize) -> __mmask16 {
+        if n >= 16 {
+            !0
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+}
+
+impl Lanes for Zmm {
+    const N: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Zmm(_mm512_setzero_ps())
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        Zmm(_mm512_set1_ps(v))
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Zmm(_mm512_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn load_first(p: *const f32, n: usize) -> Self {
+        // Masked-off lanes are not read (no fault past them).
+        Zmm(_mm512_maskz_loadu_ps(Zmm::first(n), p))
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self) {
+        _mm512_storeu_ps(p, v.0)
+    }
+    #[inline(always)]
+    unsafe fn store_first(p: *mut f32, v: Self, n: usize) {
+        _mm512_mask_storeu_ps(p, Zmm::first(n), v.0)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        Zmm(_mm512_fmadd_ps(a.0, b.0, c.0))
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        Zmm(_mm512_add_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self, b: Self) -> Self {
+        Zmm(_mm512_sub_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self, b: Self) -> Self {
+        Zmm(_mm512_max_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn min(a: Self, b: Self) -> Self {
+        Zmm(_mm512_min_ps(a.0, b.0))
+    }
+    #[inline(always)]
+    unsafe fn transpose(r: &mut [Self; MAX_LANES]) {
+        // Within each 128-bit quarter, as the 8 × 8 transpose does: u[4i + m]'s quarter
+        // j then holds column 4j + m of rows 4i..4i + 4.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for i in 0..4 {
+            let t0 = _mm512_unpacklo_ps(r[4 * i].0, r[4 * i + 1].0);
+            let t1 = _mm512_unpackhi_ps(r[4 * i].0, r[4 * i + 1].0);
+            let t2 = _mm512_unpacklo_ps(r[4 * i + 2].0, r[4 * i + 3].0);
+            let t3 = _mm512_unpackhi_ps(r[4 * i + 2].0, r[4 * i + 3].0);
+            u[4 * i] = _mm512_shuffle_ps::<0x44>(t0, t2);
+            u[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(t0, t2);
+            u[4 * i + 2] = _mm512_shuffle_ps::<0x44>(t1, t3);
+            u[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(t1, t3);
+        }
+        // Then the 4 × 4 quarters: column 4j + m takes quarter j of u[4i + m], i = 0..4.
+        for m in 0..4 {
+            let v0 = _mm512_shuffle_f32x4::<0x44>(u[m], u[4 + m]);
+            let v1 = _mm512_shuffle_f32x4::<0xEE>(u[m], u[4 + m]);
+            let v2 = _mm512_shuffle_f32x4::<0x44>(u[8 + m], u[12 + m]);
+            let v3 = _mm512_shuffle_f32x4::<0xEE>(u[8 + m], u[12 + m]);
+            r[m] = Zmm(_mm512_shuffle_f32x4::<0x88>(v0, v2));
+            r[4 + m] = Zmm(_mm512_shuffle_f32x4::<0xDD>(v0, v2));
+            r[8 + m] = Zmm(_mm512_shuffle_f32x4::<0x88>(v1, v3));
+            r[12 + m] = Zmm(_mm512_shuffle_f32x4::<0xDD>(v1, v3));
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_upto(p: *const f32, n: usize) -> Self {
+        Zmm::load_first(p, n)
+    }
+    #[inline(always)]
+    unsafe fn split(p: *const f32) -> (Self, Self) {
+        let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        (
+            Zmm(_mm512_permutex2var_ps(a, even, b)),
+            Zmm(_mm512_permutex2var_ps(a, odd, b)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn interleave(a: Self, b: Self) -> [Self; 2] {
+        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        [
+            Zmm(_mm512_permutex2var_ps(a.0, lo, b.0)),
+            Zmm(_mm512_permutex2var_ps(a.0, hi, b.0)),
+        ]
+    }
+}
