@@ -101,8 +101,8 @@ impl Plan {
     }
 
     /// Planes of this window on the calling thread, with `act`: eight or sixteen at a
-    /// time where the plan runs planes in lanes, else one by one ([`Plan::run_plane`]). `bands`
-    /// runs a band's depthwise planes this way: MobileNetV2's banded expansion and
+    /// time where the plan runs planes in lanes, else one by one ([`Plan::run_plane`]).
+    /// `bands` runs a band's depthwise planes this way: MobileNetV2's banded expansion and
     /// stride-2 depthwise pair over 112×112 took 0.86–0.91 of the time it took with the
     /// planes one by one (one and two threads, batch 1 and 8, budget 0.5; in-process
     /// pairs), EfficientNet-Lite0's 0.84–0.91; whole passes 0.98–0.99.
@@ -134,9 +134,10 @@ impl Plan {
                     out,
                 };
                 // SAFETY: the plan is in lanes only where the CPU has AVX2 and FMA, and
-                // AVX-512F for sixteen lanes (`lanes_width`), for a window `depthwise_lanes` supports; every plane's slices
-                // hold a whole plane (asserted above), the stored lanes' outputs are
-                // distinct `&mut` slices, and the rows are the window's.
+                // AVX-512F for sixteen lanes (`lanes_width`), for a window
+                // `depthwise_lanes` supports; every plane's slices hold a whole plane
+                // (asserted above), the stored lanes' outputs are distinct `&mut` slices,
+                // and the rows are the window's.
                 unsafe { depthwise_lanes::group(width, &win, &g, act, 0..win.out_hw[0], scratch) };
             }
             return;
@@ -321,13 +322,10 @@ struct Job<'a> {
     shift: Option<&'a [f32]>,
 }
 
-/// The planes of `job`, a group of eight or sixteen at a time, a channel per lane.
+/// The planes of `job`, a group of `width` at a time, a channel per lane.
 #[cfg(target_arch = "x86_64")]
-fn planes_in_lanes(plan: &Plan, job: &Job, out: &mut [f32]) {
+fn planes_in_lanes(plan: &Plan, width: depthwise_lanes::Width, job: &Job, out: &mut [f32]) {
     use depthwise_lanes::Group;
-    let Some(width) = plan.lanes else {
-        unreachable!("planes in lanes on a plan without lanes")
-    };
     let lanes = width.lanes();
     let win = plan.win;
     let in_plane = win.in_hw[0] * win.in_hw[1];
@@ -382,8 +380,9 @@ fn planes_in_lanes(plan: &Plan, job: &Job, out: &mut [f32]) {
                     .map(|r| std::array::from_fn(|l| r[at(l) * out_plane..].as_ptr())),
                 out: std::array::from_fn(|l| o.get().wrapping_add(at(l) * out_plane)),
             };
-            // SAFETY: the plan is in lanes, so the CPU has AVX2 and FMA, and AVX-512F for
-            // sixteen lanes (`lanes_width`), and the window is one `depthwise_lanes` supports (`Plan::with_lanes`); every plane index is below
+            // SAFETY: the plan is in lanes of `width`, so the CPU has AVX2 and FMA, and
+            // AVX-512F for sixteen lanes (`lanes_width`), and the window is one
+            // `depthwise_lanes` supports (`Plan::with_lanes`); every plane index is below
             // `total`, so each pointer starts a whole plane of its buffer; the groups
             // share out distinct indices, so no two lanes write the same plane, and the
             // parts of one group distinct rows inside `0..oh`.
@@ -394,8 +393,8 @@ fn planes_in_lanes(plan: &Plan, job: &Job, out: &mut [f32]) {
 /// The planes of `job` on the plan's path.
 fn planes(plan: &Plan, job: &Job, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if plan.lanes.is_some() {
-        return planes_in_lanes(plan, job, out);
+    if let Some(width) = plan.lanes {
+        return planes_in_lanes(plan, width, job, out);
     }
     let win = plan.win;
     let in_plane = win.in_hw[0] * win.in_hw[1];

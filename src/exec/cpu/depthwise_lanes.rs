@@ -73,9 +73,10 @@ pub fn supports(win: &Window) -> bool {
 /// accepts) on kernels of `width`; `scratch` is the caller's reusable buffer.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA, and AVX-512F for [`Width::Sixteen`]; each lane below
-/// `width`'s points at a whole plane of its kind (input, kernel, residual, output), no
-/// two lanes below `g.n` share an output, and `rows` lies inside `0..win.out_hw[0]`.
+/// The CPU supports AVX2 and FMA, and AVX-512F for [`Width::Sixteen`]; each of the
+/// first `width.lanes()` lanes points at a whole plane of its kind (input, kernel,
+/// residual, output), no two lanes below `g.n` share an output, and `rows` lies inside
+/// `0..win.out_hw[0]`.
 pub unsafe fn group(
     width: Width,
     win: &Window,
@@ -99,12 +100,7 @@ unsafe fn group_avx2(
     rows: Range<usize>,
     scratch: &mut Vec<f32>,
 ) {
-    match (win.kernel[0], win.stride[0]) {
-        (3, 1) => run::<Ymm, 3, 1>(win, g, act, rows, scratch),
-        (3, _) => run::<Ymm, 3, 2>(win, g, act, rows, scratch),
-        (_, 1) => run::<Ymm, 5, 1>(win, g, act, rows, scratch),
-        _ => run::<Ymm, 5, 2>(win, g, act, rows, scratch),
-    }
+    by_window::<Ymm>(win, g, act, rows, scratch)
 }
 
 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -115,11 +111,23 @@ unsafe fn group_avx512(
     rows: Range<usize>,
     scratch: &mut Vec<f32>,
 ) {
+    by_window::<Zmm>(win, g, act, rows, scratch)
+}
+
+/// [`run`] for the window's kernel size and stride.
+#[inline(always)]
+unsafe fn by_window<V: Lanes>(
+    win: &Window,
+    g: &Group,
+    act: Act,
+    rows: Range<usize>,
+    scratch: &mut Vec<f32>,
+) {
     match (win.kernel[0], win.stride[0]) {
-        (3, 1) => run::<Zmm, 3, 1>(win, g, act, rows, scratch),
-        (3, _) => run::<Zmm, 3, 2>(win, g, act, rows, scratch),
-        (_, 1) => run::<Zmm, 5, 1>(win, g, act, rows, scratch),
-        _ => run::<Zmm, 5, 2>(win, g, act, rows, scratch),
+        (3, 1) => run::<V, 3, 1>(win, g, act, rows, scratch),
+        (3, _) => run::<V, 3, 2>(win, g, act, rows, scratch),
+        (_, 1) => run::<V, 5, 1>(win, g, act, rows, scratch),
+        _ => run::<V, 5, 2>(win, g, act, rows, scratch),
     }
 }
 

@@ -28,9 +28,10 @@ pub(super) trait Lanes: Copy {
     unsafe fn min(a: Self, b: Self) -> Self;
     /// Rows `0..N` of an `N × N` block become its columns (entries past `N` untouched).
     unsafe fn transpose(r: &mut [Self; MAX_LANES]);
-    /// The first `n` values from `p` (all from `N` up), for a caller that keeps `N - 1`
-    /// readable values past them: where a plain load is as cheap as a masked one
-    /// (AVX-512), the other lanes are zero; elsewhere they hold what lies there.
+    /// The first `n` values from `p` (all from `N` up), the other lanes unspecified: a
+    /// vector of 8 reads all 8 (the caller keeps 7 readable values past the first `n`,
+    /// where a plain load is cheaper than a partial one), AVX-512 masks its load and
+    /// reads nothing past them.
     unsafe fn load_upto(p: *const f32, n: usize) -> Self;
     /// The even and the odd values of the `2N` from `p`, each in order.
     unsafe fn split(p: *const f32) -> (Self, Self);
