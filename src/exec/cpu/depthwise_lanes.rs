@@ -284,8 +284,9 @@ unsafe fn run<V: Lanes, const K: usize, const S: usize>(
 }
 
 /// Bytes a strip's buffer (its interleaved padded input rows and outputs) is kept
-/// within (measured with eight lanes; sixteen take half the rows per strip): a group of whole planes over 56×56 or more would leave L2 (207 KiB at 56×56,
-/// 0.8 MB at 112×112), and with whole planes on two threads the plane-by-plane kernels
+/// within (measured with eight lanes; sixteen take half the rows per strip): a group of
+/// whole planes over 56×56 or more would leave L2 (207 KiB at 56×56, 0.8 MB at
+/// 112×112), and with whole planes on two threads the plane-by-plane kernels
 /// had won at 112×112 (below) and tied or won at 56×56 in whole passes (MobileNetV2
 /// 1.00, EfficientNet-Lite0 1.07 of the time).
 /// One-layer models, in-process pairs (100), the layer's time in lanes against plane by

@@ -3845,10 +3845,11 @@ impl Executor for EngineExecutor {
 
     /// On the pool or on one thread, by the pass's kind's recent times on each
     /// ([`super::thread_choice`]); on the pool, with its other workers kept awake for the
-    /// pass (the `workers` module). In-process pairs against sleeping workers (40–60 per model, 2 threads, AVX2;
-    /// medians of the pair ratios): at batch 1 MobileNetV2 0.973–0.979, EfficientNet-Lite0
-    /// 0.976–0.993, ResNet-50 0.981, ResNet-18 0.977; at budget 0.5 0.950–0.981, 0.941,
-    /// 0.966–0.969; MobileNetV2 at batch 8 0.945, and 0.967 without a pool of its own.
+    /// pass (the `workers` module). In-process pairs against sleeping workers (40–60 per
+    /// model, 2 threads, AVX2; medians of the pair ratios): at batch 1 MobileNetV2
+    /// 0.973–0.979, EfficientNet-Lite0 0.976–0.993, ResNet-50 0.981, ResNet-18 0.977; at
+    /// budget 0.5 0.950–0.981, 0.941, 0.966–0.969; MobileNetV2 at batch 8 0.945, and 0.967
+    /// without a pool of its own.
     fn forward_with(&self, input: &[f32], batch: usize, policy: Policy) -> Result<Forward> {
         let Some(choice) = self
             .thread_choice
