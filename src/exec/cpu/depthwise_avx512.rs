@@ -19,6 +19,7 @@ use std::arch::x86_64::*;
 
 use super::depthwise::Plane;
 use super::depthwise_masks::{FlatMasks, RowMasks};
+use super::lanes::first_lanes;
 use crate::model::Act;
 
 /// Outputs per vector.
@@ -45,16 +46,6 @@ unsafe fn finish(p: &Plane, mut acc: __m512, mask: u16, out: *mut f32, at: usize
         acc = _mm512_sub_ps(acc, _mm512_set1_ps(p.shift));
     }
     _mm512_mask_storeu_ps(out.add(at), mask, acc);
-}
-
-/// The lanes of the first `n` (at most 16).
-#[inline(always)]
-fn first_lanes(n: usize) -> u16 {
-    if n >= LANES {
-        u16::MAX
-    } else {
-        (1u16 << n) - 1
-    }
 }
 
 /// A flat stride-1 plane (see [`FlatMasks`]) into `out` (OH × OW).

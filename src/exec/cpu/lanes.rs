@@ -9,6 +9,16 @@ use super::partial_avx2;
 /// Lanes of the widest vector.
 pub(super) const MAX_LANES: usize = 16;
 
+/// The mask of the first `n` lanes of an AVX-512 vector (all 16 from `n = 16` up).
+#[inline(always)]
+pub(super) fn first_lanes(n: usize) -> __mmask16 {
+    if n >= MAX_LANES {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
 /// A vector of `N` floats and what the kernels written over it do with it. Every method
 /// is inlined into a function compiled with the vector's target features.
 pub(super) trait Lanes: Copy {
@@ -142,18 +152,6 @@ impl Lanes for Ymm {
 #[derive(Clone, Copy)]
 pub(super) struct Zmm(__m512);
 
-impl Zmm {
-    /// The mask of the first `n` lanes (all from 16 up).
-    #[inline(always)]
-    fn first(n: usize) -> __mmask16 {
-        if n >= 16 {
-            !0
-        } else {
-            (1u16 << n) - 1
-        }
-    }
-}
-
 impl Lanes for Zmm {
     const N: usize = 16;
     #[inline(always)]
@@ -171,7 +169,7 @@ impl Lanes for Zmm {
     #[inline(always)]
     unsafe fn load_first(p: *const f32, n: usize) -> Self {
         // Masked-off lanes are not read (no fault past them).
-        Zmm(_mm512_maskz_loadu_ps(Zmm::first(n), p))
+        Zmm(_mm512_maskz_loadu_ps(first_lanes(n), p))
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: Self) {
@@ -179,7 +177,7 @@ impl Lanes for Zmm {
     }
     #[inline(always)]
     unsafe fn store_first(p: *mut f32, v: Self, n: usize) {
-        _mm512_mask_storeu_ps(p, Zmm::first(n), v.0)
+        _mm512_mask_storeu_ps(p, first_lanes(n), v.0)
     }
     #[inline(always)]
     unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
