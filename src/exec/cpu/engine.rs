@@ -42,7 +42,7 @@ use super::gate_scores::GateWeights;
 use super::gemm::{self, ConvGeom, Epilogue, Isa, OutPtr, Residual, Tile, KC, NR};
 use super::linear;
 use super::ops::{self, Window};
-use super::pool::{Buf, BufferPool};
+use super::pool::{Buf, BufferPool, Spare};
 use super::thread_choice::{ThreadChoice, Way};
 use super::tuning::Tuning;
 use super::winograd::{self, WinogradWeights};
@@ -1558,7 +1558,7 @@ impl EngineExecutor {
         // hardware prefetcher follows: each tile then prefetches the next one's output
         // and residual lines while it computes.
         let prefetch_io = rows_total * n * std::mem::size_of::<f32>() >= PREFETCH_OUT_BYTES;
-        let task = |(own, accs): &mut (super::pool::Spare, Vec<gemm::Acc>), t: usize| {
+        let task = |(own, accs): &mut (Spare, Spare<gemm::Acc>), t: usize| {
             // Tasks in order of rows first where the reader shares out channels: rayon
             // gives each thread a contiguous half of the tasks, so each thread then writes
             // the planes its share of the depthwise layer reads. Traced per task, a
@@ -1887,12 +1887,12 @@ impl EngineExecutor {
             }
         };
         if serial {
-            let mut own = (super::pool::Spare::take(), Vec::new());
+            let mut own = (Spare::take(), Spare::take());
             (0..tasks).for_each(|t| task(&mut own, t));
         } else {
             (0..tasks)
                 .into_par_iter()
-                .for_each_init(|| (super::pool::Spare::take(), Vec::new()), task);
+                .for_each_init(|| (Spare::take(), Spare::take()), task);
         }
         if let Some(ps) = sums {
             debug_assert_eq!(ps.panels, panels);
@@ -2008,7 +2008,7 @@ impl EngineExecutor {
         let tasks = (4 * rayon::current_num_threads()).min(blocks);
         // Input channels per range of K: about two K blocks of columns.
         let span = (2 * KC).div_ceil(taps);
-        let task = |accs: &mut Vec<gemm::Acc>, t: usize| {
+        let task = |accs: &mut Spare<gemm::Acc>, t: usize| {
             let (r0, r1) = (
                 t * blocks / tasks * gemm::PACK,
                 ((t + 1) * blocks / tasks * gemm::PACK).min(cout),
@@ -2114,7 +2114,7 @@ impl EngineExecutor {
         };
         (0..tasks)
             .into_par_iter()
-            .for_each_init(Vec::new, |accs, t| task(accs, t));
+            .for_each_init(Spare::take, |accs, t| task(accs, t));
         for (_, _, buf) in packed {
             self.gated_pool.give(buf);
         }

@@ -11,8 +11,12 @@
 //! read in place from a plane among them, spanned two lines, and so did every vector
 //! store of an output row.
 
+use std::cell::Cell;
 use std::ops::{Deref, DerefMut};
 use std::sync::Mutex;
+use std::thread::LocalKey;
+
+use super::gemm::Acc;
 
 /// Free buffers, shared by concurrent forward passes.
 #[derive(Default)]
@@ -113,7 +117,27 @@ impl BufferPool {
 
 std::thread_local! {
     /// Each thread's spare scratch vector (see [`Spare`]).
-    static SPARE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static SPARE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// Each thread's spare GEMM accumulators (see [`Spare`]).
+    static SPARE_ACCS: Cell<Vec<Acc>> = const { Cell::new(Vec::new()) };
+}
+
+/// What a thread keeps a spare vector of: each kind has its own thread-local slot.
+pub trait SpareKind: Sized + 'static {
+    /// The calling thread's slot for this kind.
+    fn slot() -> &'static LocalKey<Cell<Vec<Self>>>;
+}
+
+impl SpareKind for f32 {
+    fn slot() -> &'static LocalKey<Cell<Vec<f32>>> {
+        &SPARE
+    }
+}
+
+impl SpareKind for Acc {
+    fn slot() -> &'static LocalKey<Cell<Vec<Acc>>> {
+        &SPARE_ACCS
+    }
 }
 
 /// A scratch vector that lives with its thread across tasks, layers and passes. A
@@ -124,25 +148,33 @@ std::thread_local! {
 /// took 0.990–0.995 of the time, EfficientNet-Lite0 0.991–0.997; at batch 8 (20 pairs)
 /// they and ResNet-18 1.00.
 ///
+/// A GEMM task's accumulators (one [`Acc`], 1.5 KB, per tile it runs, kept across its
+/// K blocks) were still taken fresh per split: zero-filling them was 1.2% of
+/// MobileNetV2's samples at batch 1 (`perf`, 2 threads) and freeing them 0.65%. Held
+/// by the thread instead, whole passes took (2 threads, in-process pairs against a
+/// fresh vector per split, 40 pairs): MobileNetV2 0.985–0.986 of the time at batch 1,
+/// EfficientNet-Lite0 0.979–0.986, 0.973 and 0.995 for MobileNetV2 at batch 8 and at
+/// budget 0.5; the ResNets 0.99–1.01 (noise as large).
+///
 /// Taking it leaves the thread an empty vector, so a nested take (rayon runs another
 /// task on a thread waiting inside one) gets its own; on drop the larger one stays. A
 /// thread so holds the largest scratch it has needed, for as long as it lives: a packed
 /// panel of a 3×3 layer over 512 channels is 590 KB.
-pub struct Spare(Vec<f32>);
+pub struct Spare<T: SpareKind = f32>(Vec<T>);
 
-impl Spare {
+impl<T: SpareKind> Spare<T> {
     /// The calling thread's spare vector.
-    pub fn take() -> Spare {
+    pub fn take() -> Self {
         // A thread tearing down its locals has no spare to give: a fresh vector then.
-        Spare(SPARE.try_with(std::cell::Cell::take).unwrap_or_default())
+        Spare(T::slot().try_with(Cell::take).unwrap_or_default())
     }
 }
 
-impl Drop for Spare {
+impl<T: SpareKind> Drop for Spare<T> {
     fn drop(&mut self) {
         let v = std::mem::take(&mut self.0);
         // Nothing to keep it in once the thread's locals are gone: it is freed.
-        let _ = SPARE.try_with(|s| {
+        let _ = T::slot().try_with(|s| {
             let held = s.take();
             s.set(if held.capacity() >= v.capacity() {
                 held
@@ -153,21 +185,22 @@ impl Drop for Spare {
     }
 }
 
-impl Deref for Spare {
-    type Target = Vec<f32>;
-    fn deref(&self) -> &Vec<f32> {
+impl<T: SpareKind> Deref for Spare<T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Vec<T> {
         &self.0
     }
 }
 
-impl DerefMut for Spare {
-    fn deref_mut(&mut self) -> &mut Vec<f32> {
+impl<T: SpareKind> DerefMut for Spare<T> {
+    fn deref_mut(&mut self) -> &mut Vec<T> {
         &mut self.0
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::gemm::NR;
     use super::*;
 
     #[test]
@@ -194,26 +227,35 @@ mod tests {
         assert_eq!(grown.as_ptr() as usize % 64, 0);
     }
 
+    /// The spare of one kind through a take, a nested take and the drops: `one` and
+    /// `two` are distinct values of the kind.
+    fn spare_comes_back<T: SpareKind + Copy + PartialEq + std::fmt::Debug>(one: T, two: T) {
+        let mut a = Spare::<T>::take();
+        assert!(a.is_empty());
+        a.reserve(100);
+        a.extend_from_slice(&[one, two, one]);
+        let cap = a.capacity();
+        {
+            // Taken while `a` is out: empty, not `a`'s values.
+            let mut b = Spare::<T>::take();
+            assert!(b.is_empty());
+            b.push(two);
+        }
+        drop(a);
+        // The larger of the two (`a`, 100 values or more) stayed, with what it held.
+        let c = Spare::<T>::take();
+        assert_eq!(&c[..], &[one, two, one]);
+        assert!(c.capacity() >= cap);
+    }
+
     #[test]
     fn a_threads_spare_vector_comes_back_and_a_nested_take_gets_its_own() {
         // A thread of its own, so that no other test's spare is in the way.
         std::thread::spawn(|| {
-            let mut a = Spare::take();
-            assert!(a.is_empty());
-            a.reserve(100);
-            a.extend_from_slice(&[1.0, 2.0, 3.0]);
-            let cap = a.capacity();
-            {
-                // Taken while `a` is out: empty, not `a`'s values.
-                let mut b = Spare::take();
-                assert!(b.is_empty());
-                b.push(9.0);
-            }
-            drop(a);
-            // The larger of the two (`a`, 100 values or more) stayed, with what it held.
-            let c = Spare::take();
-            assert_eq!(&c[..], &[1.0, 2.0, 3.0]);
-            assert!(c.capacity() >= cap);
+            spare_comes_back(1.0f32, 9.0);
+            // Accumulators have their own slot: the scratch held above stays apart.
+            spare_comes_back([[1.0; NR]; 12], [[2.0; NR]; 12]);
+            assert_eq!(&Spare::<f32>::take()[..], &[1.0, 9.0, 1.0]);
         })
         .join()
         .unwrap();
