@@ -424,6 +424,10 @@ const GROUP_PANELS: usize = 8;
 /// Values per task of the network input's copy (see `copy_of`).
 const COPY_CHUNK: usize = 16 << 10;
 
+/// Fewest values of a packed panel per part when panels are packed in parts of their
+/// input channels (see `conv_gemm_into`).
+const PACK_PART_FLOATS: usize = 16 << 10;
+
 /// Kept weights (bytes) above which a task copies the kept columns of its own rows'
 /// blocks of A, rather than the layer copying every block's once: a core's L2 (1 MiB
 /// on the machine it was measured on; below it, no gain was measured).
@@ -1510,17 +1514,22 @@ impl EngineExecutor {
         } else {
             0
         });
-        let pack = |(t, panel): (usize, &mut [f32])| {
+        // Packs input channels `cs` (of the kept ones) of panel `t` (of all samples and
+        // groups) into `rows`, their rows of the packed panel.
+        let pack = |t: usize, cs: std::ops::Range<usize>, rows: &mut [f32]| {
             let (p, sg) = (t % panels, t / panels);
             if !read_in_place(p) {
                 let cols = &col_list[p * NR..(p * NR + NR).min(ncols)];
-                gemm::pack_panel(
-                    &x[sg * g.in_c * in_plane..][..g.in_c * in_plane],
-                    &gk,
-                    chans,
-                    cols,
-                    panel,
-                );
+                let xs = &x[sg * g.in_c * in_plane..][..g.in_c * in_plane];
+                let (xs, part) = match chans {
+                    Some(c) => (xs, Some(&c[cs.clone()])),
+                    None => (&xs[cs.start * in_plane..cs.end * in_plane], None),
+                };
+                let gp = ConvGeom {
+                    in_c: cs.len(),
+                    ..gk
+                };
+                gemm::pack_panel(xs, &gp, part, cols, rows);
             }
         };
         // (`max(1)`: with no input channel kept, K and the panels are empty.)
@@ -1528,12 +1537,41 @@ impl EngineExecutor {
             packed
                 .chunks_mut(panel_len.max(1))
                 .enumerate()
-                .for_each(pack);
+                .for_each(|(t, panel)| pack(t, 0..gk.in_c, panel));
         } else if pack_ahead {
-            packed
-                .par_chunks_mut(panel_len.max(1))
-                .enumerate()
-                .for_each(pack);
+            // Fewer panels than tasks wanted (a 14 × 14 plane's 7, a 7 × 7 plane's 2):
+            // each panel in parts of its input channels, so that the threads share the
+            // packing evenly. Whole panels, the thread given more of them had packed up to
+            // twice as long as the other while the other waited (traced per task:
+            // ResNet-50's `layer4.0.conv2`, two panels of 32 and 17 positions, 71% of the
+            // loop's two threads busy; its 14 × 14 1×1 layers' seven panels, 76–90%).
+            // One layer alone, 2 threads, in-process pairs (300) against whole panels:
+            // 1024 → 256 at 14 × 14 0.95 of the time, 3×3 stride 2 256 → 256 from 28 × 28
+            // 0.94–0.96 and 512 → 512 from 14 × 14 0.97, 1×1 stride 2 1024 → 2048 from
+            // 14 × 14 0.95–0.97. Parts of less than PACK_PART_FLOATS did not pay (384 →
+            // 64 at 14 × 14 in two parts: 1.04).
+            let units = batch * groups * panels;
+            let parts = wanted
+                .div_ceil(units)
+                .min(panel_len / PACK_PART_FLOATS)
+                .clamp(1, gk.in_c.max(1));
+            let pk = OutPtr(packed.as_mut_ptr());
+            (0..parts * units).into_par_iter().for_each(|t| {
+                // Parts outermost: each thread takes a run of channels of every panel.
+                let (part, u) = (t / units, t % units);
+                let cs = part * gk.in_c / parts..(part + 1) * gk.in_c / parts;
+                let len = cs.len() * taps * NR;
+                // SAFETY: `packed` holds `units` panels of `panel_len` = K · NR values, K
+                // = kept channels · taps; part `cs` of panel `u` is its rows
+                // `cs.start · taps ..` and no other (part, panel) writes them.
+                let rows = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        pk.get().add(u * panel_len + cs.start * taps * NR),
+                        len,
+                    )
+                };
+                pack(u, cs, rows);
+            });
         }
         // The stores below write through a raw pointer: the size is checked here.
         assert_eq!(out.len(), batch * rows_total * n, "output buffer size");
@@ -5288,6 +5326,69 @@ mod tests {
                     assert!(
                         err <= 1e-5 * scale * (g.k() as f32).sqrt(),
                         "{isa:?} {hw:?} {kernel}×{kernel} cout {cout}: error {err}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panels_packed_in_parts_of_their_channels_match_a_naive_reference() {
+        // Two threads and few panels with long K, so that each panel packed up front is
+        // packed in parts of its input channels (see `conv_gemm_into`): a 3×3 stride-2
+        // layer over 14 × 14 (7 × 7 out: two panels, K ≥ 1080) and a 1×1 layer over
+        // 14 × 14 (packed: seven panels, K ≥ 1030), every input channel or some.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut rng = fresh_rng();
+        for (cin, kernel, stride) in [(130, 3, 2), (1100, 1, 1)] {
+            let p = kernel / 2;
+            let g = conv_geom(cin, [14, 14], [kernel; 2], [stride; 2], [p, p], [p, p]).unwrap();
+            let n = g.out_hw[0] * g.out_hw[1];
+            let cout = 20;
+            let xs = uniform(&mut rng, cin * 14 * 14);
+            let w = uniform(&mut rng, cout * g.k());
+            let b = uniform(&mut rng, cout);
+            let packed = gemm::pack_a(&w, cout, g.k());
+            let oc: Vec<usize> = (0..cout).collect();
+            // Every channel, then a random ninth of them dropped.
+            let mut some: Vec<usize> = (0..cin).filter(|_| !rng.random_bool(1.0 / 9.0)).collect();
+            some.dedup();
+            for ic in [(0..cin).collect::<Vec<_>>(), some] {
+                let want = naive_conv(&xs, &w, &b, &g, None, Act::None, (&ic, &oc, None));
+                let chans = (ic.len() < cin).then_some(&ic[..]);
+                for isa in isas() {
+                    let e = bare(isa);
+                    let mut got = vec![f32::NAN; cout * n];
+                    pool.install(|| {
+                        e.conv_gemm_into(
+                            &xs,
+                            1,
+                            &packed,
+                            None,
+                            &b,
+                            1,
+                            &g,
+                            Residual::None,
+                            Act::None,
+                            Subset {
+                                chans,
+                                ..Subset::default()
+                            },
+                            &mut got,
+                        )
+                    });
+                    assert!(
+                        got.iter().all(|v| v.is_finite()),
+                        "{isa:?}: a cell unwritten"
+                    );
+                    let (err, scale) = max_error(&got, &want);
+                    assert!(
+                        err <= 1e-5 * scale * (g.k() as f32).sqrt(),
+                        "{isa:?} {kernel}×{kernel} cin {cin}, {} kept: error {err}",
+                        ic.len()
                     );
                 }
             }
