@@ -5269,6 +5269,50 @@ mod tests {
         }
     }
 
+    /// One dense sample of a convolution, for `conv_gemm_into` on a pool.
+    struct OneConv<'a> {
+        xs: &'a [f32],
+        packed: &'a [f32],
+        bias: &'a [f32],
+        g: &'a ConvGeom,
+        act: Act,
+    }
+
+    impl OneConv<'_> {
+        /// Runs the convolution on `pool` with each instruction set this CPU has, over
+        /// the subset `sub`, and checks every output cell against `want`.
+        fn assert_matches(&self, pool: &rayon::ThreadPool, sub: Subset, want: &[f32], what: &str) {
+            for isa in isas() {
+                let e = bare(isa);
+                let mut got = vec![f32::NAN; want.len()];
+                pool.install(|| {
+                    e.conv_gemm_into(
+                        self.xs,
+                        1,
+                        self.packed,
+                        None,
+                        self.bias,
+                        1,
+                        self.g,
+                        Residual::None,
+                        self.act,
+                        sub,
+                        &mut got,
+                    )
+                });
+                assert!(
+                    got.iter().all(|v| v.is_finite()),
+                    "{isa:?} {what}: a cell unwritten"
+                );
+                let (err, scale) = max_error(&got, want);
+                assert!(
+                    err <= 1e-5 * scale * (self.g.k() as f32).sqrt(),
+                    "{isa:?} {what}: error {err}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_narrow_last_panel_run_with_the_panel_before_it_matches_a_naive_reference() {
         // Two threads, so that a batch of one has too few panels for the tasks wanted and
@@ -5289,7 +5333,6 @@ mod tests {
         ] {
             let p = kernel / 2;
             let g = conv_geom(24, hw, [kernel; 2], [1, 1], [p, p], [p, p]).unwrap();
-            let n = g.out_hw[0] * g.out_hw[1];
             for cout in [16, 64, 100] {
                 let xs = uniform(&mut rng, g.in_c * hw[0] * hw[1]);
                 let w = uniform(&mut rng, cout * g.k());
@@ -5300,34 +5343,15 @@ mod tests {
                 );
                 let want = naive_conv(&xs, &w, &b, &g, None, Act::Relu, (&every.0, &every.1, None));
                 let packed = gemm::pack_a(&w, cout, g.k());
-                for isa in isas() {
-                    let e = bare(isa);
-                    let mut got = vec![f32::NAN; cout * n];
-                    pool.install(|| {
-                        e.conv_gemm_into(
-                            &xs,
-                            1,
-                            &packed,
-                            None,
-                            &b,
-                            1,
-                            &g,
-                            Residual::None,
-                            Act::Relu,
-                            Subset::default(),
-                            &mut got,
-                        )
-                    });
-                    assert!(
-                        got.iter().all(|v| v.is_finite()),
-                        "{isa:?} {hw:?}: a cell unwritten"
-                    );
-                    let (err, scale) = max_error(&got, &want);
-                    assert!(
-                        err <= 1e-5 * scale * (g.k() as f32).sqrt(),
-                        "{isa:?} {hw:?} {kernel}×{kernel} cout {cout}: error {err}"
-                    );
-                }
+                let what = format!("{hw:?} {kernel}×{kernel} cout {cout}");
+                let conv = OneConv {
+                    xs: &xs,
+                    packed: &packed,
+                    bias: &b,
+                    g: &g,
+                    act: Act::Relu,
+                };
+                conv.assert_matches(&pool, Subset::default(), &want, &what);
             }
         }
     }
@@ -5346,7 +5370,6 @@ mod tests {
         for (cin, kernel, stride) in [(130, 3, 2), (1100, 1, 1)] {
             let p = kernel / 2;
             let g = conv_geom(cin, [14, 14], [kernel; 2], [stride; 2], [p, p], [p, p]).unwrap();
-            let n = g.out_hw[0] * g.out_hw[1];
             let cout = 20;
             let xs = uniform(&mut rng, cin * 14 * 14);
             let w = uniform(&mut rng, cout * g.k());
@@ -5358,39 +5381,19 @@ mod tests {
             some.dedup();
             for ic in [(0..cin).collect::<Vec<_>>(), some] {
                 let want = naive_conv(&xs, &w, &b, &g, None, Act::None, (&ic, &oc, None));
-                let chans = (ic.len() < cin).then_some(&ic[..]);
-                for isa in isas() {
-                    let e = bare(isa);
-                    let mut got = vec![f32::NAN; cout * n];
-                    pool.install(|| {
-                        e.conv_gemm_into(
-                            &xs,
-                            1,
-                            &packed,
-                            None,
-                            &b,
-                            1,
-                            &g,
-                            Residual::None,
-                            Act::None,
-                            Subset {
-                                chans,
-                                ..Subset::default()
-                            },
-                            &mut got,
-                        )
-                    });
-                    assert!(
-                        got.iter().all(|v| v.is_finite()),
-                        "{isa:?}: a cell unwritten"
-                    );
-                    let (err, scale) = max_error(&got, &want);
-                    assert!(
-                        err <= 1e-5 * scale * (g.k() as f32).sqrt(),
-                        "{isa:?} {kernel}×{kernel} cin {cin}, {} kept: error {err}",
-                        ic.len()
-                    );
-                }
+                let sub = Subset {
+                    chans: (ic.len() < cin).then_some(&ic[..]),
+                    ..Subset::default()
+                };
+                let what = format!("{kernel}×{kernel} cin {cin}, {} kept", ic.len());
+                let conv = OneConv {
+                    xs: &xs,
+                    packed: &packed,
+                    bias: &b,
+                    g: &g,
+                    act: Act::None,
+                };
+                conv.assert_matches(&pool, sub, &want, &what);
             }
         }
     }
