@@ -1544,7 +1544,7 @@ impl EngineExecutor {
             // packing evenly. Whole panels, the thread given more of them had packed up to
             // twice as long as the other while the other waited (traced per task:
             // ResNet-50's `layer4.0.conv2`, two panels of 32 and 17 positions, 71% of the
-            // loop's two threads busy; its 14 × 14 1×1 layers' seven panels, 76–90%).
+            // loop's two threads busy; 14 × 14 1×1 layers' seven panels, 69–93%).
             // One layer alone, 2 threads, in-process pairs (300) against whole panels:
             // 1024 → 256 at 14 × 14 0.95 of the time, 3×3 stride 2 256 → 256 from 28 × 28
             // 0.94–0.96 and 512 → 512 from 14 × 14 0.97, 1×1 stride 2 1024 → 2048 from

@@ -154,7 +154,8 @@ impl SpareKind for Acc {
 /// by the thread instead, whole passes took (2 threads, in-process pairs against a
 /// fresh vector per split, 40 pairs): MobileNetV2 0.985–0.986 of the time at batch 1,
 /// EfficientNet-Lite0 0.979–0.986, 0.973 and 0.995 for MobileNetV2 at batch 8 and at
-/// budget 0.5; the ResNets 0.99–1.01 (noise as large).
+/// budget 0.5; the ResNets 0.99–1.01 (noise as large; a first run of 10 pairs of
+/// ResNet-18 at batch 8 read 1.04).
 ///
 /// Taking it leaves the thread an empty vector, so a nested take (rayon runs another
 /// task on a thread waiting inside one) gets its own; on drop the larger one stays. A
