@@ -44,6 +44,7 @@ use super::linear;
 use super::ops::{self, Window};
 use super::pool::{Buf, BufferPool, Spare};
 use super::thread_choice::{ThreadChoice, Way};
+use super::transposed;
 use super::tuning::Tuning;
 use super::winograd::{self, WinogradWeights};
 #[cfg(target_arch = "x86_64")]
@@ -74,6 +75,10 @@ enum Layer {
         /// The same weights transformed for Winograd's F(2×2, 3×3), where the layer is
         /// a 3×3, stride-1, pad-1 convolution ([`winograd_fits`]).
         winograd: Option<WinogradWeights>,
+        /// The same weights as panels of output channels ([`transposed::channel_panels`]),
+        /// where the layer is a 1×1 one whose input a gate may thin and whose plane is
+        /// small against its channels ([`transposed::pays`]).
+        channel_panels: Option<Vec<f32>>,
     },
     Depthwise {
         weight: Vec<f32>,
@@ -536,6 +541,20 @@ impl EngineExecutor {
         band_bytes: usize,
     ) -> Result<Self> {
         let nodes = &model.desc.nodes;
+        let gates: Vec<Option<GateWeights>> = gating::channel_gates(model)?
+            .iter()
+            .map(|g| g.as_ref().map(GateWeights::new))
+            .collect();
+        // Whether node `j`'s output may lack channels in a gated pass: a gated
+        // convolution's, or a depthwise layer's over such an output.
+        let thinned = |j: usize| {
+            gates[j].is_some()
+                || matches!(&nodes[j].op, Op::Conv(c) if c.groups > 1 && c.groups == c.in_channels)
+                    && nodes[j]
+                        .input
+                        .checked_sub(1)
+                        .is_some_and(|s| gates[s].is_some())
+        };
         let mut layers = Vec::with_capacity(nodes.len());
         let mut last_use = vec![usize::MAX; nodes.len() + 1];
         let mut readers = vec![0usize; nodes.len() + 1];
@@ -601,6 +620,14 @@ impl EngineExecutor {
                             }
                             wg
                         });
+                        let channel_panels = (cv.groups == 1
+                            && cv.kernel == [1, 1]
+                            && cv.stride == [1, 1]
+                            && [t, l] == [0, 0]
+                            && [oh, ow] == [ih, iw]
+                            && node.input.checked_sub(1).is_some_and(thinned)
+                            && transposed::pays(cv.out_channels, oh * ow))
+                        .then(|| transposed::channel_panels(&raw, cv.out_channels, cv.in_channels));
                         Layer::Gemm {
                             weight,
                             bias: b()?,
@@ -617,6 +644,7 @@ impl EngineExecutor {
                             act: cv.act,
                             dropped: gating::DroppedConstants::for_node(model, i)?,
                             winograd,
+                            channel_panels,
                         }
                     }
                 }
@@ -665,10 +693,6 @@ impl EngineExecutor {
                     && matches!(layers.get(i + 1), Some(&(src, Layer::Depthwise { .. })) if src == i + 1)
                     && readers[i + 1] == 1
             })
-            .collect();
-        let gates: Vec<Option<GateWeights>> = gating::channel_gates(model)?
-            .iter()
-            .map(|g| g.as_ref().map(GateWeights::new))
             .collect();
         let spatial = gating::spatial_gates(model)?;
         let input_gates = (0..layers.len())
@@ -971,6 +995,47 @@ impl EngineExecutor {
             } = l
             {
                 w.lines = None;
+            }
+        }
+        self
+    }
+
+    /// Runs every gated 1×1 convolution the direct way, output channels as the GEMM's
+    /// rows, to measure what running some transposed buys. By default a 1×1 layer over a
+    /// 7 × 7 plane with at least twice as many output channels as positions, whose input
+    /// a gate thins and which computes all its outputs, runs transposed when a plan
+    /// keeps some of its inputs: positions as rows, its weights read in place as panels
+    /// of output channels, instead of each sample copying the kept inputs' columns of
+    /// every weight row ([`transposed`](super::transposed); the panels hold the layer's
+    /// weights a second time).
+    ///
+    /// ```
+    /// use dynsparse::exec::cpu::EngineExecutor;
+    /// use dynsparse::exec::{Executor, Policy};
+    /// use dynsparse::synthetic::{conv_chain, ConvSpec};
+    ///
+    /// // A gated 1×1 layer, then one widening to 512 channels at 7 × 7, as in
+    /// // ResNet-50's last stage.
+    /// let conv = |cout| ConvSpec { cout, k: 1, stride: 1, depthwise: false };
+    /// let model = conv_chain(64, 7, &[conv(128), conv(512)])?;
+    /// let input: Vec<f32> = (0..64 * 7 * 7).map(|i| (i % 7) as f32 - 3.0).collect();
+    /// let half = Policy::Keep(0.5);
+    /// let transposed = EngineExecutor::new(&model)?.forward_with(&input, 1, half)?;
+    /// let direct = EngineExecutor::new(&model)?
+    ///     .without_transposed()
+    ///     .forward_with(&input, 1, half)?;
+    /// // The same channels kept, the same sums in the same order: equal up to rounding.
+    /// assert_eq!(transposed.kept, direct.kept);
+    /// let scale = direct.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+    /// for (a, b) in transposed.logits.iter().zip(&direct.logits) {
+    ///     assert!((a - b).abs() <= 1e-5 * scale);
+    /// }
+    /// # Ok::<(), dynsparse::Error>(())
+    /// ```
+    pub fn without_transposed(mut self) -> Self {
+        for (_, l) in &mut self.layers {
+            if let Layer::Gemm { channel_panels, .. } = l {
+                *channel_panels = None;
             }
         }
         self
@@ -2599,6 +2664,7 @@ impl EngineExecutor {
                     act,
                     dropped,
                     winograd,
+                    channel_panels,
                 } => {
                     let wino = winograd.as_ref();
                     let r = match in_out {
@@ -2697,7 +2763,18 @@ impl EngineExecutor {
                                 self.run_bands(x, batch, geom, pass, self.sizes[i + 2])
                             }
                             None => self.conv_compact(
-                                x, batch, weight, wino, bias, geom, r, in_out, *act, inputs, gates,
+                                x,
+                                batch,
+                                weight,
+                                wino,
+                                channel_panels.as_deref(),
+                                bias,
+                                geom,
+                                r,
+                                in_out,
+                                *act,
+                                inputs,
+                                gates,
                                 sums,
                             ),
                         };
@@ -2875,6 +2952,7 @@ impl EngineExecutor {
         batch: usize,
         weight: &[f32],
         wino: Option<&WinogradWeights>,
+        channel_panels: Option<&[f32]>,
         bias: &[f32],
         geom: &ConvGeom,
         residual: Option<&[f32]>,
@@ -2983,7 +3061,19 @@ impl EngineExecutor {
         // drops output rows (ResNet-18's `layer4.1.conv1`), which ran sample by sample by
         // Winograd: 0.73–0.82 of its time at batch 2, 4 and 8, passes 0.97–0.99.
         let (th, tw) = winograd::tiles(geom.out_hw[0], geom.out_hw[1]);
+        // A layer that keeps every output channel runs transposed where it has channel
+        // panels (see `transposed`), each sample on its own, if there are panels enough
+        // to share out: with two threads, MobileNetV2's 7 × 7 projections of 160
+        // channels (5 panels) took 1.03–1.16× the direct way's time (in-process pairs at
+        // budget 0.5, batch 1), its and EfficientNet-Lite0's of 320 (10 panels)
+        // 0.79–0.96×.
+        let transposing = channel_panels.filter(|_| {
+            gates.channels.is_none()
+                && gates.tiles.is_none()
+                && (serial || cout.div_ceil(NR) >= 4 * rayon::current_num_threads())
+        });
         let together = batch >= 2
+            && transposing.is_none()
             && n.div_ceil(NR) <= self.batch_gated_panels
             && std::mem::size_of_val(weight) >= BATCH_GATED_BYTES
             && gates.tiles.is_none()
@@ -3026,6 +3116,50 @@ impl EngineExecutor {
                     let xs = &x[s * cin * plane..(s + 1) * cin * plane];
                     let rs = residual.sample(s, cout * n);
                     let b = bias_of(d.shifted);
+                    // A plan that keeps some of the inputs: transposed.
+                    if let Some(cp) = transposing.filter(|_| d.ic.len() < cin) {
+                        let mut packed =
+                            self.pool.take_dirty(transposed::packed_len(n, d.ic.len()));
+                        // Sample s's panel sums, when the next layer's gate wants them.
+                        let at = sums.map(|p| OutPtr(p.at.get().wrapping_add(s * cout * p.panels)));
+                        let sum = |out: *const f32, chs: std::ops::Range<usize>| {
+                            let Some(at) = at else { return };
+                            for q in 0..n.div_ceil(NR) {
+                                // SAFETY: the output's cells of channels `chs` are
+                                // stored; panel q's sums of those rows lie inside the
+                                // sample's `cout × panels` and no other task writes them.
+                                unsafe {
+                                    row_sums(
+                                        self.isa,
+                                        out.add(q * NR),
+                                        n,
+                                        NR.min(n - q * NR),
+                                        &self.all_rows[chs.clone()],
+                                        at.get().wrapping_add(q * cout),
+                                    )
+                                };
+                            }
+                        };
+                        let job = transposed::Job {
+                            isa: self.isa,
+                            x: xs,
+                            n,
+                            chans: &d.ic,
+                            panels: cp,
+                            cin,
+                            bias: b,
+                            residual: rs,
+                            act,
+                            index: &self.all_cols,
+                            sums: Some(&sum),
+                        };
+                        transposed::run(&job, &mut packed, os, serial);
+                        self.pool.give(packed);
+                        if let Some(ps) = sums {
+                            ps.filled.fetch_add(1, std::sync::atomic::Ordering::Release);
+                        }
+                        return per_sample(d);
+                    }
                     // Sample s's sums, when the next layer's gate wants them.
                     let panels = sums.map_or(0, |p| p.panels);
                     let sums = sums.map(|p| PanelSums {

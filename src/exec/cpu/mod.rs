@@ -24,6 +24,7 @@ pub mod peak;
 mod pool;
 mod reference;
 pub mod thread_choice;
+mod transposed;
 mod tuning;
 mod winograd;
 #[cfg(target_arch = "x86_64")]
