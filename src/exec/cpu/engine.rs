@@ -1006,7 +1006,7 @@ impl EngineExecutor {
     /// a gate thins and which computes all its outputs, runs transposed when a plan
     /// keeps some of its inputs: positions as rows, its weights read in place as panels
     /// of output channels, instead of each sample copying the kept inputs' columns of
-    /// every weight row ([`transposed`](super::transposed); the panels hold the layer's
+    /// every weight row (the engine's `transposed` module; the panels hold the layer's
     /// weights a second time).
     ///
     /// ```

@@ -20,6 +20,8 @@
 //! The epilogue here stores the tile transposed: its positions of each of its channels
 //! are a run of one output plane.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::gemm::{self, Acc, Isa, OutPtr, Residual, Tile, KC, NR, PACK};
@@ -84,7 +86,7 @@ pub(super) struct Job<'a> {
     /// the output's start, while those cells are in its core's cache: a channel gate
     /// reading the output sums them there ([`super::engine`]'s `PanelSums`).
     #[allow(clippy::type_complexity)]
-    pub sums: Option<&'a (dyn Fn(*const f32, std::ops::Range<usize>) + Sync)>,
+    pub sums: Option<&'a (dyn Fn(*const f32, Range<usize>) + Sync)>,
 }
 
 /// Floats of the packed input [`run`] needs for `n` positions and `kept` channels.
@@ -182,22 +184,19 @@ pub(super) fn run(job: &Job, packed: &mut [f32], out: &mut [f32], serial: bool) 
         let channels = p * NR..(p * NR + NR).min(cout);
         for (i, acc) in accs[..tiles].iter().enumerate() {
             let r0 = i * mr;
-            let r1 = (r0 + mr).min(n);
-            for (j, ch) in channels.clone().enumerate() {
-                let b = job.bias[ch];
-                let at = ch * n + r0;
-                // SAFETY: cells `ch · n + r0 .. ch · n + r1` lie inside `out` (`cout ×
-                // n`, checked above) and belong to this task's panel alone.
-                let cells = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(at), r1 - r0) };
-                for (q, v) in cells.iter_mut().enumerate() {
-                    let r = match job.residual {
-                        Residual::None => 0.0,
-                        Residual::Apart(r) => r[at + q],
-                        Residual::InOut => *v,
-                    };
-                    *v = job.act.apply(acc[q][j] + b + r);
-                }
-            }
+            // SAFETY: the cells of channels `channels` at positions `r0 .. r0 + rows`
+            // lie inside `out` (`cout × n`, checked above) and belong to this task's
+            // panel alone; an apart residual is as long as `out` (checked above).
+            unsafe {
+                store(
+                    job,
+                    acc,
+                    (r0 + mr).min(n) - r0,
+                    r0,
+                    channels.clone(),
+                    ptr.get(),
+                )
+            };
         }
         if let Some(sum) = job.sums {
             sum(ptr.get(), channels);
@@ -208,6 +207,87 @@ pub(super) fn run(job: &Job, packed: &mut [f32], out: &mut [f32], serial: bool) 
         (0..panels).for_each(|p| task(&mut accs, p));
     } else {
         (0..panels).into_par_iter().for_each_init(Spare::take, task);
+    }
+}
+
+/// The epilogue of one tile, stored transposed: its `rows` positions from `r0` of each
+/// channel of `chs` (the tile's columns from 0) are a run of that channel's plane.
+///
+/// # Safety
+/// Cells `ch · n + r0 .. ch · n + r0 + rows` of every channel `ch` of `chs` lie inside
+/// `out`, and inside the residual where it lies apart; `rows ≤ 12`, `chs.len() ≤ NR`.
+unsafe fn store(job: &Job, acc: &Acc, rows: usize, r0: usize, chs: Range<usize>, out: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    if job.isa == Isa::Avx512 {
+        return store_avx512(job, acc, rows, r0, chs, out);
+    }
+    for (j, ch) in chs.enumerate() {
+        let at = ch * job.n + r0;
+        let b = job.bias[ch];
+        for (q, row) in acc.iter().take(rows).enumerate() {
+            let r = match job.residual {
+                Residual::None => 0.0,
+                Residual::Apart(r) => r[at + q],
+                Residual::InOut => *out.add(at + q),
+            };
+            *out.add(at + q) = job.act.apply(row[j] + b + r);
+        }
+    }
+}
+
+/// [`store`] with AVX-512F: each channel's positions gathered from the tile's column in
+/// one masked gather, and stored as one masked run. Against storing one element at a
+/// time, ResNet-50's `layer4` `conv3` layers took 0.84–0.85 of their time at budget 0.5
+/// on one thread and 0.88 on two (in-process pairs, batch 1).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_avx512(
+    job: &Job,
+    acc: &Acc,
+    rows: usize,
+    r0: usize,
+    chs: Range<usize>,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    const W: i32 = NR as i32;
+    let column = _mm512_setr_epi32(
+        0,
+        W,
+        2 * W,
+        3 * W,
+        4 * W,
+        5 * W,
+        6 * W,
+        7 * W,
+        8 * W,
+        9 * W,
+        10 * W,
+        11 * W,
+        0,
+        0,
+        0,
+        0,
+    );
+    let m: __mmask16 = (1u16 << rows) - 1;
+    let zero = _mm512_setzero_ps();
+    for (j, ch) in chs.enumerate() {
+        let at = ch * job.n + r0;
+        let v = _mm512_mask_i32gather_ps::<4>(zero, m, column, acc[0].as_ptr().add(j));
+        let mut v = _mm512_add_ps(v, _mm512_set1_ps(job.bias[ch]));
+        match job.residual {
+            Residual::None => {}
+            Residual::Apart(r) => {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, r.as_ptr().add(at)))
+            }
+            Residual::InOut => v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, out.add(at))),
+        }
+        v = match job.act {
+            Act::None => v,
+            Act::Relu => _mm512_max_ps(v, zero),
+            Act::Relu6 => _mm512_min_ps(_mm512_max_ps(v, zero), _mm512_set1_ps(6.0)),
+        };
+        _mm512_mask_storeu_ps(out.add(at), m, v);
     }
 }
 
