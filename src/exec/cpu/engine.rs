@@ -79,6 +79,9 @@ enum Layer {
         /// where the layer is a 1×1 one whose input a gate may thin and whose plane is
         /// small against its channels ([`transposed::pays`]).
         channel_panels: Option<Vec<f32>>,
+        /// The same weights row by row, where the layer is a 1×1 one with a channel gate
+        /// over a plane of at most 14 × 14 ([`ROWS_MAJOR_MAX_POSITIONS`]), on AVX-512.
+        rows_major: Option<Vec<f32>>,
     },
     Depthwise {
         weight: Vec<f32>,
@@ -311,6 +314,9 @@ struct Subset<'a> {
     by_rows: bool,
     /// Where to leave the sums of the output's panels, for a channel gate reading it.
     sums: Option<PanelSums<'a>>,
+    /// The layer's weights row by row, for a plan of kept rows and every input channel
+    /// ([`gemm::accumulate_rows_major`]).
+    rows_major: Option<&'a [f32]>,
 }
 
 /// Where a convolution leaves, for each sample, panel of [`NR`] output positions and
@@ -628,6 +634,15 @@ impl EngineExecutor {
                             && node.input.checked_sub(1).is_some_and(thinned)
                             && transposed::pays(cv.out_channels, oh * ow))
                         .then(|| transposed::channel_panels(&raw, cv.out_channels, cv.in_channels));
+                        let rows_major = (isa == Isa::Avx512
+                            && cv.groups == 1
+                            && cv.kernel == [1, 1]
+                            && cv.stride == [1, 1]
+                            && [t, l] == [0, 0]
+                            && gates[i].is_some()
+                            && cv.in_channels >= ROWS_MAJOR_MIN_K
+                            && oh * ow <= ROWS_MAJOR_MAX_POSITIONS)
+                            .then(|| raw.clone());
                         Layer::Gemm {
                             weight,
                             bias: b()?,
@@ -645,6 +660,7 @@ impl EngineExecutor {
                             dropped: gating::DroppedConstants::for_node(model, i)?,
                             winograd,
                             channel_panels,
+                            rows_major,
                         }
                     }
                 }
@@ -1196,7 +1212,20 @@ impl EngineExecutor {
             serial,
             by_rows,
             sums,
+            rows_major,
         } = sub;
+        // Kept rows of every input channel of a 1×1 layer read their weights row by
+        // row (its panels are then read in place or packed, never through offsets).
+        let rows_major = rows_major.filter(|_| {
+            only_rows.is_some()
+                && chans.is_none()
+                && only_cols.is_none()
+                && groups == 1
+                && g.kernel == [1, 1]
+                && g.stride == [1, 1]
+                && g.pad_tl == [0, 0]
+                && self.isa == Isa::Avx512
+        });
         let lda = g.k();
         let taps = g.kernel[0] * g.kernel[1];
         // Zero-pad the input once so every tap of every window is in bounds: packing then
@@ -1442,7 +1471,7 @@ impl EngineExecutor {
         // than a row each, which at so small a K costs the kernel 10–25% (see
         // SMALL_A_BYTES).
         let rows_a = only_rows
-            .filter(|_| groups == 1 && !local_copy)
+            .filter(|_| groups == 1 && !local_copy && rows_major.is_none())
             .filter(|_| {
                 gemm::packed_a_len(rows_per_group, k) * std::mem::size_of::<f32>() <= SMALL_A_BYTES
             })
@@ -1686,9 +1715,10 @@ impl EngineExecutor {
             // (sample, group) blocks of the output are contiguous: sg · rows_per_group · n.
             let out_off = sg * rows_per_group * n;
             let group_len = gemm::packed_a_len(rows_per_group, lda);
-            let (a, ka) = match (&rows_a, &compact_a) {
-                (Some(a), _) | (None, Some(a)) => (&a[..], k),
-                (None, None) => (&weight[grp * group_len..(grp + 1) * group_len], lda),
+            let (a, ka) = match (&rows_a, &compact_a, rows_major) {
+                (Some(a), ..) | (None, Some(a), _) => (&a[..], k),
+                (None, None, Some(rm)) => (rm, lda),
+                (None, None, None) => (&weight[grp * group_len..(grp + 1) * group_len], lda),
             };
             let ep = Epilogue {
                 bias: &bias[grp * rows_per_group..(grp + 1) * rows_per_group],
@@ -1826,15 +1856,21 @@ impl EngineExecutor {
                         // panel's first position (`gemm::panel_reads`) inside the plane.
                         // With `fin`, as for the store below.
                         let stored = unsafe {
-                            gemm::accumulate_finishing(
-                                self.isa,
-                                tile,
-                                k0,
-                                k1,
-                                acc,
-                                next(j, k0),
-                                fin,
-                            )
+                            if rows_major.is_some() {
+                                // Stored below (no epilogue from the registers).
+                                gemm::accumulate_rows_major(self.isa, tile, k0, k1, acc);
+                                false
+                            } else {
+                                gemm::accumulate_finishing(
+                                    self.isa,
+                                    tile,
+                                    k0,
+                                    k1,
+                                    acc,
+                                    next(j, k0),
+                                    fin,
+                                )
+                            }
                         };
                         // A finished tile the kernel did not store is stored now.
                         if k1 == k && !stored {
@@ -2665,6 +2701,7 @@ impl EngineExecutor {
                     dropped,
                     winograd,
                     channel_panels,
+                    rows_major,
                 } => {
                     let wino = winograd.as_ref();
                     let r = match in_out {
@@ -2768,6 +2805,7 @@ impl EngineExecutor {
                                 weight,
                                 wino,
                                 channel_panels.as_deref(),
+                                rows_major.as_deref(),
                                 bias,
                                 geom,
                                 r,
@@ -2953,6 +2991,7 @@ impl EngineExecutor {
         weight: &[f32],
         wino: Option<&WinogradWeights>,
         channel_panels: Option<&[f32]>,
+        rows_major: Option<&[f32]>,
         bias: &[f32],
         geom: &ConvGeom,
         residual: Option<&[f32]>,
@@ -3039,6 +3078,7 @@ impl EngineExecutor {
                 serial,
                 by_rows: false,
                 sums: None,
+                rows_major: None,
             }
         }
         let unread = gates.channels.is_some();
@@ -3178,6 +3218,7 @@ impl EngineExecutor {
                         act,
                         Subset {
                             sums,
+                            rows_major,
                             ..subset(&d, cout, cin, unread, serial)
                         },
                         os,
@@ -3627,6 +3668,26 @@ fn pass_dropped_rows(plans: &[SamplePlan], residual: Residual, len: usize, out: 
         }
     }
 }
+
+/// Output positions up to which a 1×1 layer with a channel gate holds its weights row by
+/// row as well (on AVX-512), for plans that keep some of its rows and every input
+/// channel: over small planes its weights stream from memory, and kept rows spread over
+/// the packed blocks read every block's lines, where rows stored one after another cost
+/// only their own ([`gemm::accumulate_rows_major`]). One layer alone, one thread: 2048 →
+/// 512 at 7 × 7 keeping 288 rows took 1.15 ms, a dense layer of 276 rows 0.72, the dense
+/// one 1.37. Row by row against packed, in-process pairs at budget 0.5, batch 1:
+/// ResNet-50's `layer4.1.conv1` and `layer4.2.conv1` (2048 → 512 at 7 × 7) 0.85–0.89 of
+/// the time on one thread and 0.82–0.94 on two, `layer4.0.conv1` (1024 → 512 at 14 × 14)
+/// 0.92–0.93, the `layer3` `conv1` layers (1024 → 256 at 14 × 14) 0.92–0.94 on one thread
+/// and 0.91–0.95 on two; at batch 8 (two threads) 0.90–0.96. The memory: ResNet-50's
+/// eight such layers hold 16 MB more.
+const ROWS_MAJOR_MAX_POSITIONS: usize = 14 * 14;
+
+/// Input channels from which such a layer does. Short rows gained nothing against the
+/// packed kernel's other means (its epilogue from the registers, its column kernel):
+/// the 7 × 7 expansions of MobileNetV2 and EfficientNet-Lite0 (K = 160 and 192) took
+/// 1.04–1.18× the time, their 14 × 14 ones (K = 64–112) 0.91–1.12×.
+const ROWS_MAJOR_MIN_K: usize = 512;
 
 /// Output panels per sample up to which a gated batch runs its samples' tiles together
 /// ([`EngineExecutor::conv_gated_batch`]) rather than sample by sample: at 7×7 (two
@@ -4954,6 +5015,8 @@ mod tests {
                 serial: rng.random_bool(0.5),
                 by_rows: rng.random_bool(0.5),
                 sums: None,
+                // The weights row by row, as a 1×1 layer with a channel gate holds them.
+                rows_major: rng.random_bool(0.5).then_some(&w[..]),
             };
             let plan = (&ic[..], &oc[..], cols.as_deref());
             let mut want = naive_conv(&xs, &w, &b, &g, rs.as_deref(), act, plan);
@@ -5526,6 +5589,47 @@ mod tests {
                     bias: &b,
                     g: &g,
                     act: Act::None,
+                };
+                conv.assert_matches(&pool, sub, &want, &what);
+            }
+        }
+    }
+
+    #[test]
+    fn kept_rows_over_weights_row_by_row_match_a_naive_reference() {
+        // Plans that keep some output rows of a 1×1 layer and every input channel, its
+        // weights given row by row as a gated layer over a small plane holds them (read
+        // so on AVX-512; the other kernels take the packed weights): planes of whole and
+        // part panels (7 × 7: 32 + 17, 14 × 14 read packed or in place, 5 × 9), short and
+        // long K, on two threads.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut rng = fresh_rng();
+        for hw in [[7, 7], [14, 14], [5, 9]] {
+            for cin in [40, 600] {
+                let g = conv_geom(cin, hw, [1, 1], [1, 1], [0, 0], [0, 0]).unwrap();
+                let cout = 50;
+                let xs = uniform(&mut rng, cin * hw[0] * hw[1]);
+                let w = uniform(&mut rng, cout * cin);
+                let b = uniform(&mut rng, cout);
+                let packed = gemm::pack_a(&w, cout, cin);
+                let ic: Vec<usize> = (0..cin).collect();
+                let oc: Vec<usize> = (0..cout).filter(|_| rng.random_bool(0.5)).collect();
+                let want = naive_conv(&xs, &w, &b, &g, None, Act::Relu6, (&ic, &oc, None));
+                let sub = Subset {
+                    rows: (oc.len() < cout).then_some(&oc[..]),
+                    rows_major: Some(&w),
+                    ..Subset::default()
+                };
+                let what = format!("{hw:?} cin {cin}, {} of {cout} rows", oc.len());
+                let conv = OneConv {
+                    xs: &xs,
+                    packed: &packed,
+                    bias: &b,
+                    g: &g,
+                    act: Act::Relu6,
                 };
                 conv.assert_matches(&pool, sub, &want, &what);
             }

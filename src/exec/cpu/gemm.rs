@@ -438,6 +438,36 @@ pub unsafe fn accumulate_finishing(
     false
 }
 
+/// [`accumulate`] over an A stored row by row: tile row `i` reads A's row `arows[i]`,
+/// `t.ka` values long, at `t.a[arows[i] · ka ..]`, its column `kk` the `kk`-th value.
+/// For a plan that keeps output rows spread over the packed blocks of a layer whose
+/// weights stream from memory: the packed blocks interleave twelve rows, so a tile of
+/// rows from many blocks reads every block's lines whole, where rows stored one after
+/// another cost only their own. Without a column map or panel offsets; AVX-512 only
+/// (`false` elsewhere, and nothing computed).
+///
+/// # Safety
+/// As for [`accumulate`], with `t.a` holding `(max(arows) + 1) · ka` values, `k ≤ ka`;
+/// `t.kmap` and `t.boff` are `None`.
+pub unsafe fn accumulate_rows_major(
+    isa: Isa,
+    t: &Tile,
+    k0: usize,
+    k1: usize,
+    acc: &mut Acc,
+) -> bool {
+    debug_assert!(t.kmap.is_none() && t.boff.is_none());
+    debug_assert!(!t.rows.is_empty() && t.rows.len() <= 12);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            avx512::rows_major(t, k0, k1, acc);
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Prefetches what `t`'s epilogue will touch: for each of its rows, the cache lines of
 /// its columns' residual values (when there is a residual) and of its output cells (for
 /// writing), so that a tile computed meanwhile hides their latency.
@@ -745,6 +775,73 @@ mod avx512 {
             (false, ..=4) => dispatch::<2, 4>(t, k0, k1, out, next, finish),
             (false, ..=8) => dispatch::<2, 8>(t, k0, k1, out, next, finish),
             (false, _) => dispatch::<2, 12>(t, k0, k1, out, next, finish),
+        }
+    }
+
+    /// [`super::accumulate_rows_major`]: the tile's rows and columns in the widths the
+    /// packed kernel would use.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn rows_major(t: &Tile, k0: usize, k1: usize, out: &mut Acc) {
+        match (t.width() <= 16, t.rows.len()) {
+            (true, ..=4) => rows_major_body::<1, 4>(t, k0, k1, out),
+            (true, ..=8) => rows_major_body::<1, 8>(t, k0, k1, out),
+            (true, _) => rows_major_body::<1, 12>(t, k0, k1, out),
+            (false, ..=4) => rows_major_body::<2, 4>(t, k0, k1, out),
+            (false, ..=8) => rows_major_body::<2, 8>(t, k0, k1, out),
+            (false, _) => rows_major_body::<2, 12>(t, k0, k1, out),
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows_major_body<const W: usize, const MR: usize>(
+        t: &Tile,
+        k0: usize,
+        k1: usize,
+        out: &mut Acc,
+    ) {
+        // Rows past the tile's repeat its first (read, never stored).
+        let base = t.a.as_ptr();
+        let mut rows = [base.add(t.arows[0] * t.ka); MR];
+        for (i, &r) in t.arows.iter().enumerate() {
+            rows[i] = base.add(r * t.ka);
+        }
+        let mut acc = [[_mm512_setzero_ps(); W]; MR];
+        if k0 > 0 {
+            for i in 0..t.rows.len() {
+                for (w, v) in acc[i].iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(out[i].as_ptr().add(16 * w));
+                }
+            }
+        }
+        // Only the tile's columns are read (masked), so a panel read in place may end at
+        // its last column, as the packed kernel's narrowest tiles allow (`panel_reads`).
+        let mut masks = [0u16; W];
+        for (w, m) in masks.iter_mut().enumerate() {
+            let len = t.width().saturating_sub(16 * w).min(16);
+            *m = if len == 16 {
+                u16::MAX
+            } else {
+                (1u16 << len) - 1
+            };
+        }
+        let mut b = t.panel.as_ptr().add(k0 * t.ldb);
+        for kk in k0..k1 {
+            let mut bv = [_mm512_setzero_ps(); W];
+            for (w, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(masks[w], b.add(16 * w));
+            }
+            for i in 0..MR {
+                let a = _mm512_set1_ps(*rows[i].add(kk));
+                for w in 0..W {
+                    acc[i][w] = _mm512_fmadd_ps(a, bv[w], acc[i][w]);
+                }
+            }
+            b = b.add(t.ldb);
+        }
+        for i in 0..t.rows.len() {
+            for (w, v) in acc[i].iter().enumerate() {
+                _mm512_storeu_ps(out[i].as_mut_ptr().add(16 * w), *v);
+            }
         }
     }
 
@@ -1853,6 +1950,81 @@ mod tests {
     use rand::Rng;
 
     use super::super::test_isas as isas;
+
+    /// Tiles of rows spread anywhere in an A stored row by row, over panels of every
+    /// width (the last column of a panel read in place at the end of its buffer: only
+    /// the tile's columns may be read), with K split in two blocks at a random step;
+    /// against a naive sum. Where the CPU has no AVX-512 the call must say so.
+    #[test]
+    fn tiles_over_weights_stored_row_by_row_match_a_naive_sum() {
+        let mut rng = super::super::fresh_rng();
+        if Isa::detect() != Isa::Avx512 {
+            let t = Tile {
+                a: &[0.0],
+                ka: 1,
+                arows: &[0],
+                kmap: None,
+                boff: None,
+                k: 1,
+                rows: &[0],
+                panel: &[0.0; NR],
+                ldb: NR,
+                ldc: 1,
+                cols: &[0],
+                lanes: None,
+            };
+            let mut acc = [[0f32; NR]; 12];
+            assert!(!unsafe { accumulate_rows_major(Isa::detect(), &t, 0, 1, &mut acc) });
+            return;
+        }
+        for case in 0..300 {
+            let (m, ka) = (rng.random_range(1..60), rng.random_range(1..300));
+            let k = rng.random_range(1..=ka);
+            let width = rng.random_range(1..=NR);
+            let nrows = rng.random_range(1..=12.min(m));
+            let mut arows = sample(&mut rng, m, nrows).into_vec();
+            arows.sort_unstable();
+            let a: Vec<f32> = (0..m * ka).map(|_| rng.random_range(-1.0..1.0)).collect();
+            // Panel rows `ldb` apart, the last one ending with the buffer.
+            let ldb = rng.random_range(width..=width + 40);
+            let panel: Vec<f32> = (0..(k - 1) * ldb + width)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let cols: Vec<usize> = (0..width).collect();
+            let t = Tile {
+                a: &a,
+                ka,
+                arows: &arows,
+                kmap: None,
+                boff: None,
+                k,
+                rows: &arows,
+                panel: &panel,
+                ldb,
+                ldc: 1,
+                cols: &cols,
+                lanes: None,
+            };
+            let split = rng.random_range(0..=k);
+            let mut acc = [[f32::NAN; NR]; 12];
+            // SAFETY: `a` holds m rows of ka values, arows < m, k ≤ ka; the panel holds
+            // (k - 1) · ldb + width values and the kernel reads only the tile's columns.
+            unsafe {
+                assert!(accumulate_rows_major(Isa::Avx512, &t, 0, split, &mut acc));
+                assert!(accumulate_rows_major(Isa::Avx512, &t, split, k, &mut acc));
+            }
+            for (i, &r) in arows.iter().enumerate() {
+                for j in 0..width {
+                    let want: f32 = (0..k).map(|kk| a[r * ka + kk] * panel[kk * ldb + j]).sum();
+                    let got = acc[i][j];
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "case {case}: row {r} column {j}: {got} vs {want} (K {k} of {ka}, split {split})"
+                    );
+                }
+            }
+        }
+    }
 
     /// A 1×1 panel of consecutive positions, packed by each way this CPU has: row `ci`
     /// holds its channel's values from the first position, then zeros, up to the plane's
