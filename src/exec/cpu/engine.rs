@@ -4226,10 +4226,7 @@ mod tests {
         )
         .unwrap();
         let e = EngineExecutor::new(&model).unwrap();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = two_threads();
         for batch in [1, 3] {
             let input: Vec<f32> = (0..batch * 8 * 32 * 32)
                 .map(|i| ((i * 37) % 101) as f32 * 0.02 - 1.0)
@@ -4875,10 +4872,7 @@ mod tests {
     fn gate_means_summed_by_every_thread_decide_as_on_one() {
         use crate::exec::Cut;
         let mut rng = fresh_rng();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = two_threads();
         let e = bare(Isa::Portable);
         let mut shared = 0;
         for _ in 0..12 {
@@ -5301,6 +5295,14 @@ mod tests {
     }
 
     /// `len` values drawn uniformly from [-1, 1).
+    /// A pool of two threads: tasks shared out as on this project's 2-core machines.
+    fn two_threads() -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap()
+    }
+
     fn uniform(rng: &mut impl Rng, len: usize) -> Vec<f32> {
         (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
     }
@@ -5399,10 +5401,7 @@ mod tests {
         // over big weights (rows read where they are), with kept channels; batches of
         // one and two samples.
         let mut rng = fresh_rng();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = two_threads();
         for n in 1..=3 * NR {
             let (in_c, cout) = if n % 3 == 0 { (96, 70) } else { (20, 24) };
             let g = conv_geom(in_c, [1, n], [1, 1], [1, 1], [0, 0], [0, 0]).unwrap();
@@ -5514,10 +5513,7 @@ mod tests {
     fn a_narrow_last_panel_run_with_the_panel_before_it_matches_a_naive_reference() {
         // Two threads, so that a batch of one has too few panels for the tasks wanted and
         // the narrow last panel joins the group before it (see `conv_gemm_into`).
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = two_threads();
         let mut rng = fresh_rng();
         // 14×14 (6 · 32 + 4), 7×10 (2 · 32 + 6), 9×9 (2 · 32 + 17: not narrow); 1×1 read
         // in place and 3×3 packed.
@@ -5559,10 +5555,7 @@ mod tests {
         // packed in parts of its input channels (see `conv_gemm_into`): a 3×3 stride-2
         // layer over 14 × 14 (7 × 7 out: two panels, K ≥ 1080) and a 1×1 layer over
         // 14 × 14 (packed: seven panels, K ≥ 1030), every input channel or some.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = two_threads();
         let mut rng = fresh_rng();
         for (cin, kernel, stride) in [(130, 3, 2), (1100, 1, 1)] {
             let p = kernel / 2;
@@ -5602,10 +5595,7 @@ mod tests {
         // so on AVX-512; the other kernels take the packed weights): planes of whole and
         // part panels (7 × 7: 32 + 17, 14 × 14 read packed or in place, 5 × 9), short and
         // long K, on two threads.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = two_threads();
         let mut rng = fresh_rng();
         for hw in [[7, 7], [14, 14], [5, 9]] {
             for cin in [40, 600] {
