@@ -75,10 +75,10 @@ enum Layer {
         /// The same weights transformed for Winograd's F(2×2, 3×3), where the layer is
         /// a 3×3, stride-1, pad-1 convolution ([`winograd_fits`]).
         winograd: Option<WinogradWeights>,
-        /// The same weights as panels of output channels ([`transposed::channel_panels`]),
+        /// The same weights as panels of output channels ([`transposed::ChannelPanels`]),
         /// where the layer is a 1×1 one whose input a gate may thin and whose plane is
         /// small against its channels ([`transposed::pays`]).
-        channel_panels: Option<Vec<f32>>,
+        channel_panels: Option<transposed::ChannelPanels>,
         /// The same weights row by row, where the layer is a 1×1 one with a channel gate
         /// over a plane of at most 14 × 14 ([`ROWS_MAJOR_MAX_POSITIONS`]), on AVX-512.
         rows_major: Option<Vec<f32>>,
@@ -633,7 +633,9 @@ impl EngineExecutor {
                             && [oh, ow] == [ih, iw]
                             && node.input.checked_sub(1).is_some_and(thinned)
                             && transposed::pays(cv.out_channels, oh * ow))
-                        .then(|| transposed::channel_panels(&raw, cv.out_channels, cv.in_channels));
+                        .then(|| {
+                            transposed::ChannelPanels::new(&raw, cv.out_channels, cv.in_channels)
+                        });
                         let rows_major = (isa == Isa::Avx512
                             && cv.groups == 1
                             && cv.kernel == [1, 1]
@@ -2804,7 +2806,7 @@ impl EngineExecutor {
                                 batch,
                                 weight,
                                 wino,
-                                channel_panels.as_deref(),
+                                channel_panels.as_ref().map(transposed::ChannelPanels::get),
                                 rows_major.as_deref(),
                                 bias,
                                 geom,

@@ -25,7 +25,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::gemm::{self, Acc, Isa, OutPtr, Residual, Tile, KC, NR, PACK};
-use super::pool::Spare;
+use super::pool::{line_offset, Spare, LINE};
 use crate::model::Act;
 
 /// Output positions up to which a layer may run transposed: two panels of the direct
@@ -50,17 +50,29 @@ pub(super) fn pays(cout: usize, n: usize) -> bool {
     n <= MAX_POSITIONS && cout >= MIN_CHANNELS_PER_POSITION * n
 }
 
-/// `w` (`[cout][cin]`, row-major) as panels of [`NR`] output channels:
-/// `[cout.div_ceil(NR)][cin][NR]`, the last panel zero past `cout`.
-pub(super) fn channel_panels(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let mut out = vec![0f32; cout.div_ceil(NR) * cin * NR];
-    for (o, row) in w.chunks_exact(cin).take(cout).enumerate() {
-        let panel = &mut out[(o / NR) * cin * NR..][..cin * NR];
-        for (c, &v) in row.iter().enumerate() {
-            panel[c * NR + o % NR] = v;
+/// A layer's weights as panels of [`NR`] output channels, `[cout.div_ceil(NR)][cin][NR]`
+/// (the last panel zero past `cout`), starting on a cache line so that each panel row
+/// is two whole lines.
+pub(super) struct ChannelPanels(Vec<f32>);
+
+impl ChannelPanels {
+    /// `w` (`[cout][cin]`, row-major) as panels.
+    pub(super) fn new(w: &[f32], cout: usize, cin: usize) -> Self {
+        let mut v = vec![0f32; cout.div_ceil(NR) * cin * NR + LINE];
+        let off = line_offset(&v);
+        for (o, row) in w.chunks_exact(cin).take(cout).enumerate() {
+            let panel = &mut v[off + (o / NR) * cin * NR..][..cin * NR];
+            for (c, &x) in row.iter().enumerate() {
+                panel[c * NR + o % NR] = x;
+            }
         }
+        ChannelPanels(v)
     }
-    out
+
+    /// The panels, from their first value.
+    pub(super) fn get(&self) -> &[f32] {
+        &self.0[line_offset(&self.0)..]
+    }
 }
 
 /// One sample's transposed 1×1 convolution.
@@ -72,7 +84,7 @@ pub(super) struct Job<'a> {
     pub n: usize,
     /// Kept input channels, ascending; the others are not read.
     pub chans: &'a [usize],
-    /// [`channel_panels`] of the layer's weights.
+    /// The layer's weights, [`ChannelPanels::get`].
     pub panels: &'a [f32],
     pub cin: usize,
     /// One per output channel; every output channel is computed.
@@ -335,8 +347,11 @@ mod tests {
     fn channel_panels_hold_each_output_channel_as_a_lane() {
         // 3 outputs × 2 inputs: w[o][c] = 10·o + c.
         let w = [0.0, 1.0, 10.0, 11.0, 20.0, 21.0];
-        let p = channel_panels(&w, 3, 2);
-        assert_eq!(p.len(), 2 * NR);
+        let panels = ChannelPanels::new(&w, 3, 2);
+        let p = panels.get();
+        assert_eq!(p.as_ptr() as usize % 64, 0, "on a cache line");
+        assert!(p.len() >= 2 * NR);
+        let p = &p[..2 * NR];
         assert_eq!(&p[..4], &[0.0, 10.0, 20.0, 0.0]);
         assert_eq!(&p[NR..NR + 4], &[1.0, 11.0, 21.0, 0.0]);
         assert!(p[3..NR].iter().chain(&p[NR + 3..]).all(|&v| v == 0.0));
@@ -373,7 +388,8 @@ mod tests {
             };
             let (x, w, bias) = (uniform(cin * n), uniform(cout * cin), uniform(cout));
             let res = uniform(cout * n);
-            let panels = channel_panels(&w, cout, cin);
+            let panels = ChannelPanels::new(&w, cout, cin);
+            let panels = panels.get();
             let act = [Act::None, Act::Relu, Act::Relu6][case % 3];
             let kind = (case / 3) % 3;
             let want: Vec<f32> = (0..cout * n)
@@ -416,7 +432,7 @@ mod tests {
                         x: &x,
                         n,
                         chans: &chans,
-                        panels: &panels,
+                        panels,
                         cin,
                         bias: &bias,
                         residual,
