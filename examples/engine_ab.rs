@@ -17,7 +17,10 @@
 //! `summed-means` (convolutions summing their output's panels for the channel gates that
 //! read it; without: `EngineExecutor::without_summed_means`), `thread-choice` (a pass
 //! moved to one thread while the pool has been the slower; without:
-//! `EngineExecutor::without_thread_choice`); `nothing` is a control, two
+//! `EngineExecutor::without_thread_choice`), `transposed` (gated 1×1 layers over 7 × 7
+//! planes run transposed; without: `EngineExecutor::without_transposed`), `rows-major`
+//! (kept rows of gated 1×1 layers read from weights stored row by row; without:
+//! `EngineExecutor::without_rows_major`); `nothing` is a control, two
 //! engines alike.
 //! `--tiles R` runs spatial gates keeping the share R of each layer's tiles (every
 //! channel), instead of `--budget`.
@@ -25,7 +28,7 @@
 //! With `--layers`, also each layer's median time both ways (where they differ by more
 //! than 2%).
 //!
-//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|thread-choice|nothing] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
+//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|thread-choice|transposed|rows-major|nothing] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
 
 use std::time::Instant;
 
@@ -68,12 +71,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "panel-prefetch" => EngineExecutor::without_panel_prefetch,
         "summed-means" => EngineExecutor::without_summed_means,
         "thread-choice" => EngineExecutor::without_thread_choice,
+        "transposed" => EngineExecutor::without_transposed,
+        "rows-major" => EngineExecutor::without_rows_major,
         // A control: two engines alike, to see what placement alone does.
         "nothing" | "tuning" => |e| e,
         other => {
             return Err(format!(
                 "unknown path {other}: winograd, batched-gates, winograd-lines, winograd-bands, \
-                 tuning, kept-in-place, panel-prefetch, summed-means, thread-choice or nothing"
+                 tuning, kept-in-place, panel-prefetch, summed-means, thread-choice, transposed, \
+                 rows-major or nothing"
             )
             .into())
         }

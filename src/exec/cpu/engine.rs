@@ -1059,6 +1059,43 @@ impl EngineExecutor {
         self
     }
 
+    /// Reads the kept rows of gated 1×1 layers from the packed weights only, to measure
+    /// what the weights stored row by row buy. By default, on AVX-512, a 1×1 layer with a
+    /// channel gate over a plane of at most 14 × 14 and with at least 512 input channels
+    /// holds its weights row by row as well (as much memory again), and a plan that keeps
+    /// some of its rows and every input channel reads each kept row as its own stream.
+    ///
+    /// ```
+    /// use dynsparse::exec::cpu::EngineExecutor;
+    /// use dynsparse::exec::{Executor, Policy};
+    /// use dynsparse::synthetic::{conv_chain, ConvSpec};
+    ///
+    /// // A gated 1×1 layer narrowing 512 channels at 7 × 7, as in ResNet-50's last stage.
+    /// let conv = |cout| ConvSpec { cout, k: 1, stride: 1, depthwise: false };
+    /// let model = conv_chain(512, 7, &[conv(256), conv(64)])?;
+    /// let input: Vec<f32> = (0..512 * 7 * 7).map(|i| (i % 7) as f32 - 3.0).collect();
+    /// let half = Policy::Keep(0.5);
+    /// let rows = EngineExecutor::new(&model)?.forward_with(&input, 1, half)?;
+    /// let packed = EngineExecutor::new(&model)?
+    ///     .without_rows_major()
+    ///     .forward_with(&input, 1, half)?;
+    /// // The same channels kept, the same sums in the same order: equal up to rounding.
+    /// assert_eq!(rows.kept, packed.kept);
+    /// let scale = packed.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+    /// for (a, b) in rows.logits.iter().zip(&packed.logits) {
+    ///     assert!((a - b).abs() <= 1e-5 * scale);
+    /// }
+    /// # Ok::<(), dynsparse::Error>(())
+    /// ```
+    pub fn without_rows_major(mut self) -> Self {
+        for (_, l) in &mut self.layers {
+            if let Layer::Gemm { rows_major, .. } = l {
+                *rows_major = None;
+            }
+        }
+        self
+    }
+
     /// Runs every Winograd layer with its phases shared out across threads separately
     /// (input transforms by channel, GEMMs by ξ and panels, output transforms by output
     /// channel), to measure what running by bands buys. By default a layer whose
