@@ -22,13 +22,18 @@
 //! (kept rows of gated 1×1 layers read from weights stored row by row; without:
 //! `EngineExecutor::without_rows_major`); `nothing` is a control, two
 //! engines alike.
+//! `--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES` sets the tuning of the engine
+//! measured "with" (the fields of `Tuning`: `winograd_wide_width`,
+//! `winograd_wide_min_kept`, `lines_max_kept`); by default `Tuning::detect()`.
+//! `--tuning intel --without tuning` weighs the Intel choices against the default ones
+//! on any CPU.
 //! `--tiles R` runs spatial gates keeping the share R of each layer's tiles (every
 //! channel), instead of `--budget`.
 //!
 //! With `--layers`, also each layer's median time both ways (where they differ by more
 //! than 2%).
 //!
-//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|thread-choice|transposed|rows-major|nothing] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
+//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|thread-choice|transposed|rows-major|nothing] [--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
 
 use std::time::Instant;
 
@@ -42,10 +47,29 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// `intel`, `zen5`, `default`, or `WIDTH,MIN_KEPT,LINES` for the three fields of
+/// [`Tuning`].
+fn parse_tuning(s: &str) -> Result<Tuning, Box<dyn std::error::Error>> {
+    Ok(match s {
+        "intel" => Tuning::INTEL,
+        "zen5" => Tuning::ZEN5,
+        "default" => Tuning::DEFAULT,
+        _ => match s.split(',').collect::<Vec<_>>()[..] {
+            [w, k, l] => Tuning {
+                winograd_wide_width: w.parse()?,
+                winograd_wide_min_kept: k.parse()?,
+                lines_max_kept: l.parse()?,
+            },
+            _ => return Err("--tuning takes intel, zen5, default or WIDTH,MIN_KEPT,LINES".into()),
+        },
+    })
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut batch, mut pairs, mut budget, mut layers) = (1usize, 20usize, None, false);
     let mut tiles: Option<f64> = None;
     let mut without = String::from("winograd");
+    let mut tuning = Tuning::detect();
     let mut models = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -55,6 +79,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--budget" => budget = Some(args.next().ok_or("--budget needs a value")?.parse()?),
             "--tiles" => tiles = Some(args.next().ok_or("--tiles needs a value")?.parse()?),
             "--without" => without = args.next().ok_or("--without needs a path")?,
+            "--tuning" => tuning = parse_tuning(&args.next().ok_or("--tuning needs a value")?)?,
             "--layers" => layers = true,
             _ => models.push(a),
         }
@@ -95,7 +120,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     for path in models {
         let model = Model::load(&path)?;
-        let with = EngineExecutor::new(&model)?;
+        let with = EngineExecutor::with_tuning(&model, Isa::detect(), tuning)?;
         let stripped = strip(if without == "tuning" {
             EngineExecutor::with_tuning(&model, Isa::detect(), Tuning::DEFAULT)?
         } else {

@@ -619,6 +619,7 @@ impl EngineExecutor {
                         )
                         .then(|| {
                             let mut wg = WinogradWeights::new(&raw, rows, cv.in_channels);
+                            wg.wide_min_kept = tuning.winograd_wide_min_kept;
                             #[cfg(target_arch = "x86_64")]
                             if winograd_lines::serves(isa, 1, [oh, ow]) {
                                 wg.lines = Some(Default::default());
@@ -1210,15 +1211,15 @@ impl EngineExecutor {
         out: &mut [f32],
     ) {
         // Over rows wider than WINOGRAD_MAX_WIDTH (where this CPU's tuning builds
-        // Winograd weights for them), only a plan that keeps at least
-        // WINOGRAD_WIDE_MIN_KEPT of the multiply-adds runs by Winograd.
+        // Winograd weights for them), only a plan that keeps at least the tuning's
+        // `winograd_wide_min_kept` of the multiply-adds runs by Winograd.
         if let Some((wg, zero_dropped)) = wino
             .filter(|_| sub.cols.is_none() && groups == 1)
             .filter(|w| {
                 let kept = |s: Option<&[usize]>, all: usize| s.map_or(all, <[usize]>::len);
                 let pairs = kept(sub.rows, w.rows) * kept(sub.chans, w.cin);
                 g.out_hw[1] <= WINOGRAD_MAX_WIDTH
-                    || pairs as f64 >= WINOGRAD_WIDE_MIN_KEPT * (w.rows * w.cin) as f64
+                    || pairs as f64 >= w.wide_min_kept * (w.rows * w.cin) as f64
             })
             .and_then(|w| {
                 #[cfg(target_arch = "x86_64")]
@@ -3760,23 +3761,10 @@ const KEPT_IN_PLACE_PACK_ROWS: usize = 24;
 const BATCH_GATED_BYTES: usize = 2 << 20;
 
 /// Widest output row at which any plan runs by Winograd, and at which plans that keep
-/// at least [`WINOGRAD_WIDE_MIN_KEPT`] do whatever the CPU
+/// at least [`Tuning::winograd_wide_min_kept`] do whatever the CPU
 /// ([`Tuning::winograd_wide_width`]).
 const WINOGRAD_MAX_WIDTH: usize = 28;
 const _: () = assert!(WINOGRAD_MAX_WIDTH <= winograd::MAX_WIDTH);
-
-/// The least share of a 3×3 layer's (output, input) channel pairs a plan keeps to run by
-/// Winograd over rows wider than [`WINOGRAD_MAX_WIDTH`] (where the CPU's tuning builds
-/// Winograd weights for them; dense plans keep 1.0). Over few kept channels the direct
-/// convolution of the kept pairs was faster. On the Intel Xeon, 56 × 56, in-process pairs
-/// against the direct way (2 threads): ResNet-18's `layer1` 3×3 layers, which keep 0.56
-/// of the pairs at budget 0.5, took 0.81–0.91 of their time at batch 1 and 0.85–0.93 at
-/// batch 8, passes 0.976–0.982 and 0.960–0.968; at budget 0.75, 0.78–0.81, the pass
-/// 0.943. ResNet-50's `layer1` `conv2` layers, which keep 0.32 at budget 0.5, took
-/// 1.25–1.33 (batch 1). (An earlier session had measured ResNet-18's `layer1` at
-/// budget 0.5 losing by Winograd, 1.14–1.23; three runs here, with the 1×1 panel
-/// prefetch in, all had it gain.)
-const WINOGRAD_WIDE_MIN_KEPT: f64 = 0.45;
 
 /// Whether a convolution runs by Winograd's F(2×2, 3×3): one group, 3×3, stride 1, one
 /// pixel of padding on every side (output as large as the input), rows at most `width`
@@ -5113,8 +5101,10 @@ mod tests {
     /// The Intel tuning builds Winograd weights for a 56-wide 3×3 layer (run by dense plans
     /// and by gated ones that keep most channel pairs: Keep(0.6) and budget 0.75 here)
     /// and sends a dense one-sample 7 × 7 plan to the filters as lines; the default
-    /// builds none for the first and keeps the packed filters for the second. Both
-    /// compute the same model as the reference executor, dense and gated.
+    /// builds none for the first and keeps the packed filters for the second; Zen 5's
+    /// builds them for the first (run by dense plans only) and keeps the packed filters
+    /// for the second. All compute the same model as the reference executor, dense and
+    /// gated.
     #[test]
     fn either_tuning_computes_what_the_reference_does() {
         use crate::exec::cpu::ReferenceExecutor;
@@ -5137,12 +5127,14 @@ mod tests {
         let model = conv_chain(8, 56, &specs).unwrap();
         let isa = Isa::detect();
         let intel = EngineExecutor::with_tuning(&model, isa, Tuning::INTEL).unwrap();
+        let zen5 = EngineExecutor::with_tuning(&model, isa, Tuning::ZEN5).unwrap();
         let default = EngineExecutor::with_tuning(&model, isa, Tuning::DEFAULT).unwrap();
         let wino = |e: &EngineExecutor, node: usize| match &e.layers[node].1 {
             Layer::Gemm { winograd, .. } => winograd.as_ref().map(|w| w as *const _),
             _ => panic!("node {node} is a convolution"),
         };
         assert!(wino(&intel, 0).is_some() && wino(&default, 0).is_none());
+        assert!(wino(&zen5, 0).is_some());
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 {
             let lines = |e: &EngineExecutor| match &e.layers[4].1 {
@@ -5151,7 +5143,7 @@ mod tests {
                 } => w.lines_for(isa, 1, [7, 7], None, None).is_some(),
                 _ => panic!("the 7 × 7 layer runs by Winograd"),
             };
-            assert!(lines(&intel) && !lines(&default));
+            assert!(lines(&intel) && !lines(&default) && !lines(&zen5));
         }
         let reference = ReferenceExecutor::new(&model).unwrap();
         for batch in [1, 2] {
@@ -5165,19 +5157,21 @@ mod tests {
                 Policy::Keep(0.6),
                 Policy::Budget(Budget::Flops(0.75)),
             ] {
-                let a = intel.forward_with(&x, batch, policy).unwrap();
                 let b = default.forward_with(&x, batch, policy).unwrap();
-                assert_eq!(a.kept, b.kept, "{policy:?}");
-                assert_eq!(a.flops, b.flops, "{policy:?}");
-                for (p, q) in a.logits.iter().zip(&b.logits) {
-                    assert!(
-                        (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
-                        "{policy:?}: {p} vs {q}"
-                    );
-                }
-                if policy == Policy::Dense {
-                    for (p, q) in a.logits.iter().zip(&want) {
-                        assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "dense: {p} vs {q}");
+                for tuned in [&intel, &zen5] {
+                    let a = tuned.forward_with(&x, batch, policy).unwrap();
+                    assert_eq!(a.kept, b.kept, "{policy:?}");
+                    assert_eq!(a.flops, b.flops, "{policy:?}");
+                    for (p, q) in a.logits.iter().zip(&b.logits) {
+                        assert!(
+                            (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                            "{policy:?}: {p} vs {q}"
+                        );
+                    }
+                    if policy == Policy::Dense {
+                        for (p, q) in a.logits.iter().zip(&want) {
+                            assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "dense: {p} vs {q}");
+                        }
                     }
                 }
             }

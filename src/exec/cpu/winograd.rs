@@ -61,6 +61,10 @@ pub struct WinogradWeights {
     /// lines ([`super::Tuning::lines_max_kept`]).
     #[cfg(target_arch = "x86_64")]
     pub lines_max_kept: f64,
+    /// The least share of (row, channel) pairs a plan keeps to run by Winograd over
+    /// rows wider than the engine's narrow limit
+    /// ([`super::Tuning::winograd_wide_min_kept`]).
+    pub wide_min_kept: f64,
 }
 
 /// `U = G g Gᵀ` of one 3×3 filter `g` (row-major), `[ξ]` with ξ = 4 · i + j.
@@ -111,6 +115,7 @@ impl WinogradWeights {
             lines: None,
             #[cfg(target_arch = "x86_64")]
             lines_max_kept: super::Tuning::DEFAULT.lines_max_kept,
+            wide_min_kept: super::Tuning::DEFAULT.winograd_wide_min_kept,
         }
     }
 
