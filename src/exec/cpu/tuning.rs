@@ -15,7 +15,8 @@
 //! Zen 5 runs 512-bit multiply-adds at full width, twice Zen 4's rate per cycle: the
 //! micro-kernel reaches 265 GFLOP/s on one thread, while the direct convolution at
 //! 56 × 56 stays at 73–75% of the two threads' peak, so Winograd pays there for dense
-//! plans, as on the Intel Xeon, but not for gated ones.
+//! plans, as on the Intel Xeon; gated ones, for which it paid at batch 1 and lost at
+//! batch 8, run directly.
 
 /// Per-microarchitecture choices of the CPU engine.
 ///
@@ -73,11 +74,12 @@ impl Tuning {
     };
 
     /// Measured on the AMD EPYC of Zen 5 (family 26, two vCPUs), one engine, the way
-    /// switched pass by pass (`examples/engine_ab.rs --tuning`, 30 pairs, 2 threads).
-    /// Winograd at 56 × 56, dense: ResNet-18's `layer1` 0.83–0.92 of the direct time at
-    /// batch 1, ResNet-50's `conv2` layers 0.81–0.84; passes 0.957 and 0.981 at batch 1,
-    /// 0.946 and 0.976 at batch 8. Gated at budget 0.5 (ResNet-18's `layer1`, 0.56 of the
-    /// pairs) it lost: its `conv1` layers took 1.21–1.23 at batch 8, the pass 1.031–1.035.
+    /// switched pass by pass (`examples/engine_ab.rs --tuning`, 30 alternating passes, 2
+    /// threads). Winograd at 56 × 56, dense: ResNet-18's `layer1` 0.83–0.92 of the
+    /// direct time at batch 1, ResNet-50's `conv2` layers 0.81–0.84; passes 0.958 and
+    /// 0.968 at batch 1, 0.968 and 0.977 at batch 8. Gated at budget 0.5 (ResNet-18's
+    /// `layer1`, 0.56 of the pairs) it paid at batch 1 and lost at batch 8: passes 0.976
+    /// and 1.028 (ResNet-50 0.995 and 1.002), its `conv1` layers 1.21–1.23 at batch 8.
     /// Dense 7 × 7 planes on the lines took 1.13–1.15 of the packed way's time
     /// (ResNet-50's `layer4`), as on Zen 4.
     pub const ZEN5: Tuning = Tuning {
