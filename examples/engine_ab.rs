@@ -1,7 +1,8 @@
 //! What one of the CPU engine's paths buys on whole models: in-process pairs of forward
 //! passes, the engine as it is against the same engine without that path, alternating
 //! run by run; prints each side's median time and the median of the per-pass ratios
-//! (each pass with the path against the mean of the passes without it on either side). The paths: `winograd` (3×3 convolutions by Winograd's F(2×2, 3×3);
+//! (each pass with the path against the mean of the passes without it on either side).
+//! The paths: `winograd` (3×3 convolutions by Winograd's F(2×2, 3×3);
 //! without: `EngineExecutor::without_winograd`), `batched-gates` (a gated batch's
 //! samples run together in layers of few positions; without:
 //! `EngineExecutor::without_batched_gates`), `winograd-lines` (gated 3×3 convolutions
@@ -156,7 +157,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // order flipped from pair to pair ran each engine twice in a row at every
         // flip, and a pass after one of its own engine ran faster: the median of their
         // ratios read 1.04–1.10 for two engines alike on MobileNetV2 and
-        // EfficientNet-Lite0 (`--without nothing`; 0.994–1.001 this way). Each "with"
+        // EfficientNet-Lite0 (`--without nothing`; 0.992–1.009 this way). Each "with"
         // pass is set against the mean of the "without" passes on either side of it.
         let (mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
         let mut before = time(&stripped, &per_b)?;
