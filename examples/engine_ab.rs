@@ -23,11 +23,11 @@
 //! (kept rows of gated 1×1 layers read from weights stored row by row; without:
 //! `EngineExecutor::without_rows_major`); `nothing` is a control, two
 //! engines alike.
-//! `--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES` sets the tuning of the engine
-//! measured "with" (the fields of `Tuning`: `winograd_wide_width`,
-//! `winograd_wide_min_kept`, `lines_max_kept`); by default `Tuning::detect()`.
-//! `--tuning intel --without tuning` weighs the Intel choices against the default ones
-//! on any CPU.
+//! `--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES` sets the tuning of both engines
+//! (the fields of `Tuning`: `winograd_wide_width`, `winograd_wide_min_kept`,
+//! `lines_max_kept`); by default `Tuning::detect()`. With `--without tuning` only the
+//! engine measured "with" takes it, the other `Tuning::DEFAULT`: `--tuning intel
+//! --without tuning` weighs the Intel choices against the default ones on any CPU.
 //! `--tiles R` runs spatial gates keeping the share R of each layer's tiles (every
 //! channel), instead of `--budget`.
 //!
@@ -125,7 +125,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let stripped = strip(if without == "tuning" {
             EngineExecutor::with_tuning(&model, Isa::detect(), Tuning::DEFAULT)?
         } else {
-            EngineExecutor::new(&model)?
+            EngineExecutor::with_tuning(&model, Isa::detect(), tuning)?
         });
         let [c, h, w] = model.layers[0].input;
         let input: Vec<f32> = (0..batch * c * h * w)
