@@ -75,13 +75,14 @@ impl Tuning {
 
     /// Measured on the AMD EPYC of Zen 5 (family 26, two vCPUs), one engine, the way
     /// switched pass by pass (`examples/engine_ab.rs --tuning`, 30 alternating passes, 2
-    /// threads). Winograd at 56 × 56, dense: ResNet-18's `layer1` 0.83–0.92 of the
-    /// direct time at batch 1, ResNet-50's `conv2` layers 0.81–0.84; passes 0.958 and
-    /// 0.968 at batch 1, 0.968 and 0.977 at batch 8. Gated at budget 0.5 (ResNet-18's
-    /// `layer1`, 0.56 of the pairs) it paid at batch 1 and lost at batch 8: passes 0.976
-    /// and 1.028 (ResNet-50 0.995 and 1.002), its `conv1` layers 1.21–1.23 at batch 8.
-    /// Dense 7 × 7 planes on the lines took 1.13–1.15 of the packed way's time
-    /// (ResNet-50's `layer4`), as on Zen 4.
+    /// threads). Winograd at 56 × 56, dense: passes 0.958 (ResNet-18) and 0.968
+    /// (ResNet-50) of the direct time at batch 1, 0.968 and 0.977 at batch 8. Gated at
+    /// budget 0.5 (ResNet-18's `layer1`, 0.56 of the pairs) it paid at batch 1 and lost
+    /// at batch 8: passes 0.976 and 1.028 (ResNet-50 0.995 and 1.002). Per layer (each
+    /// side's median layer time, in an earlier run whose pairs flipped order): dense,
+    /// ResNet-18's `layer1` 0.83–0.92 and ResNet-50's `conv2` layers 0.81–0.84; gated at
+    /// batch 8, ResNet-18's `conv1` layers 1.21–1.23; dense 7 × 7 planes on the lines
+    /// 1.13–1.15 of the packed way's time (ResNet-50's `layer4`), as on Zen 4.
     pub const ZEN5: Tuning = Tuning {
         winograd_wide_width: 56,
         winograd_wide_min_kept: 1.0,
