@@ -79,8 +79,9 @@ enum Layer {
         /// where the layer is a 1×1 one whose input a gate may thin and whose plane is
         /// small against its channels ([`transposed::pays`]).
         channel_panels: Option<transposed::ChannelPanels>,
-        /// The same weights row by row, where the layer is a 1×1 one with a channel gate
-        /// over a plane of at most 14 × 14 ([`ROWS_MAJOR_MAX_POSITIONS`]), on AVX-512.
+        /// The same weights row by row, where the layer has a channel gate and its
+        /// geometry [`rows_major_fits`] (a 1×1 one over at most 14 × 14, a stride-2 one
+        /// over at most 7 × 7), on AVX-512.
         rows_major: Option<Vec<f32>>,
     },
     Depthwise {
@@ -637,27 +638,24 @@ impl EngineExecutor {
                         .then(|| {
                             transposed::ChannelPanels::new(&raw, cv.out_channels, cv.in_channels)
                         });
+                        let geom = ConvGeom {
+                            in_c: cv.in_channels / cv.groups,
+                            in_hw: [ih, iw],
+                            out_hw: [oh, ow],
+                            kernel: cv.kernel,
+                            stride: cv.stride,
+                            pad_tl: [t, l],
+                        };
                         let rows_major = (isa == Isa::Avx512
                             && cv.groups == 1
-                            && cv.kernel == [1, 1]
-                            && cv.stride == [1, 1]
-                            && [t, l] == [0, 0]
                             && gates[i].is_some()
-                            && cv.in_channels >= ROWS_MAJOR_MIN_K
-                            && oh * ow <= ROWS_MAJOR_MAX_POSITIONS)
-                            .then(|| raw.clone());
+                            && rows_major_fits(&geom))
+                        .then(|| raw.clone());
                         Layer::Gemm {
                             weight,
                             bias: b()?,
                             groups: cv.groups,
-                            geom: ConvGeom {
-                                in_c: cv.in_channels / cv.groups,
-                                in_hw: [ih, iw],
-                                out_hw: [oh, ow],
-                                kernel: cv.kernel,
-                                stride: cv.stride,
-                                pad_tl: [t, l],
-                            },
+                            geom,
                             residual: cv.residual,
                             act: cv.act,
                             dropped: gating::DroppedConstants::for_node(model, i)?,
@@ -1254,16 +1252,14 @@ impl EngineExecutor {
             sums,
             rows_major,
         } = sub;
-        // Kept rows of every input channel of a 1×1 layer read their weights row by
-        // row (its panels are then read in place or packed, never through offsets).
+        // Kept rows of every input channel read their weights row by row (the panels of
+        // a layer that holds them are read in place or packed, never through offsets).
         let rows_major = rows_major.filter(|_| {
             only_rows.is_some()
                 && chans.is_none()
                 && only_cols.is_none()
                 && groups == 1
-                && g.kernel == [1, 1]
-                && g.stride == [1, 1]
-                && g.pad_tl == [0, 0]
+                && rows_major_fits(g)
                 && self.isa == Isa::Avx512
         });
         let lda = g.k();
@@ -3723,11 +3719,36 @@ fn pass_dropped_rows(plans: &[SamplePlan], residual: Residual, len: usize, out: 
 /// eight such layers hold 16 MB more.
 const ROWS_MAJOR_MAX_POSITIONS: usize = 14 * 14;
 
-/// Input channels from which such a layer does. Short rows gained nothing against the
-/// packed kernel's other means (its epilogue from the registers, its column kernel):
-/// the 7 × 7 expansions of MobileNetV2 and EfficientNet-Lite0 (K = 160 and 192) took
-/// 1.04–1.18× the time, their 14 × 14 ones (K = 64–112) 0.91–1.12×.
+/// Output positions up to which a stride-2 layer with a channel gate holds its weights row
+/// by row as well, for the same reason: over a 7 × 7 output (two packed panels) its
+/// weights stream from memory, and kept rows spread over the packed blocks read every
+/// block's lines. ResNet-18's `layer4.0.conv1` (3×3, 256 → 512 from 14 × 14, K = 2304,
+/// 4.7 MB more), in-process pairs against packed: at budget 0.5, batch 1, 0.68–0.70 of
+/// the time on two threads and 0.75 on one, 0.91 at batch 8; at budget 0.25 0.68, at 0.75
+/// 0.89; at keep ratios 0.3–0.8 0.89–0.95. Whole passes at batch 1 0.984–0.990 (two
+/// threads), 0.995 (one). Over 14 × 14 (`layer3.0.conv1`, K = 1152, seven panels) it took
+/// 0.77–0.85 at budget 0.5 but 1.03–1.10 at keep ratios 0.4–0.8: not there.
+const ROWS_MAJOR_MAX_STRIDED_POSITIONS: usize = 7 * 7;
+
+/// Columns of A (input channels × taps) from which such a layer does. Short rows gained
+/// nothing against the packed kernel's other means (its epilogue from the registers, its
+/// column kernel): the 7 × 7 expansions of MobileNetV2 and EfficientNet-Lite0 (K = 160
+/// and 192) took 1.04–1.18× the time, their 14 × 14 ones (K = 64–112) 0.91–1.12×.
 const ROWS_MAJOR_MIN_K: usize = 512;
+
+/// Whether a gated layer of this geometry holds its weights row by row as well (on
+/// AVX-512): a 1×1, stride-1 layer over at most [`ROWS_MAJOR_MAX_POSITIONS`], or a
+/// stride-2 one over at most [`ROWS_MAJOR_MAX_STRIDED_POSITIONS`], with at least
+/// [`ROWS_MAJOR_MIN_K`] columns. Kept in step with the panels those layers get: packed
+/// or read in place whole, never through offsets ([`gemm::accumulate_rows_major`]).
+fn rows_major_fits(g: &ConvGeom) -> bool {
+    let positions = g.out_hw[0] * g.out_hw[1];
+    let one_by_one = g.kernel == [1, 1] && g.stride == [1, 1] && g.pad_tl == [0, 0];
+    let strided = g.stride == [2, 2] && g.out_hw[1] < IMPLICIT_WIDTH;
+    g.k() >= ROWS_MAJOR_MIN_K
+        && ((one_by_one && positions <= ROWS_MAJOR_MAX_POSITIONS)
+            || (strided && positions <= ROWS_MAJOR_MAX_STRIDED_POSITIONS))
+}
 
 /// Output panels per sample up to which a gated batch runs its samples' tiles together
 /// ([`EngineExecutor::conv_gated_batch`]) rather than sample by sample: at 7×7 (two
@@ -5623,21 +5644,32 @@ mod tests {
 
     #[test]
     fn kept_rows_over_weights_row_by_row_match_a_naive_reference() {
-        // Plans that keep some output rows of a 1×1 layer and every input channel, its
-        // weights given row by row as a gated layer over a small plane holds them (read
-        // so on AVX-512; the other kernels take the packed weights): planes of whole and
-        // part panels (7 × 7: 32 + 17, 14 × 14 read packed or in place, 5 × 9), short and
-        // long K, on two threads.
+        // Plans that keep some output rows and every input channel, the weights given
+        // row by row as a gated layer holds them (read so on AVX-512 where
+        // `rows_major_fits`; the other kernels take the packed weights): 1×1 layers over
+        // planes of whole and part panels (7 × 7: 32 + 17, 14 × 14 read packed or in
+        // place, 5 × 9), and 3×3 stride-2 ones to 7 × 7, 4 × 6 and 14 × 14 (packed
+        // panels), short and long K, on two threads.
         let pool = two_threads();
         let mut rng = fresh_rng();
-        for hw in [[7, 7], [14, 14], [5, 9]] {
+        let one = ([1, 1], [1, 1], [0, 0]);
+        let strided = ([3, 3], [2, 2], [1, 1]);
+        let cases = [
+            (one, [7, 7]),
+            (one, [14, 14]),
+            (one, [5, 9]),
+            (strided, [14, 14]),
+            (strided, [8, 11]),
+            (strided, [28, 28]),
+        ];
+        for ((kernel, stride, pad), hw) in cases {
             for cin in [40, 600] {
-                let g = conv_geom(cin, hw, [1, 1], [1, 1], [0, 0], [0, 0]).unwrap();
+                let g = conv_geom(cin, hw, kernel, stride, pad, pad).unwrap();
                 let cout = 50;
                 let xs = uniform(&mut rng, cin * hw[0] * hw[1]);
-                let w = uniform(&mut rng, cout * cin);
+                let w = uniform(&mut rng, cout * g.k());
                 let b = uniform(&mut rng, cout);
-                let packed = gemm::pack_a(&w, cout, cin);
+                let packed = gemm::pack_a(&w, cout, g.k());
                 let ic: Vec<usize> = (0..cin).collect();
                 let oc: Vec<usize> = (0..cout).filter(|_| rng.random_bool(0.5)).collect();
                 let want = naive_conv(&xs, &w, &b, &g, None, Act::Relu6, (&ic, &oc, None));
@@ -5646,7 +5678,10 @@ mod tests {
                     rows_major: Some(&w),
                     ..Subset::default()
                 };
-                let what = format!("{hw:?} cin {cin}, {} of {cout} rows", oc.len());
+                let what = format!(
+                    "{kernel:?} from {hw:?} cin {cin}, {} of {cout} rows",
+                    oc.len()
+                );
                 let conv = OneConv {
                     xs: &xs,
                     packed: &packed,
