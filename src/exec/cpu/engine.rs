@@ -79,9 +79,9 @@ enum Layer {
         /// where the layer is a 1×1 one whose input a gate may thin and whose plane is
         /// small against its channels ([`transposed::pays`]).
         channel_panels: Option<transposed::ChannelPanels>,
-        /// The same weights row by row, where the layer has a channel gate and its
-        /// geometry [`rows_major_fits`] (a 1×1 one over at most 14 × 14, a stride-2 one
-        /// over at most 7 × 7), on AVX-512.
+        /// The same weights row by row, where the layer has a channel gate, its input
+        /// no gate thins, and its geometry [`rows_major_fits`] (a 1×1 one over at most
+        /// 14 × 14, a stride-2 one over at most 7 × 7), on AVX-512.
         rows_major: Option<Vec<f32>>,
     },
     Depthwise {
@@ -646,9 +646,11 @@ impl EngineExecutor {
                             stride: cv.stride,
                             pad_tl: [t, l],
                         };
+                        // (Only plans that keep every input channel read them.)
                         let rows_major = (isa == Isa::Avx512
                             && cv.groups == 1
                             && gates[i].is_some()
+                            && !node.input.checked_sub(1).is_some_and(thinned)
                             && rows_major_fits(&geom))
                         .then(|| raw.clone());
                         Layer::Gemm {
