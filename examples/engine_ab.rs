@@ -20,7 +20,8 @@
 //! moved to one thread while the pool has been the slower; without:
 //! `EngineExecutor::without_thread_choice`), `transposed` (gated 1×1 layers over 7 × 7
 //! planes run transposed; without: `EngineExecutor::without_transposed`), `rows-major`
-//! (kept rows of gated 1×1 layers read from weights stored row by row; without:
+//! (kept rows of gated 1×1 and small stride-2 layers read from weights stored row by
+//! row; without:
 //! `EngineExecutor::without_rows_major`); `nothing` is a control, two
 //! engines alike.
 //! `--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES` sets the tuning of both engines

@@ -82,10 +82,14 @@ impl Tuning {
     /// side's median layer time, in an earlier run whose pairs flipped order): dense,
     /// ResNet-18's `layer1` 0.83–0.92 and ResNet-50's `conv2` layers 0.81–0.84; gated at
     /// batch 8, ResNet-18's `conv1` layers 1.21–1.23; dense 7 × 7 planes on the lines
-    /// 1.13–1.15 of the packed way's time (ResNet-50's `layer4`), as on Zen 4.
+    /// 1.13–1.15 of the packed way's time (ResNet-50's `layer4`), as on Zen 4. Gated
+    /// plans that keep at least 0.65 of the pairs (budget 0.75) run by Winograd there:
+    /// at batch 1 passes 0.965 (ResNet-18; its `layer1` layers 0.86–0.96) and 0.974
+    /// (ResNet-50), at batch 8 1.011 (`conv1` 1.05–1.07) and 0.978; at budgets 0.6 and
+    /// 0.5 (0.56 of the pairs or fewer) the direct convolution stays.
     pub const ZEN5: Tuning = Tuning {
         winograd_wide_width: 56,
-        winograd_wide_min_kept: 1.0,
+        winograd_wide_min_kept: 0.65,
         lines_max_kept: 0.85,
     };
 
