@@ -2149,9 +2149,6 @@ mod tests {
         }
     }
 
-    /// A 1×1 panel of consecutive positions, packed by each way this CPU has: row `ci`
-    /// holds its channel's values from the first position, then zeros, up to the plane's
-    /// last value (a run that ends with the input), with and without a channel list.
     #[test]
     fn stride_2_panels_pack_as_their_windows_values() {
         // Planes wide enough that most panels' windows lie inside the input (packed as
@@ -2222,6 +2219,9 @@ mod tests {
         }
     }
 
+    /// A 1×1 panel of consecutive positions, packed by each way this CPU has: row `ci`
+    /// holds its channel's values from the first position, then zeros, up to the plane's
+    /// last value (a run that ends with the input), with and without a channel list.
     #[test]
     fn runs_of_a_1x1_panel_pack_as_their_channels_values() {
         let mut rng = super::super::fresh_rng();
