@@ -1903,31 +1903,24 @@ unsafe fn pack_even_runs_avx512(
     base: &[usize],
     panel: &mut [f32],
 ) {
+    use super::lanes::first_lanes;
     use std::arch::x86_64::*;
     let [h, w] = g.in_hw;
     let plane = h * w;
     let [kh, kw] = g.kernel;
     let n = base.len();
-    let mask = |m: usize| -> __mmask16 {
-        if m >= 16 {
-            0xffff
-        } else {
-            (1u16 << m) - 1
-        }
-    };
     // Each run in pieces of at most 16 columns: where it goes, where it reads from (in
-    // the channel's plane, before the tap's shift), and its three masks.
-    let mut pieces = [(0usize, 0usize, 0u16, 0u16, 0u16); NR];
+    // the channel's plane, before the tap's shift), and its masks.
+    let mut pieces = [(0usize, 0usize, [0u16; 3]); NR];
     let mut np = 0;
     let mut last_read = 0;
     for &(j0, j1) in runs {
         for c in (j0..j1).step_by(16) {
             let m = (j1 - c).min(16);
-            let need = 2 * m - 1;
             let at = base[j0] + 2 * (c - j0);
-            pieces[np] = (c, at, mask(need), mask(need.saturating_sub(16)), mask(m));
+            pieces[np] = (c, at, evens_masks(m));
             np += 1;
-            last_read = last_read.max(at + need);
+            last_read = last_read.max(at + 2 * m - 1);
         }
     }
     // The last pixel any tap reads, and every row of the panel.
@@ -1936,8 +1929,7 @@ unsafe fn pack_even_runs_avx512(
         .iter()
         .all(|&c| (c + 1) * plane <= x.len())));
     assert!(panel.len() >= g.in_c * kh * kw * NR && n <= NR);
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let (tail_lo, tail_hi) = (!mask(n), !mask(n.saturating_sub(16)));
+    let (tail_lo, tail_hi) = (!first_lanes(n), !first_lanes(n.saturating_sub(16)));
     let zero = _mm512_setzero_ps();
     let mut dst = panel.as_mut_ptr();
     for ci in 0..g.in_c {
@@ -1949,12 +1941,8 @@ unsafe fn pack_even_runs_avx512(
                 // The columns past the panel's own are zero.
                 _mm512_mask_storeu_ps(dst, tail_lo, zero);
                 _mm512_mask_storeu_ps(dst.add(16), tail_hi, zero);
-                for &(j, at, lo, hi, st) in &pieces[..np] {
-                    let s = off.add(at);
-                    let a = _mm512_maskz_loadu_ps(lo, s);
-                    let b = _mm512_maskz_loadu_ps(hi, s.wrapping_add(16));
-                    let v = _mm512_permutex2var_ps(a, even, b);
-                    _mm512_mask_storeu_ps(dst.add(j), st, v);
+                for &(j, at, masks) in &pieces[..np] {
+                    store_evens(off.add(at), masks, dst.add(j));
                 }
                 dst = dst.add(NR);
             }
@@ -1970,25 +1958,48 @@ unsafe fn pack_even_runs_avx512(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn copy_even(src: &[f32], dst: &mut [f32]) {
-    use std::arch::x86_64::*;
     debug_assert_eq!(src.len(), 2 * dst.len() - 1);
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let mask = |n: usize| -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            (1u16 << n) - 1
-        }
-    };
     for c in (0..dst.len()).step_by(16) {
         let m = (dst.len() - c).min(16);
-        let need = 2 * m - 1;
-        let s = src.as_ptr().add(2 * c);
-        let lo = _mm512_maskz_loadu_ps(mask(need), s);
-        let hi = _mm512_maskz_loadu_ps(mask(need.saturating_sub(16)), s.add(16));
-        let v = _mm512_permutex2var_ps(lo, even, hi);
-        _mm512_mask_storeu_ps(dst.as_mut_ptr().add(c), mask(m), v);
+        store_evens(
+            src.as_ptr().add(2 * c),
+            evens_masks(m),
+            dst.as_mut_ptr().add(c),
+        );
     }
+}
+
+/// The masks of a piece of `m` (1 to 16) values taken from every other one of `2m − 1`:
+/// the first and second 16 values read, and the lanes stored ([`store_evens`]).
+#[cfg(target_arch = "x86_64")]
+fn evens_masks(m: usize) -> [std::arch::x86_64::__mmask16; 3] {
+    use super::lanes::first_lanes;
+    let need = 2 * m - 1;
+    [
+        first_lanes(need),
+        first_lanes(need.saturating_sub(16)),
+        first_lanes(m),
+    ]
+}
+
+/// One piece of [`copy_even`]: the values at even offsets from `s`, read under the first
+/// two `masks` (nothing outside them is touched), stored at `dst` under the third.
+///
+/// # Safety
+/// AVX-512F is available; the masked lanes lie inside what `s` and `dst` point into.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_evens(
+    s: *const f32,
+    [lo, hi, st]: [std::arch::x86_64::__mmask16; 3],
+    dst: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let a = _mm512_maskz_loadu_ps(lo, s);
+    let b = _mm512_maskz_loadu_ps(hi, s.wrapping_add(16));
+    _mm512_mask_storeu_ps(dst, st, _mm512_permutex2var_ps(a, even, b));
 }
 
 /// `dst.copy_from_slice(src)` for at most 16 values, as one masked load and store.
@@ -2042,14 +2053,8 @@ unsafe fn pack_runs_avx512(
 ) {
     use std::arch::x86_64::*;
     assert!(n <= NR && col0 + n <= plane && panel.len() >= in_c * NR);
-    let mask = |m: usize| -> __mmask16 {
-        if m >= 16 {
-            0xffff
-        } else {
-            (1u16 << m) - 1
-        }
-    };
-    let (lo, hi) = (mask(n), mask(n.saturating_sub(16)));
+    let first_lanes = super::lanes::first_lanes;
+    let (lo, hi) = (first_lanes(n), first_lanes(n.saturating_sub(16)));
     for ci in 0..in_c {
         let c = chans.map_or(ci, |m| m[ci]);
         assert!((c + 1) * plane <= x.len());
