@@ -5125,8 +5125,8 @@ mod tests {
     /// and by gated ones that keep most channel pairs: Keep(0.6) and budget 0.75 here)
     /// and sends a dense one-sample 7 × 7 plan to the filters as lines; the default
     /// builds none for the first and keeps the packed filters for the second; Zen 5's
-    /// builds them for the first (run by dense plans only) and keeps the packed filters
-    /// for the second. All compute the same model as the reference executor, dense and
+    /// builds them for the first (run by dense plans and gated ones keeping at least
+    /// 0.65 of the pairs) and keeps the packed filters for the second. All compute the same model as the reference executor, dense and
     /// gated.
     #[test]
     fn either_tuning_computes_what_the_reference_does() {

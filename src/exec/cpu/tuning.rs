@@ -15,8 +15,9 @@
 //! Zen 5 runs 512-bit multiply-adds at full width, twice Zen 4's rate per cycle: the
 //! micro-kernel reaches 265 GFLOP/s on one thread, while the direct convolution at
 //! 56 × 56 stays at 73–75% of the two threads' peak, so Winograd pays there for dense
-//! plans, as on the Intel Xeon; gated ones, for which it paid at batch 1 and lost at
-//! batch 8, run directly.
+//! plans, as on the Intel Xeon, and for gated ones that keep at least 0.65 of their
+//! channel pairs; gated ones that keep fewer (where it paid at batch 1 and lost at
+//! batch 8) run directly.
 
 /// Per-microarchitecture choices of the CPU engine.
 ///
