@@ -24,18 +24,20 @@
 //! row; without:
 //! `EngineExecutor::without_rows_major`); `nothing` is a control, two
 //! engines alike.
-//! `--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES` sets the tuning of both engines
-//! (the fields of `Tuning`: `winograd_wide_width`, `winograd_wide_min_kept`,
-//! `lines_max_kept`); by default `Tuning::detect()`. With `--without tuning` only the
-//! engine measured "with" takes it, the other `Tuning::DEFAULT`: `--tuning intel
-//! --without tuning` weighs the Intel choices against the default ones on any CPU.
+//! `--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH]` sets the tuning of both
+//! engines (the fields of `Tuning`: `winograd_wide_width`, `winograd_wide_min_kept`,
+//! `lines_max_kept`, `winograd_f4_min_width`); by default `Tuning::detect()`. With
+//! `--without tuning` only the engine measured "with" takes it, the other
+//! `Tuning::DEFAULT` or the tuning given by `--against`: `--tuning intel --without
+//! tuning` weighs the Intel choices against the default ones on any CPU, `--tuning zen5
+//! --without tuning --against 56,0.65,0.85` Zen 5's with and without F(4×4, 3×3).
 //! `--tiles R` runs spatial gates keeping the share R of each layer's tiles (every
 //! channel), instead of `--budget`.
 //!
 //! With `--layers`, also each layer's median time both ways (where they differ by more
 //! than 2%).
 //!
-//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|thread-choice|transposed|rows-major|nothing] [--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
+//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|thread-choice|transposed|rows-major|nothing] [--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH]] [--against TUNING] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
 
 use std::time::Instant;
 
@@ -49,20 +51,28 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// `intel`, `zen5`, `default`, or `WIDTH,MIN_KEPT,LINES` for the three fields of
-/// [`Tuning`].
+/// `intel`, `zen5`, `default`, or `WIDTH,MIN_KEPT,LINES[,F4_WIDTH]` for the fields of
+/// [`Tuning`] (without `F4_WIDTH`, no layer runs by F(4×4, 3×3)).
 fn parse_tuning(s: &str) -> Result<Tuning, Box<dyn std::error::Error>> {
     Ok(match s {
         "intel" => Tuning::INTEL,
         "zen5" => Tuning::ZEN5,
         "default" => Tuning::DEFAULT,
         _ => match s.split(',').collect::<Vec<_>>()[..] {
-            [w, k, l] => Tuning {
+            [w, k, l] | [w, k, l, _] => Tuning {
                 winograd_wide_width: w.parse()?,
                 winograd_wide_min_kept: k.parse()?,
                 lines_max_kept: l.parse()?,
+                winograd_f4_min_width: match s.split(',').nth(3) {
+                    Some(f) => f.parse()?,
+                    None => usize::MAX,
+                },
             },
-            _ => return Err("--tuning takes intel, zen5, default or WIDTH,MIN_KEPT,LINES".into()),
+            _ => {
+                return Err(
+                    "--tuning takes intel, zen5, default or WIDTH,MIN_KEPT,LINES[,F4_WIDTH]".into(),
+                )
+            }
         },
     })
 }
@@ -72,6 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut tiles: Option<f64> = None;
     let mut without = String::from("winograd");
     let mut tuning = Tuning::detect();
+    let mut against = Tuning::DEFAULT;
     let mut models = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -82,6 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--tiles" => tiles = Some(args.next().ok_or("--tiles needs a value")?.parse()?),
             "--without" => without = args.next().ok_or("--without needs a path")?,
             "--tuning" => tuning = parse_tuning(&args.next().ok_or("--tuning needs a value")?)?,
+            "--against" => against = parse_tuning(&args.next().ok_or("--against needs a value")?)?,
             "--layers" => layers = true,
             _ => models.push(a),
         }
@@ -124,7 +136,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let model = Model::load(&path)?;
         let with = EngineExecutor::with_tuning(&model, Isa::detect(), tuning)?;
         let stripped = strip(if without == "tuning" {
-            EngineExecutor::with_tuning(&model, Isa::detect(), Tuning::DEFAULT)?
+            EngineExecutor::with_tuning(&model, Isa::detect(), against)?
         } else {
             EngineExecutor::with_tuning(&model, Isa::detect(), tuning)?
         });

@@ -15,7 +15,9 @@
 //! Winograd's F(2×2, 3×3) ([`winograd`]): 16 GEMMs on the same micro-kernels, with
 //! 2.25× fewer multiply-adds than the direct convolution, dense or on a plan's kept
 //! channels ([`winograd_pays`]); a plan with kept pixels runs directly. Where the CPU's
-//! [`Tuning`] says so, dense plans run by Winograd over wider rows too.
+//! [`Tuning`] says so, dense plans (and gated ones that keep most channel pairs) run by
+//! Winograd over wider rows too, and layers from some width on by F(4×4, 3×3): 36 GEMMs
+//! over 4×4 tiles, 4× fewer multiply-adds than the direct convolution.
 //!
 //! A 1×1 expansion whose output only a depthwise layer reads, and which is too big for
 //! L2 (MobileNetV2's and EfficientNet-Lite0's 112 × 112 stage), runs together with that
@@ -46,7 +48,7 @@ use super::pool::{Buf, BufferPool, Spare};
 use super::thread_choice::{ThreadChoice, Way};
 use super::transposed;
 use super::tuning::Tuning;
-use super::winograd::{self, WinogradWeights};
+use super::winograd::{self, Algorithm, WinogradWeights};
 #[cfg(target_arch = "x86_64")]
 use super::winograd_lines;
 use crate::error::{Error, Result};
@@ -72,8 +74,9 @@ enum Layer {
         act: Act,
         /// How input channels dropped upstream are accounted for.
         dropped: Option<gating::DroppedConstants>,
-        /// The same weights transformed for Winograd's F(2×2, 3×3), where the layer is
-        /// a 3×3, stride-1, pad-1 convolution ([`winograd_fits`]).
+        /// The same weights transformed for Winograd's F(2×2, 3×3) or F(4×4, 3×3)
+        /// ([`Tuning::winograd_f4_min_width`]), where the layer is a 3×3, stride-1,
+        /// pad-1 convolution ([`winograd_fits`]).
         winograd: Option<WinogradWeights>,
         /// The same weights as panels of output channels ([`transposed::ChannelPanels`]),
         /// where the layer is a 1×1 one whose input a gate may thin and whose plane is
@@ -619,7 +622,12 @@ impl EngineExecutor {
                             tuning.winograd_wide_width.max(WINOGRAD_MAX_WIDTH),
                         )
                         .then(|| {
-                            let mut wg = WinogradWeights::new(&raw, rows, cv.in_channels);
+                            let algo = if ow >= tuning.winograd_f4_min_width {
+                                Algorithm::F4
+                            } else {
+                                Algorithm::F2
+                            };
+                            let mut wg = WinogradWeights::new(&raw, rows, cv.in_channels, algo);
                             wg.wide_min_kept = tuning.winograd_wide_min_kept;
                             #[cfg(target_arch = "x86_64")]
                             if winograd_lines::serves(isa, 1, [oh, ow]) {
@@ -3138,7 +3146,9 @@ impl EngineExecutor {
         // 0.97 and 0.98 (ResNet-18). So does a plan that keeps every input channel and
         // drops output rows (ResNet-18's `layer4.1.conv1`), which ran sample by sample by
         // Winograd: 0.73–0.82 of its time at batch 2, 4 and 8, passes 0.97–0.99.
-        let (th, tw) = winograd::tiles(geom.out_hw[0], geom.out_hw[1]);
+        let (th, tw) = wino
+            .map_or(Algorithm::F2, |w| w.algo)
+            .tiles(geom.out_hw[0], geom.out_hw[1]);
         // A layer that keeps every output channel runs transposed where it has channel
         // panels (see `transposed`), each sample on its own, if there are panels enough
         // to share out: with two threads, MobileNetV2's 7 × 7 projections of 160
@@ -3789,7 +3799,7 @@ const BATCH_GATED_BYTES: usize = 2 << 20;
 const WINOGRAD_MAX_WIDTH: usize = 28;
 const _: () = assert!(WINOGRAD_MAX_WIDTH <= winograd::MAX_WIDTH);
 
-/// Whether a convolution runs by Winograd's F(2×2, 3×3): one group, 3×3, stride 1, one
+/// Whether a convolution runs by Winograd: one group, 3×3, stride 1, one
 /// pixel of padding on every side (output as large as the input), rows at most `width`
 /// wide: [`WINOGRAD_MAX_WIDTH`], or this CPU's [`Tuning::winograd_wide_width`] where
 /// that is wider (for plans that keep most channel pairs, see `conv_gemm_into`).
@@ -3826,7 +3836,7 @@ fn winograd_fits(
 /// and do not change (0.995–0.996). Those with dropped input channels still lose by
 /// Winograd: ResNet-18's `layer4` `conv2` 1.26–1.39× at batch 1.
 fn winograd_pays(w: &WinogradWeights, sub: &Subset, out_hw: [usize; 2]) -> bool {
-    let (th, tw) = winograd::tiles(out_hw[0], out_hw[1]);
+    let (th, tw) = w.algo.tiles(out_hw[0], out_hw[1]);
     let dropped_inputs = sub.chans.is_some_and(|c| c.len() < w.cin);
     !dropped_inputs || th * tw > NR
 }
@@ -5078,8 +5088,12 @@ mod tests {
                 }
             }
             let packed = gemm::pack_a(&w, cout, g.k());
-            let wino = winograd_fits(1, kernel, stride, pad_tl, in_hw, g.out_hw, widest)
-                .then(|| WinogradWeights::new(&w, cout, g.in_c));
+            let wino =
+                winograd_fits(1, kernel, stride, pad_tl, in_hw, g.out_hw, widest).then(|| {
+                    // Either algorithm, as a tuning may choose at any width.
+                    let algo = [Algorithm::F2, Algorithm::F4][usize::from(rng.random_bool(0.5))];
+                    WinogradWeights::new(&w, cout, g.in_c, algo)
+                });
             assert!(
                 wino.is_some() || !wino_shape,
                 "{g:?} should run by Winograd"
@@ -5125,9 +5139,9 @@ mod tests {
     /// and by gated ones that keep most channel pairs: Keep(0.6) and budget 0.75 here)
     /// and sends a dense one-sample 7 × 7 plan to the filters as lines; the default
     /// builds none for the first and keeps the packed filters for the second; Zen 5's
-    /// builds them for the first (run by dense plans and gated ones keeping at least
-    /// 0.65 of the pairs) and keeps the packed filters for the second. All compute the same model as the reference executor, dense and
-    /// gated.
+    /// builds them for the first by F(4×4, 3×3) (run by dense plans and gated ones
+    /// keeping at least 0.45 of the pairs) and keeps the packed filters for the second.
+    /// All compute the same model as the reference executor, dense and gated.
     #[test]
     fn either_tuning_computes_what_the_reference_does() {
         use crate::exec::cpu::ReferenceExecutor;
@@ -5158,6 +5172,15 @@ mod tests {
         };
         assert!(wino(&intel, 0).is_some() && wino(&default, 0).is_none());
         assert!(wino(&zen5, 0).is_some());
+        let algo = |e: &EngineExecutor, node: usize| match &e.layers[node].1 {
+            Layer::Gemm {
+                winograd: Some(w), ..
+            } => w.algo,
+            _ => panic!("node {node} runs by Winograd"),
+        };
+        assert_eq!(algo(&intel, 0), Algorithm::F2);
+        assert_eq!(algo(&zen5, 0), Algorithm::F4);
+        assert_eq!(algo(&zen5, 4), Algorithm::F2);
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 {
             let lines = |e: &EngineExecutor| match &e.layers[4].1 {
@@ -5218,7 +5241,7 @@ mod tests {
             let w = uniform(&mut rng, cout * cin * 9);
             let b = uniform(&mut rng, cout);
             let act = act(&mut rng);
-            let wino = WinogradWeights::new(&w, cout, cin);
+            let wino = WinogradWeights::new(&w, cout, cin, Algorithm::F2);
             let sub = Subset {
                 rows: (oc.len() < cout).then_some(&oc[..]),
                 chans: Some(&ic[..]),
@@ -5295,7 +5318,7 @@ mod tests {
             let b = uniform(&mut rng, cout);
             let res = uniform(&mut rng, cout * n);
             let act = act(&mut rng);
-            let mut wino = WinogradWeights::new(&w, cout, cin);
+            let mut wino = WinogradWeights::new(&w, cout, cin, Algorithm::F2);
             wino.lines = Some(Default::default());
             let isa = Isa::Avx512;
             // Dense, or with too few pairs dropped, the packed filters serve.
@@ -5772,14 +5795,14 @@ mod tests {
             e.conv_gated_batch(&xs, &packed, &g, act, &sample_plans, residual, &mut direct);
             let mut outs = vec![("direct", direct)];
             if wino {
-                let wg = WinogradWeights::new(&w, cout, g.in_c);
+                let wg = WinogradWeights::new(&w, cout, g.in_c, Algorithm::F2);
                 let (mut by_wino, residual) = fresh();
                 e.conv_winograd_samples(&xs, &wg, &g, act, &sample_plans, residual, &mut by_wino);
                 outs.push(("winograd", by_wino));
                 // With lines too: on AVX-512, planes of at most 16 tiles run on them.
                 #[cfg(target_arch = "x86_64")]
                 {
-                    let mut wg = WinogradWeights::new(&w, cout, g.in_c);
+                    let mut wg = WinogradWeights::new(&w, cout, g.in_c, Algorithm::F2);
                     wg.lines = Some(Default::default());
                     let (mut on_lines, residual) = fresh();
                     e.conv_winograd_samples(

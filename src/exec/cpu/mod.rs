@@ -27,6 +27,7 @@ pub mod thread_choice;
 mod transposed;
 mod tuning;
 mod winograd;
+mod winograd_f4;
 #[cfg(target_arch = "x86_64")]
 mod winograd_lines;
 mod workers;

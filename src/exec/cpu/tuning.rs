@@ -2,7 +2,7 @@
 //! set it offers: where two machines running the same micro-kernels disagree on which of
 //! two ways is faster, measured on each.
 //!
-//! All three choices concern Winograd's F(2×2, 3×3), and all were found by switching one
+//! All four choices concern Winograd's algorithms, and all were found by switching one
 //! way for the other pass by pass on each machine (the numbers are beside the
 //! constants). On the AMD EPYC of Zen 4 (1 MiB of L2 per core) the direct convolution at
 //! 56 × 56 runs close enough to the micro-kernel's peak that Winograd's transforms cost
@@ -14,10 +14,13 @@
 //! with that machine streaming weights from L3 more slowly, though not measured as such.
 //! Zen 5 runs 512-bit multiply-adds at full width, twice Zen 4's rate per cycle: the
 //! micro-kernel reaches 265 GFLOP/s on one thread, while the direct convolution at
-//! 56 × 56 stays at 73–75% of the two threads' peak, so Winograd pays there for dense
-//! plans, as on the Intel Xeon, and for gated ones that keep at least 0.65 of their
-//! channel pairs; gated ones that keep fewer (where it paid at batch 1 and lost at
-//! batch 8) run directly.
+//! 56 × 56 stays at 73–75% of the two threads' peak, so Winograd pays there, as on the
+//! Intel Xeon; by F(4×4, 3×3), whose GEMMs do 0.56 of F(2×2, 3×3)'s multiply-adds, for
+//! dense plans and for gated ones that keep at least 0.45 of their channel pairs. At
+//! 28 × 28, where a plane is four times fewer tiles and `U` four times the direct
+//! weights' bytes, F(4×4, 3×3) won dense on ResNet-18 and lost on ResNet-50 and gated;
+//! F(2×2, 3×3) stays there. The other machines have not run F(4×4, 3×3): their tunings
+//! leave it out.
 
 /// Per-microarchitecture choices of the CPU engine.
 ///
@@ -43,6 +46,10 @@ pub struct Tuning {
     /// the filters as one cache line per channel pair rather than the packed ones;
     /// 1.0 sends dense plans there too.
     pub lines_max_kept: f64,
+    /// The least output width at which a layer that runs by Winograd has its filters
+    /// transformed for F(4×4, 3×3) instead of F(2×2, 3×3) (`usize::MAX`: none), for
+    /// every plan of the layer.
+    pub winograd_f4_min_width: usize,
 }
 
 impl Tuning {
@@ -50,10 +57,12 @@ impl Tuning {
     /// Winograd at 56 × 56 took 1.06–1.23× the direct convolution's time dense and
     /// 1.03–1.30× gated; dense 7 × 7 plans on the lines 1.03–1.15× the packed way's.
     /// (`winograd_wide_min_kept` is moot where no layer wider than 28 runs by Winograd.)
+    /// F(4×4, 3×3) was not measured there.
     pub const DEFAULT: Tuning = Tuning {
         winograd_wide_width: 28,
         winograd_wide_min_kept: 0.45,
         lines_max_kept: 0.85,
+        winograd_f4_min_width: usize::MAX,
     };
 
     /// Measured on the Intel Xeon (Emerald Rapids, two vCPUs), one engine, the way
@@ -67,11 +76,12 @@ impl Tuning {
     /// layers, 0.32 of the pairs at budget 0.5, took 1.25–1.33 (batch 1). Dense 7 × 7
     /// planes at batch 1 on the lines: 0.72–0.73 of the packed way's time (ResNet-18's
     /// `layer4`), 0.63–0.67 (ResNet-50's), passes 0.93 and 0.96; 0.86–0.88 and 0.80–0.86
-    /// of the direct convolution's.
+    /// of the direct convolution's. F(4×4, 3×3) was not measured there.
     pub const INTEL: Tuning = Tuning {
         winograd_wide_width: 56,
         winograd_wide_min_kept: 0.45,
         lines_max_kept: 1.0,
+        winograd_f4_min_width: usize::MAX,
     };
 
     /// Measured on the AMD EPYC of Zen 5 (family 26, two vCPUs), one engine, the way
@@ -84,14 +94,26 @@ impl Tuning {
     /// ResNet-18's `layer1` 0.83–0.92 and ResNet-50's `conv2` layers 0.81–0.84; gated at
     /// batch 8, ResNet-18's `conv1` layers 1.21–1.23; dense 7 × 7 planes on the lines
     /// 1.13–1.15 of the packed way's time (ResNet-50's `layer4`), as on Zen 4. Gated
-    /// plans that keep at least 0.65 of the pairs (budget 0.75) run by Winograd there:
+    /// plans that keep at least 0.65 of the pairs (budget 0.75) ran by Winograd there:
     /// at batch 1 passes 0.965 (ResNet-18; its `layer1` layers 0.86–0.96) and 0.974
     /// (ResNet-50), at batch 8 1.011 (`conv1` 1.05–1.07) and 0.978; at budgets 0.6 and
-    /// 0.5 (0.56 of the pairs or fewer) the direct convolution stays.
+    /// 0.5 (0.56 of the pairs or fewer) the direct convolution stayed.
+    ///
+    /// F(4×4, 3×3) at 56 × 56 (`--tuning 56,0.65,0.85,56 --against 56,0.65,0.85`, both
+    /// sides 0.65, a slow stretch): passes 0.980 (ResNet-18) and 0.986 (ResNet-50) of the
+    /// F(2×2, 3×3) time at batch 1, 0.952 and 0.989 at batch 8 (12 pairs), 0.913 and
+    /// 0.979 at budget 0.75; ResNet-50's `layer1` `conv2` layers 0.75–0.84. With it,
+    /// gated plans from 0.45 of the pairs (`--tuning 56,0.45,0.85,56 --against
+    /// 56,0.65,0.85,56`, budget 0.5): 0.980 and 1.004 at batch 1, 0.946 and 1.005 at batch
+    /// 8; ResNet-18's `layer1` layers 0.81–0.94. At 28 × 28 too (`--tuning
+    /// 56,0.65,0.85,28 --against 56,0.65,0.85,56`): dense 0.982 and 1.017 at batch 1,
+    /// 0.994 and 0.996 at batch 8; at budget 0.5 1.034 and 1.006, the gated 28 × 28
+    /// layers 1.10–1.55 (their kept columns of `U` copied are 2.25× the bytes).
     pub const ZEN5: Tuning = Tuning {
         winograd_wide_width: 56,
-        winograd_wide_min_kept: 0.65,
+        winograd_wide_min_kept: 0.45,
         lines_max_kept: 0.85,
+        winograd_f4_min_width: 56,
     };
 
     /// The choices for this CPU: [`Self::INTEL`] on Intel processors, [`Self::ZEN5`] on

@@ -1,4 +1,7 @@
-//! 3×3, stride-1, pad-1 convolutions by Winograd's minimal filtering, F(2×2, 3×3).
+//! 3×3, stride-1, pad-1 convolutions by Winograd's minimal filtering, F(2×2, 3×3), or
+//! F(4×4, 3×3) where the engine's tuning picks it ([`Algorithm`]; its transforms are in
+//! [`super::winograd_f4`], and everything below holds for both with 36 GEMMs over
+//! 4×4 tiles for 16 over 2×2 ones).
 //!
 //! Each 2×2 block of outputs ("tile") is computed from the 4×4 input patch under it:
 //! the patch is transformed (`V = Bᵀ d B`), multiplied element-wise by the transformed
@@ -42,12 +45,44 @@ use super::lanes::{Lanes, Ymm, Zmm};
 use super::pool::{line_aligned, BufferPool, Spare};
 use crate::model::Act;
 
-/// Elements of the transformed 4×4 grid: GEMMs per convolution.
+/// Elements of the transformed 4×4 grid of F(2×2, 3×3): GEMMs per convolution.
 pub const XI: usize = 16;
 
-/// A 3×3 filter bank transformed for F(2×2, 3×3): `U[ξ]` for each ξ, packed as A.
+/// Which of Winograd's algorithms a layer's filters are transformed for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// F(2×2, 3×3): 2×2 output tiles from 4×4 patches, [`XI`] GEMMs.
+    F2,
+    /// F(4×4, 3×3): 4×4 output tiles from 6×6 patches, 36 GEMMs (see
+    /// [`super::winograd_f4`]).
+    F4,
+}
+
+impl Algorithm {
+    /// Outputs along each side of a tile.
+    pub fn size(self) -> usize {
+        match self {
+            Algorithm::F2 => 2,
+            Algorithm::F4 => 4,
+        }
+    }
+
+    /// Elements of the transformed grid: GEMMs per convolution.
+    pub fn xi(self) -> usize {
+        (self.size() + 2).pow(2)
+    }
+
+    /// Tiles of an `h × w` output: `(tile rows, tile columns)`.
+    pub fn tiles(self, h: usize, w: usize) -> (usize, usize) {
+        (h.div_ceil(self.size()), w.div_ceil(self.size()))
+    }
+}
+
+/// A 3×3 filter bank transformed for F(2×2, 3×3) or F(4×4, 3×3): `U[ξ]` for each ξ,
+/// packed as A.
 pub struct WinogradWeights {
-    /// `XI` packed A matrices of `rows × cin`, one after another.
+    pub algo: Algorithm,
+    /// `algo.xi()` packed A matrices of `rows × cin`, one after another.
     pub u: Vec<f32>,
     pub rows: usize,
     pub cin: usize,
@@ -92,22 +127,33 @@ pub fn filter_transform(g: &[f32]) -> [f32; XI] {
 }
 
 impl WinogradWeights {
-    /// Transforms `w` (`rows × cin × 3 × 3`, row-major) into `U[ξ] = G g Gᵀ`.
-    pub fn new(w: &[f32], rows: usize, cin: usize) -> Self {
+    /// Transforms `w` (`rows × cin × 3 × 3`, row-major) into `U[ξ] = G g Gᵀ` for
+    /// `algo`.
+    pub fn new(w: &[f32], rows: usize, cin: usize, algo: Algorithm) -> Self {
         assert_eq!(w.len(), rows * cin * 9);
-        let mut by_xi = vec![0f32; XI * rows * cin];
+        let xis = algo.xi();
+        let mut by_xi = vec![0f32; xis * rows * cin];
         let plane = rows * cin;
         for (rc, g) in w.chunks_exact(9).enumerate() {
-            for (xi, v) in filter_transform(g).into_iter().enumerate() {
-                by_xi[xi * plane + rc] = v;
+            let mut put = |xi: usize, v: f32| by_xi[xi * plane + rc] = v;
+            match algo {
+                Algorithm::F2 => filter_transform(g)
+                    .into_iter()
+                    .enumerate()
+                    .for_each(|(x, v)| put(x, v)),
+                Algorithm::F4 => super::winograd_f4::filter_transform(g)
+                    .into_iter()
+                    .enumerate()
+                    .for_each(|(x, v)| put(x, v)),
             }
         }
         let one = gemm::packed_a_len(rows, cin);
-        let mut u = Vec::with_capacity(XI * one);
+        let mut u = Vec::with_capacity(xis * one);
         for m in by_xi.chunks_exact(plane) {
             u.extend_from_slice(&gemm::pack_a(m, rows, cin));
         }
         WinogradWeights {
+            algo,
             u,
             rows,
             cin,
@@ -136,7 +182,7 @@ impl WinogradWeights {
         chans: Option<&[usize]>,
     ) -> Option<&super::winograd_lines::LineWeights> {
         use super::winograd_lines::{takes, LineWeights};
-        let cell = self.lines.as_ref()?;
+        let cell = self.lines.as_ref().filter(|_| self.algo == Algorithm::F2)?;
         takes(
             isa,
             batch,
@@ -161,7 +207,7 @@ impl WinogradWeights {
         hw: [usize; 2],
     ) -> Option<&super::winograd_lines::LineWeights> {
         use super::winograd_lines::{serves_samples, LineWeights};
-        let cell = self.lines.as_ref()?;
+        let cell = self.lines.as_ref().filter(|_| self.algo == Algorithm::F2)?;
         serves_samples(isa, hw).then(|| cell.get_or_init(|| LineWeights::from_packed(self)))
     }
 
@@ -224,7 +270,9 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
         return super::winograd_lines::conv(job, lines, pool, out);
     }
     let [h, w] = job.hw;
-    let (th, tw) = tiles(h, w);
+    let algo = job.weights.algo;
+    let xis = algo.xi();
+    let (th, tw) = algo.tiles(h, w);
     let t_one = th * tw;
     let t = job.batch * t_one;
     let panels = t.div_ceil(NR);
@@ -249,13 +297,13 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     if nr == 0 {
         return;
     }
-    if job.bands && in_bands(job.hw, job.batch, kc, nr) {
+    if job.bands && in_bands(algo, job.hw, job.batch, kc, nr) {
         let kept = kept.as_deref();
         return conv_bands(job, pool, out, [chans, rows], kept, &zeros);
     }
     // V: per ξ, packed panels [panel][kc][NR].
     let v_xi = panels * kc * NR;
-    let mut v_buf = pool.take_dirty(XI * v_xi);
+    let mut v_buf = pool.take_dirty(xis * v_xi);
     let v = &mut v_buf[..];
     {
         let vp = OutPtr(v.as_mut_ptr());
@@ -266,6 +314,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
                 _ => &job.x[s * in_len + chans[ci] * h * w..][..h * w],
             };
             let to = Dest {
+                algo,
                 v: vp,
                 first_tile: s * t_one,
                 range: [0, t_one],
@@ -323,7 +372,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
         (&[][..], kc)
     } else {
         let per = gemm::packed_a_len(job.weights.rows, kc);
-        let a = a_buf.insert(pool.take_dirty(XI * per));
+        let a = a_buf.insert(pool.take_dirty(xis * per));
         let ap = OutPtr(a.as_mut_ptr());
         let copy = |(xi, b): (usize, usize)| {
             // SAFETY: each (ξ, block) pair writes its own block of the compact A.
@@ -332,7 +381,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
             };
             copy_block(xi, b, dst);
         };
-        let work = (0..XI).flat_map(|xi| a_blocks.iter().map(move |&b| (xi, b)));
+        let work = (0..xis).flat_map(|xi| a_blocks.iter().map(move |&b| (xi, b)));
         if job.serial {
             work.for_each(copy);
         } else {
@@ -346,7 +395,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     let m_xi = nr * ldc;
     // 8 more: a tile row's vector reads run up to 7 values past it (see
     // `output_transform_avx2`).
-    let mut m_buf = pool.take_dirty(XI * m_xi + 8);
+    let mut m_buf = pool.take_dirty(xis * m_xi + 8);
     let m = &mut m_buf[..];
     let zeros = vec![0f32; nr.max(PACK)];
     let mr = job.isa.mr();
@@ -396,7 +445,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
                 }
             }
         };
-        let work: Vec<(usize, usize)> = (0..XI)
+        let work: Vec<(usize, usize)> = (0..xis)
             .flat_map(|xi| (0..blocks).map(move |q| (xi, q)))
             .collect();
         if job.serial {
@@ -411,6 +460,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
         let r = rows[i];
         let at = s * out_len + r * h * w;
         let b = Back {
+            algo,
             m,
             m_xi,
             row_at: i * ldc + s * t_one,
@@ -442,8 +492,16 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
 /// shared GEMMs read it once between the threads; with few tiles, as ResNet's 14 × 14
 /// layers of 256 channels at batch 1 (49 tiles), the weights are the bigger stream:
 /// by bands those layers took 1.07–1.26 of their time.
-fn in_bands(hw: [usize; 2], batch: usize, kc: usize, nr: usize) -> bool {
-    let (th, tw) = tiles(hw[0], hw[1]);
+///
+/// F(4×4, 3×3) runs by bands wherever F(2×2, 3×3) would over the same plane (its
+/// F(2×2, 3×3) tiles counted), though its `U[ξ]` weigh more against its fewer tiles:
+/// ResNet-50's 128-channel layers at 28 × 28, batch 1 (49 such tiles), shared out, left
+/// their output where the next 1×1 layer read it from the other core (those took
+/// 1.16× their time); by bands the 3×3 layers themselves took 0.77–0.79 of F(2×2,
+/// 3×3)'s time against 0.75–0.90 shared out.
+fn in_bands(algo: Algorithm, hw: [usize; 2], batch: usize, kc: usize, nr: usize) -> bool {
+    let _ = algo;
+    let (th, tw) = Algorithm::F2.tiles(hw[0], hw[1]);
     batch * th * tw * (kc + nr) >= kc * nr
 }
 
@@ -471,7 +529,9 @@ fn conv_bands(
     zeros: &[f32],
 ) {
     let [h, w] = job.hw;
-    let (th, tw) = tiles(h, w);
+    let algo = job.weights.algo;
+    let xis = algo.xi();
+    let (th, tw) = algo.tiles(h, w);
     let t_one = th * tw;
     let t = job.batch * t_one;
     let bands = t.div_ceil(NR);
@@ -508,9 +568,9 @@ fn conv_bands(
             return;
         }
         let v_xi = kc * NR;
-        let mut v = pool.take_dirty(XI * v_xi);
+        let mut v = pool.take_dirty(xis * v_xi);
         let m_xi = row_blocks.div_ceil(parts) * mr * NR;
-        let mut m = pool.take_dirty(XI * m_xi + 8);
+        let mut m = pool.take_dirty(xis * m_xi + 8);
         let mut scratch = Scratch::default();
         let mut have = None;
         for u in mine {
@@ -534,6 +594,7 @@ fn conv_bands(
                             _ => &job.x[s * in_len + c * h * w..][..h * w],
                         };
                         let to = Dest {
+                            algo,
                             v: vp,
                             first_tile: lane,
                             range,
@@ -542,7 +603,7 @@ fn conv_bands(
                             kc,
                             panels: 1,
                         };
-                        // SAFETY: V holds XI panels of kc × NR, this thread's own.
+                        // SAFETY: V holds xis panels of kc × NR, this thread's own.
                         unsafe { input_transform(job.isa, &mut scratch, plane, [h, w], to) };
                     }
                 }
@@ -552,7 +613,7 @@ fn conv_bands(
             assert!(prows.len() * NR <= m_xi);
             let (arows, crows) = (&rows[prows.clone()], &every[..prows.len()]);
             let mp = OutPtr(m.as_mut_ptr());
-            for xi in 0..XI {
+            for xi in 0..xis {
                 let a = &job.weights.u[xi * one..(xi + 1) * one];
                 for (arows, crow) in arows.chunks(mr).zip(crows.chunks(mr)) {
                     let tile = Tile {
@@ -579,6 +640,7 @@ fn conv_bands(
                 for (s, range, lane) in pieces.clone() {
                     let at = s * out_len + r * h * w;
                     let b = Back {
+                        algo,
                         m: &m,
                         m_xi,
                         row_at: i * NR + lane,
@@ -647,7 +709,9 @@ const SAMPLES_A_BYTES: usize = 256 << 10;
 /// weights they read. Cells of dropped outputs are left as they are.
 pub fn conv_samples(job: &SamplesJob, pool: &BufferPool, out: &mut [f32]) {
     let [h, w] = job.hw;
-    let (th, tw) = tiles(h, w);
+    let algo = job.weights.algo;
+    let xis = algo.xi();
+    let (th, tw) = algo.tiles(h, w);
     let t_one = th * tw;
     let panels = t_one.div_ceil(NR);
     let ldc = panels * NR;
@@ -678,8 +742,8 @@ pub fn conv_samples(job: &SamplesJob, pool: &BufferPool, out: &mut [f32]) {
                 v_at: v_len,
                 m_at: m_len,
             };
-            v_len += XI * panels * chans.len() * NR;
-            m_len += (XI * rows.len() * ldc + 8).next_multiple_of(16);
+            v_len += xis * panels * chans.len() * NR;
+            m_len += (xis * rows.len() * ldc + 8).next_multiple_of(16);
             s
         })
         .collect();
@@ -697,6 +761,7 @@ pub fn conv_samples(job: &SamplesJob, pool: &BufferPool, out: &mut [f32]) {
                 let d = &samples[s];
                 let plane = &job.x[s * in_len + d.chans[ci] * h * w..][..h * w];
                 let to = Dest {
+                    algo,
                     v: OutPtr(vp.get().wrapping_add(d.v_at)),
                     first_tile: 0,
                     range: [0, t_one],
@@ -706,7 +771,7 @@ pub fn conv_samples(job: &SamplesJob, pool: &BufferPool, out: &mut [f32]) {
                     panels,
                 };
                 // SAFETY: (sample, channel) writes row ci of its sample's own V, which
-                // holds XI · panels · kc · NR floats from v_at.
+                // holds xis · panels · kc · NR floats from v_at.
                 unsafe { input_transform(job.isa, scratch, plane, [h, w], to) };
             });
     }
@@ -775,7 +840,7 @@ pub fn conv_samples(job: &SamplesJob, pool: &BufferPool, out: &mut [f32]) {
                 }
             }
         };
-        let work: Vec<(usize, usize)> = (0..XI)
+        let work: Vec<(usize, usize)> = (0..xis)
             .flat_map(|xi| (0..ranges).map(move |q| (xi, q)))
             .collect();
         work.into_par_iter().for_each(task);
@@ -792,7 +857,8 @@ pub fn conv_samples(job: &SamplesJob, pool: &BufferPool, out: &mut [f32]) {
         let r = d.rows[i];
         let at = s * out_len + r * h * w;
         let b = Back {
-            m: &m[d.m_at..d.m_at + XI * d.rows.len() * ldc + 8],
+            algo,
+            m: &m[d.m_at..d.m_at + xis * d.rows.len() * ldc + 8],
             m_xi: d.rows.len() * ldc,
             row_at: i * ldc,
             range: [0, t_one],
@@ -812,41 +878,42 @@ pub fn conv_samples(job: &SamplesJob, pool: &BufferPool, out: &mut [f32]) {
 /// plane's tiles `range` to consecutive lanes from lane `first_tile` on (counted over
 /// every panel).
 #[derive(Clone, Copy)]
-struct Dest {
-    v: OutPtr,
-    first_tile: usize,
+pub(super) struct Dest {
+    pub(super) algo: Algorithm,
+    pub(super) v: OutPtr,
+    pub(super) first_tile: usize,
     /// The plane's tiles transformed, in order over tile rows then tile columns.
-    range: [usize; 2],
+    pub(super) range: [usize; 2],
     /// Whether these are the last tiles: the lanes of their last panel past them are
     /// computed by the GEMM and never stored, and are zeroed to keep them finite.
-    last: bool,
-    ci: usize,
-    kc: usize,
-    panels: usize,
+    pub(super) last: bool,
+    pub(super) ci: usize,
+    pub(super) kc: usize,
+    pub(super) panels: usize,
 }
 
 impl Dest {
     /// Floats of one `V[ξ]`.
-    fn v_xi(&self) -> usize {
+    pub(super) fn v_xi(&self) -> usize {
         self.panels * self.kc * NR
     }
 
     /// The panel and first lane after the range's tiles, where these are the last tiles
     /// and end inside a panel: the lanes from there on are zeroed.
-    fn tail(&self) -> Option<(usize, usize)> {
+    pub(super) fn tail(&self) -> Option<(usize, usize)> {
         let end = self.first_tile + self.range[1] - self.range[0];
         (self.last && !end.is_multiple_of(NR)).then_some((end / NR, end % NR))
     }
 }
 
 /// The tile rows `[first, end)` that hold tiles `range` of a plane `tw` tiles wide.
-fn tile_rows(range: [usize; 2], tw: usize) -> [usize; 2] {
+pub(super) fn tile_rows(range: [usize; 2], tw: usize) -> [usize; 2] {
     [range[0] / tw, range[1].div_ceil(tw)]
 }
 
 /// The tile columns `[from, to)` of tile row `ty` that lie in `range` (a plane `tw` tiles
 /// wide; `ty` among [`tile_rows`]).
-fn row_span(range: [usize; 2], tw: usize, ty: usize) -> [usize; 2] {
+pub(super) fn row_span(range: [usize; 2], tw: usize, ty: usize) -> [usize; 2] {
     let first = ty * tw;
     [range[0].saturating_sub(first), (range[1] - first).min(tw)]
 }
@@ -887,13 +954,13 @@ fn plane_rows(
     })
 }
 
-/// Transforms one input plane into its [`Dest`].
+/// Transforms one input plane into its [`Dest`], by the `Dest`'s algo.
 ///
 /// # Safety
-/// `v` holds `XI · panels · kc · NR` floats, and no other thread writes the lanes of
-/// row `ci` that this plane's tiles take, nor (when `last`) the lanes after them in
-/// their last panel (another sample's plane of the same channel may write the other
-/// lanes of the same panels at the same time).
+/// `v` holds `xi · panels · kc · NR` floats (`xi` of the algo), and no other thread
+/// writes the lanes of row `ci` that this plane's tiles take, nor (when `last`) the
+/// lanes after them in their last panel (another sample's plane of the same channel may
+/// write the other lanes of the same panels at the same time).
 unsafe fn input_transform(
     isa: Isa,
     scratch: &mut Scratch,
@@ -901,6 +968,9 @@ unsafe fn input_transform(
     hw: [usize; 2],
     to: Dest,
 ) {
+    if to.algo == Algorithm::F4 {
+        return super::winograd_f4::input_transform(isa, scratch, plane, hw, to);
+    }
     #[cfg(target_arch = "x86_64")]
     match isa {
         Isa::Avx512 => return input_transform_avx512(scratch, plane, hw, to),
@@ -941,7 +1011,9 @@ unsafe fn input_transform_vec<V: Lanes>(
 ) {
     let lanes = V::N;
     let (v, first_tile, ci, kc, v_xi) = (to.v, to.first_tile, to.ci, to.kc, to.v_xi());
-    let Scratch { cols, tiles: buf } = scratch;
+    let Scratch {
+        cols, tiles: buf, ..
+    } = scratch;
     let (tw, [ty0, ty1]) = grid(cols, [h, w], to.range);
     let (th, prows) = (ty1 - ty0, 2 * (ty1 - ty0) + 2);
     // The padded row: column p is input column p - 1, zero outside the row. A vector
@@ -1031,11 +1103,13 @@ unsafe fn input_transform_avx512(scratch: &mut Scratch, plane: &[f32], hw: [usiz
 
 /// A thread's buffers for input transforms, grown as needed and kept across planes.
 #[derive(Default)]
-struct Scratch {
+pub(super) struct Scratch {
     /// Every padded row's column transform.
     cols: Vec<ColRow>,
+    /// The same for F(4×4, 3×3).
+    pub(super) cols6: Vec<super::winograd_f4::ColRow6>,
     /// The vector path's transformed plane, `[ξ][tile]` (see `input_transform_avx2`).
-    tiles: Vec<f32>,
+    pub(super) tiles: Vec<f32>,
 }
 
 /// One padded input row's column transform: `[j][tile column]`, with room for a vector
@@ -1044,7 +1118,7 @@ type ColRow = [[f32; COLS]; 4];
 
 /// Tile columns a transform's buffers hold: [`MAX_TW`] and the 7 lanes a vector read
 /// at the last tile column runs past it.
-const COLS: usize = MAX_TW + 8;
+pub(super) const COLS: usize = MAX_TW + 8;
 
 /// Bytes of packed panels a GEMM task keeps in L2 (of 512 KiB on Zen 3) while the row
 /// tiles of A run over them.
@@ -1145,6 +1219,9 @@ unsafe fn input_transform_body(
 /// `dst` is a plane of `b.hw` values, whose cells under the range's tiles no other
 /// thread reads or writes meanwhile.
 unsafe fn output_transform(isa: Isa, b: Back, dst: OutPtr) {
+    if b.algo == Algorithm::F4 {
+        return super::winograd_f4::output_transform(isa, b, dst);
+    }
     let (th, tw) = tiles(b.hw[0], b.hw[1]);
     assert!(b.range[0] < b.range[1] && b.range[1] <= th * tw);
     if let Residual::Apart(res) = b.residual {
@@ -1171,15 +1248,16 @@ unsafe fn output_transform(isa: Isa, b: Back, dst: OutPtr) {
 /// tiles `range` from `row_at` on, for a plane of `hw`, with the plane's bias, residual
 /// and activation.
 #[derive(Clone, Copy)]
-struct Back<'a> {
-    m: &'a [f32],
-    m_xi: usize,
-    row_at: usize,
-    range: [usize; 2],
-    hw: [usize; 2],
-    bias: f32,
-    residual: Residual<'a>,
-    act: Act,
+pub(super) struct Back<'a> {
+    pub(super) algo: Algorithm,
+    pub(super) m: &'a [f32],
+    pub(super) m_xi: usize,
+    pub(super) row_at: usize,
+    pub(super) range: [usize; 2],
+    pub(super) hw: [usize; 2],
+    pub(super) bias: f32,
+    pub(super) residual: Residual<'a>,
+    pub(super) act: Act,
 }
 
 /// [`output_transform_body`] in vectors of tile columns (8 with AVX2, 16 with AVX-512),
@@ -1528,7 +1606,9 @@ mod tests {
         for case in 0..80 {
             let hw = [rng.random_range(1..12), rng.random_range(1..=MAX_WIDTH)];
             let [h, w] = hw;
-            let (th, tw) = tiles(h, w);
+            let algo = [Algorithm::F2, Algorithm::F4][case / 2 % 2];
+            let (xis, size) = (algo.xi(), algo.size());
+            let (th, tw) = algo.tiles(h, w);
             let t_one = th * tw;
             let a = rng.random_range(0..t_one);
             let range = [a, rng.random_range(a + 1..=t_one)];
@@ -1540,8 +1620,9 @@ mod tests {
             // The whole plane's V, then the part's, each one channel of one.
             let transform = |scratch: &mut Scratch, range: [usize; 2], first_tile: usize| {
                 let panels = (first_tile + range[1] - range[0]).div_ceil(NR);
-                let mut v = vec![f32::NAN; XI * panels * NR];
+                let mut v = vec![f32::NAN; xis * panels * NR];
                 let to = Dest {
+                    algo,
                     v: OutPtr(v.as_mut_ptr()),
                     first_tile,
                     range,
@@ -1556,7 +1637,7 @@ mod tests {
             };
             let (whole, whole_xi) = transform(&mut scratch, [0, t_one], 0);
             let (part, part_xi) = transform(&mut scratch, range, first_tile);
-            for xi in 0..XI {
+            for xi in 0..xis {
                 let want = &whole[xi * whole_xi + range[0]..][..count];
                 let got = &part[xi * part_xi + first_tile..][..count];
                 assert_eq!(
@@ -1576,13 +1657,13 @@ mod tests {
             }
 
             // M of the whole plane; the part's M is its tiles' values from row_at on.
-            let m_whole: Vec<f32> = (0..XI * t_one + 8)
+            let m_whole: Vec<f32> = (0..xis * t_one + 8)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
             let row_at = rng.random_range(0..5);
             let m_xi = row_at + count + rng.random_range(0..9);
-            let mut m_part = vec![0f32; XI * m_xi + 8];
-            for xi in 0..XI {
+            let mut m_part = vec![0f32; xis * m_xi + 8];
+            for xi in 0..xis {
                 m_part[xi * m_xi + row_at..][..count]
                     .copy_from_slice(&m_whole[xi * t_one + range[0]..][..count]);
             }
@@ -1591,6 +1672,7 @@ mod tests {
             for residual in [Residual::None, Residual::Apart(&res), Residual::InOut] {
                 let mut want = res.clone();
                 let b = Back {
+                    algo,
                     m: &m_whole,
                     m_xi: t_one,
                     row_at: 0,
@@ -1614,7 +1696,7 @@ mod tests {
                 unsafe { output_transform(isa, b, OutPtr(got.as_mut_ptr())) };
                 for (i, (g, (wv, r))) in got.iter().zip(want.iter().zip(&res)).enumerate() {
                     let (y, x) = (i / w, i % w);
-                    let tile = (y / 2) * tw + x / 2;
+                    let tile = (y / size) * tw + x / size;
                     let expect = if (range[0]..range[1]).contains(&tile) {
                         wv
                     } else {
@@ -1646,8 +1728,10 @@ mod tests {
         for case in 0..120 {
             // Every width up to the widest served, tile rows across panel ends; every
             // other case a part of the plane's tiles, from and to anywhere in a row.
-            let hw = [rng.random_range(1..12), rng.random_range(1..=MAX_WIDTH)];
-            let (th, tw) = tiles(hw[0], hw[1]);
+            let hw = [rng.random_range(1..20), rng.random_range(1..=MAX_WIDTH)];
+            let algo = [Algorithm::F2, Algorithm::F4][case / 4 % 2];
+            let xis = algo.xi();
+            let (th, tw) = algo.tiles(hw[0], hw[1]);
             let range = if case % 4 < 2 {
                 [0, th * tw]
             } else {
@@ -1661,11 +1745,12 @@ mod tests {
             let plane: Vec<f32> = (0..hw[0] * hw[1])
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
-            let mut got = vec![f32::NAN; XI * panels * kc * NR];
+            let mut got = vec![f32::NAN; xis * panels * kc * NR];
             let mut want = got.clone();
             let mut scratch = Scratch::default();
             for (v, isa) in [(&mut got, vector), (&mut want, Isa::Portable)] {
                 let to = Dest {
+                    algo,
                     v: OutPtr(v.as_mut_ptr()),
                     first_tile,
                     range,
@@ -1680,11 +1765,11 @@ mod tests {
             assert_eq!(
                 bits(&got),
                 bits(&want),
-                "case {case}: input transform {hw:?}"
+                "case {case}: input transform {hw:?} {algo:?}"
             );
 
             let m_xi = rng.random_range(count..count + 40);
-            let m: Vec<f32> = (0..XI * m_xi + 8)
+            let m: Vec<f32> = (0..xis * m_xi + 8)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
             let row_at = m_xi - count;
@@ -1696,6 +1781,7 @@ mod tests {
                 let mut outs = [res.clone(), res.clone()];
                 for (out, isa) in outs.iter_mut().zip([vector, Isa::Portable]) {
                     let b = Back {
+                        algo,
                         m: &m,
                         m_xi,
                         row_at,
@@ -1711,7 +1797,7 @@ mod tests {
                 assert_eq!(
                     bits(&outs[0]),
                     bits(&outs[1]),
-                    "case {case}: output transform {hw:?} on {vector:?}"
+                    "case {case}: output transform {hw:?} {algo:?} on {vector:?}"
                 );
             }
         }
@@ -1740,7 +1826,8 @@ mod tests {
             let d = Drawn::new(&mut rng, batch, cin, cout, hw);
             let (w, bias) = (&d.w, &d.bias);
             let (chans, rows) = (subset(&mut rng, cin), subset(&mut rng, cout));
-            let ww = WinogradWeights::new(w, cout, cin);
+            let algo = [Algorithm::F2, Algorithm::F4][case % 2];
+            let ww = WinogradWeights::new(w, cout, cin, algo);
             let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
             let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
             let layer = d.layer(hw, cin, cout);
@@ -1770,7 +1857,7 @@ mod tests {
                 conv(&job, &pool, &mut out);
                 for s in 0..batch {
                     let at = format!(
-                        "case {case} {isa:?}, batch {batch}, zero {zero_dropped}, bands {bands}"
+                        "case {case} {isa:?} {algo:?}, batch {batch}, zero {zero_dropped}, bands {bands}"
                     );
                     layer.assert_sample(&out, s, &kept_c, &kept_r, bias, &at);
                 }
@@ -1793,15 +1880,18 @@ mod tests {
         for case in 0..24 {
             // Few channels and many tiles, so that the plan runs by bands: one band or
             // several, odd counts, bands across samples, rows in uneven parts.
+            // F(4×4, 3×3) over planes twice as tall and wide, for as many tiles.
+            let algo = [Algorithm::F2, Algorithm::F4][case / 3 % 2];
+            let grow = algo.size() / 2;
             let (cin, cout) = (rng.random_range(1..24), rng.random_range(1..40));
             let hw = [
-                rng.random_range(6..30),
-                rng.random_range(9..=MAX_WIDTH.min(48)),
+                rng.random_range(6 * grow..30 * grow),
+                rng.random_range(9 * grow..=MAX_WIDTH.min(48 * grow)),
             ];
             let batch = rng.random_range(1..4);
             let d = Drawn::new(&mut rng, batch, cin, cout, hw);
             let (w, bias) = (&d.w, &d.bias);
-            let ww = WinogradWeights::new(w, cout, cin);
+            let ww = WinogradWeights::new(w, cout, cin, algo);
             let rows = subset(&mut rng, cout);
             // Input channels all kept, some kept (read through a column map of U), or
             // the dropped ones entered as zeros.
@@ -1815,7 +1905,7 @@ mod tests {
             let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
             let kc = if zero_dropped { cin } else { kept_c.len() };
             assert!(
-                in_bands(hw, batch, kc, kept_r.len()),
+                in_bands(algo, hw, batch, kc, kept_r.len()),
                 "case {case}: not by bands"
             );
             let layer = d.layer(hw, cin, cout);
@@ -1845,7 +1935,10 @@ mod tests {
             for (n, on) in pools.iter().enumerate() {
                 let banded = run(on);
                 for s in 0..batch {
-                    let at = format!("case {case}: {isa:?}, {} threads, batch {batch}", n + 1);
+                    let at = format!(
+                        "case {case}: {isa:?} {algo:?}, {} threads, batch {batch}",
+                        n + 1
+                    );
                     layer.assert_sample(&banded, s, &kept_c, &kept_r, bias, &at);
                 }
             }
@@ -1889,7 +1982,7 @@ mod tests {
                 subset(&mut rng, cin)
             };
             let rows = subset(&mut rng, cout);
-            let ww = WinogradWeights::new(w, cout, cin);
+            let ww = WinogradWeights::new(w, cout, cin, Algorithm::F2);
             let lines = LineWeights::from_packed(&ww);
             let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
             let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
@@ -1944,7 +2037,8 @@ mod tests {
                     (chans, subset(&mut rng, cout))
                 })
                 .collect();
-            let ww = WinogradWeights::new(&w, cout, cin);
+            let algo = [Algorithm::F2, Algorithm::F4, Algorithm::F2][case % 3];
+            let ww = WinogradWeights::new(&w, cout, cin, algo);
             let keeps: Vec<SampleKeep> = plans
                 .iter()
                 .zip(&biases)
@@ -1980,7 +2074,7 @@ mod tests {
                 for (s, ((chans, rows), bias)) in plans.iter().zip(&biases).enumerate() {
                     let kept_c: Vec<usize> = chans.clone().unwrap_or_else(|| (0..cin).collect());
                     let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
-                    let at = format!("case {case} {way}, {} of {cin} kept", kept_c.len());
+                    let at = format!("case {case} {way} {algo:?}, {} of {cin} kept", kept_c.len());
                     layer.assert_sample(&out, s, &kept_c, &kept_r, bias, &at);
                 }
             };
@@ -1989,10 +2083,12 @@ mod tests {
                     conv_samples(job, &pool, out)
                 });
             }
-            // The same batch on the filters as lines, where this CPU serves it (AVX-512,
-            // at most 16 tiles: about two cases in five).
+            // The same batch on F(2×2, 3×3)'s filters as lines, where this CPU serves it
+            // (AVX-512, at most 16 tiles: about two cases in five).
             #[cfg(target_arch = "x86_64")]
-            if super::super::winograd_lines::serves_samples(Isa::detect(), hw) {
+            if algo == Algorithm::F2
+                && super::super::winograd_lines::serves_samples(Isa::detect(), hw)
+            {
                 use super::super::winograd_lines::{self, LineWeights};
                 let lines = LineWeights::from_packed(&ww);
                 check(Isa::detect(), "lines", &|job, out| {

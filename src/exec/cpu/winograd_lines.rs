@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use super::gemm::{self, Isa, OutPtr, Residual, PACK};
 use super::pool::{line_aligned, BufferPool, Spare};
-use super::winograd::{kept_or_all, tiles, Job, SamplesJob, WinogradWeights, XI};
+use super::winograd::{kept_or_all, tiles, Algorithm, Job, SamplesJob, WinogradWeights, XI};
 use crate::model::Act;
 
 /// Tiles of the largest plane served: 64, a 16 × 16 output (14 × 14: 49).
@@ -79,6 +79,7 @@ impl LineWeights {
     /// `OnceLock` that holds the lines, where a rayon task waiting on other tasks could
     /// run another plan of the same layer and wait on the lock it holds.
     pub fn from_packed(packed: &WinogradWeights) -> Self {
+        assert_eq!(packed.algo, Algorithm::F2, "lines hold F(2×2, 3×3) filters");
         let (rows, cin) = (packed.rows, packed.cin);
         let one = gemm::packed_a_len(rows, cin);
         let mut u = vec![0f32; rows * cin * XI + XI];
