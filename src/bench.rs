@@ -719,7 +719,7 @@ impl Report {
         if above_peak {
             s += "\nAbove 100% of the peak: a layer that does fewer multiply-adds than the \
                   direct convolution counted here (Winograd's F(2×2, 3×3) on a stride-1 3×3 \
-                  layer does 4/9 of them).\n";
+                  layer does 4/9 of them, F(4×4, 3×3) 1/4).\n";
         }
         if banded {
             s += "\nA layer at 0.000 ms in every column ran inside the 1×1 expansion above it, \
