@@ -108,6 +108,20 @@ pub fn max_pool_into(out: &mut [f32], input: &[f32], win: Window) {
         })
         .collect();
     let [s, kw, pl] = [win.stride[1], win.kernel[1], win.pad_tl[1]];
+    #[cfg(target_arch = "x86_64")]
+    if [s, kw, pl] == [2, 3, 1] && std::arch::is_x86_feature_detected!("avx512f") {
+        let row_len = (ow + 1).next_multiple_of(16) + 16;
+        out.par_chunks_mut(out_plane).enumerate().for_each_init(
+            || vec![0f32; 2 * h * row_len],
+            |halves, (p, o)| {
+                let x = &input[p * in_plane..(p + 1) * in_plane];
+                // SAFETY: AVX-512F is present; `halves` holds two rows of `row_len` per
+                // input row, `o` the plane's output, every row range inside the plane.
+                unsafe { max_pool_3s2_avx512(o, x, [h, w], ow, &rows, halves, row_len) };
+            },
+        );
+        return;
+    }
     // Phase length: the last output's last tap is at ow − 1 + (kw − 1) / s.
     let phase_len = ow + (kw - 1) / s;
     let padded_len = (s * phase_len).max(pl + w);
@@ -135,6 +149,75 @@ pub fn max_pool_into(out: &mut [f32], input: &[f32], win: Window) {
             }
         },
     );
+}
+
+/// One plane of a max pool whose windows are 3 wide at column stride 2 with one column
+/// of padding on the left (ResNet's 3×3, stride-2 pool), output rows `ow` wide, output
+/// row `oy` over input rows `rows[oy]`. Each input row is split once into its even and
+/// its odd columns (−∞ past the row), the odd ones one place on (−∞ first), so that the
+/// three taps of 16 outputs are three contiguous vectors: odd column 2·ox − 1, even
+/// 2·ox, odd 2·ox + 1. All rows are split before any output row reads them (a vector
+/// load of values stored a moment before at another alignment waits for the stores).
+/// The generic way (a padded copy, the vertical maxima, a phase split and the taps per
+/// output row, each a pass over a short row) took 0.10–0.15 ms of a ResNet pass at
+/// batch 1 on two threads, ONNX Runtime's pool 0.04. ResNet's pool alone (64 planes of
+/// 112 × 112, two threads, in a loop, median of 300, alternated twice): 0.093–0.099 ms
+/// this way against 0.139–0.157 the generic way.
+///
+/// # Safety
+/// AVX-512F is available; `x` holds `h · w` values, `o` `rows.len() · ow`, `halves`
+/// `2 · h · row_len` with `row_len ≥ ow + 17` a multiple of 16; every range in `rows`
+/// lies within `0..h`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_pool_3s2_avx512(
+    o: &mut [f32],
+    x: &[f32],
+    [h, w]: [usize; 2],
+    ow: usize,
+    rows: &[(usize, usize)],
+    halves: &mut [f32],
+    row_len: usize,
+) {
+    use std::arch::x86_64::*;
+    let lanes = |n: usize| ((1u32 << n.min(16)) - 1) as __mmask16;
+    let neg = _mm512_set1_ps(f32::NEG_INFINITY);
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let hp = halves.as_mut_ptr();
+    for y in 0..h {
+        let (ev, od) = (hp.add(2 * y * row_len), hp.add((2 * y + 1) * row_len));
+        *od = f32::NEG_INFINITY;
+        let src = x.as_ptr().add(y * w);
+        for k in (0..row_len - 16).step_by(16) {
+            // Input columns 2·k .. 2·k + 32; masked-off lanes are not read.
+            let a =
+                _mm512_mask_loadu_ps(neg, lanes(w.saturating_sub(2 * k)), src.wrapping_add(2 * k));
+            let b = _mm512_mask_loadu_ps(
+                neg,
+                lanes(w.saturating_sub(2 * k + 16)),
+                src.wrapping_add(2 * k + 16),
+            );
+            _mm512_storeu_ps(ev.add(k), _mm512_permutex2var_ps(a, even, b));
+            _mm512_storeu_ps(od.add(k + 1), _mm512_permutex2var_ps(a, odd, b));
+        }
+    }
+    for (orow, &(y0, y1)) in o.chunks_exact_mut(ow).zip(rows) {
+        for x0 in (0..ow).step_by(16) {
+            let mut m = neg;
+            for y in y0..y1 {
+                let (ev, od) = (
+                    hp.add(2 * y * row_len + x0),
+                    hp.add((2 * y + 1) * row_len + x0),
+                );
+                // `max(v, m)` is `v > m ? v : m`: a NaN never wins, as in the generic way.
+                m = _mm512_max_ps(_mm512_loadu_ps(od), m);
+                m = _mm512_max_ps(_mm512_loadu_ps(ev), m);
+                m = _mm512_max_ps(_mm512_loadu_ps(od.add(1)), m);
+            }
+            _mm512_mask_storeu_ps(orow.as_mut_ptr().add(x0), lanes(ow - x0), m);
+        }
+    }
 }
 
 /// `phases` (`stride` runs of `phase_len`) gets phase `q` of `src`: `src[q + stride · j]`
@@ -487,6 +570,45 @@ mod tests {
                 v.iter().copied().fold(f32::NEG_INFINITY, f32::max)
             });
             assert_eq!(got, want, "{win:?}");
+        }
+    }
+
+    #[test]
+    fn max_pool_three_wide_at_column_stride_two_matches_naive() {
+        // The vector way's windows (3 wide, column stride 2, one column of padding on
+        // the left) over any rows; odd and even widths, rows past a vector's 16 outputs,
+        // NaNs that never win.
+        let mut rng = super::super::fresh_rng();
+        for case in 0..120 {
+            let kh = rng.random_range(1..=3);
+            let ph = rng.random_range(0..=kh / 2);
+            let in_hw = [rng.random_range(kh..30), rng.random_range(1..80)];
+            let sh = rng.random_range(1..=2);
+            let win = Window {
+                in_hw,
+                out_hw: [
+                    (in_hw[0] + 2 * ph - kh) / sh + 1,
+                    (in_hw[1] + 2 - 3) / 2 + 1,
+                ],
+                kernel: [kh, 3],
+                stride: [sh, 2],
+                pad_tl: [ph, 1],
+            };
+            let planes = rng.random_range(1..=4);
+            let mut x: Vec<f32> = (0..planes * in_hw[0] * in_hw[1])
+                .map(|_| rng.random_range(-5.0..5.0))
+                .collect();
+            if case % 4 == 0 {
+                let i = rng.random_range(0..x.len());
+                x[i] = f32::NAN;
+            }
+            let got = max_pool(&x, win);
+            let want = naive_window(&x, planes, win, [ph, 1], f32::NEG_INFINITY, |_, v| {
+                v.iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m })
+            });
+            assert_eq!(got, want, "case {case}: {win:?}");
         }
     }
 
