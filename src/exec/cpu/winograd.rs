@@ -1010,7 +1010,6 @@ unsafe fn input_transform_vec<V: Lanes>(
     to: Dest,
 ) {
     let lanes = V::N;
-    let (v, first_tile, ci, kc, v_xi) = (to.v, to.first_tile, to.ci, to.kc, to.v_xi());
     let Scratch {
         cols, tiles: buf, ..
     } = scratch;
@@ -1060,10 +1059,30 @@ unsafe fn input_transform_vec<V: Lanes>(
             }
         }
     }
-    // The range's tiles go to consecutive lanes of row ci from first_tile on, across
-    // panel ends.
-    let (skip, count) = (to.range[0] - ty0 * tw, to.range[1] - to.range[0]);
-    for xi in 0..XI {
+    store_tiles::<V>(bp, stride, to.range[0] - ty0 * tw, XI, to);
+}
+
+/// Copies a plane's transformed tiles (`xis` rows of `stride` floats at `bp`, the range's
+/// tiles from `skip` on in each) into the [`Dest`]'s panels: to consecutive lanes of row
+/// `ci` from `first_tile` on, across panel ends, and zeroes the last panel's lanes past
+/// them where these are the last tiles.
+///
+/// # Safety
+/// The CPU has `V`'s features; `bp` holds `xis` rows of `stride` floats, each with a
+/// vector's room past `skip` plus the range's tiles; as for [`input_transform`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn store_tiles<V: Lanes>(
+    bp: *const f32,
+    stride: usize,
+    skip: usize,
+    xis: usize,
+    to: Dest,
+) {
+    let lanes = V::N;
+    let (v, first_tile, ci, kc, v_xi) = (to.v, to.first_tile, to.ci, to.kc, to.v_xi());
+    let count = to.range[1] - to.range[0];
+    for xi in 0..xis {
         let src = bp.add(xi * stride + skip);
         let mut t = 0;
         while t < count {
@@ -1305,20 +1324,12 @@ unsafe fn output_transform_vec<V: Lanes>(b: Back, dst: OutPtr) {
                 let y0 = V::add(V::add(V::add(ra[0], ra[1]), ra[2]), bv);
                 let y1 = V::add(V::sub(V::sub(ra[1], ra[2]), ra[3]), bv);
                 // Output columns 2·x .. 2·x + 2·lanes: 2·tx from y0, 2·tx + 1 from y1.
-                for (k, mut v) in V::interleave(y0, y1).into_iter().enumerate() {
+                for (k, v) in V::interleave(y0, y1).into_iter().enumerate() {
                     let ox = 2 * x + lanes * k;
                     if ox >= end {
                         break;
                     }
-                    let (at, n) = (oy * w + ox, end - ox);
-                    match residual {
-                        Residual::InOut => v = V::add(V::load_first(dp.add(at), n), v),
-                        Residual::Apart(res) => {
-                            v = V::add(v, V::load_first(res.as_ptr().add(at), n));
-                        }
-                        Residual::None => {}
-                    }
-                    V::store_first(dp.add(at), v, n);
+                    store_row_part(dp, oy * w + ox, end - ox, v, residual);
                 }
             }
         }
@@ -1329,6 +1340,29 @@ unsafe fn output_transform_vec<V: Lanes>(b: Back, dst: OutPtr) {
             ));
         }
     }
+}
+
+/// `n` values of an output row from `at` (all of `v` from `n = N` up): `v`, plus the
+/// residual's values there, stored.
+///
+/// # Safety
+/// The CPU has `V`'s features; the plane at `dp` (and an apart residual) holds `at + n`
+/// values, and no other thread touches these.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn store_row_part<V: Lanes>(
+    dp: *mut f32,
+    at: usize,
+    n: usize,
+    mut v: V,
+    residual: Residual,
+) {
+    match residual {
+        Residual::InOut => v = V::add(V::load_first(dp.add(at), n), v),
+        Residual::Apart(res) => v = V::add(v, V::load_first(res.as_ptr().add(at), n)),
+        Residual::None => {}
+    }
+    V::store_first(dp.add(at), v, n);
 }
 
 /// [`output_transform_vec`] in AVX2 vectors of 8.

@@ -31,6 +31,8 @@ use super::gemm::{Isa, OutPtr, Residual, NR};
 #[cfg(target_arch = "x86_64")]
 use super::lanes::{Lanes, Ymm, Zmm};
 use super::winograd::{row_span, tile_rows, Algorithm, Back, Dest, Scratch, COLS};
+#[cfg(target_arch = "x86_64")]
+use super::winograd::{store_row_part, store_tiles};
 
 /// Elements of the transformed 6×6 grid: GEMMs per convolution.
 pub const XI4: usize = 36;
@@ -220,7 +222,6 @@ unsafe fn input_transform_vec<V: Lanes>(
     to: Dest,
 ) {
     let lanes = V::N;
-    let (v, first_tile, ci, kc, v_xi) = (to.v, to.first_tile, to.ci, to.kc, to.v_xi());
     let tw = Algorithm::F4.tiles(h, w).1;
     let [ty0, ty1] = tile_rows(to.range, tw);
     let th = ty1 - ty0;
@@ -286,26 +287,7 @@ unsafe fn input_transform_vec<V: Lanes>(
             }
         }
     }
-    let (skip, count) = (to.range[0] - ty0 * tw, to.range[1] - to.range[0]);
-    for xi in 0..XI4 {
-        let src = bp.add(xi * stride + skip);
-        let mut t = 0;
-        while t < count {
-            let (p, lane) = ((first_tile + t) / NR, (first_tile + t) % NR);
-            let n = (NR - lane).min(count - t);
-            let dst = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
-            for k in (0..n).step_by(lanes) {
-                V::store_first(dst.add(k), V::load(src.add(t + k)), n - k);
-            }
-            t += n;
-        }
-        if let Some((p, lane)) = to.tail() {
-            let dst = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
-            for k in (0..NR - lane).step_by(lanes) {
-                V::store_first(dst.add(k), V::zero(), NR - lane - k);
-            }
-        }
-    }
+    store_tiles::<V>(bp, stride, to.range[0] - ty0 * tw, XI4, to);
 }
 
 /// [`input_transform_vec`] in AVX2 vectors of 8.
@@ -425,20 +407,12 @@ unsafe fn output_transform_vec<V: Lanes>(b: Back, dst: OutPtr) {
                 let [q0, q1] = V::interleave(y1, y3);
                 let [o0, o1] = V::interleave(p0, q0);
                 let [o2, o3] = V::interleave(p1, q1);
-                for (k, mut v) in [o0, o1, o2, o3].into_iter().enumerate() {
+                for (k, v) in [o0, o1, o2, o3].into_iter().enumerate() {
                     let ox = 4 * x + lanes * k;
                     if ox >= end {
                         break;
                     }
-                    let (at, n) = (oy * w + ox, end - ox);
-                    match b.residual {
-                        Residual::InOut => v = V::add(V::load_first(dp.add(at), n), v),
-                        Residual::Apart(res) => {
-                            v = V::add(v, V::load_first(res.as_ptr().add(at), n));
-                        }
-                        Residual::None => {}
-                    }
-                    V::store_first(dp.add(at), v, n);
+                    store_row_part(dp, oy * w + ox, end - ox, v, b.residual);
                 }
             }
         }
