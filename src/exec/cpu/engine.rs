@@ -5140,7 +5140,7 @@ mod tests {
     /// and sends a dense one-sample 7 × 7 plan to the filters as lines; the default
     /// builds none for the first and keeps the packed filters for the second; Zen 5's
     /// builds them for the first by F(4×4, 3×3) (run by dense plans and gated ones
-    /// keeping at least 0.45 of the pairs) and keeps the packed filters for the second.
+    /// keeping at least 0.25 of the pairs) and keeps the packed filters for the second.
     /// All compute the same model as the reference executor, dense and gated.
     #[test]
     fn either_tuning_computes_what_the_reference_does() {

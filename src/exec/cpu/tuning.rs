@@ -16,7 +16,7 @@
 //! micro-kernel reaches 265 GFLOP/s on one thread, while the direct convolution at
 //! 56 × 56 stays at 73–75% of the two threads' peak, so Winograd pays there, as on the
 //! Intel Xeon; by F(4×4, 3×3), whose GEMMs do 0.56 of F(2×2, 3×3)'s multiply-adds, for
-//! dense plans and for gated ones that keep at least 0.45 of their channel pairs. At
+//! dense plans and for gated ones that keep at least 0.25 of their channel pairs. At
 //! 28 × 28, where a plane is four times fewer tiles and `U` four times the direct
 //! weights' bytes, F(4×4, 3×3) won dense on ResNet-18 and lost on ResNet-50 and gated;
 //! F(2×2, 3×3) stays there. The other machines have not run F(4×4, 3×3): their tunings
@@ -105,13 +105,18 @@ impl Tuning {
     /// 0.979 at budget 0.75; ResNet-50's `layer1` `conv2` layers 0.75–0.84. With it,
     /// gated plans from 0.45 of the pairs (`--tuning 56,0.45,0.85,56 --against
     /// 56,0.65,0.85,56`, budget 0.5): 0.980 and 1.004 at batch 1, 0.946 and 1.005 at batch
-    /// 8; ResNet-18's `layer1` layers 0.81–0.94. At 28 × 28 too (`--tuning
+    /// 8; ResNet-18's `layer1` layers 0.81–0.94. Once gated plans read their kept
+    /// columns of `U` from a compact copy rather than through a column map, from 0.25 of
+    /// the pairs (`--tuning zen5 --against 56,0.45,0.85,56`): ResNet-50 at budget 0.5
+    /// 0.988 and 1.010 at batch 1 (its `layer1` `conv2` layers, 0.32 of the pairs,
+    /// 0.78–0.79), 0.984 at batch 8; ResNet-18 0.998 and 0.982; at budget 0.25 1.004 and
+    /// 1.002. At 28 × 28 too (`--tuning
     /// 56,0.65,0.85,28 --against 56,0.65,0.85,56`): dense 0.982 and 1.017 at batch 1,
     /// 0.994 and 0.996 at batch 8; at budget 0.5 1.034 and 1.006, the gated 28 × 28
     /// layers 1.10–1.55 (their kept columns of `U` copied are 2.25× the bytes).
     pub const ZEN5: Tuning = Tuning {
         winograd_wide_width: 56,
-        winograd_wide_min_kept: 0.45,
+        winograd_wide_min_kept: 0.25,
         lines_max_kept: 0.85,
         winograd_f4_min_width: 56,
     };

@@ -42,7 +42,7 @@ use rayon::prelude::*;
 use super::gemm::{self, Epilogue, Isa, OutPtr, Residual, Tile, NR, PACK};
 #[cfg(target_arch = "x86_64")]
 use super::lanes::{Lanes, Ymm, Zmm};
-use super::pool::{line_aligned, BufferPool, Spare};
+use super::pool::{line_aligned, Buf, BufferPool, Spare};
 use crate::model::Act;
 
 /// Elements of the transformed 4×4 grid of F(2×2, 3×3): GEMMs per convolution.
@@ -343,19 +343,13 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     let blocks = panels.div_ceil(per_block);
     // A: U[ξ], with only the kept input channels' columns when some are dropped; of
     // those, only the packed blocks that kept rows lie in.
-    let one = job.weights.one();
-    let (src_len, dst_len) = (PACK * job.weights.cin, PACK * kc);
+    let dst_len = PACK * kc;
     let dropped = kc < job.weights.cin;
     // A dense plan reads U in place and needs no list.
-    let mut a_blocks: Vec<usize> = Vec::new();
-    if dropped {
-        a_blocks.extend(rows.iter().map(|r| r / PACK));
-        a_blocks.dedup();
-    }
-    // Block b of U[ξ], its kept columns, into `to`.
-    let copy_block = |xi: usize, b: usize, to: &mut [f32]| {
-        let src = &job.weights.u[xi * one + b * src_len..][..src_len];
-        gemm::pack_a_channels(src, job.weights.cin, chans, 1, to);
+    let a_blocks = if dropped {
+        kept_blocks(rows)
+    } else {
+        Vec::new()
     };
     // With one task per ξ, each copies its ξ's kept columns just before its GEMMs, so
     // that they stay in the cache of the core that reads them, rather than every (ξ,
@@ -371,22 +365,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     } else if local {
         (&[][..], kc)
     } else {
-        let per = gemm::packed_a_len(job.weights.rows, kc);
-        let a = a_buf.insert(pool.take_dirty(xis * per));
-        let ap = OutPtr(a.as_mut_ptr());
-        let copy = |(xi, b): (usize, usize)| {
-            // SAFETY: each (ξ, block) pair writes its own block of the compact A.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(ap.get().add(xi * per + b * dst_len), dst_len)
-            };
-            copy_block(xi, b, dst);
-        };
-        let work = (0..xis).flat_map(|xi| a_blocks.iter().map(move |&b| (xi, b)));
-        if job.serial {
-            work.for_each(copy);
-        } else {
-            work.collect::<Vec<_>>().into_par_iter().for_each(copy);
-        }
+        let a = a_buf.insert(compact_u(job.weights, chans, &a_blocks, job.serial, pool));
         (&a[..], kc)
     };
     let a_one = gemm::packed_a_len(job.weights.rows, ka);
@@ -414,7 +393,8 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
                 Some(sp) => {
                     let a = line_aligned(sp, a_one);
                     for &b in &a_blocks {
-                        copy_block(xi, b, &mut a[b * dst_len..(b + 1) * dst_len]);
+                        let to = &mut a[b * dst_len..(b + 1) * dst_len];
+                        copy_u_block(job.weights, chans, xi, b, to);
                     }
                     &*a
                 }
@@ -485,6 +465,51 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     }
 }
 
+/// The packed blocks of A that kept rows `rows` (strictly ascending) lie in.
+fn kept_blocks(rows: &[usize]) -> Vec<usize> {
+    let mut blocks: Vec<usize> = rows.iter().map(|r| r / PACK).collect();
+    blocks.dedup();
+    blocks
+}
+
+/// Block `b` of `U[ξ]`, its columns `chans` only, into `to` (`PACK · chans.len()`
+/// floats).
+fn copy_u_block(w: &WinogradWeights, chans: &[usize], xi: usize, b: usize, to: &mut [f32]) {
+    let src_len = PACK * w.cin;
+    let src = &w.u[xi * w.one() + b * src_len..][..src_len];
+    gemm::pack_a_channels(src, w.cin, chans, 1, to);
+}
+
+/// Every `U[ξ]` with its columns `chans` only: a compact A of `packed_a_len(rows,
+/// chans.len())` floats per ξ, of which only `blocks` (those kept rows lie in) are
+/// written; copied over the pool's threads unless `serial`.
+fn compact_u(
+    w: &WinogradWeights,
+    chans: &[usize],
+    blocks: &[usize],
+    serial: bool,
+    pool: &BufferPool,
+) -> Buf {
+    let per = gemm::packed_a_len(w.rows, chans.len());
+    let dst_len = PACK * chans.len();
+    let mut a = pool.take_dirty(w.algo.xi() * per);
+    let ap = OutPtr(a.as_mut_ptr());
+    let copy = |(xi, b): (usize, usize)| {
+        // SAFETY: each (ξ, block) pair writes its own block of the compact A.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(ap.get().add(xi * per + b * dst_len), dst_len)
+        };
+        copy_u_block(w, chans, xi, b, dst);
+    };
+    let work = (0..w.algo.xi()).flat_map(|xi| blocks.iter().map(move |&b| (xi, b)));
+    if serial {
+        work.for_each(copy);
+    } else {
+        work.collect::<Vec<_>>().into_par_iter().for_each(copy);
+    }
+    a
+}
+
 /// Whether a plan of `batch` samples over planes of `hw` outputs that transforms `kc`
 /// input channels into `nr` output channels runs band by band ([`conv_bands`]): where
 /// `V` and `M` together (`tiles · (kc + nr)` per ξ) are at least as big as `U[ξ]`
@@ -506,8 +531,8 @@ fn in_bands(algo: Algorithm, hw: [usize; 2], batch: usize, kc: usize, nr: usize)
 }
 
 /// [`conv`] band by band: `chans` are the input channels transformed (their columns of
-/// each `U[ξ]` read in place, through a column map where some are left out), `rows` the
-/// output channels computed. A band is at most one panel of tiles ([`NR`],
+/// each `U[ξ]` read in place, or copied up front into a compact A where some are left
+/// out), `rows` the output channels computed. A band is at most one panel of tiles ([`NR`],
 /// the batch's tiles cut into as few bands as that allows, as even as can be). Each
 /// thread takes a fixed share of the (band, rows) units in order, transforms its bands'
 /// inputs, runs the 16 GEMMs on them and transforms its rows' results back, with `V` and
@@ -517,9 +542,12 @@ fn in_bands(algo: Algorithm, hw: [usize; 2], batch: usize, kc: usize, nr: usize)
 /// this was measured on apart (a value written by one core took about 3× as long to
 /// read on the other), ResNet-18's 28 × 28 Winograd layers took 0.79–0.83 of their time
 /// this way at batch 1, 0.83–0.89 at batch 8; in its other state 0.96–1.06. Gated, its
-/// 28 × 28 `conv2` layers at budget 0.5 (kept inputs through the column map, where they
-/// had copied their kept columns of `U`) 0.93–0.99 in the other state, whole passes
-/// 0.964 in a slow stretch and 0.97–1.00 otherwise.
+/// 28 × 28 `conv2` layers at budget 0.5 (kept inputs through a column map, where they
+/// had copied their kept columns of `U` per task) 0.93–0.99 in the other state, whole
+/// passes 0.964 in a slow stretch and 0.97–1.00 otherwise. The kept columns copied once
+/// up front for all bands, against the column map (Zen 5, in-process pairs at budget
+/// 0.5, batch 1, a throwaway switch): ResNet-18's and ResNet-50's gated 28 × 28 `conv2`
+/// layers 0.83–0.94 of their time, passes 0.977 and 0.983.
 fn conv_bands(
     job: &Job,
     pool: &BufferPool,
@@ -541,7 +569,6 @@ fn conv_bands(
     let (in_len, out_len) = (job.weights.cin * h * w, job.weights.rows * h * w);
     let mr = job.isa.mr();
     let row_blocks = nr.div_ceil(mr);
-    let one = job.weights.one();
     let ep_zeros = vec![0f32; nr.max(PACK)];
     let ep = Epilogue {
         bias: &ep_zeros,
@@ -550,6 +577,16 @@ fn conv_bands(
     };
     let every: Vec<usize> = (0..nr.max(NR)).collect();
     let op = OutPtr(out.as_mut_ptr());
+    // With input channels left out, their columns of U copied once, up front, into a
+    // compact A that the GEMMs read without a column map (a map in the micro-kernel's
+    // inner loop costs it about 1.6× its time, see `engine`'s compact A).
+    let compact = (kc < job.weights.cin)
+        .then(|| compact_u(job.weights, chans, &kept_blocks(rows), job.serial, pool));
+    let (u_all, ka) = match &compact {
+        Some(a) => (&a[..], kc),
+        None => (&job.weights.u[..], job.weights.cin),
+    };
+    let a_one = gemm::packed_a_len(job.weights.rows, ka);
     // Thread i of n: each band's rows in `parts` parts (blocks of mr rows), so that the
     // threads get equal shares of the (band, part) units; thread i takes units
     // [i · units / n, (i + 1) · units / n), in order.
@@ -614,13 +651,13 @@ fn conv_bands(
             let (arows, crows) = (&rows[prows.clone()], &every[..prows.len()]);
             let mp = OutPtr(m.as_mut_ptr());
             for xi in 0..xis {
-                let a = &job.weights.u[xi * one..(xi + 1) * one];
+                let a = &u_all[xi * a_one..(xi + 1) * a_one];
                 for (arows, crow) in arows.chunks(mr).zip(crows.chunks(mr)) {
                     let tile = Tile {
                         a,
-                        ka: job.weights.cin,
+                        ka,
                         arows,
-                        kmap: (kc < job.weights.cin).then_some(chans),
+                        kmap: None,
                         boff: None,
                         k: kc,
                         rows: crow,
@@ -663,6 +700,9 @@ fn conv_bands(
         share(0, 1);
     } else {
         super::workers::for_each_share(share);
+    }
+    if let Some(a) = compact {
+        pool.give(a);
     }
 }
 
