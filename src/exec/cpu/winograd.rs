@@ -297,7 +297,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     if nr == 0 {
         return;
     }
-    if job.bands && in_bands(algo, job.hw, job.batch, kc, nr) {
+    if job.bands && in_bands(job.hw, job.batch, kc, nr) {
         let kept = kept.as_deref();
         return conv_bands(job, pool, out, [chans, rows], kept, &zeros);
     }
@@ -524,8 +524,7 @@ fn compact_u(
 /// their output where the next 1×1 layer read it from the other core (those took
 /// 1.16× their time); by bands the 3×3 layers themselves took 0.77–0.79 of F(2×2,
 /// 3×3)'s time against 0.75–0.90 shared out.
-fn in_bands(algo: Algorithm, hw: [usize; 2], batch: usize, kc: usize, nr: usize) -> bool {
-    let _ = algo;
+fn in_bands(hw: [usize; 2], batch: usize, kc: usize, nr: usize) -> bool {
     let (th, tw) = Algorithm::F2.tiles(hw[0], hw[1]);
     batch * th * tw * (kc + nr) >= kc * nr
 }
@@ -535,7 +534,7 @@ fn in_bands(algo: Algorithm, hw: [usize; 2], batch: usize, kc: usize, nr: usize)
 /// out), `rows` the output channels computed. A band is at most one panel of tiles ([`NR`],
 /// the batch's tiles cut into as few bands as that allows, as even as can be). Each
 /// thread takes a fixed share of the (band, rows) units in order, transforms its bands'
-/// inputs, runs the 16 GEMMs on them and transforms its rows' results back, with `V` and
+/// inputs, runs the GEMMs (one per ξ) on them and transforms its rows' results back, with `V` and
 /// `M` in buffers the size of one band: no value of `V` or `M` is read on another core
 /// than the one that wrote it, and with two threads each writes the same rows of the
 /// output planes layer after layer. When the host placed the two vCPUs of the machine
@@ -1979,7 +1978,7 @@ mod tests {
             let kept_r: Vec<usize> = rows.clone().unwrap_or_else(|| (0..cout).collect());
             let kc = if zero_dropped { cin } else { kept_c.len() };
             assert!(
-                in_bands(algo, hw, batch, kc, kept_r.len()),
+                in_bands(hw, batch, kc, kept_r.len()),
                 "case {case}: not by bands"
             );
             let layer = d.layer(hw, cin, cout);
