@@ -455,6 +455,13 @@ const LOCAL_A_BYTES: usize = 1 << 20;
 /// per task, ResNet-50's 1×1 layers at 14×14 (seven panels) took 1.13×.
 const LOCAL_A_FEW_PANELS_BYTES: usize = 128 << 10;
 
+/// Weights (bytes) up to which a plan's compact copy of its kept columns runs on the
+/// calling thread: a parallel loop over two or three blocks of A costs more than the
+/// copy. MobileNetV2's and EfficientNet-Lite0's gated layers at budget 0.5, batch 1
+/// (in-process pairs, 2 threads, three runs): passes 0.983–1.002 and 0.980–0.993 of their
+/// time, the ResNets 0.993–0.995; batch 8 0.996–1.000. Up to 128 KiB: 1.003 and 1.008.
+const SERIAL_COPY_BYTES: usize = 32 << 10;
+
 /// Rows and K (both) from which an AVX2 1×1 stride-1 layer over small planes that are
 /// not a whole number of 64-byte lines (7×7) packs its panels instead of reading them in
 /// place, and K from which an AVX-512 one over 14×14 planes does (see `conv_gemm_into`).
@@ -1501,7 +1508,7 @@ impl EngineExecutor {
             // EfficientNet-Lite0 at budget 0.5, gated time against dense went from 0.80
             // to 0.66 and 0.94 to 0.74 (medians of six in-process pairs); the ResNets'
             // passes did not change (0.64 → 0.62, 0.67 → 0.67).
-            if serial {
+            if serial || std::mem::size_of_val(weight) <= SERIAL_COPY_BYTES {
                 gemm::pack_a_channels(weight, lda, c, taps, &mut a);
             } else {
                 // (`max(1)`: without K the blocks are empty.)
