@@ -59,11 +59,11 @@ fn parse_tuning(s: &str) -> Result<Tuning, Box<dyn std::error::Error>> {
         "zen5" => Tuning::ZEN5,
         "default" => Tuning::DEFAULT,
         _ => match s.split(',').collect::<Vec<_>>()[..] {
-            [w, k, l] | [w, k, l, _] => Tuning {
+            [w, k, l, ref f4 @ ..] if f4.len() <= 1 => Tuning {
                 winograd_wide_width: w.parse()?,
                 winograd_wide_min_kept: k.parse()?,
                 lines_max_kept: l.parse()?,
-                winograd_f4_min_width: match s.split(',').nth(3) {
+                winograd_f4_min_width: match f4.first() {
                     Some(f) => f.parse()?,
                     None => usize::MAX,
                 },
