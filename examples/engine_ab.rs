@@ -24,20 +24,22 @@
 //! row; without:
 //! `EngineExecutor::without_rows_major`); `nothing` is a control, two
 //! engines alike.
-//! `--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH]` sets the tuning of both
-//! engines (the fields of `Tuning`: `winograd_wide_width`, `winograd_wide_min_kept`,
-//! `lines_max_kept`, `winograd_f4_min_width`); by default `Tuning::detect()`. With
-//! `--without tuning` only the engine measured "with" takes it, the other
-//! `Tuning::DEFAULT` or the tuning given by `--against`: `--tuning intel --without
-//! tuning` weighs the Intel choices against the default ones on any CPU, `--tuning zen5
-//! --without tuning --against 56,0.65,0.85` Zen 5's with and without F(4×4, 3×3).
+//! `--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB]]` sets the
+//! tuning of both engines (the fields of `Tuning`: `winograd_wide_width`,
+//! `winograd_wide_min_kept`, `lines_max_kept`, `winograd_f4_min_width` (`none` or left
+//! out: no layer), `depthwise_strip_bytes` in KiB (left out: the default tuning's)); by
+//! default `Tuning::detect()`. With `--without tuning` only the engine measured "with"
+//! takes it, the other `Tuning::DEFAULT` or the tuning given by `--against`: `--tuning
+//! intel --without tuning` weighs the Intel choices against the default ones on any CPU,
+//! `--tuning zen5 --without tuning --against 56,0.25,0.85,none,128` Zen 5's with and
+//! without F(4×4, 3×3).
 //! `--tiles R` runs spatial gates keeping the share R of each layer's tiles (every
 //! channel), instead of `--budget`.
 //!
 //! With `--layers`, also each layer's median time both ways (where they differ by more
 //! than 2%).
 //!
-//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|thread-choice|transposed|rows-major|nothing] [--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH]] [--against TUNING] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
+//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|thread-choice|transposed|rows-major|nothing] [--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB]]] [--against TUNING] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
 
 use std::time::Instant;
 
@@ -51,26 +53,32 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// `intel`, `zen5`, `default`, or `WIDTH,MIN_KEPT,LINES[,F4_WIDTH]` for the fields of
-/// [`Tuning`] (without `F4_WIDTH`, no layer runs by F(4×4, 3×3)).
+/// `intel`, `zen5`, `default`, or `WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB]]` for the
+/// fields of [`Tuning`] (with `F4_WIDTH` left out or `none`, no layer runs by F(4×4,
+/// 3×3); without `STRIP_KIB`, the default tuning's depthwise strips).
 fn parse_tuning(s: &str) -> Result<Tuning, Box<dyn std::error::Error>> {
     Ok(match s {
         "intel" => Tuning::INTEL,
         "zen5" => Tuning::ZEN5,
         "default" => Tuning::DEFAULT,
         _ => match s.split(',').collect::<Vec<_>>()[..] {
-            [w, k, l, ref f4 @ ..] if f4.len() <= 1 => Tuning {
+            [w, k, l, ref rest @ ..] if rest.len() <= 2 => Tuning {
                 winograd_wide_width: w.parse()?,
                 winograd_wide_min_kept: k.parse()?,
                 lines_max_kept: l.parse()?,
-                winograd_f4_min_width: match f4.first() {
+                winograd_f4_min_width: match rest.first() {
+                    Some(&"none") | None => usize::MAX,
                     Some(f) => f.parse()?,
-                    None => usize::MAX,
+                },
+                depthwise_strip_bytes: match rest.get(1) {
+                    Some(kib) => kib.parse::<usize>()? << 10,
+                    None => Tuning::DEFAULT.depthwise_strip_bytes,
                 },
             },
             _ => {
                 return Err(
-                    "--tuning takes intel, zen5, default or WIDTH,MIN_KEPT,LINES[,F4_WIDTH]".into(),
+                    "--tuning takes intel, zen5, default or WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB]]"
+                        .into(),
                 )
             }
         },

@@ -28,12 +28,25 @@ use crate::model::Act;
 /// 0.72 at 512 KiB, 0.81 at 1 MiB.
 pub const BAND_BYTES: usize = 512 << 10;
 
-/// Expanded values per sample (bytes) from which a pair runs in bands: the 112 × 112
-/// stage (MobileNetV2 and EfficientNet-Lite0: 96 channels, 4.8 MB). At 56 × 56 (144
-/// channels, 1.8 MB, which L3 holds between the layers) bands measured 0.89–0.95 of the
-/// time for a 3×3 window and 1.34 for EfficientNet-Lite0's 5×5, stride 2; at 112 × 112,
-/// 0.47 (MobileNetV2's second block).
-pub const MIN_EXPANDED_BYTES: usize = 2 << 20;
+/// Expanded values per sample (bytes) from which a pair whose depthwise layer has the
+/// window `win` runs in bands: the 112 × 112 stage (MobileNetV2 and EfficientNet-Lite0:
+/// 96 channels, 4.8 MB; 0.47 of the time for MobileNetV2's second block), and from the
+/// 56 × 56 stage (144 channels, 1.8 MB, which L3 holds between the layers) a 3×3 window
+/// of stride 1. There, on the Zen 5 EPYC (one engine each way, in-process pairs, 2
+/// threads; 200 at batch 1, 40 at batch 8), MobileNetV2's `features.3` pair took 0.65 and
+/// 0.87 of its time in two runs and EfficientNet-Lite0's `_blocks.2` 0.66 and 0.84;
+/// passes 0.982 (MobileNetV2) and 0.973 (Lite0) at batch 1, 0.991 and 0.989 at batch 8,
+/// 0.983 and 0.991 at budget 0.5. Not with stride 2 (MobileNetV2's `features.4`, 0.89
+/// of the pair's time but passes 0.988 and 1.014 at batch 1 and 8), nor a 5×5 window of
+/// stride 2 (Lite0, 1.34 on an earlier machine), nor at 28 × 28 (MobileNetV2's 192
+/// channels, 0.60 MB: the pairs unchanged, 0.052 against 0.052 ms).
+pub fn min_expanded_bytes(win: &Window) -> usize {
+    if win.kernel == [3, 3] && win.stride == [1, 1] {
+        1 << 20
+    } else {
+        2 << 20
+    }
+}
 
 /// The bands of one expansion–depthwise pair, worked out when the model is loaded.
 pub struct Bands {
@@ -86,8 +99,9 @@ pub struct Depthwise<'a> {
 impl Bands {
     /// Bands for an expansion of `k` input channels to `chans` channels read by a
     /// depthwise layer of window `win`, each holding at most `bytes` of expanded rows (at
-    /// least one output row; [`BAND_BYTES`] in the engine).
-    pub fn holding(chans: usize, k: usize, win: Window, bytes: usize) -> Bands {
+    /// least one output row; [`BAND_BYTES`] in the engine), its depthwise planes in
+    /// strips of `strip_bytes` (`Tuning::depthwise_strip_bytes`).
+    pub fn holding(chans: usize, k: usize, win: Window, bytes: usize, strip_bytes: usize) -> Bands {
         let [h, w] = win.in_hw;
         let [oh, _] = win.out_hw;
         let (kh, sy, pad) = (win.kernel[0], win.stride[0], win.pad_tl[0]);
@@ -106,12 +120,15 @@ impl Bands {
                 let last = ((y1 - 1) * sy + kh).saturating_sub(pad).min(h);
                 // Input row `first` is the band's row 0: output row y0 reads rows from
                 // y0 · sy − pad, which lies `pad + first − y0 · sy` rows above it.
-                let plan = Plan::new(Window {
-                    in_hw: [last - first, w],
-                    out_hw: [y1 - y0, win.out_hw[1]],
-                    pad_tl: [pad + first - y0 * sy, win.pad_tl[1]],
-                    ..win
-                });
+                let plan = Plan::new(
+                    Window {
+                        in_hw: [last - first, w],
+                        out_hw: [y1 - y0, win.out_hw[1]],
+                        pad_tl: [pad + first - y0 * sy, win.pad_tl[1]],
+                        ..win
+                    },
+                    strip_bytes,
+                );
                 Band {
                     out: y0..y1,
                     rows: first..last,
@@ -442,7 +459,9 @@ mod tests {
             // From one output row per band to all of them in one.
             let row_bytes = chans * w * 4;
             let bytes = row_bytes * rng.random_range(1..2 * h + 2);
-            let bands = Bands::holding(chans, k, win, bytes);
+            // Depthwise strips of one output row up to whole bands.
+            let strip = [1 << 10, 16 << 10, 128 << 10][rng.random_range(0..3)];
+            let bands = Bands::holding(chans, k, win, bytes, strip);
             let batch = rng.random_range(1..=3);
             let x = values(&mut rng, batch * k * h * w);
             let weight = values(&mut rng, chans * k);

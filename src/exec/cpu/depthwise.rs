@@ -37,17 +37,26 @@ pub struct Plan {
     /// (`depthwise_lanes`); `None`: plane by plane.
     #[cfg(target_arch = "x86_64")]
     lanes: Option<depthwise_lanes::Width>,
+    /// What a strip of planes in lanes holds at most (see `depthwise_lanes::strip_rows`).
+    #[cfg(target_arch = "x86_64")]
+    strip_bytes: usize,
 }
 
 impl Plan {
-    /// The plan for `win` on the fastest kernels this CPU runs.
-    pub fn new(win: Window) -> Plan {
-        Plan::with_lanes(win, Path::best(), true)
+    /// The plan for `win` on the fastest kernels this CPU runs; planes in lanes go in
+    /// strips of at most `strip_bytes` (the tuning's `depthwise_strip_bytes`).
+    pub fn new(win: Window, strip_bytes: usize) -> Plan {
+        Plan::with_lanes(win, Path::best(), true, strip_bytes)
     }
 
     #[cfg(test)]
     fn with_path(win: Window, path: Path) -> Plan {
-        Plan::with_lanes(win, path, false)
+        Plan::with_lanes(
+            win,
+            path,
+            false,
+            super::Tuning::DEFAULT.depthwise_strip_bytes,
+        )
     }
 
     /// The plan on `path`, its planes eight or sixteen at a time when `grouped`, the CPU
@@ -57,11 +66,12 @@ impl Plan {
     /// plane by plane, one thread, whole planes in one buffer: 3×3 at 7×7 0.63 (960
     /// channels), 14×14 0.61 (576), 28×28 0.62 (192); stride 2, 14 → 7 0.58, 28 → 14
     /// 0.46, 56 → 28 0.63; 5×5 at 7×7 0.55, 14×14 0.60, 28×28 0.60, stride 2 14 → 7
-    /// 0.58, 56 → 28 0.60 (larger planes: `depthwise_lanes::STRIP_BYTES`). Whole passes
+    /// 0.58, 56 → 28 0.60 (larger planes: `Tuning::depthwise_strip_bytes`). Whole passes
     /// (2 threads, in-process pairs, every such layer in lanes against none):
     /// MobileNetV2 0.957 of the time at batch 1, 0.958 at batch 8; EfficientNet-Lite0
     /// 0.947 and 0.947.
-    fn with_lanes(win: Window, path: Path, grouped: bool) -> Plan {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn with_lanes(win: Window, path: Path, grouped: bool, strip_bytes: usize) -> Plan {
         // The masked kernels' vector width.
         #[cfg(target_arch = "x86_64")]
         let lanes = match path {
@@ -92,6 +102,8 @@ impl Plan {
             pitch,
             #[cfg(target_arch = "x86_64")]
             lanes: lanes_width(path).filter(|_| grouped && depthwise_lanes::supports(&win)),
+            #[cfg(target_arch = "x86_64")]
+            strip_bytes,
         }
     }
 
@@ -138,7 +150,9 @@ impl Plan {
                 // `depthwise_lanes` supports; every plane's slices hold a whole plane
                 // (asserted above), the stored lanes' outputs are distinct `&mut` slices,
                 // and the rows are the window's.
-                unsafe { depthwise_lanes::group(width, &win, &g, act, 0..win.out_hw[0], scratch) };
+                let rows = 0..win.out_hw[0];
+                let strip = depthwise_lanes::strip_rows(&win, width.lanes(), self.strip_bytes);
+                unsafe { depthwise_lanes::group(width, &win, &g, act, rows, strip, scratch) };
             }
             return;
         }
@@ -345,7 +359,7 @@ fn planes_in_lanes(plan: &Plan, width: depthwise_lanes::Width, job: &Job, out: &
     // when the groups already shared out evenly (dense: four), 1.02.
     let groups = count.div_ceil(lanes);
     let [oh, _] = win.out_hw;
-    let strip = depthwise_lanes::strip_rows(&win, lanes);
+    let strip = depthwise_lanes::strip_rows(&win, lanes, plan.strip_bytes);
     let strips = oh.div_ceil(strip);
     let threads = rayon::current_num_threads();
     let even = groups >= threads && groups.is_multiple_of(threads);
@@ -386,7 +400,7 @@ fn planes_in_lanes(plan: &Plan, width: depthwise_lanes::Width, job: &Job, out: &
             // `total`, so each pointer starts a whole plane of its buffer; the groups
             // share out distinct indices, so no two lanes write the same plane, and the
             // parts of one group distinct rows inside `0..oh`.
-            unsafe { depthwise_lanes::group(width, &win, &g, job.act, rows, scratch) };
+            unsafe { depthwise_lanes::group(width, &win, &g, job.act, rows, strip, scratch) };
         });
 }
 
@@ -840,7 +854,7 @@ mod tests {
             .map(|p| Plan::with_path(win, p))
             .collect();
         if paths().contains(&Path::Avx2) {
-            let plan = Plan::with_lanes(win, Path::Avx2, true);
+            let plan = Plan::with_lanes(win, Path::Avx2, true, 64 << 10);
             if grouped(&plan) {
                 plans.push(plan);
             }
@@ -891,7 +905,7 @@ mod tests {
                 stride: [1, 1],
                 pad_tl,
             };
-            assert!(!grouped(&Plan::with_lanes(win, path, true)));
+            assert!(!grouped(&Plan::with_lanes(win, path, true, 64 << 10)));
         }
         let mut rng = super::super::fresh_rng();
         for case in 0..300 {
@@ -916,7 +930,9 @@ mod tests {
                 stride: [s, s],
                 pad_tl,
             };
-            let plan = Plan::with_lanes(win, path, true);
+            // Strips of one output row up to whole planes.
+            let strip = [1 << 10, 64 << 10, 128 << 10, 1 << 20][rng.random_range(0..4)];
+            let plan = Plan::with_lanes(win, path, true, strip);
             assert!(grouped(&plan), "{win:?}");
             // Up to 37 channels: groups of 16 end mid-sample and the last is partial too.
             let (n, c) = (rng.random_range(1..=3), rng.random_range(1..=37));
@@ -991,7 +1007,9 @@ mod tests {
                 stride: [s, s],
                 pad_tl: [pad[0], pad[1]],
             };
-            let plan = Plan::with_lanes(win, path, true);
+            // Strips of one output row up to whole planes.
+            let strip = [1 << 10, 64 << 10, 128 << 10, 1 << 20][rng.random_range(0..4)];
+            let plan = Plan::with_lanes(win, path, true, strip);
             let c = rng.random_range(1..=19);
             let (inp, outp) = (in_hw[0] * in_hw[1], win.out_hw[0] * win.out_hw[1]);
             let mut r = |len: usize| {

@@ -9,7 +9,7 @@
 //! one multiply-add with that tap's weights, at any stride and with no edge cases, and
 //! the outputs are transposed back into their planes with the epilogue (residual,
 //! activation, shift). Large planes go in strips of output rows, so that a strip's
-//! buffers stay in L2 ([`STRIP_BYTES`]). Counted in instructions, the transposes of a
+//! buffers stay in L2 ([`strip_rows`]). Counted in instructions, the transposes of a
 //! 3×3 layer are about as many as its multiply-adds; on small planes the plane-by-plane
 //! kernels' edges cost more (measured at `depthwise::Plan::with_lanes`). Sixteen lanes
 //! halve the multiply-adds and loads per output, and a 16 × 16 transpose takes 4
@@ -70,7 +70,8 @@ pub fn supports(win: &Window) -> bool {
 }
 
 /// Convolves output rows `rows` of one group of planes of `win` (which [`supports`]
-/// accepts) on kernels of `width`; `scratch` is the caller's reusable buffer.
+/// accepts) on kernels of `width`, `strip` output rows at a time ([`strip_rows`]);
+/// `scratch` is the caller's reusable buffer.
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA, and AVX-512F for [`Width::Sixteen`]; each of the
@@ -83,12 +84,14 @@ pub unsafe fn group(
     g: &Group,
     act: Act,
     rows: Range<usize>,
+    strip: usize,
     scratch: &mut Vec<f32>,
 ) {
     debug_assert!((1..=width.lanes()).contains(&g.n));
+    let strip = strip.max(1);
     match width {
-        Width::Eight => group_avx2(win, g, act, rows, scratch),
-        Width::Sixteen => group_avx512(win, g, act, rows, scratch),
+        Width::Eight => group_avx2(win, g, act, rows, strip, scratch),
+        Width::Sixteen => group_avx512(win, g, act, rows, strip, scratch),
     }
 }
 
@@ -98,9 +101,10 @@ unsafe fn group_avx2(
     g: &Group,
     act: Act,
     rows: Range<usize>,
+    strip: usize,
     scratch: &mut Vec<f32>,
 ) {
-    by_window::<Ymm>(win, g, act, rows, scratch)
+    by_window::<Ymm>(win, g, act, rows, strip, scratch)
 }
 
 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -109,9 +113,10 @@ unsafe fn group_avx512(
     g: &Group,
     act: Act,
     rows: Range<usize>,
+    strip: usize,
     scratch: &mut Vec<f32>,
 ) {
-    by_window::<Zmm>(win, g, act, rows, scratch)
+    by_window::<Zmm>(win, g, act, rows, strip, scratch)
 }
 
 /// [`run`] for the window's kernel size and stride.
@@ -121,13 +126,14 @@ unsafe fn by_window<V: Lanes>(
     g: &Group,
     act: Act,
     rows: Range<usize>,
+    strip: usize,
     scratch: &mut Vec<f32>,
 ) {
     match (win.kernel[0], win.stride[0]) {
-        (3, 1) => run::<V, 3, 1>(win, g, act, rows, scratch),
-        (3, _) => run::<V, 3, 2>(win, g, act, rows, scratch),
-        (_, 1) => run::<V, 5, 1>(win, g, act, rows, scratch),
-        _ => run::<V, 5, 2>(win, g, act, rows, scratch),
+        (3, 1) => run::<V, 3, 1>(win, g, act, rows, strip, scratch),
+        (3, _) => run::<V, 3, 2>(win, g, act, rows, strip, scratch),
+        (_, 1) => run::<V, 5, 1>(win, g, act, rows, strip, scratch),
+        _ => run::<V, 5, 2>(win, g, act, rows, strip, scratch),
     }
 }
 
@@ -153,6 +159,7 @@ unsafe fn run<V: Lanes, const K: usize, const S: usize>(
     g: &Group,
     act: Act,
     rows: Range<usize>,
+    strip: usize,
     scratch: &mut Vec<f32>,
 ) {
     let ([ih, iw], [oh, ow], [pt, pl]) = (win.in_hw, win.out_hw, win.pad_tl);
@@ -163,7 +170,6 @@ unsafe fn run<V: Lanes, const K: usize, const S: usize>(
     // The padded width the windows reach; input columns past it are never read.
     let pw = (ow - 1) * S + K;
     let lanes = V::N;
-    let strip = strip_rows(win, lanes);
     let (in_len, out_len) = (
         ((strip - 1) * S + K) * pw * lanes,
         (strip * ow).next_multiple_of(lanes) * lanes,
@@ -283,24 +289,11 @@ unsafe fn run<V: Lanes, const K: usize, const S: usize>(
     }
 }
 
-/// Bytes a strip's buffer (its interleaved padded input rows and outputs) is kept
-/// within (measured with eight lanes; sixteen take half the rows per strip): a group of
-/// whole planes over 56×56 or more would leave L2 (207 KiB at 56×56, 0.8 MB at
-/// 112×112), and with whole planes on two threads the plane-by-plane kernels
-/// had won at 112×112 (below) and tied or won at 56×56 in whole passes (MobileNetV2
-/// 1.00, EfficientNet-Lite0 1.07 of the time).
-/// One-layer models, in-process pairs (100), the layer's time in lanes against plane by
-/// plane, one / two threads, with strips of 16, 32 and 64 KiB and whole planes: 3×3 at
-/// 56×56 (144 channels) 0.90 / 0.91, 0.81 / 0.87, 0.82 / 0.95, 0.81 / 0.90; at 112×112
-/// (32) 1.24 / 1.17, 0.98 / 0.97, 0.92 / 0.90, 0.99 / 1.23; stride 2 112 → 56 (96)
-/// 0.85 / 0.83, 0.80 / 0.82, 0.78 / 0.81, 0.84 / 1.18; 28×28 (192, one strip from 64
-/// KiB) 0.61 / 0.69, 0.66 / 0.71, 0.59 / 0.64, 0.64 / 0.74. Smaller strips pay for the
-/// rows their windows share with the next strip.
-const STRIP_BYTES: usize = 64 << 10;
-
 /// Output rows per strip of `win` in groups of `lanes` planes: as many as keep a
-/// strip's buffer within [`STRIP_BYTES`], at least one.
-pub fn strip_rows(win: &Window, lanes: usize) -> usize {
+/// strip's buffer (its interleaved padded input rows and outputs) within `strip_bytes`,
+/// at least one. Smaller strips pay for the rows their windows share with the next
+/// strip; a group of whole large planes leaves L2 (see `Tuning::depthwise_strip_bytes`).
+pub fn strip_rows(win: &Window, lanes: usize, strip_bytes: usize) -> usize {
     let [oh, ow] = win.out_hw;
     let pw = (ow.max(1) - 1) * win.stride[1] + win.kernel[1];
     // Per output row: `stride` padded input rows and the row's outputs; plus the
@@ -308,7 +301,7 @@ pub fn strip_rows(win: &Window, lanes: usize) -> usize {
     let bytes = |rows: usize| rows * lanes * std::mem::size_of::<f32>();
     let row = bytes(win.stride[0] * pw + ow);
     let extra = bytes(win.kernel[0].saturating_sub(win.stride[0]) * pw);
-    (STRIP_BYTES.saturating_sub(extra) / row).clamp(1, oh.max(1))
+    (strip_bytes.saturating_sub(extra) / row).clamp(1, oh.max(1))
 }
 
 /// Transposes a strip's interleaved outputs `obuf` (`count` positions from `p0` of the

@@ -543,18 +543,19 @@ impl EngineExecutor {
             model,
             isa,
             tuning,
-            bands::MIN_EXPANDED_BYTES,
+            bands::min_expanded_bytes,
             bands::BAND_BYTES,
         )
     }
 
-    /// [`Self::with_tuning`], expansions of at least `band_min` bytes per sample running
-    /// in bands of at most `band_bytes` ([`bands`]).
+    /// [`Self::with_tuning`], expansions of at least `band_min(window)` bytes per sample
+    /// (the depthwise layer's window) running in bands of at most `band_bytes`
+    /// ([`bands`]).
     fn build(
         model: &Model,
         isa: Isa,
         tuning: Tuning,
-        band_min: usize,
+        band_min: fn(&Window) -> usize,
         band_bytes: usize,
     ) -> Result<Self> {
         let nodes = &model.desc.nodes;
@@ -597,13 +598,16 @@ impl EngineExecutor {
                         Layer::Depthwise {
                             weight: w()?,
                             bias: b()?,
-                            plan: depthwise::Plan::new(Window {
-                                in_hw: [ih, iw],
-                                out_hw: [oh, ow],
-                                kernel: cv.kernel,
-                                stride: cv.stride,
-                                pad_tl: [t, l],
-                            }),
+                            plan: depthwise::Plan::new(
+                                Window {
+                                    in_hw: [ih, iw],
+                                    out_hw: [oh, ow],
+                                    kernel: cv.kernel,
+                                    stride: cv.stride,
+                                    pad_tl: [t, l],
+                                },
+                                tuning.depthwise_strip_bytes,
+                            ),
                             residual: cv.residual,
                             act: cv.act,
                             shift: None,
@@ -719,7 +723,10 @@ impl EngineExecutor {
             }
         }
         let bands = (0..layers.len())
-            .map(|i| band_pair(&layers, &readers, i, band_min, band_bytes))
+            .map(|i| {
+                let strip = tuning.depthwise_strip_bytes;
+                band_pair(&layers, &readers, i, band_min, band_bytes, strip)
+            })
             .collect();
         let depthwise_next = (0..layers.len())
             .map(|i| {
@@ -3889,13 +3896,15 @@ fn winograd_way(
 
 /// Bands of at most `band_bytes` for node `i` when it is a 1×1, stride-1, unpadded
 /// convolution without residual whose only reader is the depthwise layer after it
-/// (without residual), and its output takes at least `band_min` bytes per sample.
+/// (without residual), and its output takes at least `band_min` of that layer's window
+/// in bytes per sample; the depthwise planes in strips of `strip_bytes`.
 fn band_pair(
     layers: &[(usize, Layer)],
     readers: &[usize],
     i: usize,
-    band_min: usize,
+    band_min: fn(&Window) -> usize,
     band_bytes: usize,
+    strip_bytes: usize,
 ) -> Option<Bands> {
     let Layer::Gemm {
         bias,
@@ -3920,8 +3929,8 @@ fn band_pair(
     };
     let pointwise = geom.kernel == [1, 1] && geom.stride == [1, 1] && geom.pad_tl == [0, 0];
     let bytes = bias.len() * geom.out_hw[0] * geom.out_hw[1] * std::mem::size_of::<f32>();
-    (pointwise && *src == i + 1 && readers[i + 1] == 1 && bytes >= band_min)
-        .then(|| Bands::holding(bias.len(), geom.in_c, plan.win(), band_bytes))
+    (pointwise && *src == i + 1 && readers[i + 1] == 1 && bytes >= band_min(&plan.win()))
+        .then(|| Bands::holding(bias.len(), geom.in_c, plan.win(), band_bytes, strip_bytes))
 }
 
 /// The planes of `x` (`in_hw` each) in planes of `out_hw`, placed at `pad_tl` with zeros
@@ -4352,13 +4361,14 @@ mod tests {
             let model = conv_chain(cin, hw, &specs).unwrap();
             // Kept counts unrounded, so that small layers are cut too.
             let layered =
-                EngineExecutor::build(&model, Isa::detect(), Tuning::detect(), usize::MAX, 0)
+                EngineExecutor::build(&model, Isa::detect(), Tuning::detect(), |_| usize::MAX, 0)
                     .unwrap()
                     .with_channel_round(1);
             let bytes = rng.random_range(1..4 * hw) * 4 * e1.max(e2) * hw / 3;
-            let banded = EngineExecutor::build(&model, Isa::detect(), Tuning::detect(), 0, bytes)
-                .unwrap()
-                .with_channel_round(1);
+            let banded =
+                EngineExecutor::build(&model, Isa::detect(), Tuning::detect(), |_| 0, bytes)
+                    .unwrap()
+                    .with_channel_round(1);
             assert!(layered.bands.iter().all(Option::is_none));
             assert_eq!(banded.bands.iter().flatten().count(), 2);
             let batch = rng.random_range(1..4);
@@ -5899,7 +5909,7 @@ mod tests {
             // Each sample its own channels.
             let sets: Vec<Vec<usize>> = (0..batch).map(|_| subset(&mut rng, c)).collect();
             let e = bare(Isa::detect());
-            let plan = depthwise::Plan::new(win);
+            let plan = depthwise::Plan::new(win, Tuning::detect().depthwise_strip_bytes);
             // Half the cases shift kept planes of samples that dropped channels.
             let shift: Option<Vec<f32>> = rng
                 .random_bool(0.5)

@@ -50,6 +50,12 @@ pub struct Tuning {
     /// transformed for F(4×4, 3×3) instead of F(2×2, 3×3) (`usize::MAX`: none), for
     /// every plan of the layer.
     pub winograd_f4_min_width: usize,
+    /// Bytes a strip of depthwise planes in lanes holds at most (its interleaved padded
+    /// input rows and outputs; `depthwise_lanes::strip_rows`). A group of whole planes
+    /// over 56 × 56 or more would leave L2 (207 KiB at 56 × 56 with eight lanes, 0.8 MB
+    /// at 112 × 112); smaller strips pay for the input rows their windows share with
+    /// the next strip.
+    pub depthwise_strip_bytes: usize,
 }
 
 impl Tuning {
@@ -58,11 +64,22 @@ impl Tuning {
     /// 1.03–1.30× gated; dense 7 × 7 plans on the lines 1.03–1.15× the packed way's.
     /// (`winograd_wide_min_kept` is moot where no layer wider than 28 runs by Winograd.)
     /// F(4×4, 3×3) was not measured there.
+    ///
+    /// Depthwise strips of 64 KiB, measured with eight lanes: one-layer models,
+    /// in-process pairs (100), the layer's time in lanes against plane by plane, one /
+    /// two threads, with strips of 16, 32 and 64 KiB and whole planes: 3×3 at 56 × 56
+    /// (144 channels) 0.90 / 0.91, 0.81 / 0.87, 0.82 / 0.95, 0.81 / 0.90; at 112 × 112
+    /// (32) 1.24 / 1.17, 0.98 / 0.97, 0.92 / 0.90, 0.99 / 1.23; stride 2 112 → 56 (96)
+    /// 0.85 / 0.83, 0.80 / 0.82, 0.78 / 0.81, 0.84 / 1.18; 28 × 28 (192, one strip from
+    /// 64 KiB) 0.61 / 0.69, 0.66 / 0.71, 0.59 / 0.64, 0.64 / 0.74. With whole planes on
+    /// two threads the plane-by-plane kernels had won at 112 × 112 and tied or won at
+    /// 56 × 56 in whole passes (MobileNetV2 1.00, EfficientNet-Lite0 1.07 of the time).
     pub const DEFAULT: Tuning = Tuning {
         winograd_wide_width: 28,
         winograd_wide_min_kept: 0.45,
         lines_max_kept: 0.85,
         winograd_f4_min_width: usize::MAX,
+        depthwise_strip_bytes: 64 << 10,
     };
 
     /// Measured on the Intel Xeon (Emerald Rapids, two vCPUs), one engine, the way
@@ -82,6 +99,7 @@ impl Tuning {
         winograd_wide_min_kept: 0.45,
         lines_max_kept: 1.0,
         winograd_f4_min_width: usize::MAX,
+        depthwise_strip_bytes: 64 << 10,
     };
 
     /// Measured on the AMD EPYC of Zen 5 (family 26, two vCPUs), one engine, the way
@@ -114,11 +132,20 @@ impl Tuning {
     /// 56,0.65,0.85,28 --against 56,0.65,0.85,56`): dense 0.982 and 1.017 at batch 1,
     /// 0.994 and 0.996 at batch 8; at budget 0.5 1.034 and 1.006, the gated 28 × 28
     /// layers 1.10–1.55 (their kept columns of `U` copied are 2.25× the bytes).
+    ///
+    /// Depthwise strips of 128 KiB rather than 64 (sixteen lanes; one engine, the strip
+    /// switched pass by pass, 200 pairs at batch 1 and 40 at batch 8, 2 threads): passes
+    /// 0.977–0.985 (MobileNetV2) and 0.978–0.981 (EfficientNet-Lite0) of the time at
+    /// batch 1, 0.985–0.988 and 0.968–0.987 at batch 8; 96 KiB 0.965–0.995, 256 KiB
+    /// 0.974–0.990. One layer alone on one thread, 128 KiB against 64: stride 2 56 → 28
+    /// (144 channels) 0.94, 28 → 14 (192) 0.96; stride 1 at 28 × 28 (192) 0.95; 32 and
+    /// 16 KiB took 1.03–1.46.
     pub const ZEN5: Tuning = Tuning {
         winograd_wide_width: 56,
         winograd_wide_min_kept: 0.25,
         lines_max_kept: 0.85,
         winograd_f4_min_width: 56,
+        depthwise_strip_bytes: 128 << 10,
     };
 
     /// The choices for this CPU: [`Self::INTEL`] on Intel processors, [`Self::ZEN5`] on
