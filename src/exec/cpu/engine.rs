@@ -166,9 +166,12 @@ pub struct EngineExecutor {
     a_resident: usize,
     /// Kept weights (bytes) above which tasks copy their own blocks ([`LOCAL_A_BYTES`]).
     local_a: usize,
-    /// Rows and K from which an AVX2 1×1 layer over 7×7 planes packs its panels, and K
-    /// from which an AVX-512 one over 14×14 planes does ([`PACK_MISALIGNED_FROM`]).
+    /// Rows and K from which an AVX2 1×1 layer over 7×7 planes packs its panels
+    /// ([`PACK_MISALIGNED_FROM`]).
     pack_misaligned: usize,
+    /// K from which an AVX-512 one over 14×14 planes does
+    /// (`Tuning::pack_misaligned_avx512`).
+    pack_misaligned_avx512: usize,
     /// Samples run through the network together at most ([`SUB_BATCH_FLOATS`]).
     sub_batch: usize,
     /// Floats a value may hold over a whole batch where the rest of the network runs on
@@ -464,8 +467,9 @@ const SERIAL_COPY_BYTES: usize = 32 << 10;
 
 /// Rows and K (both) from which an AVX2 1×1 stride-1 layer over small planes that are
 /// not a whole number of 64-byte lines (7×7) packs its panels instead of reading them in
-/// place, and K from which an AVX-512 one over 14×14 planes does (see `conv_gemm_into`).
-const PACK_MISALIGNED_FROM: usize = 128;
+/// place, and K from which an AVX-512 one over 14×14 planes does where the tuning packs
+/// them (see `conv_gemm_into` and `Tuning::pack_misaligned_avx512`).
+pub(super) const PACK_MISALIGNED_FROM: usize = 128;
 
 /// Output bytes per sample from which tiles prefetch their successor's output and
 /// residual lines (see `conv_gemm_into`). ResNet-50 at batch 1, one thread, six
@@ -766,6 +770,7 @@ impl EngineExecutor {
             a_resident: A_RESIDENT_BYTES,
             local_a: LOCAL_A_BYTES,
             pack_misaligned: PACK_MISALIGNED_FROM,
+            pack_misaligned_avx512: tuning.pack_misaligned_avx512,
             sub_batch: (SUB_BATCH_FLOATS / sizes.iter().copied().max().unwrap_or(1).max(1))
                 .max(MIN_SUB_BATCH),
             whole_batch: WHOLE_BATCH_FLOATS,
@@ -1405,10 +1410,11 @@ impl EngineExecutor {
         // 0.83–0.89. From K = 128 (PACK_MISALIGNED_FROM), whole passes took 0.988–0.990
         // of their time at batch 1 (MobileNetV2, EfficientNet-Lite0; ResNet-50 0.991
         // before the K bound), 0.975 at batch 8 (ResNet-50), 0.973–0.989 at budget 0.5.
+        // Not on Zen 5, whose tuning reads them in place (`Tuning::ZEN5`).
         let misaligned = in_plane % 16 != 0
             && match self.isa {
                 Isa::Avx2 => in_plane < 64 && k.min(row_list.len()) >= self.pack_misaligned,
-                Isa::Avx512 => (64..256).contains(&in_plane) && k >= self.pack_misaligned,
+                Isa::Avx512 => (64..256).contains(&in_plane) && k >= self.pack_misaligned_avx512,
                 Isa::Portable => false,
             };
         let direct = !misaligned
@@ -4259,6 +4265,7 @@ mod tests {
             a_resident: A_RESIDENT_BYTES,
             local_a: LOCAL_A_BYTES,
             pack_misaligned: PACK_MISALIGNED_FROM,
+            pack_misaligned_avx512: PACK_MISALIGNED_FROM,
             sub_batch: usize::MAX,
             whole_batch: WHOLE_BATCH_FLOATS,
             bands: Vec::new(),
@@ -5001,6 +5008,7 @@ mod tests {
                         e.a_resident = 0;
                         e.local_a = 0;
                         e.pack_misaligned = 0;
+                        e.pack_misaligned_avx512 = 0;
                         e.kept_in_place = None;
                         e
                     },

@@ -2,9 +2,9 @@
 //! set it offers: where two machines running the same micro-kernels disagree on which of
 //! two ways is faster, measured on each.
 //!
-//! All four choices concern Winograd's algorithms, and all were found by switching one
-//! way for the other pass by pass on each machine (the numbers are beside the
-//! constants). On the AMD EPYC of Zen 4 (1 MiB of L2 per core) the direct convolution at
+//! Most choices concern Winograd's algorithms; the others the depthwise kernels' strips
+//! and the panels of 1×1 layers over 14 × 14 planes. All were found by switching one way
+//! for the other pass by pass on each machine (the numbers are beside the constants). On the AMD EPYC of Zen 4 (1 MiB of L2 per core) the direct convolution at
 //! 56 × 56 runs close enough to the micro-kernel's peak that Winograd's transforms cost
 //! what its multiply-adds save, and dense 7 × 7 planes run best on the packed filters.
 //! On the Intel Xeon (Emerald Rapids, 2 MiB of L2 per core) the direct convolution at
@@ -56,6 +56,11 @@ pub struct Tuning {
     /// at 112 × 112); smaller strips pay for the input rows their windows share with
     /// the next strip.
     pub depthwise_strip_bytes: usize,
+    /// K from which an AVX-512 1×1 layer over planes of 64 to 255 values that are not a
+    /// whole number of 64-byte lines (14 × 14) packs its panels rather than reading them
+    /// in place (`usize::MAX`: never). Read in place, a K block of a panel spans three
+    /// lines per row instead of two; packed, the copy costs a pass over the input.
+    pub pack_misaligned_avx512: usize,
 }
 
 impl Tuning {
@@ -80,6 +85,7 @@ impl Tuning {
         lines_max_kept: 0.85,
         winograd_f4_min_width: usize::MAX,
         depthwise_strip_bytes: 64 << 10,
+        pack_misaligned_avx512: super::engine::PACK_MISALIGNED_FROM,
     };
 
     /// Measured on the Intel Xeon (Emerald Rapids, two vCPUs), one engine, the way
@@ -100,6 +106,7 @@ impl Tuning {
         lines_max_kept: 1.0,
         winograd_f4_min_width: usize::MAX,
         depthwise_strip_bytes: 64 << 10,
+        pack_misaligned_avx512: super::engine::PACK_MISALIGNED_FROM,
     };
 
     /// Measured on the AMD EPYC of Zen 5 (family 26, two vCPUs), one engine, the way
@@ -140,12 +147,21 @@ impl Tuning {
     /// 0.974–0.990. One layer alone on one thread, 128 KiB against 64: stride 2 56 → 28
     /// (144 channels) 0.94, 28 → 14 (192) 0.96; stride 1 at 28 × 28 (192) 0.95; 32 and
     /// 16 KiB took 1.03–1.46.
+    ///
+    /// 1×1 layers over 14 × 14 planes read in place rather than packed from K = 128 (one
+    /// engine, the way switched pass by pass, 2 threads): one layer alone, 384 → 64 and
+    /// 576 → 96 took 0.94–0.96 of their time on one thread and 0.88–0.92 on two;
+    /// passes (150 pairs at batch 1, 30 at batch 8) 0.985 (MobileNetV2) and 0.977
+    /// (EfficientNet-Lite0) at batch 1, 0.993 and 0.988 at batch 8, 0.991 and 0.993 at
+    /// budget 0.5; ResNet-50 (40 pairs; 20 at batch 8) 0.986, 0.997 and 1.002, its
+    /// `layer3` 1×1 layers 0.89–0.97.
     pub const ZEN5: Tuning = Tuning {
         winograd_wide_width: 56,
         winograd_wide_min_kept: 0.25,
         lines_max_kept: 0.85,
         winograd_f4_min_width: 56,
         depthwise_strip_bytes: 128 << 10,
+        pack_misaligned_avx512: usize::MAX,
     };
 
     /// The choices for this CPU: [`Self::INTEL`] on Intel processors, [`Self::ZEN5`] on
