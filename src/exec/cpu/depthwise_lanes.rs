@@ -207,41 +207,80 @@ unsafe fn run<V: Lanes, const K: usize, const S: usize>(
         };
         clear(0, (inside.start - top) * pw);
         clear((inside.end - top) * pw, (top + height - inside.end) * pw);
-        // The interleaved input: the strip's rows inside the plane, a vector's worth of
-        // columns at a time.
-        for py in inside {
-            let iy = py - pt;
-            let row = (py - top) * pw;
-            clear(row, pl);
-            clear(row + pl + cols, pw - pl - cols);
-            let to = buf.add((row + pl) * lanes);
-            let mut ix = 0;
-            while ix < cols {
-                let n = (cols - ix).min(lanes);
-                let at = iy * iw + ix;
-                if n == lanes {
-                    let v = transposed(|l| V::load(x[l].add(at)));
-                    for (j, c) in v.iter().enumerate().take(lanes) {
-                        V::store(to.add((ix + j) * lanes), *c);
-                    }
-                } else if iy + 1 < ih && iw >= lanes - n {
-                    // A short piece of a row that is not the plane's last: plain loads,
-                    // whose lanes past the piece read the next row, inside the plane, and
-                    // are not stored. Partial loads there cost 7×7 layers 3% of their
-                    // time (one thread, in-process pairs: 0.970 with 3×3 windows, 0.984
-                    // with 5×5; 14×14 0.989 and 0.998; whole passes 0.995–0.997 at batch
-                    // 1, 1.00 at batch 8).
-                    let v = transposed(|l| V::load(x[l].add(at)));
-                    for (j, c) in v.iter().enumerate().take(n) {
-                        V::store(to.add((ix + j) * lanes), *c);
-                    }
+        // Rows narrower than a vector, whole: the strip's rows inside the plane as one
+        // flat run of values, a vector's worth at a time (a 7 × 7 plane's 49 values in 4
+        // transposes rather than one per row, 7), each value stored at its cell. Against
+        // a transpose per row (one engine, the way switched pass by pass, 2 threads): one
+        // layer alone, 3×3 at 7 × 7 (960 channels) 0.76 of its time on one thread and
+        // 0.80 on two, 5×5 at 7 × 7 0.94 / 0.97, 3×3 at 14 × 14 0.92, stride 2 from 14 × 14
+        // 0.76 / 0.81; in passes (200 pairs at batch 1, 30 at batch 8) MobileNetV2's and
+        // EfficientNet-Lite0's 14 × 14 and 7 × 7 depthwise layers 0.84–0.94, the passes
+        // 0.988 and 0.991 at batch 1, 0.992 and 0.996 at batch 8, 0.982 and 0.989 at
+        // budget 0.5. Sixteen lanes only: with eight, a 7 × 7 plane takes 7 transposes
+        // either way, and 14 × 14 ones were not measured.
+        if lanes == 16 && iw < lanes && cols == iw {
+            for py in inside.clone() {
+                let row = (py - top) * pw;
+                clear(row, pl);
+                clear(row + pl + cols, pw - pl - cols);
+            }
+            let plane = ih * iw;
+            let (f1, mut f) = ((inside.end - pt) * iw, (inside.start - pt) * iw);
+            // The cell of flat value f: its row inside the strip and its column.
+            let (mut y, mut x0) = (inside.start - top, 0);
+            while f < f1 {
+                let n = (f1 - f).min(lanes);
+                let v = if f + lanes <= plane {
+                    transposed(|l| V::load(x[l].add(f)))
                 } else {
-                    let v = transposed(|l| V::load_first(x[l].add(at), n));
-                    for (j, c) in v.iter().enumerate().take(n) {
-                        V::store(to.add((ix + j) * lanes), *c);
+                    transposed(|l| V::load_first(x[l].add(f), plane - f))
+                };
+                for c in v.iter().take(n) {
+                    V::store(buf.add((y * pw + pl + x0) * lanes), *c);
+                    x0 += 1;
+                    if x0 == iw {
+                        (y, x0) = (y + 1, 0);
                     }
                 }
-                ix += lanes;
+                f += lanes;
+            }
+        } else {
+            // The interleaved input: the strip's rows inside the plane, a vector's worth of
+            // columns at a time.
+            for py in inside {
+                let iy = py - pt;
+                let row = (py - top) * pw;
+                clear(row, pl);
+                clear(row + pl + cols, pw - pl - cols);
+                let to = buf.add((row + pl) * lanes);
+                let mut ix = 0;
+                while ix < cols {
+                    let n = (cols - ix).min(lanes);
+                    let at = iy * iw + ix;
+                    if n == lanes {
+                        let v = transposed(|l| V::load(x[l].add(at)));
+                        for (j, c) in v.iter().enumerate().take(lanes) {
+                            V::store(to.add((ix + j) * lanes), *c);
+                        }
+                    } else if iy + 1 < ih && iw >= lanes - n {
+                        // A short piece of a row that is not the plane's last: plain loads,
+                        // whose lanes past the piece read the next row, inside the plane, and
+                        // are not stored. Partial loads there cost 7×7 layers 3% of their
+                        // time (one thread, in-process pairs: 0.970 with 3×3 windows, 0.984
+                        // with 5×5; 14×14 0.989 and 0.998; whole passes 0.995–0.997 at batch
+                        // 1, 1.00 at batch 8).
+                        let v = transposed(|l| V::load(x[l].add(at)));
+                        for (j, c) in v.iter().enumerate().take(n) {
+                            V::store(to.add((ix + j) * lanes), *c);
+                        }
+                    } else {
+                        let v = transposed(|l| V::load_first(x[l].add(at), n));
+                        for (j, c) in v.iter().enumerate().take(n) {
+                            V::store(to.add((ix + j) * lanes), *c);
+                        }
+                    }
+                    ix += lanes;
+                }
             }
         }
 
