@@ -207,18 +207,24 @@ unsafe fn run<V: Lanes, const K: usize, const S: usize>(
         };
         clear(0, (inside.start - top) * pw);
         clear((inside.end - top) * pw, (top + height - inside.end) * pw);
-        // Rows narrower than a vector, whole: the strip's rows inside the plane as one
-        // flat run of values, a vector's worth at a time (a 7 × 7 plane's 49 values in 4
-        // transposes rather than one per row, 7), each value stored at its cell. Against
-        // a transpose per row (one engine, the way switched pass by pass, 2 threads): one
-        // layer alone, 3×3 at 7 × 7 (960 channels) 0.76 of its time on one thread and
-        // 0.80 on two, 5×5 at 7 × 7 0.94 / 0.97, 3×3 at 14 × 14 0.92, stride 2 from 14 × 14
-        // 0.76 / 0.81; in passes (200 pairs at batch 1, 30 at batch 8) MobileNetV2's and
-        // EfficientNet-Lite0's 14 × 14 and 7 × 7 depthwise layers 0.84–0.94, the passes
-        // 0.988 and 0.991 at batch 1, 0.992 and 0.996 at batch 8, 0.982 and 0.989 at
-        // budget 0.5. Sixteen lanes only: with eight, a 7 × 7 plane takes 7 transposes
-        // either way, and 14 × 14 ones were not measured.
-        if lanes == 16 && iw < lanes && cols == iw {
+        // Rows of fewer than two vectors that are not one, whole (7, 14 and 28 wide): the
+        // strip's rows inside the plane as one flat run of values, a vector's worth at a
+        // time (a 7 × 7 plane's 49 values in 4 transposes rather than one per row, 7;
+        // 28-wide rows in 1.75 per row rather than 2), each value stored at its cell.
+        // Against transposes by row (one engine, the way switched pass by pass, 2
+        // threads): one layer alone, 3×3 at 7 × 7 (960 channels) 0.76 of its time on one
+        // thread and 0.80 on two, 5×5 at 7 × 7 0.94 / 0.97, 3×3 at 14 × 14 0.92, stride 2
+        // from 14 × 14 0.76 / 0.81, at 28 × 28 0.94 / 0.96, stride 2 from 28 × 28 0.90 /
+        // 0.91; in passes (200 pairs at batch 1, 30 at batch 8) MobileNetV2's and
+        // EfficientNet-Lite0's 7 × 7 and 14 × 14 depthwise layers 0.84–0.94 and their
+        // 28 × 28 ones 0.90–0.97. Passes, 7 and 14 wide first, then 28 as well (each
+        // against the step before): MobileNetV2 0.988 then 0.995 of its time at batch 1,
+        // 0.992 then 0.994 at batch 8, 0.982 then 0.980 at budget 0.5; Lite0 0.991 then
+        // 0.999, 0.996 then 0.997, 0.989 then 0.992. Not 56 wide (1.12–1.15
+        // from 56 × 56 at stride 2: the value-by-value stores cost more than the 0.5
+        // transposes a row saved). Sixteen lanes only: with eight, a 7 × 7 plane takes 7
+        // transposes either way, and wider ones were not measured.
+        if lanes == 16 && iw < 2 * lanes && iw != lanes && cols == iw {
             for py in inside.clone() {
                 let row = (py - top) * pw;
                 clear(row, pl);
