@@ -490,14 +490,19 @@ const SMALL_A_BYTES: usize = 16 << 10;
 /// Narrowest output row a k×k stride-1 convolution reads in place (see `conv_gemm_into`).
 const IMPLICIT_WIDTH: usize = 28;
 
-/// Longest K up to which a convolution read in place runs a whole output row per task
-/// (its row segments as one panel group) rather than one segment. A 3×3 stem over three
+/// Longest K up to which a convolution read in place runs whole output rows per task
+/// (their row segments as one panel group) rather than one segment. A 3×3 stem over three
 /// channels (K = 27) does about 0.5 µs of multiply-adds per segment of 32 positions, and
 /// the task around it (its tiles, the loop's split) cost about a third as much again.
 /// MobileNetV2's and EfficientNet-Lite0's stems (3×3 stride 2, 112 wide) took 0.79 of
-/// their time; whole passes, 2 threads, in-process pairs: 0.985–0.997 at batch 1,
-/// 0.993–1.004 at batch 8, 0.990–0.996 at budget 0.5. Up to 256, taking in ResNet's 7×7
-/// stem (K = 147): ResNet-18 1.005 at batch 1 and 1.017 at batch 8.
+/// their time with one row per task; whole passes, 2 threads, in-process pairs:
+/// 0.985–0.997 at batch 1, 0.993–1.004 at batch 8, 0.990–0.996 at budget 0.5. Up to 256,
+/// taking in ResNet's 7×7 stem (K = 147): ResNet-18 1.005 at batch 1 and 1.017 at batch 8.
+/// Then as many rows as leave eight tasks a thread (7 of the stems' 112 on two threads)
+/// rather than one: alone, 2 threads, 0.95–0.96 of the time with 4 rows, 0.95 with 7–8;
+/// in passes (one engine, the way switched pass by pass, 200 pairs) the stems 0.86–0.89,
+/// MobileNetV2 0.987–0.988 and Lite0 0.983–0.998 at batch 1, 0.993 and 0.997 at batch 8
+/// (30 pairs), 0.993 and 0.997 at budget 0.5.
 const IMPLICIT_ROW_TASK_K: usize = 64;
 
 /// Output widths at which an AVX2 k×k stride-1 convolution sweeps its padded input flat
@@ -1589,8 +1594,10 @@ impl EngineExecutor {
         let per_group = if read_bytes > self.a_resident || (local_copy && panels <= 2) {
             panels.min(GROUP_PANELS)
         } else if implicit && k <= IMPLICIT_ROW_TASK_K {
-            // A whole output row per task (see IMPLICIT_ROW_TASK_K).
-            segs.min(panels).max(1)
+            // Whole output rows per task, as many as leave two tasks a share (see
+            // IMPLICIT_ROW_TASK_K).
+            let rows = (oh / (8 * rayon::current_num_threads())).max(1);
+            (rows * segs).min(panels).max(1)
         } else {
             1
         };
