@@ -502,8 +502,14 @@ const IMPLICIT_WIDTH: usize = 28;
 /// rather than one: alone, 2 threads, 0.95–0.96 of the time with 4 rows, 0.95 with 7–8;
 /// in passes (one engine, the way switched pass by pass, 200 pairs) the stems 0.86–0.89,
 /// MobileNetV2 0.987–0.988 and Lite0 0.983–0.998 at batch 1, 0.993 and 0.997 at batch 8
-/// (30 pairs), 0.993 and 0.997 at budget 0.5.
-const IMPLICIT_ROW_TASK_K: usize = 64;
+/// (30 pairs), 0.993 and 0.997 at budget 0.5. With those rows, up to 256 as well: ResNet's
+/// stem alone 0.91 of its time on two threads, 0.98 on one; in passes (60 pairs, two
+/// runs) 0.83–0.94, ResNet-18 0.985 and 0.992 at batch 1, ResNet-50 0.981 and 0.982;
+/// ResNet-18 0.979 at batch 8 (10 pairs), ResNet-50 0.989 (8); at budget 0.5 0.980 and
+/// 0.980 in one run, ResNet-18 0.997 in another (100 pairs) and 1.003 at budget 0.25:
+/// the stem 0.94–0.95 of its time, the max pool after it 1.09–1.13 (its input now
+/// written in longer runs of rows by one core or the other).
+const IMPLICIT_ROW_TASK_K: usize = 256;
 
 /// Output widths at which an AVX2 k×k stride-1 convolution sweeps its padded input flat
 /// (see `conv_gemm_into`). A 28-wide row as a row segment computes 32 lanes, flat 30; a
