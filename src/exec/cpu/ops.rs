@@ -111,13 +111,33 @@ pub fn max_pool_into(out: &mut [f32], input: &[f32], win: Window) {
     #[cfg(target_arch = "x86_64")]
     if [s, kw, pl] == [2, 3, 1] && std::arch::is_x86_feature_detected!("avx512f") {
         let row_len = (ow + 1).next_multiple_of(16) + 16;
-        out.par_chunks_mut(out_plane).enumerate().for_each_init(
+        // Each plane in one part of its output rows per thread, every plane's first part
+        // first: the loop then shares out its work as the stem before it did, by output
+        // rows (the top rows to one thread, the bottom ones to the other), and each
+        // thread reads mostly what it wrote rather than half of every plane from the
+        // other core. Against whole planes (one engine, the way switched pass by pass,
+        // 100 pairs, batch 1, 2 threads): ResNet-18's and ResNet-50's pools 0.92–0.93 of
+        // their time, passes 1.003 and 0.991.
+        let parts = rayon::current_num_threads().clamp(1, oh.max(1));
+        let mut tasks: Vec<(usize, std::ops::Range<usize>, &mut [f32])> = Vec::new();
+        for (p, o) in out.chunks_mut(out_plane).enumerate() {
+            let mut rest = o;
+            for part in 0..parts {
+                let r = part * oh / parts..(part + 1) * oh / parts;
+                let (now, later) = rest.split_at_mut(r.len() * ow);
+                rest = later;
+                tasks.push((p, r, now));
+            }
+        }
+        tasks.sort_by_key(|(p, r, _)| (r.start, *p));
+        tasks.into_par_iter().for_each_init(
             || vec![0f32; 2 * h * row_len],
-            |halves, (p, o)| {
+            |halves, (p, r, o)| {
                 let x = &input[p * in_plane..(p + 1) * in_plane];
                 // SAFETY: AVX-512F is present; `halves` holds two rows of `row_len` per
-                // input row, `o` the plane's output, every row range inside the plane.
-                unsafe { max_pool_3s2_avx512(o, x, [h, w], ow, &rows, halves, row_len) };
+                // input row, `o` the output rows `r` of the plane, every row range inside
+                // the plane.
+                unsafe { max_pool_3s2_avx512(o, x, [h, w], ow, &rows[r], halves, row_len) };
             },
         );
         return;
@@ -185,7 +205,10 @@ unsafe fn max_pool_3s2_avx512(
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     let hp = halves.as_mut_ptr();
-    for y in 0..h {
+    // Only the input rows these output rows read.
+    let read = rows.first().map_or(0, |r| r.0)..rows.last().map_or(0, |r| r.1);
+    debug_assert!(read.end <= h);
+    for y in read {
         let (ev, od) = (hp.add(2 * y * row_len), hp.add((2 * y + 1) * row_len));
         *od = f32::NEG_INFINITY;
         let src = x.as_ptr().add(y * w);
