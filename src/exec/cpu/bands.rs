@@ -31,17 +31,19 @@ pub const BAND_BYTES: usize = 512 << 10;
 /// Expanded values per sample (bytes) from which a pair whose depthwise layer has the
 /// window `win` runs in bands: the 112 × 112 stage (MobileNetV2 and EfficientNet-Lite0:
 /// 96 channels, 4.8 MB; 0.47 of the time for MobileNetV2's second block), and from the
-/// 56 × 56 stage (144 channels, 1.8 MB, which L3 holds between the layers) a 3×3 window
-/// of stride 1. There, on the Zen 5 EPYC (one engine each way, in-process pairs, 2
-/// threads; 200 at batch 1, 40 at batch 8), MobileNetV2's `features.3` pair took 0.65 and
+/// 56 × 56 stage (144 channels, 1.8 MB, which L3 holds between the layers) a 3×3 window.
+/// There, on the Zen 5 EPYC (one engine each way, in-process pairs, 2 threads; 200 at
+/// batch 1, 30–40 at batch 8), MobileNetV2's stride-1 `features.3` pair took 0.65 and
 /// 0.87 of its time in two runs and EfficientNet-Lite0's `_blocks.2` 0.66 and 0.84;
 /// passes 0.982 (MobileNetV2) and 0.973 (Lite0) at batch 1, 0.991 and 0.989 at batch 8,
-/// 0.983 and 0.991 at budget 0.5. Not with stride 2 (MobileNetV2's `features.4`, 0.89
-/// of the pair's time but passes 0.988 and 1.014 at batch 1 and 8), nor a 5×5 window of
-/// stride 2 (Lite0, 1.34 on an earlier machine), nor at 28 × 28 (MobileNetV2's 192
-/// channels, 0.60 MB: the pairs unchanged, 0.052 against 0.052 ms).
+/// 0.983 and 0.991 at budget 0.5. MobileNetV2's stride-2 `features.4` pair, once its
+/// depthwise strips were 128 KiB and its nine groups split over both threads: 0.93 of
+/// its time, passes 0.992 and 0.999 at batch 1, 0.986 and 0.990 at batch 8, 0.987 at
+/// budget 0.5 and 0.988 at batch 8 (before those, 0.988 and 1.014 at batch 1 and 8). Not
+/// a 5×5 window of stride 2 (Lite0, 1.34 on an earlier machine), nor at 28 × 28
+/// (MobileNetV2's 192 channels, 0.60 MB: the pairs unchanged, 0.052 against 0.052 ms).
 pub fn min_expanded_bytes(win: &Window) -> usize {
-    if win.kernel == [3, 3] && win.stride == [1, 1] {
+    if win.kernel == [3, 3] {
         1 << 20
     } else {
         2 << 20
