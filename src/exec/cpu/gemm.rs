@@ -30,6 +30,7 @@ pub const NR: usize = 32;
 /// Most runs of stored lanes the AVX-512 store takes as shifted masked stores (see
 /// `Tile::runs`): a flat panel of 32 over rows of 30 lanes (28 wide, stride 1) crosses
 /// two row ends.
+#[cfg(target_arch = "x86_64")]
 const MAX_RUNS: usize = 3;
 
 /// Rows per packed block of A: the widest micro-tile's rows (AVX-512). Narrower kernels
@@ -273,6 +274,7 @@ impl Tile<'_> {
     /// base)` going to column `base + j`, where the columns are consecutive and the lanes
     /// form at most [`MAX_RUNS`] runs (a flat panel crossing row ends: its lanes skip the
     /// padding between two rows, its columns do not); else `None`.
+    #[cfg(target_arch = "x86_64")]
     fn runs(&self) -> Option<([(u32, isize); MAX_RUNS], usize)> {
         let n = self.cols.len();
         let lanes = match self.lanes {
