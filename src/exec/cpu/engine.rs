@@ -1600,8 +1600,8 @@ impl EngineExecutor {
         let per_group = if read_bytes > self.a_resident || (local_copy && panels <= 2) {
             panels.min(GROUP_PANELS)
         } else if implicit && k <= IMPLICIT_ROW_TASK_K {
-            // Whole output rows per task, as many as leave two tasks a share (see
-            // IMPLICIT_ROW_TASK_K).
+            // Whole output rows per task, as many as leave about eight tasks a thread
+            // (see IMPLICIT_ROW_TASK_K).
             let rows = (oh / (8 * rayon::current_num_threads())).max(1);
             (rows * segs).min(panels).max(1)
         } else {

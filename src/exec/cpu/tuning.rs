@@ -4,9 +4,10 @@
 //!
 //! Most choices concern Winograd's algorithms; the others the depthwise kernels' strips
 //! and the panels of 1×1 layers over 14 × 14 planes. All were found by switching one way
-//! for the other pass by pass on each machine (the numbers are beside the constants). On the AMD EPYC of Zen 4 (1 MiB of L2 per core) the direct convolution at
-//! 56 × 56 runs close enough to the micro-kernel's peak that Winograd's transforms cost
-//! what its multiply-adds save, and dense 7 × 7 planes run best on the packed filters.
+//! for the other pass by pass on each machine (the numbers are beside the constants). On
+//! the AMD EPYC of Zen 4 (1 MiB of L2 per core) the direct convolution at 56 × 56 runs
+//! close enough to the micro-kernel's peak that Winograd's transforms cost what its
+//! multiply-adds save, and dense 7 × 7 planes run best on the packed filters.
 //! On the Intel Xeon (Emerald Rapids, 2 MiB of L2 per core) the direct convolution at
 //! 56 × 56 ran at 84–130 GFLOP/s on one thread where the micro-kernel alone reaches
 //! 150–168, so Winograd pays there; and a dense 7 × 7 plane at batch 1 ran fastest on
