@@ -439,6 +439,16 @@ const PAR_POOL_FLOATS: usize = 64 << 10;
 /// Panels per group where A is big: their K blocks (24 KiB each) stay in L2.
 const GROUP_PANELS: usize = 8;
 
+/// Tasks per thread at least when a stride-2 layer's padded input is split into its
+/// column phases ([`EngineExecutor::pad_split_planes`]): planes fewer than that are split
+/// in bands of rows too. A stem's three planes went to the threads whole, two to one and
+/// one to the other; in bands (six a plane on two threads), in-process pairs (100–150, 2
+/// threads, batch 1): MobileNetV2's stem 0.80 of its time and EfficientNet-Lite0's 0.72,
+/// passes 0.984–0.986 and 0.984–0.985 (0.986 and 0.970 at budget 0.5); ResNet's 7×7
+/// stem 0.88–0.96, ResNet-18's passes 0.994–1.011 and ResNet-50's 1.004–1.012 (a
+/// control of two engines alike read 1.002).
+const SPLIT_TASKS_PER_THREAD: usize = 8;
+
 /// Values per task of the network input's copy (see `copy_of`).
 const COPY_CHUNK: usize = 16 << 10;
 
@@ -2441,7 +2451,9 @@ impl EngineExecutor {
     /// and on AVX2 split it value by value (`perf` on a one-layer probe of MobileNetV2's
     /// stem: 11% of samples in that split, 12% in copies, some of them the probe's own).
     /// One-layer pairs against it: the stem 0.83–0.85 of the time on one thread,
-    /// 0.72–0.77 on two.
+    /// 0.72–0.77 on two. Few planes are shared out in bands of rows
+    /// ([`SPLIT_TASKS_PER_THREAD`]). Expects padded planes that reach past the top and left
+    /// pads.
     fn pad_split_planes(
         &self,
         x: &[f32],
@@ -2466,18 +2478,13 @@ impl EngineExecutor {
         // left / 2, its odd ones to the other phase from ⌈left / 2⌉.
         let (ne, no) = (cols.div_ceil(2), cols / 2);
         let (e0, o0) = (left / 2, left.div_ceil(2));
-        let split = |o: &mut [f32], i: &[f32]| {
-            let (p0, p1) = o.split_at_mut(ph * half);
-            let (evens_to, odds_to) = if left.is_multiple_of(2) {
-                (p0, p1)
-            } else {
-                (p1, p0)
-            };
-            for y in 0..ph {
-                let (er, or) = (
-                    &mut evens_to[y * half..(y + 1) * half],
-                    &mut odds_to[y * half..(y + 1) * half],
-                );
+        // Rows `y0..` of one padded plane: its even columns' rows `evens` and its odd
+        // columns' rows `odds`, from input plane `i`.
+        let split = |y0: usize, evens: &mut [f32], odds: &mut [f32], i: &[f32]| {
+            let rows_here = evens
+                .chunks_exact_mut(half)
+                .zip(odds.chunks_exact_mut(half));
+            for (y, (er, or)) in (y0..).zip(rows_here) {
                 if y < top || y >= top + rows {
                     er.fill(0.0);
                     or.fill(0.0);
@@ -2493,18 +2500,43 @@ impl EngineExecutor {
         };
         let (src, dst) = (&x[..planes * in_plane], &mut out[..planes * out_plane]);
         let read = read_planes(planes, chans);
-        if serial {
-            dst.chunks_exact_mut(out_plane)
-                .zip(src.chunks_exact(in_plane))
-                .zip(&read)
-                .filter(|(_, &k)| k)
-                .for_each(|((o, i), _)| split(o, i));
+        // Few planes (a stem's three) are split in bands of rows as well, so that the
+        // threads share them evenly: by whole planes one thread split two of three.
+        let kept = read.iter().filter(|&&k| k).count().max(1);
+        let bands = if serial {
+            1
         } else {
-            dst.par_chunks_exact_mut(out_plane)
-                .zip(src.par_chunks_exact(in_plane))
-                .zip(read.par_iter())
-                .filter(|(_, &k)| k)
-                .for_each(|((o, i), _)| split(o, i));
+            (SPLIT_TASKS_PER_THREAD * rayon::current_num_threads())
+                .div_ceil(kept)
+                .clamp(1, ph.max(1))
+        };
+        let band = ph.div_ceil(bands).max(1) * half;
+        let mut tasks = Vec::with_capacity(kept * bands);
+        for ((o, i), _) in dst
+            .chunks_exact_mut(out_plane)
+            .zip(src.chunks_exact(in_plane))
+            .zip(&read)
+            .filter(|(_, &k)| k)
+        {
+            let (p0, p1) = o.split_at_mut(ph * half);
+            let (evens, odds) = if left.is_multiple_of(2) {
+                (p0, p1)
+            } else {
+                (p1, p0)
+            };
+            for (b, (e, d)) in evens
+                .chunks_mut(band)
+                .zip(odds.chunks_mut(band))
+                .enumerate()
+            {
+                tasks.push((b * band / half, e, d, i));
+            }
+        }
+        let run = |(y0, e, d, i): (usize, &mut [f32], &mut [f32], &[f32])| split(y0, e, d, i);
+        if serial {
+            tasks.into_iter().for_each(run);
+        } else {
+            tasks.into_par_iter().for_each(run);
         }
         out
     }
@@ -4688,6 +4720,79 @@ mod tests {
             }
             let plans = e.budget_plans.0.lock().unwrap();
             assert_eq!(plans.len(), 3, "round {round}");
+        }
+    }
+
+    /// The phase split of a stride-2 layer's padded input against the padded planes
+    /// built value by value: few planes (split in bands of rows) and many, odd and even
+    /// pads and widths, every plane or some, on the pool and serially.
+    #[test]
+    fn padded_planes_split_into_column_phases_hold_every_value_in_its_place() {
+        use crate::synthetic::{conv_chain, ConvSpec};
+        let mut rng = fresh_rng();
+        let model = conv_chain(
+            3,
+            8,
+            &[ConvSpec {
+                cout: 4,
+                k: 3,
+                stride: 1,
+                depthwise: false,
+            }],
+        )
+        .unwrap();
+        let e = EngineExecutor::new(&model).unwrap();
+        for round in 0..200 {
+            let planes = if round % 2 == 0 {
+                rng.random_range(1..5)
+            } else {
+                rng.random_range(5..40)
+            };
+            let in_hw = [rng.random_range(1..40), rng.random_range(1..40)];
+            let pad_tl = [rng.random_range(0..4), rng.random_range(0..4)];
+            // Padded sizes that cut into the input, too (past the top and left pads, as
+            // a layer's windows always reach).
+            let out_hw = [
+                rng.random_range(pad_tl[0] + 1..in_hw[0] + 2 * pad_tl[0] + 2),
+                rng.random_range(pad_tl[1] + 1..in_hw[1] + 2 * pad_tl[1] + 2),
+            ];
+            let x: Vec<f32> = (0..planes * in_hw[0] * in_hw[1])
+                .map(|_| rng.random_range(0.5..1.5))
+                .collect();
+            let chans: Option<Vec<usize>> = rng
+                .random_bool(0.5)
+                .then(|| (0..planes).filter(|_| rng.random_bool(0.6)).collect());
+            let serial = rng.random_bool(0.25);
+            let got = e.pad_split_planes(&x, in_hw, pad_tl, out_hw, chans.as_deref(), serial);
+            let [ph, pw] = out_hw;
+            let half = pw.div_ceil(2);
+            let out_plane = 2 * ph * half;
+            assert_eq!(got.len(), planes * out_plane + NR);
+            assert!(got[planes * out_plane..].iter().all(|&v| v == 0.0));
+            let padded = |p: usize, y: usize, c: usize| -> f32 {
+                match (y.checked_sub(pad_tl[0]), c.checked_sub(pad_tl[1])) {
+                    (Some(iy), Some(ix)) if iy < in_hw[0] && ix < in_hw[1] && c < pw => {
+                        x[(p * in_hw[0] + iy) * in_hw[1] + ix]
+                    }
+                    _ => 0.0,
+                }
+            };
+            let read = read_planes(planes, chans.as_deref());
+            for p in (0..planes).filter(|&p| read[p]) {
+                for phase in 0..2 {
+                    for y in 0..ph {
+                        for j in 0..half {
+                            let at = p * out_plane + (phase * ph + y) * half + j;
+                            let want = padded(p, y, 2 * j + phase);
+                            assert_eq!(
+                                got[at], want,
+                                "plane {p} of {planes}, phase {phase}, row {y}, column {j}: \
+                                 {in_hw:?} padded by {pad_tl:?} to {out_hw:?}, serial {serial}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
