@@ -436,16 +436,66 @@ impl Runtime {
         let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let exp: Vec<f64> = logits.iter().map(|&v| ((v - max) as f64).exp()).collect();
         let sum: f64 = exp.iter().sum();
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        order
+        best_classes(logits, self.options.top_k)
             .into_iter()
-            .take(self.options.top_k)
             .map(|i| ClassScore {
                 class: i,
                 label: self.model.desc.classes[i].clone(),
                 prob: (exp[i] / sum) as f32,
             })
             .collect()
+    }
+}
+
+/// The `k` classes of the highest logits, best first, ties by class index (as a stable
+/// sort of every class orders them). They are picked out before they are sorted: sorting
+/// all 1000 ImageNet classes took 12 µs a sample.
+fn best_classes(logits: &[f32], k: usize) -> Vec<usize> {
+    let k = k.min(logits.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let better = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    if k < order.len() {
+        order.select_nth_unstable_by(k - 1, better);
+        order.truncate(k);
+    }
+    order.sort_unstable_by(better);
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    /// Against every class sorted by a stable sort, best first: random logits drawn from
+    /// a few values (many ties), with infinities and NaNs, every k from none to past the
+    /// number of classes.
+    #[test]
+    fn the_best_classes_come_as_a_stable_sort_orders_them() {
+        let mut rng = crate::exec::cpu::fresh_rng();
+        let values = [
+            -1.0,
+            0.0,
+            0.5,
+            2.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
+        for _ in 0..500 {
+            let n = rng.random_range(1..60);
+            let logits: Vec<f32> = (0..n)
+                .map(|_| values[rng.random_range(0..values.len())])
+                .collect();
+            let mut all: Vec<usize> = (0..n).collect();
+            all.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            for k in 0..=n + 1 {
+                let want: Vec<usize> = all.iter().copied().take(k).collect();
+                assert_eq!(best_classes(&logits, k), want, "{logits:?}, k {k}");
+            }
+        }
     }
 }
