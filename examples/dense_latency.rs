@@ -20,6 +20,9 @@ use std::time::Instant;
 use dynsparse::{Budget, Cut, Gates, Input, Options, Policy, Runtime, TensorData};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Passes run on this thread, the pool's other workers joining it (as `dynsparse`
+    // runs them).
+    dynsparse::join_global_pool(None)?;
     let mut batches = vec![1usize, 8];
     let mut runs = 20usize;
     let mut policies = vec![("dense".to_string(), Policy::Dense)];

@@ -36,5 +36,6 @@ pub use error::{Error, Result};
 pub use exec::{Budget, Cut, Gates, Policy};
 pub use format::{Model, TensorData};
 pub use runtime::{
-    ClassScore, DeviceChoice, Engine, Input, LayerStats, Options, Prediction, Runtime, Stats,
+    join_global_pool, ClassScore, DeviceChoice, Engine, Input, LayerStats, Options, Prediction,
+    Runtime, Stats,
 };

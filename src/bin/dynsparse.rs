@@ -341,7 +341,18 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    if let Err(e) = run(Cli::parse()) {
+    let mut cli = Cli::parse();
+    // This thread runs each pass as worker 0 of the global pool rather than handing it to
+    // a pool thread and sleeping (see `dynsparse::join_global_pool`); `--threads` sizes
+    // that pool, which the command's runtimes then use.
+    let threads = match &mut cli.command {
+        Command::Infer { threads, .. } | Command::Bench { threads, .. } => threads.take(),
+        _ => None,
+    };
+    let done = dynsparse::join_global_pool(threads)
+        .context("--threads")
+        .and_then(|()| run(cli));
+    if let Err(e) = done {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
