@@ -1790,7 +1790,11 @@ impl EngineExecutor {
             // against 0.8. Whole passes, 2 threads, batch 1, in-process pairs (100): MobileNetV2
             // 0.975–0.983 of the time and EfficientNet-Lite0 0.971–0.979 in stretches
             // where two threads ran no faster than one (the machine's two vCPUs then
-            // sharing a core, it seems), 0.995–1.000 in the others.
+            // sharing a core, it seems), 0.995–1.000 in the others. Gated plans too, their
+            // kept rows in order (a sample with the pool to itself): at budget 0.5 the
+            // 14 × 14 expansions took 0.83–0.88 of their time and the depthwise layers
+            // after them 0.78–0.88; passes 0.965–0.981 (MobileNetV2) and 0.960 (Lite0) at
+            // batch 1, 0.988–1.009 at batch 8 (150 and 30 pairs).
             let (chunk, sgq) = if by_rows {
                 (t / (tasks / chunks), t % (tasks / chunks))
             } else {
@@ -2925,6 +2929,7 @@ impl EngineExecutor {
                                 inputs,
                                 gates,
                                 sums,
+                                by_rows,
                             ),
                         };
                         if gates.channels.is_some() {
@@ -3093,7 +3098,8 @@ impl EngineExecutor {
     /// kept input channels `ic`, the value's kept sets) the output channels and the
     /// output tiles to compute, and [`Self::conv_gemm_into`] computes just those. Cells not
     /// computed are zero, or the residual where there is one (skipped tiles of a residual
-    /// block pass the identity through).
+    /// block pass the identity through). With `by_rows` (the output's reader splits its
+    /// work by channel) a sample's tasks share out its kept rows before its positions.
     #[allow(clippy::too_many_arguments)]
     fn conv_compact(
         &self,
@@ -3111,6 +3117,7 @@ impl EngineExecutor {
         inputs: Inputs,
         gates: ConvGates,
         sums: Option<PanelSums>,
+        by_rows: bool,
     ) -> Compact {
         let ic_sets = inputs.kept;
         let (cin, cout) = (geom.in_c, bias.len());
@@ -3332,6 +3339,7 @@ impl EngineExecutor {
                         Subset {
                             sums,
                             rows_major,
+                            by_rows,
                             ..subset(&d, cout, cin, unread, serial)
                         },
                         os,
