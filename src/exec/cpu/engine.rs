@@ -3820,9 +3820,14 @@ const ROWS_MAJOR_MAX_POSITIONS: usize = 14 * 14;
 /// 4.7 MB more), in-process pairs against packed: at budget 0.5, batch 1, 0.68–0.70 of
 /// the time on two threads and 0.75 on one, 0.91 at batch 8; at budget 0.25 0.68, at 0.75
 /// 0.89; at keep ratios 0.3–0.8 0.89–0.95. Whole passes at batch 1 0.984–0.990 (two
-/// threads), 0.995 (one). Over 14 × 14 (`layer3.0.conv1`, K = 1152, seven panels) it took
-/// 0.77–0.85 at budget 0.5 but 1.03–1.10 at keep ratios 0.4–0.8: not there.
-const ROWS_MAJOR_MAX_STRIDED_POSITIONS: usize = 7 * 7;
+/// threads), 0.995 (one). Over 14 × 14 too (ResNet-18's `layer3.0.conv1`, K = 1152, seven
+/// panels, 1.2 MB more; ResNet-50's `layer3.0.conv2`, 2.4 MB): it had taken 0.77–0.85 of
+/// the packed way's time at budget 0.5 but 1.03–1.10 at keep ratios 0.4–0.8; since the
+/// kernel's later changes (in-process pairs, 2 threads, 60 at batch 1 and 12 at batch 8)
+/// 0.76, 0.82 and 0.86 at budgets 0.5, 0.25 and 0.75, 0.77 and 0.86 at keep ratios 0.5
+/// and 0.7, 0.77 at batch 8; ResNet-18's passes 0.984–0.990 and 1.000 at keep 0.7 (1.003
+/// at batch 8), ResNet-50's 0.992.
+const ROWS_MAJOR_MAX_STRIDED_POSITIONS: usize = 14 * 14;
 
 /// Columns of A (input channels × taps) from which such a layer does. Short rows gained
 /// nothing against the packed kernel's other means (its epilogue from the registers, its
