@@ -110,7 +110,6 @@ pub fn max_pool_into(out: &mut [f32], input: &[f32], win: Window) {
     let [s, kw, pl] = [win.stride[1], win.kernel[1], win.pad_tl[1]];
     #[cfg(target_arch = "x86_64")]
     if [s, kw, pl] == [2, 3, 1] && std::arch::is_x86_feature_detected!("avx512f") {
-        let row_len = (ow + 1).next_multiple_of(16) + 16;
         // Each plane in one part of its output rows per thread, every plane's first part
         // first: the loop then shares out its work as the stem before it did, by output
         // rows (the top rows to one thread, the bottom ones to the other), and each
@@ -130,16 +129,12 @@ pub fn max_pool_into(out: &mut [f32], input: &[f32], win: Window) {
             }
         }
         tasks.sort_by_key(|(p, r, _)| (r.start, *p));
-        tasks.into_par_iter().for_each_init(
-            || vec![0f32; 2 * h * row_len],
-            |halves, (p, r, o)| {
-                let x = &input[p * in_plane..(p + 1) * in_plane];
-                // SAFETY: AVX-512F is present; `halves` holds two rows of `row_len` per
-                // input row, `o` the output rows `r` of the plane, every row range inside
-                // the plane.
-                unsafe { max_pool_3s2_avx512(o, x, [h, w], ow, &rows[r], halves, row_len) };
-            },
-        );
+        tasks.into_par_iter().for_each(|(p, r, o)| {
+            let x = &input[p * in_plane..(p + 1) * in_plane];
+            // SAFETY: AVX-512F is present; `o` holds the output rows `r` of the plane,
+            // every row range inside the plane.
+            unsafe { max_pool_3s2_avx512(o, x, w, ow, &rows[r]) };
+        });
         return;
     }
     // Phase length: the last output's last tap is at ow − 1 + (kw − 1) / s.
@@ -171,74 +166,59 @@ pub fn max_pool_into(out: &mut [f32], input: &[f32], win: Window) {
     );
 }
 
-/// One plane of a max pool whose windows are 3 wide at column stride 2 with one column
-/// of padding on the left (ResNet's 3×3, stride-2 pool), output rows `ow` wide, output
-/// row `oy` over input rows `rows[oy]`. Each input row is split once into its even and
-/// its odd columns (−∞ past the row), the odd ones one place on (−∞ first), so that the
-/// three taps of 16 outputs are three contiguous vectors: odd column 2·ox − 1, even
-/// 2·ox, odd 2·ox + 1. All rows are split before any output row reads them (a vector
-/// load of values stored a moment before at another alignment waits for the stores).
-/// The generic way (a padded copy, the vertical maxima, a phase split and the taps per
-/// output row, each a pass over a short row) took 0.10–0.15 ms of a ResNet pass at
-/// batch 1 on two threads, ONNX Runtime's pool 0.04. ResNet's pool alone (64 planes of
-/// 112 × 112, two threads, in a loop, median of 300, alternated twice): 0.093–0.099 ms
-/// this way against 0.139–0.157 the generic way.
+/// One plane's output rows of a max pool whose windows are 3 wide at column stride 2
+/// with one column of padding on the left (ResNet's 3×3, stride-2 pool), each from the
+/// input rows it spans: their elementwise maximum, 32 columns at a time, split into even
+/// and odd columns; output `j` of a block of 16 is the maximum of odd column `j − 1` (the
+/// block before's last, −∞ first), even `j` and odd `j`. Each output row splits one row
+/// of maxima rather than each input row being split into scratch first: ResNet's pool
+/// alone (64 planes of 112 × 112, in a loop, medians of 580) 0.042 ms on two threads
+/// against 0.070, 0.074 against 0.132 on one (ONNX Runtime's pool 0.04–0.05 in a pass);
+/// in passes (in-process pairs, batch 1, 100) ResNet-18's pool 0.83–0.93 of its time,
+/// ResNet-50's 0.84–1.19 (the machine slow and noisy), 0.86 at batch 8. The generic way
+/// (a padded copy, the vertical maxima, a phase split and the taps per output row, each
+/// a pass over a short row) had taken 0.10–0.15 ms of a ResNet pass on two threads.
 ///
 /// # Safety
-/// AVX-512F is available; `x` holds `h · w` values, `o` `rows.len() · ow`, `halves`
-/// `2 · h · row_len` with `row_len ≥ ow + 17` a multiple of 16; every range in `rows`
-/// lies within `0..h`.
+/// AVX-512F is available; `x` holds `rows`' input rows of `w` values (the loads are
+/// masked to them), `o` `rows.len() · ow`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn max_pool_3s2_avx512(
     o: &mut [f32],
     x: &[f32],
-    [h, w]: [usize; 2],
+    w: usize,
     ow: usize,
     rows: &[(usize, usize)],
-    halves: &mut [f32],
-    row_len: usize,
 ) {
     use std::arch::x86_64::*;
     let lanes = |n: usize| ((1u32 << n.min(16)) - 1) as __mmask16;
     let neg = _mm512_set1_ps(f32::NEG_INFINITY);
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    let hp = halves.as_mut_ptr();
-    // Only the input rows these output rows read.
-    let read = rows.first().map_or(0, |r| r.0)..rows.last().map_or(0, |r| r.1);
-    debug_assert!(read.end <= h);
-    for y in read {
-        let (ev, od) = (hp.add(2 * y * row_len), hp.add((2 * y + 1) * row_len));
-        *od = f32::NEG_INFINITY;
-        let src = x.as_ptr().add(y * w);
-        for k in (0..row_len - 16).step_by(16) {
-            // Input columns 2·k .. 2·k + 32; masked-off lanes are not read.
-            let a =
-                _mm512_mask_loadu_ps(neg, lanes(w.saturating_sub(2 * k)), src.wrapping_add(2 * k));
-            let b = _mm512_mask_loadu_ps(
-                neg,
-                lanes(w.saturating_sub(2 * k + 16)),
-                src.wrapping_add(2 * k + 16),
-            );
-            _mm512_storeu_ps(ev.add(k), _mm512_permutex2var_ps(a, even, b));
-            _mm512_storeu_ps(od.add(k + 1), _mm512_permutex2var_ps(a, odd, b));
-        }
-    }
     for (orow, &(y0, y1)) in o.chunks_exact_mut(ow).zip(rows) {
-        for x0 in (0..ow).step_by(16) {
-            let mut m = neg;
+        let mut last_odd = neg;
+        for j0 in (0..ow).step_by(16) {
+            // Input columns 2·j0 .. 2·j0 + 32 of every row, −∞ past the row.
+            let c = 2 * j0;
+            let (ma, mb) = (lanes(w.saturating_sub(c)), lanes(w.saturating_sub(c + 16)));
+            let (mut a, mut b) = (neg, neg);
             for y in y0..y1 {
-                let (ev, od) = (
-                    hp.add(2 * y * row_len + x0),
-                    hp.add((2 * y + 1) * row_len + x0),
-                );
+                let src = x.as_ptr().add(y * w + c);
                 // `max(v, m)` is `v > m ? v : m`: a NaN never wins, as in the generic way.
-                m = _mm512_max_ps(_mm512_loadu_ps(od), m);
-                m = _mm512_max_ps(_mm512_loadu_ps(ev), m);
-                m = _mm512_max_ps(_mm512_loadu_ps(od.add(1)), m);
+                a = _mm512_max_ps(_mm512_mask_loadu_ps(neg, ma, src), a);
+                b = _mm512_max_ps(_mm512_mask_loadu_ps(neg, mb, src.wrapping_add(16)), b);
             }
-            _mm512_mask_storeu_ps(orow.as_mut_ptr().add(x0), lanes(ow - x0), m);
+            let ev = _mm512_permutex2var_ps(a, even, b);
+            let od = _mm512_permutex2var_ps(a, odd, b);
+            // Odd column j − 1: lane 15 of the block before, then this block's 0..15.
+            let before = _mm512_castsi512_ps(_mm512_alignr_epi32::<15>(
+                _mm512_castps_si512(od),
+                _mm512_castps_si512(last_odd),
+            ));
+            let m = _mm512_max_ps(_mm512_max_ps(ev, od), before);
+            _mm512_mask_storeu_ps(orow.as_mut_ptr().add(j0), lanes(ow - j0), m);
+            last_odd = od;
         }
     }
 }
