@@ -337,11 +337,7 @@ impl Bands {
                 let mut done = false;
                 for k0 in (0..k).step_by(KC) {
                     let k1 = (k0 + KC).min(k);
-                    let fin = (k1 == k).then_some(gemm::Finish {
-                        ep: &ep,
-                        c,
-                        sums: None,
-                    });
+                    let fin = (k1 == k).then_some(gemm::Finish { ep: &ep, c });
                     // SAFETY: rows < chans index the packed weights (k columns, checked
                     // in `run`); the panel holds NR values from every row's start
                     // (checked above, or packed); with `fin`, as for the store below.

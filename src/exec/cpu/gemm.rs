@@ -430,80 +430,15 @@ pub unsafe fn accumulate_prefetching(
 pub struct Finish<'a> {
     pub ep: &'a Epilogue<'a>,
     pub c: *mut f32,
-    /// Where the AVX-512 kernel also leaves each stored row's block sum, for a gate that
-    /// reads the output; the AVX2 kernel stores without them (its caller sums).
-    pub sums: Option<TileSums>,
-}
-
-/// Where a finished tile's row sums go: row `r` of a tile whose first column is `c0`
-/// sums to `at + (c0 / NR) · per_panel + r`, the block sum of its stored values
-/// (in a block sum's order, as a gate sums a plane). From the registers, rather than
-/// read back from the cells just stored, where a read right behind the store waits for
-/// the store's line: in-process pairs at budget 0.5 (batch 1, two threads, 100–150),
-/// read back, the projections of MobileNetV2 and EfficientNet-Lite0 took 1.03–1.11× the
-/// time and ResNet-50's `layer1` `conv3` layers 1.05–1.06×; passes 1.001–1.013 (the
-/// MobileNets), 0.993–1.005 (the ResNets).
-#[derive(Clone, Copy)]
-pub struct TileSums {
-    pub at: *mut f32,
-    pub per_panel: usize,
-}
-
-/// Sixteen rows' block sums at once: `v[i]` holds row `i`'s values `j` plus `j + 16`
-/// in lane `j` (the first level of a block's tree); each further level adds the same
-/// lanes of every row, two rows' halves shuffled into one vector, so sixteen rows take
-/// 30 shuffles where one tree per row took 64. Lane `4 (i % 4) + i / 4` of the result is
-/// row `i`'s sum, with the additions of a block sum in its order: the same bits.
-///
-/// # Safety
-/// AVX-512F is available.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-pub(crate) unsafe fn block_sums16(
-    v: &[std::arch::x86_64::__m512; 16],
-) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    // Lanes j and j + 8: rows 2i and 2i + 1 in halves of one vector.
-    let c: [__m512; 8] = std::array::from_fn(|i| {
-        let (a, b) = (v[2 * i], v[2 * i + 1]);
-        _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
-            _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
-        )
-    });
-    // Then j + 4: rows 4i .. 4i + 3 in the four 128-bit lanes.
-    let e: [__m512; 4] = std::array::from_fn(|i| {
-        let (a, b) = (c[2 * i], c[2 * i + 1]);
-        _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
-            _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
-        )
-    });
-    // Then j + 2: in 128-bit lane k, rows 8i + k and 8i + 4 + k, two values each.
-    let g: [__m512; 2] = std::array::from_fn(|i| {
-        let (a, b) = (e[2 * i], e[2 * i + 1]);
-        _mm512_add_ps(
-            _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
-            _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
-        )
-    });
-    // Then j + 1: value 4k + q is row 4q + k's sum.
-    _mm512_add_ps(
-        _mm512_shuffle_ps::<0b10_00_10_00>(g[0], g[1]),
-        _mm512_shuffle_ps::<0b11_01_11_01>(g[0], g[1]),
-    )
 }
 
 /// [`accumulate_prefetching`]; with `finish`, when `k1 == t.k`, the AVX-512 and AVX2
 /// kernels of a tile whose columns are consecutive (and without a lane mask) also apply
-/// the epilogue and store the tile, and return true: `acc` is then not written (and on
-/// AVX-512 the finish's row sums are). Otherwise it returns false and the caller stores
-/// `acc` ([`store`]).
+/// the epilogue and store the tile, and return true: `acc` is then not written. Otherwise
+/// it returns false and the caller stores `acc` ([`store`]).
 ///
 /// # Safety
-/// As for [`accumulate`], and with `finish`, as for [`store`], and its sums (where
-/// given) writable at every row the tile stores.
+/// As for [`accumulate`], and with `finish`, as for [`store`].
 pub unsafe fn accumulate_finishing(
     isa: Isa,
     t: &Tile,
@@ -825,7 +760,7 @@ unsafe fn store_body(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
 /// As for [`accumulate`] and [`store`].
 pub unsafe fn run_tile(isa: Isa, t: &Tile, ep: &Epilogue, c: *mut f32) {
     let mut acc = [[0f32; NR]; 12];
-    let finish = Finish { ep, c, sums: None };
+    let finish = Finish { ep, c };
     if !accumulate_finishing(isa, t, 0, t.k, &mut acc, Prefetch::NONE, Some(finish)) {
         store(t, ep, &acc, c);
     }
@@ -1279,17 +1214,12 @@ mod avx512 {
             let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
             let residual = f.ep.residual.base(f.c);
             let (c, c0) = (f.c, t.cols[0]);
-            // With sums: each row's stored lanes, j plus j + 16 (zero past the tile's
-            // columns), from zero up, as a block sum begins.
-            let zero = _mm512_setzero_ps();
-            let mut firsts = [zero; 16];
             macro_rules! rows {
-                ($add:expr, $clamp:expr, $sum:expr; $($i:literal)*) => {$(
+                ($add:expr, $clamp:expr; $($i:literal)*) => {$(
                     if $i < MR && $i < nr {
                         let row = t.rows[$i];
                         let bias = _mm512_set1_ps(f.ep.bias[row]);
                         let at = row * t.ldc + c0;
-                        let mut first = zero;
                         for (w, &m) in masks.iter().enumerate() {
                             let mut v = _mm512_add_ps(acc[$i][w], bias);
                             if let Some(r) = $add {
@@ -1299,39 +1229,22 @@ mod avx512 {
                                 v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
                             }
                             _mm512_mask_storeu_ps(c.add(at + 16 * w), m, v);
-                            if $sum {
-                                first = _mm512_add_ps(first, _mm512_maskz_mov_ps(m, v));
-                            }
-                        }
-                        if $sum {
-                            // (A tile of one vector: a block sum adds the missing second
-                            // vector's zeros too, which leaves `0 + x` as it is.)
-                            firsts[$i] = first;
                         }
                     }
                 )*};
             }
-            macro_rules! all_rows {
-                ($add:expr, $clamp:expr) => {
-                    if f.sums.is_some() {
-                        rows!($add, $clamp, true; 0 1 2 3 4 5 6 7 8 9 10 11);
-                    } else {
-                        rows!($add, $clamp, false; 0 1 2 3 4 5 6 7 8 9 10 11);
-                    }
-                };
-            }
             match (residual, f.ep.act != Act::None) {
-                (Some(r), true) => all_rows!(Some(r), true),
-                (Some(r), false) => all_rows!(Some(r), false),
-                (None, true) => all_rows!(None::<*const f32>, true),
-                (None, false) => all_rows!(None::<*const f32>, false),
-            }
-            if let Some(s) = f.sums {
-                let mut lanes = [0f32; 16];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), super::block_sums16(&firsts));
-                let at = s.at.wrapping_add(c0 / super::NR * s.per_panel);
-                for (i, &row) in t.rows.iter().enumerate() {
-                    *at.add(row) = lanes[(i % 4) * 4 + i / 4];
+                (Some(r), true) => {
+                    rows!(Some(r), true; 0 1 2 3 4 5 6 7 8 9 10 11);
+                }
+                (Some(r), false) => {
+                    rows!(Some(r), false; 0 1 2 3 4 5 6 7 8 9 10 11);
+                }
+                (None, true) => {
+                    rows!(None::<*const f32>, true; 0 1 2 3 4 5 6 7 8 9 10 11);
+                }
+                (None, false) => {
+                    rows!(None::<*const f32>, false; 0 1 2 3 4 5 6 7 8 9 10 11);
                 }
             }
             return true;
