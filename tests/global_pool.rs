@@ -1,6 +1,8 @@
 //! The calling thread as worker 0 of the global pool (`join_global_pool`): alone in its
 //! own test binary, since a process has one global pool and it decides it once.
 
+mod common;
+
 use dynsparse::{demo, join_global_pool, Options, Runtime};
 
 #[test]
@@ -9,12 +11,7 @@ fn a_caller_in_the_global_pool_runs_passes_that_match_a_pool_of_their_own() {
     join_global_pool(Some(3)).expect("no global pool before this");
     assert_eq!(rayon::current_thread_index(), Some(0));
     assert_eq!(rayon::current_num_threads(), 3);
-    let imgs: Vec<_> = demo::heldout()
-        .unwrap()
-        .into_iter()
-        .take(8)
-        .map(|(i, _)| i)
-        .collect();
+    let imgs = common::heldout_images(8);
     let here = Runtime::from_bytes(demo::MODEL, Options::default())
         .unwrap()
         .infer(&imgs)
@@ -30,13 +27,7 @@ fn a_caller_in_the_global_pool_runs_passes_that_match_a_pool_of_their_own() {
     .infer(&imgs)
     .unwrap();
     for (a, b) in here.iter().zip(&apart) {
-        let scale = b.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = a
-            .logits
-            .iter()
-            .zip(&b.logits)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(diff <= 1e-6 * scale, "{diff} of {scale}");
+        assert!(common::rel_err(&a.logits, &b.logits) < 1e-6);
         assert_eq!(a.top[0].class, b.top[0].class);
     }
     let err = join_global_pool(None).expect_err("the global pool exists");

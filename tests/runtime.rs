@@ -66,12 +66,7 @@ fn every_pixel_format_gives_the_same_answer() {
 #[test]
 fn batch_equals_one_at_a_time_and_threads_equal_sequential() {
     let rt = demo_runtime();
-    let imgs: Vec<DynamicImage> = demo::heldout()
-        .unwrap()
-        .into_iter()
-        .take(24)
-        .map(|(i, _)| i)
-        .collect();
+    let imgs = common::heldout_images(24);
     let batch = rt.infer(&imgs).unwrap();
     assert_eq!(batch.len(), imgs.len());
     let single: Vec<_> = imgs
@@ -139,12 +134,7 @@ fn demo_model_is_accurate_and_reproducible() {
 #[test]
 fn tensor_input_gives_one_result_per_row() {
     let rt = demo_runtime();
-    let imgs: Vec<DynamicImage> = demo::heldout()
-        .unwrap()
-        .into_iter()
-        .take(3)
-        .map(|(i, _)| i)
-        .collect();
+    let imgs = common::heldout_images(3);
     let mut data = Vec::new();
     for img in &imgs {
         data.extend(dynsparse::preprocess::preprocess(img, &rt.model().desc.preprocess).unwrap());
@@ -232,12 +222,7 @@ fn cli_infer_json_and_demo() {
 
 #[test]
 fn own_thread_pool_gives_the_same_results() {
-    let imgs: Vec<DynamicImage> = demo::heldout()
-        .unwrap()
-        .into_iter()
-        .take(8)
-        .map(|(i, _)| i)
-        .collect();
+    let imgs = common::heldout_images(8);
     let shared = demo_runtime().infer(&imgs).unwrap();
     for threads in [1, 3] {
         let opts = Options {

@@ -59,3 +59,13 @@ pub fn succeeded(out: std::process::Output) -> String {
 pub fn read_json(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
+
+/// The first `n` of the demo's held-out images.
+pub fn heldout_images(n: usize) -> Vec<image::DynamicImage> {
+    dynsparse::demo::heldout()
+        .unwrap()
+        .into_iter()
+        .take(n)
+        .map(|(i, _)| i)
+        .collect()
+}
