@@ -204,7 +204,8 @@ unsafe fn max_pool_3s2_avx512(
             let (ma, mb) = (lanes(w.saturating_sub(c)), lanes(w.saturating_sub(c + 16)));
             let (mut a, mut b) = (neg, neg);
             for y in y0..y1 {
-                let src = x.as_ptr().add(y * w + c);
+                // (wrapping: past the row, the masked loads read nothing.)
+                let src = x.as_ptr().wrapping_add(y * w + c);
                 // `max(v, m)` is `v > m ? v : m`: a NaN never wins, as in the generic way.
                 a = _mm512_max_ps(_mm512_mask_loadu_ps(neg, ma, src), a);
                 b = _mm512_max_ps(_mm512_mask_loadu_ps(neg, mb, src.wrapping_add(16)), b);
