@@ -3815,8 +3815,8 @@ const ROWS_MAJOR_MAX_POSITIONS: usize = 14 * 14;
 /// panels, 1.2 MB more; ResNet-50's `layer3.0.conv2`, 2.4 MB): it had taken 0.77–0.85 of
 /// the packed way's time at budget 0.5 but 1.03–1.10 at keep ratios 0.4–0.8; since the
 /// kernel's later changes (in-process pairs, 2 threads, 60 at batch 1 and 12 at batch 8)
-/// 0.76, 0.82 and 0.86 at budgets 0.5, 0.25 and 0.75, 0.77 and 0.86 at keep ratios 0.5
-/// and 0.7, 0.77 at batch 8; ResNet-18's passes 0.984–0.990 and 1.000 at keep 0.7 (1.003
+/// 0.76, 0.77 and 0.82 at budgets 0.5, 0.25 and 0.75, 0.77 and 0.86 at keep ratios 0.5
+/// and 0.7, 0.86 at batch 8; ResNet-18's passes 0.984–0.990 and 1.000 at keep 0.7 (1.003
 /// at batch 8), ResNet-50's 0.992.
 const ROWS_MAJOR_MAX_STRIDED_POSITIONS: usize = 14 * 14;
 

@@ -174,8 +174,8 @@ pub fn max_pool_into(out: &mut [f32], input: &[f32], win: Window) {
 /// of maxima rather than each input row being split into scratch first: ResNet's pool
 /// alone (64 planes of 112 × 112, in a loop, medians of 580) 0.042 ms on two threads
 /// against 0.070, 0.074 against 0.132 on one (ONNX Runtime's pool 0.04–0.05 in a pass);
-/// in passes (in-process pairs, batch 1, 100) ResNet-18's pool 0.83–0.93 of its time,
-/// ResNet-50's 0.84–1.19 (the machine slow and noisy), 0.86 at batch 8. The generic way
+/// in passes (in-process pairs, batch 1, 100) ResNet-18's pool 0.87–0.93 of its time,
+/// ResNet-50's 0.83–1.19 (the machine slow and noisy), 0.86 at batch 8. The generic way
 /// (a padded copy, the vertical maxima, a phase split and the taps per output row, each
 /// a pass over a short row) had taken 0.10–0.15 ms of a ResNet pass on two threads.
 ///
