@@ -759,9 +759,18 @@ unsafe fn store_body(t: &Tile, ep: &Epilogue, acc: &Acc, c: *mut f32) {
 /// # Safety
 /// As for [`accumulate`] and [`store`].
 pub unsafe fn run_tile(isa: Isa, t: &Tile, ep: &Epilogue, c: *mut f32) {
+    run_tile_prefetching(isa, t, ep, c, Prefetch::NONE);
+}
+
+/// [`run_tile`], prefetching `next` over its steps of K as [`accumulate_prefetching`]
+/// does (AVX-512 only).
+///
+/// # Safety
+/// As for [`accumulate`] and [`store`].
+pub unsafe fn run_tile_prefetching(isa: Isa, t: &Tile, ep: &Epilogue, c: *mut f32, next: Prefetch) {
     let mut acc = [[0f32; NR]; 12];
     let finish = Finish { ep, c };
-    if !accumulate_finishing(isa, t, 0, t.k, &mut acc, Prefetch::NONE, Some(finish)) {
+    if !accumulate_finishing(isa, t, 0, t.k, &mut acc, next, Some(finish)) {
         store(t, ep, &acc, c);
     }
 }
