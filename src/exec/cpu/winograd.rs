@@ -681,9 +681,28 @@ fn conv_bands(
             assert!(prows.len() * NR <= m_xi);
             let (arows, crows) = (&rows[prows.clone()], &every[..prows.len()]);
             let mp = OutPtr(m.as_mut_ptr());
+            // Each tile prefetches the block of U the next one reads (the next row
+            // tile's, or the first of the next ξ), as `conv`'s GEMMs do: every band
+            // reads all of U, which streams from memory in a pass.
+            let first_row = arows.first().copied().unwrap_or(0);
             for xi in 0..xis {
                 let a = &u_all[xi * a_one..(xi + 1) * a_one];
-                for (arows, crow) in arows.chunks(mr).zip(crows.chunks(mr)) {
+                let mut tiles = arows.chunks(mr).zip(crows.chunks(mr)).peekable();
+                while let Some((arows, crow)) = tiles.next() {
+                    let next_at = match tiles.peek() {
+                        Some((n, _)) => Some(xi * a_one + gemm::a_offset(n[0], ka)),
+                        None if xi + 1 < xis => {
+                            Some((xi + 1) * a_one + gemm::a_offset(first_row, ka))
+                        }
+                        None => None,
+                    };
+                    let next = next_at.map_or(gemm::Prefetch::NONE, |at| gemm::Prefetch {
+                        at: u_all.as_ptr().wrapping_add(at),
+                        blocks: 1,
+                        stride: 0,
+                        step: PACK,
+                        panel: std::ptr::null(),
+                    });
                     let tile = Tile {
                         a,
                         ka,
@@ -700,8 +719,11 @@ fn conv_bands(
                     };
                     // SAFETY: A holds every row of U[ξ]; the panel kc × NR floats; the
                     // tile's rows < m_xi / NR and its columns < NR index inside this
-                    // thread's M of ξ.
-                    unsafe { gemm::run_tile(job.isa, &tile, &ep, mp.get().add(xi * m_xi)) };
+                    // thread's M of ξ. (A prefetch never faults.)
+                    unsafe {
+                        let c = mp.get().add(xi * m_xi);
+                        gemm::run_tile_prefetching(job.isa, &tile, &ep, c, next);
+                    }
                 }
             }
             for (i, &r) in arows.iter().enumerate() {
