@@ -422,13 +422,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
                         None => None,
                     };
                     let next = match next_rows.filter(|_| prefetch) {
-                        Some(n) => gemm::Prefetch {
-                            at: a.as_ptr().wrapping_add(gemm::a_offset(n[0], ka)),
-                            blocks: 1,
-                            stride: 0,
-                            step: PACK,
-                            panel: std::ptr::null(),
-                        },
+                        Some(n) => block_of(a, n[0], ka),
                         None => gemm::Prefetch::NONE,
                     };
                     let c0 = p * NR;
@@ -494,6 +488,19 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
     pool.give(m_buf);
     if let Some(a) = a_buf {
         pool.give(a);
+    }
+}
+
+/// What a GEMM tile prefetches for the tile after it, whose first row is `row` of a
+/// packed `a` of `ka` columns: that row's block, a block's width of values per step of K
+/// (the whole block over K steps).
+fn block_of(a: &[f32], row: usize, ka: usize) -> gemm::Prefetch {
+    gemm::Prefetch {
+        at: a.as_ptr().wrapping_add(gemm::a_offset(row, ka)),
+        blocks: 1,
+        stride: 0,
+        step: PACK,
+        panel: std::ptr::null(),
     }
 }
 
@@ -689,20 +696,11 @@ fn conv_bands(
                 let a = &u_all[xi * a_one..(xi + 1) * a_one];
                 let mut tiles = arows.chunks(mr).zip(crows.chunks(mr)).peekable();
                 while let Some((arows, crow)) = tiles.next() {
-                    let next_at = match tiles.peek() {
-                        Some((n, _)) => Some(xi * a_one + gemm::a_offset(n[0], ka)),
-                        None if xi + 1 < xis => {
-                            Some((xi + 1) * a_one + gemm::a_offset(first_row, ka))
-                        }
-                        None => None,
+                    let next = match tiles.peek() {
+                        Some((n, _)) => block_of(a, n[0], ka),
+                        None if xi + 1 < xis => block_of(&u_all[(xi + 1) * a_one..], first_row, ka),
+                        None => gemm::Prefetch::NONE,
                     };
-                    let next = next_at.map_or(gemm::Prefetch::NONE, |at| gemm::Prefetch {
-                        at: u_all.as_ptr().wrapping_add(at),
-                        blocks: 1,
-                        stride: 0,
-                        step: PACK,
-                        panel: std::ptr::null(),
-                    });
                     let tile = Tile {
                         a,
                         ka,
