@@ -381,18 +381,23 @@ impl PlaneRows<'_> {
         // Every group of rows over one block of channels (their V stays in L1), block
         // after block, and over larger planes half after half within a block; each call
         // prefetches the weight lines of the call [`LINES_AHEAD`] after it.
+        // Call `i`: block, first half and group of rows (groups fastest, then halves).
         let n_groups = groups.len();
-        let calls: Vec<(usize, usize, usize)> = (0..blocks)
-            .flat_map(|b| {
-                (0..halves)
-                    .step_by(per_call)
-                    .flat_map(move |h0| (0..n_groups).map(move |g| (b, h0, g)))
-            })
-            .collect();
-        for (at, &(b, h0, g)) in calls.iter().enumerate() {
-            let next = calls
-                .get(at + LINES_AHEAD)
-                .map(|&(nb, _, ng)| (groups[ng], block(nb)));
+        let steps = halves.div_ceil(per_call);
+        let call_at = |i: usize| {
+            (
+                i / (steps * n_groups),
+                i / n_groups % steps * per_call,
+                i % n_groups,
+            )
+        };
+        let n_calls = blocks * steps * n_groups;
+        for i in 0..n_calls {
+            let (b, h0, g) = call_at(i);
+            let next = (i + LINES_AHEAD < n_calls).then(|| {
+                let (nb, _, ng) = call_at(i + LINES_AHEAD);
+                (groups[ng], block(nb))
+            });
             let chans = block(b);
             let c0 = b * per_block;
             let call = Call {
