@@ -37,5 +37,5 @@ pub use exec::{Budget, Cut, Gates, Policy};
 pub use format::{Model, TensorData};
 pub use runtime::{
     join_global_pool, ClassScore, DeviceChoice, Engine, Input, LayerStats, Options, Prediction,
-    Runtime, Stats,
+    Runtime, Stats, DEFAULT_LINGER,
 };

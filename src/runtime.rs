@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use image::DynamicImage;
 use serde::Serialize;
@@ -46,7 +46,21 @@ pub struct Options {
     /// ([`EngineExecutor::with_channel_groups`]; `None` or 1: one by one). Refused on a
     /// GPU.
     pub channel_groups: Option<usize>,
+    /// How long after each pass on the CPU pool its other workers keep spinning, ready for
+    /// the next pass (they stop when it begins). An application that runs a pass every
+    /// few milliseconds, a camera's frames, finds them running: on a VM a sleeping
+    /// worker's vCPU is soon lent elsewhere, and the next pass ran as if on one thread or
+    /// slower (MobileNetV2 at batch 1, one pass every 30 ms on the 2-vCPU Zen 5 VM: 3.6–4.2
+    /// ms a pass without, 1.9–2.3 with 50 ms; back to back 1.9; ONNX Runtime, whose
+    /// workers spin after a run too, 2.0). The price is a core kept busy meanwhile;
+    /// `Duration::ZERO` lets the workers sleep at once
+    /// ([`EngineExecutor::with_linger`]).
+    pub linger: Duration,
 }
+
+/// [`Options::linger`] by default: longer than the gaps between a camera's frames (33 ms
+/// at 30 per second), as ONNX Runtime's spinning covers 30 ms gaps but not 100.
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(50);
 
 impl Default for Options {
     fn default() -> Self {
@@ -59,6 +73,7 @@ impl Default for Options {
             layer_stats: false,
             channel_round: None,
             channel_groups: None,
+            linger: DEFAULT_LINGER,
         }
     }
 }
@@ -228,7 +243,7 @@ impl Runtime {
         let cpu = |model: &Model| -> Result<Box<dyn Executor>> {
             Ok(match options.engine {
                 Engine::Fast => {
-                    let mut engine = EngineExecutor::new(model)?;
+                    let mut engine = EngineExecutor::new(model)?.with_linger(options.linger);
                     engine = match options.channel_round {
                         Some(0) => {
                             return Err(Error::Input("channel_round must be at least 1".into()))

@@ -204,6 +204,9 @@ pub struct EngineExecutor {
     /// Per node: the convolutions with a channel gate that read its output, for which it
     /// sums its output planes as it writes them ([`PanelSums`]).
     sum_readers: Vec<Vec<usize>>,
+    /// How long the pool's other workers spin after a pass, waiting for the next
+    /// ([`EngineExecutor::with_linger`]).
+    linger: std::time::Duration,
     /// Whether convolutions sum their output for the gates reading it (see
     /// [`EngineExecutor::without_summed_means`]).
     summed_means: bool,
@@ -814,6 +817,7 @@ impl EngineExecutor {
             input_gates,
             input_plane: model.desc.input.height * model.desc.input.width,
             sum_readers,
+            linger: std::time::Duration::ZERO,
             summed_means: true,
             thread_choice: Some(ThreadChoice::default()),
             one_thread: OnceLock::new(),
@@ -1174,6 +1178,37 @@ impl EngineExecutor {
     /// ```
     pub fn without_winograd_bands(mut self) -> Self {
         self.winograd_bands = false;
+        self
+    }
+
+    /// Keeps the pool's other workers spinning for `linger` after each pass that ran on
+    /// the pool (or until the next pass begins), so that a pass coming within it finds
+    /// them running. By default they sleep as soon as a pass ends. On a VM the host soon
+    /// lends an idle vCPU elsewhere, and the next pass then runs as if on one thread or
+    /// slower: on the 2-vCPU Zen 5 VM, MobileNetV2 at batch 1 with one pass every 30 ms
+    /// took 7.6 ms a pass on the pool (1.9 back to back; ONNX Runtime, whose workers spin
+    /// after a run, 2.0), 4.0 where the thread choice moved it to one thread, and 2.2–2.6
+    /// lingering 50 ms. The price is a core kept busy for `linger` after a pass.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dynsparse::exec::cpu::EngineExecutor;
+    /// use dynsparse::exec::{Executor, Policy};
+    /// use dynsparse::synthetic::{conv_chain, ConvSpec};
+    ///
+    /// let conv = ConvSpec { cout: 16, k: 3, stride: 1, depthwise: false };
+    /// let model = conv_chain(3, 16, &[conv])?;
+    /// let engine = EngineExecutor::new(&model)?.with_linger(Duration::from_millis(50));
+    /// let input = vec![0.5f32; 3 * 16 * 16];
+    /// let first = engine.forward_with(&input, 1, Policy::Dense)?;
+    /// // Another pass 10 ms later finds the workers spinning (and stops them).
+    /// std::thread::sleep(Duration::from_millis(10));
+    /// let second = engine.forward_with(&input, 1, Policy::Dense)?;
+    /// assert_eq!(first.logits, second.logits);
+    /// # Ok::<(), dynsparse::Error>(())
+    /// ```
+    pub fn with_linger(mut self, linger: std::time::Duration) -> Self {
+        self.linger = linger;
         self
     }
 
@@ -4240,7 +4275,9 @@ impl Executor for EngineExecutor {
             .as_ref()
             .filter(|_| rayon::current_num_threads() > 1)
         else {
-            return super::workers::with_workers_awake(|| self.pass(input, batch, policy));
+            return super::workers::with_workers_awake(self.linger, || {
+                self.pass(input, batch, policy)
+            });
         };
         let key = pass_kind(batch, policy);
         let way = choice.choose(key);
@@ -4276,7 +4313,9 @@ impl EngineExecutor {
         };
         match one {
             Some(pool) => pool.install(|| self.pass(input, batch, policy)),
-            None => super::workers::with_workers_awake(|| self.pass(input, batch, policy)),
+            None => {
+                super::workers::with_workers_awake(self.linger, || self.pass(input, batch, policy))
+            }
         }
     }
 
@@ -4337,6 +4376,7 @@ mod tests {
             input_gates: Vec::new(),
             input_plane: 1,
             sum_readers: Vec::new(),
+            linger: std::time::Duration::ZERO,
             summed_means: true,
             thread_choice: None,
             one_thread: OnceLock::new(),
