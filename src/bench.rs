@@ -30,6 +30,8 @@
 //!     channel_groups: None,
 //!     images,
 //!     labels: Vec::new(),
+//!     gap: std::time::Duration::ZERO,
+//!     linger: dynsparse::DEFAULT_LINGER,
 //! };
 //! let report = bench::run(&model, &config, |_, _| {})?;
 //! // Dense comes first, then each policy; ratios are to the dense median.
@@ -43,6 +45,8 @@
 //! assert!(peak.median_gflops > 0.0 && peak.bursts >= 1);
 //! # Ok::<(), dynsparse::Error>(())
 //! ```
+
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -86,6 +90,14 @@ pub struct Config {
     /// The class of each of `images`, when known (empty otherwise): accuracy is then
     /// reported beside agreement.
     pub labels: Vec<usize>,
+    /// A pause before each timed run (`Duration::ZERO`: none, runs back to back): what an
+    /// application sees that runs a pass now and then, as on a camera's frames every
+    /// 33 ms. Back to back, the workers are always awake; after a pause they have to be
+    /// lingering ([`Config::linger`]) or be woken, and on a VM their vCPUs may have been
+    /// lent elsewhere meanwhile.
+    pub gap: Duration,
+    /// How long the workers spin after each pass ([`Options::linger`]).
+    pub linger: Duration,
 }
 
 /// One policy's quality against cost on [`Config::images`].
@@ -163,6 +175,10 @@ pub struct Report {
     /// Timed runs per turn ([`Config::visit`]) and the untimed ones opening it.
     pub visit: usize,
     pub settle: usize,
+    /// The pause before each timed run ([`Config::gap`]) and the workers' linger after
+    /// each pass ([`Config::linger`]), in milliseconds.
+    pub gap_ms: f64,
+    pub linger_ms: f64,
     pub flops_dense: u64,
     /// Kept channel counts' rounding, when set ([`Config::channel_round`]; otherwise the
     /// micro-kernel's rows).
@@ -288,6 +304,7 @@ pub fn run(
                 layer_stats: true,
                 channel_round: config.channel_round,
                 channel_groups: config.channel_groups,
+                linger: config.linger,
                 ..Options::default()
             };
             Runtime::new(model.clone(), options)
@@ -345,6 +362,9 @@ pub fn run(
                     progress(done, total);
                 }
                 for _ in 0..timed {
+                    if !config.gap.is_zero() {
+                        std::thread::sleep(config.gap);
+                    }
                     let preds = rt.infer(Input::Tensor(&x))?;
                     let stats = &preds[0].stats;
                     times[p].push(stats.latency_ms);
@@ -467,6 +487,8 @@ pub fn run(
         runs: config.runs,
         visit: config.visit,
         settle: config.settle,
+        gap_ms: config.gap.as_secs_f64() * 1e3,
+        linger_ms: config.linger.as_secs_f64() * 1e3,
         flops_dense: model.flops_per_sample(),
         channel_round: config.channel_round,
         channel_groups: config.channel_groups,
@@ -510,6 +532,13 @@ impl Report {
             if self.visit == 1 { "" } else { "s" },
             self.settle
         );
+        if self.gap_ms > 0.0 {
+            s += &format!(
+                "Each timed run came {} ms after the last pass ended; the workers lingered {} ms \
+                 after each pass.\n",
+                self.gap_ms, self.linger_ms
+            );
+        }
         if self.results.iter().any(|r| r.batch > 1 && r.gate_ms > 0.0) {
             s += "gates ms: the time the gates took deciding, summed over a batch's samples; \
                   at batch > 1 samples run in parallel, one per core, so their share of the \
@@ -733,6 +762,35 @@ impl Report {
 mod tests {
     use super::*;
 
+    /// With a gap, each timed run waits it out first, and the report says so.
+    #[test]
+    fn a_gap_comes_before_every_timed_run() {
+        let model = Model::from_bytes(crate::demo::MODEL).unwrap();
+        let config = Config {
+            batches: vec![1],
+            policies: Vec::new(),
+            runs: 3,
+            warmup: 0,
+            visit: 3,
+            settle: 0,
+            threads: Some(2),
+            device: DeviceChoice::Cpu,
+            channel_round: None,
+            channel_groups: None,
+            images: Vec::new(),
+            labels: Vec::new(),
+            gap: Duration::from_millis(40),
+            linger: Duration::from_millis(10),
+        };
+        let start = std::time::Instant::now();
+        let report = run(&model, &config, |_, _| {}).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(120));
+        assert_eq!((report.gap_ms, report.linger_ms), (40.0, 10.0));
+        assert!(report
+            .markdown()
+            .contains("came 40 ms after the last pass ended; the workers lingered 10 ms"));
+    }
+
     /// Turns of `visit` timed runs after `settle` untimed ones: 4 runs in turns of 3 are
     /// a turn of 3 and a turn of 1, each opened by an untimed run, for each policy.
     #[test]
@@ -751,6 +809,8 @@ mod tests {
             channel_groups: None,
             images: Vec::new(),
             labels: Vec::new(),
+            gap: Duration::ZERO,
+            linger: crate::runtime::DEFAULT_LINGER,
         };
         let mut calls = Vec::new();
         let report = run(&model, &config, |done, total| calls.push((done, total))).unwrap();
@@ -827,6 +887,8 @@ mod tests {
             runs: 1,
             visit: 1,
             settle: 0,
+            gap_ms: 0.0,
+            linger_ms: 50.0,
             flops_dense: 200,
             channel_round: None,
             channel_groups: None,
@@ -897,6 +959,8 @@ mod tests {
             runs: 1,
             visit: 1,
             settle: 0,
+            gap_ms: 0.0,
+            linger_ms: 50.0,
             flops_dense: M100,
             channel_round: None,
             channel_groups: None,
@@ -949,6 +1013,8 @@ mod tests {
             runs: 1,
             visit: 1,
             settle: 0,
+            gap_ms: 0.0,
+            linger_ms: 50.0,
             flops_dense: 1,
             channel_round: None,
             channel_groups: None,

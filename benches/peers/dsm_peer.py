@@ -116,11 +116,15 @@ def bench_input(shape) -> np.ndarray:
     return (v.astype(np.float64) / float(1 << 23) - 1.0).astype(np.float32).reshape(shape)
 
 
-def timed(run, warmup: int, runs: int):
+def timed(run, warmup: int, runs: int, gap_ms: float = 0.0):
+    """Median, 10th and 90th percentile (ms) of `runs` calls after `warmup`, each timed
+    call `gap_ms` after the last ended; and the last call's output."""
     for _ in range(warmup):
         run()
     t = []
     for _ in range(runs):
+        if gap_ms > 0:
+            time.sleep(gap_ms / 1e3)
         t0 = time.perf_counter()
         out = run()
         t.append((time.perf_counter() - t0) * 1e3)
@@ -176,6 +180,8 @@ def main() -> None:
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--gap-ms", type=float, default=0.0,
+                    help="pause before each timed call, as `dynsparse bench --gap-ms`")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--torch", action="store_true", help="also time PyTorch eager")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -192,7 +198,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
         for b in (int(v) for v in a.batch.split(",")):
             for name, run in gpu_peers(model, c, h, w, b):
-                med, p10, p90, out = timed(run, a.warmup, a.runs)
+                med, p10, p90, out = timed(run, a.warmup, a.runs, a.gap_ms)
                 print(json.dumps({
                     "peer": name, "batch": b, "median_ms": med, "p10_ms": p10, "p90_ms": p90,
                     # FP16 can overflow on random weights: null, not NaN, keeps it JSON.
@@ -230,7 +236,7 @@ def main() -> None:
 
             peers.append(("pytorch " + torch.__version__.split("+")[0] + " eager", eager))
         for name, run in peers:
-            med, p10, p90, out = timed(run, a.warmup, a.runs)
+            med, p10, p90, out = timed(run, a.warmup, a.runs, a.gap_ms)
             print(json.dumps({
                 "peer": name, "batch": b, "median_ms": med, "p10_ms": p10, "p90_ms": p90,
                 "logits": [float(v) for v in np.asarray(out)[0]],

@@ -150,6 +150,13 @@ enum Command {
         /// Untimed runs opening each turn.
         #[arg(long, default_value_t = 1)]
         settle: usize,
+        /// Pause this long before each timed run (and each of the peers' with --peers), as
+        /// an application that runs a pass now and then (a camera's frames: 33).
+        #[arg(long, default_value_t = 0.0)]
+        gap_ms: f64,
+        /// How long the pool's workers spin after each pass, ready for the next.
+        #[arg(long, default_value_t = dynsparse::DEFAULT_LINGER.as_secs_f64() * 1e3)]
+        linger_ms: f64,
         /// Worker threads (default: one per core).
         #[arg(long)]
         threads: Option<usize>,
@@ -415,6 +422,8 @@ fn run(cli: Cli) -> Result<()> {
             warmup,
             visit,
             settle,
+            gap_ms,
+            linger_ms,
             threads,
             layers,
             json,
@@ -469,6 +478,8 @@ fn run(cli: Cli) -> Result<()> {
                 channel_groups,
                 images: Vec::new(),
                 labels: Vec::new(),
+                gap: millis(gap_ms, "--gap-ms")?,
+                linger: millis(linger_ms, "--linger-ms")?,
             };
             if let Some(dir) = images {
                 (config.images, config.labels) = load_folder(&dir)?;
@@ -1308,6 +1319,14 @@ fn plot_demo(rows: &[DemoRow], evidence: &[dynsparse::demo::Evidence], path: &Pa
     })
 }
 
+/// `ms` milliseconds as a duration, or why not (`flag` names the option).
+fn millis(ms: f64, flag: &str) -> Result<std::time::Duration> {
+    if !(0.0..=3_600_000.0).contains(&ms) {
+        bail!("{flag} takes milliseconds from 0 to an hour, not {ms}");
+    }
+    Ok(std::time::Duration::from_secs_f64(ms / 1e3))
+}
+
 /// Times the dense peers with `benches/peers/dsm_peer.py` and checks their logits
 /// against ours on the same input.
 fn run_peers(
@@ -1338,6 +1357,7 @@ fn run_peers(
         .args(["--batch", &batches.join(",")])
         .args(["--runs", &config.runs.to_string()])
         .args(["--warmup", &config.warmup.to_string()])
+        .args(["--gap-ms", &(config.gap.as_secs_f64() * 1e3).to_string()])
         .args(["--threads", &threads.to_string(), "--torch"])
         .args(["--device", if gpu { "cuda" } else { "cpu" }])
         .output()

@@ -63,7 +63,11 @@ pub fn one_thread(isa: Isa, reps: usize) -> f64 {
 
 /// GFLOP/s in all of `threads` threads each running `reps` micro-tiles at once, over
 /// the wall time of the slowest: what a layer split over that many threads could reach.
+/// Workers lingering after a pass ([`super::EngineExecutor::with_linger`]) stop first:
+/// spinning, one took a core from the burst (276 GFLOP/s on two threads of the Zen 5 VM
+/// against 521).
 pub fn burst(isa: Isa, threads: usize, reps: usize) -> f64 {
+    super::workers::stop_lingering();
     let threads = threads.max(1);
     let start = Instant::now();
     std::thread::scope(|s| {

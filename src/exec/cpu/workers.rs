@@ -114,6 +114,11 @@ pub fn with_workers_awake<R: Send>(linger: Duration, pass: impl FnOnce() -> R + 
     out
 }
 
+/// Has workers lingering after a pass stop (they return within a round of spinning).
+pub fn stop_lingering() {
+    PASSES.fetch_add(1, Ordering::AcqRel);
+}
+
 /// Spins, running whatever the pool has, while `passes` still reads `generation` and
 /// `until` is ahead.
 fn linger_while(passes: &AtomicUsize, generation: usize, until: Instant) {
