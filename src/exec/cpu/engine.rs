@@ -4312,7 +4312,11 @@ impl EngineExecutor {
             Way::Pool => None,
         };
         match one {
-            Some(pool) => pool.install(|| self.pass(input, batch, policy)),
+            Some(pool) => {
+                // Workers lingering after a pass on the pool would take a core from this one.
+                super::workers::stop_lingering();
+                pool.install(|| self.pass(input, batch, policy))
+            }
             None => {
                 super::workers::with_workers_awake(self.linger, || self.pass(input, batch, policy))
             }

@@ -77,6 +77,9 @@ pub fn with_workers_awake<R: Send>(linger: Duration, pass: impl FnOnce() -> R + 
     if rayon::current_thread_index().is_none() {
         return rayon::scope(|_| with_workers_awake(linger, pass));
     }
+    // Every pass stops workers lingering after an earlier one, in any pool: they would
+    // take a core from this one.
+    let generation = PASSES.fetch_add(1, Ordering::AcqRel) + 1;
     let threads = rayon::current_num_threads();
     if threads < 2 {
         return pass();
@@ -84,7 +87,6 @@ pub fn with_workers_awake<R: Send>(linger: Duration, pass: impl FnOnce() -> R + 
     let Some(_release) = claim() else {
         return pass();
     };
-    let generation = PASSES.fetch_add(1, Ordering::AcqRel) + 1;
     let done = AtomicBool::new(false);
     let out = rayon::scope(|s| {
         for _ in 1..threads {
@@ -122,6 +124,8 @@ pub fn stop_lingering() {
 /// Spins, running whatever the pool has, while `passes` still reads `generation` and
 /// `until` is ahead.
 fn linger_while(passes: &AtomicUsize, generation: usize, until: Instant) {
+    #[cfg(test)]
+    let _counted = tests::Lingering::new();
     let mut spins = 0u32;
     while passes.load(Ordering::Acquire) == generation {
         if rayon::yield_now() != Some(rayon::Yield::Executed) {
@@ -182,6 +186,47 @@ pub fn for_each_share(share: impl Fn(usize, usize) + Sync) {
 mod tests {
     use super::*;
     use rayon::prelude::*;
+
+    /// Workers in [`linger_while`] now.
+    static LINGERING: AtomicUsize = AtomicUsize::new(0);
+
+    /// Counts a lingering worker while it lives.
+    pub(super) struct Lingering;
+
+    impl Lingering {
+        pub(super) fn new() -> Self {
+            LINGERING.fetch_add(1, Ordering::AcqRel);
+            Lingering
+        }
+    }
+
+    impl Drop for Lingering {
+        fn drop(&mut self) {
+            LINGERING.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    #[test]
+    fn after_a_pass_the_other_worker_lingers() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        // Other tests' passes stop lingering workers as they begin: a few tries.
+        let seen = (0..50).any(|_| {
+            pool.install(|| with_workers_awake(Duration::from_secs(2), || ()));
+            let until = Instant::now() + Duration::from_millis(100);
+            while Instant::now() < until {
+                if LINGERING.load(Ordering::Acquire) > 0 {
+                    return true;
+                }
+                std::thread::yield_now();
+            }
+            false
+        });
+        assert!(seen, "no worker lingered after a pass");
+        stop_lingering();
+    }
 
     #[test]
     fn a_pass_runs_with_the_workers_awake_and_returns_its_value() {
