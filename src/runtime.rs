@@ -50,9 +50,9 @@ pub struct Options {
     /// the next pass (they stop when it begins). An application that runs a pass every
     /// few milliseconds, a camera's frames, finds them running: on a VM a sleeping
     /// worker's vCPU is soon lent elsewhere, and the next pass ran as if on one thread or
-    /// slower (MobileNetV2 at batch 1, one pass every 30 ms on the 2-vCPU Zen 5 VM: 3.6–4.2
-    /// ms a pass without, 1.9–2.3 with 50 ms; back to back 1.9; ONNX Runtime, whose
-    /// workers spin after a run too, 2.0). The price is a core kept busy meanwhile;
+    /// slower (MobileNetV2 at batch 1, one pass every 30 ms on the 2-vCPU Zen 5 VM: 3.5–4.5
+    /// ms a pass without, 1.9–2.4 with 50 ms; back to back 1.9; ONNX Runtime, whose
+    /// workers spin after a run too, 2.0–3.0). The price is a core kept busy meanwhile;
     /// `Duration::ZERO` lets the workers sleep at once
     /// ([`EngineExecutor::with_linger`]).
     pub linger: Duration,

@@ -1186,9 +1186,10 @@ impl EngineExecutor {
     /// them running. By default they sleep as soon as a pass ends. On a VM the host soon
     /// lends an idle vCPU elsewhere, and the next pass then runs as if on one thread or
     /// slower: on the 2-vCPU Zen 5 VM, MobileNetV2 at batch 1 with one pass every 30 ms
-    /// took 7.6 ms a pass on the pool (1.9 back to back; ONNX Runtime, whose workers spin
-    /// after a run, 2.0), 4.0 where the thread choice moved it to one thread, and 2.2–2.6
-    /// lingering 50 ms. The price is a core kept busy for `linger` after a pass.
+    /// took 7.6–8.0 ms a pass on the pool (1.9 back to back; ONNX Runtime, whose workers
+    /// spin after a run, 2.0–3.0), 3.5–4.5 where the thread choice moved it to one
+    /// thread, and 1.9–2.6 lingering 50 ms. The price is a core kept busy for `linger`
+    /// after a pass.
     ///
     /// ```
     /// use std::time::Duration;
