@@ -16,9 +16,9 @@ With three passes a visit, our MobileNetV2 passes just after ONNX Runtime's took
 ms against 4.3–5 otherwise, and the batch-1 ratio read 2.02 (1.06–3.05); with visits of
 ten passes, 1.07 (1.04–1.10). Our side spins the same way (its workers linger 50 ms,
 `Options::linger`), so a visit lasts 400 ms by default and its passes of the first
-80 ms are not kept: two builds of ours alternated this way read 0.999–1.009, where
-visits of 100 ms keeping all passes but the first read 0.653 for the build that lingers
-against one that does not. Reports the median and 10th–90th percentile of the
+80 ms are not kept: two builds of ours alternated that way (a throwaway driver of the
+same protocol, not in the tree) read 0.999–1.009, where visits of 100 ms keeping all
+passes but the first read 0.653 for the build that lingers against one that does not. Reports the median and 10th–90th percentile of the
 per-pair ratios ours/ORT (the medians of the kept passes of each visit), and each
 side's median pass. With `--budget F` our side runs at that FLOP budget (ONNX Runtime
 stays dense): the dynamic-execution goal's ratio.
