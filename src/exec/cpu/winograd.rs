@@ -406,8 +406,10 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
             // outgrow the L3 (ResNet-18's 7 × 7 layers read 16.8 MB of U each), and the
             // hardware prefetcher alone left the multiply-adds waiting on it: one such
             // layer with the L3 flushed before each run took 0.78–0.83 ms with the
-            // prefetch against 1.18–1.48 without (0.37–0.39 either way with U in L3).
-            // Separate builds alternated (Zen 5, 2 threads, batch 1): ResNet-18 dense
+            // prefetch against 1.18–1.48 without (0.37–0.39 either way with U in L3;
+            // both flushed figures also include a second worker that slept through the
+            // flush, see `workers`). Whole passes back to back, separate builds
+            // alternated (Zen 5, 2 threads, batch 1): ResNet-18 dense
             // 0.858 of the time, ResNet-50 0.931, ResNet-18 at budget 0.5 0.982 and at
             // batch 8 0.979. A task's copy of kept columns (`local`) is in its cache
             // already and prefetches nothing.
