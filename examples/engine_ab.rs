@@ -24,23 +24,25 @@
 //! row; without:
 //! `EngineExecutor::without_rows_major`); `nothing` is a control, two
 //! engines alike.
-//! `--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K]]]`
+//! `--tuning intel|zen5|zen5-blocked|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K[,KC]]]]`
 //! sets the tuning of both engines (the fields of `Tuning`: `winograd_wide_width`,
 //! `winograd_wide_min_kept`, `lines_max_kept`, `winograd_f4_min_width` (`none` or left
-//! out: no layer), `depthwise_strip_bytes` in KiB and `pack_misaligned_avx512` (`none`:
-//! never; each left out: the default tuning's)); by default `Tuning::detect()`. With
+//! out: no layer), `depthwise_strip_bytes` in KiB, `pack_misaligned_avx512` (`none`:
+//! never) and `gemm_kc` (`all`: K whole; each left out: the default tuning's)); by
+//! default `Tuning::detect()`. With
 //! `--without tuning` only the engine measured "with" takes it, the other
 //! `Tuning::DEFAULT` or the tuning given by `--against`: `--tuning intel --without
 //! tuning` weighs the Intel choices against the default ones on any CPU, `--tuning zen5
 //! --without tuning --against 56,0.25,0.85,none,128,none` Zen 5's with and without
-//! F(4×4, 3×3).
+//! F(4×4, 3×3), `--tuning zen5 --without tuning --against zen5-blocked` with and
+//! without K whole (`zen5-blocked`: Zen 5's tuning with the default K blocks).
 //! `--tiles R` runs spatial gates keeping the share R of each layer's tiles (every
 //! channel), instead of `--budget`.
 //!
 //! With `--layers`, also each layer's median time both ways (where they differ by more
 //! than 2%).
 //!
-//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|thread-choice|transposed|rows-major|nothing] [--tuning intel|zen5|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K]]]] [--against TUNING] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
+//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|thread-choice|transposed|rows-major|nothing] [--tuning intel|zen5|zen5-blocked|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K[,KC]]]]] [--against TUNING] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
 
 use std::time::Instant;
 
@@ -54,16 +56,21 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// `intel`, `zen5`, `default`, or `WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K]]]`
+/// `intel`, `zen5`, `default`, or `WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K[,KC]]]]`
 /// for the fields of [`Tuning`] (with `F4_WIDTH` left out or `none`, no layer runs by
-/// F(4×4, 3×3); `STRIP_KIB` and `PACK14_K` left out, the default tuning's).
+/// F(4×4, 3×3); `STRIP_KIB`, `PACK14_K` and `KC` left out, the default tuning's;
+/// `KC` `all`: K whole), or `zen5-blocked` (Zen 5's with the default tuning's K blocks).
 fn parse_tuning(s: &str) -> Result<Tuning, Box<dyn std::error::Error>> {
     Ok(match s {
         "intel" => Tuning::INTEL,
         "zen5" => Tuning::ZEN5,
+        "zen5-blocked" => Tuning {
+            gemm_kc: Tuning::DEFAULT.gemm_kc,
+            ..Tuning::ZEN5
+        },
         "default" => Tuning::DEFAULT,
         _ => match s.split(',').collect::<Vec<_>>()[..] {
-            [w, k, l, ref rest @ ..] if rest.len() <= 3 => Tuning {
+            [w, k, l, ref rest @ ..] if rest.len() <= 4 => Tuning {
                 winograd_wide_width: w.parse()?,
                 winograd_wide_min_kept: k.parse()?,
                 lines_max_kept: l.parse()?,
@@ -80,10 +87,15 @@ fn parse_tuning(s: &str) -> Result<Tuning, Box<dyn std::error::Error>> {
                     Some(k) => k.parse()?,
                     None => Tuning::DEFAULT.pack_misaligned_avx512,
                 },
+                gemm_kc: match rest.get(3) {
+                    Some(&"all") => usize::MAX,
+                    Some(k) => k.parse()?,
+                    None => Tuning::DEFAULT.gemm_kc,
+                },
             },
             _ => {
                 return Err(
-                    "--tuning takes intel, zen5, default or WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K]]]"
+                    "--tuning takes intel, zen5, zen5-blocked, default or WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K[,KC]]]]"
                         .into(),
                 )
             }

@@ -172,6 +172,8 @@ pub struct EngineExecutor {
     /// K from which an AVX-512 one over 14×14 planes does
     /// (`Tuning::pack_misaligned_avx512`).
     pack_misaligned_avx512: usize,
+    /// K per block of the packed GEMM's tiles (`Tuning::gemm_kc`).
+    kc: usize,
     /// Samples run through the network together at most ([`SUB_BATCH_FLOATS`]).
     sub_batch: usize,
     /// Floats a value may hold over a whole batch where the rest of the network runs on
@@ -795,6 +797,7 @@ impl EngineExecutor {
             local_a: LOCAL_A_BYTES,
             pack_misaligned: PACK_MISALIGNED_FROM,
             pack_misaligned_avx512: tuning.pack_misaligned_avx512,
+            kc: tuning.gemm_kc.max(1),
             sub_batch: (SUB_BATCH_FLOATS / sizes.iter().copied().max().unwrap_or(1).max(1))
                 .max(MIN_SUB_BATCH),
             whole_batch: WHOLE_BATCH_FLOATS,
@@ -1927,9 +1930,12 @@ impl EngineExecutor {
                     }
                 }};
             }
-            // K blocks outermost: one KC × NR block of each panel serves every row tile
+            // K blocks outermost: one kc × NR block of each panel serves every row tile
             // given from L1 or L2, and each row tile's block of A serves the group's
-            // panels from L1. `next(j, k0)`: what tile j prefetches on K block k0.
+            // panels from L1. Where the tuning takes K whole (Zen 5), each tile runs
+            // its K at once, its accumulators never leaving the registers, and streams
+            // its panel and its rows of A from L2 (`Tuning::gemm_kc`).
+            // `next(j, k0)`: what tile j prefetches on K block k0.
             // A stored tile's rows of its panel, summed while in this core's cache (see
             // PanelSums).
             let sum_tile = |tile: &Tile| {
@@ -1964,8 +1970,8 @@ impl EngineExecutor {
                 if k == 0 {
                     accs.fill([[0f32; NR]; 12]);
                 }
-                for k0 in (0..k).step_by(KC) {
-                    let k1 = (k0 + KC).min(k);
+                for k0 in (0..k).step_by(self.kc) {
+                    let k1 = k0.saturating_add(self.kc).min(k);
                     let fin = (k1 == k).then(|| gemm::Finish {
                         ep: &ep,
                         c: ptr.get().wrapping_add(out_off),
@@ -4368,6 +4374,7 @@ mod tests {
             local_a: LOCAL_A_BYTES,
             pack_misaligned: PACK_MISALIGNED_FROM,
             pack_misaligned_avx512: PACK_MISALIGNED_FROM,
+            kc: KC,
             sub_batch: usize::MAX,
             whole_batch: WHOLE_BATCH_FLOATS,
             bands: Vec::new(),
@@ -5015,7 +5022,8 @@ mod tests {
             let chans: Vec<usize> = (0..in_c).filter(|_| rng.random_bool(0.7)).collect();
             let gated = batch == 1 && rng.random_bool(0.5) && !rows.is_empty();
             let isas = isas();
-            let e = bare(isas[rng.random_range(0..isas.len())]);
+            let mut e = bare(isas[rng.random_range(0..isas.len())]);
+            e.kc = [KC, usize::MAX, 29][case / 3 % 3];
             let panels = n.div_ceil(NR);
             let mut got = vec![f32::NAN; batch * panels * cout];
             let mut out = vec![0f32; batch * cout * n];
@@ -5173,7 +5181,8 @@ mod tests {
     fn planned_convolutions_match_a_naive_reference() {
         let mut rng = fresh_rng();
         // Each kernel, also with every A treated as too big for L2 (panels in groups), and
-        // with kept pixels always packed or, wherever the layer allows, read in place.
+        // with kept pixels always packed or, wherever the layer allows, read in place;
+        // K in blocks of KC, whole, and in short blocks with a remainder (`kc`).
         let engines: Vec<EngineExecutor> = isas()
             .into_iter()
             .flat_map(|isa| {
@@ -5186,11 +5195,13 @@ mod tests {
                         e.pack_misaligned = 0;
                         e.pack_misaligned_avx512 = 0;
                         e.kept_in_place = None;
+                        e.kc = usize::MAX;
                         e
                     },
                     {
                         let mut e = bare(isa);
                         e.kept_in_place = Some(usize::MAX);
+                        e.kc = 37;
                         e
                     },
                 ]

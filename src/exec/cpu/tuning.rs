@@ -62,6 +62,11 @@ pub struct Tuning {
     /// in place (`usize::MAX`: never). Read in place, a K block of a panel spans three
     /// lines per row instead of two; packed, the copy costs a pass over the input.
     pub pack_misaligned_avx512: usize,
+    /// K per block of a convolution's packed GEMM (`usize::MAX`: K whole): each block
+    /// of a tile's accumulation runs over every tile of its task before the next block,
+    /// the accumulators kept in memory between blocks ([`super::gemm::KC`] keeps a
+    /// panel's block in L1 for every row tile).
+    pub gemm_kc: usize,
 }
 
 impl Tuning {
@@ -87,6 +92,7 @@ impl Tuning {
         winograd_f4_min_width: usize::MAX,
         depthwise_strip_bytes: 64 << 10,
         pack_misaligned_avx512: super::engine::PACK_MISALIGNED_FROM,
+        gemm_kc: super::gemm::KC,
     };
 
     /// Measured on the Intel Xeon (Emerald Rapids, two vCPUs), one engine, the way
@@ -108,6 +114,7 @@ impl Tuning {
         winograd_f4_min_width: usize::MAX,
         depthwise_strip_bytes: 64 << 10,
         pack_misaligned_avx512: super::engine::PACK_MISALIGNED_FROM,
+        gemm_kc: super::gemm::KC,
     };
 
     /// Measured on the AMD EPYC of Zen 5 (family 26, two vCPUs), one engine, the way
@@ -156,6 +163,20 @@ impl Tuning {
     /// (EfficientNet-Lite0) at batch 1, 0.993 and 0.988 at batch 8, 0.991 and 0.993 at
     /// budget 0.5; ResNet-50 (40 pairs; 20 at batch 8) 0.986, 0.997 and 1.002, its
     /// `layer3` 1×1 layers 0.89–0.97.
+    ///
+    /// K whole rather than in blocks of [`super::gemm::KC`]: the tiles' accumulators
+    /// stay in registers and their panels and rows of A stream from L2, which Zen 5
+    /// (48 KiB L1, 1 MiB L2) serves at the kernel's pace. One layer alone, 2 threads,
+    /// batch 1: 1×1 1024 → 256 at 14 × 14 0.247 ms against 0.263, 256 → 1024 0.227 /
+    /// 0.243, 512 → 128 at 28 × 28 0.211 / 0.224, 2048 → 512 at 7 × 7 0.249 / 0.270
+    /// (blocks of 96, 128, 256 and 384: 0.222–0.281, none the best of the four).
+    /// ResNet-50 at batch 1, in process (the block switched pass by pass), against
+    /// blocks of 192: K whole 0.950–0.954 of the time, its 1×1 layers 0.88–0.97 and its
+    /// stride-2 3×3 layers (K up to 4608) 0.86–0.97; blocks of 512 0.962–0.973, 768
+    /// 0.959–0.967, 1152 0.955–0.957. Separate builds alternated as
+    /// processes (400 ms visits): dense at batch 1 ResNet-50 0.957, ResNet-18 0.951 and
+    /// 0.963, MobileNetV2 0.978, EfficientNet-Lite0 0.991; at batch 8 0.968 and 1.008; at
+    /// budget 0.5, batch 1, 0.997, 0.980–0.998, 0.985 and 0.987.
     pub const ZEN5: Tuning = Tuning {
         winograd_wide_width: 56,
         winograd_wide_min_kept: 0.25,
@@ -163,6 +184,7 @@ impl Tuning {
         winograd_f4_min_width: 56,
         depthwise_strip_bytes: 128 << 10,
         pack_misaligned_avx512: usize::MAX,
+        gemm_kc: usize::MAX,
     };
 
     /// The choices for this CPU: [`Self::INTEL`] on Intel processors, [`Self::ZEN5`] on
