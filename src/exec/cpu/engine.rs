@@ -3344,6 +3344,7 @@ impl EngineExecutor {
                         };
                         let job = transposed::Job {
                             isa: self.isa,
+                            kc: self.kc,
                             x: xs,
                             n,
                             chans: &d.ic,

@@ -24,7 +24,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::gemm::{self, Acc, Isa, OutPtr, Residual, Tile, KC, NR, PACK};
+use super::gemm::{self, Acc, Isa, OutPtr, Residual, Tile, NR, PACK};
 use super::pool::{line_offset, Spare, LINE};
 use crate::model::Act;
 
@@ -78,6 +78,8 @@ impl ChannelPanels {
 /// One sample's transposed 1×1 convolution.
 pub(super) struct Job<'a> {
     pub isa: Isa,
+    /// K per block of the GEMM (`usize::MAX`: whole; `Tuning::gemm_kc`).
+    pub kc: usize,
     /// The sample's input: `cin` planes of `n` values.
     pub x: &'a [f32],
     /// Output positions (the plane's size, input and output alike).
@@ -180,8 +182,9 @@ pub(super) fn run(job: &Job, packed: &mut [f32], out: &mut [f32], serial: bool) 
                 lanes: None,
             }
         };
-        for k0 in (0..k).step_by(KC) {
-            let k1 = (k0 + KC).min(k);
+        let kc = job.kc.max(1);
+        for k0 in (0..k).step_by(kc) {
+            let k1 = k0.saturating_add(kc).min(k);
             for (i, acc) in accs[..tiles].iter_mut().enumerate() {
                 let prefetch = gemm::Prefetch {
                     panel: if i == 0 { next } else { std::ptr::null() },
@@ -429,6 +432,7 @@ mod tests {
                     };
                     let job = Job {
                         isa,
+                        kc: [gemm::KC, usize::MAX, 13][case / 9 % 3],
                         x: &x,
                         n,
                         chans: &chans,

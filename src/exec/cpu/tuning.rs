@@ -62,10 +62,10 @@ pub struct Tuning {
     /// in place (`usize::MAX`: never). Read in place, a K block of a panel spans three
     /// lines per row instead of two; packed, the copy costs a pass over the input.
     pub pack_misaligned_avx512: usize,
-    /// K per block of a convolution's packed GEMM (`usize::MAX`: K whole): each block
-    /// of a tile's accumulation runs over every tile of its task before the next block,
-    /// the accumulators kept in memory between blocks ([`super::gemm::KC`] keeps a
-    /// panel's block in L1 for every row tile).
+    /// K per block of a convolution's packed GEMM, and of a transposed 1×1 layer's
+    /// (`usize::MAX`: K whole): each block of a tile's accumulation runs over every tile
+    /// of its task before the next block, the accumulators kept in memory between blocks
+    /// ([`super::gemm::KC`] keeps a panel's block in L1 for every row tile).
     pub gemm_kc: usize,
 }
 
@@ -176,7 +176,11 @@ impl Tuning {
     /// 0.959–0.967, 1152 0.955–0.957. Separate builds alternated as
     /// processes (400 ms visits): dense at batch 1 ResNet-50 0.957, ResNet-18 0.951 and
     /// 0.963, MobileNetV2 0.978, EfficientNet-Lite0 0.991; at batch 8 0.968 and 1.008; at
-    /// budget 0.5, batch 1, 0.997, 0.980–0.998, 0.985 and 0.987.
+    /// budget 0.5, batch 1, 0.997, 0.980–0.998, 0.985 and 0.987. Gated 1×1 layers over
+    /// 7 × 7 planes that run transposed (`transposed`), in process at budget 0.5, batch
+    /// 1: 0.90–0.97 of their time (ResNet-50's `layer4` `conv3`, MobileNetV2's and
+    /// EfficientNet-Lite0's projections), passes 0.987–0.990, 0.965–0.995 and
+    /// 0.990–0.998; at batch 8 (where none runs transposed) 0.996–1.000.
     pub const ZEN5: Tuning = Tuning {
         winograd_wide_width: 56,
         winograd_wide_min_kept: 0.25,
