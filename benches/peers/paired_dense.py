@@ -105,7 +105,13 @@ def main() -> None:
                 sess.run(None, {"x": x})
                 return (time.perf_counter() - t) * 1e3
 
-            warm = min(min(run_ours(b), run_ort()) for _ in range(3))
+            # The pass time that sizes the visits: each side's fastest of eight passes in
+            # a row, once its first (buffers, a budget's plans) and the other side's
+            # spinning are past. Taken from single passes in turns, each slowed by the
+            # other side's spinning, it had been up to four times a pass (a budget's
+            # visits at batch 1 held a quarter of their passes, and their settling time
+            # dropped too few).
+            warm = min(min(run() for _ in range(8)) for run in (lambda: run_ours(b), run_ort))
             passes = max(a.passes, 2, math.ceil(a.visit_ms / warm) + 1)
             # Passes started in a visit's first SETTLE_MS are not kept (but the last two
             # always are).
