@@ -43,10 +43,25 @@ pub(super) trait Lanes: Copy {
     /// where a plain load is cheaper than a partial one), AVX-512 masks its load and
     /// reads nothing past them.
     unsafe fn load_upto(p: *const f32, n: usize) -> Self;
-    /// The even and the odd values of the `2N` from `p`, each in order.
-    unsafe fn split(p: *const f32) -> (Self, Self);
     /// `a` and `b` interleaved (`a0 b0 a1 b1 …`): its first `N` values, then the rest.
     unsafe fn interleave(a: Self, b: Self) -> [Self; 2];
+    /// Values `p .. p + N` of a row of `w` values from `row` with a zero before it and
+    /// zeros after it (value `q` is `row[q - 1]` for `1 ≤ q ≤ w`, else zero), reading
+    /// nothing outside the row: a padded row loaded straight from its plane, with no
+    /// copy through memory that the next loads would wait on.
+    unsafe fn load_padded(row: *const f32, w: usize, p: usize) -> Self;
+    /// The even and the odd values of the `2N` of `a` then `b`, each in order.
+    unsafe fn split_pair(a: Self, b: Self) -> (Self, Self);
+    /// `a`'s lanes from the second on, then lane `K` of `b`: a row of values one further.
+    unsafe fn shift_in<const K: usize>(a: Self, b: Self) -> Self;
+}
+
+/// The lanes `l < n` with `1 ≤ p + l ≤ w`: where [`Lanes::load_padded`] reads the row.
+#[inline(always)]
+fn padded_lanes(w: usize, p: usize, n: usize) -> std::ops::Range<usize> {
+    let lo = usize::from(p == 0);
+    let hi = (w + 1).saturating_sub(p).min(n);
+    lo..hi.max(lo)
 }
 
 #[derive(Clone, Copy)]
@@ -130,22 +145,42 @@ impl Lanes for Ymm {
         Ymm(_mm256_loadu_ps(p))
     }
     #[inline(always)]
-    unsafe fn split(p: *const f32) -> (Self, Self) {
-        let (a, b) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
-        let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
-        let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
-        let order = |v: __m256| {
-            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
-        };
-        (Ymm(order(even)), Ymm(order(odd)))
-    }
-    #[inline(always)]
     unsafe fn interleave(a: Self, b: Self) -> [Self; 2] {
         let (lo, hi) = (_mm256_unpacklo_ps(a.0, b.0), _mm256_unpackhi_ps(a.0, b.0));
         [
             Ymm(_mm256_permute2f128_ps::<0x20>(lo, hi)),
             Ymm(_mm256_permute2f128_ps::<0x31>(lo, hi)),
         ]
+    }
+    #[inline(always)]
+    unsafe fn load_padded(row: *const f32, w: usize, p: usize) -> Self {
+        let on = padded_lanes(w, p, 8);
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        // All bits set in the lanes `on` (lo ≤ lane < hi), whose values the load reads.
+        let mask = _mm256_and_si256(
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(on.end as i32), lane),
+            _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(on.start as i32 - 1)),
+        );
+        // Masked-off lanes are not read and do not fault.
+        Ymm(_mm256_maskload_ps(
+            row.wrapping_add(p).wrapping_sub(1),
+            mask,
+        ))
+    }
+    #[inline(always)]
+    unsafe fn split_pair(a: Self, b: Self) -> (Self, Self) {
+        let even = _mm256_shuffle_ps::<0b10_00_10_00>(a.0, b.0);
+        let odd = _mm256_shuffle_ps::<0b11_01_11_01>(a.0, b.0);
+        let order = |v: __m256| {
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+        };
+        (Ymm(order(even)), Ymm(order(odd)))
+    }
+    #[inline(always)]
+    unsafe fn shift_in<const K: usize>(a: Self, b: Self) -> Self {
+        let down = _mm256_permutevar8x32_ps(a.0, _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 7));
+        let from_b = _mm256_permutevar8x32_ps(b.0, _mm256_set1_epi32(K as i32));
+        Ymm(_mm256_blend_ps::<0b1000_0000>(down, from_b))
     }
 }
 
@@ -231,16 +266,6 @@ impl Lanes for Zmm {
         Zmm::load_first(p, n)
     }
     #[inline(always)]
-    unsafe fn split(p: *const f32) -> (Self, Self) {
-        let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-        (
-            Zmm(_mm512_permutex2var_ps(a, even, b)),
-            Zmm(_mm512_permutex2var_ps(a, odd, b)),
-        )
-    }
-    #[inline(always)]
     unsafe fn interleave(a: Self, b: Self) -> [Self; 2] {
         let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
         let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -248,5 +273,106 @@ impl Lanes for Zmm {
             Zmm(_mm512_permutex2var_ps(a.0, lo, b.0)),
             Zmm(_mm512_permutex2var_ps(a.0, hi, b.0)),
         ]
+    }
+    #[inline(always)]
+    unsafe fn load_padded(row: *const f32, w: usize, p: usize) -> Self {
+        let on = padded_lanes(w, p, 16);
+        let mask = first_lanes(on.end) & !first_lanes(on.start);
+        // Masked-off lanes are not read and do not fault.
+        Zmm(_mm512_maskz_loadu_ps(
+            mask,
+            row.wrapping_add(p).wrapping_sub(1),
+        ))
+    }
+    #[inline(always)]
+    unsafe fn split_pair(a: Self, b: Self) -> (Self, Self) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        (
+            Zmm(_mm512_permutex2var_ps(a.0, even, b.0)),
+            Zmm(_mm512_permutex2var_ps(a.0, odd, b.0)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn shift_in<const K: usize>(a: Self, b: Self) -> Self {
+        let k = 16 + K as i32;
+        let idx = _mm512_setr_epi32(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, k);
+        Zmm(_mm512_permutex2var_ps(a.0, idx, b.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::cpu::gemm::Isa;
+    use rand::Rng;
+
+    /// A vector's lanes as floats.
+    unsafe fn lanes<V: Lanes>(v: V) -> Vec<f32> {
+        let mut out = [0f32; MAX_LANES];
+        V::store(out.as_mut_ptr(), v);
+        out[..V::N].to_vec()
+    }
+
+    /// Padded loads, even/odd splits and shifts against their definitions, over rows of
+    /// every length up to four vectors and every start. The values around each row are
+    /// NaN, so a lane that read outside the row fails the comparison.
+    unsafe fn padded_rows_split_and_shift<V: Lanes>() {
+        let mut rng = crate::exec::cpu::fresh_rng();
+        let n = V::N;
+        for w in 1..=4 * n {
+            let mut buf = vec![f32::NAN; w + 2 * n];
+            for v in &mut buf[n..n + w] {
+                *v = rng.random_range(-1.0..1.0);
+            }
+            let row = buf[n..].as_ptr();
+            let padded = |q: usize| {
+                if (1..=w).contains(&q) {
+                    buf[n + q - 1]
+                } else {
+                    0.0
+                }
+            };
+            for p in 0..w + 2 {
+                let a = V::load_padded(row, w, p);
+                let want: Vec<f32> = (p..p + n).map(padded).collect();
+                assert_eq!(lanes(a), want, "w {w}, p {p}");
+                let b = V::load_padded(row, w, p + n);
+                let (even, odd) = V::split_pair(a, b);
+                let all: Vec<f32> = (p..p + 2 * n).map(padded).collect();
+                let pick = |r: usize| all.iter().skip(r).step_by(2).copied().collect::<Vec<_>>();
+                assert_eq!(lanes(even), pick(0), "w {w}, p {p}");
+                assert_eq!(lanes(odd), pick(1), "w {w}, p {p}");
+                let shifted = |k: usize| {
+                    let mut v = lanes(a)[1..].to_vec();
+                    v.push(lanes(b)[k]);
+                    v
+                };
+                assert_eq!(lanes(V::shift_in::<0>(a, b)), shifted(0), "w {w}, p {p}");
+                assert_eq!(lanes(V::shift_in::<1>(a, b)), shifted(1), "w {w}, p {p}");
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn on_avx2() {
+        padded_rows_split_and_shift::<Ymm>()
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn on_avx512() {
+        padded_rows_split_and_shift::<Zmm>()
+    }
+
+    #[test]
+    fn padded_loads_splits_and_shifts_match_their_definitions() {
+        for isa in crate::exec::cpu::test_isas() {
+            // SAFETY: the ISA is one this CPU runs.
+            match isa {
+                Isa::Avx512 => unsafe { on_avx512() },
+                Isa::Avx2 => unsafe { on_avx2() },
+                Isa::Portable => {}
+            }
+        }
     }
 }
