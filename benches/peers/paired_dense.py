@@ -18,7 +18,9 @@ ten passes, 1.07 (1.04–1.10). Our side spins the same way (its workers linger 
 `Options::linger`), so a visit lasts 400 ms by default and its passes of the first
 80 ms are not kept: two builds of ours alternated that way (a throwaway driver of the
 same protocol, not in the tree) read 0.999–1.009, where visits of 100 ms keeping all
-passes but the first read 0.653 for the build that lingers against one that does not. Reports the median and 10th–90th percentile of the
+passes but the first read 0.653 for the build that lingers against one that does not.
+How many passes make a visit is set before the pairs from each side's fastest of eight
+passes in a row. Reports the median and 10th–90th percentile of the
 per-pair ratios ours/ORT (the medians of the kept passes of each visit), and each
 side's median pass. With `--budget F` our side runs at that FLOP budget (ONNX Runtime
 stays dense): the dynamic-execution goal's ratio.
