@@ -361,7 +361,7 @@ unsafe fn output_transform_body(b: Back, dst: OutPtr) {
 
 /// The output transform in vectors of tile columns: per vector, each of the six columns
 /// of `M` combined over its rows, then each output row's four values per tile
-/// interleaved into place and stored with bias and residual; the activation per row.
+/// interleaved into place and stored with bias, residual and activation.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // i and j pick ξ = 6 · i + j, a the same row of six columns
@@ -408,15 +408,9 @@ unsafe fn output_transform_vec<V: Lanes>(b: Back, dst: OutPtr) {
                     if ox >= end {
                         break;
                     }
-                    store_row_part(dp, oy * w + ox, end - ox, v, b.residual);
+                    store_row_part(dp, oy * w + ox, end - ox, v, b.residual, b.act);
                 }
             }
-        }
-        for oy in 4 * ty..(4 * ty + 4).min(h) {
-            b.act.apply_slice(std::slice::from_raw_parts_mut(
-                dp.add(oy * w + 4 * from),
-                end - 4 * from,
-            ));
         }
     }
 }
