@@ -166,8 +166,8 @@ impl Tuning {
     ///
     /// K whole rather than in blocks of [`super::gemm::KC`]: the tiles' accumulators
     /// stay in registers and their panels and rows of A stream from L2, which Zen 5
-    /// (48 KiB L1, 1 MiB L2) serves at the kernel's pace. One layer alone, 2 threads,
-    /// batch 1: 1×1 1024 → 256 at 14 × 14 0.247 ms against 0.263, 256 → 1024 0.227 /
+    /// (48 KiB L1, 1 MiB L2) serves at the kernel's pace. One layer alone (a throwaway
+    /// example, not in the tree), 2 threads, batch 1: 1×1 1024 → 256 at 14 × 14 0.247 ms against 0.263, 256 → 1024 0.227 /
     /// 0.243, 512 → 128 at 28 × 28 0.211 / 0.224, 2048 → 512 at 7 × 7 0.249 / 0.270
     /// (blocks of 96, 128, 256 and 384: 0.222–0.281, none the best of the four).
     /// ResNet-50 at batch 1, in process (the block switched pass by pass), against
