@@ -3076,7 +3076,7 @@ impl EngineExecutor {
                 }
                 Layer::MaxPool(win) => {
                     let mut out = self.pool.take_dirty(batch * self.sizes[i + 1]);
-                    ops::max_pool_into(&mut out, x, *win);
+                    ops::max_pool_into(&mut out, x, *win, batch);
                     (out, dense)
                 }
                 Layer::GlobalAvgPool => {
