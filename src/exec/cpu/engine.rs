@@ -3281,7 +3281,11 @@ impl EngineExecutor {
             && gates.tiles.is_none()
             && match wino {
                 Some(_) => th * tw <= NR,
-                None => ic_sets.is_some_and(|v| v.iter().all(|ic| ic.len() < cin)),
+                // 1×1 layers only: see BATCH_GATED_BYTES.
+                None => {
+                    geom.kernel == [1, 1]
+                        && ic_sets.is_some_and(|v| v.iter().all(|ic| ic.len() < cin))
+                }
             };
         let per: Vec<SampleOut> = if together {
             let decided: Vec<Decided> = (0..batch).into_par_iter().map(decide).collect();
@@ -3911,7 +3915,12 @@ const KEPT_IN_PLACE_PACK_ROWS: usize = 24;
 /// together ([`BATCH_GATED_PANELS`]). Below it, MobileNetV2's and EfficientNet-Lite0's
 /// 7×7 projections (1.2–1.5 MB, one column per kept channel) took 0.91–1.13 of their
 /// time together and their passes 1.03–1.04 (in-process pairs, batch 8, budget 0.5);
-/// ResNet-50's 1×1 layers of 4 MB 0.84–1.08, its 3×3 layers of 9.4 MB 0.74–0.95.
+/// ResNet-50's 1×1 layers of 4 MB 0.84–1.08. Only 1×1 layers (and Winograd's) run
+/// together: ResNet-50's stride-2 3×3 layer of 9.4 MB (`layer4.0.conv2`) had taken
+/// 0.74–0.95 of its time so when this was measured first; measured again on Zen 5, after
+/// the sample-by-sample way's later changes, sample by sample took 0.69–0.71 of the time
+/// together takes (in-process pairs, batch 8, budget 0.5; 0.76 at batch 2, 0.74 and 0.83
+/// at budgets 0.75 and 0.25), passes 0.978–0.996.
 const BATCH_GATED_BYTES: usize = 2 << 20;
 
 /// Widest output row at which any plan runs by Winograd, and at which plans that keep
