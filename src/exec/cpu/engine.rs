@@ -3920,7 +3920,7 @@ const KEPT_IN_PLACE_PACK_ROWS: usize = 24;
 /// 0.74–0.95 of its time so when this was measured first; measured again on Zen 5, after
 /// the sample-by-sample way's later changes, sample by sample took 0.69–0.71 of the time
 /// together takes (in-process pairs, batch 8, budget 0.5; 0.76 at batch 2, 0.74 and 0.83
-/// at budgets 0.75 and 0.25), passes 0.978–0.996.
+/// at budgets 0.75 and 0.25), passes 0.978–1.001.
 const BATCH_GATED_BYTES: usize = 2 << 20;
 
 /// Widest output row at which any plan runs by Winograd, and at which plans that keep
