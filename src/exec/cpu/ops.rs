@@ -114,9 +114,9 @@ pub fn max_pool_into(out: &mut [f32], input: &[f32], win: Window, samples: usize
         // first (of each sample): the loop then shares out its work as the stem before it
         // did, by output rows at batch 1 (the top rows to one thread, the bottom ones to
         // the other), and each thread reads mostly what it wrote rather than half of
-        // every plane from the other core. Against whole planes (one engine, the way switched pass by pass,
-        // 100 pairs, batch 1, 2 threads): ResNet-18's and ResNet-50's pools 0.92–0.93 of
-        // their time, passes 1.003 and 0.991.
+        // every plane from the other core. Against whole planes (one engine, the way
+        // switched pass by pass, 100 pairs, batch 1, 2 threads): ResNet-18's and
+        // ResNet-50's pools 0.92–0.93 of their time, passes 1.003 and 0.991.
         let parts = rayon::current_num_threads().clamp(1, oh.max(1));
         let mut tasks: Vec<(usize, std::ops::Range<usize>, &mut [f32])> = Vec::new();
         for (p, o) in out.chunks_mut(out_plane).enumerate() {
@@ -132,8 +132,8 @@ pub fn max_pool_into(out: &mut [f32], input: &[f32], win: Window, samples: usize
         // samples, not its rows. Every sample's first parts first (each thread taking
         // part of every sample, half of it written on the other core), ResNet-18's pool
         // at batch 8 had taken 1.57–1.70× its time and ResNet-50's 1.36× (in-process
-        // pairs, Zen 5, 2 threads), the 3×3 layers after it 1.05–1.10×; passes 1.023–1.030
-        // and 1.001.
+        // pairs, Zen 5, 2 threads), the 3×3 layers after it 1.05–1.10×; passes 1.023 and
+        // 1.030 (0.984 in a third run) and 1.001.
         let per_sample = (input.len() / in_plane / samples.max(1)).max(1);
         tasks.sort_by_key(|(p, r, _)| (*p / per_sample, r.start, *p));
         tasks.into_par_iter().for_each(|(p, r, o)| {
