@@ -167,9 +167,10 @@ impl Tuning {
     /// K whole rather than in blocks of [`super::gemm::KC`]: the tiles' accumulators
     /// stay in registers and their panels and rows of A stream from L2, which Zen 5
     /// (48 KiB L1, 1 MiB L2) serves at the kernel's pace. One layer alone (a throwaway
-    /// example, not in the tree), 2 threads, batch 1: 1×1 1024 → 256 at 14 × 14 0.247 ms against 0.263, 256 → 1024 0.227 /
-    /// 0.243, 512 → 128 at 28 × 28 0.211 / 0.224, 2048 → 512 at 7 × 7 0.249 / 0.270
-    /// (blocks of 96, 128, 256 and 384: 0.222–0.281, none the best of the four).
+    /// example, not in the tree), 2 threads, batch 1: 1×1 1024 → 256 at 14 × 14 0.247 ms
+    /// against 0.263, 256 → 1024 0.227 / 0.243, 512 → 128 at 28 × 28 0.211 / 0.224,
+    /// 2048 → 512 at 7 × 7 0.249 / 0.270 (blocks of 96, 128, 256 and 384: 0.222–0.281,
+    /// none the best of the four).
     /// ResNet-50 at batch 1, in process (the block switched pass by pass), against
     /// blocks of 192: K whole 0.950–0.954 of the time, its 1×1 layers 0.88–0.97 and its
     /// stride-2 3×3 layers (K up to 4608) 0.86–0.97; blocks of 512 0.962–0.973, 768
