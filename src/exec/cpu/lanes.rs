@@ -31,6 +31,9 @@ pub(super) trait Lanes: Copy {
     unsafe fn store(p: *mut f32, v: Self);
     /// Stores the first `n` lanes, touching nothing past them.
     unsafe fn store_first(p: *mut f32, v: Self, n: usize);
+    /// Stores lanes `lo..hi` (`lo < hi ≤ N`) to `p + lo ..`, touching nothing else: `p`
+    /// itself need not point into the buffer.
+    unsafe fn store_lanes(p: *mut f32, v: Self, lo: usize, hi: usize);
     unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
     unsafe fn add(a: Self, b: Self) -> Self;
     unsafe fn sub(a: Self, b: Self) -> Self;
@@ -92,6 +95,17 @@ impl Lanes for Ymm {
     #[inline(always)]
     unsafe fn store_first(p: *mut f32, v: Self, n: usize) {
         partial_avx2::store_first(p, v.0, n)
+    }
+    #[inline(always)]
+    unsafe fn store_lanes(p: *mut f32, v: Self, lo: usize, hi: usize) {
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        // All bits set in lanes lo ≤ lane < hi.
+        let mask = _mm256_and_si256(
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(hi as i32), lane),
+            _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(lo as i32 - 1)),
+        );
+        // Masked-off lanes are neither written nor checked for faults.
+        _mm256_maskstore_ps(p, mask, v.0)
     }
     #[inline(always)]
     unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
@@ -213,6 +227,11 @@ impl Lanes for Zmm {
     #[inline(always)]
     unsafe fn store_first(p: *mut f32, v: Self, n: usize) {
         _mm512_mask_storeu_ps(p, first_lanes(n), v.0)
+    }
+    #[inline(always)]
+    unsafe fn store_lanes(p: *mut f32, v: Self, lo: usize, hi: usize) {
+        // Masked-off lanes are neither written nor checked for faults.
+        _mm512_mask_storeu_ps(p, first_lanes(hi) & !first_lanes(lo), v.0)
     }
     #[inline(always)]
     unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {

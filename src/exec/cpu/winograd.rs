@@ -42,7 +42,7 @@ use rayon::prelude::*;
 use super::gemm::{self, Epilogue, Isa, OutPtr, Residual, Tile, NR, PACK};
 #[cfg(target_arch = "x86_64")]
 use super::lanes::{Lanes, Ymm, Zmm};
-use super::pool::{line_aligned, Buf, BufferPool, Spare};
+use super::pool::{line_aligned, Buf, BufferPool, Spare, LINE};
 use crate::model::Act;
 
 /// Elements of the transformed 4×4 grid of F(2×2, 3×3): GEMMs per convolution.
@@ -302,7 +302,7 @@ pub fn conv<'a>(job: &Job<'a>, pool: &BufferPool, out: &mut [f32]) {
         return conv_bands(job, pool, out, [chans, rows], kept, &zeros);
     }
     // V: per ξ, packed panels [panel][kc][NR].
-    let v_xi = panels * kc * NR;
+    let v_xi = v_stride(panels, kc);
     let mut v_buf = pool.take_dirty(xis * v_xi);
     let v = &mut v_buf[..];
     {
@@ -785,7 +785,7 @@ fn conv_bands(
         if mine.is_empty() {
             return;
         }
-        let v_xi = kc * NR;
+        let v_xi = v_stride(1, kc);
         let mut v = pool.take_dirty(xis * v_xi);
         let m_xi = row_blocks.div_ceil(parts) * mr * NR;
         let mut m = pool.take_dirty(xis * m_xi + 8);
@@ -857,7 +857,7 @@ fn conv_bands(
                         boff: None,
                         k: kc,
                         rows: crow,
-                        panel: &v[xi * v_xi..(xi + 1) * v_xi],
+                        panel: &v[xi * v_xi..][..kc * NR],
                         ldb: NR,
                         ldc: NR,
                         cols: &every[..b1 - b0],
@@ -981,7 +981,7 @@ pub fn conv_samples(job: &SamplesJob, pool: &BufferPool, out: &mut [f32]) {
                 v_at: v_len,
                 m_at: m_len,
             };
-            v_len += xis * panels * chans.len() * NR;
+            v_len += xis * v_stride(panels, chans.len());
             m_len += (xis * rows.len() * ldc + 8).next_multiple_of(16);
             s
         })
@@ -1010,7 +1010,7 @@ pub fn conv_samples(job: &SamplesJob, pool: &BufferPool, out: &mut [f32]) {
                     panels,
                 };
                 // SAFETY: (sample, channel) writes row ci of its sample's own V, which
-                // holds xis · panels · kc · NR floats from v_at.
+                // holds xis · v_stride(panels, kc) floats from v_at.
                 unsafe { input_transform(job.isa, scratch, plane, [h, w], to) };
             });
     }
@@ -1043,7 +1043,7 @@ pub fn conv_samples(job: &SamplesJob, pool: &BufferPool, out: &mut [f32]) {
                     d.rows.partition_point(|&r| r < r0),
                     d.rows.partition_point(|&r| r < r1),
                 );
-                let v_xi = panels * kc * NR;
+                let v_xi = v_stride(panels, kc);
                 for p in 0..panels {
                     let c0 = p * NR;
                     let panel = &v[d.v_at + xi * v_xi + p * kc * NR..][..kc * NR];
@@ -1134,7 +1134,30 @@ pub(super) struct Dest {
 impl Dest {
     /// Floats of one `V[ξ]`.
     pub(super) fn v_xi(&self) -> usize {
-        self.panels * self.kc * NR
+        v_stride(self.panels, self.kc)
+    }
+
+    /// Where the vector of tile columns `x .. x + n` of tile row `ty` (`n ≤ NR`, the
+    /// plane `tw` tiles wide) goes: up to two runs, one per panel, each the offset from
+    /// `V[0]` of where the vector's lane 0 would lie and the vector's lanes `[lo, hi)`
+    /// of the range's tiles that lie there. The offset may be before `V` (wrapping).
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn lane_runs(&self, tw: usize, ty: usize, x: usize, n: usize) -> LaneRuns {
+        let [from, to_x] = row_span(self.range, tw, ty);
+        let (lo, hi) = (from.max(x), to_x.min(x + n));
+        // Tile column 0's lane (wrapping: the range may start past it).
+        let base = (self.first_tile + ty * tw).wrapping_sub(self.range[0]);
+        let mut runs = LaneRuns::default();
+        let mut a = lo;
+        while a < hi {
+            let (p, lane) = (base.wrapping_add(a) / NR, base.wrapping_add(a) % NR);
+            let b = hi.min(a + NR - lane);
+            let at = ((p * self.kc + self.ci) * NR + lane).wrapping_sub(a - x);
+            runs.runs[runs.len] = (at, a - x, b - x);
+            runs.len += 1;
+            a = b;
+        }
+        runs
     }
 
     /// The panel and first lane after the range's tiles, where these are the last tiles
@@ -1143,6 +1166,41 @@ impl Dest {
         let end = self.first_tile + self.range[1] - self.range[0];
         (self.last && !end.is_multiple_of(NR)).then_some((end / NR, end % NR))
     }
+}
+
+/// See [`Dest::lane_runs`].
+#[cfg(target_arch = "x86_64")]
+#[derive(Default)]
+pub(super) struct LaneRuns {
+    runs: [(usize, usize, usize); 2],
+    len: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl LaneRuns {
+    /// Stores `v`'s lanes of each run into `V[ξ]` at `v_xi`.
+    ///
+    /// # Safety
+    /// The CPU has `V`'s features; the runs lie in the [`Dest`] they came from, whose
+    /// `V[ξ]` starts at `v_xi`.
+    #[inline(always)]
+    pub(super) unsafe fn store<V: Lanes>(&self, v_xi: *mut f32, v: V) {
+        for &(at, lo, hi) in &self.runs[..self.len] {
+            V::store_lanes(v_xi.wrapping_add(at), v, lo, hi);
+        }
+    }
+}
+
+/// Floats from one `V[ξ]` to the next: `panels` packed panels of `kc` rows, and a cache
+/// line more. A transform writes each value of a tile to another `V[ξ]`; a multiple of
+/// 4 KiB apart (64 or 128 channels in one panel), all of them fall in one set of the L1
+/// cache, and each store aliases the loads the transform makes after it. With the
+/// AVX-512 transforms storing straight into the panels, a dense 64 → 64 layer at 56 × 56
+/// took 0.65 ms without the line against 0.43 with it (one thread); through the copy
+/// of `store_tiles`, ResNet-50's 14 × 14 layers took 1.04–1.06 of their time without it
+/// (in process, the way switched pass by pass, two threads, batch 1).
+pub(super) fn v_stride(panels: usize, kc: usize) -> usize {
+    panels * kc * NR + LINE
 }
 
 /// The tile rows `[first, end)` that hold tiles `range` of a plane `tw` tiles wide.
@@ -1239,6 +1297,18 @@ unsafe fn input_transform(
 /// batch 1 0.979–0.991 (ResNet-18) and 0.986–0.996 (ResNet-50), on two threads 0.992
 /// and 0.999; at budget 0.5 0.990 and 1.003, at batch 8 0.994 and 1.010 (10 pairs):
 /// about 1% on ResNet-18, within the noise on ResNet-50.
+///
+/// With AVX-512 over rows of more than 8 tiles (28 × 28 planes and wider; for
+/// F(4×4, 3×3) 56 × 56), where a vector holds at most one tile row's tiles, each vector
+/// instead goes straight into its lanes of the panels by masked stores, one or two per
+/// value ([`Dest::lane_runs`]), and the copy is saved. Against the copy into `V` laid
+/// out without [`v_stride`]'s extra line, with a throwaway switch pass by pass (Zen 5,
+/// two threads, batch 1, 60 pairs), ResNet-18's and ResNet-50's 3×3 layers at 56 × 56
+/// took 1.05–1.16× as long the old way, at 28 × 28 1.00–1.07×; passes 1.027–1.040
+/// (ResNet-18 dense), 1.001–1.014 (ResNet-50 dense), 1.014 at budget 0.5 (ResNet-18),
+/// 1.02–1.04 at batch 8 (ResNet-18). Over narrower rows the copy's vectors hold two tile
+/// rows or more, and stored straight the 14 × 14 and 7 × 7 layers took up to 1.08× as
+/// long as through the copy.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // j picks the same column of four rows
@@ -1277,6 +1347,31 @@ unsafe fn input_transform_vec<V: Lanes>(
             V::store(c2.as_mut_ptr().add(x), V::sub(d2, d1));
             V::store(c3.as_mut_ptr().add(x), V::sub(d1, d3));
         }
+    }
+    if V::N == 16 && 2 * tw > V::N {
+        // Each vector of a tile row straight into its lanes of the panels.
+        let (v, v_xi) = (to.v, to.v_xi());
+        for ty in 0..th {
+            let rows = &cols[2 * ty..2 * ty + 4];
+            for x in (0..tw).step_by(lanes) {
+                let runs = to.lane_runs(tw, ty0 + ty, x, lanes);
+                for j in 0..4 {
+                    let [a, b, c, d] = [0, 1, 2, 3].map(|k| rows[k][j].as_ptr());
+                    let (va, vb) = (V::load(a.add(x)), V::load(b.add(x)));
+                    let (vc, vd) = (V::load(c.add(x)), V::load(d.add(x)));
+                    let col = [
+                        V::sub(va, vc),
+                        V::add(vb, vc),
+                        V::sub(vc, vb),
+                        V::sub(vb, vd),
+                    ];
+                    for (i, val) in col.into_iter().enumerate() {
+                        runs.store(v.get().wrapping_add((i * 4 + j) * v_xi), val);
+                    }
+                }
+            }
+        }
+        return zero_tail::<V>(XI, to);
     }
     // [ξ][tile of tile rows ty0..ty1], a vector's room past the last tile.
     let t_one = th * tw;
@@ -1338,14 +1433,30 @@ pub(super) unsafe fn store_tiles<V: Lanes>(
             }
             t += n;
         }
-        // Here, with vector stores, rather than one fill per (ξ, channel) up front, each
-        // a memset call for 60 bytes: memset went from 2.6% to 0.9% of a dense
-        // ResNet-50 pass's samples (in-process pairs: ResNet-18 0.994, ResNet-50 0.999).
-        if let Some((p, lane)) = to.tail() {
-            let dst = v.get().add(xi * v_xi + (p * kc + ci) * NR + lane);
-            for k in (0..NR - lane).step_by(lanes) {
-                V::store_first(dst.add(k), V::zero(), NR - lane - k);
-            }
+    }
+    zero_tail::<V>(xis, to);
+}
+
+/// Zeroes the lanes of row `ci` past the range's tiles in their last panel, where these
+/// are the last tiles ([`Dest::tail`]), in each of `xis` `V[ξ]`. Here, with vector
+/// stores, rather than one fill per (ξ, channel) up front, each a memset call for 60
+/// bytes: memset went from 2.6% to 0.9% of a dense ResNet-50 pass's samples (in-process
+/// pairs: ResNet-18 0.994, ResNet-50 0.999).
+///
+/// # Safety
+/// As for [`store_tiles`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn zero_tail<V: Lanes>(xis: usize, to: Dest) {
+    let Some((p, lane)) = to.tail() else {
+        return;
+    };
+    for xi in 0..xis {
+        let dst =
+            to.v.get()
+                .add(xi * to.v_xi() + (p * to.kc + to.ci) * NR + lane);
+        for k in (0..NR - lane).step_by(V::N) {
+            V::store_first(dst.add(k), V::zero(), NR - lane - k);
         }
     }
 }
@@ -1933,7 +2044,7 @@ mod tests {
             // The whole plane's V, then the part's, each one channel of one.
             let transform = |scratch: &mut Scratch, range: [usize; 2], first_tile: usize| {
                 let panels = (first_tile + range[1] - range[0]).div_ceil(NR);
-                let mut v = vec![f32::NAN; xis * panels * NR];
+                let mut v = vec![f32::NAN; xis * v_stride(panels, 1)];
                 let to = Dest {
                     algo,
                     v: OutPtr(v.as_mut_ptr()),
@@ -1946,7 +2057,7 @@ mod tests {
                 };
                 // SAFETY: V holds every panel the tiles fall in; one plane writes.
                 unsafe { input_transform(isa, scratch, &plane, hw, to) };
-                (v, panels * NR)
+                (v, v_stride(panels, 1))
             };
             let (whole, whole_xi) = transform(&mut scratch, [0, t_one], 0);
             let (part, part_xi) = transform(&mut scratch, range, first_tile);
@@ -2058,7 +2169,7 @@ mod tests {
             let plane: Vec<f32> = (0..hw[0] * hw[1])
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
-            let mut got = vec![f32::NAN; xis * panels * kc * NR];
+            let mut got = vec![f32::NAN; xis * v_stride(panels, kc)];
             let mut want = got.clone();
             let mut scratch = Scratch::default();
             for (v, isa) in [(&mut got, vector), (&mut want, Isa::Portable)] {
