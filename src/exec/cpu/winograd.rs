@@ -1315,7 +1315,7 @@ unsafe fn input_transform(
 /// value ([`Dest::lane_runs`]), and the copy is saved. Against the copy into `V` laid
 /// out without [`v_stride`]'s extra line, with a throwaway switch pass by pass (Zen 5,
 /// two threads, batch 1, 60 pairs), ResNet-18's and ResNet-50's 3×3 layers at 56 × 56
-/// took 1.05–1.16× as long the old way, at 28 × 28 1.00–1.07×; passes 1.027–1.040
+/// took 1.05–1.16× as long the old way, at 28 × 28 1.04–1.07×; passes 1.027–1.040
 /// (ResNet-18 dense), 1.001–1.014 (ResNet-50 dense), 1.014 at budget 0.5 (ResNet-18),
 /// 1.02–1.04 at batch 8 (ResNet-18). Over narrower rows the copy's vectors hold two tile
 /// rows or more, and stored straight the 14 × 14 and 7 × 7 layers took up to 1.08× as
