@@ -373,18 +373,42 @@ mod tests {
         }
     }
 
+    /// Stores of lanes `lo..hi` through a pointer placed `lo` before the buffer's
+    /// first written value, over every range: those lanes land, nothing else changes.
+    unsafe fn stores_of_some_lanes<V: Lanes>() {
+        let n = V::N;
+        let vals: Vec<f32> = (0..n).map(|i| i as f32 + 0.5).collect();
+        let v = V::load(vals.as_ptr());
+        for lo in 0..n {
+            for hi in lo + 1..=n {
+                let mut buf = vec![f32::NAN; n];
+                // The vector's lane lo goes to buf[0]: lane 0 would lie before it.
+                V::store_lanes(buf.as_mut_ptr().wrapping_sub(lo), v, lo, hi);
+                for (i, b) in buf.iter().enumerate() {
+                    if i < hi - lo {
+                        assert_eq!(*b, vals[lo + i], "lo {lo}, hi {hi}, at {i}");
+                    } else {
+                        assert!(b.is_nan(), "lo {lo}, hi {hi}: wrote at {i}");
+                    }
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     unsafe fn on_avx2() {
-        padded_rows_split_and_shift::<Ymm>()
+        padded_rows_split_and_shift::<Ymm>();
+        stores_of_some_lanes::<Ymm>()
     }
 
     #[target_feature(enable = "avx512f")]
     unsafe fn on_avx512() {
-        padded_rows_split_and_shift::<Zmm>()
+        padded_rows_split_and_shift::<Zmm>();
+        stores_of_some_lanes::<Zmm>()
     }
 
     #[test]
-    fn padded_loads_splits_and_shifts_match_their_definitions() {
+    fn padded_loads_splits_shifts_and_partial_stores_match_their_definitions() {
         for isa in crate::exec::cpu::test_isas() {
             // SAFETY: the ISA is one this CPU runs.
             match isa {
