@@ -1360,29 +1360,9 @@ unsafe fn input_transform_vec<V: Lanes>(
         }
     }
     if V::N == 16 && 2 * tw > V::N {
-        // Each vector of a tile row straight into its lanes of the panels.
-        let (v, v_xi) = (to.v, to.v_xi());
-        for ty in 0..th {
-            let rows = &cols[2 * ty..2 * ty + 4];
-            for x in (0..tw).step_by(lanes) {
-                let runs = to.lane_runs(tw, ty0 + ty, x, lanes);
-                for j in 0..4 {
-                    let [a, b, c, d] = [0, 1, 2, 3].map(|k| rows[k][j].as_ptr());
-                    let (va, vb) = (V::load(a.add(x)), V::load(b.add(x)));
-                    let (vc, vd) = (V::load(c.add(x)), V::load(d.add(x)));
-                    let col = [
-                        V::sub(va, vc),
-                        V::add(vb, vc),
-                        V::sub(vc, vb),
-                        V::sub(vb, vd),
-                    ];
-                    for (i, val) in col.into_iter().enumerate() {
-                        runs.store(v.get().wrapping_add((i * 4 + j) * v_xi), val);
-                    }
-                }
-            }
-        }
-        return zero_tail::<V>(XI, to);
+        // Bᵀ's rows applied to a column of four padded rows: [a - c, b + c, c - b, b - d].
+        let b_t = |[a, b, c, d]: [V; 4]| [V::sub(a, c), V::add(b, c), V::sub(c, b), V::sub(b, d)];
+        return store_straight(&cols[..prows], th, tw, ty0, &to, b_t);
     }
     // [ξ][tile of tile rows ty0..ty1], a vector's room past the last tile.
     let t_one = th * tw;
@@ -1446,6 +1426,42 @@ pub(super) unsafe fn store_tiles<V: Lanes>(
         }
     }
     zero_tail::<V>(xis, to);
+}
+
+/// The tile rows of a transform whose padded rows' column transforms are in `cols`
+/// (`P` = 4 or 6 values per tile side; tile row `ty` reads rows `(P - 2) · ty ..` of it,
+/// `cols[0]` being the padded row of tile row `ty0`'s first), each vector of tile columns
+/// transformed by `b_t` down its `P` rows and stored straight into its lanes of the
+/// panels (`V[P · i + j]` for row `i` of column `j`), then the tail zeroed.
+///
+/// # Safety
+/// The CPU has `V`'s features; as for [`input_transform`]; `cols` holds the tile rows'
+/// padded rows, each readable a vector past `tw` columns.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // j picks the same column of P rows
+pub(super) unsafe fn store_straight<V: Lanes, const P: usize>(
+    cols: &[[[f32; COLS]; P]],
+    th: usize,
+    tw: usize,
+    ty0: usize,
+    to: &Dest,
+    b_t: impl Fn([V; P]) -> [V; P],
+) {
+    let (v, v_xi) = (to.v, to.v_xi());
+    for ty in 0..th {
+        let rows = &cols[(P - 2) * ty..][..P];
+        for x in (0..tw).step_by(V::N) {
+            let runs = to.lane_runs(tw, ty0 + ty, x, V::N);
+            for j in 0..P {
+                let col = b_t(std::array::from_fn(|k| V::load(rows[k][j].as_ptr().add(x))));
+                for (i, val) in col.into_iter().enumerate() {
+                    runs.store(v.get().wrapping_add((P * i + j) * v_xi), val);
+                }
+            }
+        }
+    }
+    zero_tail::<V>(P * P, *to);
 }
 
 /// Zeroes the lanes of row `ci` past the range's tiles in their last panel, where these

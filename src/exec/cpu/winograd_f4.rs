@@ -32,7 +32,7 @@ use super::gemm::{Isa, OutPtr, Residual, NR};
 use super::lanes::{Lanes, Ymm, Zmm};
 use super::winograd::{row_span, tile_rows, Algorithm, Back, Dest, Scratch, COLS};
 #[cfg(target_arch = "x86_64")]
-use super::winograd::{store_row_part, store_tiles, zero_tail};
+use super::winograd::{store_row_part, store_straight, store_tiles};
 
 /// Elements of the transformed 6×6 grid: GEMMs per convolution.
 pub const XI4: usize = 36;
@@ -264,23 +264,7 @@ unsafe fn input_transform_vec<V: Lanes>(
         }
     }
     if V::N == 16 && 2 * tw > V::N {
-        // Each vector of a tile row straight into its lanes of the panels.
-        let (v, v_xi) = (to.v, to.v_xi());
-        for ty in 0..th {
-            let rows = &cols[4 * ty..4 * ty + 6];
-            for x in (0..tw).step_by(lanes) {
-                let runs = to.lane_runs(tw, ty0 + ty, x, lanes);
-                for j in 0..6 {
-                    let [r0, r1, r2, r3, r4, r5] = [0, 1, 2, 3, 4, 5].map(|k| rows[k][j].as_ptr());
-                    let (d0, d1, d2) = (V::load(r0.add(x)), V::load(r1.add(x)), V::load(r2.add(x)));
-                    let (d3, d4, d5) = (V::load(r3.add(x)), V::load(r4.add(x)), V::load(r5.add(x)));
-                    for (i, val) in b_t([d0, d1, d2, d3, d4, d5]).into_iter().enumerate() {
-                        runs.store(v.get().wrapping_add((6 * i + j) * v_xi), val);
-                    }
-                }
-            }
-        }
-        return zero_tail::<V>(XI4, to);
+        return store_straight(&cols[..prows], th, tw, ty0, &to, |d: [V; 6]| b_t(d));
     }
     // [ξ][tile of tile rows ty0..ty1], a vector's room past the last tile.
     let t_one = th * tw;
