@@ -793,9 +793,11 @@ fn conv_bands(
         // pass: ResNet-18's 56 × 56 and 28 × 28 layers 0.97–0.98 of their time, its passes
         // 0.987–0.997 (batch 1 and 8, dense and at budget 0.5), ResNet-50's 0.992–1.005.
         let least = t / bands;
-        for xi in 0..xis {
-            for ci in 0..kc {
-                v[xi * v_xi + ci * NR + least..][..NR - least].fill(0.0);
+        if least < NR {
+            for xi in 0..xis {
+                for ci in 0..kc {
+                    v[xi * v_xi + ci * NR + least..][..NR - least].fill(0.0);
+                }
             }
         }
         let m_xi = row_blocks.div_ceil(parts) * mr * NR;
