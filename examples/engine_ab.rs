@@ -24,7 +24,7 @@
 //! row; without:
 //! `EngineExecutor::without_rows_major`); `nothing` is a control, two
 //! engines alike.
-//! `--tuning intel|zen5|zen5-blocked|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K[,KC]]]]`
+//! `--tuning intel|zen4|zen5|zen5-blocked|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K[,KC]]]]`
 //! sets the tuning of both engines (the fields of `Tuning`: `winograd_wide_width`,
 //! `winograd_wide_min_kept`, `lines_max_kept`, `winograd_f4_min_width` (`none` or left
 //! out: no layer), `depthwise_strip_bytes` in KiB, `pack_misaligned_avx512` (`none`:
@@ -42,7 +42,7 @@
 //! With `--layers`, also each layer's median time both ways (where they differ by more
 //! than 2%).
 //!
-//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|thread-choice|transposed|rows-major|nothing] [--tuning intel|zen5|zen5-blocked|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K[,KC]]]]] [--against TUNING] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
+//! usage: cargo run --release --example engine_ab -- [--without winograd|batched-gates|winograd-lines|winograd-bands|tuning|kept-in-place|panel-prefetch|summed-means|thread-choice|transposed|rows-major|nothing] [--tuning intel|zen4|zen5|zen5-blocked|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K[,KC]]]]] [--against TUNING] [--batch 1] [--pairs 20] [--budget 0.5 | --tiles 0.5] [--layers] MODEL.dsm...
 
 use std::time::Instant;
 
@@ -56,13 +56,14 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// `intel`, `zen5`, `default`, or `WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K[,KC]]]]`
+/// `intel`, `zen4`, `zen5`, `default`, or `WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K[,KC]]]]`
 /// for the fields of [`Tuning`] (with `F4_WIDTH` left out or `none`, no layer runs by
 /// F(4×4, 3×3); `STRIP_KIB`, `PACK14_K` and `KC` left out, the default tuning's;
 /// `KC` `all`: K whole), or `zen5-blocked` (Zen 5's with the default tuning's K blocks).
 fn parse_tuning(s: &str) -> Result<Tuning, Box<dyn std::error::Error>> {
     Ok(match s {
         "intel" => Tuning::INTEL,
+        "zen4" => Tuning::ZEN4,
         "zen5" => Tuning::ZEN5,
         "zen5-blocked" => Tuning {
             gemm_kc: Tuning::DEFAULT.gemm_kc,
@@ -95,7 +96,7 @@ fn parse_tuning(s: &str) -> Result<Tuning, Box<dyn std::error::Error>> {
             },
             _ => {
                 return Err(
-                    "--tuning takes intel, zen5, zen5-blocked, default or WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K[,KC]]]]"
+                    "--tuning takes intel, zen4, zen5, zen5-blocked, default or WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K[,KC]]]]"
                         .into(),
                 )
             }

@@ -5387,13 +5387,14 @@ mod tests {
         let isa = Isa::detect();
         let intel = EngineExecutor::with_tuning(&model, isa, Tuning::INTEL).unwrap();
         let zen5 = EngineExecutor::with_tuning(&model, isa, Tuning::ZEN5).unwrap();
+        let zen4 = EngineExecutor::with_tuning(&model, isa, Tuning::ZEN4).unwrap();
         let default = EngineExecutor::with_tuning(&model, isa, Tuning::DEFAULT).unwrap();
         let wino = |e: &EngineExecutor, node: usize| match &e.layers[node].1 {
             Layer::Gemm { winograd, .. } => winograd.as_ref().map(|w| w as *const _),
             _ => panic!("node {node} is a convolution"),
         };
         assert!(wino(&intel, 0).is_some() && wino(&default, 0).is_none());
-        assert!(wino(&zen5, 0).is_some());
+        assert!(wino(&zen5, 0).is_some() && wino(&zen4, 0).is_some());
         let algo = |e: &EngineExecutor, node: usize| match &e.layers[node].1 {
             Layer::Gemm {
                 winograd: Some(w), ..
@@ -5403,6 +5404,8 @@ mod tests {
         assert_eq!(algo(&intel, 0), Algorithm::F2);
         assert_eq!(algo(&zen5, 0), Algorithm::F4);
         assert_eq!(algo(&zen5, 4), Algorithm::F2);
+        assert_eq!(algo(&zen4, 0), Algorithm::F4);
+        assert_eq!(algo(&zen4, 4), Algorithm::F2);
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 {
             let lines = |e: &EngineExecutor| match &e.layers[4].1 {
@@ -5411,7 +5414,7 @@ mod tests {
                 } => w.lines_for(isa, 1, [7, 7], None, None).is_some(),
                 _ => panic!("the 7 × 7 layer runs by Winograd"),
             };
-            assert!(lines(&intel) && !lines(&default) && !lines(&zen5));
+            assert!(lines(&intel) && !lines(&default) && !lines(&zen5) && !lines(&zen4));
         }
         let reference = ReferenceExecutor::new(&model).unwrap();
         for batch in [1, 2] {
@@ -5426,7 +5429,7 @@ mod tests {
                 Policy::Budget(Budget::Flops(0.75)),
             ] {
                 let b = default.forward_with(&x, batch, policy).unwrap();
-                for tuned in [&intel, &zen5] {
+                for tuned in [&intel, &zen5, &zen4] {
                     let a = tuned.forward_with(&x, batch, policy).unwrap();
                     assert_eq!(a.kept, b.kept, "{policy:?}");
                     assert_eq!(a.flops, b.flops, "{policy:?}");

@@ -6,8 +6,10 @@
 //! and the panels of 1×1 layers over 14 × 14 planes. All were found by switching one way
 //! for the other pass by pass on each machine (the numbers are beside the constants). On
 //! the AMD EPYC of Zen 4 (1 MiB of L2 per core) the direct convolution at 56 × 56 runs
-//! close enough to the micro-kernel's peak that Winograd's transforms cost what its
-//! multiply-adds save, and dense 7 × 7 planes run best on the packed filters.
+//! close enough to the micro-kernel's peak that F(2×2, 3×3)'s transforms, as they were
+//! then, cost what its multiply-adds saved; once the transforms stored straight into the
+//! panels, F(4×4, 3×3) (a quarter of the direct multiply-adds) took half the direct
+//! time there ([`Tuning::ZEN4`]). Dense 7 × 7 planes run best on the packed filters.
 //! On the Intel Xeon (Emerald Rapids, 2 MiB of L2 per core) the direct convolution at
 //! 56 × 56 ran at 84–130 GFLOP/s on one thread where the micro-kernel alone reaches
 //! 150–168, so Winograd pays there; and a dense 7 × 7 plane at batch 1 ran fastest on
@@ -28,7 +30,7 @@
 /// ```
 /// use dynsparse::exec::cpu::Tuning;
 /// let t = Tuning::detect();
-/// assert!([Tuning::DEFAULT, Tuning::INTEL, Tuning::ZEN5].contains(&t));
+/// assert!([Tuning::DEFAULT, Tuning::INTEL, Tuning::ZEN4, Tuning::ZEN5].contains(&t));
 /// assert!(Tuning::INTEL.winograd_wide_width > Tuning::DEFAULT.winograd_wide_width);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -70,7 +72,8 @@ pub struct Tuning {
 }
 
 impl Tuning {
-    /// Measured on the AMD EPYC (Zen 4) and the AVX2 machine of earlier sessions:
+    /// For CPUs not measured, and the AVX2 machine of earlier sessions. Measured there and
+    /// on the AMD EPYC (Zen 4) before [`Self::ZEN4`], with the transforms of the time:
     /// Winograd at 56 × 56 took 1.06–1.23× the direct convolution's time dense and
     /// 1.03–1.30× gated; dense 7 × 7 plans on the lines 1.03–1.15× the packed way's.
     /// (`winograd_wide_min_kept` is moot where no layer wider than 28 runs by Winograd.)
@@ -192,15 +195,54 @@ impl Tuning {
         gemm_kc: usize::MAX,
     };
 
+    /// Measured on the AMD EPYC of Zen 4 (family 25, model 17, two vCPUs, 32 KiB L1 and
+    /// 1 MiB L2 per core), one engine, the way switched pass by pass
+    /// (`examples/engine_ab.rs --without tuning`, 2 threads), after the Winograd
+    /// transforms had learned to store straight into the panels. F(4×4, 3×3) at
+    /// 56 × 56 (`--tuning 56,0.25,0.85,56` against the default): ResNet-18's `layer1`
+    /// layers 0.44–0.50 of the direct time, passes 0.845 and 0.854 at batch 1 and 0.796
+    /// at batch 8; ResNet-50 0.976 and 0.938; at budget 0.5 ResNet-18 0.840, ResNet-50
+    /// 1.002 (gated plans by Winograd from 0.25 of the pairs against 0.45: 0.993; from
+    /// 0.65, ResNet-18 0.982). F(4×4, 3×3) at 28 × 28 as well: 1.028 and 0.987
+    /// (ResNet-18, batch 1 and 8), 1.011 and 0.984 (ResNet-50): left out. K whole rather
+    /// than in blocks of [`super::gemm::KC`] (both sides with F(4×4, 3×3)): ResNet-50
+    /// 0.978 and 0.979 at batch 1 and 8, 0.979 at budget 0.5; ResNet-18 0.997;
+    /// MobileNetV2 0.986, 0.984 and 0.974; EfficientNet-Lite0 0.979, 0.991 and 0.975.
+    /// Depthwise strips of 128 KiB: 1.003 and 1.011 (MobileNetV2, Lite0) at batch 1,
+    /// 0.968 and 0.966 at batch 8; 96 KiB 1.000 and 0.988 at batch 1: the default's 64
+    /// stay. 1×1 layers over 14 × 14 planes read in place rather than packed: 1.001 and
+    /// 0.996 (MobileNetV2, Lite0): the default stays.
+    pub const ZEN4: Tuning = Tuning {
+        winograd_wide_width: 56,
+        winograd_wide_min_kept: 0.25,
+        lines_max_kept: 0.85,
+        winograd_f4_min_width: 56,
+        depthwise_strip_bytes: 64 << 10,
+        pack_misaligned_avx512: super::engine::PACK_MISALIGNED_FROM,
+        gemm_kc: usize::MAX,
+    };
+
     /// The choices for this CPU: [`Self::INTEL`] on Intel processors, [`Self::ZEN5`] on
-    /// AMD processors of family 26 (Zen 5) and later, [`Self::DEFAULT`] elsewhere.
+    /// AMD processors of family 26 (Zen 5) and later, [`Self::ZEN4`] on those of family
+    /// 25 with AVX-512 (Zen 4; Zen 3, without it, was never measured), [`Self::DEFAULT`]
+    /// elsewhere.
     pub fn detect() -> Tuning {
         match vendor() {
             Vendor::Intel => Tuning::INTEL,
             Vendor::Amd { family } if family >= 0x1a => Tuning::ZEN5,
+            Vendor::Amd { family: 0x19 } if has_avx512() => Tuning::ZEN4,
             _ => Tuning::DEFAULT,
         }
     }
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Who made the CPU, as CPUID names it.
