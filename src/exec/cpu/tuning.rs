@@ -208,9 +208,11 @@ impl Tuning {
     /// than in blocks of [`super::gemm::KC`] (both sides with F(4×4, 3×3)): ResNet-50
     /// 0.978 and 0.979 at batch 1 and 8, 0.979 at budget 0.5; ResNet-18 0.997;
     /// MobileNetV2 0.986, 0.984 and 0.974; EfficientNet-Lite0 0.979, 0.991 and 0.975.
-    /// Depthwise strips of 128 KiB: 1.003 and 1.011 (MobileNetV2, Lite0) at batch 1,
-    /// 0.968 and 0.966 at batch 8; 96 KiB 1.000 and 0.988 at batch 1: the default's 64
-    /// stay. 1×1 layers over 14 × 14 planes read in place rather than packed: 1.001 and
+    /// Depthwise strips of 128 KiB: 1.003 and 1.011 (MobileNetV2, Lite0) at batch 1, then
+    /// 0.994 and 0.986 (150 pairs); 0.968 and 0.966 at batch 8, then 1.006 and 0.998; 96
+    /// KiB 1.000 and 0.988 at batch 1: within the noise, the default's 64 stay. Dense
+    /// 7 × 7 planes on the lines (`lines_max_kept` 1.0): ResNet-18 1.069 and ResNet-50
+    /// 1.038; gated ones off them (0.0) at budget 0.5: 1.081 and 1.031: 0.85 stays. 1×1 layers over 14 × 14 planes read in place rather than packed: 1.001 and
     /// 0.996 (MobileNetV2, Lite0): the default stays.
     pub const ZEN4: Tuning = Tuning {
         winograd_wide_width: 56,
