@@ -135,7 +135,9 @@ pub struct Forward {
 pub struct LayerTrace {
     /// Wall time of the node for the whole batch, in milliseconds. On the CPU engine a
     /// depthwise layer that runs band by band inside the 1×1 expansion before it shows 0,
-    /// and the expansion's time includes it.
+    /// and the expansion's time includes it; where a big batch runs its first nodes in
+    /// parts, the parts' times are summed, and parts run side by side on different
+    /// threads, so those nodes' times can add up to more than the pass took.
     pub ms: f64,
     /// Of which the node's gates took deciding, in milliseconds.
     pub gate_ms: f64,
