@@ -25,6 +25,8 @@
 //! F(2×2, 3×3) stays there. The other machines have not run F(4×4, 3×3): their tunings
 //! leave it out.
 
+use super::gemm::Isa;
+
 /// Per-microarchitecture choices of the CPU engine.
 ///
 /// ```
@@ -232,19 +234,10 @@ impl Tuning {
         match vendor() {
             Vendor::Intel => Tuning::INTEL,
             Vendor::Amd { family } if family >= 0x1a => Tuning::ZEN5,
-            Vendor::Amd { family: 0x19 } if has_avx512() => Tuning::ZEN4,
+            Vendor::Amd { family: 0x19 } if Isa::detect() == Isa::Avx512 => Tuning::ZEN4,
             _ => Tuning::DEFAULT,
         }
     }
-}
-
-fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// Who made the CPU, as CPUID names it.
