@@ -214,16 +214,15 @@ impl Tuning {
     /// 0.994 and 0.986 (150 pairs); 0.968 and 0.966 at batch 8, then 1.006 and 0.998; 96
     /// KiB 1.000 and 0.988 at batch 1: within the noise, the default's 64 stay. Dense
     /// 7 × 7 planes on the lines (`lines_max_kept` 1.0): ResNet-18 1.069 and ResNet-50
-    /// 1.038; gated ones off them (0.0) at budget 0.5: 1.081 and 1.031: 0.85 stays. 1×1 layers over 14 × 14 planes read in place rather than packed: 1.001 and
-    /// 0.996 (MobileNetV2, Lite0): the default stays.
+    /// 1.038; gated ones off them (0.0) at budget 0.5: 1.081 and 1.031: 0.85 stays. 1×1
+    /// layers over 14 × 14 planes read in place rather than packed: 1.001 and 0.996
+    /// (MobileNetV2, Lite0): the default stays.
+    ///
+    /// So Zen 5's choices but for the two that stay the default's.
     pub const ZEN4: Tuning = Tuning {
-        winograd_wide_width: 56,
-        winograd_wide_min_kept: 0.25,
-        lines_max_kept: 0.85,
-        winograd_f4_min_width: 56,
-        depthwise_strip_bytes: 64 << 10,
-        pack_misaligned_avx512: super::engine::PACK_MISALIGNED_FROM,
-        gemm_kc: usize::MAX,
+        depthwise_strip_bytes: Tuning::DEFAULT.depthwise_strip_bytes,
+        pack_misaligned_avx512: Tuning::DEFAULT.pack_misaligned_avx512,
+        ..Tuning::ZEN5
     };
 
     /// The choices for this CPU: [`Self::INTEL`] on Intel processors, [`Self::ZEN5`] on
