@@ -201,9 +201,9 @@ impl Tuning {
     /// 1 MiB L2 per core), one engine, the way switched pass by pass
     /// (`examples/engine_ab.rs --without tuning`, 2 threads), after the Winograd
     /// transforms had learned to store straight into the panels. F(4×4, 3×3) at
-    /// 56 × 56 (`--tuning 56,0.25,0.85,56` against the default): ResNet-18's `layer1`
-    /// layers 0.44–0.50 of the direct time, passes 0.845 and 0.854 at batch 1 and 0.796
-    /// at batch 8; ResNet-50 0.976 and 0.938; at budget 0.5 ResNet-18 0.840, ResNet-50
+    /// 56 × 56 (`--tuning 56,0.25,0.85,56` against the default): ResNet-18's passes 0.845
+    /// at batch 1 and 0.796 at batch 8 (Zen 5's whole tuning, `--layers`: 0.854, its
+    /// `layer1` layers 0.44–0.50 of the direct time); ResNet-50 0.976 and 0.938; at budget 0.5 ResNet-18 0.840, ResNet-50
     /// 1.002 (gated plans by Winograd from 0.25 of the pairs against 0.45: 0.993; from
     /// 0.65, ResNet-18 0.982). F(4×4, 3×3) at 28 × 28 as well: 1.028 and 0.987
     /// (ResNet-18, batch 1 and 8), 1.011 and 0.984 (ResNet-50): left out. K whole rather
