@@ -8,7 +8,7 @@ mod common;
 
 use common::{demo_model, fixtures, manifest, rel_err};
 use dynsparse::exec::cpu::{EngineExecutor, ReferenceExecutor};
-use dynsparse::exec::{gating, Budget, Cut, Executor, Forward, Gates, Policy};
+use dynsparse::exec::{channel_order, gating, Budget, Cut, Executor, Forward, Gates, Policy};
 use dynsparse::model::Op;
 use dynsparse::{convert, npy, Model};
 
@@ -263,6 +263,147 @@ fn gated_imagenet_models_equal_their_pruned_dense_networks() {
         let input = npy::read(&fixtures().join(arch).join("input_b3.npy")).unwrap();
         check(&model, &input.data, 3, arch);
     }
+}
+
+/// A model renumbered by calibrated channel orders is the same network: its dense logits
+/// equal the original's, and its gated passes their own pruned dense networks. On the
+/// real Lite0 weights and two photos, calibrated on those photos, the channels its gates
+/// keep there lie mostly in each layer's leading run, where before they were spread.
+#[test]
+fn reordered_models_are_the_same_network_with_kept_channels_first() {
+    let m = manifest();
+    let lite0 = convert::convert(
+        "efficientnet_lite0",
+        m["lite0_checkpoint"].as_str().unwrap().as_ref(),
+        None,
+    )
+    .unwrap();
+    let mut photos = Vec::new();
+    for photo in ["cat", "espresso"] {
+        let img = dynsparse::preprocess::load_image(m["photos"][photo].as_str().unwrap().as_ref())
+            .unwrap();
+        photos.extend(dynsparse::preprocess::preprocess(&img, &lite0.desc.preprocess).unwrap());
+    }
+    let mut cases = vec![("efficientnet_lite0 (photos)", lite0, photos, 2)];
+    for arch in ["mobilenet_v2", "resnet50"] {
+        let ckpt = m["archs"][arch]["checkpoint"].as_str().unwrap();
+        let model = convert::convert(arch, ckpt.as_ref(), None).unwrap();
+        let input = npy::read(&fixtures().join(arch).join("input_b3.npy")).unwrap();
+        cases.push((arch, model, input.data, 3));
+    }
+    for (name, model, input, batch) in cases {
+        let (reordered, counts) = channel_order::calibrate(&model, &input).unwrap();
+        assert_eq!(
+            counts.passes,
+            batch * channel_order::CALIBRATION_KEEPS.len()
+        );
+        let dense = EngineExecutor::new(&model)
+            .unwrap()
+            .forward(&input, batch)
+            .unwrap();
+        let again = EngineExecutor::new(&reordered)
+            .unwrap()
+            .forward(&input, batch)
+            .unwrap();
+        // Sums over input channels run in another order: as close as PyTorch's logits
+        // are required to be (ResNet-50 moved by 2.1e-5).
+        let err = rel_err(&again, &dense);
+        assert!(
+            err <= 1e-4,
+            "{name}: reordered dense logits differ by {err:.2e}"
+        );
+        check(&reordered, &input, batch, &format!("{name}, reordered"));
+        if batch == 2 {
+            let share = |model: &Model| {
+                let f = EngineExecutor::new(model)
+                    .unwrap()
+                    .forward_with(&input, batch, Policy::Keep(0.5))
+                    .unwrap();
+                let gated: Vec<usize> = gating::gateable(model).iter().map(|g| g.0).collect();
+                let kept: Vec<Vec<usize>> = gated
+                    .iter()
+                    .filter_map(|&g| f.kept[g].clone())
+                    .flatten()
+                    .collect();
+                channel_order::leading_share(&kept)
+            };
+            let (before, after) = (share(&model), share(&reordered));
+            println!("{name}: kept channels in leading runs {before:.3} -> {after:.3}");
+            assert!(after >= 0.9 && after > before + 0.2, "{before} -> {after}");
+        }
+    }
+}
+
+/// `dynsparse reorder` writes a model that computes what the original does, calibrated
+/// on the images given or, given none, on the all-zero input, and reports how far the
+/// kept channels moved into leading runs; a missing image is an error that writes
+/// nothing.
+#[test]
+fn cli_reorder_writes_the_same_network() {
+    use std::process::Command;
+    let dir = std::env::temp_dir().join(format!("dynsparse-reorder-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let samples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo/samples");
+    let model = Model::load(demo_model()).unwrap();
+    let i = model.desc.input;
+    let mut input = Vec::new();
+    for img in common::heldout_images(4) {
+        input.extend(dynsparse::preprocess::preprocess(&img, &model.desc.preprocess).unwrap());
+    }
+    assert_eq!(input.len(), 4 * i.channels * i.height * i.width);
+    let dense = EngineExecutor::new(&model)
+        .unwrap()
+        .forward(&input, 4)
+        .unwrap();
+    for (images, source) in [
+        (vec![samples.clone()], "images"),
+        (vec![], "all-zero input"),
+    ] {
+        let out = dir.join(format!("{}.dsm", images.len()));
+        let stdout = common::succeeded(
+            Command::new(common::bin())
+                .args([
+                    "reorder",
+                    "--model",
+                    demo_model().to_str().unwrap(),
+                    "--output",
+                ])
+                .arg(&out)
+                .args(&images)
+                .output()
+                .unwrap(),
+        );
+        assert!(
+            stdout.contains(source) && stdout.contains("after"),
+            "{stdout}"
+        );
+        let reordered = Model::load(&out).unwrap();
+        let again = EngineExecutor::new(&reordered)
+            .unwrap()
+            .forward(&input, 4)
+            .unwrap();
+        assert!(rel_err(&again, &dense) <= 1e-4, "{source}");
+        assert_ne!(
+            reordered.weights, model.weights,
+            "{source}: nothing reordered"
+        );
+    }
+    let missing = dir.join("missing.dsm");
+    let out = Command::new(common::bin())
+        .args([
+            "reorder",
+            "--model",
+            demo_model().to_str().unwrap(),
+            "--output",
+        ])
+        .arg(&missing)
+        .arg(dir.join("no-such-image.png"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-image.png"));
+    assert!(!missing.exists());
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! The seam is deliberately narrow — NCHW f32 in, logits out — so a faster CPU engine or
 //! a CUDA executor replaces the reference one without touching the model code.
 
+pub mod channel_order;
 pub mod cpu;
 pub mod cuda;
 pub mod gating;
