@@ -388,6 +388,43 @@ fn cli_reorder_writes_the_same_network() {
             "{source}: nothing reordered"
         );
     }
+    // The converter does the same as it writes the model (`--reorder IMAGES`), and a
+    // calibration image it cannot read fails the conversion, leaving no file.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let convert = |out: &std::path::Path, reorder: &[&std::path::Path]| {
+        Command::new(common::bin())
+            .args(["convert", "--arch", "resnet20", "--input"])
+            .arg(root.join("models/demo/demo.safetensors"))
+            .arg("--preprocess")
+            .arg(root.join("models/demo/preprocess.json"))
+            .arg("--output")
+            .arg(out)
+            .arg("--reorder")
+            .args(reorder)
+            .output()
+            .unwrap()
+    };
+    let converted = dir.join("converted.dsm");
+    let stdout = common::succeeded(convert(&converted, &[&samples]));
+    assert!(
+        stdout.contains("images at keep") && stdout.contains("after"),
+        "{stdout}"
+    );
+    let reordered = Model::load(&converted).unwrap();
+    let again = EngineExecutor::new(&reordered)
+        .unwrap()
+        .forward(&input, 4)
+        .unwrap();
+    assert!(rel_err(&again, &dense) <= 1e-4, "converted with --reorder");
+    assert_ne!(
+        reordered.weights, model.weights,
+        "converted: nothing reordered"
+    );
+    let failed = dir.join("failed.dsm");
+    let out = convert(&failed, &[&dir.join("no-such-image.png")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-image.png"));
+    assert!(!failed.exists());
     let missing = dir.join("missing.dsm");
     let out = Command::new(common::bin())
         .args([

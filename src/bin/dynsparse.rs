@@ -43,6 +43,11 @@ enum Command {
         /// architecture's default otherwise.
         #[arg(long)]
         preprocess: Option<PathBuf>,
+        /// Then renumber the gated channels, most often kept first, calibrated on these
+        /// images (files or folders; none: the all-zero input), as `dynsparse reorder`
+        /// does.
+        #[arg(long, num_args = 0.., value_name = "IMAGES")]
+        reorder: Option<Vec<PathBuf>>,
     },
     /// Renumber a model's gated channels, those the gates keep most often first, so
     /// that a gated pass's kept channels lie mostly in leading runs the kernels read
@@ -387,12 +392,14 @@ fn run(cli: Cli) -> Result<()> {
             output,
             classes,
             preprocess,
+            reorder,
         } => cmd_convert(
             &arch,
             &input,
             &output,
             classes.as_deref(),
             preprocess.as_deref(),
+            reorder.as_deref(),
         ),
         Command::Reorder {
             model,
@@ -529,6 +536,7 @@ fn cmd_convert(
     output: &Path,
     classes: Option<&Path>,
     pre: Option<&Path>,
+    reorder: Option<&[PathBuf]>,
 ) -> Result<()> {
     let classes = classes.map(convert::read_classes).transpose()?;
     let mut model = convert::convert(arch, input, classes)?;
@@ -542,6 +550,11 @@ fn cmd_convert(
                 p.display()
             )
         })?;
+    }
+    if let Some(images) = reorder {
+        let (reordered, report) = reorder_channels(&model, images)?;
+        println!("{report}");
+        model = reordered;
     }
     model.save(output)?;
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
@@ -561,10 +574,23 @@ fn cmd_convert(
 const REORDER_REPORT_SAMPLES: usize = 64;
 
 fn cmd_reorder(model_path: &Path, output: &Path, images: &[PathBuf]) -> Result<()> {
+    let model = dynsparse::Model::load(model_path)?;
+    let (reordered, report) = reorder_channels(&model, images)?;
+    reordered.save(output)?;
+    println!("{report}; wrote {}", output.display());
+    Ok(())
+}
+
+/// `model` with its gated channels renumbered ([`dynsparse::exec::channel_order`]),
+/// calibrated on `images` (files or folders; none: the all-zero input), and a report of
+/// what was done and how far the kept channels moved into leading runs.
+fn reorder_channels(
+    model: &dynsparse::Model,
+    images: &[PathBuf],
+) -> Result<(dynsparse::Model, String)> {
     use dynsparse::exec::channel_order::{self, leading_share};
     use dynsparse::exec::cpu::EngineExecutor;
     use dynsparse::exec::Executor;
-    let model = dynsparse::Model::load(model_path)?;
     let mut inputs = Vec::new();
     for path in images {
         let found = if path.is_dir() {
@@ -582,19 +608,19 @@ fn cmd_reorder(model_path: &Path, output: &Path, images: &[PathBuf]) -> Result<(
         inputs = vec![0.0; sample];
         "the all-zero input (no images given)".to_string()
     } else {
-        format!("{samples} images")
+        format!("{samples} image{}", if samples == 1 { "" } else { "s" })
     };
-    let engine = EngineExecutor::new(&model)?;
+    let engine = EngineExecutor::new(model)?;
     let bar = indicatif::ProgressBar::new(samples.max(1) as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} calibration samples")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let counts = channel_order::keep_counts(&engine, &model, &inputs, |done| {
+    let counts = channel_order::keep_counts(&engine, model, &inputs, |done| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
     let orders = counts.orders();
-    let reordered = channel_order::reorder(&model, &orders)?;
+    let reordered = channel_order::reorder(model, &orders)?;
     // How far the kept channels moved into leading runs, on (some of) the calibration
     // inputs at keep 0.5.
     let report = &inputs[..sample * samples.clamp(1, REORDER_REPORT_SAMPLES)];
@@ -611,20 +637,17 @@ fn cmd_reorder(model_path: &Path, output: &Path, images: &[PathBuf]) -> Result<(
         }
         Ok(leading_share(&kept))
     };
-    let (before, after) = (share(&model)?, share(&reordered)?);
-    reordered.save(output)?;
-    println!(
-        "reordered the channels of {} gated convolutions, calibrated on {source} at keep \
-         {:?}; wrote {}",
-        orders.iter().flatten().count(),
-        channel_order::CALIBRATION_KEEPS,
-        output.display()
-    );
-    println!(
-        "kept channels (keep 0.5, calibration inputs) lying in each layer's leading run: \
-         {before:.3} before, {after:.3} after"
-    );
-    Ok(())
+    let (before, after) = (share(model)?, share(&reordered)?);
+    Ok((
+        reordered,
+        format!(
+            "reordered the channels of {} gated convolutions, calibrated on {source} at \
+             keep {:?}; kept channels (keep 0.5, calibration inputs) lying in each layer's \
+             leading run: {before:.3} before, {after:.3} after",
+            orders.iter().flatten().count(),
+            channel_order::CALIBRATION_KEEPS,
+        ),
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
