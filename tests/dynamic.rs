@@ -235,9 +235,8 @@ fn gated_demo_model_equals_its_pruned_dense_network() {
     check(&model, &input, 3, "resnet20 demo");
 }
 
-#[test]
-fn gated_lite0_on_real_photos_equals_its_pruned_dense_network() {
-    // The real ImageNet weights on the two photos: gates choose per picture.
+/// EfficientNet-Lite0 with its real ImageNet weights, and the two photos as a batch.
+fn lite0_on_photos() -> (Model, Vec<f32>) {
     let m = manifest();
     let model = convert::convert(
         "efficientnet_lite0",
@@ -251,17 +250,32 @@ fn gated_lite0_on_real_photos_equals_its_pruned_dense_network() {
             .unwrap();
         input.extend(dynsparse::preprocess::preprocess(&img, &model.desc.preprocess).unwrap());
     }
+    (model, input)
+}
+
+/// The fixture of `arch` converted, and its batch of three inputs.
+fn fixture_model(arch: &str) -> (Model, Vec<f32>) {
+    let ckpt = manifest()["archs"][arch]["checkpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let model = convert::convert(arch, ckpt.as_ref(), None).unwrap();
+    let input = npy::read(&fixtures().join(arch).join("input_b3.npy")).unwrap();
+    (model, input.data)
+}
+
+#[test]
+fn gated_lite0_on_real_photos_equals_its_pruned_dense_network() {
+    // The real ImageNet weights on the two photos: gates choose per picture.
+    let (model, input) = lite0_on_photos();
     check(&model, &input, 2, "efficientnet_lite0 (photos)");
 }
 
 #[test]
 fn gated_imagenet_models_equal_their_pruned_dense_networks() {
-    let m = manifest();
     for arch in ["mobilenet_v2", "resnet50"] {
-        let ckpt = m["archs"][arch]["checkpoint"].as_str().unwrap();
-        let model = convert::convert(arch, ckpt.as_ref(), None).unwrap();
-        let input = npy::read(&fixtures().join(arch).join("input_b3.npy")).unwrap();
-        check(&model, &input.data, 3, arch);
+        let (model, input) = fixture_model(arch);
+        check(&model, &input, 3, arch);
     }
 }
 
@@ -271,25 +285,11 @@ fn gated_imagenet_models_equal_their_pruned_dense_networks() {
 /// keep there lie mostly in each layer's leading run, where before they were spread.
 #[test]
 fn reordered_models_are_the_same_network_with_kept_channels_first() {
-    let m = manifest();
-    let lite0 = convert::convert(
-        "efficientnet_lite0",
-        m["lite0_checkpoint"].as_str().unwrap().as_ref(),
-        None,
-    )
-    .unwrap();
-    let mut photos = Vec::new();
-    for photo in ["cat", "espresso"] {
-        let img = dynsparse::preprocess::load_image(m["photos"][photo].as_str().unwrap().as_ref())
-            .unwrap();
-        photos.extend(dynsparse::preprocess::preprocess(&img, &lite0.desc.preprocess).unwrap());
-    }
+    let (lite0, photos) = lite0_on_photos();
     let mut cases = vec![("efficientnet_lite0 (photos)", lite0, photos, 2)];
     for arch in ["mobilenet_v2", "resnet50"] {
-        let ckpt = m["archs"][arch]["checkpoint"].as_str().unwrap();
-        let model = convert::convert(arch, ckpt.as_ref(), None).unwrap();
-        let input = npy::read(&fixtures().join(arch).join("input_b3.npy")).unwrap();
-        cases.push((arch, model, input.data, 3));
+        let (model, input) = fixture_model(arch);
+        cases.push((arch, model, input, 3));
     }
     for (name, model, input, batch) in cases {
         let (reordered, counts) = channel_order::calibrate(&model, &input).unwrap();

@@ -96,9 +96,9 @@ pub fn leading_share<'a>(kept: impl IntoIterator<Item = &'a Vec<usize>>) -> f64 
 }
 
 /// Counts, over `inputs` (NCHW, a whole number of the model's input samples) run on
-/// `executor` at each of [`CALIBRATION_KEEPS`], how often each gated convolution kept
-/// each of its output channels. With `progress`, called after each pass with the samples
-/// done so far.
+/// `executor` (built from `model`) at each of [`CALIBRATION_KEEPS`], how often each
+/// gateable convolution kept each of its output channels. `progress` is called after each
+/// batch of samples with the number done so far.
 pub fn keep_counts(
     executor: &impl Executor,
     model: &Model,
@@ -170,15 +170,29 @@ pub fn reorder(model: &Model, orders: &Orders) -> Result<Model> {
     for (i, order) in orders.iter().enumerate() {
         let Some(order) = order else { continue };
         let name = &nodes[i].name;
-        if !gateable.iter().any(|(g, _)| *g == i) {
+        let Some((_, followers)) = gateable.iter().find(|(g, _)| *g == i) else {
             return Err(Error::Input(format!(
                 "node {name}: only the output channels of a convolution whose readers \
                  the gates follow can be reordered"
             )));
-        }
+        };
         let Op::Conv(c) = &nodes[i].op else {
             unreachable!("gateable nodes are convolutions")
         };
+        // A grouped reader that is not depthwise mixes channels within its groups only:
+        // renumbering across them would change the network.
+        for &(j, _) in followers {
+            if let Op::Conv(r) = &nodes[j].op {
+                let depthwise = r.groups == r.in_channels && r.in_channels == r.out_channels;
+                if r.groups > 1 && !depthwise {
+                    return Err(Error::Input(format!(
+                        "node {name}: its reader {} is a grouped convolution that is not \
+                         depthwise, across whose groups its channels cannot move",
+                        nodes[j].name
+                    )));
+                }
+            }
+        }
         let mut seen = vec![false; c.out_channels];
         let permutation = order.len() == c.out_channels
             && order
@@ -557,6 +571,29 @@ mod tests {
                 matches!(reorder(&model, &orders), Err(Error::Input(_))),
                 "{orders:?}"
             );
+        }
+        // A reader in groups that is not depthwise: channels cannot cross its groups.
+        let spec = |cout, k| ConvSpec {
+            cout,
+            k,
+            stride: 1,
+            depthwise: false,
+        };
+        let mut grouped = conv_chain(8, 8, &[spec(16, 1), spec(16, 3), spec(8, 1)]).unwrap();
+        let Op::Conv(c) = &mut grouped.desc.nodes[1].op else {
+            unreachable!()
+        };
+        c.groups = 2;
+        grouped.weights.insert(
+            "conv1.weight".into(),
+            TensorData::new(vec![16, 8, 3, 3], vec![0.1; 16 * 8 * 9]).unwrap(),
+        );
+        let grouped = Model::new(grouped.desc, grouped.weights).unwrap();
+        let mut o = vec![None; grouped.desc.nodes.len()];
+        o[0] = Some((0..16).rev().collect());
+        match reorder(&grouped, &o) {
+            Err(Error::Input(m)) => assert!(m.contains("not depthwise"), "{m}"),
+            other => panic!("a grouped reader: {:?}", other.map(|_| ())),
         }
         // Leaving every layer as it is changes nothing.
         let same = reorder(&model, &vec![None; n]).unwrap();
