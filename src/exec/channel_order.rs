@@ -170,29 +170,15 @@ pub fn reorder(model: &Model, orders: &Orders) -> Result<Model> {
     for (i, order) in orders.iter().enumerate() {
         let Some(order) = order else { continue };
         let name = &nodes[i].name;
-        let Some((_, followers)) = gateable.iter().find(|(g, _)| *g == i) else {
+        if !gateable.iter().any(|(g, _)| *g == i) {
             return Err(Error::Input(format!(
                 "node {name}: only the output channels of a convolution whose readers \
                  the gates follow can be reordered"
             )));
-        };
+        }
         let Op::Conv(c) = &nodes[i].op else {
             unreachable!("gateable nodes are convolutions")
         };
-        // A grouped reader that is not depthwise mixes channels within its groups only:
-        // renumbering across them would change the network.
-        for &(j, _) in followers {
-            if let Op::Conv(r) = &nodes[j].op {
-                let depthwise = r.groups == r.in_channels && r.in_channels == r.out_channels;
-                if r.groups > 1 && !depthwise {
-                    return Err(Error::Input(format!(
-                        "node {name}: its reader {} is a grouped convolution that is not \
-                         depthwise, across whose groups its channels cannot move",
-                        nodes[j].name
-                    )));
-                }
-            }
-        }
         let mut seen = vec![false; c.out_channels];
         let permutation = order.len() == c.out_channels
             && order
@@ -572,7 +558,8 @@ mod tests {
                 "{orders:?}"
             );
         }
-        // A reader in groups that is not depthwise: channels cannot cross its groups.
+        // Before a reader in groups that is not depthwise (channels cannot cross its
+        // groups), a layer is not gateable.
         let spec = |cout, k| ConvSpec {
             cout,
             k,
@@ -592,7 +579,7 @@ mod tests {
         let mut o = vec![None; grouped.desc.nodes.len()];
         o[0] = Some((0..16).rev().collect());
         match reorder(&grouped, &o) {
-            Err(Error::Input(m)) => assert!(m.contains("not depthwise"), "{m}"),
+            Err(Error::Input(m)) => assert!(m.contains("readers the gates follow"), "{m}"),
             other => panic!("a grouped reader: {:?}", other.map(|_| ())),
         }
         // Leaving every layer as it is changes nothing.

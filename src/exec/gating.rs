@@ -70,7 +70,7 @@ pub fn gateable_nodes(nodes: &[Node]) -> Vec<(usize, Vec<(usize, bool)>)> {
         for (j, residual) in readers(i + 1) {
             if regular_input(j, residual) {
                 followers.push((j, false));
-            } else if !residual && conv(j).is_some_and(|d| d.groups > 1) {
+            } else if !residual && conv(j).is_some_and(depthwise) {
                 let after = readers(j + 1);
                 let pointwise = |k: usize| conv(k).is_some_and(unpadded_pointwise);
                 if conv(j).is_some_and(|d| d.residual.is_some())
@@ -94,6 +94,12 @@ pub fn gateable_nodes(nodes: &[Node]) -> Vec<(usize, Vec<(usize, bool)>)> {
         }
     }
     out
+}
+
+/// Whether a convolution is depthwise: a group per channel, as many out as in. A reader
+/// in fewer groups mixes the channels of each group, so dropped ones would be read.
+fn depthwise(c: &Conv) -> bool {
+    c.groups > 1 && c.groups == c.in_channels && c.in_channels == c.out_channels
 }
 
 /// Whether a convolution is 1×1 and reads no padding (TensorFlow "SAME" never pads a 1×1
@@ -858,6 +864,13 @@ mod tests {
         let mut m = block(1);
         if let Op::Conv(c) = &mut m.desc.nodes[1].op {
             c.residual = Some(0);
+        }
+        assert!(gateable(&m).is_empty());
+        // Nor before a reader in groups of several channels, which would read the
+        // dropped ones.
+        let mut m = block(1);
+        if let Op::Conv(c) = &mut m.desc.nodes[1].op {
+            c.groups = 10;
         }
         assert!(gateable(&m).is_empty());
     }
