@@ -153,7 +153,7 @@ fn sample_len(model: &Model) -> usize {
 /// `model` with each gateable convolution's output channels in the order `orders` gives
 /// it (`order[new] = old`), and every layer that reads them renumbered to match: a
 /// depthwise reader's channels, a regular reader's input channels, and the trained gates'
-/// rows and columns over them. Fails, changing nothing, if `orders` does not have one
+/// rows (the convolution's own) and columns (a regular reader's) over them. Fails, changing nothing, if `orders` does not have one
 /// entry per node, names a convolution whose output cannot be gated (its channels are
 /// read past the layers [`gating::gateable`] follows), or gives a node something other
 /// than a permutation of its output channels.
@@ -208,17 +208,15 @@ pub fn reorder(model: &Model, orders: &Orders) -> Result<Model> {
         for &(j, depthwise) in followers {
             let reader = &nodes[j].name;
             if depthwise {
-                // Channel c in, channel c out: its planes move with the channels.
+                // Channel c in, channel c out: its planes move with the channels. (A
+                // grouped convolution carries no gates: the model format refuses them.)
                 apply(format!("{reader}.weight"), 0, order)?;
                 apply(format!("{reader}.bias"), 0, order)?;
-                apply(format!("{reader}.gate.channel.weight"), 0, order)?;
-                apply(format!("{reader}.gate.channel.bias"), 0, order)?;
-                apply(format!("{reader}.gate.channel.weight"), 1, order)?;
             } else {
                 apply(format!("{reader}.weight"), 1, order)?;
                 apply(format!("{reader}.gate.channel.weight"), 1, order)?;
+                apply(format!("{reader}.gate.spatial.weight"), 0, order)?;
             }
-            apply(format!("{reader}.gate.spatial.weight"), 0, order)?;
         }
     }
     Model::new(model.desc.clone(), weights)
