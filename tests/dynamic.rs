@@ -355,43 +355,50 @@ fn cli_reorder_writes_the_same_network() {
         .unwrap()
         .forward(&input, 4)
         .unwrap();
+    // The demo's small network moves by rounding well under the 1e-5 that open gates
+    // are held to (6.3e-7 of the largest on 200 held-out canvases).
+    let same_network = |path: &std::path::Path, what: &str| {
+        let reordered = Model::load(path).unwrap();
+        let again = EngineExecutor::new(&reordered)
+            .unwrap()
+            .forward(&input, 4)
+            .unwrap();
+        let err = rel_err(&again, &dense);
+        assert!(err <= 1e-5, "{what}: logits moved by {err:.2e}");
+        assert_ne!(
+            reordered.weights, model.weights,
+            "{what}: nothing reordered"
+        );
+    };
+    let reorder = |out: &std::path::Path, images: &[std::path::PathBuf]| {
+        Command::new(common::bin())
+            .args([
+                "reorder",
+                "--model",
+                demo_model().to_str().unwrap(),
+                "--output",
+            ])
+            .arg(out)
+            .args(images)
+            .output()
+            .unwrap()
+    };
     for (images, source) in [
         (vec![samples.clone()], "images"),
         (vec![], "all-zero input"),
     ] {
         let out = dir.join(format!("{}.dsm", images.len()));
-        let stdout = common::succeeded(
-            Command::new(common::bin())
-                .args([
-                    "reorder",
-                    "--model",
-                    demo_model().to_str().unwrap(),
-                    "--output",
-                ])
-                .arg(&out)
-                .args(&images)
-                .output()
-                .unwrap(),
-        );
+        let stdout = common::succeeded(reorder(&out, &images));
         assert!(
             stdout.contains(source) && stdout.contains("after"),
             "{stdout}"
         );
-        let reordered = Model::load(&out).unwrap();
-        let again = EngineExecutor::new(&reordered)
-            .unwrap()
-            .forward(&input, 4)
-            .unwrap();
-        assert!(rel_err(&again, &dense) <= 1e-4, "{source}");
-        assert_ne!(
-            reordered.weights, model.weights,
-            "{source}: nothing reordered"
-        );
+        same_network(&out, source);
     }
     // The converter does the same as it writes the model (`--reorder IMAGES`), and a
     // calibration image it cannot read fails the conversion, leaving no file.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let convert = |out: &std::path::Path, reorder: &[&std::path::Path]| {
+    let convert = |out: &std::path::Path, images: &[std::path::PathBuf]| {
         Command::new(common::bin())
             .args(["convert", "--arch", "resnet20", "--input"])
             .arg(root.join("models/demo/demo.safetensors"))
@@ -400,46 +407,34 @@ fn cli_reorder_writes_the_same_network() {
             .arg("--output")
             .arg(out)
             .arg("--reorder")
-            .args(reorder)
+            .args(images)
             .output()
             .unwrap()
     };
     let converted = dir.join("converted.dsm");
-    let stdout = common::succeeded(convert(&converted, &[&samples]));
+    let stdout = common::succeeded(convert(&converted, std::slice::from_ref(&samples)));
     assert!(
         stdout.contains("images at keep") && stdout.contains("after"),
         "{stdout}"
     );
-    let reordered = Model::load(&converted).unwrap();
-    let again = EngineExecutor::new(&reordered)
-        .unwrap()
-        .forward(&input, 4)
-        .unwrap();
-    assert!(rel_err(&again, &dense) <= 1e-4, "converted with --reorder");
-    assert_ne!(
-        reordered.weights, model.weights,
-        "converted: nothing reordered"
-    );
-    let failed = dir.join("failed.dsm");
-    let out = convert(&failed, &[&dir.join("no-such-image.png")]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-image.png"));
-    assert!(!failed.exists());
-    let missing = dir.join("missing.dsm");
-    let out = Command::new(common::bin())
-        .args([
+    same_network(&converted, "converted with --reorder");
+    let no_image = vec![dir.join("no-such-image.png")];
+    for (run, what) in [
+        (
+            &reorder as &dyn Fn(&std::path::Path, &[std::path::PathBuf]) -> std::process::Output,
             "reorder",
-            "--model",
-            demo_model().to_str().unwrap(),
-            "--output",
-        ])
-        .arg(&missing)
-        .arg(dir.join("no-such-image.png"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-image.png"));
-    assert!(!missing.exists());
+        ),
+        (&convert, "convert --reorder"),
+    ] {
+        let out_path = dir.join("failed.dsm");
+        let out = run(&out_path, &no_image);
+        assert_eq!(out.status.code(), Some(1), "{what}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no-such-image.png"),
+            "{what}"
+        );
+        assert!(!out_path.exists(), "{what} left a file");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
