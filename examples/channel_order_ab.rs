@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use dynsparse::exec::channel_order::{self, leading_share};
 use dynsparse::exec::cpu::EngineExecutor;
-use dynsparse::exec::{Budget, Executor, Policy};
+use dynsparse::exec::{gating, Budget, Executor, Policy};
 use dynsparse::{preprocess, Model};
 
 fn median(v: &mut [f64]) -> f64 {
@@ -81,6 +81,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .collect()
         })
         .collect();
+    let gated: Vec<usize> = gating::gateable(&model).iter().map(|g| g.0).collect();
     let (mut before, mut after) = (Vec::new(), Vec::new());
     let mut moved = 0f32;
     for x in &batches {
@@ -88,8 +89,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             original.forward_with(x, batch, policy)?,
             fast.forward_with(x, batch, policy)?,
         );
-        before.extend(a.kept.into_iter().flatten().flatten());
-        after.extend(b.kept.into_iter().flatten().flatten());
+        // The gated layers only: a depthwise reader reports its input's kept channels.
+        for (node, (ka, kb)) in a.kept.into_iter().zip(b.kept).enumerate() {
+            if gated.contains(&node) {
+                before.extend(ka.into_iter().flatten());
+                after.extend(kb.into_iter().flatten());
+            }
+        }
         let (a, b) = (original.forward(x, batch)?, fast.forward(x, batch)?);
         let top = a
             .iter()
