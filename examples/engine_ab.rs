@@ -93,6 +93,7 @@ fn parse_tuning(s: &str) -> Result<Tuning, Box<dyn std::error::Error>> {
                     Some(k) => k.parse()?,
                     None => Tuning::DEFAULT.gemm_kc,
                 },
+                rows_major: Tuning::DEFAULT.rows_major,
             },
             _ => {
                 return Err(

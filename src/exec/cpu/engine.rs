@@ -697,6 +697,7 @@ impl EngineExecutor {
                         };
                         // (Only plans that keep every input channel read them.)
                         let rows_major = (isa == Isa::Avx512
+                            && tuning.rows_major
                             && cv.groups == 1
                             && gates[i].is_some()
                             && !node.input.checked_sub(1).is_some_and(thinned)

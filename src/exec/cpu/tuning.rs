@@ -71,6 +71,11 @@ pub struct Tuning {
     /// of its task before the next block, the accumulators kept in memory between blocks
     /// ([`super::gemm::KC`] keeps a panel's block in L1 for every row tile).
     pub gemm_kc: usize,
+    /// Whether a gated 1×1 layer over a small plane (and a gated stride-2 one) with a
+    /// long K also holds its weights row by row, for plans that keep some of its rows
+    /// and every input channel to read each kept row as its own stream rather than
+    /// from the packed blocks (AVX-512 only; see `EngineExecutor::without_rows_major`).
+    pub rows_major: bool,
 }
 
 impl Tuning {
@@ -98,6 +103,7 @@ impl Tuning {
         depthwise_strip_bytes: 64 << 10,
         pack_misaligned_avx512: super::engine::PACK_MISALIGNED_FROM,
         gemm_kc: super::gemm::KC,
+        rows_major: true,
     };
 
     /// Measured on the Intel Xeon (Emerald Rapids, two vCPUs), one engine, the way
@@ -120,6 +126,7 @@ impl Tuning {
         depthwise_strip_bytes: 64 << 10,
         pack_misaligned_avx512: super::engine::PACK_MISALIGNED_FROM,
         gemm_kc: super::gemm::KC,
+        rows_major: true,
     };
 
     /// Measured on the AMD EPYC of Zen 5 (family 26, two vCPUs), one engine, the way
@@ -195,6 +202,7 @@ impl Tuning {
         depthwise_strip_bytes: 128 << 10,
         pack_misaligned_avx512: usize::MAX,
         gemm_kc: usize::MAX,
+        rows_major: true,
     };
 
     /// Measured on the AMD EPYC of Zen 4 (family 25, model 17, two vCPUs, 32 KiB L1 and
@@ -216,12 +224,20 @@ impl Tuning {
     /// 7 × 7 planes on the lines (`lines_max_kept` 1.0): ResNet-18 1.069 and ResNet-50
     /// 1.038; gated ones off them (0.0) at budget 0.5: 1.081 and 1.031: 0.85 stays. 1×1
     /// layers over 14 × 14 planes read in place rather than packed: 1.001 and 0.996
-    /// (MobileNetV2, Lite0): the default stays.
+    /// (MobileNetV2, Lite0): the default stays. Gated layers' weights held row by row as
+    /// well (`--without rows-major`, ResNet-50 at budget 0.5, 60 pairs): passes 1.011
+    /// and 1.009 of the time without them at batch 1, 1.001 at batch 8 (12 pairs), the
+    /// layers that read them (`layer3` and `layer4` `conv1`) 1.04–1.10 in every run,
+    /// where a control of two engines alike moved single layers 0.97–1.04 and the pass
+    /// 1.003; one such layer alone (1024 → 256 at 14 × 14, 2048 → 512 at 7 × 7, 0.56 of
+    /// the rows kept, weights in L3) 1.04–1.26 against reading the packed blocks. So
+    /// not on Zen 4, which saves ResNet-50 16 MB.
     ///
-    /// So Zen 5's choices but for the two that stay the default's.
+    /// So Zen 5's choices but for the three that stay the default's or go.
     pub const ZEN4: Tuning = Tuning {
         depthwise_strip_bytes: Tuning::DEFAULT.depthwise_strip_bytes,
         pack_misaligned_avx512: Tuning::DEFAULT.pack_misaligned_avx512,
+        rows_major: false,
         ..Tuning::ZEN5
     };
 
