@@ -2036,6 +2036,17 @@ impl EngineExecutor {
                 // panel prefetches, over its steps of K, the source blocks the next row
                 // tile will copy, so the copy reads from cache what a copy up front had
                 // to wait for from memory.
+                //
+                // On AVX-512 the copy is of the row tile's own rows, gathered into one
+                // block (`gemm::gather_tile`): it writes only those rows' values, not
+                // the twelve of each block they lie in, and the tile reads one stream.
+                // ResNet-50's `layer4.0.conv2` (3×3 stride 2, 512 → 512 from 14 × 14, 0.57
+                // of the rows and channels kept), one engine, the way switched pass by
+                // pass (40 pairs, 2 threads, Zen 4, budget 0.5): 0.91–0.96 of its time at
+                // batch 1 and 0.94 at batch 8, passes 0.980–0.999 and 0.990; alone,
+                // weights in L3, 0.85–0.87 (MobileNetV2, whose 7 × 7 projections copy
+                // every row of their blocks anyway: passes 0.991 and 1.004).
+                let gathering = self.isa == Isa::Avx512;
                 let mut blocks: Vec<usize> = Vec::new();
                 let mut local = Vec::with_capacity(last.saturating_sub(first));
                 for &r in &row_list[first.min(last)..last] {
@@ -2045,21 +2056,33 @@ impl EngineExecutor {
                     local.push((blocks.len() - 1) * gemm::PACK + r % gemm::PACK);
                 }
                 let (src, dst) = (gemm::PACK * lda, gemm::PACK * k);
-                let mut buf = self.pool.take_dirty(blocks.len() * dst);
+                let mut buf = self.pool.take_dirty(if gathering {
+                    dst + gemm::GATHER_SLACK
+                } else {
+                    blocks.len() * dst
+                });
                 let mut copied = 0;
                 let mut packed_panels: Option<Vec<usize>> = None;
                 for r0 in (first..last).step_by(mr) {
                     let n_rows = (r0 + mr).min(last) - r0;
-                    let arows = &local[r0 - first..r0 - first + n_rows];
-                    let need = arows[n_rows - 1] / gemm::PACK + 1;
-                    for (b, out) in buf[copied * dst..need * dst]
-                        .chunks_exact_mut(dst.max(1))
-                        .enumerate()
-                    {
-                        let at = blocks[copied + b] * src;
-                        gemm::pack_a_channels(&a[at..at + src], lda, c, taps, out);
-                    }
-                    copied = copied.max(need);
+                    let in_blocks = &local[r0 - first..r0 - first + n_rows];
+                    let need = in_blocks[n_rows - 1] / gemm::PACK + 1;
+                    let arows = if gathering {
+                        let rows = &row_list[r0..r0 + n_rows];
+                        let gathered = gemm::gather_tile(self.isa, a, lda, rows, c, taps, &mut buf);
+                        debug_assert!(gathered);
+                        &self.all_rows[..n_rows]
+                    } else {
+                        for (b, out) in buf[copied * dst..need * dst]
+                            .chunks_exact_mut(dst.max(1))
+                            .enumerate()
+                        {
+                            let at = blocks[copied + b] * src;
+                            gemm::pack_a_channels(&a[at..at + src], lda, c, taps, out);
+                        }
+                        copied = copied.max(need);
+                        in_blocks
+                    };
                     // The next row tile's blocks not copied yet, as far as they are
                     // consecutive in the source.
                     let ahead = local

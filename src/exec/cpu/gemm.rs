@@ -213,6 +213,59 @@ pub fn pack_a_channels(a: &[f32], k: usize, chans: &[usize], taps: usize, out: &
     }
 }
 
+/// Floats [`gather_tile`] may write past its `PACK · k`: it stores whole vectors of 16.
+pub const GATHER_SLACK: usize = 4;
+
+/// Gathers rows `rows` (at most [`PACK`]) of packed `a` (`ka` columns, whole blocks), at
+/// the columns of input channels `chans` (each `taps` consecutive columns), into `out`
+/// as one packed block of `k = chans.len() · taps` columns: row `rows[i]`'s `kk`-th such
+/// column goes to `out[kk · PACK + i]`, lanes past `rows.len()` are zero. `out` holds
+/// at least `PACK · k + GATHER_SLACK` floats. A tile then reads its kept weights as
+/// one stream from a buffer of its own size, where copying the kept columns of every
+/// block its rows lie in ([`pack_a_channels`]) writes all twelve rows of each. AVX-512
+/// only: each column is one masked load and lane permutation per block the rows lie
+/// in; elsewhere it returns `false` and writes nothing.
+///
+/// # Panics
+/// If a row lies past `a`'s blocks, a column past `ka`, there are more than [`PACK`]
+/// rows, or `out` is short.
+pub fn gather_tile(
+    isa: Isa,
+    a: &[f32],
+    ka: usize,
+    rows: &[usize],
+    chans: &[usize],
+    taps: usize,
+    out: &mut [f32],
+) -> bool {
+    let k = chans.len() * taps;
+    assert!(rows.len() <= PACK, "gather_tile: {} rows", rows.len());
+    assert!(
+        out.len() >= PACK * k + GATHER_SLACK,
+        "gather_tile: output too short"
+    );
+    assert!(
+        chans.iter().all(|&c| (c + 1) * taps <= ka),
+        "gather_tile: a channel past {ka} columns"
+    );
+    let blocks = a.len() / (PACK * ka).max(1);
+    assert!(
+        rows.iter().all(|&r| r / PACK < blocks),
+        "gather_tile: a row past A's {blocks} blocks"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: checked above: every row's block lies inside `a`, each gathered column
+        // inside its `ka` columns, and `out` holds `PACK · k` values and the slack the
+        // last vector's store reaches.
+        Isa::Avx512 => unsafe {
+            avx512::gather_tile(a, ka, rows, chans, taps, out);
+            true
+        },
+        _ => false,
+    }
+}
+
 /// One micro-tile: `rows.len() ≤ mr` rows of packed A (`arows`, by row index; `ka`
 /// columns) times one B panel of `k` rows of [`NR`] values, `ldb` apart (`NR` when
 /// packed; a 1×1 convolution reads its input in place with `ldb` = plane size), columns
@@ -806,6 +859,57 @@ mod avx512 {
     use super::{row_starts, Acc, Finish, Prefetch, Tile, PACK};
     use crate::model::Act;
     use std::arch::x86_64::*;
+
+    /// [`super::gather_tile`]: the rows of one block share its column's load, each
+    /// block's rows taking their lanes of the output vector by a permutation.
+    ///
+    /// # Safety
+    /// Every row's block lies inside `a` (`PACK · ka` values each), every channel's
+    /// columns inside `ka`, and `out` holds `PACK · chans.len() · taps + 4` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gather_tile(
+        a: &[f32],
+        ka: usize,
+        rows: &[usize],
+        chans: &[usize],
+        taps: usize,
+        out: &mut [f32],
+    ) {
+        // Per block the rows lie in: its first value, the lanes it fills, and which of
+        // its twelve values each lane takes.
+        let mut at = [std::ptr::null::<f32>(); PACK];
+        let mut lanes = [0u16; PACK];
+        let mut picks = [[0i32; 16]; PACK];
+        let mut n = 0;
+        let mut last = usize::MAX;
+        for (i, &r) in rows.iter().enumerate() {
+            if r / PACK != last {
+                last = r / PACK;
+                at[n] = a.as_ptr().add(last * PACK * ka);
+                n += 1;
+            }
+            lanes[n - 1] |= 1 << i;
+            picks[n - 1][i] = (r % PACK) as i32;
+        }
+        let mut index = [_mm512_setzero_si512(); PACK];
+        for (v, p) in index.iter_mut().zip(&picks[..n]) {
+            *v = _mm512_loadu_si512(p.as_ptr().cast());
+        }
+        let mut dst = out.as_mut_ptr();
+        for &c in chans {
+            for col in c * taps..(c + 1) * taps {
+                let mut v = _mm512_setzero_ps();
+                for b in 0..n {
+                    // Only the block's twelve values of the column: the last column's
+                    // load ends where the block does.
+                    let x = _mm512_maskz_loadu_ps(0x0fff, at[b].add(col * PACK));
+                    v = _mm512_mask_permutexvar_ps(v, lanes[b], index[b], x);
+                }
+                _mm512_storeu_ps(dst, v);
+                dst = dst.add(PACK);
+            }
+        }
+    }
 
     /// 12 rows × 32 columns: 24 zmm accumulators; per k, two panel loads and one
     /// broadcast per row. A tile of at most 16 columns (the last panel of a small plane:
@@ -2164,6 +2268,50 @@ mod tests {
     /// width (the last column of a panel read in place at the end of its buffer: only
     /// the tile's columns may be read), with K split in two blocks at a random step;
     /// against a naive sum. Where the CPU has no AVX-512 the call must say so.
+    #[test]
+    fn a_gathered_tile_is_its_rows_kept_columns_in_one_block() {
+        // Rows from one block, two, or spread over many, fewer than a block; every
+        // channel, a few, none; one tap and nine; lanes past the rows are zero.
+        let mut rng = super::super::fresh_rng();
+        for _ in 0..60 {
+            let rows_total = rng.random_range(1..80);
+            let cin = rng.random_range(1..40);
+            let taps = [1, 9][rng.random_range(0..2)];
+            let ka = cin * taps;
+            let w: Vec<f32> = (0..rows_total * ka).map(|_| rng.random()).collect();
+            let a = pack_a(&w, rows_total, ka);
+            let count = rng.random_range(1..=rows_total.min(PACK));
+            let mut rows: Vec<usize> = sample(&mut rng, rows_total, count).into_vec();
+            rows.sort_unstable();
+            let kept = rng.random_range(0..=cin);
+            let mut chans: Vec<usize> = sample(&mut rng, cin, kept).into_vec();
+            chans.sort_unstable();
+            let k = kept * taps;
+            let mut out = vec![f32::NAN; PACK * k + GATHER_SLACK];
+            if !gather_tile(Isa::detect(), &a, ka, &rows, &chans, taps, &mut out) {
+                assert!(
+                    out.iter().all(|v| v.is_nan()),
+                    "nothing written without AVX-512"
+                );
+                continue;
+            }
+            for (kk, col) in chans
+                .iter()
+                .flat_map(|&c| c * taps..(c + 1) * taps)
+                .enumerate()
+            {
+                for i in 0..PACK {
+                    let want = rows.get(i).map_or(0.0, |&r| w[r * ka + col]);
+                    assert_eq!(
+                        out[kk * PACK + i],
+                        want,
+                        "rows {rows:?} of {rows_total}, channels {chans:?} × {taps}, column {kk}, lane {i}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn tiles_over_weights_stored_row_by_row_match_a_naive_sum() {
         let mut rng = super::super::fresh_rng();
