@@ -2264,10 +2264,6 @@ mod tests {
 
     use super::super::test_isas as isas;
 
-    /// Tiles of rows spread anywhere in an A stored row by row, over panels of every
-    /// width (the last column of a panel read in place at the end of its buffer: only
-    /// the tile's columns may be read), with K split in two blocks at a random step;
-    /// against a naive sum. Where the CPU has no AVX-512 the call must say so.
     #[test]
     fn a_gathered_tile_is_its_rows_kept_columns_in_one_block() {
         // Rows from one block, two, or spread over many, fewer than a block; every
@@ -2312,6 +2308,10 @@ mod tests {
         }
     }
 
+    /// Tiles of rows spread anywhere in an A stored row by row, over panels of every
+    /// width (the last column of a panel read in place at the end of its buffer: only
+    /// the tile's columns may be read), with K split in two blocks at a random step;
+    /// against a naive sum. Where the CPU has no AVX-512 the call must say so.
     #[test]
     fn tiles_over_weights_stored_row_by_row_match_a_naive_sum() {
         let mut rng = super::super::fresh_rng();
