@@ -1117,10 +1117,11 @@ impl EngineExecutor {
     }
 
     /// Reads the kept rows of gated 1×1 layers from the packed weights only, to measure
-    /// what the weights stored row by row buy. By default, on AVX-512, a 1×1 layer with a
-    /// channel gate over a plane of at most 14 × 14 and with at least 512 input channels
-    /// holds its weights row by row as well (as much memory again), and a plan that keeps
-    /// some of its rows and every input channel reads each kept row as its own stream.
+    /// what the weights stored row by row buy. By default, on AVX-512 where the CPU's
+    /// tuning says so ([`Tuning::rows_major`]: not on Zen 4), a 1×1 layer with a channel
+    /// gate over a plane of at most 14 × 14 and with at least 512 input channels holds
+    /// its weights row by row as well (as much memory again), and a plan that keeps some
+    /// of its rows and every input channel reads each kept row as its own stream.
     ///
     /// ```
     /// use dynsparse::exec::cpu::EngineExecutor;

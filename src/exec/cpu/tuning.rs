@@ -233,7 +233,7 @@ impl Tuning {
     /// the rows kept, weights in L3) 1.04–1.26 against reading the packed blocks. So
     /// not on Zen 4, which saves ResNet-50 16 MB.
     ///
-    /// So Zen 5's choices but for the three that stay the default's or go.
+    /// So Zen 5's choices but for two that stay the default's, and no weights row by row.
     pub const ZEN4: Tuning = Tuning {
         depthwise_strip_bytes: Tuning::DEFAULT.depthwise_strip_bytes,
         pack_misaligned_avx512: Tuning::DEFAULT.pack_misaligned_avx512,
