@@ -21,7 +21,8 @@
 //! `EngineExecutor::without_thread_choice`), `transposed` (gated 1×1 layers over 7 × 7
 //! planes run transposed; without: `EngineExecutor::without_transposed`), `rows-major`
 //! (kept rows of gated 1×1 and small stride-2 layers read from weights stored row by
-//! row; without:
+//! row, where the tuning holds them, `Tuning::rows_major`: not on Zen 4, where both
+//! engines are alike; without:
 //! `EngineExecutor::without_rows_major`); `nothing` is a control, two
 //! engines alike.
 //! `--tuning intel|zen4|zen5|zen5-blocked|default|WIDTH,MIN_KEPT,LINES[,F4_WIDTH[,STRIP_KIB[,PACK14_K[,KC]]]]`
